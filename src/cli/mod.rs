@@ -1,0 +1,34 @@
+//! Subcommands. Each file wires flags to library calls; no logic lives here.
+
+mod demo;
+mod merge;
+
+use clap::{Parser, Subcommand};
+
+/// postforge: adapt pre-trained models (LoRA family, preference alignment) in one binary.
+#[derive(Parser, Debug)]
+#[command(name = "postforge", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train LoRA/DoRA adapters that recover a hidden low-rank update of a frozen MLP (a self-check of
+    /// the adapter and training core; writes a PEFT folder, metrics, a loss curve and a merged model).
+    Demo(demo::Args),
+    /// Merge a PEFT adapter folder into a safetensors checkpoint (merge-and-unload), keeping tensor names.
+    Merge(merge::Args),
+    /// Draw a loss-curve PNG from a metrics.jsonl file.
+    Plot(merge::PlotArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Command::Demo(a) => demo::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Plot(a) => merge::plot(a),
+    }
+}

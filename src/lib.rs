@@ -1,0 +1,14 @@
+//! postforge: parameter-efficient fine-tuning and preference alignment on candle.
+//!
+//! The adapter core lives in [`peft`], the training core in [`train`]; pictures (loss curves,
+//! grids) in [`media`]. See `DESIGN.md` in the shared folder for the layout and the decisions.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod media;
+pub mod models;
+pub mod peft;
+pub mod train;
+pub mod util;
+
+pub use error::{Error, Result};

@@ -1,0 +1,3 @@
+//! Model families, each built through the adapter core ([`crate::peft::AdapterPlan`]).
+
+pub mod mlp;

@@ -1,0 +1,429 @@
+//! `AdapterConfig`: the fields of PEFT's `adapter_config.json` for LoRA-family adapters, and PEFT's
+//! rules for choosing which modules an adapter targets.
+//!
+//! Targeting follows PEFT (`check_target_module_exists`): a string `target_modules` is a regex that must
+//! match the whole module path; a list matches a path exactly or as a `.name` suffix, and only then do
+//! `layers_to_transform` / `layers_pattern` restrict the layer index. `exclude_modules` uses the same
+//! list/regex rules. `rank_pattern` / `alpha_pattern` keys are regexes matched against the end of the path.
+
+use crate::{Error, Result};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use indexmap::IndexMap;
+use std::collections::BTreeMap;
+
+/// `target_modules` / `exclude_modules`: a list of names, or one full-match regex.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModuleSpec {
+    /// Names matched exactly or as a `.name` suffix (`"all-linear"` as a string means every linear).
+    List(Vec<String>),
+    /// A regex matched against the whole path.
+    Regex(String),
+}
+
+/// `layers_to_transform`: one index or a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerIndices {
+    /// One layer.
+    One(usize),
+    /// Several layers.
+    Many(Vec<usize>),
+}
+
+/// `layers_pattern`: one name or a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayersPattern {
+    /// One pattern.
+    One(String),
+    /// Several patterns, tried in order.
+    Many(Vec<String>),
+}
+
+/// `init_lora_weights`: `true`, `false`, or a method name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitSpec {
+    /// `true`: kaiming-uniform A, zero B. `false`: random A and B (not a no-op).
+    Bool(bool),
+    /// `"gaussian"`, `"pissa"`, `"pissa_niter_K"`, `"olora"`.
+    Method(String),
+}
+
+/// The initialisation an adapter starts from, parsed from [`InitSpec`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// A ~ kaiming-uniform(a=√5), B = 0 (embeddings: A = 0, B ~ N(0,1)).
+    Default,
+    /// Both factors random (PEFT's `init_lora_weights=False`).
+    Random,
+    /// A ~ N(0, 1/r), B = 0.
+    Gaussian,
+    /// Principal singular components of W; W becomes the residual. `Some(k)`: randomized SVD, k power iterations.
+    Pissa(Option<usize>),
+    /// QR of W; W becomes the residual.
+    Olora,
+}
+
+impl InitSpec {
+    /// Parses the spec; unknown names are an error.
+    pub fn parse(&self) -> Result<Init> {
+        match self {
+            InitSpec::Bool(true) => Ok(Init::Default),
+            InitSpec::Bool(false) => Ok(Init::Random),
+            InitSpec::Method(m) => match m.as_str() {
+                "gaussian" => Ok(Init::Gaussian),
+                "pissa" => Ok(Init::Pissa(None)),
+                "olora" => Ok(Init::Olora),
+                "true" | "True" => Ok(Init::Default),
+                s if s.starts_with("pissa_niter_") => s["pissa_niter_".len()..]
+                    .parse()
+                    .map(|k| Init::Pissa(Some(k)))
+                    .map_err(|_| Error::Config(format!("init_lora_weights: bad iteration count in `{s}`"))),
+                s => Err(Error::Config(format!(
+                    "init_lora_weights `{s}` is not supported (expected true, false, gaussian, pissa, pissa_niter_K or olora)"
+                ))),
+            },
+        }
+    }
+    /// True for initialisations that rewrite the base weight (PiSSA, OLoRA).
+    pub fn mutates_base(&self) -> bool {
+        matches!(self.parse(), Ok(Init::Pissa(_)) | Ok(Init::Olora))
+    }
+}
+
+fn default_peft_type() -> String {
+    "LORA".into()
+}
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+fn default_bias() -> String {
+    "none".into()
+}
+fn default_init() -> InitSpec {
+    InitSpec::Bool(true)
+}
+
+/// A LoRA-family adapter configuration with PEFT's field names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    /// `"LORA"` (DoRA, rsLoRA, PiSSA, OLoRA are LoRA variants in PEFT).
+    #[serde(default = "default_peft_type")]
+    pub peft_type: String,
+    /// `CAUSAL_LM`, ... (informative).
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// Where the base model came from.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// Rank.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// LoRA alpha (scale = alpha / r, or alpha / √r with rsLoRA).
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    /// Dropout on the adapter input, in training only.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Which modules get an adapter.
+    #[serde(default)]
+    pub target_modules: Option<ModuleSpec>,
+    /// Which modules never get one.
+    #[serde(default)]
+    pub exclude_modules: Option<ModuleSpec>,
+    /// Weights stored (in, out) (GPT-2 Conv1D).
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// `"none"`, `"all"`, `"lora_only"`.
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    /// Scale alpha/√r.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Modules trained in full and saved whole.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// Initialisation.
+    #[serde(default = "default_init")]
+    pub init_lora_weights: InitSpec,
+    /// Restrict to these layer indices.
+    #[serde(default)]
+    pub layers_to_transform: Option<LayerIndices>,
+    /// Name of the layer list (`layers`, `h`, ...).
+    #[serde(default)]
+    pub layers_pattern: Option<LayersPattern>,
+    /// Per-module rank overrides (regex → r).
+    #[serde(default)]
+    pub rank_pattern: IndexMap<String, usize>,
+    /// Per-module alpha overrides (regex → alpha).
+    #[serde(default)]
+    pub alpha_pattern: IndexMap<String, f64>,
+    /// DoRA.
+    #[serde(default)]
+    pub use_dora: bool,
+    /// A trainable bias on lora_B (not supported yet; must be false).
+    #[serde(default)]
+    pub lora_bias: bool,
+    /// Saved for inference only.
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// Base model revision.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// The writer's version.
+    #[serde(default)]
+    pub peft_version: Option<String>,
+    /// Fields we do not interpret, kept so that a read/write round trip loses nothing.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("empty config deserialises")
+    }
+}
+
+/// The kind of base layer a module is, as far as targeting cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// nn.Linear.
+    Linear,
+    /// nn.Conv2d.
+    Conv2d,
+    /// nn.Embedding.
+    Embedding,
+}
+
+/// What an adapter config says about one module.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerSettings {
+    /// Rank for this module.
+    pub r: usize,
+    /// Alpha for this module.
+    pub alpha: f64,
+}
+
+fn full_regex(p: &str) -> Result<Regex> {
+    Regex::new(&format!("^(?:{p})$")).map_err(|e| Error::Config(format!("bad regex `{p}`: {e}")))
+}
+
+fn spec_matches(spec: &ModuleSpec, path: &str) -> Result<bool> {
+    Ok(match spec {
+        ModuleSpec::Regex(r) => full_regex(r)?.is_match(path),
+        ModuleSpec::List(names) => names.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))),
+    })
+}
+
+impl AdapterConfig {
+    /// A LoRA config with rank, alpha and list targets; other fields at PEFT's defaults.
+    pub fn lora(r: usize, alpha: f64, targets: &[&str]) -> Self {
+        Self {
+            r,
+            lora_alpha: alpha,
+            target_modules: Some(ModuleSpec::List(targets.iter().map(|s| s.to_string()).collect())),
+            ..Default::default()
+        }
+    }
+
+    /// Checks field values; unknown `peft_type` or values are errors naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.peft_type != "LORA" {
+            return Err(Error::Config(format!(
+                "peft_type `{}` is not supported here (this config reader handles LORA, incl. DoRA/rsLoRA/PiSSA/OLoRA)",
+                self.peft_type
+            )));
+        }
+        if self.r == 0 {
+            return Err(Error::Config("r must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(Error::Config(format!("lora_dropout {} must be in [0, 1)", self.lora_dropout)));
+        }
+        if !matches!(self.bias.as_str(), "none" | "all" | "lora_only") {
+            return Err(Error::Config(format!("bias `{}` must be none, all or lora_only", self.bias)));
+        }
+        if self.lora_bias {
+            return Err(Error::Config("lora_bias = true is not supported yet".into()));
+        }
+        if self.fan_in_fan_out {
+            return Err(Error::Config("fan_in_fan_out = true (GPT-2 Conv1D weights) is not supported yet".into()));
+        }
+        self.init_lora_weights.parse()?;
+        for (k, v) in &self.extra {
+            let inert = match v {
+                serde_json::Value::Null | serde_json::Value::Bool(false) => true,
+                serde_json::Value::Object(m) => m.is_empty() || k == "auto_mapping",
+                serde_json::Value::Array(a) => a.is_empty(),
+                _ => INERT_FIELDS.contains(&k.as_str()),
+            };
+            if !inert {
+                return Err(Error::Config(format!("field `{k}` = {v} is not supported by postforge yet")));
+            }
+        }
+        for spec in [&self.target_modules, &self.exclude_modules].into_iter().flatten() {
+            if let ModuleSpec::Regex(r) = spec {
+                full_regex(r)?;
+            }
+        }
+        for k in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
+            pattern_regex(k)?;
+        }
+        if let Some(v) = self.rank_pattern.iter().find(|(_, &v)| v == 0) {
+            return Err(Error::Config(format!("rank_pattern `{}` sets rank 0", v.0)));
+        }
+        Ok(())
+    }
+
+    /// PEFT's `check_target_module_exists` plus `exclude_modules`: does this adapter target `path`?
+    /// `is_output_head` marks the model's output projection, which `all-linear` leaves out.
+    pub fn targets(&self, path: &str, kind: ModuleKind, is_output_head: bool) -> Result<bool> {
+        if let Some(ex) = &self.exclude_modules {
+            if spec_matches(ex, path)? {
+                return Ok(false);
+            }
+        }
+        if self.inside_modules_to_save(path)? {
+            return Ok(false);
+        }
+        let Some(spec) = &self.target_modules else { return Ok(false) };
+        match spec {
+            ModuleSpec::Regex(r) if r == "all-linear" => Ok(kind == ModuleKind::Linear && !is_output_head),
+            ModuleSpec::Regex(r) => Ok(full_regex(r)?.is_match(path)),
+            ModuleSpec::List(names) => {
+                if names.iter().any(|n| n == path) {
+                    return Ok(true);
+                }
+                if !names.iter().any(|n| path.ends_with(&format!(".{n}"))) {
+                    return Ok(false);
+                }
+                self.layer_index_allowed(path)
+            }
+        }
+    }
+
+    fn layer_index_allowed(&self, path: &str) -> Result<bool> {
+        let allowed: Vec<usize> = match &self.layers_to_transform {
+            None => return Ok(true),
+            Some(LayerIndices::Many(v)) if v.is_empty() => return Ok(true),
+            Some(LayerIndices::Many(v)) => v.clone(),
+            Some(LayerIndices::One(i)) => vec![*i],
+        };
+        let patterns: Vec<String> = match &self.layers_pattern {
+            None => vec![],
+            Some(LayersPattern::One(p)) => vec![p.clone()],
+            Some(LayersPattern::Many(v)) => v.clone(),
+        };
+        let mut index = None;
+        if patterns.iter().all(|p| p.is_empty()) {
+            let re = Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("static regex");
+            index = re.captures(path).map(|c| c[1].to_string());
+        } else {
+            for p in &patterns {
+                let re = Regex::new(&format!(r"^(?:.*?\.)?{p}\.(\d+)\."))
+                    .map_err(|e| Error::Config(format!("bad layers_pattern `{p}`: {e}")))?;
+                if let Some(c) = re.captures(path) {
+                    index = Some(c[1].to_string());
+                    break;
+                }
+            }
+        }
+        Ok(match index.and_then(|s| s.parse::<usize>().ok()) {
+            Some(i) => allowed.contains(&i),
+            None => false,
+        })
+    }
+
+    /// PEFT never adapts a module that is, or lies inside, a `modules_to_save` module.
+    fn inside_modules_to_save(&self, path: &str) -> Result<bool> {
+        for m in self.modules_to_save.iter().flatten() {
+            let re = Regex::new(&format!(r"^(?:^|.*\.){m}(?:$|\..*)$"))
+                .map_err(|e| Error::Config(format!("bad modules_to_save entry `{m}`: {e}")))?;
+            if re.is_match(path) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether `path` is one of `modules_to_save` (exact or `.name` suffix).
+    pub fn saves_module(&self, path: &str) -> bool {
+        self.modules_to_save
+            .as_ref()
+            .is_some_and(|v| v.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))))
+    }
+
+    /// Rank and alpha for `path`, after `rank_pattern` / `alpha_pattern`.
+    pub fn settings_for(&self, path: &str) -> Result<LayerSettings> {
+        let r = match pattern_key(self.rank_pattern.keys(), path)? {
+            Some(k) => self.rank_pattern[&k],
+            None => self.r,
+        };
+        let alpha = match pattern_key(self.alpha_pattern.keys(), path)? {
+            Some(k) => self.alpha_pattern[&k],
+            None => self.lora_alpha,
+        };
+        Ok(LayerSettings { r, alpha })
+    }
+
+    /// The LoRA scale for a given rank and alpha.
+    pub fn scale(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+
+    /// Reads `adapter_config.json`, with errors naming the file and field.
+    pub fn from_json_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        cfg.validate().map_err(|e| Error::format(path, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// PEFT-style JSON: sorted keys, indent 2.
+    pub fn to_json(&self) -> Result<String> {
+        let v = sorted(serde_json::to_value(self).map_err(|e| Error::Msg(e.to_string()))?);
+        serde_json::to_string_pretty(&v).map_err(|e| Error::Msg(e.to_string()))
+    }
+}
+
+/// JSON with object keys sorted, as PEFT writes (`sort_keys=True`). Reading keeps file order, which
+/// decides `rank_pattern` / `alpha_pattern` precedence exactly as PEFT's dict order does.
+fn sorted(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => {
+            let mut pairs: Vec<_> = m.into_iter().collect();
+            pairs.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(pairs.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        serde_json::Value::Array(a) => serde_json::Value::Array(a.into_iter().map(sorted).collect()),
+        other => other,
+    }
+}
+
+/// Extra PEFT fields whose non-default values change nothing we compute.
+const INERT_FIELDS: &[&str] =
+    &["auto_mapping", "megatron_core", "qalora_group_size", "ensure_weight_tying", "peft_version", "corda_config", "eva_config"];
+
+fn pattern_regex(key: &str) -> Result<Regex> {
+    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| Error::Config(format!("bad pattern `{key}`: {e}")))
+}
+
+/// PEFT's `get_pattern_key`: the first pattern key (in the config's order) that matches the end of `path`.
+pub fn pattern_key<'a>(keys: impl Iterator<Item = &'a String>, path: &str) -> Result<Option<String>> {
+    for k in keys {
+        if pattern_regex(k)?.is_match(path) {
+            return Ok(Some(k.clone()));
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,4 @@
+//! Adapter file formats: PEFT folders (text and VLM models). kohya / diffusers single files come with
+//! the diffusion work.
+
+pub mod peft;

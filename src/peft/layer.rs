@@ -1,0 +1,671 @@
+//! Adapted layers: a frozen base (plain tensors, never `Var`s) plus any number of named adapters.
+//!
+//! LoRA (Hu et al. 2021): `y = W x + b + s · B A x'`, `x' = dropout(x)`, `s = α/r` (rsLoRA: `α/√r`).
+//! DoRA (Liu et al. 2024), PEFT semantics: with `g = m / ‖W + s·B A‖` (the norm per output feature,
+//! detached), `y = W x + b + (g − 1) ⊙ W x' + g ⊙ s · B A x'`; the bias is not rescaled.
+//! Each adapter's contribution is multiplied by its output multiplier (1 by default), which is how
+//! weight sweeps at inference work; several active adapters add their contributions, as in PEFT.
+
+use super::config::{AdapterConfig, Init, ModuleKind};
+use super::init;
+use super::ops::{self, ConvCfg};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::Rng;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Per-forward context: training mode and the seeds that make dropout reproducible.
+#[derive(Debug, Default)]
+pub struct ForwardCtx {
+    /// Training mode (dropout active).
+    pub train: bool,
+    /// The run's seed.
+    pub seed: u64,
+    /// The micro-step (so that a resumed run draws the same masks).
+    pub step: u64,
+    calls: AtomicU64,
+}
+
+impl ForwardCtx {
+    /// Inference: no dropout.
+    pub fn eval() -> Self {
+        Self::default()
+    }
+    /// Training at micro-step `step` of a run seeded with `seed`.
+    pub fn train(seed: u64, step: u64) -> Self {
+        Self { train: true, seed, step, calls: AtomicU64::new(0) }
+    }
+    fn dropout_mask(&self, path: &str, shape: &[usize], p: f64, device: &Device) -> Result<Tensor> {
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut rng = init::rng_for(self.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ call, path);
+        let keep = 1.0 / (1.0 - p);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep as f32 }).collect();
+        Ok(Tensor::from_vec(v, shape, device)?)
+    }
+}
+
+/// The base layer kind.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BaseKind {
+    /// Linear, weight (out, in).
+    Linear,
+    /// Conv2d, weight (out, in, kh, kw).
+    Conv2d(ConvCfg),
+    /// Embedding, weight (num_embeddings, dim).
+    Embedding,
+}
+
+impl BaseKind {
+    /// The targeting kind.
+    pub fn module_kind(&self) -> ModuleKind {
+        match self {
+            BaseKind::Linear => ModuleKind::Linear,
+            BaseKind::Conv2d(_) => ModuleKind::Conv2d,
+            BaseKind::Embedding => ModuleKind::Embedding,
+        }
+    }
+}
+
+/// One LoRA / rsLoRA / DoRA adapter on one layer.
+pub struct LoraAdapter {
+    /// Rank.
+    pub r: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// The LoRA scale (α/r or α/√r).
+    pub scale: f64,
+    /// Dropout probability (training only).
+    pub dropout: f64,
+    /// A: linear (r, in); conv (r, in, kh, kw); embedding `lora_embedding_A` (r, num_embeddings).
+    pub a: Var,
+    /// B: linear (out, r); conv (out, r, 1, 1); embedding `lora_embedding_B` (dim, r).
+    pub b: Var,
+    /// DoRA magnitude, one per output feature.
+    pub magnitude: Option<Var>,
+    /// Output multiplier (1 = as trained).
+    pub multiplier: f64,
+    /// PiSSA/OLoRA: the initial (A₀, B₀), kept to export a plain LoRA ("subtract mutated init").
+    pub initial: Option<(Tensor, Tensor)>,
+}
+
+/// Trainable full copies for `modules_to_save`.
+struct SavedCopy {
+    weight: Var,
+    bias: Option<Var>,
+}
+
+/// A frozen base layer with named adapters, an active set, enable/disable and merging.
+pub struct AdaptedLayer {
+    path: String,
+    kind: BaseKind,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    adapters: BTreeMap<String, LoraAdapter>,
+    active: Vec<String>,
+    enabled: bool,
+    /// Merged adapters in merge order, with the DoRA norm cached for unmerge.
+    merged: Vec<(String, Option<Tensor>)>,
+    saved: Option<SavedCopy>,
+}
+
+fn var(t: Tensor) -> Result<Var> {
+    Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.contiguous()?)?)
+}
+
+impl AdaptedLayer {
+    /// A bare base layer at module path `path`; adapters are added with [`Self::add_adapter`].
+    pub fn new(path: &str, kind: BaseKind, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let rank = weight.rank();
+        let ok = match kind {
+            BaseKind::Linear | BaseKind::Embedding => rank == 2,
+            BaseKind::Conv2d(_) => rank == 4,
+        };
+        if !ok {
+            return Err(Error::Msg(format!("{path}: weight shape {:?} does not fit a {kind:?} layer", weight.dims())));
+        }
+        if let Some(b) = &bias {
+            if b.dims() != [weight.dim(0)?] {
+                return Err(Error::Msg(format!(
+                    "{path}: bias shape {:?} does not fit weight {:?}",
+                    b.dims(),
+                    weight.dims()
+                )));
+            }
+        }
+        Ok(Self {
+            path: path.to_string(),
+            kind,
+            weight,
+            bias,
+            adapters: BTreeMap::new(),
+            active: vec![],
+            enabled: true,
+            merged: vec![],
+            saved: None,
+        })
+    }
+
+    /// The module path (`model.layers.0.self_attn.q_proj`).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    /// The base kind.
+    pub fn kind(&self) -> BaseKind {
+        self.kind
+    }
+    /// The current base weight (includes merged adapters and PiSSA/OLoRA residuals).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    /// The base bias.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    /// Adapters by name.
+    pub fn adapters(&self) -> &BTreeMap<String, LoraAdapter> {
+        &self.adapters
+    }
+    /// Mutable access to one adapter (to set its multiplier, for example).
+    pub fn adapter_mut(&mut self, name: &str) -> Option<&mut LoraAdapter> {
+        self.adapters.get_mut(name)
+    }
+    /// Active adapter names.
+    pub fn active(&self) -> &[String] {
+        &self.active
+    }
+    /// Whether adapters are enabled.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+    /// Names of merged adapters.
+    pub fn merged(&self) -> Vec<&str> {
+        self.merged.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// (out features, fan-in of A, rows/cols for the delta) of the base.
+    fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self.kind {
+            BaseKind::Linear => (self.weight.dim(0)?, self.weight.dim(1)?),
+            BaseKind::Conv2d(_) => {
+                let (o, i, kh, kw) = self.weight.dims4()?;
+                (o, i * kh * kw)
+            }
+            BaseKind::Embedding => (self.weight.dim(1)?, self.weight.dim(0)?),
+        })
+    }
+
+    /// Expected shapes of (A, B, magnitude) at rank r.
+    pub fn factor_shapes(&self, r: usize) -> Result<(Vec<usize>, Vec<usize>, Vec<usize>)> {
+        Ok(match self.kind {
+            BaseKind::Linear => {
+                let (o, i) = self.weight.dims2()?;
+                (vec![r, i], vec![o, r], vec![o])
+            }
+            BaseKind::Conv2d(_) => {
+                let (o, i, kh, kw) = self.weight.dims4()?;
+                (vec![r, i, kh, kw], vec![o, r, 1, 1], vec![o])
+            }
+            BaseKind::Embedding => {
+                let (n, d) = self.weight.dims2()?;
+                (vec![r, n], vec![d, r], vec![d])
+            }
+        })
+    }
+
+    /// Adds adapter `name` per `cfg` (rank/alpha after patterns), initialised from `seed`.
+    /// PiSSA/OLoRA rewrite the base weight into the residual, as PEFT does.
+    pub fn add_adapter(&mut self, name: &str, cfg: &AdapterConfig, seed: u64) -> Result<()> {
+        if self.adapters.contains_key(name) {
+            return Err(Error::Msg(format!("{}: adapter `{name}` already exists", self.path)));
+        }
+        let st = cfg.settings_for(&self.path)?;
+        let r = st.r;
+        let scale = cfg.scale(r, st.alpha);
+        let (sa, sb, _) = self.factor_shapes(r)?;
+        let (_, fan_in) = self.dims()?;
+        let mut rng = init::rng_for(seed, &format!("{}.{name}", self.path));
+        let dev = self.weight.device().clone();
+        let mut initial = None;
+        let (a, b) = match (cfg.init_lora_weights.parse()?, self.kind) {
+            (Init::Default, BaseKind::Embedding) => {
+                (Tensor::zeros(sa.as_slice(), DType::F32, &dev)?, init::normal(&sb, 1.0, &mut rng)?)
+            }
+            (Init::Default, _) => {
+                (init::kaiming_uniform(&sa, fan_in, &mut rng)?, Tensor::zeros(sb.as_slice(), DType::F32, &dev)?)
+            }
+            (Init::Gaussian, BaseKind::Embedding) => {
+                (Tensor::zeros(sa.as_slice(), DType::F32, &dev)?, init::normal(&sb, 1.0 / r as f64, &mut rng)?)
+            }
+            (Init::Gaussian, _) => {
+                (init::normal(&sa, 1.0 / r as f64, &mut rng)?, Tensor::zeros(sb.as_slice(), DType::F32, &dev)?)
+            }
+            (Init::Random, _) => {
+                let a = init::kaiming_uniform(&sa, fan_in, &mut rng)?;
+                let b = init::kaiming_uniform(&sb, r, &mut rng)?;
+                (a, b)
+            }
+            (m @ (Init::Pissa(_) | Init::Olora), BaseKind::Linear) => {
+                if !self.merged.is_empty() {
+                    return Err(Error::Msg(format!("{}: cannot add a PiSSA/OLoRA adapter while others are merged", self.path)));
+                }
+                let w = self.weight.to_dtype(DType::F32)?;
+                let (a, b, res) = match m {
+                    Init::Pissa(niter) => init::pissa(&w, r, scale, niter, &mut rng)?,
+                    _ => init::olora(&w, r, scale)?,
+                };
+                self.weight = res.to_dtype(self.weight.dtype())?;
+                initial = Some((a.clone(), b.clone()));
+                (a, b)
+            }
+            (m, k) => {
+                return Err(Error::Config(format!("{}: init {m:?} is only defined for Linear layers, not {k:?}", self.path)))
+            }
+        };
+        let adapter = LoraAdapter {
+            r,
+            alpha: st.alpha,
+            scale,
+            dropout: cfg.lora_dropout,
+            a: var(a.to_device(&dev)?)?,
+            b: var(b.to_device(&dev)?)?,
+            magnitude: None,
+            multiplier: 1.0,
+            initial,
+        };
+        self.adapters.insert(name.to_string(), adapter);
+        if cfg.use_dora {
+            let ad = &self.adapters[name];
+            let n = self.weight_norm(&self.weight, &self.delta_of(ad, 1.0)?)?;
+            self.adapters.get_mut(name).expect("just inserted").magnitude = Some(var(n)?);
+        }
+        if !self.active.iter().any(|a| a == name) {
+            self.active.push(name.to_string());
+        }
+        Ok(())
+    }
+
+    /// Inserts an adapter built elsewhere (a loaded file). Shapes are checked.
+    pub fn insert_adapter(&mut self, name: &str, adapter: LoraAdapter) -> Result<()> {
+        let (sa, sb, sm) = self.factor_shapes(adapter.r)?;
+        for (what, t, want) in [("A", adapter.a.as_tensor(), &sa), ("B", adapter.b.as_tensor(), &sb)] {
+            if t.dims() != want.as_slice() {
+                return Err(Error::Msg(format!(
+                    "{}: lora_{what} has shape {:?}, the base needs {:?}",
+                    self.path,
+                    t.dims(),
+                    want
+                )));
+            }
+        }
+        if let Some(m) = &adapter.magnitude {
+            if m.dims() != sm.as_slice() {
+                return Err(Error::Msg(format!("{}: magnitude has shape {:?}, needs {:?}", self.path, m.dims(), sm)));
+            }
+        }
+        self.adapters.insert(name.to_string(), adapter);
+        if !self.active.iter().any(|a| a == name) {
+            self.active.push(name.to_string());
+        }
+        Ok(())
+    }
+
+    /// Makes this a `modules_to_save` layer: a trainable full copy of weight and bias.
+    pub fn make_trainable_copy(&mut self) -> Result<()> {
+        if self.saved.is_none() {
+            let weight = var(self.weight.clone())?;
+            let bias = self.bias.clone().map(var).transpose()?;
+            self.saved = Some(SavedCopy { weight, bias });
+        }
+        Ok(())
+    }
+
+    /// Replaces the trainable copy's values (loading a file).
+    pub fn set_trainable_copy(&mut self, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        self.make_trainable_copy()?;
+        let s = self.saved.as_ref().expect("made above");
+        s.weight.set(&weight.to_dtype(DType::F32)?)?;
+        if let (Some(v), Some(b)) = (&s.bias, bias) {
+            v.set(&b.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    /// The trainable copy (weight, bias), if this is a `modules_to_save` layer.
+    pub fn trainable_copy(&self) -> Option<(&Var, Option<&Var>)> {
+        self.saved.as_ref().map(|s| (&s.weight, s.bias.as_ref()))
+    }
+
+    /// Sets which adapters are active (their outputs add up).
+    pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            if !self.adapters.contains_key(*n) {
+                return Err(Error::Msg(format!("{}: no adapter named `{n}`", self.path)));
+            }
+        }
+        self.active = names.iter().map(|s| s.to_string()).collect();
+        Ok(())
+    }
+
+    /// Enables or disables all adapters. Disabling first unmerges merged adapters (as PEFT does).
+    pub fn set_enabled(&mut self, enabled: bool) -> Result<()> {
+        if !enabled && !self.merged.is_empty() {
+            self.unmerge()?;
+        }
+        self.enabled = enabled;
+        Ok(())
+    }
+
+    /// Removes an adapter (unmerging it first if needed).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<Option<LoraAdapter>> {
+        if self.merged.iter().any(|(n, _)| n == name) {
+            self.unmerge()?;
+        }
+        self.active.retain(|a| a != name);
+        Ok(self.adapters.remove(name))
+    }
+
+    /// ΔW of an adapter in the base weight's layout (without multiplier), for DoRA with `s·B A`.
+    fn delta_of(&self, ad: &LoraAdapter, mult: f64) -> Result<Tensor> {
+        let a = ad.a.as_tensor().detach();
+        let b = ad.b.as_tensor().detach();
+        let s = ad.scale * mult;
+        Ok(match self.kind {
+            BaseKind::Linear => (b.matmul(&a)? * s)?,
+            BaseKind::Conv2d(_) => {
+                let (o, r) = (b.dim(0)?, b.dim(1)?);
+                let a2 = a.reshape((a.dim(0)?, ()))?;
+                (b.reshape((o, r))?.matmul(&a2)? * s)?.reshape(self.weight.shape())?
+            }
+            BaseKind::Embedding => (b.matmul(&a)?.t()? * s)?.contiguous()?,
+        })
+    }
+
+    /// The delta weight of adapter `name` (times its multiplier), in the base layout.
+    pub fn delta_weight(&self, name: &str) -> Result<Tensor> {
+        let ad = self.get(name)?;
+        self.delta_of(ad, ad.multiplier)
+    }
+
+    fn get(&self, name: &str) -> Result<&LoraAdapter> {
+        self.adapters.get(name).ok_or_else(|| Error::Msg(format!("{}: no adapter named `{name}`", self.path)))
+    }
+
+    /// ‖W + ΔW‖ per output feature (detached). Linear/conv: over all but dim 0; embedding: over dim 0.
+    fn weight_norm(&self, w: &Tensor, delta: &Tensor) -> Result<Tensor> {
+        let m = (w.to_dtype(DType::F32)? + delta)?.detach();
+        Ok(match self.kind {
+            BaseKind::Embedding => m.sqr()?.sum(0)?.sqrt()?,
+            _ => m.flatten_from(1)?.sqr()?.sum(1)?.sqrt()?,
+        })
+    }
+
+    /// Reshapes a per-output-feature vector to broadcast against this layer's output.
+    fn feature_view(&self, v: &Tensor, out_rank: usize) -> Result<Tensor> {
+        let n = v.dim(0)?;
+        Ok(match self.kind {
+            BaseKind::Conv2d(_) => v.reshape((1, n, 1, 1))?,
+            _ => {
+                let mut shape = vec![1; out_rank];
+                shape[out_rank - 1] = n;
+                v.reshape(shape)?
+            }
+        })
+    }
+
+    /// The adapter path `s · B A x` (no multiplier) for an input already through dropout.
+    fn lora_path(&self, ad: &LoraAdapter, x: &Tensor) -> Result<Tensor> {
+        let y = match self.kind {
+            BaseKind::Linear => ops::plain_linear(&ops::plain_linear(x, ad.a.as_tensor())?, ad.b.as_tensor())?,
+            BaseKind::Conv2d(c) => x
+                // PEFT builds lora_A with the base's kernel, stride and padding, but dilation 1.
+                .conv2d(ad.a.as_tensor(), c.padding, c.stride, 1, 1)?
+                .conv2d(ad.b.as_tensor(), 0, 1, 1, 1)?,
+            BaseKind::Embedding => {
+                // lookup rows of Aᵀ (num, r), then · Bᵀ
+                let at = ad.a.as_tensor().t()?.contiguous()?;
+                let h = embed(&at, x)?;
+                ops::plain_linear(&h, ad.b.as_tensor())?
+            }
+        };
+        Ok((y * ad.scale)?)
+    }
+
+    /// The frozen base path without bias.
+    fn base_path(&self, w: &Tensor, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.kind {
+            BaseKind::Linear => ops::frozen_linear(x, w)?,
+            BaseKind::Conv2d(c) => ops::frozen_conv2d(x, w, c)?,
+            BaseKind::Embedding => embed(w, x)?,
+        })
+    }
+
+    fn add_bias(&self, y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let Some(b) = bias else { return Ok(y) };
+        let b = self.feature_view(b, y.rank())?;
+        Ok(y.broadcast_add(&b)?)
+    }
+
+    /// Forward. Linear: x (..., in); conv: x (b, c, h, w); embedding: ids (...) as u32/i64.
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        if let (Some(s), true) = (&self.saved, self.enabled) {
+            let w = s.weight.as_tensor();
+            let y = match self.kind {
+                BaseKind::Linear => ops::plain_linear(x, w)?,
+                BaseKind::Conv2d(c) => x.conv2d(w, c.padding, c.stride, c.dilation, c.groups)?,
+                BaseKind::Embedding => embed(w, x)?,
+            };
+            return self.add_bias(y, s.bias.as_ref().map(|v| v.as_tensor()));
+        }
+        let base = self.base_path(&self.weight, x)?;
+        let mut y = base.clone();
+        if self.enabled {
+            for name in &self.active {
+                if self.merged.iter().any(|(n, _)| n == name) {
+                    continue;
+                }
+                let Some(ad) = self.adapters.get(name) else { continue };
+                let use_dropout = ctx.train && ad.dropout > 0.0 && self.kind != BaseKind::Embedding;
+                let xd = if use_dropout {
+                    let mask = ctx.dropout_mask(&self.path, x.dims(), ad.dropout, x.device())?;
+                    x.mul(&mask.to_dtype(x.dtype())?)?
+                } else {
+                    x.clone()
+                };
+                let lora = self.lora_path(ad, &xd)?;
+                let contrib = match &ad.magnitude {
+                    None => lora,
+                    Some(m) => {
+                        let n = self.weight_norm(&self.weight, &self.delta_of(ad, 1.0)?)?;
+                        let g = self.feature_view(&m.as_tensor().div(&n)?, y.rank())?;
+                        let base_d = if use_dropout { self.base_path(&self.weight, &xd)? } else { base.clone() };
+                        let gm1 = (&g - 1.0)?;
+                        (base_d.broadcast_mul(&gm1)? + lora.broadcast_mul(&g)?)?
+                    }
+                };
+                y = if ad.multiplier == 1.0 { (y + contrib)? } else { (y + (contrib * ad.multiplier)?)? };
+            }
+        }
+        self.add_bias(y, self.bias.as_ref())
+    }
+
+    /// The weight with adapters `names` merged in, and the DoRA norms used (for unmerge).
+    fn merged_weight(&self, w: &Tensor, ad: &LoraAdapter) -> Result<(Tensor, Option<Tensor>)> {
+        let wf = w.to_dtype(DType::F32)?;
+        let delta = self.delta_of(ad, 1.0)?;
+        match &ad.magnitude {
+            None => Ok(((wf + (delta * ad.multiplier)?)?, None)),
+            Some(m) => {
+                let n = self.weight_norm(w, &delta)?;
+                let g = m.as_tensor().div(&n)?;
+                let gv = self.weight_view(&g)?;
+                let full = (&wf + delta)?.broadcast_mul(&gv)?;
+                // W' = W + mult · (g ⊙ (W + ΔW) − W)
+                Ok(((&wf + ((full - &wf)? * ad.multiplier)?)?, Some(n)))
+            }
+        }
+    }
+
+    /// Reshapes a per-output-feature vector to broadcast against the weight.
+    fn weight_view(&self, v: &Tensor) -> Result<Tensor> {
+        let n = v.dim(0)?;
+        Ok(match self.kind {
+            BaseKind::Linear => v.reshape((n, 1))?,
+            BaseKind::Conv2d(_) => v.reshape((n, 1, 1, 1))?,
+            BaseKind::Embedding => v.reshape((1, n))?,
+        })
+    }
+
+    /// Merges the active adapters (or `names`) into the base weight. Already merged adapters are
+    /// skipped, so merging twice is idempotent. A merge that would produce NaN/Inf is refused.
+    pub fn merge(&mut self, names: Option<&[&str]>) -> Result<()> {
+        let names: Vec<String> = match names {
+            Some(n) => n.iter().map(|s| s.to_string()).collect(),
+            None => self.active.clone(),
+        };
+        for name in names {
+            if self.merged.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            let ad = self.get(&name)?;
+            let (w, norm) = self.merged_weight(&self.weight, ad)?;
+            let sum = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !sum.is_finite() {
+                return Err(Error::Msg(format!("{}: merging adapter `{name}` gives non-finite weights; refused", self.path)));
+            }
+            self.weight = w.to_dtype(self.weight.dtype())?;
+            self.merged.push((name, norm));
+        }
+        Ok(())
+    }
+
+    /// Unmerges every merged adapter, newest first, restoring the base weight.
+    pub fn unmerge(&mut self) -> Result<()> {
+        while let Some((name, norm)) = self.merged.pop() {
+            let ad = self.get(&name)?;
+            let delta = self.delta_of(ad, 1.0)?;
+            let w = self.weight.to_dtype(DType::F32)?;
+            let restored = match (&ad.magnitude, norm) {
+                (None, _) => (w - (delta * ad.multiplier)?)?,
+                (Some(m), Some(n)) => {
+                    // W' = W (1 − t + t g) + t g ΔW  with t the multiplier
+                    let g = self.weight_view(&m.as_tensor().div(&n)?)?;
+                    let t = ad.multiplier;
+                    let denom = ((&g * t)? + (1.0 - t))?;
+                    (w - delta.broadcast_mul(&(&g * t)?)?)?.broadcast_div(&denom)?
+                }
+                (Some(_), None) => return Err(Error::Msg(format!("{}: DoRA merge of `{name}` lost its norm", self.path))),
+            };
+            self.weight = restored.to_dtype(self.weight.dtype())?;
+        }
+        Ok(())
+    }
+
+    /// The weight and bias with every active adapter merged, without changing the layer
+    /// (a `modules_to_save` layer returns its trained copy).
+    pub fn merged_tensors(&self) -> Result<(Tensor, Option<Tensor>)> {
+        if let Some(s) = &self.saved {
+            return Ok((s.weight.as_tensor().clone(), s.bias.as_ref().map(|b| b.as_tensor().clone())));
+        }
+        let mut w = self.weight.clone();
+        if self.enabled {
+            for name in &self.active {
+                if self.merged.iter().any(|(n, _)| n == name) {
+                    continue;
+                }
+                w = self.merged_weight(&w, self.get(name)?)?.0.to_dtype(self.weight.dtype())?;
+            }
+        }
+        Ok((w, self.bias.clone()))
+    }
+
+    /// Trainable tensors with PEFT's in-memory names
+    /// (`base_model.model.<path>.lora_A.<adapter>.weight`, ...).
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let p = &self.path;
+        let mut out = vec![];
+        for (name, ad) in &self.adapters {
+            let (ka, kb) = match self.kind {
+                BaseKind::Embedding => (format!("{p}.lora_embedding_A.{name}"), format!("{p}.lora_embedding_B.{name}")),
+                _ => (format!("{p}.lora_A.{name}.weight"), format!("{p}.lora_B.{name}.weight")),
+            };
+            out.push((format!("base_model.model.{ka}"), ad.a.clone()));
+            out.push((format!("base_model.model.{kb}"), ad.b.clone()));
+            if let Some(m) = &ad.magnitude {
+                out.push((format!("base_model.model.{p}.lora_magnitude_vector.{name}.weight"), m.clone()));
+            }
+        }
+        if let Some(s) = &self.saved {
+            out.push((format!("base_model.model.{p}.modules_to_save.default.weight"), s.weight.clone()));
+            if let Some(b) = &s.bias {
+                out.push((format!("base_model.model.{p}.modules_to_save.default.bias"), b.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// Embedding lookup of ids (any integer dtype or integral floats) into `w` (num, dim).
+pub fn embed(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let ids_u = match ids.dtype() {
+        DType::U32 | DType::I64 | DType::U8 => ids.clone(),
+        _ => ids.to_dtype(DType::U32)?,
+    };
+    let shape = ids_u.dims().to_vec();
+    let flat = ids_u.flatten_all()?;
+    let n = w.dim(0)?;
+    let max = flat.to_dtype(DType::F64)?.max(0)?.to_scalar::<f64>().unwrap_or(0.0);
+    if max as usize >= n {
+        return Err(Error::Msg(format!("embedding index {max} out of range for {n} rows")));
+    }
+    let rows = w.index_select(&flat, 0)?;
+    let mut out = shape;
+    out.push(w.dim(1)?);
+    Ok(rows.reshape(out)?)
+}
+
+macro_rules! wrapper {
+    ($name:ident, $doc:literal) => {
+        #[doc = $doc]
+        pub struct $name(pub AdaptedLayer);
+        impl std::ops::Deref for $name {
+            type Target = AdaptedLayer;
+            fn deref(&self) -> &AdaptedLayer {
+                &self.0
+            }
+        }
+        impl std::ops::DerefMut for $name {
+            fn deref_mut(&mut self) -> &mut AdaptedLayer {
+                &mut self.0
+            }
+        }
+    };
+}
+
+wrapper!(AdaptedLinear, "A frozen linear layer (weight (out, in)) with adapters.");
+wrapper!(AdaptedConv2d, "A frozen conv2d layer with LoCon adapters (A: conv like the base, B: 1x1).");
+wrapper!(AdaptedEmbedding, "A frozen embedding with adapters (`lora_embedding_A/B`).");
+
+impl AdaptedLinear {
+    /// A linear layer at `path` with weight (out, in) and optional bias.
+    pub fn new(path: &str, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self(AdaptedLayer::new(path, BaseKind::Linear, weight, bias)?))
+    }
+}
+impl AdaptedConv2d {
+    /// A conv2d layer at `path` with weight (out, in, kh, kw).
+    pub fn new(path: &str, weight: Tensor, bias: Option<Tensor>, cfg: ConvCfg) -> Result<Self> {
+        if cfg.groups != 1 {
+            return Err(Error::Msg(format!("{path}: grouped convolutions cannot take LoRA adapters")));
+        }
+        Ok(Self(AdaptedLayer::new(path, BaseKind::Conv2d(cfg), weight, bias)?))
+    }
+}
+impl AdaptedEmbedding {
+    /// An embedding at `path` with weight (num_embeddings, dim).
+    pub fn new(path: &str, weight: Tensor) -> Result<Self> {
+        Ok(Self(AdaptedLayer::new(path, BaseKind::Embedding, weight, None)?))
+    }
+}
+

@@ -1,0 +1,118 @@
+//! The adapter core: frozen base layers with LoRA-family adapters, PEFT's targeting rules, merging,
+//! and PEFT / kohya / diffusers files. Modality-agnostic: it knows module paths and tensors only.
+//!
+//! A model is built through an [`AdapterPlan`]: each layer asks the plan for an adapted layer at its
+//! module path, and gets adapters for every configuration that targets that path.
+
+pub mod config;
+pub mod formats;
+pub mod init;
+pub mod layer;
+pub mod merge;
+pub mod ops;
+
+pub use config::{AdapterConfig, Init, InitSpec, ModuleKind, ModuleSpec};
+pub use layer::{AdaptedConv2d, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, BaseKind, ForwardCtx, LoraAdapter};
+pub use ops::ConvCfg;
+
+use crate::{Error, Result};
+use candle_core::{Tensor, Var};
+
+/// Which adapters to create while a model is built: named configurations and a seed.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterPlan {
+    /// (adapter name, configuration), in creation order.
+    pub adapters: Vec<(String, AdapterConfig)>,
+    /// Seed for adapter initialisation.
+    pub seed: u64,
+    /// Module paths that are the model's output head (left out by `all-linear`).
+    pub output_heads: Vec<String>,
+}
+
+impl AdapterPlan {
+    /// No adapters: every layer is a plain frozen layer.
+    pub fn none() -> Self {
+        Self::default()
+    }
+    /// One adapter named `default`.
+    pub fn single(cfg: AdapterConfig, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self { adapters: vec![("default".into(), cfg)], seed, output_heads: vec!["lm_head".into()] })
+    }
+
+    /// Applies the plan to a bare layer: adds every targeting adapter, or makes a trainable copy for
+    /// `modules_to_save`.
+    pub fn apply(&self, mut layer: AdaptedLayer) -> Result<AdaptedLayer> {
+        let path = layer.path().to_string();
+        let head = self.output_heads.iter().any(|h| path == *h || path.ends_with(&format!(".{h}")));
+        for (name, cfg) in &self.adapters {
+            if cfg.saves_module(&path) {
+                layer.make_trainable_copy()?;
+            } else if cfg.targets(&path, layer.kind().module_kind(), head)? {
+                layer.add_adapter(name, cfg, self.seed)?;
+            }
+        }
+        Ok(layer)
+    }
+    /// An adapted linear layer at `path`.
+    pub fn linear(&self, path: &str, weight: Tensor, bias: Option<Tensor>) -> Result<AdaptedLinear> {
+        Ok(AdaptedLinear(self.apply(AdaptedLinear::new(path, weight, bias)?.0)?))
+    }
+    /// An adapted conv2d layer at `path`.
+    pub fn conv2d(&self, path: &str, weight: Tensor, bias: Option<Tensor>, cfg: ConvCfg) -> Result<AdaptedConv2d> {
+        Ok(AdaptedConv2d(self.apply(AdaptedConv2d::new(path, weight, bias, cfg)?.0)?))
+    }
+    /// An adapted embedding at `path`.
+    pub fn embedding(&self, path: &str, weight: Tensor) -> Result<AdaptedEmbedding> {
+        Ok(AdaptedEmbedding(self.apply(AdaptedEmbedding::new(path, weight)?.0)?))
+    }
+}
+
+/// A model whose adaptable layers can be listed. Every model family implements this.
+pub trait Adapted {
+    /// All adaptable layers, in a stable order.
+    fn layers(&self) -> Vec<&AdaptedLayer>;
+    /// All adaptable layers, mutably, in the same order.
+    fn layers_mut(&mut self) -> Vec<&mut AdaptedLayer>;
+
+    /// Every trainable tensor with its PEFT in-memory name, sorted by name.
+    fn trainable(&self) -> Vec<(String, Var)> {
+        let mut v: Vec<_> = self.layers().into_iter().flat_map(|l| l.named_vars()).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+    /// Enables or disables every adapter (disabled = the base model; merged adapters are unmerged).
+    fn set_adapters_enabled(&mut self, enabled: bool) -> Result<()> {
+        self.layers_mut().into_iter().try_for_each(|l| l.set_enabled(enabled))
+    }
+    /// Sets the active adapters on every layer that has them.
+    fn set_active_adapters(&mut self, names: &[&str]) -> Result<()> {
+        for l in self.layers_mut() {
+            let have: Vec<&str> = names.iter().copied().filter(|n| l.adapters().contains_key(*n)).collect();
+            l.set_active(&have)?;
+        }
+        Ok(())
+    }
+    /// Sets one adapter's output multiplier everywhere.
+    fn set_multiplier(&mut self, name: &str, multiplier: f64) -> Result<()> {
+        let mut found = false;
+        for l in self.layers_mut() {
+            if let Some(a) = l.adapter_mut(name) {
+                a.multiplier = multiplier;
+                found = true;
+            }
+        }
+        if !found {
+            return Err(Error::Msg(format!("no adapter named `{name}`")));
+        }
+        Ok(())
+    }
+    /// Merges active adapters into every layer.
+    fn merge_adapters(&mut self) -> Result<()> {
+        self.layers_mut().into_iter().try_for_each(|l| l.merge(None))
+    }
+    /// Unmerges every layer.
+    fn unmerge_adapters(&mut self) -> Result<()> {
+        self.layers_mut().into_iter().try_for_each(|l| l.unmerge())
+    }
+}

@@ -1,0 +1,354 @@
+//! The training loop. A [`Task`] turns a data cursor into a loss; the [`Trainer`] owns everything
+//! else: accumulation, clipping, the schedule, AdamW, NaN checks, checkpoints, metrics, progress.
+//!
+//! Every random choice of a run is a function of (seed, cursor, micro-step): the checkpoint stores
+//! the step, the data cursor, the seed, the parameters and the optimizer moments, so a resumed run
+//! replays exactly what an unbroken run would have done (bit-identical on CPU).
+
+use super::optim::{AdamW, AdamWConfig};
+use super::schedule::{Schedule, ScheduleKind};
+use crate::media::plot::{line_plot, Series};
+use crate::peft::ForwardCtx;
+use crate::util::{save_safetensors, write_atomic, SafeTensors};
+use crate::{Error, Result};
+use candle_core::{DType, Tensor, Var};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What a trainer trains.
+pub trait Task {
+    /// The trainable tensors by name (sorted, stable).
+    fn trainable(&self) -> Vec<(String, Var)>;
+    /// The loss of micro-batch number `cursor` (a global counter: the task maps it to data,
+    /// deterministically).
+    fn loss(&mut self, cursor: u64, ctx: &ForwardCtx) -> Result<Tensor>;
+    /// Writes the adapter in the task's own format (a PEFT folder, a kohya file, ...) into `dir`.
+    fn save_adapter(&self, dir: &Path) -> Result<()>;
+}
+
+/// Trainer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Schedule after warmup.
+    pub lr_scheduler: ScheduleKind,
+    /// Warmup steps.
+    pub warmup_steps: usize,
+    /// Optimizer steps.
+    pub max_steps: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Global gradient-norm clipping (None = off).
+    pub max_grad_norm: Option<f64>,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW β₁.
+    pub adam_beta1: f64,
+    /// AdamW β₂.
+    pub adam_beta2: f64,
+    /// AdamW ε.
+    pub adam_epsilon: f64,
+    /// Checkpoint every N optimizer steps (0: only at the end).
+    pub save_steps: usize,
+    /// Checkpoints kept on disk (the newest ones).
+    pub save_total_limit: usize,
+    /// Run seed.
+    pub seed: u64,
+    /// Output folder.
+    pub output_dir: PathBuf,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 2e-4,
+            lr_scheduler: ScheduleKind::Linear,
+            warmup_steps: 0,
+            max_steps: 100,
+            gradient_accumulation_steps: 1,
+            max_grad_norm: Some(1.0),
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            save_steps: 0,
+            save_total_limit: 2,
+            seed: 42,
+            output_dir: PathBuf::from("runs/out"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    cursor: u64,
+    seed: u64,
+    micro_step: u64,
+    config: TrainConfig,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Optimizer steps done in total.
+    pub steps: usize,
+    /// Loss of the first step run in this call.
+    pub first_loss: f64,
+    /// Loss of the last step.
+    pub last_loss: f64,
+    /// Wall time of this call, seconds.
+    pub seconds: f64,
+    /// Where the final adapter was written.
+    pub adapter_dir: PathBuf,
+    /// The step resumed from, if any.
+    pub resumed_from: Option<usize>,
+}
+
+/// The trainer.
+pub struct Trainer {
+    cfg: TrainConfig,
+}
+
+fn checkpoint_dirs(out: &Path) -> Vec<(usize, PathBuf)> {
+    let mut v = vec![];
+    if let Ok(rd) = std::fs::read_dir(out) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) {
+                if e.path().join("trainer_state.json").exists() {
+                    v.push((n, e.path()));
+                }
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Global L2 norm of a set of gradients.
+pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.values() {
+        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sq.sqrt())
+}
+
+impl Trainer {
+    /// A trainer with `cfg`.
+    pub fn new(cfg: TrainConfig) -> Result<Self> {
+        if cfg.max_steps == 0 || cfg.gradient_accumulation_steps == 0 {
+            return Err(Error::Config("max_steps and gradient_accumulation_steps must be at least 1".into()));
+        }
+        if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
+            return Err(Error::Config(format!("learning rate {} must be positive", cfg.learning_rate)));
+        }
+        Ok(Self { cfg })
+    }
+
+    /// The latest complete checkpoint in the output folder.
+    pub fn latest_checkpoint(&self) -> Option<PathBuf> {
+        checkpoint_dirs(&self.cfg.output_dir).pop().map(|(_, p)| p)
+    }
+
+    fn save_checkpoint(&self, task: &dyn Task, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+        let out = &self.cfg.output_dir;
+        let final_dir = out.join(format!("checkpoint-{}", state.step));
+        let tmp = out.join(format!(".checkpoint-{}.tmp", state.step));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let params: BTreeMap<String, Tensor> = task.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        save_safetensors(&tmp.join("params.safetensors"), &params, None)?;
+        save_safetensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors()?, None)?;
+        task.save_adapter(&tmp.join("adapter"))?;
+        let json = serde_json::to_string_pretty(state).map_err(|e| Error::Msg(e.to_string()))?;
+        write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        let all = checkpoint_dirs(out);
+        if all.len() > self.cfg.save_total_limit.max(1) {
+            for (_, p) in &all[..all.len() - self.cfg.save_total_limit.max(1)] {
+                let _ = std::fs::remove_dir_all(p);
+            }
+        }
+        Ok(final_dir)
+    }
+
+    fn load_checkpoint(&self, dir: &Path, task: &dyn Task, opt: &mut AdamW) -> Result<TrainerState> {
+        let sp = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+        let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::format(&sp, e.to_string()))?;
+        if state.seed != self.cfg.seed {
+            return Err(Error::Config(format!("{}: checkpoint seed {} differs from the run's seed {}", sp.display(), state.seed, self.cfg.seed)));
+        }
+        let pp = dir.join("params.safetensors");
+        let params = SafeTensors::read(&pp)?;
+        for (name, var) in task.trainable() {
+            let t = params.get_f32(&name, var.dims())?;
+            var.set(&t.to_device(var.device())?)?;
+        }
+        let op = dir.join("optimizer.safetensors");
+        let ot = SafeTensors::read(&op)?.into_tensors();
+        opt.load_state(&ot, state.step as u64, &op)?;
+        Ok(state)
+    }
+
+    /// Runs (or, with `resume`, continues) training. Returns a summary; a NaN/Inf loss or gradient
+    /// stops the run with [`Error::NonFinite`], leaving the last good checkpoint in place.
+    pub fn train(&self, task: &mut dyn Task, resume: bool) -> Result<TrainSummary> {
+        let c = &self.cfg;
+        let out = c.output_dir.clone();
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        let params = task.trainable();
+        if params.is_empty() {
+            return Err(Error::Config("nothing to train: no trainable tensors (did any module match target_modules?)".into()));
+        }
+        let adam = AdamWConfig { beta1: c.adam_beta1, beta2: c.adam_beta2, eps: c.adam_epsilon, weight_decay: c.weight_decay };
+        let mut opt = AdamW::new(params.clone(), adam)?;
+        let sched = Schedule { kind: c.lr_scheduler, base_lr: c.learning_rate, warmup: c.warmup_steps, total: c.max_steps };
+        let mut state = TrainerState { step: 0, cursor: 0, seed: c.seed, micro_step: 0, config: c.clone() };
+        let mut resumed_from = None;
+        let metrics_path = out.join("metrics.jsonl");
+        let mut last_ckpt = "none".to_string();
+        if resume {
+            if let Some(dir) = self.latest_checkpoint() {
+                state = self.load_checkpoint(&dir, task, &mut opt)?;
+                resumed_from = Some(state.step);
+                last_ckpt = dir.display().to_string();
+            }
+        }
+        // Keep the metric lines up to the resumed step; drop lines of steps that will be redone.
+        let kept: Vec<String> = match std::fs::read_to_string(&metrics_path) {
+            Ok(t) if resumed_from.is_some() => t
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| (s as usize) <= state.step)
+                })
+                .map(String::from)
+                .collect(),
+            _ => vec![],
+        };
+        let mut body = kept.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        write_atomic(&metrics_path, body.as_bytes())?;
+        let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+
+        let bar = if std::io::stderr().is_terminal() {
+            let b = ProgressBar::new(c.max_steps as u64);
+            b.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                    .map_err(|e| Error::Msg(e.to_string()))?,
+            );
+            b.set_position(state.step as u64);
+            b
+        } else {
+            ProgressBar::hidden()
+        };
+        let start = Instant::now();
+        let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+        while state.step < c.max_steps {
+            let t0 = Instant::now();
+            let mut acc: BTreeMap<String, Tensor> = BTreeMap::new();
+            let mut loss_sum = 0f64;
+            for _ in 0..c.gradient_accumulation_steps {
+                let ctx = ForwardCtx::train(c.seed, state.micro_step);
+                let loss = task.loss(state.cursor, &ctx)?;
+                let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !lv.is_finite() {
+                    bar.abandon();
+                    return Err(Error::NonFinite { what: "loss", value: lv, step: state.step + 1, checkpoint: last_ckpt });
+                }
+                loss_sum += lv;
+                let scaled = (loss / c.gradient_accumulation_steps as f64)?;
+                let grads = scaled.backward()?;
+                for (name, var) in &params {
+                    if let Some(g) = grads.get(var.as_tensor()) {
+                        let g = match acc.remove(name) {
+                            Some(prev) => (prev + g)?,
+                            None => g.clone(),
+                        };
+                        acc.insert(name.clone(), g);
+                    }
+                }
+                state.cursor += 1;
+                state.micro_step += 1;
+            }
+            let loss = loss_sum / c.gradient_accumulation_steps as f64;
+            let norm = global_norm(&acc)?;
+            if !norm.is_finite() {
+                bar.abandon();
+                return Err(Error::NonFinite { what: "gradient norm", value: norm, step: state.step + 1, checkpoint: last_ckpt });
+            }
+            let scale = match c.max_grad_norm {
+                Some(m) if norm > m => m / (norm + 1e-6),
+                _ => 1.0,
+            };
+            let lr = sched.lr(state.step);
+            opt.step(&acc, lr, scale)?;
+            state.step += 1;
+            if first_loss.is_nan() {
+                first_loss = loss;
+            }
+            last_loss = loss;
+            let dt = t0.elapsed().as_secs_f64();
+            let line = serde_json::json!({
+                "step": state.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                "step_time_s": dt, "elapsed_s": start.elapsed().as_secs_f64(),
+            });
+            writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+            bar.set_position(state.step as u64);
+            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.2} it/s", 1.0 / dt.max(1e-9)));
+            let at_end = state.step == c.max_steps;
+            if at_end || (c.save_steps > 0 && state.step % c.save_steps == 0) {
+                last_ckpt = self.save_checkpoint(task, &opt, &state)?.display().to_string();
+            }
+        }
+        bar.finish_and_clear();
+        drop(metrics);
+        let adapter_dir = out.join("adapter");
+        let tmp = out.join(".adapter.tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        task.save_adapter(&tmp)?;
+        if adapter_dir.exists() {
+            std::fs::remove_dir_all(&adapter_dir).map_err(|e| Error::io(&adapter_dir, e))?;
+        }
+        std::fs::rename(&tmp, &adapter_dir).map_err(|e| Error::io(&adapter_dir, e))?;
+        plot_metrics(&metrics_path, &out.join("loss_curve.png"))?;
+        Ok(TrainSummary { steps: state.step, first_loss, last_loss, seconds: start.elapsed().as_secs_f64(), adapter_dir, resumed_from })
+    }
+}
+
+/// Draws `metrics.jsonl` (loss per step, and its moving average) as a PNG.
+pub fn plot_metrics(metrics: &Path, png: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
+    let mut pts = vec![];
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).map_err(|e| Error::format(metrics, e.to_string()))?;
+        if let (Some(s), Some(loss)) = (v["step"].as_f64(), v["loss"].as_f64()) {
+            pts.push((s, loss));
+        }
+    }
+    let mut ema = vec![];
+    let mut m = f64::NAN;
+    let k = 2.0 / (1.0 + (pts.len() as f64 / 10.0).max(1.0));
+    for (s, l) in &pts {
+        m = if m.is_nan() { *l } else { m + k * (l - m) };
+        ema.push((*s, m));
+    }
+    let series = vec![Series { label: "loss".into(), points: pts }, Series { label: "moving average".into(), points: ema }];
+    line_plot(png, "training loss", "optimizer step", "loss", &series)
+}
