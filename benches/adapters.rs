@@ -52,20 +52,35 @@ struct Setup {
 fn setup(d: usize, r: usize, variant: Variant) -> Setup {
     let mut rng = postforge::peft::init::rng_for(1, "bench");
     let w = postforge::peft::init::normal(&[d, d], 0.02, &mut rng).unwrap();
-    let x = Var::from_tensor(&postforge::peft::init::normal(&[TOKENS, d], 1.0, &mut rng).unwrap()).unwrap();
+    let x = Var::from_tensor(&postforge::peft::init::normal(&[TOKENS, d], 1.0, &mut rng).unwrap())
+        .unwrap();
     let mut cfg = AdapterConfig::lora(r, r as f64, &["proj"]);
     cfg.init_lora_weights = InitSpec::Bool(false);
     cfg.use_dora = matches!(variant, Variant::Dora);
-    let plan = if matches!(variant, Variant::Lora | Variant::Dora) { AdapterPlan::single(cfg, 0).unwrap() } else { AdapterPlan::none() };
-    let layer = plan.apply(AdaptedLayer::new("proj", BaseKind::Linear, w.clone(), None).unwrap()).unwrap();
-    Setup { layer, w, x, variant }
+    let plan = if matches!(variant, Variant::Lora | Variant::Dora) {
+        AdapterPlan::single(cfg, 0).unwrap()
+    } else {
+        AdapterPlan::none()
+    };
+    let layer = plan
+        .apply(AdaptedLayer::new("proj", BaseKind::Linear, w.clone(), None).unwrap())
+        .unwrap();
+    Setup {
+        layer,
+        w,
+        x,
+        variant,
+    }
 }
 
 fn step(s: &Setup) -> usize {
     let y = match s.variant {
         // The full-weight-gradient path: candle's plain matmul, which computes dW for the frozen W.
         Variant::FullGrad => s.x.as_tensor().matmul(&s.w.t().unwrap()).unwrap(),
-        _ => s.layer.forward(s.x.as_tensor(), &ForwardCtx::eval()).unwrap(),
+        _ => s
+            .layer
+            .forward(s.x.as_tensor(), &ForwardCtx::eval())
+            .unwrap(),
     };
     let g = y.sum_all().unwrap().backward().unwrap();
     g.get_ids().count()
@@ -83,7 +98,12 @@ fn peak_of(d: usize, r: usize, v: Variant) -> usize {
 fn memory_report() {
     for d in [1024, 4096] {
         let mut line = format!("peak heap above resting, one step, d={d} r=8, tokens={TOKENS}:");
-        for v in [Variant::Frozen, Variant::Lora, Variant::Dora, Variant::FullGrad] {
+        for v in [
+            Variant::Frozen,
+            Variant::Lora,
+            Variant::Dora,
+            Variant::FullGrad,
+        ] {
             line += &format!(" {v:?} {:.1} MiB", peak_of(d, 8, v) as f64 / 1048576.0);
         }
         line += &format!(" (one weight = {:.1} MiB)", (d * d * 4) as f64 / 1048576.0);
@@ -94,10 +114,17 @@ fn memory_report() {
 fn bench_linear(c: &mut Criterion) {
     memory_report();
     let mut g = c.benchmark_group("linear_step");
-    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(6));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(6));
     for d in [1024, 4096] {
         for r in [8, 64] {
-            for v in [Variant::Frozen, Variant::Lora, Variant::Dora, Variant::FullGrad] {
+            for v in [
+                Variant::Frozen,
+                Variant::Lora,
+                Variant::Dora,
+                Variant::FullGrad,
+            ] {
                 if r == 64 && matches!(v, Variant::Frozen | Variant::FullGrad) {
                     continue; // rank-independent
                 }
@@ -115,19 +142,46 @@ fn bench_adamw(c: &mut Criterion) {
     let per = 4_200_000 / n_tensors;
     let mut rng = postforge::peft::init::rng_for(2, "adam");
     let params: Vec<(String, Var)> = (0..n_tensors)
-        .map(|i| (format!("p{i}"), Var::from_tensor(&postforge::peft::init::normal(&[per], 0.1, &mut rng).unwrap()).unwrap()))
+        .map(|i| {
+            (
+                format!("p{i}"),
+                Var::from_tensor(&postforge::peft::init::normal(&[per], 0.1, &mut rng).unwrap())
+                    .unwrap(),
+            )
+        })
         .collect();
-    let grads: std::collections::BTreeMap<String, Tensor> =
-        params.iter().map(|(n, _)| (n.clone(), postforge::peft::init::normal(&[per], 0.1, &mut rng).unwrap())).collect();
+    let grads: std::collections::BTreeMap<String, Tensor> = params
+        .iter()
+        .map(|(n, _)| {
+            (
+                n.clone(),
+                postforge::peft::init::normal(&[per], 0.1, &mut rng).unwrap(),
+            )
+        })
+        .collect();
     let mut g = c.benchmark_group("adamw");
     g.sample_size(20);
     let mut fused = postforge::train::AdamW::new(params.clone(), Default::default()).unwrap();
-    g.bench_function("4.2M/fused", |b| b.iter(|| fused.step(&grads, 1e-3, 1.0).unwrap()));
+    g.bench_function("4.2M/fused", |b| {
+        b.iter(|| fused.step(&grads, 1e-3, 1.0).unwrap())
+    });
     use candle_nn::Optimizer;
     let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
-    let mut cand = candle_nn::AdamW::new(vars.clone(), candle_nn::ParamsAdamW { lr: 1e-3, ..Default::default() }).unwrap();
+    let mut cand = candle_nn::AdamW::new(
+        vars.clone(),
+        candle_nn::ParamsAdamW {
+            lr: 1e-3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     // candle's optimizer takes a GradStore; build one from a loss whose gradients equal `grads`.
-    let loss = vars.iter().zip(grads.values()).map(|(v, g)| (v.as_tensor() * g).unwrap().sum_all().unwrap()).reduce(|a, b| (a + b).unwrap()).unwrap();
+    let loss = vars
+        .iter()
+        .zip(grads.values())
+        .map(|(v, g)| (v.as_tensor() * g).unwrap().sum_all().unwrap())
+        .reduce(|a, b| (a + b).unwrap())
+        .unwrap();
     let gs = loss.backward().unwrap();
     g.bench_function("4.2M/candle", |b| b.iter(|| cand.step(&gs).unwrap()));
     g.finish();
@@ -138,5 +192,7 @@ criterion_group!(benches, bench_linear, bench_adamw);
 
 fn main() {
     benches();
-    criterion::Criterion::default().configure_from_args().final_summary();
+    criterion::Criterion::default()
+        .configure_from_args()
+        .final_summary();
 }

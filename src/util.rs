@@ -8,9 +8,15 @@ use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -37,7 +43,11 @@ pub fn save_safetensors(
             DType::U8 => safetensors::Dtype::U8,
             DType::U32 => safetensors::Dtype::U32,
             DType::I64 => safetensors::Dtype::I64,
-            d => return Err(Error::Msg(format!("cannot save tensor `{k}` of dtype {d:?}"))),
+            d => {
+                return Err(Error::Msg(format!(
+                    "cannot save tensor `{k}` of dtype {d:?}"
+                )))
+            }
         };
         let bytes = tensor_bytes(&t)?;
         views.push((k.clone(), dtype, t.dims().to_vec(), bytes));
@@ -50,7 +60,8 @@ pub fn save_safetensors(
                 .map_err(|e| Error::format(path, format!("tensor `{k}`: {e}")))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(data, metadata).map_err(|e| Error::format(path, e.to_string()))?;
+    let bytes =
+        safetensors::serialize(data, metadata).map_err(|e| Error::format(path, e.to_string()))?;
     write_atomic(path, &bytes)
 }
 
@@ -94,7 +105,11 @@ impl SafeTensors {
                 .map_err(|e| Error::format(&path, format!("tensor `{name}`: {e}")))?;
             tensors.insert(name, t);
         }
-        Ok(Self { path, tensors, metadata })
+        Ok(Self {
+            path,
+            tensors,
+            metadata,
+        })
     }
     /// The file path.
     pub fn path(&self) -> &Path {
@@ -117,7 +132,10 @@ impl SafeTensors {
         self.tensors
             .get(key)
             .cloned()
-            .ok_or_else(|| Error::Missing { path: self.path.clone(), key: key.to_string() })
+            .ok_or_else(|| Error::Missing {
+                path: self.path.clone(),
+                key: key.to_string(),
+            })
     }
     /// The tensor `key` as f32, checked against `shape`.
     pub fn get_f32(&self, key: &str, shape: &[usize]) -> Result<Tensor> {

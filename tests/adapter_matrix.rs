@@ -5,7 +5,9 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::*;
 use postforge::peft::formats::peft::{self as files, SaveOptions};
-use postforge::peft::{AdaptedLayer, AdapterConfig, AdapterPlan, BaseKind, ConvCfg, ForwardCtx, InitSpec};
+use postforge::peft::{
+    AdaptedLayer, AdapterConfig, AdapterPlan, BaseKind, ConvCfg, ForwardCtx, InitSpec,
+};
 use postforge::train::{AdamW, AdamWConfig};
 use std::collections::BTreeMap;
 
@@ -36,15 +38,32 @@ fn config(m: Method) -> AdapterConfig {
 
 fn base(k: Kind) -> AdaptedLayer {
     match k {
-        Kind::Linear => AdaptedLayer::new("block.layer", BaseKind::Linear, randn(&[24, 16], 0.3, "w"), Some(randn(&[24], 0.3, "b"))).unwrap(),
+        Kind::Linear => AdaptedLayer::new(
+            "block.layer",
+            BaseKind::Linear,
+            randn(&[24, 16], 0.3, "w"),
+            Some(randn(&[24], 0.3, "b")),
+        )
+        .unwrap(),
         Kind::Conv => AdaptedLayer::new(
             "block.layer",
-            BaseKind::Conv2d(ConvCfg { padding: 1, stride: 2, dilation: 1, groups: 1 }),
+            BaseKind::Conv2d(ConvCfg {
+                padding: 1,
+                stride: 2,
+                dilation: 1,
+                groups: 1,
+            }),
             randn(&[6, 4, 3, 3], 0.3, "w"),
             Some(randn(&[6], 0.3, "b")),
         )
         .unwrap(),
-        Kind::Embedding => AdaptedLayer::new("block.layer", BaseKind::Embedding, randn(&[20, 8], 0.3, "w"), None).unwrap(),
+        Kind::Embedding => AdaptedLayer::new(
+            "block.layer",
+            BaseKind::Embedding,
+            randn(&[20, 8], 0.3, "w"),
+            None,
+        )
+        .unwrap(),
     }
 }
 
@@ -74,10 +93,17 @@ fn merged_equals_unmerged_forward() {
             let y = fwd(&l, &x);
             l.merge(None).unwrap();
             let ym = fwd(&l, &x);
-            assert!(rel_err(&ym, &y) < 1e-5, "{k:?} {m:?}: merged differs by {}", rel_err(&ym, &y));
+            assert!(
+                rel_err(&ym, &y) < 1e-5,
+                "{k:?} {m:?}: merged differs by {}",
+                rel_err(&ym, &y)
+            );
             // Merging twice is idempotent.
             l.merge(None).unwrap();
-            assert!(rel_err(&fwd(&l, &x), &y) < 1e-5, "{k:?} {m:?}: second merge changed the output");
+            assert!(
+                rel_err(&fwd(&l, &x), &y) < 1e-5,
+                "{k:?} {m:?}: second merge changed the output"
+            );
         }
     }
 }
@@ -89,9 +115,16 @@ fn unmerge_restores_base_weight() {
             let mut l = adapted(k, m);
             let w0 = l.weight().clone();
             l.merge(None).unwrap();
-            assert!(rel_err(l.weight(), &w0) > 1e-3, "{k:?} {m:?}: merge did not change the weight");
+            assert!(
+                rel_err(l.weight(), &w0) > 1e-3,
+                "{k:?} {m:?}: merge did not change the weight"
+            );
             l.unmerge().unwrap();
-            assert!(rel_err(l.weight(), &w0) < 1e-6, "{k:?} {m:?}: unmerge error {}", rel_err(l.weight(), &w0));
+            assert!(
+                rel_err(l.weight(), &w0) < 1e-6,
+                "{k:?} {m:?}: unmerge error {}",
+                rel_err(l.weight(), &w0)
+            );
         }
     }
 }
@@ -103,10 +136,16 @@ fn disabled_equals_base() {
             let mut l = adapted(k, m);
             let x = input(k);
             let yb = fwd(&base(k), &x);
-            assert!(max_abs_diff(&fwd(&l, &x), &yb) > 1e-3, "{k:?} {m:?}: adapter is a no-op");
+            assert!(
+                max_abs_diff(&fwd(&l, &x), &yb) > 1e-3,
+                "{k:?} {m:?}: adapter is a no-op"
+            );
             l.merge(None).unwrap();
             l.set_enabled(false).unwrap();
-            assert!(max_abs_diff(&fwd(&l, &x), &yb) < 1e-6, "{k:?} {m:?}: disabled differs from base");
+            assert!(
+                max_abs_diff(&fwd(&l, &x), &yb) < 1e-6,
+                "{k:?} {m:?}: disabled differs from base"
+            );
         }
     }
 }
@@ -124,11 +163,17 @@ fn multiplier_scales_the_adapter_contribution() {
             let expect = ((&yb + &y1).unwrap() * 0.5).unwrap();
             assert!(max_abs_diff(&yh, &expect) < 1e-5, "{k:?} {m:?}");
             l.adapter_mut("default").unwrap().multiplier = 0.0;
-            assert!(max_abs_diff(&fwd(&l, &x), &yb) < 1e-6, "{k:?} {m:?}: multiplier 0 is not the base");
+            assert!(
+                max_abs_diff(&fwd(&l, &x), &yb) < 1e-6,
+                "{k:?} {m:?}: multiplier 0 is not the base"
+            );
             // Merging respects the multiplier too.
             l.adapter_mut("default").unwrap().multiplier = 0.5;
             l.merge(None).unwrap();
-            assert!(max_abs_diff(&fwd(&l, &x), &expect) < 1e-5, "{k:?} {m:?}: merged multiplier");
+            assert!(
+                max_abs_diff(&fwd(&l, &x), &expect) < 1e-5,
+                "{k:?} {m:?}: merged multiplier"
+            );
         }
     }
 }
@@ -145,7 +190,11 @@ fn save_load_round_trip() {
             let mut fresh = base(k);
             let cfg = files::load(&d, &mut [&mut fresh], "default").unwrap();
             assert_eq!(cfg.use_dora, matches!(m, Method::Dora));
-            assert_eq!(max_abs_diff(&fwd(&fresh, &x), &fwd(&l, &x)), 0.0, "{k:?} {m:?}");
+            assert_eq!(
+                max_abs_diff(&fwd(&fresh, &x), &fwd(&l, &x)),
+                0.0,
+                "{k:?} {m:?}"
+            );
         }
     }
 }
@@ -168,15 +217,35 @@ fn every_adapter_tensor_gets_a_finite_nonzero_gradient_and_the_base_none() {
             let g = randn(y.dims(), 1.0, "g");
             let grads = (y * g).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in l.named_vars() {
-                let gr = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{k:?} {m:?}: no gradient for {name}"));
-                let n = gr.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(n.is_finite() && n > 0.0, "{k:?} {m:?}: gradient of {name} is {n}");
+                let gr = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{k:?} {m:?}: no gradient for {name}"));
+                let n = gr
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    n.is_finite() && n > 0.0,
+                    "{k:?} {m:?}: gradient of {name} is {n}"
+                );
             }
             let wn = l.weight().elem_count();
-            let weight_sized = grads.get_ids().filter(|id| grads.get_id(**id).is_some_and(|t| t.elem_count() == wn)).count();
-            assert_eq!(weight_sized, 0, "{k:?} {m:?}: a weight-sized gradient exists for the frozen weight");
+            let weight_sized = grads
+                .get_ids()
+                .filter(|id| grads.get_id(**id).is_some_and(|t| t.elem_count() == wn))
+                .count();
+            assert_eq!(
+                weight_sized, 0,
+                "{k:?} {m:?}: a weight-sized gradient exists for the frozen weight"
+            );
             if let Some(xv) = xv {
-                assert!(grads.get(xv.as_tensor()).is_some(), "{k:?} {m:?}: no input gradient");
+                assert!(
+                    grads.get(xv.as_tensor()).is_some(),
+                    "{k:?} {m:?}: no input gradient"
+                );
             }
         }
     }
@@ -189,16 +258,26 @@ fn optimizer_step_changes_only_adapter_tensors() {
             let l = adapted(k, m);
             let w0 = l.weight().clone();
             let b0 = l.bias().cloned();
-            let before: BTreeMap<String, Tensor> = l.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().copy().unwrap())).collect();
+            let before: BTreeMap<String, Tensor> = l
+                .named_vars()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().copy().unwrap()))
+                .collect();
             let x = input(k);
             let y = fwd(&l, &x);
             let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
             let vars = l.named_vars();
-            let g: BTreeMap<String, Tensor> = vars.iter().filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone()))).collect();
+            let g: BTreeMap<String, Tensor> = vars
+                .iter()
+                .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+                .collect();
             let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
             opt.step(&g, 1e-2, 1.0).unwrap();
             for (n, v) in &vars {
-                assert!(max_abs_diff(v.as_tensor(), &before[n]) > 0.0, "{k:?} {m:?}: {n} did not change");
+                assert!(
+                    max_abs_diff(v.as_tensor(), &before[n]) > 0.0,
+                    "{k:?} {m:?}: {n} did not change"
+                );
             }
             assert_eq!(max_abs_diff(l.weight(), &w0), 0.0);
             if let Some(b0) = b0 {
@@ -224,8 +303,19 @@ fn frozen_linear_allocates_no_weight_gradient() {
     let a = grads.get(w1.as_tensor()).unwrap();
     let b = grads2.get(w1.as_tensor()).unwrap();
     assert!(rel_err(a, b) < 1e-6);
-    let sized = |g: &candle_core::backprop::GradStore| g.get_ids().filter(|id| g.get_id(**id).is_some_and(|t| t.elem_count() == w2.elem_count())).count();
-    assert_eq!(sized(&grads2), 1, "the plain path allocates a weight-sized gradient (the waste we avoid)");
+    let sized = |g: &candle_core::backprop::GradStore| {
+        g.get_ids()
+            .filter(|id| {
+                g.get_id(**id)
+                    .is_some_and(|t| t.elem_count() == w2.elem_count())
+            })
+            .count()
+    };
+    assert_eq!(
+        sized(&grads2),
+        1,
+        "the plain path allocates a weight-sized gradient (the waste we avoid)"
+    );
     assert_eq!(sized(&grads), 0, "the frozen path must not");
 }
 
@@ -237,18 +327,42 @@ fn frozen_conv2d_input_gradient_is_the_exact_adjoint() {
         for (h, wd) in [(9, 9), (9, 10), (8, 11)] {
             let w = randn(&[5, 3, 3, 3], 0.3, "cw");
             let xv = candle_core::Var::from_tensor(&randn(&[2, 3, h, wd], 1.0, "cx")).unwrap();
-            let cfg = ConvCfg { padding, stride, dilation: 1, groups: 1 };
+            let cfg = ConvCfg {
+                padding,
+                stride,
+                dilation: 1,
+                groups: 1,
+            };
             let y = postforge::peft::ops::frozen_conv2d(xv.as_tensor(), &w, cfg).unwrap();
-            assert_eq!(max_abs_diff(&y, &xv.as_tensor().conv2d(&w, padding, stride, 1, 1).unwrap()), 0.0);
+            assert_eq!(
+                max_abs_diff(
+                    &y,
+                    &xv.as_tensor().conv2d(&w, padding, stride, 1, 1).unwrap()
+                ),
+                0.0
+            );
             let g = randn(y.dims(), 1.0, "cg");
             let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let gx = grads.get(xv.as_tensor()).unwrap();
             assert_eq!(gx.dims(), xv.dims());
             for probe in 0..3 {
                 let z = randn(&[2, 3, h, wd], 1.0, &format!("z{probe}"));
-                let lhs = (z.conv2d(&w, padding, stride, 1, 1).unwrap() * &g).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-                let rhs = (&z * gx).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!((lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0), "s{stride} p{padding} {h}x{wd}: {lhs} vs {rhs}");
+                let lhs = (z.conv2d(&w, padding, stride, 1, 1).unwrap() * &g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let rhs = (&z * gx)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    (lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0),
+                    "s{stride} p{padding} {h}x{wd}: {lhs} vs {rhs}"
+                );
             }
             // Where candle's own backward works, both agree.
             let y2 = xv.as_tensor().conv2d(&w, padding, stride, 1, 1).unwrap();
@@ -257,7 +371,14 @@ fn frozen_conv2d_input_gradient_is_the_exact_adjoint() {
                     assert!(rel_err(gx, b) < 1e-5);
                 }
             }
-            let sized = grads.get_ids().filter(|id| grads.get_id(**id).is_some_and(|t| t.elem_count() == w.elem_count())).count();
+            let sized = grads
+                .get_ids()
+                .filter(|id| {
+                    grads
+                        .get_id(**id)
+                        .is_some_and(|t| t.elem_count() == w.elem_count())
+                })
+                .count();
             assert_eq!(sized, 0, "no kernel-sized gradient");
         }
     }
@@ -267,7 +388,10 @@ fn frozen_conv2d_input_gradient_is_the_exact_adjoint() {
 fn dropout_is_training_only_and_reproducible() {
     let mut c = config(Method::Lora);
     c.lora_dropout = 0.5;
-    let l = AdapterPlan::single(c, 1).unwrap().apply(base(Kind::Linear)).unwrap();
+    let l = AdapterPlan::single(c, 1)
+        .unwrap()
+        .apply(base(Kind::Linear))
+        .unwrap();
     let x = input(Kind::Linear);
     let e1 = l.forward(&x, &ForwardCtx::eval()).unwrap();
     let e2 = l.forward(&x, &ForwardCtx::eval()).unwrap();
@@ -276,8 +400,14 @@ fn dropout_is_training_only_and_reproducible() {
     let t2 = l.forward(&x, &ForwardCtx::train(3, 10)).unwrap();
     let t3 = l.forward(&x, &ForwardCtx::train(3, 11)).unwrap();
     assert_eq!(max_abs_diff(&t1, &t2), 0.0, "same step, same masks");
-    assert!(max_abs_diff(&t1, &t3) > 0.0, "another step draws other masks");
-    assert!(max_abs_diff(&t1, &e1) > 0.0, "dropout changes the training output");
+    assert!(
+        max_abs_diff(&t1, &t3) > 0.0,
+        "another step draws other masks"
+    );
+    assert!(
+        max_abs_diff(&t1, &e1) > 0.0,
+        "dropout changes the training output"
+    );
 }
 
 #[test]
@@ -306,12 +436,27 @@ fn default_init_is_a_no_op_and_gaussian_too() {
             c.init_lora_weights = init.clone();
             let l = AdapterPlan::single(c, 1).unwrap().apply(base(k)).unwrap();
             let x = input(k);
-            assert_eq!(max_abs_diff(&fwd(&l, &x), &fwd(&base(k), &x)), 0.0, "{k:?} {init:?}");
+            assert_eq!(
+                max_abs_diff(&fwd(&l, &x), &fwd(&base(k), &x)),
+                0.0,
+                "{k:?} {init:?}"
+            );
         }
     }
     // kaiming-uniform(a=√5) bound is 1/√fan_in.
-    let l = AdapterPlan::single(AdapterConfig::lora(4, 8.0, &["layer"]), 1).unwrap().apply(base(Kind::Linear)).unwrap();
-    let a = l.adapters()["default"].a.as_tensor().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let l = AdapterPlan::single(AdapterConfig::lora(4, 8.0, &["layer"]), 1)
+        .unwrap()
+        .apply(base(Kind::Linear))
+        .unwrap();
+    let a = l.adapters()["default"]
+        .a
+        .as_tensor()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(a <= 0.25 && a > 0.15, "A bound {a}");
     let _ = DType::F32;
 }

@@ -10,14 +10,28 @@ fn saved_lora(dir: &Path) -> AdapterConfig {
     let cfg = AdapterConfig::lora(4, 8.0, &["proj"]);
     let l = AdapterPlan::single(cfg.clone(), 1)
         .unwrap()
-        .apply(AdaptedLayer::new("block.proj", BaseKind::Linear, randn(&[24, 16], 0.3, "w"), None).unwrap())
+        .apply(
+            AdaptedLayer::new(
+                "block.proj",
+                BaseKind::Linear,
+                randn(&[24, 16], 0.3, "w"),
+                None,
+            )
+            .unwrap(),
+        )
         .unwrap();
     files::save(dir, &[&l], "default", &cfg, SaveOptions::default()).unwrap();
     cfg
 }
 
 fn layer(out: usize, inn: usize) -> AdaptedLayer {
-    AdaptedLayer::new("block.proj", BaseKind::Linear, randn(&[out, inn], 0.3, "w2"), None).unwrap()
+    AdaptedLayer::new(
+        "block.proj",
+        BaseKind::Linear,
+        randn(&[out, inn], 0.3, "w2"),
+        None,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -25,8 +39,13 @@ fn mismatched_adapter_names_key_and_both_shapes() {
     let d = tempfile::tempdir().unwrap();
     saved_lora(d.path());
     let mut l = layer(24, 12);
-    let msg = files::load(d.path(), &mut [&mut l], "default").unwrap_err().to_string();
-    assert!(msg.contains("base_model.model.block.proj.lora_A.weight"), "{msg}");
+    let msg = files::load(d.path(), &mut [&mut l], "default")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("base_model.model.block.proj.lora_A.weight"),
+        "{msg}"
+    );
     assert!(msg.contains("[4, 16]") && msg.contains("[4, 12]"), "{msg}");
     assert!(msg.contains("adapter_model.safetensors"), "{msg}");
 }
@@ -38,18 +57,37 @@ fn unknown_peft_type_and_values_are_clear_errors() {
     let cfg_path = d.path().join("adapter_config.json");
     let orig = std::fs::read_to_string(&cfg_path).unwrap();
     for (from, to, needle) in [
-        ("\"peft_type\": \"LORA\"", "\"peft_type\": \"PROMPT_TUNING\"", "PROMPT_TUNING"),
-        ("\"init_lora_weights\": true", "\"init_lora_weights\": \"eva\"", "eva"),
+        (
+            "\"peft_type\": \"LORA\"",
+            "\"peft_type\": \"PROMPT_TUNING\"",
+            "PROMPT_TUNING",
+        ),
+        (
+            "\"init_lora_weights\": true",
+            "\"init_lora_weights\": \"eva\"",
+            "eva",
+        ),
         ("\"bias\": \"none\"", "\"bias\": \"some\"", "bias"),
         ("\"r\": 4", "\"r\": \"four\"", "adapter_config.json"),
     ] {
         assert!(orig.contains(from), "{from} not in {orig}");
         std::fs::write(&cfg_path, orig.replace(from, to)).unwrap();
-        let msg = files::load(d.path(), &mut [&mut layer(24, 16)], "default").unwrap_err().to_string();
-        assert!(msg.contains(needle) && msg.contains("adapter_config.json"), "{to}: {msg}");
+        let msg = files::load(d.path(), &mut [&mut layer(24, 16)], "default")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(needle) && msg.contains("adapter_config.json"),
+            "{to}: {msg}"
+        );
     }
-    std::fs::write(&cfg_path, orig.replacen("{", "{\n  \"use_qalora\": true,", 1)).unwrap();
-    let msg = files::load(d.path(), &mut [&mut layer(24, 16)], "default").unwrap_err().to_string();
+    std::fs::write(
+        &cfg_path,
+        orig.replacen("{", "{\n  \"use_qalora\": true,", 1),
+    )
+    .unwrap();
+    let msg = files::load(d.path(), &mut [&mut layer(24, 16)], "default")
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("use_qalora"), "{msg}");
 }
 
@@ -60,14 +98,23 @@ fn truncated_or_foreign_files_are_errors_not_panics() {
     let w = d.path().join("adapter_model.safetensors");
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(&w, &bytes[..bytes.len() - 10]).unwrap();
-    let msg = files::load(d.path(), &mut [&mut layer(24, 16)], "default").unwrap_err().to_string();
-    assert!(msg.contains("adapter_model.safetensors") && msg.contains("safetensors"), "{msg}");
+    let msg = files::load(d.path(), &mut [&mut layer(24, 16)], "default")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("adapter_model.safetensors") && msg.contains("safetensors"),
+        "{msg}"
+    );
     std::fs::write(&w, b"this is not a safetensors file at all").unwrap();
-    let msg = files::load(d.path(), &mut [&mut layer(24, 16)], "default").unwrap_err().to_string();
+    let msg = files::load(d.path(), &mut [&mut layer(24, 16)], "default")
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("not a valid safetensors file"), "{msg}");
     std::fs::write(&w, b"").unwrap();
     assert!(files::load(d.path(), &mut [&mut layer(24, 16)], "default").is_err());
-    let msg = files::load(&d.path().join("nope"), &mut [&mut layer(24, 16)], "default").unwrap_err().to_string();
+    let msg = files::load(&d.path().join("nope"), &mut [&mut layer(24, 16)], "default")
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("nope"), "{msg}");
 }
 
@@ -76,17 +123,33 @@ fn missing_and_unmatched_tensors_are_named() {
     let d = tempfile::tempdir().unwrap();
     saved_lora(d.path());
     // The model has no module `block.proj`: the file's tensors match nothing.
-    let mut other = AdaptedLayer::new("block.other", BaseKind::Linear, randn(&[24, 16], 0.3, "w"), None).unwrap();
-    let msg = files::load(d.path(), &mut [&mut other], "default").unwrap_err().to_string();
-    assert!(msg.contains("block.proj") && msg.contains("does not match any module"), "{msg}");
+    let mut other = AdaptedLayer::new(
+        "block.other",
+        BaseKind::Linear,
+        randn(&[24, 16], 0.3, "w"),
+        None,
+    )
+    .unwrap();
+    let msg = files::load(d.path(), &mut [&mut other], "default")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("block.proj") && msg.contains("does not match any module"),
+        "{msg}"
+    );
     // A targeted module whose tensors are missing.
     let w = d.path().join("adapter_model.safetensors");
     let st = postforge::util::SafeTensors::read(&w).unwrap();
     let mut t = st.into_tensors();
     t.remove("base_model.model.block.proj.lora_B.weight");
     postforge::util::save_safetensors(&w, &t, None).unwrap();
-    let msg = files::load(d.path(), &mut [&mut layer(24, 16)], "default").unwrap_err().to_string();
-    assert!(msg.contains("missing") && msg.contains("block.proj"), "{msg}");
+    let msg = files::load(d.path(), &mut [&mut layer(24, 16)], "default")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("missing") && msg.contains("block.proj"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -94,26 +157,53 @@ fn merged_checkpoint_shape_mismatch_names_key() {
     let d = tempfile::tempdir().unwrap();
     saved_lora(d.path());
     let base = d.path().join("base.safetensors");
-    let t = std::collections::BTreeMap::from([("block.proj.weight".to_string(), randn(&[24, 15], 0.3, "x"))]);
+    let t = std::collections::BTreeMap::from([(
+        "block.proj.weight".to_string(),
+        randn(&[24, 15], 0.3, "x"),
+    )]);
     postforge::util::save_safetensors(&base, &t, None).unwrap();
-    let msg = postforge::peft::merge::merge_folder_into_checkpoint(&base, d.path(), &d.path().join("out.safetensors")).unwrap_err().to_string();
+    let msg = postforge::peft::merge::merge_folder_into_checkpoint(
+        &base,
+        d.path(),
+        &d.path().join("out.safetensors"),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(msg.contains("block.proj"), "{msg}");
-    assert!(!d.path().join("out.safetensors").exists(), "nothing half-written");
+    assert!(
+        !d.path().join("out.safetensors").exists(),
+        "nothing half-written"
+    );
 }
 
 #[test]
 fn bad_config_values_are_rejected_at_plan_time() {
     let mut c = AdapterConfig::lora(0, 8.0, &["proj"]);
-    assert!(AdapterPlan::single(c.clone(), 0).unwrap_err().to_string().contains("r must be"));
+    assert!(AdapterPlan::single(c.clone(), 0)
+        .unwrap_err()
+        .to_string()
+        .contains("r must be"));
     c.r = 4;
     c.lora_dropout = 1.5;
-    assert!(AdapterPlan::single(c.clone(), 0).unwrap_err().to_string().contains("lora_dropout"));
+    assert!(AdapterPlan::single(c.clone(), 0)
+        .unwrap_err()
+        .to_string()
+        .contains("lora_dropout"));
     c.lora_dropout = 0.0;
     c.target_modules = Some(postforge::peft::ModuleSpec::Regex("(unclosed".into()));
-    assert!(AdapterPlan::single(c, 0).unwrap_err().to_string().contains("regex"));
+    assert!(AdapterPlan::single(c, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("regex"));
     // PiSSA on an embedding is refused with the reason.
     let mut c = AdapterConfig::lora(2, 2.0, &["emb"]);
     c.init_lora_weights = postforge::peft::InitSpec::Method("pissa".into());
-    let e = AdapterPlan::single(c, 0).unwrap().apply(AdaptedLayer::new("emb", BaseKind::Embedding, randn(&[10, 4], 1.0, "e"), None).unwrap());
-    assert!(e.err().unwrap().to_string().contains("only defined for Linear"));
+    let e = AdapterPlan::single(c, 0).unwrap().apply(
+        AdaptedLayer::new("emb", BaseKind::Embedding, randn(&[10, 4], 1.0, "e"), None).unwrap(),
+    );
+    assert!(e
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("only defined for Linear"));
 }

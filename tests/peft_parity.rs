@@ -13,21 +13,34 @@ use std::path::Path;
 const TOL: f32 = 1e-5;
 
 fn fixture(name: &str) -> SafeTensors {
-    SafeTensors::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).unwrap()
+    SafeTensors::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
 }
 
 fn layer_from(st: &SafeTensors) -> (AdaptedLayer, Tensor) {
     let meta = st.metadata();
     let kind = match meta["kind"].as_str() {
         "linear" => BaseKind::Linear,
-        "conv2d" => BaseKind::Conv2d(ConvCfg { padding: 1, stride: 2, dilation: 1, groups: 1 }),
+        "conv2d" => BaseKind::Conv2d(ConvCfg {
+            padding: 1,
+            stride: 2,
+            dilation: 1,
+            groups: 1,
+        }),
         _ => BaseKind::Embedding,
     };
     let bias = st.get("base.bias").ok();
     let mut l = AdaptedLayer::new("layer", kind, st.get("base.weight").unwrap(), bias).unwrap();
     let a = st.get("lora_A").unwrap();
     let r = a.dim(0).unwrap();
-    let magnitude = st.get("magnitude").ok().map(|m| Var::from_tensor(&m.flatten_all().unwrap()).unwrap());
+    let magnitude = st
+        .get("magnitude")
+        .ok()
+        .map(|m| Var::from_tensor(&m.flatten_all().unwrap()).unwrap());
     let alpha: f64 = meta["lora_alpha"].parse().unwrap();
     let scale: f64 = meta["scaling"].parse().unwrap();
     let ad = LoraAdapter {
@@ -63,26 +76,62 @@ fn layers_match_peft_forward_gradients_merge_and_disable() {
             let st = fixture(&name);
             let (mut l, x) = layer_from(&st);
             let xv = (kind != "embedding").then(|| Var::from_tensor(&x).unwrap());
-            let xin = xv.as_ref().map(|v| v.as_tensor().clone()).unwrap_or(x.clone());
+            let xin = xv
+                .as_ref()
+                .map(|v| v.as_tensor().clone())
+                .unwrap_or(x.clone());
             let y = l.forward(&xin, &ForwardCtx::eval()).unwrap();
             check(&format!("{name} y"), &y, &st.get("y").unwrap());
-            let grads = (&y * st.get("g").unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = (&y * st.get("g").unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             let ad = &l.adapters()["default"];
-            check(&format!("{name} grad A"), grads.get(ad.a.as_tensor()).unwrap(), &st.get("grad.lora_A").unwrap());
-            check(&format!("{name} grad B"), grads.get(ad.b.as_tensor()).unwrap(), &st.get("grad.lora_B").unwrap());
+            check(
+                &format!("{name} grad A"),
+                grads.get(ad.a.as_tensor()).unwrap(),
+                &st.get("grad.lora_A").unwrap(),
+            );
+            check(
+                &format!("{name} grad B"),
+                grads.get(ad.b.as_tensor()).unwrap(),
+                &st.get("grad.lora_B").unwrap(),
+            );
             if let Some(m) = &ad.magnitude {
-                check(&format!("{name} grad magnitude"), grads.get(m.as_tensor()).unwrap(), &st.get("grad.magnitude").unwrap());
+                check(
+                    &format!("{name} grad magnitude"),
+                    grads.get(m.as_tensor()).unwrap(),
+                    &st.get("grad.magnitude").unwrap(),
+                );
             }
             if let Some(xv) = &xv {
-                check(&format!("{name} grad x"), grads.get(xv.as_tensor()).unwrap(), &st.get("grad.x").unwrap());
+                check(
+                    &format!("{name} grad x"),
+                    grads.get(xv.as_tensor()).unwrap(),
+                    &st.get("grad.x").unwrap(),
+                );
             }
             let (mw, mb) = l.merged_tensors().unwrap();
-            check(&format!("{name} merged weight"), &mw, &st.get("merged.weight").unwrap());
+            check(
+                &format!("{name} merged weight"),
+                &mw,
+                &st.get("merged.weight").unwrap(),
+            );
             if let Some(mb) = mb {
-                check(&format!("{name} merged bias"), &mb, &st.get("merged.bias").unwrap());
+                check(
+                    &format!("{name} merged bias"),
+                    &mb,
+                    &st.get("merged.bias").unwrap(),
+                );
             }
             l.set_enabled(false).unwrap();
-            check(&format!("{name} disabled"), &l.forward(&x, &ForwardCtx::eval()).unwrap(), &st.get("disabled.y").unwrap());
+            check(
+                &format!("{name} disabled"),
+                &l.forward(&x, &ForwardCtx::eval()).unwrap(),
+                &st.get("disabled.y").unwrap(),
+            );
         }
     }
 }
@@ -91,29 +140,50 @@ fn layers_match_peft_forward_gradients_merge_and_disable() {
 fn sign_aligned(a: &Tensor, b: &Tensor, ta: &Tensor) -> (Tensor, Tensor) {
     let r = a.dim(0).unwrap();
     let dots = (a * ta).unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
-    let s: Vec<f32> = dots.iter().map(|d| if *d < 0.0 { -1.0 } else { 1.0 }).collect();
+    let s: Vec<f32> = dots
+        .iter()
+        .map(|d| if *d < 0.0 { -1.0 } else { 1.0 })
+        .collect();
     let sv = Tensor::from_vec(s, r, a.device()).unwrap();
-    (a.broadcast_mul(&sv.reshape((r, 1)).unwrap()).unwrap(), b.broadcast_mul(&sv.reshape((1, r)).unwrap()).unwrap())
+    (
+        a.broadcast_mul(&sv.reshape((r, 1)).unwrap()).unwrap(),
+        b.broadcast_mul(&sv.reshape((1, r)).unwrap()).unwrap(),
+    )
 }
 
 #[test]
 fn pissa_and_olora_match_peft_factors_and_residuals() {
-    for (file, init) in [("init_pissa.safetensors", "pissa"), ("init_olora.safetensors", "olora")] {
+    for (file, init) in [
+        ("init_pissa.safetensors", "pissa"),
+        ("init_olora.safetensors", "olora"),
+    ] {
         let st = fixture(file);
         let w = st.get("base.weight").unwrap();
         let mut cfg = AdapterConfig::lora(4, 8.0, &["layer"]);
         cfg.init_lora_weights = postforge::peft::InitSpec::Method(init.into());
         let mut l = AdaptedLayer::new("layer", BaseKind::Linear, w.clone(), None).unwrap();
         l.add_adapter("default", &cfg, 0).unwrap();
-        check(&format!("{init} residual"), l.weight(), &st.get("residual").unwrap());
+        check(
+            &format!("{init} residual"),
+            l.weight(),
+            &st.get("residual").unwrap(),
+        );
         let ad = &l.adapters()["default"];
-        let (a, b) = sign_aligned(ad.a.as_tensor(), ad.b.as_tensor(), &st.get("lora_A").unwrap());
+        let (a, b) = sign_aligned(
+            ad.a.as_tensor(),
+            ad.b.as_tensor(),
+            &st.get("lora_A").unwrap(),
+        );
         check(&format!("{init} A"), &a, &st.get("lora_A").unwrap());
         check(&format!("{init} B"), &b, &st.get("lora_B").unwrap());
         // The adapted layer still computes the original W.
         let x = randn(&[5, 16], 1.0, "px");
         let y = l.forward(&x, &ForwardCtx::eval()).unwrap();
-        check(&format!("{init} output = original"), &y, &x.matmul(&w.t().unwrap()).unwrap());
+        check(
+            &format!("{init} output = original"),
+            &y,
+            &x.matmul(&w.t().unwrap()).unwrap(),
+        );
     }
 }
 
@@ -134,8 +204,22 @@ fn fast_pissa_approximates_exact_pissa_like_peft() {
     let btb = b.t().unwrap().matmul(b).unwrap();
     let aat = a.matmul(&a.t().unwrap()).unwrap();
     assert!(rel_err(&btb, &aat) < 1e-4, "BᵀB != AAᵀ");
-    let off = (&btb - Tensor::eye(4, DType::F32, &candle_core::Device::Cpu).unwrap().mul(&btb).unwrap()).unwrap();
-    assert!(off.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-4, "BᵀB not diagonal");
+    let off = (&btb
+        - Tensor::eye(4, DType::F32, &candle_core::Device::Cpu)
+            .unwrap()
+            .mul(&btb)
+            .unwrap())
+    .unwrap();
+    assert!(
+        off.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            < 1e-4,
+        "BᵀB not diagonal"
+    );
     // How close to the exact top-4 subspace: ours vs PEFT's own randomized result.
     let ours = (&w - l.weight()).unwrap();
     let peft = (&w - st.get("residual").unwrap()).unwrap();
@@ -154,10 +238,23 @@ impl Net {
     fn load(dir: Option<&str>) -> Net {
         let st = fixture("peft_net/base.safetensors");
         let lin = |p: &str| {
-            AdaptedLayer::new(p, BaseKind::Linear, st.get(&format!("{p}.weight")).unwrap(), st.get(&format!("{p}.bias")).ok()).unwrap()
+            AdaptedLayer::new(
+                p,
+                BaseKind::Linear,
+                st.get(&format!("{p}.weight")).unwrap(),
+                st.get(&format!("{p}.bias")).ok(),
+            )
+            .unwrap()
         };
         let mut net = Net {
-            layers: (0..2).map(|i| (lin(&format!("layers.{i}.q_proj")), lin(&format!("layers.{i}.v_proj")))).collect(),
+            layers: (0..2)
+                .map(|i| {
+                    (
+                        lin(&format!("layers.{i}.q_proj")),
+                        lin(&format!("layers.{i}.v_proj")),
+                    )
+                })
+                .collect(),
             head: lin("head"),
         };
         if let Some(d) = dir {
@@ -167,7 +264,14 @@ impl Net {
                 refs.push(v);
             }
             refs.push(&mut net.head);
-            files::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_net").join(d), &mut refs, "default").unwrap();
+            files::load(
+                &Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/peft_net")
+                    .join(d),
+                &mut refs,
+                "default",
+            )
+            .unwrap();
         }
         net
     }
@@ -186,20 +290,29 @@ impl Net {
 fn folders_saved_by_peft_load_and_give_peft_outputs() {
     let io = fixture("peft_net/io.safetensors");
     let x = io.get("x").unwrap();
-    check("base net", &Net::load(None).forward(&x), &io.get("y_base").unwrap());
+    check(
+        "base net",
+        &Net::load(None).forward(&x),
+        &io.get("y_base").unwrap(),
+    );
     let lora = Net::load(Some("lora"));
     // rank_pattern {"v_proj": 2} and alpha_pattern {"layers.1.q_proj": 16} were honoured.
     assert_eq!(lora.layers[0].1.adapters()["default"].r, 2);
     assert_eq!(lora.layers[1].0.adapters()["default"].scale, 4.0);
     assert!(lora.head.trainable_copy().is_some(), "modules_to_save head");
     check("lora net", &lora.forward(&x), &io.get("y_lora").unwrap());
-    check("dora net", &Net::load(Some("dora")).forward(&x), &io.get("y_dora").unwrap());
+    check(
+        "dora net",
+        &Net::load(Some("dora")).forward(&x),
+        &io.get("y_dora").unwrap(),
+    );
 }
 
 #[test]
 fn targeting_matches_peft() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/targeting.json");
-    let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let names: Vec<String> = serde_json::from_value(d["names"].clone()).unwrap();
     let mut checked = 0;
     for case in d["cases"].as_array().unwrap() {
@@ -220,8 +333,16 @@ fn targeting_matches_peft() {
     for (c, key) in [(&cfg, "resolved"), (&saved, "resolved_sorted_keys")] {
         for (name, want) in p[key].as_object().unwrap() {
             let s = c.settings_for(name).unwrap();
-            assert_eq!(s.r as u64, want["r"].as_u64().unwrap(), "{key}: rank of {name}");
-            assert_eq!(s.alpha, want["alpha"].as_f64().unwrap(), "{key}: alpha of {name}");
+            assert_eq!(
+                s.r as u64,
+                want["r"].as_u64().unwrap(),
+                "{key}: rank of {name}"
+            );
+            assert_eq!(
+                s.alpha,
+                want["alpha"].as_f64().unwrap(),
+                "{key}: alpha of {name}"
+            );
         }
     }
 }
@@ -233,17 +354,47 @@ fn adamw_and_schedules_match_torch_and_transformers() {
     let st = fixture("adamw.safetensors");
     for sched in [false, true] {
         let pre = if sched { "sched." } else { "" };
-        let params: Vec<(String, Var)> =
-            ["p0", "p1"].iter().map(|p| (p.to_string(), Var::from_tensor(&st.get(&format!("init.{p}")).unwrap()).unwrap())).collect();
-        let mut opt = AdamW::new(params.clone(), AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 }).unwrap();
-        let s = Schedule { kind: ScheduleKind::Cosine, base_lr: 1e-2, warmup: 2, total: 6 };
+        let params: Vec<(String, Var)> = ["p0", "p1"]
+            .iter()
+            .map(|p| {
+                (
+                    p.to_string(),
+                    Var::from_tensor(&st.get(&format!("init.{p}")).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let mut opt = AdamW::new(
+            params.clone(),
+            AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+        )
+        .unwrap();
+        let s = Schedule {
+            kind: ScheduleKind::Cosine,
+            base_lr: 1e-2,
+            warmup: 2,
+            total: 6,
+        };
         let lrs = st.get("sched.lr").unwrap().to_vec1::<f32>().unwrap();
         for t in 1..=6 {
-            let g: BTreeMap<String, Tensor> = ["p0", "p1"].iter().map(|p| (p.to_string(), st.get(&format!("grad.{t}.{p}")).unwrap())).collect();
+            let g: BTreeMap<String, Tensor> = ["p0", "p1"]
+                .iter()
+                .map(|p| (p.to_string(), st.get(&format!("grad.{t}.{p}")).unwrap()))
+                .collect();
             let (lr, scale) = if sched {
                 let norm = postforge::train::trainer::global_norm(&g).unwrap();
-                assert!((s.lr(t - 1) as f32 - lrs[t - 1]).abs() < 1e-9, "lr at step {t}");
-                (s.lr(t - 1), if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 })
+                assert!(
+                    (s.lr(t - 1) as f32 - lrs[t - 1]).abs() < 1e-9,
+                    "lr at step {t}"
+                );
+                (
+                    s.lr(t - 1),
+                    if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 },
+                )
             } else {
                 (1e-2, 1.0)
             };
@@ -256,11 +407,24 @@ fn adamw_and_schedules_match_torch_and_transformers() {
         }
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedules.json");
-    let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    for (key, kind) in [("constant_with_warmup", ScheduleKind::Constant), ("linear_with_warmup", ScheduleKind::Linear), ("cosine_with_warmup", ScheduleKind::Cosine)] {
-        let s = Schedule { kind, base_lr: 1.0, warmup: 4, total: 20 };
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for (key, kind) in [
+        ("constant_with_warmup", ScheduleKind::Constant),
+        ("linear_with_warmup", ScheduleKind::Linear),
+        ("cosine_with_warmup", ScheduleKind::Cosine),
+    ] {
+        let s = Schedule {
+            kind,
+            base_lr: 1.0,
+            warmup: 4,
+            total: 20,
+        };
         for (i, v) in d["schedules"][key].as_array().unwrap().iter().enumerate() {
-            assert!((s.lr(i) - v.as_f64().unwrap()).abs() < 1e-12, "{key} at {i}");
+            assert!(
+                (s.lr(i) - v.as_f64().unwrap()).abs() < 1e-12,
+                "{key} at {i}"
+            );
         }
     }
 }

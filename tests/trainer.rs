@@ -10,7 +10,12 @@ use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx};
 use postforge::train::{ScheduleKind, Task, TrainConfig, Trainer};
 use std::path::Path;
 
-const CFG: MlpConfig = MlpConfig { hidden_size: 16, intermediate_size: 32, num_layers: 2, out_size: 4 };
+const CFG: MlpConfig = MlpConfig {
+    hidden_size: 16,
+    intermediate_size: 32,
+    num_layers: 2,
+    out_size: 4,
+};
 
 struct Regress {
     model: Mlp,
@@ -32,7 +37,13 @@ impl Task for Regress {
         Ok(l)
     }
     fn save_adapter(&self, dir: &Path) -> postforge::Result<()> {
-        files::save(dir, &self.model.layers(), "default", &self.cfg, SaveOptions::default())
+        files::save(
+            dir,
+            &self.model.layers(),
+            "default",
+            &self.cfg,
+            SaveOptions::default(),
+        )
     }
 }
 
@@ -41,7 +52,13 @@ fn task(nan_at: Option<u64>) -> Regress {
     cfg.lora_dropout = 0.1;
     cfg.use_dora = true;
     let w = CFG.random_weights(3).unwrap();
-    let model = Mlp::new(&CFG, &w, &AdapterPlan::single(cfg.clone(), 5).unwrap(), Path::new("mem")).unwrap();
+    let model = Mlp::new(
+        &CFG,
+        &w,
+        &AdapterPlan::single(cfg.clone(), 5).unwrap(),
+        Path::new("mem"),
+    )
+    .unwrap();
     Regress { model, cfg, nan_at }
 }
 
@@ -63,16 +80,27 @@ fn config(dir: &Path, steps: usize) -> TrainConfig {
 }
 
 fn params(t: &Regress) -> Vec<(String, Vec<f32>)> {
-    t.trainable().into_iter().map(|(n, v)| (n, v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+    t.trainable()
+        .into_iter()
+        .map(|(n, v)| (n, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
 }
 
 #[test]
 fn resume_equals_unbroken_run_bit_for_bit() {
     let d1 = tempfile::tempdir().unwrap();
     let mut a = task(None);
-    let s = Trainer::new(config(d1.path(), 10)).unwrap().train(&mut a, false).unwrap();
+    let s = Trainer::new(config(d1.path(), 10))
+        .unwrap()
+        .train(&mut a, false)
+        .unwrap();
     assert_eq!(s.steps, 10);
-    assert!(s.last_loss < s.first_loss, "loss did not fall: {} -> {}", s.first_loss, s.last_loss);
+    assert!(
+        s.last_loss < s.first_loss,
+        "loss did not fall: {} -> {}",
+        s.first_loss,
+        s.last_loss
+    );
 
     // Interrupted run: stop after 6 steps (checkpoints at 3 and 6), then resume in a fresh process state.
     let d2 = tempfile::tempdir().unwrap();
@@ -82,23 +110,45 @@ fn resume_equals_unbroken_run_bit_for_bit() {
     // Simulate the interruption by training a run configured for 10 steps but stopping at 6:
     // the schedule must be the 10-step one, so train to 6 with a task that errors at cursor 12.
     b.nan_at = Some(12);
-    let err = Trainer::new(c6.clone()).unwrap().train(&mut b, false).unwrap_err();
+    let err = Trainer::new(c6.clone())
+        .unwrap()
+        .train(&mut b, false)
+        .unwrap_err();
     assert!(err.to_string().contains("non-finite loss"), "{err}");
-    assert!(err.to_string().contains("checkpoint-6"), "error must name the last good checkpoint: {err}");
+    assert!(
+        err.to_string().contains("checkpoint-6"),
+        "error must name the last good checkpoint: {err}"
+    );
     let mut b2 = task(None); // fresh model: everything must come from the checkpoint
     let s2 = Trainer::new(c6).unwrap().train(&mut b2, true).unwrap();
     assert_eq!(s2.resumed_from, Some(6));
-    assert_eq!(params(&a), params(&b2), "resumed run differs from the unbroken run");
+    assert_eq!(
+        params(&a),
+        params(&b2),
+        "resumed run differs from the unbroken run"
+    );
     // Metrics: one line per step, no duplicates after the resume.
     let m1 = std::fs::read_to_string(d1.path().join("metrics.jsonl")).unwrap();
     let m2 = std::fs::read_to_string(d2.path().join("metrics.jsonl")).unwrap();
     assert_eq!(m1.lines().count(), 10);
     assert_eq!(m2.lines().count(), 10);
-    let losses = |m: &str| m.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect::<Vec<_>>();
+    let losses = |m: &str| {
+        m.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
     assert_eq!(losses(&m1), losses(&m2));
     assert!(d2.path().join("loss_curve.png").exists());
     // Only the newest `save_total_limit` checkpoints are kept.
-    let names: Vec<String> = std::fs::read_dir(d2.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("checkpoint-")).collect();
+    let names: Vec<String> = std::fs::read_dir(d2.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
     assert_eq!(names.len(), 2, "{names:?}");
 }
 
@@ -106,14 +156,32 @@ fn resume_equals_unbroken_run_bit_for_bit() {
 fn nan_loss_stops_with_error_and_keeps_last_checkpoint() {
     let d = tempfile::tempdir().unwrap();
     let mut t = task(Some(9)); // micro-batch 9 = step 5 (2 micro-batches per step)
-    let err = Trainer::new(config(d.path(), 10)).unwrap().train(&mut t, false).unwrap_err();
+    let err = Trainer::new(config(d.path(), 10))
+        .unwrap()
+        .train(&mut t, false)
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("non-finite loss") && msg.contains("step 5"), "{msg}");
+    assert!(
+        msg.contains("non-finite loss") && msg.contains("step 5"),
+        "{msg}"
+    );
     let ck = d.path().join("checkpoint-3");
-    assert!(ck.join("trainer_state.json").exists() && ck.join("adapter").join("adapter_model.safetensors").exists());
+    assert!(
+        ck.join("trainer_state.json").exists()
+            && ck
+                .join("adapter")
+                .join("adapter_model.safetensors")
+                .exists()
+    );
     assert!(!d.path().join("checkpoint-5").exists());
     // The checkpointed adapter is finite and loads.
-    let mut fresh = Mlp::new(&CFG, &CFG.random_weights(3).unwrap(), &AdapterPlan::none(), Path::new("mem")).unwrap();
+    let mut fresh = Mlp::new(
+        &CFG,
+        &CFG.random_weights(3).unwrap(),
+        &AdapterPlan::none(),
+        Path::new("mem"),
+    )
+    .unwrap();
     let mut ls = fresh.layers_mut();
     files::load(&ck.join("adapter"), &mut ls, "default").unwrap();
 }
@@ -122,7 +190,16 @@ fn nan_loss_stops_with_error_and_keeps_last_checkpoint() {
 fn empty_trainable_set_is_a_clear_error() {
     let d = tempfile::tempdir().unwrap();
     let mut t = task(None);
-    t.model = Mlp::new(&CFG, &CFG.random_weights(3).unwrap(), &AdapterPlan::none(), Path::new("mem")).unwrap();
-    let err = Trainer::new(config(d.path(), 2)).unwrap().train(&mut t, false).unwrap_err();
+    t.model = Mlp::new(
+        &CFG,
+        &CFG.random_weights(3).unwrap(),
+        &AdapterPlan::none(),
+        Path::new("mem"),
+    )
+    .unwrap();
+    let err = Trainer::new(config(d.path(), 2))
+        .unwrap()
+        .train(&mut t, false)
+        .unwrap_err();
     assert!(err.to_string().contains("nothing to train"), "{err}");
 }

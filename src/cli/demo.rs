@@ -3,7 +3,9 @@ use candle_core::{Device, Tensor};
 use clap::Args as ClapArgs;
 use postforge::models::mlp::{Mlp, MlpConfig};
 use postforge::peft::formats::peft::{self as peft_files, SaveOptions};
-use postforge::peft::{Adapted, AdaptedLayer, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec, ModuleSpec};
+use postforge::peft::{
+    Adapted, AdaptedLayer, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec, ModuleSpec,
+};
 use postforge::train::{ScheduleKind, Task, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
 
@@ -34,10 +36,10 @@ pub struct Args {
     #[arg(long = "export-plain-lora")]
     export_plain_lora: bool,
     /// Optimizer steps.
-    #[arg(long = "max-steps", default_value_t = 400)]
+    #[arg(long = "max-steps", default_value_t = 1000)]
     max_steps: usize,
     /// Peak learning rate.
-    #[arg(long = "learning-rate", default_value_t = 5e-3)]
+    #[arg(long = "learning-rate", default_value_t = 1e-2)]
     learning_rate: f64,
     /// Learning-rate schedule.
     #[arg(long = "lr-scheduler", value_enum, default_value_t = ScheduleKind::Cosine)]
@@ -71,7 +73,12 @@ pub struct Args {
     output_dir: PathBuf,
 }
 
-const MODEL: MlpConfig = MlpConfig { hidden_size: 64, intermediate_size: 128, num_layers: 2, out_size: 16 };
+const MODEL: MlpConfig = MlpConfig {
+    hidden_size: 64,
+    intermediate_size: 128,
+    num_layers: 2,
+    out_size: 16,
+};
 const HIDDEN_RANK: usize = 4;
 
 struct DemoTask {
@@ -100,12 +107,23 @@ impl Task for DemoTask {
     }
     fn save_adapter(&self, dir: &Path) -> postforge::Result<()> {
         let layers = self.model.layers();
-        peft_files::save(dir, &layers, "default", &self.cfg, SaveOptions { plain_lora: self.plain })
+        peft_files::save(
+            dir,
+            &layers,
+            "default",
+            &self.cfg,
+            SaveOptions {
+                plain_lora: self.plain,
+            },
+        )
     }
 }
 
 /// The teacher: the base with a hidden rank-4 update on every fc1/fc2 weight.
-fn teacher_weights(base: &std::collections::BTreeMap<String, Tensor>, seed: u64) -> postforge::Result<std::collections::BTreeMap<String, Tensor>> {
+fn teacher_weights(
+    base: &std::collections::BTreeMap<String, Tensor>,
+    seed: u64,
+) -> postforge::Result<std::collections::BTreeMap<String, Tensor>> {
     let mut out = base.clone();
     for (k, w) in base {
         if k.ends_with(".weight") && k.starts_with("layers.") {
@@ -122,7 +140,8 @@ fn teacher_weights(base: &std::collections::BTreeMap<String, Tensor>, seed: u64)
 
 fn eval_mse(model: &Mlp, teacher: &Mlp, seed: u64) -> postforge::Result<f64> {
     let x = inputs(seed ^ 0xE7A1, 0, 512)?;
-    let d = (model.forward(&x, &ForwardCtx::eval())? - teacher.forward(&x, &ForwardCtx::eval())?)?;
+    let d =
+        (model.forward(&x, &ForwardCtx::eval())? - teacher.forward(&x, &ForwardCtx::eval())?)?;
     Ok(d.sqr()?.mean_all()?.to_scalar::<f32>()? as f64)
 }
 
@@ -132,11 +151,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let base_w = MODEL.random_weights(a.seed)?;
     let base_file = out.join("base").join("model.safetensors");
     postforge::util::save_safetensors(&base_file, &base_w, None)?;
-    postforge::util::write_atomic(&out.join("base").join("config.json"), serde_json::to_string_pretty(&MODEL)?.as_bytes())?;
-    let teacher = Mlp::new(&MODEL, &teacher_weights(&base_w, a.seed)?, &AdapterPlan::none(), Path::new("<teacher>"))?;
+    postforge::util::write_atomic(
+        &out.join("base").join("config.json"),
+        serde_json::to_string_pretty(&MODEL)?.as_bytes(),
+    )?;
+    let teacher = Mlp::new(
+        &MODEL,
+        &teacher_weights(&base_w, a.seed)?,
+        &AdapterPlan::none(),
+        Path::new("<teacher>"),
+    )?;
 
-    let targets = if a.target_modules.contains(',') || a.target_modules.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.') {
-        ModuleSpec::List(a.target_modules.split(',').map(|s| s.trim().to_string()).collect())
+    let targets = if a.target_modules.contains(',')
+        || a.target_modules
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
+    {
+        ModuleSpec::List(
+            a.target_modules
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .collect(),
+        )
     } else {
         ModuleSpec::Regex(a.target_modules.clone())
     };
@@ -160,11 +196,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let model = Mlp::new(&MODEL, &base_w, &plan, &base_file)?;
     let n_train: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
     let n_base: usize = base_w.values().map(|t| t.elem_count()).sum();
-    println!("base MLP: {n_base} frozen parameters; adapters: {n_train} trainable ({:.2}%)", 100.0 * n_train as f64 / n_base as f64);
+    println!(
+        "base MLP: {n_base} frozen parameters; adapters: {n_train} trainable ({:.2}%)",
+        100.0 * n_train as f64 / n_base as f64
+    );
 
     let mut base_only = Mlp::new(&MODEL, &base_w, &AdapterPlan::none(), &base_file)?;
     let before = eval_mse(&base_only, &teacher, a.seed)?;
-    let mut task = DemoTask { model, teacher, cfg, batch: a.batch_size, seed: a.seed, plain: a.export_plain_lora };
+    let mut task = DemoTask {
+        model,
+        teacher,
+        cfg,
+        batch: a.batch_size,
+        seed: a.seed,
+        plain: a.export_plain_lora,
+    };
     let trainer = Trainer::new(TrainConfig {
         learning_rate: a.learning_rate,
         lr_scheduler: a.lr_scheduler,
@@ -184,13 +230,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // Merge-and-unload, then check the merged checkpoint against the adapted model.
     let merged_file = out.join("merged").join("model.safetensors");
     let layers: Vec<&AdaptedLayer> = task.model.layers();
-    let base_for_merge = if a.export_plain_lora || !task.cfg.init_lora_weights.mutates_base() { base_file.clone() } else {
+    let base_for_merge = if a.export_plain_lora || !task.cfg.init_lora_weights.mutates_base() {
+        base_file.clone()
+    } else {
         // PiSSA/OLoRA changed the base into the residual: merge onto the residual model.
-        let res: std::collections::BTreeMap<String, Tensor> = task.model.layers().iter().flat_map(|l| {
-            let mut v = vec![(format!("{}.weight", l.path()), l.weight().clone())];
-            if let Some(b) = l.bias() { v.push((format!("{}.bias", l.path()), b.clone())); }
-            v
-        }).collect();
+        let res: std::collections::BTreeMap<String, Tensor> = task
+            .model
+            .layers()
+            .iter()
+            .flat_map(|l| {
+                let mut v = vec![(format!("{}.weight", l.path()), l.weight().clone())];
+                if let Some(b) = l.bias() {
+                    v.push((format!("{}.bias", l.path()), b.clone()));
+                }
+                v
+            })
+            .collect();
         let p = out.join("base").join("residual.safetensors");
         postforge::util::save_safetensors(&p, &res, None)?;
         p
@@ -202,19 +257,40 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let y_m = merged.forward(&x, &ForwardCtx::eval())?;
     let merge_err = (y_ad - y_m)?.abs()?.max_all()?.to_scalar::<f32>()?;
     // The adapter folder loads back onto a fresh base and gives the same outputs.
-    let reload_base = if a.export_plain_lora || !task.cfg.init_lora_weights.mutates_base() { &base_file } else { &base_for_merge };
+    let reload_base = if a.export_plain_lora || !task.cfg.init_lora_weights.mutates_base() {
+        &base_file
+    } else {
+        &base_for_merge
+    };
     let mut reloaded = Mlp::load(&MODEL, reload_base, &AdapterPlan::none())?;
     {
         let mut ls = reloaded.layers_mut();
         peft_files::load(&s.adapter_dir, &mut ls, "default")?;
     }
-    let reload_err = (reloaded.forward(&x, &ForwardCtx::eval())? - task.model.forward(&x, &ForwardCtx::eval())?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let reload_err = (reloaded.forward(&x, &ForwardCtx::eval())?
+        - task.model.forward(&x, &ForwardCtx::eval())?)?
+    .abs()?
+    .max_all()?
+    .to_scalar::<f32>()?;
     base_only.set_adapters_enabled(false)?;
     let _ = Device::Cpu;
 
-    println!("steps {} ({}), {:.1}s", s.steps, s.resumed_from.map(|r| format!("resumed from {r}")).unwrap_or("fresh run".into()), s.seconds);
+    println!(
+        "steps {} ({}), {:.1}s",
+        s.steps,
+        s.resumed_from
+            .map(|r| format!("resumed from {r}"))
+            .unwrap_or("fresh run".into()),
+        s.seconds
+    );
     println!("held-out MSE to the teacher: base {before:.5} -> adapted {after:.5} ({:.1}% of the gap closed)", 100.0 * (1.0 - after / before));
     println!("merged model vs adapted model: max |diff| {merge_err:.2e}; reloaded adapter folder: max |diff| {reload_err:.2e}");
-    println!("wrote {}/ (PEFT folder), {}, {}, {}", s.adapter_dir.display(), out.join("metrics.jsonl").display(), out.join("loss_curve.png").display(), merged_file.display());
+    println!(
+        "wrote {}/ (PEFT folder), {}, {}, {}",
+        s.adapter_dir.display(),
+        out.join("metrics.jsonl").display(),
+        out.join("loss_curve.png").display(),
+        merged_file.display()
+    );
     Ok(())
 }

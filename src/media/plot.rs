@@ -15,7 +15,14 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-const COLORS: [[u8; 3]; 6] = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75]];
+const COLORS: [[u8; 3]; 6] = [
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+];
 
 /// Draws `text` with its top-left corner at (x, y), each glyph pixel scaled by `scale`.
 pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, scale: u32, color: Rgb<u8>) {
@@ -27,7 +34,12 @@ pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, scale: u32, col
                     if bits & (1 << col) != 0 {
                         for dy in 0..scale {
                             for dx in 0..scale {
-                                put(img, cx + (col * scale + dx) as i64, y + (row as u32 * scale + dy) as i64, color);
+                                put(
+                                    img,
+                                    cx + (col * scale + dx) as i64,
+                                    y + (row as u32 * scale + dy) as i64,
+                                    color,
+                                );
                             }
                         }
                     }
@@ -66,18 +78,49 @@ fn fmt_tick(v: f64) -> String {
     } else if a >= 100.0 {
         format!("{v:.0}")
     } else {
-        format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_string()
+        format!("{v:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
     }
 }
 
 /// Renders series as a PNG line chart at `path` (written atomically).
-pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
+/// `log_y` draws the y axis in log10 (for losses spanning decades); non-positive values are then skipped.
+pub fn line_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    log_y: bool,
+) -> Result<()> {
+    let fy_of = |y: f64| if log_y { y.log10() } else { y };
+    let series: Vec<Series> = series
+        .iter()
+        .map(|s| Series {
+            label: s.label.clone(),
+            points: s.points.iter().map(|(x, y)| (*x, fy_of(*y))).collect(),
+        })
+        .collect();
+    let series = &series[..];
     let (w, h) = (900u32, 560u32);
     let (left, right, top, bottom) = (90.0, 20.0, 50.0, 60.0);
     let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
-    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
     let black = Rgb([0, 0, 0]);
-    draw_text(&mut img, (w as i64 - text_width(title, 2)) / 2, 12, title, 2, black);
+    draw_text(
+        &mut img,
+        (w as i64 - text_width(title, 2)) / 2,
+        12,
+        title,
+        2,
+        black,
+    );
     if !pts.is_empty() {
         let (mut x0, mut x1) = (f64::INFINITY, f64::NEG_INFINITY);
         let (mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -106,20 +149,48 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
             line(&mut img, (tx(fx), top), (tx(fx), top + ph), grey);
             line(&mut img, (left, ty(fy)), (left + pw, ty(fy)), grey);
             let lx = fmt_tick(fx);
-            draw_text(&mut img, tx(fx) as i64 - text_width(&lx, 1) / 2, (top + ph + 8.0) as i64, &lx, 1, black);
-            let ly = fmt_tick(fy);
-            draw_text(&mut img, left as i64 - 8 - text_width(&ly, 1), ty(fy) as i64 - 4, &ly, 1, black);
+            draw_text(
+                &mut img,
+                tx(fx) as i64 - text_width(&lx, 1) / 2,
+                (top + ph + 8.0) as i64,
+                &lx,
+                1,
+                black,
+            );
+            let ly = fmt_tick(if log_y { 10f64.powf(fy) } else { fy });
+            draw_text(
+                &mut img,
+                left as i64 - 8 - text_width(&ly, 1),
+                ty(fy) as i64 - 4,
+                &ly,
+                1,
+                black,
+            );
         }
         line(&mut img, (left, top), (left, top + ph), black);
         line(&mut img, (left, top + ph), (left + pw, top + ph), black);
         for (si, s) in series.iter().enumerate() {
             let c = Rgb(COLORS[si % COLORS.len()]);
-            let p: Vec<_> = s.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+            let p: Vec<_> = s
+                .points
+                .iter()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect();
             for win in p.windows(2) {
-                line(&mut img, (tx(win[0].0), ty(win[0].1)), (tx(win[1].0), ty(win[1].1)), c);
+                line(
+                    &mut img,
+                    (tx(win[0].0), ty(win[0].1)),
+                    (tx(win[1].0), ty(win[1].1)),
+                    c,
+                );
             }
             if p.len() == 1 {
-                line(&mut img, (tx(p[0].0) - 2.0, ty(p[0].1)), (tx(p[0].0) + 2.0, ty(p[0].1)), c);
+                line(
+                    &mut img,
+                    (tx(p[0].0) - 2.0, ty(p[0].1)),
+                    (tx(p[0].0) + 2.0, ty(p[0].1)),
+                    c,
+                );
             }
             let ly = top + 8.0 + 14.0 * si as f64;
             let lx = left + pw - 16.0 - text_width(&s.label, 1) as f64 - 24.0;
@@ -127,10 +198,25 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
             draw_text(&mut img, lx as i64 + 24, ly as i64, &s.label, 1, black);
         }
     }
-    draw_text(&mut img, (w as i64 - text_width(x_label, 1)) / 2, h as i64 - 22, x_label, 1, black);
-    draw_text(&mut img, 8, top as i64 - 16, y_label, 1, black);
+    draw_text(
+        &mut img,
+        (w as i64 - text_width(x_label, 1)) / 2,
+        h as i64 - 22,
+        x_label,
+        1,
+        black,
+    );
+    let y_label = if log_y {
+        format!("{y_label} (log scale)")
+    } else {
+        y_label.to_string()
+    };
+    draw_text(&mut img, 8, top as i64 - 16, &y_label, 1, black);
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| Error::Msg(format!("encoding {}: {e}", path.display())))?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::Msg(format!("encoding {}: {e}", path.display())))?;
     write_atomic(path, &bytes)
 }

@@ -41,13 +41,27 @@ impl MlpConfig {
         let mut out = BTreeMap::new();
         let mut add = |name: &str, o: usize, i: usize| -> Result<()> {
             let mut rng = crate::peft::init::rng_for(seed, name);
-            out.insert(format!("{name}.weight"), crate::peft::init::normal(&[o, i], 1.0 / (i as f64).sqrt(), &mut rng)?);
-            out.insert(format!("{name}.bias"), crate::peft::init::normal(&[o], 0.1, &mut rng)?);
+            out.insert(
+                format!("{name}.weight"),
+                crate::peft::init::normal(&[o, i], 1.0 / (i as f64).sqrt(), &mut rng)?,
+            );
+            out.insert(
+                format!("{name}.bias"),
+                crate::peft::init::normal(&[o], 0.1, &mut rng)?,
+            );
             Ok(())
         };
         for l in 0..self.num_layers {
-            add(&format!("layers.{l}.fc1"), self.intermediate_size, self.hidden_size)?;
-            add(&format!("layers.{l}.fc2"), self.hidden_size, self.intermediate_size)?;
+            add(
+                &format!("layers.{l}.fc1"),
+                self.intermediate_size,
+                self.hidden_size,
+            )?;
+            add(
+                &format!("layers.{l}.fc2"),
+                self.hidden_size,
+                self.intermediate_size,
+            )?;
         }
         add("head", self.out_size, self.hidden_size)?;
         Ok(out)
@@ -56,25 +70,53 @@ impl MlpConfig {
 
 impl Mlp {
     /// Builds the model from named tensors, asking `plan` for adapters at every module path.
-    pub fn new(cfg: &MlpConfig, weights: &BTreeMap<String, Tensor>, plan: &AdapterPlan, file: &std::path::Path) -> Result<Self> {
+    pub fn new(
+        cfg: &MlpConfig,
+        weights: &BTreeMap<String, Tensor>,
+        plan: &AdapterPlan,
+        file: &std::path::Path,
+    ) -> Result<Self> {
         let get = |k: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = weights.get(k).ok_or_else(|| crate::Error::Missing { path: file.into(), key: k.into() })?;
+            let t = weights.get(k).ok_or_else(|| crate::Error::Missing {
+                path: file.into(),
+                key: k.into(),
+            })?;
             if t.dims() != shape {
-                return Err(crate::Error::Shape { path: file.into(), key: k.into(), expected: shape.to_vec(), found: t.dims().to_vec() });
+                return Err(crate::Error::Shape {
+                    path: file.into(),
+                    key: k.into(),
+                    expected: shape.to_vec(),
+                    found: t.dims().to_vec(),
+                });
             }
             Ok(t.to_dtype(candle_core::DType::F32)?)
         };
         let lin = |name: &str, o: usize, i: usize| -> Result<AdaptedLinear> {
-            plan.linear(name, get(&format!("{name}.weight"), &[o, i])?, Some(get(&format!("{name}.bias"), &[o])?))
+            plan.linear(
+                name,
+                get(&format!("{name}.weight"), &[o, i])?,
+                Some(get(&format!("{name}.bias"), &[o])?),
+            )
         };
         let mut layers = vec![];
         for l in 0..cfg.num_layers {
             layers.push(Block {
-                fc1: lin(&format!("layers.{l}.fc1"), cfg.intermediate_size, cfg.hidden_size)?,
-                fc2: lin(&format!("layers.{l}.fc2"), cfg.hidden_size, cfg.intermediate_size)?,
+                fc1: lin(
+                    &format!("layers.{l}.fc1"),
+                    cfg.intermediate_size,
+                    cfg.hidden_size,
+                )?,
+                fc2: lin(
+                    &format!("layers.{l}.fc2"),
+                    cfg.hidden_size,
+                    cfg.intermediate_size,
+                )?,
             });
         }
-        Ok(Self { layers, head: lin("head", cfg.out_size, cfg.hidden_size)? })
+        Ok(Self {
+            layers,
+            head: lin("head", cfg.out_size, cfg.hidden_size)?,
+        })
     }
 
     /// Loads weights from a safetensors file.

@@ -7,9 +7,9 @@
 //! list/regex rules. `rank_pattern` / `alpha_pattern` keys are regexes matched against the end of the path.
 
 use crate::{Error, Result};
+use indexmap::IndexMap;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
-use indexmap::IndexMap;
 use std::collections::BTreeMap;
 
 /// `target_modules` / `exclude_modules`: a list of names, or one full-match regex.
@@ -217,7 +217,9 @@ fn full_regex(p: &str) -> Result<Regex> {
 fn spec_matches(spec: &ModuleSpec, path: &str) -> Result<bool> {
     Ok(match spec {
         ModuleSpec::Regex(r) => full_regex(r)?.is_match(path),
-        ModuleSpec::List(names) => names.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))),
+        ModuleSpec::List(names) => names
+            .iter()
+            .any(|n| path == n || path.ends_with(&format!(".{n}"))),
     })
 }
 
@@ -227,7 +229,9 @@ impl AdapterConfig {
         Self {
             r,
             lora_alpha: alpha,
-            target_modules: Some(ModuleSpec::List(targets.iter().map(|s| s.to_string()).collect())),
+            target_modules: Some(ModuleSpec::List(
+                targets.iter().map(|s| s.to_string()).collect(),
+            )),
             ..Default::default()
         }
     }
@@ -244,16 +248,26 @@ impl AdapterConfig {
             return Err(Error::Config("r must be at least 1".into()));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(Error::Config(format!("lora_dropout {} must be in [0, 1)", self.lora_dropout)));
+            return Err(Error::Config(format!(
+                "lora_dropout {} must be in [0, 1)",
+                self.lora_dropout
+            )));
         }
         if !matches!(self.bias.as_str(), "none" | "all" | "lora_only") {
-            return Err(Error::Config(format!("bias `{}` must be none, all or lora_only", self.bias)));
+            return Err(Error::Config(format!(
+                "bias `{}` must be none, all or lora_only",
+                self.bias
+            )));
         }
         if self.lora_bias {
-            return Err(Error::Config("lora_bias = true is not supported yet".into()));
+            return Err(Error::Config(
+                "lora_bias = true is not supported yet".into(),
+            ));
         }
         if self.fan_in_fan_out {
-            return Err(Error::Config("fan_in_fan_out = true (GPT-2 Conv1D weights) is not supported yet".into()));
+            return Err(Error::Config(
+                "fan_in_fan_out = true (GPT-2 Conv1D weights) is not supported yet".into(),
+            ));
         }
         self.init_lora_weights.parse()?;
         for (k, v) in &self.extra {
@@ -264,10 +278,15 @@ impl AdapterConfig {
                 _ => INERT_FIELDS.contains(&k.as_str()),
             };
             if !inert {
-                return Err(Error::Config(format!("field `{k}` = {v} is not supported by postforge yet")));
+                return Err(Error::Config(format!(
+                    "field `{k}` = {v} is not supported by postforge yet"
+                )));
             }
         }
-        for spec in [&self.target_modules, &self.exclude_modules].into_iter().flatten() {
+        for spec in [&self.target_modules, &self.exclude_modules]
+            .into_iter()
+            .flatten()
+        {
             if let ModuleSpec::Regex(r) = spec {
                 full_regex(r)?;
             }
@@ -292,9 +311,13 @@ impl AdapterConfig {
         if self.inside_modules_to_save(path)? {
             return Ok(false);
         }
-        let Some(spec) = &self.target_modules else { return Ok(false) };
+        let Some(spec) = &self.target_modules else {
+            return Ok(false);
+        };
         match spec {
-            ModuleSpec::Regex(r) if r == "all-linear" => Ok(kind == ModuleKind::Linear && !is_output_head),
+            ModuleSpec::Regex(r) if r == "all-linear" => {
+                Ok(kind == ModuleKind::Linear && !is_output_head)
+            }
             ModuleSpec::Regex(r) => Ok(full_regex(r)?.is_match(path)),
             ModuleSpec::List(names) => {
                 if names.iter().any(|n| n == path) {
@@ -354,9 +377,10 @@ impl AdapterConfig {
 
     /// Whether `path` is one of `modules_to_save` (exact or `.name` suffix).
     pub fn saves_module(&self, path: &str) -> bool {
-        self.modules_to_save
-            .as_ref()
-            .is_some_and(|v| v.iter().any(|n| path == n || path.ends_with(&format!(".{n}"))))
+        self.modules_to_save.as_ref().is_some_and(|v| {
+            v.iter()
+                .any(|n| path == n || path.ends_with(&format!(".{n}")))
+        })
     }
 
     /// Rank and alpha for `path`, after `rank_pattern` / `alpha_pattern`.
@@ -384,8 +408,10 @@ impl AdapterConfig {
     /// Reads `adapter_config.json`, with errors naming the file and field.
     pub fn from_json_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
-        cfg.validate().map_err(|e| Error::format(path, e.to_string()))?;
+        let cfg: Self =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| Error::format(path, e.to_string()))?;
         Ok(cfg)
     }
 
@@ -405,21 +431,34 @@ fn sorted(v: serde_json::Value) -> serde_json::Value {
             pairs.sort_by(|a, b| a.0.cmp(&b.0));
             serde_json::Value::Object(pairs.into_iter().map(|(k, v)| (k, sorted(v))).collect())
         }
-        serde_json::Value::Array(a) => serde_json::Value::Array(a.into_iter().map(sorted).collect()),
+        serde_json::Value::Array(a) => {
+            serde_json::Value::Array(a.into_iter().map(sorted).collect())
+        }
         other => other,
     }
 }
 
 /// Extra PEFT fields whose non-default values change nothing we compute.
-const INERT_FIELDS: &[&str] =
-    &["auto_mapping", "megatron_core", "qalora_group_size", "ensure_weight_tying", "peft_version", "corda_config", "eva_config"];
+const INERT_FIELDS: &[&str] = &[
+    "auto_mapping",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
+    "peft_version",
+    "corda_config",
+    "eva_config",
+];
 
 fn pattern_regex(key: &str) -> Result<Regex> {
-    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| Error::Config(format!("bad pattern `{key}`: {e}")))
+    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+        .map_err(|e| Error::Config(format!("bad pattern `{key}`: {e}")))
 }
 
 /// PEFT's `get_pattern_key`: the first pattern key (in the config's order) that matches the end of `path`.
-pub fn pattern_key<'a>(keys: impl Iterator<Item = &'a String>, path: &str) -> Result<Option<String>> {
+pub fn pattern_key<'a>(
+    keys: impl Iterator<Item = &'a String>,
+    path: &str,
+) -> Result<Option<String>> {
     for k in keys {
         if pattern_regex(k)?.is_match(path) {
             return Ok(Some(k.clone()));

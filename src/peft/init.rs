@@ -27,7 +27,9 @@ pub fn rng_for(seed: u64, name: &str) -> ChaCha8Rng {
 pub fn kaiming_uniform(shape: &[usize], fan_in: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let bound = 1.0 / (fan_in as f64).sqrt();
     let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rng.random_range(-bound..bound) as f32)
+        .collect();
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
@@ -105,11 +107,21 @@ pub fn svd_lowrank(
     };
     let k = q.min(svd.singular_values.len());
     let s: Vec<f64> = svd.singular_values.iter().take(k).copied().collect();
-    Ok(((y * u).columns(0, k).into_owned(), s, vt.rows(0, k).into_owned()))
+    Ok((
+        (y * u).columns(0, k).into_owned(),
+        s,
+        vt.rows(0, k).into_owned(),
+    ))
 }
 
 /// PiSSA factors for `w` (out, in) at rank `r` and LoRA scale `scale`: (A (r, in), B (out, r), residual).
-pub fn pissa(w: &Tensor, r: usize, scale: f64, niter: Option<usize>, rng: &mut ChaCha8Rng) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn pissa(
+    w: &Tensor,
+    r: usize,
+    scale: f64,
+    niter: Option<usize>,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (u, s, vt) = match niter {
         None => svd_top(w, r)?,
         Some(k) => svd_lowrank(w, r, k, rng)?,
@@ -133,7 +145,12 @@ pub fn olora(w: &Tensor, r: usize, scale: f64) -> Result<(Tensor, Tensor, Tensor
     residual(w, a, b, scale)
 }
 
-fn residual(w: &Tensor, a: DMatrix<f64>, b: DMatrix<f64>, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+fn residual(
+    w: &Tensor,
+    a: DMatrix<f64>,
+    b: DMatrix<f64>,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = w.device();
     let at = from_matrix(&a, dev)?;
     let bt = from_matrix(&b, dev)?;

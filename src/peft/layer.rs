@@ -34,14 +34,30 @@ impl ForwardCtx {
     }
     /// Training at micro-step `step` of a run seeded with `seed`.
     pub fn train(seed: u64, step: u64) -> Self {
-        Self { train: true, seed, step, calls: AtomicU64::new(0) }
+        Self {
+            train: true,
+            seed,
+            step,
+            calls: AtomicU64::new(0),
+        }
     }
     fn dropout_mask(&self, path: &str, shape: &[usize], p: f64, device: &Device) -> Result<Tensor> {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut rng = init::rng_for(self.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ call, path);
+        let mut rng = init::rng_for(
+            self.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ call,
+            path,
+        );
         let keep = 1.0 / (1.0 - p);
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep as f32 }).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                if rng.random::<f64>() < p {
+                    0.0
+                } else {
+                    keep as f32
+                }
+            })
+            .collect();
         Ok(Tensor::from_vec(v, shape, device)?)
     }
 }
@@ -123,7 +139,10 @@ impl AdaptedLayer {
             BaseKind::Conv2d(_) => rank == 4,
         };
         if !ok {
-            return Err(Error::Msg(format!("{path}: weight shape {:?} does not fit a {kind:?} layer", weight.dims())));
+            return Err(Error::Msg(format!(
+                "{path}: weight shape {:?} does not fit a {kind:?} layer",
+                weight.dims()
+            )));
         }
         if let Some(b) = &bias {
             if b.dims() != [weight.dim(0)?] {
@@ -218,7 +237,10 @@ impl AdaptedLayer {
     /// PiSSA/OLoRA rewrite the base weight into the residual, as PEFT does.
     pub fn add_adapter(&mut self, name: &str, cfg: &AdapterConfig, seed: u64) -> Result<()> {
         if self.adapters.contains_key(name) {
-            return Err(Error::Msg(format!("{}: adapter `{name}` already exists", self.path)));
+            return Err(Error::Msg(format!(
+                "{}: adapter `{name}` already exists",
+                self.path
+            )));
         }
         let st = cfg.settings_for(&self.path)?;
         let r = st.r;
@@ -229,18 +251,22 @@ impl AdaptedLayer {
         let dev = self.weight.device().clone();
         let mut initial = None;
         let (a, b) = match (cfg.init_lora_weights.parse()?, self.kind) {
-            (Init::Default, BaseKind::Embedding) => {
-                (Tensor::zeros(sa.as_slice(), DType::F32, &dev)?, init::normal(&sb, 1.0, &mut rng)?)
-            }
-            (Init::Default, _) => {
-                (init::kaiming_uniform(&sa, fan_in, &mut rng)?, Tensor::zeros(sb.as_slice(), DType::F32, &dev)?)
-            }
-            (Init::Gaussian, BaseKind::Embedding) => {
-                (Tensor::zeros(sa.as_slice(), DType::F32, &dev)?, init::normal(&sb, 1.0 / r as f64, &mut rng)?)
-            }
-            (Init::Gaussian, _) => {
-                (init::normal(&sa, 1.0 / r as f64, &mut rng)?, Tensor::zeros(sb.as_slice(), DType::F32, &dev)?)
-            }
+            (Init::Default, BaseKind::Embedding) => (
+                Tensor::zeros(sa.as_slice(), DType::F32, &dev)?,
+                init::normal(&sb, 1.0, &mut rng)?,
+            ),
+            (Init::Default, _) => (
+                init::kaiming_uniform(&sa, fan_in, &mut rng)?,
+                Tensor::zeros(sb.as_slice(), DType::F32, &dev)?,
+            ),
+            (Init::Gaussian, BaseKind::Embedding) => (
+                Tensor::zeros(sa.as_slice(), DType::F32, &dev)?,
+                init::normal(&sb, 1.0 / r as f64, &mut rng)?,
+            ),
+            (Init::Gaussian, _) => (
+                init::normal(&sa, 1.0 / r as f64, &mut rng)?,
+                Tensor::zeros(sb.as_slice(), DType::F32, &dev)?,
+            ),
             (Init::Random, _) => {
                 let a = init::kaiming_uniform(&sa, fan_in, &mut rng)?;
                 let b = init::kaiming_uniform(&sb, r, &mut rng)?;
@@ -248,7 +274,10 @@ impl AdaptedLayer {
             }
             (m @ (Init::Pissa(_) | Init::Olora), BaseKind::Linear) => {
                 if !self.merged.is_empty() {
-                    return Err(Error::Msg(format!("{}: cannot add a PiSSA/OLoRA adapter while others are merged", self.path)));
+                    return Err(Error::Msg(format!(
+                        "{}: cannot add a PiSSA/OLoRA adapter while others are merged",
+                        self.path
+                    )));
                 }
                 let w = self.weight.to_dtype(DType::F32)?;
                 let (a, b, res) = match m {
@@ -260,7 +289,10 @@ impl AdaptedLayer {
                 (a, b)
             }
             (m, k) => {
-                return Err(Error::Config(format!("{}: init {m:?} is only defined for Linear layers, not {k:?}", self.path)))
+                return Err(Error::Config(format!(
+                    "{}: init {m:?} is only defined for Linear layers, not {k:?}",
+                    self.path
+                )))
             }
         };
         let adapter = LoraAdapter {
@@ -278,7 +310,10 @@ impl AdaptedLayer {
         if cfg.use_dora {
             let ad = &self.adapters[name];
             let n = self.weight_norm(&self.weight, &self.delta_of(ad, 1.0)?)?;
-            self.adapters.get_mut(name).expect("just inserted").magnitude = Some(var(n)?);
+            self.adapters
+                .get_mut(name)
+                .expect("just inserted")
+                .magnitude = Some(var(n)?);
         }
         if !self.active.iter().any(|a| a == name) {
             self.active.push(name.to_string());
@@ -289,7 +324,10 @@ impl AdaptedLayer {
     /// Inserts an adapter built elsewhere (a loaded file). Shapes are checked.
     pub fn insert_adapter(&mut self, name: &str, adapter: LoraAdapter) -> Result<()> {
         let (sa, sb, sm) = self.factor_shapes(adapter.r)?;
-        for (what, t, want) in [("A", adapter.a.as_tensor(), &sa), ("B", adapter.b.as_tensor(), &sb)] {
+        for (what, t, want) in [
+            ("A", adapter.a.as_tensor(), &sa),
+            ("B", adapter.b.as_tensor(), &sb),
+        ] {
             if t.dims() != want.as_slice() {
                 return Err(Error::Msg(format!(
                     "{}: lora_{what} has shape {:?}, the base needs {:?}",
@@ -301,7 +339,12 @@ impl AdaptedLayer {
         }
         if let Some(m) = &adapter.magnitude {
             if m.dims() != sm.as_slice() {
-                return Err(Error::Msg(format!("{}: magnitude has shape {:?}, needs {:?}", self.path, m.dims(), sm)));
+                return Err(Error::Msg(format!(
+                    "{}: magnitude has shape {:?}, needs {:?}",
+                    self.path,
+                    m.dims(),
+                    sm
+                )));
             }
         }
         self.adapters.insert(name.to_string(), adapter);
@@ -389,7 +432,9 @@ impl AdaptedLayer {
     }
 
     fn get(&self, name: &str) -> Result<&LoraAdapter> {
-        self.adapters.get(name).ok_or_else(|| Error::Msg(format!("{}: no adapter named `{name}`", self.path)))
+        self.adapters
+            .get(name)
+            .ok_or_else(|| Error::Msg(format!("{}: no adapter named `{name}`", self.path)))
     }
 
     /// ‖W + ΔW‖ per output feature (detached). Linear/conv: over all but dim 0; embedding: over dim 0.
@@ -417,7 +462,9 @@ impl AdaptedLayer {
     /// The adapter path `s · B A x` (no multiplier) for an input already through dropout.
     fn lora_path(&self, ad: &LoraAdapter, x: &Tensor) -> Result<Tensor> {
         let y = match self.kind {
-            BaseKind::Linear => ops::plain_linear(&ops::plain_linear(x, ad.a.as_tensor())?, ad.b.as_tensor())?,
+            BaseKind::Linear => {
+                ops::plain_linear(&ops::plain_linear(x, ad.a.as_tensor())?, ad.b.as_tensor())?
+            }
             BaseKind::Conv2d(c) => x
                 // PEFT builds lora_A with the base's kernel, stride and padding, but dilation 1.
                 .conv2d(ad.a.as_tensor(), c.padding, c.stride, 1, 1)?
@@ -465,7 +512,9 @@ impl AdaptedLayer {
                 if self.merged.iter().any(|(n, _)| n == name) {
                     continue;
                 }
-                let Some(ad) = self.adapters.get(name) else { continue };
+                let Some(ad) = self.adapters.get(name) else {
+                    continue;
+                };
                 let use_dropout = ctx.train && ad.dropout > 0.0 && self.kind != BaseKind::Embedding;
                 let xd = if use_dropout {
                     let mask = ctx.dropout_mask(&self.path, x.dims(), ad.dropout, x.device())?;
@@ -479,12 +528,20 @@ impl AdaptedLayer {
                     Some(m) => {
                         let n = self.weight_norm(&self.weight, &self.delta_of(ad, 1.0)?)?;
                         let g = self.feature_view(&m.as_tensor().div(&n)?, y.rank())?;
-                        let base_d = if use_dropout { self.base_path(&self.weight, &xd)? } else { base.clone() };
+                        let base_d = if use_dropout {
+                            self.base_path(&self.weight, &xd)?
+                        } else {
+                            base.clone()
+                        };
                         let gm1 = (&g - 1.0)?;
                         (base_d.broadcast_mul(&gm1)? + lora.broadcast_mul(&g)?)?
                     }
                 };
-                y = if ad.multiplier == 1.0 { (y + contrib)? } else { (y + (contrib * ad.multiplier)?)? };
+                y = if ad.multiplier == 1.0 {
+                    (y + contrib)?
+                } else {
+                    (y + (contrib * ad.multiplier)?)?
+                };
             }
         }
         self.add_bias(y, self.bias.as_ref())
@@ -532,7 +589,10 @@ impl AdaptedLayer {
             let (w, norm) = self.merged_weight(&self.weight, ad)?;
             let sum = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !sum.is_finite() {
-                return Err(Error::Msg(format!("{}: merging adapter `{name}` gives non-finite weights; refused", self.path)));
+                return Err(Error::Msg(format!(
+                    "{}: merging adapter `{name}` gives non-finite weights; refused",
+                    self.path
+                )));
             }
             self.weight = w.to_dtype(self.weight.dtype())?;
             self.merged.push((name, norm));
@@ -555,7 +615,12 @@ impl AdaptedLayer {
                     let denom = ((&g * t)? + (1.0 - t))?;
                     (w - delta.broadcast_mul(&(&g * t)?)?)?.broadcast_div(&denom)?
                 }
-                (Some(_), None) => return Err(Error::Msg(format!("{}: DoRA merge of `{name}` lost its norm", self.path))),
+                (Some(_), None) => {
+                    return Err(Error::Msg(format!(
+                        "{}: DoRA merge of `{name}` lost its norm",
+                        self.path
+                    )))
+                }
             };
             self.weight = restored.to_dtype(self.weight.dtype())?;
         }
@@ -566,7 +631,10 @@ impl AdaptedLayer {
     /// (a `modules_to_save` layer returns its trained copy).
     pub fn merged_tensors(&self) -> Result<(Tensor, Option<Tensor>)> {
         if let Some(s) = &self.saved {
-            return Ok((s.weight.as_tensor().clone(), s.bias.as_ref().map(|b| b.as_tensor().clone())));
+            return Ok((
+                s.weight.as_tensor().clone(),
+                s.bias.as_ref().map(|b| b.as_tensor().clone()),
+            ));
         }
         let mut w = self.weight.clone();
         if self.enabled {
@@ -574,7 +642,10 @@ impl AdaptedLayer {
                 if self.merged.iter().any(|(n, _)| n == name) {
                     continue;
                 }
-                w = self.merged_weight(&w, self.get(name)?)?.0.to_dtype(self.weight.dtype())?;
+                w = self
+                    .merged_weight(&w, self.get(name)?)?
+                    .0
+                    .to_dtype(self.weight.dtype())?;
             }
         }
         Ok((w, self.bias.clone()))
@@ -587,19 +658,34 @@ impl AdaptedLayer {
         let mut out = vec![];
         for (name, ad) in &self.adapters {
             let (ka, kb) = match self.kind {
-                BaseKind::Embedding => (format!("{p}.lora_embedding_A.{name}"), format!("{p}.lora_embedding_B.{name}")),
-                _ => (format!("{p}.lora_A.{name}.weight"), format!("{p}.lora_B.{name}.weight")),
+                BaseKind::Embedding => (
+                    format!("{p}.lora_embedding_A.{name}"),
+                    format!("{p}.lora_embedding_B.{name}"),
+                ),
+                _ => (
+                    format!("{p}.lora_A.{name}.weight"),
+                    format!("{p}.lora_B.{name}.weight"),
+                ),
             };
             out.push((format!("base_model.model.{ka}"), ad.a.clone()));
             out.push((format!("base_model.model.{kb}"), ad.b.clone()));
             if let Some(m) = &ad.magnitude {
-                out.push((format!("base_model.model.{p}.lora_magnitude_vector.{name}.weight"), m.clone()));
+                out.push((
+                    format!("base_model.model.{p}.lora_magnitude_vector.{name}.weight"),
+                    m.clone(),
+                ));
             }
         }
         if let Some(s) = &self.saved {
-            out.push((format!("base_model.model.{p}.modules_to_save.default.weight"), s.weight.clone()));
+            out.push((
+                format!("base_model.model.{p}.modules_to_save.default.weight"),
+                s.weight.clone(),
+            ));
             if let Some(b) = &s.bias {
-                out.push((format!("base_model.model.{p}.modules_to_save.default.bias"), b.clone()));
+                out.push((
+                    format!("base_model.model.{p}.modules_to_save.default.bias"),
+                    b.clone(),
+                ));
             }
         }
         out
@@ -615,9 +701,15 @@ pub fn embed(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let shape = ids_u.dims().to_vec();
     let flat = ids_u.flatten_all()?;
     let n = w.dim(0)?;
-    let max = flat.to_dtype(DType::F64)?.max(0)?.to_scalar::<f64>().unwrap_or(0.0);
+    let max = flat
+        .to_dtype(DType::F64)?
+        .max(0)?
+        .to_scalar::<f64>()
+        .unwrap_or(0.0);
     if max as usize >= n {
-        return Err(Error::Msg(format!("embedding index {max} out of range for {n} rows")));
+        return Err(Error::Msg(format!(
+            "embedding index {max} out of range for {n} rows"
+        )));
     }
     let rows = w.index_select(&flat, 0)?;
     let mut out = shape;
@@ -643,29 +735,54 @@ macro_rules! wrapper {
     };
 }
 
-wrapper!(AdaptedLinear, "A frozen linear layer (weight (out, in)) with adapters.");
-wrapper!(AdaptedConv2d, "A frozen conv2d layer with LoCon adapters (A: conv like the base, B: 1x1).");
-wrapper!(AdaptedEmbedding, "A frozen embedding with adapters (`lora_embedding_A/B`).");
+wrapper!(
+    AdaptedLinear,
+    "A frozen linear layer (weight (out, in)) with adapters."
+);
+wrapper!(
+    AdaptedConv2d,
+    "A frozen conv2d layer with LoCon adapters (A: conv like the base, B: 1x1)."
+);
+wrapper!(
+    AdaptedEmbedding,
+    "A frozen embedding with adapters (`lora_embedding_A/B`)."
+);
 
 impl AdaptedLinear {
     /// A linear layer at `path` with weight (out, in) and optional bias.
     pub fn new(path: &str, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self(AdaptedLayer::new(path, BaseKind::Linear, weight, bias)?))
+        Ok(Self(AdaptedLayer::new(
+            path,
+            BaseKind::Linear,
+            weight,
+            bias,
+        )?))
     }
 }
 impl AdaptedConv2d {
     /// A conv2d layer at `path` with weight (out, in, kh, kw).
     pub fn new(path: &str, weight: Tensor, bias: Option<Tensor>, cfg: ConvCfg) -> Result<Self> {
         if cfg.groups != 1 {
-            return Err(Error::Msg(format!("{path}: grouped convolutions cannot take LoRA adapters")));
+            return Err(Error::Msg(format!(
+                "{path}: grouped convolutions cannot take LoRA adapters"
+            )));
         }
-        Ok(Self(AdaptedLayer::new(path, BaseKind::Conv2d(cfg), weight, bias)?))
+        Ok(Self(AdaptedLayer::new(
+            path,
+            BaseKind::Conv2d(cfg),
+            weight,
+            bias,
+        )?))
     }
 }
 impl AdaptedEmbedding {
     /// An embedding at `path` with weight (num_embeddings, dim).
     pub fn new(path: &str, weight: Tensor) -> Result<Self> {
-        Ok(Self(AdaptedLayer::new(path, BaseKind::Embedding, weight, None)?))
+        Ok(Self(AdaptedLayer::new(
+            path,
+            BaseKind::Embedding,
+            weight,
+            None,
+        )?))
     }
 }
-

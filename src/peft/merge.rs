@@ -17,11 +17,22 @@ pub fn merge_and_unload(layers: &[&AdaptedLayer], src: &Path, out: &Path) -> Res
     let mut tensors = st.into_tensors();
     for l in layers {
         let (w, b) = l.merged_tensors()?;
-        for (key, t) in [(format!("{}.weight", l.path()), Some(w)), (format!("{}.bias", l.path()), b)] {
+        for (key, t) in [
+            (format!("{}.weight", l.path()), Some(w)),
+            (format!("{}.bias", l.path()), b),
+        ] {
             let Some(t) = t else { continue };
-            let orig = tensors.get(&key).ok_or_else(|| Error::Missing { path: src.into(), key: key.clone() })?;
+            let orig = tensors.get(&key).ok_or_else(|| Error::Missing {
+                path: src.into(),
+                key: key.clone(),
+            })?;
             if orig.dims() != t.dims() {
-                return Err(Error::Shape { path: src.into(), key, expected: t.dims().to_vec(), found: orig.dims().to_vec() });
+                return Err(Error::Shape {
+                    path: src.into(),
+                    key,
+                    expected: t.dims().to_vec(),
+                    found: orig.dims().to_vec(),
+                });
             }
             let dt = orig.dtype();
             tensors.insert(key, t.to_dtype(dt)?);
@@ -33,13 +44,21 @@ pub fn merge_and_unload(layers: &[&AdaptedLayer], src: &Path, out: &Path) -> Res
 /// Builds bare layers for every module a PEFT folder adapts, from a base checkpoint, and loads the
 /// adapter into them. The layer kind follows the file: `lora_embedding_*` → embedding, a 4-D base
 /// weight → conv2d, otherwise linear.
-pub fn layers_from_checkpoint(base: &BTreeMap<String, candle_core::Tensor>, base_path: &Path, adapter_dir: &Path) -> Result<Vec<AdaptedLayer>> {
+pub fn layers_from_checkpoint(
+    base: &BTreeMap<String, candle_core::Tensor>,
+    base_path: &Path,
+    adapter_dir: &Path,
+) -> Result<Vec<AdaptedLayer>> {
     let st = SafeTensors::read(adapter_dir.join(peft_files::WEIGHTS_FILE))?;
-    let cfg = crate::peft::AdapterConfig::from_json_file(&adapter_dir.join(peft_files::CONFIG_FILE))?;
+    let cfg =
+        crate::peft::AdapterConfig::from_json_file(&adapter_dir.join(peft_files::CONFIG_FILE))?;
     let mut paths: BTreeMap<String, bool> = BTreeMap::new(); // path -> is embedding
     for k in st.keys() {
         let Some(rest) = k.strip_prefix("base_model.model.") else {
-            return Err(Error::format(st.path(), format!("tensor `{k}` lacks the `base_model.model.` prefix")));
+            return Err(Error::format(
+                st.path(),
+                format!("tensor `{k}` lacks the `base_model.model.` prefix"),
+            ));
         };
         for (marker, emb) in [(".lora_A.", false), (".lora_embedding_A", true)] {
             if let Some(i) = rest.find(marker) {
@@ -53,7 +72,13 @@ pub fn layers_from_checkpoint(base: &BTreeMap<String, candle_core::Tensor>, base
     let mut layers = vec![];
     for (path, emb) in paths {
         let wk = format!("{path}.weight");
-        let w = base.get(&wk).ok_or_else(|| Error::Missing { path: base_path.into(), key: wk.clone() })?.clone();
+        let w = base
+            .get(&wk)
+            .ok_or_else(|| Error::Missing {
+                path: base_path.into(),
+                key: wk.clone(),
+            })?
+            .clone();
         let b = base.get(&format!("{path}.bias")).cloned();
         let kind = if emb {
             BaseKind::Embedding
@@ -62,7 +87,12 @@ pub fn layers_from_checkpoint(base: &BTreeMap<String, candle_core::Tensor>, base
         } else {
             BaseKind::Linear
         };
-        layers.push(AdaptedLayer::new(&path, kind, w, if emb { None } else { b })?);
+        layers.push(AdaptedLayer::new(
+            &path,
+            kind,
+            w,
+            if emb { None } else { b },
+        )?);
     }
     let mut refs: Vec<&mut AdaptedLayer> = layers.iter_mut().collect();
     peft_files::load(adapter_dir, &mut refs, "default")?;

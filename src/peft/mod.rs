@@ -12,7 +12,9 @@ pub mod merge;
 pub mod ops;
 
 pub use config::{AdapterConfig, Init, InitSpec, ModuleKind, ModuleSpec};
-pub use layer::{AdaptedConv2d, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, BaseKind, ForwardCtx, LoraAdapter};
+pub use layer::{
+    AdaptedConv2d, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, BaseKind, ForwardCtx, LoraAdapter,
+};
 pub use ops::ConvCfg;
 
 use crate::{Error, Result};
@@ -37,14 +39,21 @@ impl AdapterPlan {
     /// One adapter named `default`.
     pub fn single(cfg: AdapterConfig, seed: u64) -> Result<Self> {
         cfg.validate()?;
-        Ok(Self { adapters: vec![("default".into(), cfg)], seed, output_heads: vec!["lm_head".into()] })
+        Ok(Self {
+            adapters: vec![("default".into(), cfg)],
+            seed,
+            output_heads: vec!["lm_head".into()],
+        })
     }
 
     /// Applies the plan to a bare layer: adds every targeting adapter, or makes a trainable copy for
     /// `modules_to_save`.
     pub fn apply(&self, mut layer: AdaptedLayer) -> Result<AdaptedLayer> {
         let path = layer.path().to_string();
-        let head = self.output_heads.iter().any(|h| path == *h || path.ends_with(&format!(".{h}")));
+        let head = self
+            .output_heads
+            .iter()
+            .any(|h| path == *h || path.ends_with(&format!(".{h}")));
         for (name, cfg) in &self.adapters {
             if cfg.saves_module(&path) {
                 layer.make_trainable_copy()?;
@@ -55,16 +64,33 @@ impl AdapterPlan {
         Ok(layer)
     }
     /// An adapted linear layer at `path`.
-    pub fn linear(&self, path: &str, weight: Tensor, bias: Option<Tensor>) -> Result<AdaptedLinear> {
-        Ok(AdaptedLinear(self.apply(AdaptedLinear::new(path, weight, bias)?.0)?))
+    pub fn linear(
+        &self,
+        path: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+    ) -> Result<AdaptedLinear> {
+        Ok(AdaptedLinear(
+            self.apply(AdaptedLinear::new(path, weight, bias)?.0)?,
+        ))
     }
     /// An adapted conv2d layer at `path`.
-    pub fn conv2d(&self, path: &str, weight: Tensor, bias: Option<Tensor>, cfg: ConvCfg) -> Result<AdaptedConv2d> {
-        Ok(AdaptedConv2d(self.apply(AdaptedConv2d::new(path, weight, bias, cfg)?.0)?))
+    pub fn conv2d(
+        &self,
+        path: &str,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        cfg: ConvCfg,
+    ) -> Result<AdaptedConv2d> {
+        Ok(AdaptedConv2d(
+            self.apply(AdaptedConv2d::new(path, weight, bias, cfg)?.0)?,
+        ))
     }
     /// An adapted embedding at `path`.
     pub fn embedding(&self, path: &str, weight: Tensor) -> Result<AdaptedEmbedding> {
-        Ok(AdaptedEmbedding(self.apply(AdaptedEmbedding::new(path, weight)?.0)?))
+        Ok(AdaptedEmbedding(
+            self.apply(AdaptedEmbedding::new(path, weight)?.0)?,
+        ))
     }
 }
 
@@ -77,18 +103,28 @@ pub trait Adapted {
 
     /// Every trainable tensor with its PEFT in-memory name, sorted by name.
     fn trainable(&self) -> Vec<(String, Var)> {
-        let mut v: Vec<_> = self.layers().into_iter().flat_map(|l| l.named_vars()).collect();
+        let mut v: Vec<_> = self
+            .layers()
+            .into_iter()
+            .flat_map(|l| l.named_vars())
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
     /// Enables or disables every adapter (disabled = the base model; merged adapters are unmerged).
     fn set_adapters_enabled(&mut self, enabled: bool) -> Result<()> {
-        self.layers_mut().into_iter().try_for_each(|l| l.set_enabled(enabled))
+        self.layers_mut()
+            .into_iter()
+            .try_for_each(|l| l.set_enabled(enabled))
     }
     /// Sets the active adapters on every layer that has them.
     fn set_active_adapters(&mut self, names: &[&str]) -> Result<()> {
         for l in self.layers_mut() {
-            let have: Vec<&str> = names.iter().copied().filter(|n| l.adapters().contains_key(*n)).collect();
+            let have: Vec<&str> = names
+                .iter()
+                .copied()
+                .filter(|n| l.adapters().contains_key(*n))
+                .collect();
             l.set_active(&have)?;
         }
         Ok(())
@@ -109,7 +145,9 @@ pub trait Adapted {
     }
     /// Merges active adapters into every layer.
     fn merge_adapters(&mut self) -> Result<()> {
-        self.layers_mut().into_iter().try_for_each(|l| l.merge(None))
+        self.layers_mut()
+            .into_iter()
+            .try_for_each(|l| l.merge(None))
     }
     /// Unmerges every layer.
     fn unmerge_adapters(&mut self) -> Result<()> {

@@ -72,7 +72,10 @@ where
         // (correct, at the cost of the weight gradient).
         return Err(candle_core::Error::Msg("frozen op: non-CPU device".into()));
     }
-    x.apply_op2_arc(&y, std::sync::Arc::new(Box::new(Attach { name, input_grad })))
+    x.apply_op2_arc(
+        &y,
+        std::sync::Arc::new(Box::new(Attach { name, input_grad })),
+    )
 }
 
 /// `x · Wᵀ` for a frozen weight `w` of shape (out, in); `x` is (..., in). Backward gives only dL/dx.
@@ -122,16 +125,29 @@ pub struct ConvCfg {
 
 impl Default for ConvCfg {
     fn default() -> Self {
-        Self { padding: 0, stride: 1, dilation: 1, groups: 1 }
+        Self {
+            padding: 0,
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+        }
     }
 }
 
 /// conv2d of `x` (b, c, h, w) with a frozen kernel `w` (out, c/groups, kh, kw). Backward gives only dL/dx.
 pub fn frozen_conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
     if x.track_op() && (!x.device().is_cpu() || cfg.groups != 1) {
-        return x.conv2d(&w.detach(), cfg.padding, cfg.stride, cfg.dilation, cfg.groups);
+        return x.conv2d(
+            &w.detach(),
+            cfg.padding,
+            cfg.stride,
+            cfg.dilation,
+            cfg.groups,
+        );
     }
-    let y = x.detach().conv2d(w, cfg.padding, cfg.stride, cfg.dilation, cfg.groups)?;
+    let y = x
+        .detach()
+        .conv2d(w, cfg.padding, cfg.stride, cfg.dilation, cfg.groups)?;
     let w2 = w.clone();
     let in_h = x.dim(2)?;
     let in_w = x.dim(3)?;
@@ -141,8 +157,10 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
         let full = g.conv_transpose2d(&w2, 0, 0, cfg.stride, cfg.dilation)?;
         let (fh, fw) = (full.dim(2)?, full.dim(3)?);
         let (ph, pw) = (in_h + 2 * cfg.padding, in_w + 2 * cfg.padding);
-        let full = full.pad_with_zeros(2, 0, ph.saturating_sub(fh))?.pad_with_zeros(3, 0, pw.saturating_sub(fw))?;
-        full.narrow(2, cfg.padding, in_h)?.narrow(3, cfg.padding, in_w)
+        let full = full
+            .pad_with_zeros(2, 0, ph.saturating_sub(fh))?
+            .pad_with_zeros(3, 0, pw.saturating_sub(fw))?;
+        full.narrow(2, cfg.padding, in_h)?
+            .narrow(3, cfg.padding, in_w)
     })
 }
-

@@ -25,7 +25,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -82,15 +87,25 @@ impl InplaceOp2 for FusedStep<'_> {
     fn name(&self) -> &'static str {
         "fused-adamw"
     }
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
             candle_core::bail!("fused AdamW needs f32 parameters and gradients");
         };
-        let (Some((pa, pb)), Some((ga, gb))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        let (Some((pa, pb)), Some((ga, gb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
             candle_core::bail!("fused AdamW needs contiguous tensors");
         };
         let (p, g) = (&mut p[pa..pb], &g[ga..gb]);
-        let mut st = self.state.lock().map_err(|_| candle_core::Error::Msg("optimizer state poisoned".into()))?;
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("optimizer state poisoned".into()))?;
         let Moments { m, v } = &mut *st;
         if p.len() < 2 * CHUNK {
             kernel(p, g, m, v, self.h);
@@ -111,12 +126,26 @@ impl AdamW {
         let mut slots = Vec::with_capacity(params.len());
         for (name, var) in params {
             if var.dtype() != candle_core::DType::F32 {
-                return Err(Error::Msg(format!("AdamW: parameter `{name}` is {:?}, expected f32", var.dtype())));
+                return Err(Error::Msg(format!(
+                    "AdamW: parameter `{name}` is {:?}, expected f32",
+                    var.dtype()
+                )));
             }
             let n = var.elem_count();
-            slots.push(Slot { name, var, state: Mutex::new(Moments { m: vec![0.0; n], v: vec![0.0; n] }) });
+            slots.push(Slot {
+                name,
+                var,
+                state: Mutex::new(Moments {
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                }),
+            });
         }
-        Ok(Self { cfg, slots, step: 0 })
+        Ok(Self {
+            cfg,
+            slots,
+            step: 0,
+        })
     }
 
     /// Number of updates done.
@@ -131,7 +160,12 @@ impl AdamW {
 
     /// One update with learning rate `lr`, gradients `grads` (by parameter name) multiplied by
     /// `grad_scale` (gradient clipping). Parameters without a gradient are left unchanged.
-    pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let c = self.cfg;
@@ -147,13 +181,26 @@ impl AdamW {
             grad_scale: grad_scale as f32,
         };
         for slot in &self.slots {
-            let Some(g) = grads.get(&slot.name) else { continue };
+            let Some(g) = grads.get(&slot.name) else {
+                continue;
+            };
             if g.dims() != slot.var.dims() {
-                return Err(Error::Msg(format!("AdamW: gradient of `{}` has shape {:?}, parameter {:?}", slot.name, g.dims(), slot.var.dims())));
+                return Err(Error::Msg(format!(
+                    "AdamW: gradient of `{}` has shape {:?}, parameter {:?}",
+                    slot.name,
+                    g.dims(),
+                    slot.var.dims()
+                )));
             }
             let g = g.to_dtype(candle_core::DType::F32)?.contiguous()?;
             if slot.var.device().is_cpu() {
-                slot.var.as_tensor().inplace_op2(&g, &FusedStep { h, state: &slot.state })?;
+                slot.var.as_tensor().inplace_op2(
+                    &g,
+                    &FusedStep {
+                        h,
+                        state: &slot.state,
+                    },
+                )?;
             } else {
                 self.step_generic(slot, &g, h)?;
             }
@@ -163,7 +210,10 @@ impl AdamW {
 
     /// The same update with tensor ops, for non-CPU devices.
     fn step_generic(&self, slot: &Slot, g: &Tensor, h: Hyper) -> Result<()> {
-        let mut st = slot.state.lock().map_err(|_| Error::Msg("optimizer state poisoned".into()))?;
+        let mut st = slot
+            .state
+            .lock()
+            .map_err(|_| Error::Msg("optimizer state poisoned".into()))?;
         let dev = slot.var.device();
         let shape = slot.var.shape().clone();
         let m = Tensor::from_slice(&st.m, &shape, dev)?;
@@ -172,7 +222,8 @@ impl AdamW {
         let m = (&m + ((&g - &m)? * (1.0 - h.b1 as f64))?)?;
         let v = ((&v * h.b2 as f64)? + (g.sqr()? * (1.0 - h.b2 as f64))?)?;
         let denom = ((v.sqrt()? / h.bc2_sqrt as f64)? + h.eps as f64)?;
-        let p = ((slot.var.as_tensor() * h.decay as f64)? - (m.div(&denom)? * h.step_size as f64)?)?;
+        let p =
+            ((slot.var.as_tensor() * h.decay as f64)? - (m.div(&denom)? * h.step_size as f64)?)?;
         slot.var.set(&p)?;
         st.m = m.flatten_all()?.to_vec1()?;
         st.v = v.flatten_all()?.to_vec1()?;
@@ -183,24 +234,49 @@ impl AdamW {
     pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for s in &self.slots {
-            let st = s.state.lock().map_err(|_| Error::Msg("optimizer state poisoned".into()))?;
+            let st = s
+                .state
+                .lock()
+                .map_err(|_| Error::Msg("optimizer state poisoned".into()))?;
             let shape = s.var.shape().clone();
-            out.insert(format!("exp_avg.{}", s.name), Tensor::from_slice(&st.m, &shape, &candle_core::Device::Cpu)?);
-            out.insert(format!("exp_avg_sq.{}", s.name), Tensor::from_slice(&st.v, &shape, &candle_core::Device::Cpu)?);
+            out.insert(
+                format!("exp_avg.{}", s.name),
+                Tensor::from_slice(&st.m, &shape, &candle_core::Device::Cpu)?,
+            );
+            out.insert(
+                format!("exp_avg_sq.{}", s.name),
+                Tensor::from_slice(&st.v, &shape, &candle_core::Device::Cpu)?,
+            );
         }
         Ok(out)
     }
 
     /// Restores moments and the step count saved by [`Self::state_tensors`].
-    pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>, step: u64, file: &std::path::Path) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        tensors: &BTreeMap<String, Tensor>,
+        step: u64,
+        file: &std::path::Path,
+    ) -> Result<()> {
         for s in &self.slots {
-            let mut st = s.state.lock().map_err(|_| Error::Msg("optimizer state poisoned".into()))?;
+            let mut st = s
+                .state
+                .lock()
+                .map_err(|_| Error::Msg("optimizer state poisoned".into()))?;
             let Moments { m, v } = &mut *st;
             for (prefix, dst) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 let key = format!("{prefix}.{}", s.name);
-                let t = tensors.get(&key).ok_or_else(|| Error::Missing { path: file.into(), key: key.clone() })?;
+                let t = tensors.get(&key).ok_or_else(|| Error::Missing {
+                    path: file.into(),
+                    key: key.clone(),
+                })?;
                 if t.dims() != s.var.dims() {
-                    return Err(Error::Shape { path: file.into(), key, expected: s.var.dims().to_vec(), found: t.dims().to_vec() });
+                    return Err(Error::Shape {
+                        path: file.into(),
+                        key,
+                        expected: s.var.dims().to_vec(),
+                        found: t.dims().to_vec(),
+                    });
                 }
                 *dst = t.flatten_all()?.to_vec1()?;
             }
@@ -209,4 +285,3 @@ impl AdamW {
         Ok(())
     }
 }
-

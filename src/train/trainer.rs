@@ -120,7 +120,10 @@ fn checkpoint_dirs(out: &Path) -> Vec<(usize, PathBuf)> {
     if let Ok(rd) = std::fs::read_dir(out) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) {
+            if let Some(n) = name
+                .strip_prefix("checkpoint-")
+                .and_then(|s| s.parse::<usize>().ok())
+            {
                 if e.path().join("trainer_state.json").exists() {
                     v.push((n, e.path()));
                 }
@@ -135,7 +138,11 @@ fn checkpoint_dirs(out: &Path) -> Vec<(usize, PathBuf)> {
 pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.values() {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        sq += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
     }
     Ok(sq.sqrt())
 }
@@ -144,10 +151,15 @@ impl Trainer {
     /// A trainer with `cfg`.
     pub fn new(cfg: TrainConfig) -> Result<Self> {
         if cfg.max_steps == 0 || cfg.gradient_accumulation_steps == 0 {
-            return Err(Error::Config("max_steps and gradient_accumulation_steps must be at least 1".into()));
+            return Err(Error::Config(
+                "max_steps and gradient_accumulation_steps must be at least 1".into(),
+            ));
         }
         if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
-            return Err(Error::Config(format!("learning rate {} must be positive", cfg.learning_rate)));
+            return Err(Error::Config(format!(
+                "learning rate {} must be positive",
+                cfg.learning_rate
+            )));
         }
         Ok(Self { cfg })
     }
@@ -157,7 +169,12 @@ impl Trainer {
         checkpoint_dirs(&self.cfg.output_dir).pop().map(|(_, p)| p)
     }
 
-    fn save_checkpoint(&self, task: &dyn Task, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+    fn save_checkpoint(
+        &self,
+        task: &dyn Task,
+        opt: &AdamW,
+        state: &TrainerState,
+    ) -> Result<PathBuf> {
         let out = &self.cfg.output_dir;
         let final_dir = out.join(format!("checkpoint-{}", state.step));
         let tmp = out.join(format!(".checkpoint-{}.tmp", state.step));
@@ -165,9 +182,17 @@ impl Trainer {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let params: BTreeMap<String, Tensor> = task.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        let params: BTreeMap<String, Tensor> = task
+            .trainable()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
         save_safetensors(&tmp.join("params.safetensors"), &params, None)?;
-        save_safetensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors()?, None)?;
+        save_safetensors(
+            &tmp.join("optimizer.safetensors"),
+            &opt.state_tensors()?,
+            None,
+        )?;
         task.save_adapter(&tmp.join("adapter"))?;
         let json = serde_json::to_string_pretty(state).map_err(|e| Error::Msg(e.to_string()))?;
         write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
@@ -184,12 +209,23 @@ impl Trainer {
         Ok(final_dir)
     }
 
-    fn load_checkpoint(&self, dir: &Path, task: &dyn Task, opt: &mut AdamW) -> Result<TrainerState> {
+    fn load_checkpoint(
+        &self,
+        dir: &Path,
+        task: &dyn Task,
+        opt: &mut AdamW,
+    ) -> Result<TrainerState> {
         let sp = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
-        let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::format(&sp, e.to_string()))?;
+        let state: TrainerState =
+            serde_json::from_str(&text).map_err(|e| Error::format(&sp, e.to_string()))?;
         if state.seed != self.cfg.seed {
-            return Err(Error::Config(format!("{}: checkpoint seed {} differs from the run's seed {}", sp.display(), state.seed, self.cfg.seed)));
+            return Err(Error::Config(format!(
+                "{}: checkpoint seed {} differs from the run's seed {}",
+                sp.display(),
+                state.seed,
+                self.cfg.seed
+            )));
         }
         let pp = dir.join("params.safetensors");
         let params = SafeTensors::read(&pp)?;
@@ -211,12 +247,31 @@ impl Trainer {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let params = task.trainable();
         if params.is_empty() {
-            return Err(Error::Config("nothing to train: no trainable tensors (did any module match target_modules?)".into()));
+            return Err(Error::Config(
+                "nothing to train: no trainable tensors (did any module match target_modules?)"
+                    .into(),
+            ));
         }
-        let adam = AdamWConfig { beta1: c.adam_beta1, beta2: c.adam_beta2, eps: c.adam_epsilon, weight_decay: c.weight_decay };
+        let adam = AdamWConfig {
+            beta1: c.adam_beta1,
+            beta2: c.adam_beta2,
+            eps: c.adam_epsilon,
+            weight_decay: c.weight_decay,
+        };
         let mut opt = AdamW::new(params.clone(), adam)?;
-        let sched = Schedule { kind: c.lr_scheduler, base_lr: c.learning_rate, warmup: c.warmup_steps, total: c.max_steps };
-        let mut state = TrainerState { step: 0, cursor: 0, seed: c.seed, micro_step: 0, config: c.clone() };
+        let sched = Schedule {
+            kind: c.lr_scheduler,
+            base_lr: c.learning_rate,
+            warmup: c.warmup_steps,
+            total: c.max_steps,
+        };
+        let mut state = TrainerState {
+            step: 0,
+            cursor: 0,
+            seed: c.seed,
+            micro_step: 0,
+            config: c.clone(),
+        };
         let mut resumed_from = None;
         let metrics_path = out.join("metrics.jsonl");
         let mut last_ckpt = "none".to_string();
@@ -232,7 +287,10 @@ impl Trainer {
             Ok(t) if resumed_from.is_some() => t
                 .lines()
                 .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| (s as usize) <= state.step)
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| (s as usize) <= state.step)
                 })
                 .map(String::from)
                 .collect(),
@@ -243,13 +301,18 @@ impl Trainer {
             body.push('\n');
         }
         write_atomic(&metrics_path, body.as_bytes())?;
-        let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+        let mut metrics = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?;
 
         let bar = if std::io::stderr().is_terminal() {
             let b = ProgressBar::new(c.max_steps as u64);
             b.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                    .map_err(|e| Error::Msg(e.to_string()))?,
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .map_err(|e| Error::Msg(e.to_string()))?,
             );
             b.set_position(state.step as u64);
             b
@@ -268,7 +331,12 @@ impl Trainer {
                 let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !lv.is_finite() {
                     bar.abandon();
-                    return Err(Error::NonFinite { what: "loss", value: lv, step: state.step + 1, checkpoint: last_ckpt });
+                    return Err(Error::NonFinite {
+                        what: "loss",
+                        value: lv,
+                        step: state.step + 1,
+                        checkpoint: last_ckpt,
+                    });
                 }
                 loss_sum += lv;
                 let scaled = (loss / c.gradient_accumulation_steps as f64)?;
@@ -289,7 +357,12 @@ impl Trainer {
             let norm = global_norm(&acc)?;
             if !norm.is_finite() {
                 bar.abandon();
-                return Err(Error::NonFinite { what: "gradient norm", value: norm, step: state.step + 1, checkpoint: last_ckpt });
+                return Err(Error::NonFinite {
+                    what: "gradient norm",
+                    value: norm,
+                    step: state.step + 1,
+                    checkpoint: last_ckpt,
+                });
             }
             let scale = match c.max_grad_norm {
                 Some(m) if norm > m => m / (norm + 1e-6),
@@ -309,10 +382,16 @@ impl Trainer {
             });
             writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
             bar.set_position(state.step as u64);
-            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.2} it/s", 1.0 / dt.max(1e-9)));
+            bar.set_message(format!(
+                "loss {loss:.4} lr {lr:.2e} {:.2} it/s",
+                1.0 / dt.max(1e-9)
+            ));
             let at_end = state.step == c.max_steps;
             if at_end || (c.save_steps > 0 && state.step % c.save_steps == 0) {
-                last_ckpt = self.save_checkpoint(task, &opt, &state)?.display().to_string();
+                last_ckpt = self
+                    .save_checkpoint(task, &opt, &state)?
+                    .display()
+                    .to_string();
             }
         }
         bar.finish_and_clear();
@@ -328,7 +407,14 @@ impl Trainer {
         }
         std::fs::rename(&tmp, &adapter_dir).map_err(|e| Error::io(&adapter_dir, e))?;
         plot_metrics(&metrics_path, &out.join("loss_curve.png"))?;
-        Ok(TrainSummary { steps: state.step, first_loss, last_loss, seconds: start.elapsed().as_secs_f64(), adapter_dir, resumed_from })
+        Ok(TrainSummary {
+            steps: state.step,
+            first_loss,
+            last_loss,
+            seconds: start.elapsed().as_secs_f64(),
+            adapter_dir,
+            resumed_from,
+        })
     }
 }
 
@@ -337,18 +423,39 @@ pub fn plot_metrics(metrics: &Path, png: &Path) -> Result<()> {
     let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
     let mut pts = vec![];
     for l in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(l).map_err(|e| Error::format(metrics, e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(l).map_err(|e| Error::format(metrics, e.to_string()))?;
         if let (Some(s), Some(loss)) = (v["step"].as_f64(), v["loss"].as_f64()) {
             pts.push((s, loss));
         }
     }
     let mut ema = vec![];
     let mut m = f64::NAN;
-    let k = 2.0 / (1.0 + (pts.len() as f64 / 10.0).max(1.0));
+    let k = 2.0 / (1.0 + (pts.len() as f64 / 50.0).max(1.0));
     for (s, l) in &pts {
         m = if m.is_nan() { *l } else { m + k * (l - m) };
         ema.push((*s, m));
     }
-    let series = vec![Series { label: "loss".into(), points: pts }, Series { label: "moving average".into(), points: ema }];
-    line_plot(png, "training loss", "optimizer step", "loss", &series)
+    let (lo, hi) = pts.iter().fold((f64::INFINITY, 0f64), |(lo, hi), (_, l)| {
+        (lo.min(*l), hi.max(*l))
+    });
+    let log_y = lo > 0.0 && hi / lo > 30.0;
+    let series = vec![
+        Series {
+            label: "loss".into(),
+            points: pts,
+        },
+        Series {
+            label: "moving average".into(),
+            points: ema,
+        },
+    ];
+    line_plot(
+        png,
+        "training loss",
+        "optimizer step",
+        "loss",
+        &series,
+        log_y,
+    )
 }

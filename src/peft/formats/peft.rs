@@ -27,13 +27,27 @@ pub struct SaveOptions {
 fn keys_for(kind: BaseKind, path: &str) -> (String, String, String) {
     let p = format!("base_model.model.{path}");
     match kind {
-        BaseKind::Embedding => (format!("{p}.lora_embedding_A"), format!("{p}.lora_embedding_B"), format!("{p}.lora_magnitude_vector")),
-        _ => (format!("{p}.lora_A.weight"), format!("{p}.lora_B.weight"), format!("{p}.lora_magnitude_vector")),
+        BaseKind::Embedding => (
+            format!("{p}.lora_embedding_A"),
+            format!("{p}.lora_embedding_B"),
+            format!("{p}.lora_magnitude_vector"),
+        ),
+        _ => (
+            format!("{p}.lora_A.weight"),
+            format!("{p}.lora_B.weight"),
+            format!("{p}.lora_magnitude_vector"),
+        ),
     }
 }
 
 /// Writes adapter `name` of `layers` as a PEFT folder at `dir` (files written atomically).
-pub fn save(dir: &Path, layers: &[&AdaptedLayer], name: &str, cfg: &AdapterConfig, opts: SaveOptions) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    layers: &[&AdaptedLayer],
+    name: &str,
+    cfg: &AdapterConfig,
+    opts: SaveOptions,
+) -> Result<()> {
     let mut tensors = BTreeMap::new();
     let mut cfg = cfg.clone();
     let mut converted = false;
@@ -45,13 +59,18 @@ pub fn save(dir: &Path, layers: &[&AdaptedLayer], name: &str, cfg: &AdapterConfi
                 tensors.insert(format!("{p}.bias"), b.as_tensor().clone());
             }
         }
-        let Some(ad) = l.adapters().get(name) else { continue };
+        let Some(ad) = l.adapters().get(name) else {
+            continue;
+        };
         let (ka, kb, km) = keys_for(l.kind(), l.path());
         let (mut a, mut b) = (ad.a.as_tensor().clone(), ad.b.as_tensor().clone());
         if opts.plain_lora {
             if let Some((a0, b0)) = &ad.initial {
                 if ad.magnitude.is_some() {
-                    return Err(Error::Msg(format!("{}: DoRA with PiSSA/OLoRA init cannot be exported as plain LoRA", l.path())));
+                    return Err(Error::Msg(format!(
+                        "{}: DoRA with PiSSA/OLoRA init cannot be exported as plain LoRA",
+                        l.path()
+                    )));
                 }
                 a = Tensor::cat(&[&a, a0], 0)?;
                 b = Tensor::cat(&[&b, &b0.neg()?], 1)?;
@@ -78,7 +97,9 @@ pub fn save(dir: &Path, layers: &[&AdaptedLayer], name: &str, cfg: &AdapterConfi
         cfg.init_lora_weights = InitSpec::Bool(true);
     }
     if tensors.is_empty() {
-        return Err(Error::Msg(format!("no layer carries adapter `{name}`: nothing to save")));
+        return Err(Error::Msg(format!(
+            "no layer carries adapter `{name}`: nothing to save"
+        )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -101,7 +122,12 @@ fn find(st: &SafeTensors, key: &str, name: &str) -> Option<String> {
 
 fn check_shape(st: &SafeTensors, key: &str, t: &Tensor, want: &[usize]) -> Result<Tensor> {
     if t.dims() != want {
-        return Err(Error::Shape { path: st.path().to_path_buf(), key: key.into(), expected: want.to_vec(), found: t.dims().to_vec() });
+        return Err(Error::Shape {
+            path: st.path().to_path_buf(),
+            key: key.into(),
+            expected: want.to_vec(),
+            found: t.dims().to_vec(),
+        });
     }
     Ok(t.to_dtype(DType::F32)?)
 }
@@ -120,14 +146,19 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
         // modules_to_save
         let p = format!("base_model.model.{path}");
         if cfg.saves_module(&path) {
-            let kw = find(&st, &format!("{p}.weight"), name)
-                .ok_or_else(|| Error::Missing { path: wpath.clone(), key: format!("{p}.weight") })?;
+            let kw = find(&st, &format!("{p}.weight"), name).ok_or_else(|| Error::Missing {
+                path: wpath.clone(),
+                key: format!("{p}.weight"),
+            })?;
             let w = check_shape(&st, &kw, &st.get(&kw)?, l.weight().dims())?;
             used.insert(kw);
             let b = match l.bias().map(|b| b.dims().to_vec()) {
                 Some(bd) => {
-                    let kb = find(&st, &format!("{p}.bias"), name)
-                        .ok_or_else(|| Error::Missing { path: wpath.clone(), key: format!("{p}.bias") })?;
+                    let kb =
+                        find(&st, &format!("{p}.bias"), name).ok_or_else(|| Error::Missing {
+                            path: wpath.clone(),
+                            key: format!("{p}.bias"),
+                        })?;
                     let b = check_shape(&st, &kb, &st.get(&kb)?, &bd)?;
                     used.insert(kb);
                     Some(b)
@@ -140,7 +171,10 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
         let (ka, kb, km) = keys_for(kind, &path);
         let (Some(ka), Some(kb)) = (find(&st, &ka, name), find(&st, &kb, name)) else {
             if cfg.targets(&path, kind.module_kind(), path.ends_with("lm_head"))? {
-                return Err(Error::Missing { path: wpath.clone(), key: ka });
+                return Err(Error::Missing {
+                    path: wpath.clone(),
+                    key: ka,
+                });
             }
             continue;
         };
@@ -153,13 +187,23 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
         if settings.r != r {
             return Err(Error::format(
                 &wpath,
-                format!("`{ka}` has rank {r}, but the config gives rank {} for `{path}`", settings.r),
+                format!(
+                    "`{ka}` has rank {r}, but the config gives rank {} for `{path}`",
+                    settings.r
+                ),
             ));
         }
         let magnitude = if cfg.use_dora {
-            let km2 = find(&st, &km, name).ok_or_else(|| Error::Missing { path: wpath.clone(), key: km.clone() })?;
+            let km2 = find(&st, &km, name).ok_or_else(|| Error::Missing {
+                path: wpath.clone(),
+                key: km.clone(),
+            })?;
             let m = st.get(&km2)?;
-            let m = if m.elem_count() == sm[0] { m.flatten_all()? } else { m };
+            let m = if m.elem_count() == sm[0] {
+                m.flatten_all()?
+            } else {
+                m
+            };
             let m = check_shape(&st, &km2, &m, &sm)?;
             used.insert(km2);
             Some(Var::from_tensor(&m)?)
@@ -182,7 +226,10 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
         l.insert_adapter(name, adapter)?;
     }
     if let Some(k) = st.keys().find(|k| !used.contains(*k)) {
-        return Err(Error::format(&wpath, format!("tensor `{k}` does not match any module of the model")));
+        return Err(Error::format(
+            &wpath,
+            format!("tensor `{k}` does not match any module of the model"),
+        ));
     }
     Ok(cfg)
 }
