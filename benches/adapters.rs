@@ -188,7 +188,53 @@ fn bench_adamw(c: &mut Criterion) {
     let _ = Device::Cpu;
 }
 
-criterion_group!(benches, bench_linear, bench_adamw);
+/// Interleaved timing: every round runs each variant once, so that machine noise hits all variants
+/// alike; reports medians of the per-round ratios (the figures the issue asks for).
+fn ratio_report() {
+    for (d, rounds) in [(1024, 21), (4096, 7)] {
+        for r in [8, 64] {
+            let vs = [
+                Variant::Frozen,
+                Variant::Lora,
+                Variant::Dora,
+                Variant::FullGrad,
+            ];
+            let setups: Vec<Setup> = vs.iter().map(|v| setup(d, r, *v)).collect();
+            setups.iter().for_each(|s| {
+                step(s);
+            });
+            let mut times = vec![vec![]; vs.len()];
+            for round in 0..rounds {
+                for k in 0..vs.len() {
+                    let i = (k + round) % vs.len();
+                    let t = std::time::Instant::now();
+                    step(&setups[i]);
+                    times[i].push(t.elapsed().as_secs_f64());
+                }
+            }
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(|a, b| a.total_cmp(b));
+                v[v.len() / 2]
+            };
+            let ratio = |a: usize, b: usize| {
+                median(times[a].iter().zip(&times[b]).map(|(x, y)| x / y).collect())
+            };
+            eprintln!(
+                "ratios d={d} r={r} tokens={TOKENS} ({rounds} interleaved rounds): frozen {:.1} ms; LoRA/frozen {:.3}; DoRA/LoRA {:.3}; full-grad/frozen {:.3}",
+                median(times[0].clone()) * 1e3,
+                ratio(1, 0),
+                ratio(2, 1),
+                ratio(3, 0)
+            );
+        }
+    }
+}
+
+fn bench_ratios(_: &mut Criterion) {
+    ratio_report();
+}
+
+criterion_group!(benches, bench_ratios, bench_linear, bench_adamw);
 
 fn main() {
     benches();

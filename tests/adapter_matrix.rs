@@ -460,3 +460,59 @@ fn default_init_is_a_no_op_and_gaussian_too() {
     assert!(a <= 0.25 && a > 0.15, "A bound {a}");
     let _ = DType::F32;
 }
+
+#[test]
+fn fused_lora_and_dora_match_the_composite_reference() {
+    // The fast single-node path against the obviously correct composition of candle ops.
+    for m in [Method::Lora, Method::Dora] {
+        let l = adapted(Kind::Linear, m);
+        let ad = &l.adapters()["default"];
+        let xv = candle_core::Var::from_tensor(&input(Kind::Linear)).unwrap();
+        let x = xv.as_tensor();
+        let g = randn(&[3, 5, 24], 1.0, "g");
+        let y = fwd(&l, x);
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        // Reference: W, A, B as plain graph tensors.
+        let w = l.weight();
+        let x2 = x.reshape((15, 16)).unwrap();
+        let lora = x2
+            .matmul(&ad.a.t().unwrap())
+            .unwrap()
+            .matmul(&ad.b.t().unwrap())
+            .unwrap();
+        let u = (x2.matmul(&w.t().unwrap()).unwrap() + (lora * ad.scale).unwrap()).unwrap();
+        let u = match &ad.magnitude {
+            None => u,
+            Some(mag) => {
+                let delta = (ad.b.matmul(&ad.a).unwrap() * ad.scale).unwrap();
+                let n = (w + delta)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum(1)
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .detach();
+                u.broadcast_mul(&mag.div(&n).unwrap().reshape((1, 24)).unwrap())
+                    .unwrap()
+            }
+        };
+        let yr = u
+            .broadcast_add(&l.bias().unwrap().reshape((1, 24)).unwrap())
+            .unwrap()
+            .reshape((3, 5, 24))
+            .unwrap();
+        assert!(rel_err(&y, &yr) < 1e-5, "{m:?} forward");
+        let grads_r = (&yr * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in l
+            .named_vars()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .chain([("x".to_string(), x.clone())])
+        {
+            let e = rel_err(grads.get(&v).unwrap(), grads_r.get(&v).unwrap());
+            assert!(e < 1e-5, "{m:?} gradient of {name}: {e}");
+        }
+    }
+}

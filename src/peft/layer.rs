@@ -117,6 +117,8 @@ pub struct AdaptedLayer {
     path: String,
     kind: BaseKind,
     weight: Tensor,
+    /// ‖W‖² per output feature, for DoRA norms without a weight-sized temporary.
+    weight_sq: Tensor,
     bias: Option<Tensor>,
     adapters: BTreeMap<String, LoraAdapter>,
     active: Vec<String>,
@@ -153,10 +155,12 @@ impl AdaptedLayer {
                 )));
             }
         }
+        let weight_sq = Self::feature_sq(kind, &weight)?;
         Ok(Self {
             path: path.to_string(),
             kind,
             weight,
+            weight_sq,
             bias,
             adapters: BTreeMap::new(),
             active: vec![],
@@ -164,6 +168,47 @@ impl AdaptedLayer {
             merged: vec![],
             saved: None,
         })
+    }
+
+    fn feature_sq(kind: BaseKind, w: &Tensor) -> Result<Tensor> {
+        let w = w.to_dtype(DType::F32)?;
+        Ok(match kind {
+            BaseKind::Embedding => w.sqr()?.sum(0)?,
+            _ => w.flatten_from(1)?.sqr()?.sum(1)?,
+        })
+    }
+
+    fn set_weight(&mut self, w: Tensor) -> Result<()> {
+        self.weight_sq = Self::feature_sq(self.kind, &w)?;
+        self.weight = w;
+        Ok(())
+    }
+
+    /// The DoRA norm ‖W + s·B A‖ per output feature, detached, without forming W + ΔW:
+    /// ‖W‖² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·Σ_k (B·(A Aᵀ))_ik B_ik.
+    fn dora_norm(&self, ad: &LoraAdapter) -> Result<Tensor> {
+        let a = ad.a.as_tensor().detach();
+        let b = ad.b.as_tensor().detach();
+        let w = self.weight.to_dtype(DType::F32)?;
+        let (a, b, wa) = match self.kind {
+            BaseKind::Embedding => {
+                // Wᵀ (dim, num) plays W; ΔWᵀ = s·B A with A (r, num), B (dim, r).
+                let wa = a.matmul(&w)?.t()?; // (dim, r)
+                (a, b, wa)
+            }
+            _ => {
+                let af = a.flatten_from(1)?; // (r, K)
+                let bf = b.flatten_from(1)?; // (out, r)
+                let wa = w.flatten_from(1)?.matmul(&af.t()?)?; // (out, r)
+                (af, bf, wa)
+            }
+        };
+        let s = ad.scale;
+        let cross = (&b * &wa)?.sum(1)?;
+        let aat = a.matmul(&a.t()?)?;
+        let quad = (b.matmul(&aat)? * &b)?.sum(1)?;
+        let n2 = ((&self.weight_sq + (cross * (2.0 * s))?)? + (quad * (s * s))?)?;
+        Ok(n2.relu()?.sqrt()?)
     }
 
     /// The module path (`model.layers.0.self_attn.q_proj`).
@@ -284,7 +329,7 @@ impl AdaptedLayer {
                     Init::Pissa(niter) => init::pissa(&w, r, scale, niter, &mut rng)?,
                     _ => init::olora(&w, r, scale)?,
                 };
-                self.weight = res.to_dtype(self.weight.dtype())?;
+                self.set_weight(res.to_dtype(self.weight.dtype())?)?;
                 initial = Some((a.clone(), b.clone()));
                 (a, b)
             }
@@ -308,8 +353,7 @@ impl AdaptedLayer {
         };
         self.adapters.insert(name.to_string(), adapter);
         if cfg.use_dora {
-            let ad = &self.adapters[name];
-            let n = self.weight_norm(&self.weight, &self.delta_of(ad, 1.0)?)?;
+            let n = self.dora_norm(&self.adapters[name])?;
             self.adapters
                 .get_mut(name)
                 .expect("just inserted")
@@ -505,6 +549,34 @@ impl AdaptedLayer {
             };
             return self.add_bias(y, s.bias.as_ref().map(|v| v.as_tensor()));
         }
+        let live: Vec<&LoraAdapter> = if self.enabled {
+            self.active
+                .iter()
+                .filter(|n| !self.merged.iter().any(|(m, _)| m == *n))
+                .filter_map(|n| self.adapters.get(n))
+                .collect()
+        } else {
+            vec![]
+        };
+        // Fast path: one linear adapter without dropout in effect is a single fused node.
+        if let ([ad], BaseKind::Linear, true) = (live.as_slice(), self.kind, x.device().is_cpu()) {
+            if !(ctx.train && ad.dropout > 0.0) {
+                let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
+                match &ad.magnitude {
+                    None => {
+                        let y = ops::lora_linear(x, &self.weight, a, b, ad.scale * ad.multiplier)?;
+                        return self.add_bias(y, self.bias.as_ref());
+                    }
+                    Some(m) if ad.multiplier == 1.0 => {
+                        // y = g ⊙ (W x + s·B A x) + b with g = m / ‖W + s·B A‖ (detached norm).
+                        let u = ops::lora_linear(x, &self.weight, a, b, ad.scale)?;
+                        let g = m.as_tensor().div(&self.dora_norm(ad)?)?;
+                        return self.add_bias(ops::scale_columns(&u, &g)?, self.bias.as_ref());
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
         let base = self.base_path(&self.weight, x)?;
         let mut y = base.clone();
         if self.enabled {
@@ -526,8 +598,8 @@ impl AdaptedLayer {
                 let contrib = match &ad.magnitude {
                     None => lora,
                     Some(m) => {
-                        let n = self.weight_norm(&self.weight, &self.delta_of(ad, 1.0)?)?;
-                        let g = self.feature_view(&m.as_tensor().div(&n)?, y.rank())?;
+                        let g =
+                            self.feature_view(&m.as_tensor().div(&self.dora_norm(ad)?)?, y.rank())?;
                         let base_d = if use_dropout {
                             self.base_path(&self.weight, &xd)?
                         } else {
@@ -594,7 +666,7 @@ impl AdaptedLayer {
                     self.path
                 )));
             }
-            self.weight = w.to_dtype(self.weight.dtype())?;
+            self.set_weight(w.to_dtype(self.weight.dtype())?)?;
             self.merged.push((name, norm));
         }
         Ok(())
@@ -622,7 +694,7 @@ impl AdaptedLayer {
                     )))
                 }
             };
-            self.weight = restored.to_dtype(self.weight.dtype())?;
+            self.set_weight(restored.to_dtype(self.weight.dtype())?)?;
         }
         Ok(())
     }

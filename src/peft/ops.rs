@@ -4,14 +4,18 @@
 //! plain (frozen) tensor: a weight-sized buffer per layer per step, for nothing. The ops here compute
 //! the forward with ordinary candle kernels on a detached input, then attach a node whose backward
 //! returns only the input gradient (`g · W` for a linear layer, a transposed convolution for conv2d).
-//! No weight-sized gradient is ever allocated.
+//! No weight-sized gradient is ever allocated. The fused LoRA node ([`lora_linear`]) and DoRA's
+//! column scaling ([`scale_columns`]) live here too: they remove the output-sized intermediates that
+//! candle keeps per elementwise node, in both passes. Each has a composite reference in the tests.
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// Re-attaches a detached forward result `y` to the graph of the input `x`, with a backward that
-/// only knows how to map the output gradient to the input gradient.
+/// only knows how to map the output gradient to the input gradient. `y` is taken out when the node
+/// copies it, so the graph does not keep a second output-sized tensor alive.
 struct Attach<F: Fn(&Tensor) -> Result<Tensor> + Send + Sync> {
     name: &'static str,
+    y: std::sync::Mutex<Option<Tensor>>,
     input_grad: F,
 }
 
@@ -35,27 +39,29 @@ fn copy_contiguous(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
     })
 }
 
-impl<F: Fn(&Tensor) -> Result<Tensor> + Send + Sync> CustomOp2 for Attach<F> {
+/// Moves the precomputed result out of its slot into fresh storage.
+fn take_result(slot: &std::sync::Mutex<Option<Tensor>>, name: &str) -> Result<(CpuStorage, Shape)> {
+    let y = slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{name}: poisoned")))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: forward ran twice")))?;
+    let (s, l) = y.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(c) => Ok((copy_contiguous(c, l)?, l.shape().clone())),
+        _ => candle_core::bail!("{name}: CPU only"),
+    }
+}
+
+impl<F: Fn(&Tensor) -> Result<Tensor> + Send + Sync> candle_core::CustomOp1 for Attach<F> {
     fn name(&self) -> &'static str {
         self.name
     }
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _xl: &Layout,
-        y: &CpuStorage,
-        yl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((copy_contiguous(y, yl)?, yl.shape().clone()))
+    fn cpu_fwd(&self, _x: &CpuStorage, _xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        take_result(&self.y, self.name)
     }
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.input_grad)(grad)?), None))
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.input_grad)(grad)?))
     }
 }
 
@@ -67,15 +73,11 @@ where
         // Nothing upstream needs a gradient: the plain result is enough.
         return Ok(y);
     }
-    if !x.device().is_cpu() {
-        // The copy-attach kernel is CPU only; elsewhere fall back to the differentiable path
-        // (correct, at the cost of the weight gradient).
-        return Err(candle_core::Error::Msg("frozen op: non-CPU device".into()));
-    }
-    x.apply_op2_arc(
-        &y,
-        std::sync::Arc::new(Box::new(Attach { name, input_grad })),
-    )
+    x.apply_op1_arc(std::sync::Arc::new(Box::new(Attach {
+        name,
+        y: std::sync::Mutex::new(Some(y)),
+        input_grad,
+    })))
 }
 
 /// `x · Wᵀ` for a frozen weight `w` of shape (out, in); `x` is (..., in). Backward gives only dL/dx.
@@ -163,4 +165,236 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
         full.narrow(2, cfg.padding, in_h)?
             .narrow(3, cfg.padding, in_w)
     })
+}
+
+/// The whole LoRA linear layer as one node: `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for a frozen `w` (out, in) and
+/// trainable `a` (r, in), `b` (out, r). Backward gives dL/dx, dL/dA and dL/dB, and nothing
+/// weight-sized: candle would otherwise keep one output-sized tensor per intermediate node
+/// (scale, add) in both passes. CPU, f32 (layers take the composite path elsewhere).
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let xd = x.detach();
+    let dims = x.dims().to_vec();
+    let inn = dims[dims.len() - 1];
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let x2 = xd.reshape((lead, inn))?;
+    let h = x2.matmul(&a.detach().t()?)?; // (tokens, r)
+    let y = x2.matmul(&w.t()?)?;
+    add_assign(&y, &(&h * scale)?.matmul(&b.detach().t()?)?)?;
+    let mut yd = dims;
+    let last = yd.len() - 1;
+    yd[last] = w.dim(0)?;
+    let y = y.reshape(yd)?;
+    let op = LoraOp {
+        w: w.clone(),
+        h,
+        scale,
+        y: std::sync::Mutex::new(Some(y.clone())),
+    };
+    x.apply_op3_arc(a, b, std::sync::Arc::new(Box::new(op)))
+}
+
+struct LoraOp {
+    w: Tensor,
+    h: Tensor,
+    scale: f64,
+    /// The forward result, computed with candle kernels before the node is made; taken (not kept)
+    /// when the node copies it out.
+    y: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl candle_core::CustomOp3 for LoraOp {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        take_result(&self.y, "lora-linear")
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let xdims = x.dims();
+        let inn = xdims[xdims.len() - 1];
+        let out = self.w.dim(0)?;
+        let lead = grad.elem_count() / out;
+        let g2 = grad.reshape((lead, out))?;
+        let gb = (g2.matmul(b)? * self.scale)?; // (tokens, r) = s·g·B
+        let gx = g2.matmul(&self.w)?;
+        add_assign(&gx, &gb.matmul(a)?)?;
+        let gx = gx.reshape(xdims)?;
+        let x2 = x.reshape((lead, inn))?;
+        let ga = gb.t()?.matmul(&x2)?; // (r, in)
+        let gbw = (g2.t()?.matmul(&self.h)? * self.scale)?; // (out, r)
+        Ok((Some(gx), Some(ga), Some(gbw)))
+    }
+}
+
+/// `dst += src` in place, over all cores (candle's elementwise ops run on one thread and allocate).
+/// `dst` must be a fresh tensor owned by the caller (not part of any graph); CPU f32, contiguous.
+pub fn add_assign(dst: &Tensor, src: &Tensor) -> Result<()> {
+    dst.inplace_op2(src, &AddAssign)
+}
+
+struct AddAssign;
+impl candle_core::InplaceOp2 for AddAssign {
+    fn name(&self) -> &'static str {
+        "add-assign"
+    }
+    fn cpu_fwd(&self, d: &mut CpuStorage, dl: &Layout, s: &CpuStorage, sl: &Layout) -> Result<()> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(d), CpuStorage::F32(s)) = (d, s) else {
+            candle_core::bail!("add-assign: f32 only")
+        };
+        let (Some((da, db)), Some((sa, sb))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
+            candle_core::bail!("add-assign: contiguous tensors only")
+        };
+        if db - da != sb - sa {
+            candle_core::bail!("add-assign: sizes differ ({} vs {})", db - da, sb - sa)
+        }
+        d[da..db]
+            .par_chunks_mut(1 << 15)
+            .zip(s[sa..sb].par_chunks(1 << 15))
+            .for_each(|(d, s)| {
+                d.iter_mut().zip(s).for_each(|(d, s)| *d += *s);
+            });
+        Ok(())
+    }
+}
+
+/// `u ⊙ g` for `u` (..., n) and a per-column scale `g` (n): DoRA's magnitude scaling as one node with
+/// a two-core forward and a single-pass backward (dL/du = grad ⊙ g, dL/dg = Σ_rows grad ⊙ u, summed in
+/// a fixed order so that runs are reproducible). CPU, f32, contiguous.
+pub fn scale_columns(u: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let n = g.dim(0)?;
+    if u.dim(u.rank() - 1)? != n || g.rank() != 1 {
+        candle_core::bail!(
+            "scale_columns: u {:?} and g {:?} do not fit",
+            u.dims(),
+            g.dims()
+        );
+    }
+    u.contiguous()?.apply_op2(&g.contiguous()?, ColScale)
+}
+
+const ROWS: usize = 64;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what}: needs contiguous f32"),
+    }
+}
+
+struct ColScale;
+impl CustomOp2 for ColScale {
+    fn name(&self) -> &'static str {
+        "scale-columns"
+    }
+    fn cpu_fwd(
+        &self,
+        su: &CpuStorage,
+        lu: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (u, g) = (
+            f32_slice(su, lu, "scale_columns")?,
+            f32_slice(sg, lg, "scale_columns")?,
+        );
+        let n = g.len();
+        let mut out = vec![0f32; u.len()];
+        out.par_chunks_mut(n * ROWS)
+            .zip(u.par_chunks(n * ROWS))
+            .for_each(|(o, u)| {
+                for (orow, urow) in o.chunks_mut(n).zip(u.chunks(n)) {
+                    for j in 0..n {
+                        orow[j] = urow[j] * g[j];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), lu.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        u: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = g.dim(0)?;
+        let rows = u.elem_count() / n;
+        let packed = grad
+            .contiguous()?
+            .apply_op2_no_bwd(u, &ColScaleBwd { g: g.clone() })?; // (rows + 1, n)
+        let gu = packed.narrow(0, 0, rows)?.reshape(u.shape())?;
+        let gg = packed.narrow(0, rows, 1)?.reshape(n)?;
+        Ok((Some(gu), Some(gg)))
+    }
+}
+
+struct ColScaleBwd {
+    g: Tensor,
+}
+impl CustomOp2 for ColScaleBwd {
+    fn name(&self) -> &'static str {
+        "scale-columns-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        sgr: &CpuStorage,
+        lgr: &Layout,
+        su: &CpuStorage,
+        lu: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (grad, u) = (
+            f32_slice(sgr, lgr, "scale_columns bwd")?,
+            f32_slice(su, lu, "scale_columns bwd")?,
+        );
+        let (gs, gl) = self.g.storage_and_layout();
+        let g = match &*gs {
+            candle_core::Storage::Cpu(c) => f32_slice(c, gl, "scale_columns bwd")?.to_vec(),
+            _ => candle_core::bail!("scale_columns: CPU only"),
+        };
+        let n = g.len();
+        let rows = u.len() / n;
+        let mut out = vec![0f32; u.len() + n];
+        let (gu, _) = out.split_at_mut(u.len());
+        let partials: Vec<Vec<f32>> = gu
+            .par_chunks_mut(n * ROWS)
+            .zip(grad.par_chunks(n * ROWS))
+            .zip(u.par_chunks(n * ROWS))
+            .map(|((o, gr), u)| {
+                let mut acc = vec![0f32; n];
+                for ((orow, grow), urow) in o.chunks_mut(n).zip(gr.chunks(n)).zip(u.chunks(n)) {
+                    for j in 0..n {
+                        orow[j] = grow[j] * g[j];
+                        acc[j] += grow[j] * urow[j];
+                    }
+                }
+                acc
+            })
+            .collect();
+        let tail = &mut out[rows * n..];
+        for p in &partials {
+            for j in 0..n {
+                tail[j] += p[j];
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 1, n))))
+    }
 }
