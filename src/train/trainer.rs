@@ -387,7 +387,7 @@ impl Trainer {
                 1.0 / dt.max(1e-9)
             ));
             let at_end = state.step == c.max_steps;
-            if at_end || (c.save_steps > 0 && state.step % c.save_steps == 0) {
+            if at_end || (c.save_steps > 0 && state.step.is_multiple_of(c.save_steps)) {
                 last_ckpt = self
                     .save_checkpoint(task, &opt, &state)?
                     .display()
