@@ -3,6 +3,30 @@
 //!
 //! A model is built through an [`AdapterPlan`]: each layer asks the plan for an adapted layer at its
 //! module path, and gets adapters for every configuration that targets that path.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use postforge::peft::{AdapterConfig, AdapterPlan, ForwardCtx};
+//!
+//! # fn main() -> postforge::Result<()> {
+//! let mut cfg = AdapterConfig::lora(4, 8.0, &["q_proj"]); // r = 4, lora_alpha = 8
+//! cfg.use_dora = true;
+//! let plan = AdapterPlan::single(cfg, 0)?;
+//! let w = Tensor::randn(0f32, 0.1, (32, 16), &Device::Cpu)?;
+//! let mut q = plan.linear("model.layers.0.self_attn.q_proj", w, None)?;
+//! let k = plan.linear("model.layers.0.self_attn.k_proj", Tensor::zeros((32, 16), candle_core::DType::F32, &Device::Cpu)?, None)?;
+//! assert_eq!(q.adapters().len(), 1); // targeted
+//! assert!(k.adapters().is_empty()); // not targeted: a plain frozen layer
+//!
+//! let x = Tensor::randn(0f32, 1.0, (2, 5, 16), &Device::Cpu)?;
+//! let y = q.forward(&x, &ForwardCtx::eval())?;
+//! q.merge(None)?; // fold the adapter into the base weight
+//! let merged = q.forward(&x, &ForwardCtx::eval())?;
+//! let diff = (y - merged)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(diff < 1e-5);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod config;
 pub mod formats;
