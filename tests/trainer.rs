@@ -213,26 +213,60 @@ fn every_trainable_tensor_of_a_model_gets_gradient_and_frozen_weights_none() {
         cfg.init_lora_weights = postforge::peft::InitSpec::Bool(false);
         cfg.modules_to_save = Some(vec!["head".into()]);
         let w = CFG.random_weights(3).unwrap();
-        let model = Mlp::new(&CFG, &w, &AdapterPlan::single(cfg, 5).unwrap(), Path::new("mem")).unwrap();
+        let model = Mlp::new(
+            &CFG,
+            &w,
+            &AdapterPlan::single(cfg, 5).unwrap(),
+            Path::new("mem"),
+        )
+        .unwrap();
         let trainable = model.trainable();
-        assert_eq!(trainable.len(), 2 * 2 * (2 + dora as usize) + 2, "{:?}", trainable.iter().map(|t| &t.0).collect::<Vec<_>>());
+        assert_eq!(
+            trainable.len(),
+            2 * 2 * (2 + dora as usize) + 2,
+            "{:?}",
+            trainable.iter().map(|t| &t.0).collect::<Vec<_>>()
+        );
         let x = randn(&[8, 16], 1.0, "gx");
-        let loss = model.forward(&x, &ForwardCtx::train(1, 0)).unwrap().sqr().unwrap().mean_all().unwrap();
+        let loss = model
+            .forward(&x, &ForwardCtx::train(1, 0))
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
         let grads = loss.backward().unwrap();
         for (name, v) in &trainable {
-            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-            let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let n = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(n.is_finite() && n > 0.0, "{name}: |g|² = {n}");
         }
         // No gradient buffer has the size of a frozen weight.
-        let frozen_sizes: Vec<usize> = model.layers().iter().filter(|l| l.trainable_copy().is_none()).map(|l| l.weight().elem_count()).collect();
+        let frozen_sizes: Vec<usize> = model
+            .layers()
+            .iter()
+            .filter(|l| l.trainable_copy().is_none())
+            .map(|l| l.weight().elem_count())
+            .collect();
         let trainable_ids: Vec<_> = trainable.iter().map(|(_, v)| v.id()).collect();
         for id in grads.get_ids() {
             if trainable_ids.contains(id) {
                 continue;
             }
             let t = grads.get_id(*id).unwrap();
-            assert!(!frozen_sizes.contains(&t.elem_count()), "a frozen-weight-sized gradient {:?}", t.dims());
+            assert!(
+                !frozen_sizes.contains(&t.elem_count()),
+                "a frozen-weight-sized gradient {:?}",
+                t.dims()
+            );
         }
     }
 }

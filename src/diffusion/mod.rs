@@ -1,0 +1,11 @@
+//! Diffusion: noise schedules and training targets (ε, v, min-SNR-γ, noise offset, masked loss) and
+//! samplers (DDIM, Euler, Euler ancestral) with classifier-free guidance and per-image seeds, with
+//! diffusers' semantics and `scheduler_config.json` fields.
+
+pub mod objective;
+pub mod sampler;
+pub mod schedule;
+
+pub use objective::{Objective, Prediction};
+pub use sampler::{Sampler, SamplerKind};
+pub use schedule::{NoiseSchedule, SchedulerConfig};
