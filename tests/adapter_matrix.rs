@@ -516,3 +516,61 @@ fn fused_lora_and_dora_match_the_composite_reference() {
         }
     }
 }
+
+#[test]
+fn unmerge_restores_the_base_even_if_the_adapter_changed_since() {
+    for m in METHODS {
+        let mut l = adapted(Kind::Linear, m);
+        let w0 = l.weight().clone();
+        l.adapter_mut("default").unwrap().multiplier = 0.7;
+        l.merge(None).unwrap();
+        // The multiplier and the factors change while merged (a sweep, an optimizer step).
+        l.adapter_mut("default").unwrap().multiplier = 0.2;
+        let b = &l.adapters()["default"].b;
+        b.set(&(b.as_tensor() * 3.0).unwrap()).unwrap();
+        l.unmerge().unwrap();
+        assert!(
+            rel_err(l.weight(), &w0) < 1e-6,
+            "{m:?}: {}",
+            rel_err(l.weight(), &w0)
+        );
+    }
+}
+
+#[test]
+fn dora_merge_mixes_and_disabled_merges_are_refused() {
+    let mut l = base(Kind::Linear);
+    l.add_adapter("dora", &config(Method::Dora), 1).unwrap();
+    l.add_adapter("lora", &config(Method::Lora), 2).unwrap();
+    let msg = l.merge(None).unwrap_err().to_string();
+    assert!(
+        msg.contains("DoRA") && msg.contains("dora") && msg.contains("lora"),
+        "{msg}"
+    );
+    assert!(l.merged().is_empty(), "a refused merge changes nothing");
+    l.merge(Some(&["lora"])).unwrap();
+    assert!(l.merge(Some(&["dora"])).is_err());
+    l.unmerge().unwrap();
+    l.set_enabled(false).unwrap();
+    assert!(l
+        .merge(Some(&["lora"]))
+        .unwrap_err()
+        .to_string()
+        .contains("disabled"));
+    // Two active adapters with DoRA: PEFT's eval semantics rescale the running result.
+    l.set_enabled(true).unwrap();
+    let x = input(Kind::Linear);
+    let y = fwd(&l, &x);
+    assert!(y
+        .to_vec3::<f32>()
+        .unwrap()
+        .iter()
+        .flatten()
+        .flatten()
+        .all(|v| v.is_finite()));
+    assert!(
+        l.insert_adapter("lora", l.adapters()["lora"].clone_detached().unwrap())
+            .is_err(),
+        "inserting over an adapter is refused"
+    );
+}

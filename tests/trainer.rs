@@ -270,3 +270,142 @@ fn every_trainable_tensor_of_a_model_gets_gradient_and_frozen_weights_none() {
         }
     }
 }
+
+#[test]
+fn a_fresh_run_does_not_mix_with_an_old_one_and_resume_checks_the_run() {
+    let d = tempfile::tempdir().unwrap();
+    let mut t = task(None);
+    Trainer::new(config(d.path(), 3))
+        .unwrap()
+        .train(&mut t, false)
+        .unwrap();
+    // A second fresh run in the same folder is refused, unless it overwrites.
+    let mut t2 = task(None);
+    let msg = Trainer::new(config(d.path(), 3))
+        .unwrap()
+        .train(&mut t2, false)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("earlier run"), "{msg}");
+    let mut c = config(d.path(), 3);
+    c.overwrite_output_dir = true;
+    Trainer::new(c).unwrap().train(&mut t2, false).unwrap();
+    // Resuming with another accumulation is another experiment: refused, naming the field.
+    let mut c = config(d.path(), 6);
+    c.gradient_accumulation_steps = 1;
+    let msg = Trainer::new(c)
+        .unwrap()
+        .train(&mut task(None), true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("gradient_accumulation_steps") && msg.contains("different run"),
+        "{msg}"
+    );
+    let mut c = config(d.path(), 3);
+    c.max_grad_norm = Some(0.0);
+    assert!(Trainer::new(c).is_err());
+}
+
+#[test]
+fn pissa_exported_as_plain_lora_reproduces_the_model_on_the_original_base() {
+    let mut cfg = AdapterConfig::lora(4, 8.0, &["fc1", "fc2"]);
+    cfg.init_lora_weights = postforge::peft::InitSpec::Method("pissa".into());
+    let w = CFG.random_weights(3).unwrap();
+    let model = Mlp::new(
+        &CFG,
+        &w,
+        &AdapterPlan::single(cfg.clone(), 5).unwrap(),
+        Path::new("mem"),
+    )
+    .unwrap();
+    // Train-like change of the factors.
+    for (i, (_, v)) in model.trainable().into_iter().enumerate() {
+        v.set(&(v.as_tensor() + randn(v.dims(), 0.05, &format!("n{i}"))).unwrap())
+            .unwrap();
+    }
+    let d = tempfile::tempdir().unwrap();
+    files::save(
+        d.path(),
+        &model.layers(),
+        "default",
+        &cfg,
+        SaveOptions { plain_lora: true },
+    )
+    .unwrap();
+    let saved = AdapterConfig::from_json_file(&d.path().join("adapter_config.json")).unwrap();
+    assert_eq!((saved.r, saved.lora_alpha), (8, 16.0));
+    assert_eq!(
+        saved.init_lora_weights,
+        postforge::peft::InitSpec::Bool(true)
+    );
+    let mut plain = Mlp::new(&CFG, &w, &AdapterPlan::none(), Path::new("mem")).unwrap();
+    files::load(d.path(), &mut plain.layers_mut(), "default").unwrap();
+    let x = randn(&[5, 16], 1.0, "px");
+    let e = max_abs_diff(
+        &plain.forward(&x, &ForwardCtx::eval()).unwrap(),
+        &model.forward(&x, &ForwardCtx::eval()).unwrap(),
+    );
+    assert!(e < 1e-5, "{e}");
+    // A PiSSA adapter that lost its initial factors cannot be converted, and says so.
+    let mut reloaded = Mlp::new(&CFG, &w, &AdapterPlan::none(), Path::new("mem")).unwrap();
+    files::save(
+        &d.path().join("pissa"),
+        &model.layers(),
+        "default",
+        &cfg,
+        SaveOptions::default(),
+    )
+    .unwrap();
+    files::load(
+        &d.path().join("pissa"),
+        &mut reloaded.layers_mut(),
+        "default",
+    )
+    .unwrap();
+    let msg = files::save(
+        &d.path().join("x"),
+        &reloaded.layers(),
+        "default",
+        &cfg,
+        SaveOptions { plain_lora: true },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("cannot be converted"), "{msg}");
+}
+
+#[test]
+fn modules_to_save_can_name_a_container() {
+    let mut cfg = AdapterConfig::lora(4, 8.0, &["fc1"]);
+    cfg.modules_to_save = Some(vec!["layers.1".into()]);
+    let w = CFG.random_weights(3).unwrap();
+    let model = Mlp::new(
+        &CFG,
+        &w,
+        &AdapterPlan::single(cfg, 5).unwrap(),
+        Path::new("mem"),
+    )
+    .unwrap();
+    let names: Vec<String> = model.trainable().into_iter().map(|(n, _)| n).collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("layers.1.fc1.modules_to_save")),
+        "{names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains("layers.1.fc2.modules_to_save")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.contains("layers.0.fc1.lora_A")),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.contains("layers.1.fc1.lora_A")),
+        "inside modules_to_save: no adapter"
+    );
+}

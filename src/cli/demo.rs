@@ -222,6 +222,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         save_steps: a.save_steps,
         seed: a.seed,
         output_dir: out.clone(),
+        // The demo is a self-check: a new run replaces an old one unless asked to resume.
+        overwrite_output_dir: !a.resume,
         ..Default::default()
     })?;
     let s = trainer.train(&mut task, a.resume)?;

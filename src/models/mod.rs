@@ -1,3 +1,8 @@
 //! Model families, each built through the adapter core ([`crate::peft::AdapterPlan`]).
 
 pub mod mlp;
+pub mod nn;
+pub mod unet;
+pub mod weights;
+
+pub use weights::Weights;

@@ -253,11 +253,19 @@ impl AdapterConfig {
                 self.lora_dropout
             )));
         }
-        if !matches!(self.bias.as_str(), "none" | "all" | "lora_only") {
-            return Err(Error::Config(format!(
-                "bias `{}` must be none, all or lora_only",
-                self.bias
-            )));
+        match self.bias.as_str() {
+            "none" => {}
+            "all" | "lora_only" => {
+                return Err(Error::Config(format!(
+                    "bias `{}` (trainable base biases) is not supported yet; use `none`",
+                    self.bias
+                )))
+            }
+            b => {
+                return Err(Error::Config(format!(
+                    "bias `{b}` must be none, all or lora_only"
+                )))
+            }
         }
         if self.lora_bias {
             return Err(Error::Config(
@@ -377,10 +385,8 @@ impl AdapterConfig {
 
     /// Whether `path` is one of `modules_to_save` (exact or `.name` suffix).
     pub fn saves_module(&self, path: &str) -> bool {
-        self.modules_to_save.as_ref().is_some_and(|v| {
-            v.iter()
-                .any(|n| path == n || path.ends_with(&format!(".{n}")))
-        })
+        // PEFT's rule: a container such as `classifier` makes every layer under it a trainable copy.
+        self.inside_modules_to_save(path).unwrap_or(false)
     }
 
     /// Rank and alpha for `path`, after `rank_pattern` / `alpha_pattern`.

@@ -112,6 +112,35 @@ struct SavedCopy {
     bias: Option<Var>,
 }
 
+impl LoraAdapter {
+    /// A deep copy with fresh variables (same values, independent training).
+    pub fn clone_detached(&self) -> Result<Self> {
+        let copy = |v: &Var| -> Result<Var> { Ok(Var::from_tensor(&v.as_tensor().copy()?)?) };
+        Ok(Self {
+            r: self.r,
+            alpha: self.alpha,
+            scale: self.scale,
+            dropout: self.dropout,
+            a: copy(&self.a)?,
+            b: copy(&self.b)?,
+            magnitude: self.magnitude.as_ref().map(copy).transpose()?,
+            multiplier: self.multiplier,
+            initial: self.initial.clone(),
+        })
+    }
+}
+
+/// What was merged: the adapter's factors, scale and multiplier at merge time (and the DoRA
+/// magnitude and norm), so that unmerging restores the base even if the adapter changed since.
+struct MergeRecord {
+    name: String,
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    multiplier: f64,
+    dora: Option<(Tensor, Tensor)>,
+}
+
 /// A frozen base layer with named adapters, an active set, enable/disable and merging.
 pub struct AdaptedLayer {
     path: String,
@@ -123,8 +152,8 @@ pub struct AdaptedLayer {
     adapters: BTreeMap<String, LoraAdapter>,
     active: Vec<String>,
     enabled: bool,
-    /// Merged adapters in merge order, with the DoRA norm cached for unmerge.
-    merged: Vec<(String, Option<Tensor>)>,
+    /// Merged adapters in merge order, with what unmerging needs.
+    merged: Vec<MergeRecord>,
     saved: Option<SavedCopy>,
 }
 
@@ -245,19 +274,7 @@ impl AdaptedLayer {
     }
     /// Names of merged adapters.
     pub fn merged(&self) -> Vec<&str> {
-        self.merged.iter().map(|(n, _)| n.as_str()).collect()
-    }
-
-    /// (out features, fan-in of A, rows/cols for the delta) of the base.
-    fn dims(&self) -> Result<(usize, usize)> {
-        Ok(match self.kind {
-            BaseKind::Linear => (self.weight.dim(0)?, self.weight.dim(1)?),
-            BaseKind::Conv2d(_) => {
-                let (o, i, kh, kw) = self.weight.dims4()?;
-                (o, i * kh * kw)
-            }
-            BaseKind::Embedding => (self.weight.dim(1)?, self.weight.dim(0)?),
-        })
+        self.merged.iter().map(|m| m.name.as_str()).collect()
     }
 
     /// Expected shapes of (A, B, magnitude) at rank r.
@@ -291,7 +308,14 @@ impl AdaptedLayer {
         let r = st.r;
         let scale = cfg.scale(r, st.alpha);
         let (sa, sb, _) = self.factor_shapes(r)?;
-        let (_, fan_in) = self.dims()?;
+        let fan_in: usize = sa[1..].iter().product();
+        if fan_in == 0 || sb[0] == 0 {
+            return Err(Error::Msg(format!(
+                "{}: empty weight {:?}",
+                self.path,
+                self.weight.dims()
+            )));
+        }
         let mut rng = init::rng_for(seed, &format!("{}.{name}", self.path));
         let dev = self.weight.device().clone();
         let mut initial = None;
@@ -312,6 +336,10 @@ impl AdaptedLayer {
                 init::normal(&sa, 1.0 / r as f64, &mut rng)?,
                 Tensor::zeros(sb.as_slice(), DType::F32, &dev)?,
             ),
+            (Init::Random, BaseKind::Embedding) => (
+                init::normal(&sa, 1.0, &mut rng)?,
+                init::normal(&sb, 1.0, &mut rng)?,
+            ),
             (Init::Random, _) => {
                 let a = init::kaiming_uniform(&sa, fan_in, &mut rng)?;
                 let b = init::kaiming_uniform(&sb, r, &mut rng)?;
@@ -322,6 +350,15 @@ impl AdaptedLayer {
                     return Err(Error::Msg(format!(
                         "{}: cannot add a PiSSA/OLoRA adapter while others are merged",
                         self.path
+                    )));
+                }
+                let (o, i) = self.weight.dims2()?;
+                if r > o.min(i) {
+                    return Err(Error::Config(format!(
+                        "{}: rank {r} exceeds min(out, in) = {} of {:?}",
+                        self.path,
+                        o.min(i),
+                        self.weight.dims()
                     )));
                 }
                 let w = self.weight.to_dtype(DType::F32)?;
@@ -367,6 +404,12 @@ impl AdaptedLayer {
 
     /// Inserts an adapter built elsewhere (a loaded file). Shapes are checked.
     pub fn insert_adapter(&mut self, name: &str, adapter: LoraAdapter) -> Result<()> {
+        if self.adapters.contains_key(name) {
+            return Err(Error::Msg(format!(
+                "{}: adapter `{name}` already exists",
+                self.path
+            )));
+        }
         let (sa, sb, sm) = self.factor_shapes(adapter.r)?;
         for (what, t, want) in [
             ("A", adapter.a.as_tensor(), &sa),
@@ -446,18 +489,21 @@ impl AdaptedLayer {
 
     /// Removes an adapter (unmerging it first if needed).
     pub fn delete_adapter(&mut self, name: &str) -> Result<Option<LoraAdapter>> {
-        if self.merged.iter().any(|(n, _)| n == name) {
+        if self.merged.iter().any(|m| m.name == name) {
             self.unmerge()?;
         }
         self.active.retain(|a| a != name);
         Ok(self.adapters.remove(name))
     }
 
-    /// ΔW of an adapter in the base weight's layout (without multiplier), for DoRA with `s·B A`.
+    /// ΔW = mult·s·B A of an adapter in the base weight's layout.
     fn delta_of(&self, ad: &LoraAdapter, mult: f64) -> Result<Tensor> {
-        let a = ad.a.as_tensor().detach();
-        let b = ad.b.as_tensor().detach();
-        let s = ad.scale * mult;
+        self.delta_from(ad.a.as_tensor(), ad.b.as_tensor(), ad.scale * mult)
+    }
+
+    /// ΔW = s·B A from factors, in the base weight's layout.
+    fn delta_from(&self, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+        let (a, b) = (a.detach(), b.detach());
         Ok(match self.kind {
             BaseKind::Linear => (b.matmul(&a)? * s)?,
             BaseKind::Conv2d(_) => {
@@ -528,7 +574,9 @@ impl AdaptedLayer {
         Ok(match self.kind {
             BaseKind::Linear => ops::frozen_linear(x, w)?,
             BaseKind::Conv2d(c) => ops::frozen_conv2d(x, w, c)?,
-            BaseKind::Embedding => embed(w, x)?,
+            BaseKind::Embedding => {
+                embed(w, x).map_err(|e| Error::Msg(format!("{}: {e}", self.path)))?
+            }
         })
     }
 
@@ -545,14 +593,16 @@ impl AdaptedLayer {
             let y = match self.kind {
                 BaseKind::Linear => ops::plain_linear(x, w)?,
                 BaseKind::Conv2d(c) => x.conv2d(w, c.padding, c.stride, c.dilation, c.groups)?,
-                BaseKind::Embedding => embed(w, x)?,
+                BaseKind::Embedding => {
+                    embed(w, x).map_err(|e| Error::Msg(format!("{}: {e}", self.path)))?
+                }
             };
             return self.add_bias(y, s.bias.as_ref().map(|v| v.as_tensor()));
         }
         let live: Vec<&LoraAdapter> = if self.enabled {
             self.active
                 .iter()
-                .filter(|n| !self.merged.iter().any(|(m, _)| m == *n))
+                .filter(|n| !self.merged.iter().any(|m| &m.name == *n))
                 .filter_map(|n| self.adapters.get(n))
                 .collect()
         } else {
@@ -581,7 +631,7 @@ impl AdaptedLayer {
         let mut y = base.clone();
         if self.enabled {
             for name in &self.active {
-                if self.merged.iter().any(|(n, _)| n == name) {
+                if self.merged.iter().any(|m| &m.name == name) {
                     continue;
                 }
                 let Some(ad) = self.adapters.get(name) else {
@@ -619,7 +669,8 @@ impl AdaptedLayer {
         self.add_bias(y, self.bias.as_ref())
     }
 
-    /// The weight with adapters `names` merged in, and the DoRA norms used (for unmerge).
+    /// `w` with adapter `ad` merged in: W + t·ΔW (LoRA), or W + t·(g ⊙ (W + ΔW) − W) (DoRA, g = m/‖W + ΔW‖),
+    /// with t the multiplier. Returns the DoRA norm used.
     fn merged_weight(&self, w: &Tensor, ad: &LoraAdapter) -> Result<(Tensor, Option<Tensor>)> {
         let wf = w.to_dtype(DType::F32)?;
         let delta = self.delta_of(ad, 1.0)?;
@@ -627,10 +678,8 @@ impl AdaptedLayer {
             None => Ok(((wf + (delta * ad.multiplier)?)?, None)),
             Some(m) => {
                 let n = self.weight_norm(w, &delta)?;
-                let g = m.as_tensor().div(&n)?;
-                let gv = self.weight_view(&g)?;
+                let gv = self.weight_view(&m.as_tensor().div(&n)?)?;
                 let full = (&wf + delta)?.broadcast_mul(&gv)?;
-                // W' = W + mult · (g ⊙ (W + ΔW) − W)
                 Ok(((&wf + ((full - &wf)? * ad.multiplier)?)?, Some(n)))
             }
         }
@@ -646,15 +695,45 @@ impl AdaptedLayer {
         })
     }
 
+    /// A DoRA adapter rescales the whole weight, so it cannot share a merged weight with other
+    /// adapters (PEFT itself needed a fix for that case, peft#3608): such merges are refused.
+    fn check_merge_mix(&self, names: &[String]) -> Result<()> {
+        let mut all: Vec<&str> = self.merged.iter().map(|m| m.name.as_str()).collect();
+        for n in names {
+            if !all.contains(&n.as_str()) {
+                all.push(n);
+            }
+        }
+        let dora = all
+            .iter()
+            .any(|n| self.adapters.get(*n).is_some_and(|a| a.magnitude.is_some()));
+        if dora && all.len() > 1 {
+            return Err(Error::Msg(format!(
+                "{}: merging a DoRA adapter together with other adapters ({}) is not supported; merge one at a time into separate copies",
+                self.path,
+                all.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
     /// Merges the active adapters (or `names`) into the base weight. Already merged adapters are
-    /// skipped, so merging twice is idempotent. A merge that would produce NaN/Inf is refused.
+    /// skipped, so merging twice is idempotent. A merge that would produce NaN/Inf is refused, as is
+    /// merging while adapters are disabled.
     pub fn merge(&mut self, names: Option<&[&str]>) -> Result<()> {
+        if !self.enabled {
+            return Err(Error::Msg(format!(
+                "{}: adapters are disabled; enable them before merging",
+                self.path
+            )));
+        }
         let names: Vec<String> = match names {
             Some(n) => n.iter().map(|s| s.to_string()).collect(),
             None => self.active.clone(),
         };
+        self.check_merge_mix(&names)?;
         for name in names {
-            if self.merged.iter().any(|(n, _)| *n == name) {
+            if self.merged.iter().any(|m| m.name == name) {
                 continue;
             }
             let ad = self.get(&name)?;
@@ -666,32 +745,37 @@ impl AdaptedLayer {
                     self.path
                 )));
             }
+            let record = MergeRecord {
+                name: name.clone(),
+                a: ad.a.as_tensor().copy()?,
+                b: ad.b.as_tensor().copy()?,
+                scale: ad.scale,
+                multiplier: ad.multiplier,
+                dora: match (&ad.magnitude, norm) {
+                    (Some(m), Some(n)) => Some((m.as_tensor().copy()?, n)),
+                    _ => None,
+                },
+            };
             self.set_weight(w.to_dtype(self.weight.dtype())?)?;
-            self.merged.push((name, norm));
+            self.merged.push(record);
         }
         Ok(())
     }
 
-    /// Unmerges every merged adapter, newest first, restoring the base weight.
+    /// Unmerges every merged adapter, newest first, restoring the base weight from what was merged
+    /// (later changes to the adapter do not matter).
     pub fn unmerge(&mut self) -> Result<()> {
-        while let Some((name, norm)) = self.merged.pop() {
-            let ad = self.get(&name)?;
-            let delta = self.delta_of(ad, 1.0)?;
+        while let Some(rec) = self.merged.pop() {
+            let delta = self.delta_from(&rec.a, &rec.b, rec.scale)?;
             let w = self.weight.to_dtype(DType::F32)?;
-            let restored = match (&ad.magnitude, norm) {
-                (None, _) => (w - (delta * ad.multiplier)?)?,
-                (Some(m), Some(n)) => {
-                    // W' = W (1 − t + t g) + t g ΔW  with t the multiplier
-                    let g = self.weight_view(&m.as_tensor().div(&n)?)?;
-                    let t = ad.multiplier;
+            let t = rec.multiplier;
+            let restored = match &rec.dora {
+                None => (w - (delta * t)?)?,
+                Some((m, n)) => {
+                    // W' = W (1 − t + t g) + t g ΔW
+                    let g = self.weight_view(&m.div(n)?)?;
                     let denom = ((&g * t)? + (1.0 - t))?;
                     (w - delta.broadcast_mul(&(&g * t)?)?)?.broadcast_div(&denom)?
-                }
-                (Some(_), None) => {
-                    return Err(Error::Msg(format!(
-                        "{}: DoRA merge of `{name}` lost its norm",
-                        self.path
-                    )))
                 }
             };
             self.set_weight(restored.to_dtype(self.weight.dtype())?)?;
@@ -710,10 +794,14 @@ impl AdaptedLayer {
         }
         let mut w = self.weight.clone();
         if self.enabled {
-            for name in &self.active {
-                if self.merged.iter().any(|(n, _)| n == name) {
-                    continue;
-                }
+            let pending: Vec<String> = self
+                .active
+                .iter()
+                .filter(|n| !self.merged.iter().any(|m| &m.name == *n))
+                .cloned()
+                .collect();
+            self.check_merge_mix(&pending)?;
+            for name in &pending {
                 w = self
                     .merged_weight(&w, self.get(name)?)?
                     .0
@@ -773,15 +861,14 @@ pub fn embed(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let shape = ids_u.dims().to_vec();
     let flat = ids_u.flatten_all()?;
     let n = w.dim(0)?;
-    let max = flat
-        .to_dtype(DType::F64)?
-        .max(0)?
-        .to_scalar::<f64>()
-        .unwrap_or(0.0);
-    if max as usize >= n {
-        return Err(Error::Msg(format!(
-            "embedding index {max} out of range for {n} rows"
-        )));
+    if flat.elem_count() > 0 {
+        let f = flat.to_dtype(DType::F64)?;
+        let (lo, hi) = (f.min(0)?.to_scalar::<f64>()?, f.max(0)?.to_scalar::<f64>()?);
+        if lo < 0.0 || hi as usize >= n {
+            return Err(Error::Msg(format!(
+                "embedding ids span {lo}..={hi}, outside the table's {n} rows"
+            )));
+        }
     }
     let rows = w.index_select(&flat, 0)?;
     let mut out = shape;

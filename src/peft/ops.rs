@@ -82,6 +82,7 @@ where
 
 /// `x · Wᵀ` for a frozen weight `w` of shape (out, in); `x` is (..., in). Backward gives only dL/dx.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    check_rank(x, "frozen_linear")?;
     if x.track_op() && !x.device().is_cpu() {
         return plain_linear(x, &w.detach());
     }
@@ -102,6 +103,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `x · Wᵀ` through a 2-D matmul (the fast path for contiguous inputs of any rank).
 pub fn plain_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    check_rank(x, "linear")?;
     let dims = x.dims().to_vec();
     let inn = dims[dims.len() - 1];
     let lead: usize = dims[..dims.len() - 1].iter().product();
@@ -172,6 +174,7 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
 /// weight-sized: candle would otherwise keep one output-sized tensor per intermediate node
 /// (scale, add) in both passes. CPU, f32 (layers take the composite path elsewhere).
 pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    check_rank(x, "lora_linear")?;
     let xd = x.detach();
     let dims = x.dims().to_vec();
     let inn = dims[dims.len() - 1];
@@ -237,7 +240,7 @@ impl candle_core::CustomOp3 for LoraOp {
         let x2 = x.reshape((lead, inn))?;
         let ga = gb.t()?.matmul(&x2)?; // (r, in)
         let gbw = (g2.t()?.matmul(&self.h)? * self.scale)?; // (out, r)
-        Ok((Some(gx), Some(ga), Some(gbw)))
+        Ok((x.track_op().then_some(gx), Some(ga), Some(gbw)))
     }
 }
 
@@ -278,6 +281,13 @@ impl candle_core::InplaceOp2 for AddAssign {
 /// a two-core forward and a single-pass backward (dL/du = grad ⊙ g, dL/dg = Σ_rows grad ⊙ u, summed in
 /// a fixed order so that runs are reproducible). CPU, f32, contiguous.
 pub fn scale_columns(u: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if g.rank() != 1 || u.rank() == 0 || g.elem_count() == 0 {
+        candle_core::bail!(
+            "scale_columns: u {:?} and g {:?} do not fit",
+            u.dims(),
+            g.dims()
+        );
+    }
     let n = g.dim(0)?;
     if u.dim(u.rank() - 1)? != n || g.rank() != 1 {
         candle_core::bail!(
@@ -397,4 +407,11 @@ impl CustomOp2 for ColScaleBwd {
         }
         Ok((CpuStorage::F32(out), Shape::from((rows + 1, n))))
     }
+}
+
+fn check_rank(x: &Tensor, what: &str) -> Result<()> {
+    if x.rank() == 0 {
+        candle_core::bail!("{what}: the input must have at least one dimension (features last)");
+    }
+    Ok(())
 }

@@ -37,6 +37,8 @@ impl Default for AdamWConfig {
 struct Moments {
     m: Vec<f32>,
     v: Vec<f32>,
+    /// Updates this parameter has received (torch keeps the count per parameter).
+    t: u64,
 }
 
 /// One parameter and its moments.
@@ -106,7 +108,7 @@ impl InplaceOp2 for FusedStep<'_> {
             .state
             .lock()
             .map_err(|_| candle_core::Error::Msg("optimizer state poisoned".into()))?;
-        let Moments { m, v } = &mut *st;
+        let Moments { m, v, .. } = &mut *st;
         if p.len() < 2 * CHUNK {
             kernel(p, g, m, v, self.h);
         } else {
@@ -138,6 +140,7 @@ impl AdamW {
                 state: Mutex::new(Moments {
                     m: vec![0.0; n],
                     v: vec![0.0; n],
+                    t: 0,
                 }),
             });
         }
@@ -167,22 +170,29 @@ impl AdamW {
         grad_scale: f64,
     ) -> Result<()> {
         self.step += 1;
-        let t = self.step as i32;
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        let h = Hyper {
-            decay: (1.0 - lr * c.weight_decay) as f32,
-            b1: c.beta1 as f32,
-            b2: c.beta2 as f32,
-            step_size: (lr / bc1) as f32,
-            bc2_sqrt: bc2.sqrt() as f32,
-            eps: c.eps as f32,
-            grad_scale: grad_scale as f32,
-        };
         for slot in &self.slots {
             let Some(g) = grads.get(&slot.name) else {
                 continue;
+            };
+            // Bias correction uses this parameter's own update count, as torch does.
+            let t = {
+                let mut st = slot
+                    .state
+                    .lock()
+                    .map_err(|_| Error::Msg("optimizer state poisoned".into()))?;
+                st.t += 1;
+                st.t as i32
+            };
+            let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+            let h = Hyper {
+                decay: (1.0 - lr * c.weight_decay) as f32,
+                b1: c.beta1 as f32,
+                b2: c.beta2 as f32,
+                step_size: (lr / bc1) as f32,
+                bc2_sqrt: bc2.sqrt() as f32,
+                eps: c.eps as f32,
+                grad_scale: grad_scale as f32,
             };
             if g.dims() != slot.var.dims() {
                 return Err(Error::Msg(format!(
@@ -263,7 +273,17 @@ impl AdamW {
                 .state
                 .lock()
                 .map_err(|_| Error::Msg("optimizer state poisoned".into()))?;
-            let Moments { m, v } = &mut *st;
+            // Per-parameter update counts (older checkpoints: the global step).
+            st.t = match tensors.get(&format!("step.{}", s.name)) {
+                Some(t) => t
+                    .flatten_all()?
+                    .to_vec1::<f64>()?
+                    .first()
+                    .copied()
+                    .unwrap_or(step as f64) as u64,
+                None => step,
+            };
+            let Moments { m, v, .. } = &mut *st;
             for (prefix, dst) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 let key = format!("{prefix}.{}", s.name);
                 let t = tensors.get(&key).ok_or_else(|| Error::Missing {

@@ -61,6 +61,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Output folder.
     pub output_dir: PathBuf,
+    /// Start afresh even if the output folder holds checkpoints of an earlier run (they are removed).
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for TrainConfig {
@@ -80,6 +82,7 @@ impl Default for TrainConfig {
             save_total_limit: 2,
             seed: 42,
             output_dir: PathBuf::from("runs/out"),
+            overwrite_output_dir: false,
         }
     }
 }
@@ -155,6 +158,15 @@ impl Trainer {
                 "max_steps and gradient_accumulation_steps must be at least 1".into(),
             ));
         }
+        if cfg
+            .max_grad_norm
+            .is_some_and(|m| !(m.is_finite() && m > 0.0))
+        {
+            return Err(Error::Config(format!(
+                "max_grad_norm {:?} must be positive (None disables clipping)",
+                cfg.max_grad_norm
+            )));
+        }
         if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
             return Err(Error::Config(format!(
                 "learning rate {} must be positive",
@@ -196,10 +208,19 @@ impl Trainer {
         task.save_adapter(&tmp.join("adapter"))?;
         let json = serde_json::to_string_pretty(state).map_err(|e| Error::Msg(e.to_string()))?;
         write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
+        // Move an existing checkpoint of the same step aside before replacing it, so that one
+        // complete copy exists at every moment.
+        let old = out.join(format!(".checkpoint-{}.old", state.step));
         if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+            }
+            std::fs::rename(&final_dir, &old).map_err(|e| Error::io(&final_dir, e))?;
         }
         std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
         let all = checkpoint_dirs(out);
         if all.len() > self.cfg.save_total_limit.max(1) {
             for (_, p) in &all[..all.len() - self.cfg.save_total_limit.max(1)] {
@@ -219,12 +240,41 @@ impl Trainer {
         let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
         let state: TrainerState =
             serde_json::from_str(&text).map_err(|e| Error::format(&sp, e.to_string()))?;
-        if state.seed != self.cfg.seed {
+        // The run must be the same run: anything that changes the data order, the schedule or the
+        // update makes "resume" a different experiment.
+        let (a, b) = (&state.config, &self.cfg);
+        let mut diffs = vec![];
+        if state.seed != b.seed {
+            diffs.push(format!("seed {} vs {}", state.seed, b.seed));
+        }
+        if a.gradient_accumulation_steps != b.gradient_accumulation_steps {
+            diffs.push(format!(
+                "gradient_accumulation_steps {} vs {}",
+                a.gradient_accumulation_steps, b.gradient_accumulation_steps
+            ));
+        }
+        if a.max_steps != b.max_steps
+            || a.warmup_steps != b.warmup_steps
+            || a.lr_scheduler != b.lr_scheduler
+            || a.learning_rate != b.learning_rate
+        {
+            diffs.push(format!(
+                "schedule {:?} lr {} warmup {} of {} steps vs {:?} lr {} warmup {} of {} steps",
+                a.lr_scheduler,
+                a.learning_rate,
+                a.warmup_steps,
+                a.max_steps,
+                b.lr_scheduler,
+                b.learning_rate,
+                b.warmup_steps,
+                b.max_steps
+            ));
+        }
+        if !diffs.is_empty() {
             return Err(Error::Config(format!(
-                "{}: checkpoint seed {} differs from the run's seed {}",
+                "{}: the checkpoint belongs to a different run: {}",
                 sp.display(),
-                state.seed,
-                self.cfg.seed
+                diffs.join("; ")
             )));
         }
         let pp = dir.join("params.safetensors");
@@ -275,12 +325,25 @@ impl Trainer {
         let mut resumed_from = None;
         let metrics_path = out.join("metrics.jsonl");
         let mut last_ckpt = "none".to_string();
-        if resume {
-            if let Some(dir) = self.latest_checkpoint() {
+        match (resume, self.latest_checkpoint()) {
+            (true, Some(dir)) => {
                 state = self.load_checkpoint(&dir, task, &mut opt)?;
                 resumed_from = Some(state.step);
                 last_ckpt = dir.display().to_string();
             }
+                        (false, Some(_)) if c.overwrite_output_dir => {
+                for (_, p) in checkpoint_dirs(&out) {
+                    std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+                }
+            }
+            (false, Some(dir)) => {
+                return Err(Error::Config(format!(
+                                        "{} holds a checkpoint of an earlier run ({}); resume it, overwrite the folder, or choose another",
+                    out.display(),
+                    dir.display()
+                )))
+            }
+            _ => {}
         }
         // Keep the metric lines up to the resumed step; drop lines of steps that will be redone.
         let kept: Vec<String> = match std::fs::read_to_string(&metrics_path) {

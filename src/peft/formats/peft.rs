@@ -88,6 +88,12 @@ pub fn save(
             tensors.insert(km, m);
         }
     }
+    if opts.plain_lora && !converted && cfg.init_lora_weights.mutates_base() {
+        return Err(Error::Msg(format!(
+            "adapter `{name}` was initialised with {:?} but carries no initial factors (loaded from disk?): it cannot be converted to plain LoRA",
+            cfg.init_lora_weights
+        )));
+    }
     if opts.plain_lora && converted {
         let f = if cfg.use_rslora { 2f64.sqrt() } else { 2.0 };
         cfg.r *= 2;
@@ -169,14 +175,29 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
             continue;
         }
         let (ka, kb, km) = keys_for(kind, &path);
-        let (Some(ka), Some(kb)) = (find(&st, &ka, name), find(&st, &kb, name)) else {
-            if cfg.targets(&path, kind.module_kind(), path.ends_with("lm_head"))? {
+        let (ka, kb) = match (find(&st, &ka, name), find(&st, &kb, name)) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(_), None) => {
+                return Err(Error::Missing {
+                    path: wpath.clone(),
+                    key: kb,
+                })
+            }
+            (None, Some(_)) => {
                 return Err(Error::Missing {
                     path: wpath.clone(),
                     key: ka,
-                });
+                })
             }
-            continue;
+            (None, None) => {
+                if cfg.targets(&path, kind.module_kind(), path.ends_with("lm_head"))? {
+                    return Err(Error::Missing {
+                        path: wpath.clone(),
+                        key: ka,
+                    });
+                }
+                continue;
+            }
         };
         let a = st.get(&ka)?;
         let r = a.dim(0)?;

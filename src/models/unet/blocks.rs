@@ -1,0 +1,429 @@
+//! U-Net building blocks with diffusers names: ResnetBlock2D, Transformer2DModel (with
+//! BasicTransformerBlock, Attention, GEGLU feed-forward), Downsample2D, Upsample2D.
+
+use crate::models::nn::{group_norm, layer_norm, softmax_last};
+use crate::models::Weights;
+use crate::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx};
+use crate::Result;
+use candle_core::{Tensor, D};
+
+/// GroupNorm parameters.
+pub struct GroupNorm {
+    w: Tensor,
+    b: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    fn new(w: &Weights, path: &str, c: usize, groups: usize, eps: f64) -> Result<Self> {
+        let (weight, bias) = w.norm(path, c)?;
+        Ok(Self {
+            w: weight,
+            b: bias,
+            groups,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm(x, self.groups, &self.w, &self.b, self.eps)
+    }
+}
+
+struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl LayerNorm {
+    fn new(w: &Weights, path: &str, c: usize) -> Result<Self> {
+        let (weight, bias) = w.norm(path, c)?;
+        Ok(Self { w: weight, b: bias })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.w, &self.b, 1e-5)
+    }
+}
+
+fn conv3(w: &Weights, path: &str, inn: usize, out: usize, stride: usize) -> Result<AdaptedConv2d> {
+    w.conv2d(
+        path,
+        inn,
+        out,
+        3,
+        ConvCfg {
+            padding: 1,
+            stride,
+            dilation: 1,
+            groups: 1,
+        },
+    )
+}
+
+/// ResnetBlock2D: GroupNorm → SiLU → conv → + time projection → GroupNorm → SiLU → conv, + shortcut.
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: AdaptedConv2d,
+    time_emb_proj: AdaptedLinear,
+    norm2: GroupNorm,
+    conv2: AdaptedConv2d,
+    conv_shortcut: Option<AdaptedConv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    /// Builds `path` with `inn` → `out` channels.
+    pub fn new(
+        w: &Weights,
+        path: &str,
+        inn: usize,
+        out: usize,
+        temb: usize,
+        groups: usize,
+        eps: f64,
+        scale: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: GroupNorm::new(w, &format!("{path}.norm1"), inn, groups, eps)?,
+            conv1: conv3(w, &format!("{path}.conv1"), inn, out, 1)?,
+            time_emb_proj: w.linear(&format!("{path}.time_emb_proj"), temb, out, true)?,
+            norm2: GroupNorm::new(w, &format!("{path}.norm2"), out, groups, eps)?,
+            conv2: conv3(w, &format!("{path}.conv2"), out, out, 1)?,
+            conv_shortcut: if inn != out {
+                Some(w.conv2d(
+                    &format!("{path}.conv_shortcut"),
+                    inn,
+                    out,
+                    1,
+                    ConvCfg::default(),
+                )?)
+            } else {
+                None
+            },
+            output_scale_factor: scale,
+        })
+    }
+
+    /// x (B, C, H, W), temb (B, T).
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?, ctx)?;
+        let t = self
+            .time_emb_proj
+            .forward(&temb.silu()?, ctx)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?, ctx)?;
+        let x = match &self.conv_shortcut {
+            Some(c) => c.forward(x, ctx)?,
+            None => x.clone(),
+        };
+        let y = (x + h)?;
+        Ok(if self.output_scale_factor == 1.0 {
+            y
+        } else {
+            (y / self.output_scale_factor)?
+        })
+    }
+
+    /// Adaptable layers.
+    pub fn collect<'a>(&'a self, v: &mut Vec<&'a AdaptedLayer>) {
+        v.extend([&*self.conv1, &*self.time_emb_proj, &*self.conv2]);
+        if let Some(c) = &self.conv_shortcut {
+            v.push(c);
+        }
+    }
+    /// Adaptable layers, mutably.
+    pub fn collect_mut<'a>(&'a mut self, v: &mut Vec<&'a mut AdaptedLayer>) {
+        v.push(&mut self.conv1);
+        v.push(&mut self.time_emb_proj);
+        v.push(&mut self.conv2);
+        if let Some(c) = &mut self.conv_shortcut {
+            v.push(c);
+        }
+    }
+}
+
+struct Attention {
+    to_q: AdaptedLinear,
+    to_k: AdaptedLinear,
+    to_v: AdaptedLinear,
+    to_out: AdaptedLinear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(w: &Weights, path: &str, dim: usize, ctx_dim: usize, heads: usize) -> Result<Self> {
+        Ok(Self {
+            to_q: w.linear(&format!("{path}.to_q"), dim, dim, false)?,
+            to_k: w.linear(&format!("{path}.to_k"), ctx_dim, dim, false)?,
+            to_v: w.linear(&format!("{path}.to_v"), ctx_dim, dim, false)?,
+            to_out: w.linear(&format!("{path}.to_out.0"), dim, dim, true)?,
+            heads,
+        })
+    }
+
+    fn split(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        // (b, n, c) -> (b, heads, n, c/heads)
+        Ok(x.reshape((b, n, self.heads, c / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let q = self.split(&self.to_q.forward(x, ctx)?)?;
+        let k = self.split(&self.to_k.forward(context, ctx)?)?;
+        let v = self.split(&self.to_v.forward(context, ctx)?)?;
+        let hd = q.dim(D::Minus1)?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let o = softmax_last(&scores)?.matmul(&v)?; // (b, heads, n, hd)
+        let (b, _, n, _) = o.dims4()?;
+        let o = o
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, n, self.heads * hd))?;
+        self.to_out.forward(&o, ctx)
+    }
+
+    fn layers<'a>(&'a self, v: &mut Vec<&'a AdaptedLayer>) {
+        v.extend([&*self.to_q, &*self.to_k, &*self.to_v, &*self.to_out]);
+    }
+    fn layers_mut<'a>(&'a mut self, v: &mut Vec<&'a mut AdaptedLayer>) {
+        v.push(&mut self.to_q);
+        v.push(&mut self.to_k);
+        v.push(&mut self.to_v);
+        v.push(&mut self.to_out);
+    }
+}
+
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_proj: AdaptedLinear,
+    ff_out: AdaptedLinear,
+}
+
+impl BasicTransformerBlock {
+    fn new(w: &Weights, path: &str, dim: usize, ctx_dim: usize, heads: usize) -> Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            norm1: LayerNorm::new(w, &format!("{path}.norm1"), dim)?,
+            attn1: Attention::new(w, &format!("{path}.attn1"), dim, dim, heads)?,
+            norm2: LayerNorm::new(w, &format!("{path}.norm2"), dim)?,
+            attn2: Attention::new(w, &format!("{path}.attn2"), dim, ctx_dim, heads)?,
+            norm3: LayerNorm::new(w, &format!("{path}.norm3"), dim)?,
+            ff_proj: w.linear(&format!("{path}.ff.net.0.proj"), dim, 2 * inner, true)?,
+            ff_out: w.linear(&format!("{path}.ff.net.2"), inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let h = (self.attn1.forward(&self.norm1.forward(x)?, None, ctx)? + x)?;
+        let h = (self
+            .attn2
+            .forward(&self.norm2.forward(&h)?, Some(context), ctx)?
+            + h)?;
+        // GEGLU: (value, gate) halves of one projection; value · gelu(gate).
+        let p = self.ff_proj.forward(&self.norm3.forward(&h)?, ctx)?;
+        let half = p.dim(D::Minus1)? / 2;
+        let g = (p.narrow(D::Minus1, 0, half)? * p.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        Ok((self.ff_out.forward(&g, ctx)? + h)?)
+    }
+
+    fn layers<'a>(&'a self, v: &mut Vec<&'a AdaptedLayer>) {
+        self.attn1.layers(v);
+        self.attn2.layers(v);
+        v.extend([&*self.ff_proj, &*self.ff_out]);
+    }
+    fn layers_mut<'a>(&'a mut self, v: &mut Vec<&'a mut AdaptedLayer>) {
+        self.attn1.layers_mut(v);
+        self.attn2.layers_mut(v);
+        v.push(&mut self.ff_proj);
+        v.push(&mut self.ff_out);
+    }
+}
+
+enum Proj {
+    Linear(AdaptedLinear),
+    Conv(AdaptedConv2d),
+}
+
+impl Proj {
+    fn new(w: &Weights, path: &str, c: usize, linear: bool) -> Result<Self> {
+        Ok(if linear {
+            Proj::Linear(w.linear(path, c, c, true)?)
+        } else {
+            Proj::Conv(w.conv2d(path, c, c, 1, ConvCfg::default())?)
+        })
+    }
+    fn layer(&self) -> &AdaptedLayer {
+        match self {
+            Proj::Linear(l) => l,
+            Proj::Conv(c) => c,
+        }
+    }
+    fn layer_mut(&mut self) -> &mut AdaptedLayer {
+        match self {
+            Proj::Linear(l) => l,
+            Proj::Conv(c) => c,
+        }
+    }
+}
+
+/// Transformer2DModel: GroupNorm → proj_in → transformer blocks → proj_out, + residual.
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Proj,
+}
+
+impl Transformer2D {
+    /// Builds `path` over `c` channels with `heads` heads and `layers` transformer blocks.
+    pub fn new(
+        w: &Weights,
+        path: &str,
+        c: usize,
+        ctx_dim: usize,
+        heads: usize,
+        layers: usize,
+        groups: usize,
+        linear: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm: GroupNorm::new(w, &format!("{path}.norm"), c, groups, 1e-6)?,
+            proj_in: Proj::new(w, &format!("{path}.proj_in"), c, linear)?,
+            blocks: (0..layers)
+                .map(|i| {
+                    BasicTransformerBlock::new(
+                        w,
+                        &format!("{path}.transformer_blocks.{i}"),
+                        c,
+                        ctx_dim,
+                        heads,
+                    )
+                })
+                .collect::<Result<_>>()?,
+            proj_out: Proj::new(w, &format!("{path}.proj_out"), c, linear)?,
+        })
+    }
+
+    /// x (B, C, H, W), context (B, N, ctx_dim).
+    pub fn forward(&self, x: &Tensor, context: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (b, c, h, wd) = x.dims4()?;
+        let n = self.norm.forward(x)?;
+        let to_tokens = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * wd, c))?)
+        }; // (b, h*w, c)
+        let to_image = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, h, wd, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
+        };
+        let mut t = match &self.proj_in {
+            Proj::Conv(p) => to_tokens(&p.forward(&n, ctx)?)?,
+            Proj::Linear(p) => p.forward(&to_tokens(&n)?, ctx)?,
+        };
+        for blk in &self.blocks {
+            t = blk.forward(&t, context, ctx)?;
+        }
+        let out = match &self.proj_out {
+            Proj::Conv(p) => p.forward(&to_image(&t)?, ctx)?,
+            Proj::Linear(p) => to_image(&p.forward(&t, ctx)?)?,
+        };
+        Ok((out + x)?)
+    }
+
+    /// Adaptable layers.
+    pub fn layers<'a>(&'a self, v: &mut Vec<&'a AdaptedLayer>) {
+        v.push(self.proj_in.layer());
+        self.blocks.iter().for_each(|b| b.layers(v));
+        v.push(self.proj_out.layer());
+    }
+    /// Adaptable layers, mutably.
+    pub fn layers_mut<'a>(&'a mut self, v: &mut Vec<&'a mut AdaptedLayer>) {
+        v.push(self.proj_in.layer_mut());
+        self.blocks.iter_mut().for_each(|b| b.layers_mut(v));
+        v.push(self.proj_out.layer_mut());
+    }
+}
+
+/// Resnets (and attentions) of one down/up block, plus its down/upsampler.
+pub struct Block {
+    /// Resnets.
+    pub resnets: Vec<ResnetBlock2D>,
+    /// Attentions (empty for DownBlock2D / UpBlock2D).
+    pub attentions: Vec<Transformer2D>,
+    /// `downsamplers.0.conv` or `upsamplers.0.conv`.
+    pub sampler: Option<AdaptedConv2d>,
+}
+
+impl Block {
+    pub(crate) fn layers<'a>(&'a self, v: &mut Vec<&'a AdaptedLayer>) {
+        for (i, r) in self.resnets.iter().enumerate() {
+            r.collect(v);
+            if let Some(a) = self.attentions.get(i) {
+                a.layers(v);
+            }
+        }
+        if let Some(s) = &self.sampler {
+            v.push(s);
+        }
+    }
+    pub(crate) fn layers_mut<'a>(&'a mut self, v: &mut Vec<&'a mut AdaptedLayer>) {
+        let mut attns = self.attentions.iter_mut();
+        for r in self.resnets.iter_mut() {
+            r.collect_mut(v);
+            if let Some(a) = attns.next() {
+                a.layers_mut(v);
+            }
+        }
+        if let Some(s) = &mut self.sampler {
+            v.push(s);
+        }
+    }
+}
+
+pub(crate) fn conv3x3(
+    w: &Weights,
+    path: &str,
+    inn: usize,
+    out: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<AdaptedConv2d> {
+    w.conv2d(
+        path,
+        inn,
+        out,
+        3,
+        ConvCfg {
+            padding,
+            stride,
+            dilation: 1,
+            groups: 1,
+        },
+    )
+}
+
+pub(crate) fn groupnorm(
+    w: &Weights,
+    path: &str,
+    c: usize,
+    groups: usize,
+    eps: f64,
+) -> Result<GroupNorm> {
+    GroupNorm::new(w, path, c, groups, eps)
+}
+
+impl GroupNorm {
+    /// Applies the norm.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward(x)
+    }
+}

@@ -1,0 +1,109 @@
+//! Named base weights for model constructors: shape-checked access with errors naming the file, the
+//! key and both shapes, and builders for adapted layers through an [`AdapterPlan`].
+
+use crate::peft::{AdaptedConv2d, AdaptedLinear, AdapterPlan, ConvCfg};
+use crate::util::SafeTensors;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Base weights by checkpoint name, plus the adapter plan layers are built with.
+pub struct Weights {
+    tensors: BTreeMap<String, Tensor>,
+    file: PathBuf,
+    /// Adapter plan applied to every layer built here.
+    pub plan: AdapterPlan,
+    dtype: DType,
+}
+
+impl Weights {
+    /// Weights from memory (`file` names their origin in errors).
+    pub fn new(
+        tensors: BTreeMap<String, Tensor>,
+        file: impl Into<PathBuf>,
+        plan: AdapterPlan,
+    ) -> Self {
+        Self {
+            tensors,
+            file: file.into(),
+            plan,
+            dtype: DType::F32,
+        }
+    }
+
+    /// Reads one or more safetensors files (a sharded checkpoint is several).
+    pub fn from_files(files: &[PathBuf], plan: AdapterPlan) -> Result<Self> {
+        let mut tensors = BTreeMap::new();
+        for f in files {
+            tensors.extend(SafeTensors::read(f)?.into_tensors());
+        }
+        let file = files.first().cloned().unwrap_or_default();
+        Ok(Self::new(tensors, file, plan))
+    }
+
+    /// The checkpoint file (for messages).
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Whether `key` exists.
+    pub fn contains(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    /// Tensor `key` with exactly `shape`, in the compute dtype.
+    pub fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.get(key).ok_or_else(|| Error::Missing {
+            path: self.file.clone(),
+            key: key.into(),
+        })?;
+        if t.dims() != shape {
+            return Err(Error::Shape {
+                path: self.file.clone(),
+                key: key.into(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// An adapted linear layer `path` (out, in), with or without bias.
+    pub fn linear(&self, path: &str, inn: usize, out: usize, bias: bool) -> Result<AdaptedLinear> {
+        let w = self.get(&format!("{path}.weight"), &[out, inn])?;
+        let b = if bias {
+            Some(self.get(&format!("{path}.bias"), &[out])?)
+        } else {
+            None
+        };
+        self.plan.linear(path, w, b)
+    }
+
+    /// An adapted conv2d layer `path` with a square kernel.
+    pub fn conv2d(
+        &self,
+        path: &str,
+        inn: usize,
+        out: usize,
+        k: usize,
+        cfg: ConvCfg,
+    ) -> Result<AdaptedConv2d> {
+        let w = self.get(&format!("{path}.weight"), &[out, inn, k, k])?;
+        let b = Some(self.get(&format!("{path}.bias"), &[out])?);
+        self.plan.conv2d(path, w, b, cfg)
+    }
+
+    /// (weight, bias) of a norm layer with `n` features.
+    pub fn norm(&self, path: &str, n: usize) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.get(&format!("{path}.weight"), &[n])?,
+            self.get(&format!("{path}.bias"), &[n])?,
+        ))
+    }
+
+    /// Keys not under any of `prefixes` (to report unused tensors).
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+}
