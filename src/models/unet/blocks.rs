@@ -73,6 +73,7 @@ pub struct ResnetBlock2D {
 
 impl ResnetBlock2D {
     /// Builds `path` with `inn` → `out` channels.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         w: &Weights,
         path: &str,
@@ -285,6 +286,7 @@ pub struct Transformer2D {
 
 impl Transformer2D {
     /// Builds `path` over `c` channels with `heads` heads and `layers` transformer blocks.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         w: &Weights,
         path: &str,
