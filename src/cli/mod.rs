@@ -1,5 +1,6 @@
 //! Subcommands. Each file wires flags to library calls; no logic lives here.
 
+mod convert;
 mod demo;
 mod merge;
 
@@ -20,6 +21,8 @@ enum Command {
     Demo(demo::Args),
     /// Merge a PEFT adapter folder into a safetensors checkpoint (merge-and-unload), keeping tensor names.
     Merge(merge::Args),
+    /// Convert an image-model LoRA file between kohya/A1111/ComfyUI and diffusers/PEFT layouts.
+    Convert(convert::Args),
     /// Draw a loss-curve PNG from a metrics.jsonl file.
     Plot(merge::PlotArgs),
 }
@@ -30,5 +33,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(a) => demo::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Plot(a) => merge::plot(a),
+        Command::Convert(a) => convert::run(a),
     }
 }
