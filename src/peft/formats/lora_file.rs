@@ -342,10 +342,8 @@ impl LoraFile {
                 })?;
                 let r = down.dims()[0];
                 let alpha = match p.remove("alpha") {
-                    Some(a) => match scalar(&a)? {
-                        a if a == 0.0 => r as f64,
-                        a => a,
-                    },
+                                        // kohya: a missing or zero alpha means alpha = r.
+                    Some(a) => Some(scalar(&a)?).filter(|a| *a != 0.0).unwrap_or(r as f64),
                     None => r as f64,
                 };
                 out.modules.insert(
