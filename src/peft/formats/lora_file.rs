@@ -342,7 +342,7 @@ impl LoraFile {
                 })?;
                 let r = down.dims()[0];
                 let alpha = match p.remove("alpha") {
-                                        // kohya: a missing or zero alpha means alpha = r.
+                    // kohya: a missing or zero alpha means alpha = r.
                     Some(a) => Some(scalar(&a)?).filter(|a| *a != 0.0).unwrap_or(r as f64),
                     None => r as f64,
                 };
