@@ -1,3 +1,5 @@
-//! Pictures people look at: loss curves (and, later, labeled frame grids), image I/O.
+//! Pictures people look at: loss curves, labeled evaluation grids, image I/O.
 
+pub mod grid;
+pub mod image;
 pub mod plot;
