@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 /// Base weights by checkpoint name, plus the adapter plan layers are built with.
 pub struct Weights {
     tensors: BTreeMap<String, Tensor>,
+    /// When set, missing tensors are created (for training from scratch) from this seed:
+    /// matrices and kernels N(0, 1/fan_in), norm weights 1, biases 0. Created tensors are recorded.
+    fresh: Option<(u64, std::sync::Mutex<BTreeMap<String, Tensor>>)>,
     file: PathBuf,
     /// Adapter plan applied to every layer built here.
     pub plan: AdapterPlan,
@@ -29,6 +32,7 @@ impl Weights {
             file: file.into(),
             plan,
             dtype: DType::F32,
+            fresh: None,
         }
     }
 
@@ -52,8 +56,45 @@ impl Weights {
         self.tensors.contains_key(key)
     }
 
+    /// Weights that do not exist yet: every tensor asked for is created from `seed` (a model trained
+    /// from scratch, as `pretrain` does). [`Self::created`] returns them for saving.
+    pub fn fresh(seed: u64, plan: AdapterPlan) -> Self {
+        let mut w = Self::new(BTreeMap::new(), "<new weights>", plan);
+        w.fresh = Some((seed, std::sync::Mutex::new(BTreeMap::new())));
+        w
+    }
+
+    /// The tensors created by a [`Self::fresh`] weight set.
+    pub fn created(&self) -> BTreeMap<String, Tensor> {
+        match &self.fresh {
+            Some((_, m)) => m.lock().map(|m| m.clone()).unwrap_or_default(),
+            None => BTreeMap::new(),
+        }
+    }
+
+    fn create(&self, seed: u64, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let dev = candle_core::Device::Cpu;
+        let t = if key.ends_with(".bias") {
+            Tensor::zeros(shape, DType::F32, &dev)?
+        } else if shape.len() == 1 {
+            Tensor::ones(shape, DType::F32, &dev)?
+        } else {
+            let fan_in: usize = shape[1..].iter().product();
+            crate::peft::init::normal(shape, 1.0 / (fan_in.max(1) as f64).sqrt(), &mut crate::peft::init::rng_for(seed, key))?
+        };
+        if let Some((_, m)) = &self.fresh {
+            if let Ok(mut m) = m.lock() {
+                m.insert(key.to_string(), t.clone());
+            }
+        }
+        Ok(t)
+    }
+
     /// Tensor `key` with exactly `shape`, in the compute dtype.
     pub fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        if let (Some((seed, _)), false) = (&self.fresh, self.tensors.contains_key(key)) {
+            return self.create(*seed, key, shape);
+        }
         let t = self.tensors.get(key).ok_or_else(|| Error::Missing {
             path: self.file.clone(),
             key: key.into(),

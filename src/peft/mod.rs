@@ -53,6 +53,8 @@ pub struct AdapterPlan {
     pub seed: u64,
     /// Module paths that are the model's output head (left out by `all-linear`).
     pub output_heads: Vec<String>,
+    /// Train every layer in full (pretraining): each layer gets a trainable copy of its weights.
+    pub full_training: bool,
 }
 
 impl AdapterPlan {
@@ -67,12 +69,17 @@ impl AdapterPlan {
             adapters: vec![("default".into(), cfg)],
             seed,
             output_heads: vec!["lm_head".into()],
+            full_training: false,
         })
     }
 
     /// Applies the plan to a bare layer: adds every targeting adapter, or makes a trainable copy for
     /// `modules_to_save`.
     pub fn apply(&self, mut layer: AdaptedLayer) -> Result<AdaptedLayer> {
+        if self.full_training {
+            layer.make_trainable_copy()?;
+            return Ok(layer);
+        }
         let path = layer.path().to_string();
         let head = self
             .output_heads
