@@ -26,23 +26,78 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let cases = [("tiny-sd (32,64,64) @32x32, batch 8", config(&[32, 64, 64], 32, 3, 64), 8usize, 32usize), ("mid (64,128,256) @32x32, batch 4", config(&[64, 128, 256], 32, 4, 128), 4, 32)];
+    let cases = [
+        (
+            "tiny-sd (32,64,64) @32x32, batch 8",
+            config(&[32, 64, 64], 32, 3, 64),
+            8usize,
+            32usize,
+        ),
+        (
+            "mid (64,128,256) @32x32, batch 4",
+            config(&[64, 128, 256], 32, 4, 128),
+            4,
+            32,
+        ),
+    ];
     for (name, cfg, batch, hw) in cases {
-        let lora = AdapterConfig::lora(8, 8.0, &["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]);
-        let plans = [("LoRA r8 (attention)", AdapterPlan::single(lora, 0).unwrap()), ("full training", AdapterPlan { full_training: true, ..AdapterPlan::none() })];
-        let models: Vec<(&str, UNet2DConditionModel)> =
-            plans.into_iter().map(|(n, p)| (n, UNet2DConditionModel::new(&cfg, &Weights::fresh(1, p)).unwrap())).collect();
+        let lora = AdapterConfig::lora(
+            8,
+            8.0,
+            &[
+                "to_q",
+                "to_k",
+                "to_v",
+                "to_out.0",
+                "ff.net.0.proj",
+                "ff.net.2",
+                "proj_in",
+                "proj_out",
+            ],
+        );
+        let plans = [
+            ("LoRA r8 (attention)", AdapterPlan::single(lora, 0).unwrap()),
+            (
+                "full training",
+                AdapterPlan {
+                    full_training: true,
+                    ..AdapterPlan::none()
+                },
+            ),
+        ];
+        let models: Vec<(&str, UNet2DConditionModel)> = plans
+            .into_iter()
+            .map(|(n, p)| {
+                (
+                    n,
+                    UNet2DConditionModel::new(&cfg, &Weights::fresh(1, p)).unwrap(),
+                )
+            })
+            .collect();
         let mut rng = postforge::peft::init::rng_for(2, "unet-bench");
-        let x = postforge::peft::init::normal(&[batch, cfg.in_channels, hw, hw], 1.0, &mut rng).unwrap();
-        let c = postforge::peft::init::normal(&[batch, 8, cfg.block_out_channels.len() * 0 + cross_dim(&cfg)], 1.0, &mut rng).unwrap();
+        let x = postforge::peft::init::normal(&[batch, cfg.in_channels, hw, hw], 1.0, &mut rng)
+            .unwrap();
+        let c = postforge::peft::init::normal(
+            &[batch, 8, cfg.block_out_channels.len() * 0 + cross_dim(&cfg)],
+            1.0,
+            &mut rng,
+        )
+        .unwrap();
         let t = Tensor::from_vec(vec![500f32; batch], batch, &Device::Cpu).unwrap();
-        let params: usize = models[1].1.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+        let params: usize = models[1]
+            .1
+            .trainable()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
         let mut times = vec![vec![]; models.len()];
         let mut fwd = vec![];
         for round in 0..5 {
             for (i, (_, m)) in models.iter().enumerate() {
                 let t0 = Instant::now();
-                let y = m.forward(&x, &t, &c, None, &ForwardCtx::train(0, round)).unwrap();
+                let y = m
+                    .forward(&x, &t, &c, None, &ForwardCtx::train(0, round))
+                    .unwrap();
                 let f = t0.elapsed().as_secs_f64();
                 let _ = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
                 if round > 0 {
@@ -60,7 +115,10 @@ fn main() {
             let xx = Tensor::cat(&[&x, &x], 0).unwrap();
             let cc = Tensor::cat(&[&c, &c], 0).unwrap();
             let tt = Tensor::cat(&[&t, &t], 0).unwrap();
-            let _ = models[0].1.forward(&xx, &tt, &cc, None, &ForwardCtx::eval()).unwrap();
+            let _ = models[0]
+                .1
+                .forward(&xx, &tt, &cc, None, &ForwardCtx::eval())
+                .unwrap();
         }
         let sample_s = t0.elapsed().as_secs_f64();
         eprintln!(
@@ -75,8 +133,14 @@ fn main() {
     }
     // candle's conv backward: one 3x3 conv, 64->64 channels at 32x32, batch 8.
     let mut rng = postforge::peft::init::rng_for(3, "conv");
-    let w = candle_core::Var::from_tensor(&postforge::peft::init::normal(&[64, 64, 3, 3], 0.05, &mut rng).unwrap()).unwrap();
-    let xv = candle_core::Var::from_tensor(&postforge::peft::init::normal(&[8, 64, 32, 32], 1.0, &mut rng).unwrap()).unwrap();
+    let w = candle_core::Var::from_tensor(
+        &postforge::peft::init::normal(&[64, 64, 3, 3], 0.05, &mut rng).unwrap(),
+    )
+    .unwrap();
+    let xv = candle_core::Var::from_tensor(
+        &postforge::peft::init::normal(&[8, 64, 32, 32], 1.0, &mut rng).unwrap(),
+    )
+    .unwrap();
     let (mut f, mut fb) = (vec![], vec![]);
     for _ in 0..5 {
         let t0 = Instant::now();

@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
         cfg.use_dora = name == "dora";
         let model = UNet2DConditionModel::new(
             &ucfg,
-            &Weights::from_files(&[wfile.clone()], AdapterPlan::single(cfg, 4)?)?,
+            &Weights::from_files(std::slice::from_ref(&wfile), AdapterPlan::single(cfg, 4)?)?,
         )?;
         let mut rng = postforge::peft::init::rng_for(5, name);
         let x = postforge::peft::init::normal(&[2, 4, 8, 8], 1.0, &mut rng)?;

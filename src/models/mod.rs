@@ -1,5 +1,6 @@
 //! Model families, each built through the adapter core ([`crate::peft::AdapterPlan`]).
 
+pub mod clip;
 pub mod mlp;
 pub mod nn;
 pub mod unet;

@@ -1,0 +1,302 @@
+//! CLIP text encoder (`CLIPTextModel`, Hugging Face names), the conditioning model of SD1.x/2.x and
+//! SDXL. Reads `text_encoder/config.json` (`hidden_act` quick_gelu or gelu, `eos_token_id`) and
+//! weights named `text_model.…` (older checkpoints) or without that prefix (transformers 5).
+//!
+//! Pre-LN transformer with a causal mask: h += attn(LN1(h)); h += fc2(act(fc1(LN2(h)))); then
+//! `final_layer_norm`. The pooled output takes the EOS position (legacy `eos_token_id == 2`: the
+//! position of the largest token id, as transformers does). Every linear goes through the adapter
+//! core (`q_proj`, `k_proj`, `v_proj`, `out_proj`, `fc1`, `fc2`).
+
+use crate::models::nn::{layer_norm, softmax_last};
+use crate::models::Weights;
+use crate::peft::{Adapted, AdaptedLayer, AdaptedLinear, ForwardCtx};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+fn d_act() -> String {
+    "quick_gelu".into()
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_eos() -> u32 {
+    2
+}
+
+/// `CLIPTextConfig` fields used here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipTextConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// Heads.
+    pub num_attention_heads: usize,
+    /// Longest sequence.
+    pub max_position_embeddings: usize,
+    /// `quick_gelu` (SD1) or `gelu` (SD2 / OpenCLIP).
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    /// LayerNorm epsilon.
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+    /// EOS token id (2 = legacy pooling by the largest id).
+    #[serde(default = "d_eos")]
+    pub eos_token_id: u32,
+    /// Everything else.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ClipTextConfig {
+    /// Reads `config.json`.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let c: Self =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        if !matches!(c.hidden_act.as_str(), "quick_gelu" | "gelu") {
+            return Err(Error::format(
+                path,
+                format!(
+                    "hidden_act `{}` is not supported (quick_gelu, gelu)",
+                    c.hidden_act
+                ),
+            ));
+        }
+        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+            return Err(Error::format(
+                path,
+                "hidden_size must be a multiple of num_attention_heads",
+            ));
+        }
+        Ok(c)
+    }
+}
+
+struct Layer {
+    ln1: (Tensor, Tensor),
+    q: AdaptedLinear,
+    k: AdaptedLinear,
+    v: AdaptedLinear,
+    o: AdaptedLinear,
+    ln2: (Tensor, Tensor),
+    fc1: AdaptedLinear,
+    fc2: AdaptedLinear,
+}
+
+/// Encoder outputs.
+pub struct ClipOutput {
+    /// After `final_layer_norm` (B, T, D).
+    pub last_hidden_state: Tensor,
+    /// Output of every layer before the final norm; `hidden_states[i]` = after layer i (0 = embeddings).
+    pub hidden_states: Vec<Tensor>,
+    /// The EOS-position vector of `last_hidden_state` (B, D).
+    pub pooled: Tensor,
+}
+
+/// The text encoder.
+pub struct ClipTextModel {
+    cfg: ClipTextConfig,
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<Layer>,
+    final_ln: (Tensor, Tensor),
+}
+
+impl ClipTextModel {
+    /// Builds the encoder; tensor names may carry the `text_model.` prefix or not.
+    pub fn new(cfg: &ClipTextConfig, w: &Weights) -> Result<Self> {
+        let pre = if w.contains("text_model.embeddings.token_embedding.weight") {
+            "text_model."
+        } else {
+            ""
+        };
+        let d = cfg.hidden_size;
+        let norm = |p: &str| w.norm(&format!("{pre}{p}"), d);
+        let lin = |p: &str, i: usize, o: usize| w.linear(&format!("{pre}{p}"), i, o, true);
+        let mut layers = vec![];
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("encoder.layers.{l}");
+            layers.push(Layer {
+                ln1: norm(&format!("{p}.layer_norm1"))?,
+                q: lin(&format!("{p}.self_attn.q_proj"), d, d)?,
+                k: lin(&format!("{p}.self_attn.k_proj"), d, d)?,
+                v: lin(&format!("{p}.self_attn.v_proj"), d, d)?,
+                o: lin(&format!("{p}.self_attn.out_proj"), d, d)?,
+                ln2: norm(&format!("{p}.layer_norm2"))?,
+                fc1: lin(&format!("{p}.mlp.fc1"), d, cfg.intermediate_size)?,
+                fc2: lin(&format!("{p}.mlp.fc2"), cfg.intermediate_size, d)?,
+            });
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            token_embedding: w.get(
+                &format!("{pre}embeddings.token_embedding.weight"),
+                &[cfg.vocab_size, d],
+            )?,
+            position_embedding: w.get(
+                &format!("{pre}embeddings.position_embedding.weight"),
+                &[cfg.max_position_embeddings, d],
+            )?,
+            layers,
+            final_ln: norm("final_layer_norm")?,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.cfg
+    }
+
+    fn act(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.hidden_act.as_str() {
+            "gelu" => x.gelu_erf()?,
+            _ => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+        })
+    }
+
+    /// Encodes token ids (B, T) (u32 or i64).
+    pub fn forward(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<ClipOutput> {
+        let (b, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            return Err(Error::Msg(format!(
+                "{t} tokens exceed max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let ids_u = ids.to_dtype(DType::U32)?;
+        let n = self.cfg.vocab_size as u32;
+        if ids_u
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .iter()
+            .any(|&i| i >= n)
+        {
+            return Err(Error::Msg(format!(
+                "token ids must be below vocab_size {n}"
+            )));
+        }
+        let tok = self
+            .token_embedding
+            .index_select(&ids_u.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        let mut h = tok.broadcast_add(&self.position_embedding.narrow(0, 0, t)?.unsqueeze(0)?)?;
+        let mask = causal_mask(t, h.device())?;
+        let (heads, d) = (self.cfg.num_attention_heads, self.cfg.hidden_size);
+        let hd = d / heads;
+        let eps = self.cfg.layer_norm_eps;
+        let mut hidden_states = vec![h.clone()];
+        for l in &self.layers {
+            let x = layer_norm(&h, &l.ln1.0, &l.ln1.1, eps)?;
+            let split = |y: Tensor| -> Result<Tensor> {
+                Ok(y.reshape((b, t, heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            }; // (b, h, t, hd)
+            let q = split(l.q.forward(&x, ctx)?)?;
+            let k = split(l.k.forward(&x, ctx)?)?;
+            let v = split(l.v.forward(&x, ctx)?)?;
+            let s = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?
+                .broadcast_add(&mask)?;
+            let a = softmax_last(&s)?
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, t, d))?;
+            h = (h + l.o.forward(&a, ctx)?)?;
+            let x = layer_norm(&h, &l.ln2.0, &l.ln2.1, eps)?;
+            h = (&h + l.fc2.forward(&self.act(&l.fc1.forward(&x, ctx)?)?, ctx)?)?;
+            hidden_states.push(h.clone());
+        }
+        let last = layer_norm(&h, &self.final_ln.0, &self.final_ln.1, eps)?;
+        // Pooling position: the first EOS, or (legacy eos_token_id == 2) the largest token id.
+        let rows = ids_u.to_vec2::<u32>()?;
+        let pos: Vec<u32> = rows
+            .iter()
+            .map(|r| {
+                let key = |i: usize| {
+                    if self.cfg.eos_token_id == 2 {
+                        r[i]
+                    } else {
+                        (r[i] == self.cfg.eos_token_id) as u32
+                    }
+                };
+                // first index of the maximum
+                let mut best = 0;
+                for i in 1..r.len() {
+                    if key(i) > key(best) {
+                        best = i;
+                    }
+                }
+                best as u32
+            })
+            .collect();
+        let idx = Tensor::from_vec(
+            pos.iter()
+                .enumerate()
+                .map(|(i, p)| i as u32 * t as u32 + p)
+                .collect::<Vec<u32>>(),
+            b,
+            last.device(),
+        )?;
+        let pooled = last.reshape((b * t, d))?.index_select(&idx, 0)?;
+        Ok(ClipOutput {
+            last_hidden_state: last,
+            hidden_states,
+            pooled,
+        })
+    }
+
+    /// SD conditioning with clip skip: `skip = 1` is `last_hidden_state`; `skip = 2` the penultimate
+    /// layer's output through `final_layer_norm` (diffusers' `clip_skip`).
+    pub fn condition(&self, ids: &Tensor, skip: usize, ctx: &ForwardCtx) -> Result<Tensor> {
+        let out = self.forward(ids, ctx)?;
+        if skip <= 1 {
+            return Ok(out.last_hidden_state);
+        }
+        let i = out
+            .hidden_states
+            .len()
+            .checked_sub(skip)
+            .ok_or_else(|| Error::Msg(format!("clip skip {skip} exceeds the layer count")))?;
+        layer_norm(
+            &out.hidden_states[i],
+            &self.final_ln.0,
+            &self.final_ln.1,
+            self.cfg.layer_norm_eps,
+        )
+    }
+}
+
+fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(v, (1, 1, t, t), device)?)
+}
+
+impl Adapted for ClipTextModel {
+    fn layers(&self) -> Vec<&AdaptedLayer> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&*l.q, &*l.k, &*l.v, &*l.o, &*l.fc1, &*l.fc2])
+            .collect()
+    }
+    fn layers_mut(&mut self) -> Vec<&mut AdaptedLayer> {
+        let mut v: Vec<&mut AdaptedLayer> = vec![];
+        for l in &mut self.layers {
+            v.push(&mut l.q);
+            v.push(&mut l.k);
+            v.push(&mut l.v);
+            v.push(&mut l.o);
+            v.push(&mut l.fc1);
+            v.push(&mut l.fc2);
+        }
+        v
+    }
+}
