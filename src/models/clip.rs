@@ -68,7 +68,7 @@ impl ClipTextConfig {
                 ),
             ));
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(Error::format(
                 path,
                 "hidden_size must be a multiple of num_attention_heads",
