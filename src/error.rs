@@ -9,12 +9,12 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, not chained, so that it prints once).
+        cause: std::io::Error,
     },
     /// A file could not be parsed (corrupt safetensors, bad JSON, ...).
     #[error("{path}: {msg}")]
@@ -72,7 +72,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
     /// A format error on `path`.
