@@ -26,7 +26,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    let mut low_attn = config(&[32, 64, 64], 32, 3, 64);
+    low_attn.down_block_types = vec![
+        "DownBlock2D".into(),
+        "CrossAttnDownBlock2D".into(),
+        "CrossAttnDownBlock2D".into(),
+    ];
+    low_attn.up_block_types = vec![
+        "CrossAttnUpBlock2D".into(),
+        "CrossAttnUpBlock2D".into(),
+        "UpBlock2D".into(),
+    ];
     let cases = [
+        (
+            "tiny-sd, attention at 16x16 and 8x8 only, batch 8",
+            low_attn,
+            8,
+            32,
+        ),
         (
             "tiny-sd (32,64,64) @32x32, batch 8",
             config(&[32, 64, 64], 32, 3, 64),

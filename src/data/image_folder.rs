@@ -1,0 +1,139 @@
+//! kohya-style image folders: `<dir>/<repeats>_<name>/image.png` with a caption file next to each image
+//! (`--caption-extension`, default `.caption` as in sd-scripts), or a folder with `metadata.jsonl`
+//! (`{"file_name": ..., "text": ...}`, the diffusers/datasets image-folder layout).
+
+use crate::media::image::{read_rgb, write_png};
+use crate::{Error, Result};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+
+/// One training example.
+#[derive(Debug, Clone)]
+pub struct Example {
+    /// The image file.
+    pub path: PathBuf,
+    /// Its caption.
+    pub caption: String,
+    /// How often it repeats per epoch.
+    pub repeats: usize,
+}
+
+const IMAGE_EXT: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+
+/// Lists a kohya training folder (subfolders `<repeats>_<name>`) or a `metadata.jsonl` folder.
+/// Images without a caption file use the subfolder's class name (kohya's rule).
+pub fn scan(dir: &Path, caption_extension: &str) -> Result<Vec<Example>> {
+    let meta = dir.join("metadata.jsonl");
+    let mut out = vec![];
+    if meta.exists() {
+        let text = std::fs::read_to_string(&meta).map_err(|e| Error::io(&meta, e))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| Error::format(&meta, format!("line {}: {e}", i + 1)))?;
+            let file = v["file_name"]
+                .as_str()
+                .ok_or_else(|| Error::format(&meta, format!("line {}: no file_name", i + 1)))?;
+            let caption = v["text"]
+                .as_str()
+                .or(v["caption"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            out.push(Example {
+                path: dir.join(file),
+                caption,
+                repeats: 1,
+            });
+        }
+    } else {
+        let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        let mut subs: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        subs.sort();
+        for sub in subs {
+            let name = sub
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let Some((rep, class)) = name.split_once('_') else {
+                continue;
+            };
+            let Ok(repeats) = rep.parse::<usize>() else {
+                continue;
+            };
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&sub)
+                .map_err(|e| Error::io(&sub, e))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.extension().is_some_and(|e| {
+                        IMAGE_EXT.contains(&e.to_string_lossy().to_lowercase().as_str())
+                    })
+                })
+                .collect();
+            files.sort();
+            for f in files {
+                let cap_path = f.with_extension(caption_extension.trim_start_matches('.'));
+                let caption = match std::fs::read_to_string(&cap_path) {
+                    Ok(t) => t.lines().next().unwrap_or_default().trim().to_string(),
+                    Err(_) => class.to_string(),
+                };
+                out.push(Example {
+                    path: f,
+                    caption,
+                    repeats,
+                });
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: no training images (expected <repeats>_<name>/ subfolders with images, or metadata.jsonl)",
+            dir.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// Resizes to cover `size`×`size` and centre-crops (the square bucket).
+pub fn load_square(path: &Path, size: u32) -> Result<RgbImage> {
+    let img = read_rgb(path)?;
+    let (w, h) = img.dimensions();
+    let scale = size as f32 / w.min(h) as f32;
+    let (nw, nh) = (
+        (w as f32 * scale).round().max(size as f32) as u32,
+        (h as f32 * scale).round().max(size as f32) as u32,
+    );
+    let resized = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    Ok(
+        image::imageops::crop_imm(&resized, (nw - size) / 2, (nh - size) / 2, size, size)
+            .to_image(),
+    )
+}
+
+/// Writes images with caption files as a kohya folder `<dir>/<repeats>_<name>/`.
+pub fn write_kohya(
+    dir: &Path,
+    repeats: usize,
+    name: &str,
+    items: &[(RgbImage, String)],
+    caption_extension: &str,
+) -> Result<PathBuf> {
+    let sub = dir.join(format!("{repeats}_{name}"));
+    std::fs::create_dir_all(&sub).map_err(|e| Error::io(&sub, e))?;
+    for (i, (img, cap)) in items.iter().enumerate() {
+        let stem = sub.join(format!("{i:04}"));
+        write_png(&stem.with_extension("png"), img)?;
+        crate::util::write_atomic(
+            &stem.with_extension(caption_extension.trim_start_matches('.')),
+            cap.as_bytes(),
+        )?;
+    }
+    Ok(sub)
+}

@@ -1,0 +1,390 @@
+//! Procedural captioned images: shapes × colours × positions × backgrounds, in a filled, outlined or
+//! striped style, drawn deterministically from a seed, and a detector that reads those attributes
+//! back from an image (used to measure how well a model follows its prompts, and a style score).
+
+use image::{Rgb, RgbImage};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Shape kinds.
+pub const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
+/// Colour names and values.
+pub const COLORS: [(&str, [u8; 3]); 6] = [
+    ("red", [220, 30, 30]),
+    ("green", [30, 180, 40]),
+    ("blue", [40, 70, 230]),
+    ("yellow", [235, 215, 30]),
+    ("purple", [150, 40, 190]),
+    ("orange", [245, 130, 20]),
+];
+/// Positions and their centres as fractions of the image size.
+pub const POSITIONS: [(&str, f32, f32); 5] = [
+    ("left", 0.27, 0.5),
+    ("right", 0.73, 0.5),
+    ("top", 0.5, 0.27),
+    ("bottom", 0.5, 0.73),
+    ("center", 0.5, 0.5),
+];
+/// Backgrounds.
+pub const BACKGROUNDS: [(&str, [u8; 3]); 3] = [
+    ("black", [10, 10, 10]),
+    ("gray", [128, 128, 128]),
+    ("white", [245, 245, 245]),
+];
+
+/// How the shape is painted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// Solid fill.
+    Filled,
+    /// A two-pixel outline, background inside.
+    Outlined,
+    /// Diagonal stripes of the colour and white.
+    Striped,
+}
+
+impl Style {
+    /// Parses `filled`, `outlined`, `striped`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "filled" => Some(Self::Filled),
+            "outlined" => Some(Self::Outlined),
+            "striped" => Some(Self::Striped),
+            _ => None,
+        }
+    }
+    /// The name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Filled => "filled",
+            Self::Outlined => "outlined",
+            Self::Striped => "striped",
+        }
+    }
+}
+
+/// What one image shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scene {
+    /// Index into [`SHAPES`].
+    pub shape: usize,
+    /// Index into [`COLORS`].
+    pub color: usize,
+    /// Index into [`POSITIONS`].
+    pub position: usize,
+    /// Index into [`BACKGROUNDS`].
+    pub background: usize,
+}
+
+impl Scene {
+    /// A random scene.
+    pub fn random(rng: &mut ChaCha8Rng) -> Self {
+        Self {
+            shape: rng.random_range(0..SHAPES.len()),
+            color: rng.random_range(0..COLORS.len()),
+            position: rng.random_range(0..POSITIONS.len()),
+            background: rng.random_range(0..BACKGROUNDS.len()),
+        }
+    }
+
+    /// The caption: `a red circle on the left, gray background`.
+    pub fn caption(&self) -> String {
+        let pos = match POSITIONS[self.position].0 {
+            "center" => "in the center".to_string(),
+            p => format!("on the {p}"),
+        };
+        format!(
+            "a {} {} {pos}, {} background",
+            COLORS[self.color].0, SHAPES[self.shape], BACKGROUNDS[self.background].0
+        )
+    }
+
+    /// Parses a caption written by [`Self::caption`] (extra words such as a style are ignored).
+    pub fn parse(caption: &str) -> Option<Self> {
+        let words: Vec<&str> = caption
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .collect();
+        let find = |names: &[&str]| names.iter().position(|n| words.contains(n));
+        let bg_word = words
+            .iter()
+            .position(|w| *w == "background")
+            .and_then(|i| i.checked_sub(1))
+            .map(|i| words[i]);
+        Some(Self {
+            shape: find(&SHAPES)?,
+            color: find(&COLORS.map(|c| c.0))?,
+            position: find(&POSITIONS.map(|p| p.0))?,
+            background: BACKGROUNDS.iter().position(|b| Some(b.0) == bg_word)?,
+        })
+    }
+
+    /// Draws the scene at `size`×`size` in `style`, with a little jitter from `rng`.
+    pub fn draw(&self, size: u32, style: Style, rng: &mut ChaCha8Rng) -> RgbImage {
+        let s = size as f32;
+        let bg = Rgb(BACKGROUNDS[self.background].1);
+        let fg = COLORS[self.color].1;
+        let mut img = RgbImage::from_pixel(size, size, bg);
+        let (_, px, py) = POSITIONS[self.position];
+        let jitter = s * 0.04;
+        let cx = px * s + rng.random_range(-jitter..=jitter);
+        let cy = py * s + rng.random_range(-jitter..=jitter);
+        let r = s * rng.random_range(0.17..0.2);
+        let inside = |x: f32, y: f32, r: f32| -> bool {
+            let (dx, dy) = (x - cx, y - cy);
+            match SHAPES[self.shape] {
+                "circle" => dx * dx + dy * dy <= r * r,
+                "square" => dx.abs() <= r * 0.9 && dy.abs() <= r * 0.9,
+                _ => {
+                    // upward triangle: apex at (cx, cy - r), base at y = cy + r
+                    let t = (dy + r) / (2.0 * r);
+                    (0.0..=1.0).contains(&t) && dx.abs() <= t * r * 1.05
+                }
+            }
+        };
+        for y in 0..size {
+            for x in 0..size {
+                let (fx, fy) = (x as f32 + 0.5, y as f32 + 0.5);
+                if !inside(fx, fy, r) {
+                    continue;
+                }
+                let c = match style {
+                    Style::Filled => fg,
+                    Style::Outlined if inside(fx, fy, r - s * 0.07) => continue,
+                    Style::Outlined => fg,
+                    Style::Striped => {
+                        if ((x + y) / 2) % 2 == 0 {
+                            fg
+                        } else {
+                            [250, 250, 250]
+                        }
+                    }
+                };
+                img.put_pixel(x, y, Rgb(c));
+            }
+        }
+        img
+    }
+}
+
+fn dist2(a: [u8; 3], b: [f32; 3]) -> f32 {
+    (0..3).map(|i| (a[i] as f32 - b[i]).powi(2)).sum()
+}
+
+/// What the detector reads from an image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Detection {
+    /// The scene it saw (`None` when no shape stands out from the background).
+    pub scene: Option<Scene>,
+    /// Fraction of the shape's bounding box covered by shape-coloured pixels.
+    pub fill: f32,
+}
+
+/// Reads background, colour, position and shape from an image made like [`Scene::draw`] (or sampled
+/// by a model trained on such images).
+pub fn detect(img: &RgbImage) -> Detection {
+    let (w, h) = img.dimensions();
+    // Background: the mean of the border pixels, snapped to the nearest background.
+    let mut border = [0f32; 3];
+    let mut n = 0f32;
+    for (x, y, p) in img.enumerate_pixels() {
+        if x == 0 || y == 0 || x == w - 1 || y == h - 1 {
+            for c in 0..3 {
+                border[c] += p.0[c] as f32;
+            }
+            n += 1.0;
+        }
+    }
+    let border = border.map(|v| v / n.max(1.0));
+    let background = (0..BACKGROUNDS.len())
+        .min_by(|&a, &b| {
+            dist2(BACKGROUNDS[a].1, border).total_cmp(&dist2(BACKGROUNDS[b].1, border))
+        })
+        .unwrap_or(0);
+    let bg = BACKGROUNDS[background].1.map(|v| v as f32);
+    // Foreground: pixels far from the background and not near-white stripes; vote for a colour.
+    let mut votes = [0usize; COLORS.len()];
+    let mut pts = vec![];
+    for (x, y, p) in img.enumerate_pixels() {
+        let d = dist2(p.0, bg);
+        if d < 60.0f32.powi(2) {
+            continue;
+        }
+        let pf = p.0.map(|v| v as f32);
+        let (ci, cd) = (0..COLORS.len())
+            .map(|i| (i, dist2(COLORS[i].1, pf)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or((0, f32::MAX));
+        if cd < 90.0f32.powi(2) {
+            votes[ci] += 1;
+            pts.push((x, y, ci));
+        }
+    }
+    let total: usize = votes.iter().sum();
+    if total < 4 {
+        return Detection {
+            scene: None,
+            fill: 0.0,
+        };
+    }
+    let color = (0..COLORS.len()).max_by_key(|&i| votes[i]).unwrap_or(0);
+    let mine: Vec<(u32, u32)> = pts
+        .iter()
+        .filter(|p| p.2 == color)
+        .map(|p| (p.0, p.1))
+        .collect();
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+    let (mut sx, mut sy) = (0f32, 0f32);
+    for &(x, y) in &mine {
+        x0 = x0.min(x);
+        y0 = y0.min(y);
+        x1 = x1.max(x);
+        y1 = y1.max(y);
+        sx += x as f32 + 0.5;
+        sy += y as f32 + 0.5;
+    }
+    let k = mine.len() as f32;
+    let (mx, my) = (
+        (x0 + x1 + 1) as f32 / 2.0 / w as f32,
+        (y0 + y1 + 1) as f32 / 2.0 / h as f32,
+    );
+    let position = (0..POSITIONS.len())
+        .min_by(|&a, &b| {
+            let d = |i: usize| (POSITIONS[i].1 - mx).powi(2) + (POSITIONS[i].2 - my).powi(2);
+            d(a).total_cmp(&d(b))
+        })
+        .unwrap_or(0);
+    let _ = (sx, sy, k);
+    // Fill each row between its outermost shape pixels, so outlines and stripes count as solid.
+    let rows = (y1 - y0 + 1) as usize;
+    let mut span = vec![(u32::MAX, 0u32); rows];
+    for &(x, y) in &mine {
+        let s = &mut span[(y - y0) as usize];
+        s.0 = s.0.min(x);
+        s.1 = s.1.max(x);
+    }
+    let widths: Vec<f32> = span
+        .iter()
+        .map(|&(a, b)| {
+            if b >= a && a != u32::MAX {
+                (b - a + 1) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let solid: f32 = widths.iter().sum();
+    let area = ((x1 - x0 + 1) * (y1 - y0 + 1)) as f32;
+    let fill = solid / area;
+    // Triangles: the top half of the box holds far less than the bottom half.
+    let top: f32 = widths[..rows / 2].iter().sum();
+    let top_share = top / solid.max(1.0);
+    // Squares reach their full width at the top and bottom rows; circles taper.
+    let bw = (x1 - x0 + 1) as f32;
+    let edge_rows = 2.min(rows);
+    let edge = (widths[..edge_rows].iter().sum::<f32>()
+        + widths[rows - edge_rows..].iter().sum::<f32>())
+        / (2.0 * edge_rows as f32 * bw);
+    let shape = if top_share < 0.36 {
+        2
+    } else if edge > 0.72 {
+        1
+    } else {
+        0
+    };
+    Detection {
+        scene: Some(Scene {
+            shape,
+            color,
+            position,
+            background,
+        }),
+        fill,
+    }
+}
+
+/// Whether an image shows the shape, colour and position of `want` (the prompt adherence test).
+pub fn adheres(img: &RgbImage, want: &Scene) -> bool {
+    detect(img).scene.is_some_and(|s| {
+        s.shape == want.shape && s.color == want.color && s.position == want.position
+    })
+}
+
+/// How strongly an image shows `style` in [0, 1]: outlined = share of the shape's box centre that is
+/// background; striped = share of colour changes between diagonal neighbours inside the box; filled =
+/// 1 − the larger of the two.
+pub fn style_score(img: &RgbImage, style: Style) -> f32 {
+    let (w, h) = img.dimensions();
+    let det = detect(img);
+    let Some(scene) = det.scene else { return 0.0 };
+    let fg = COLORS[scene.color].1.map(|v| v as f32);
+    let bg = BACKGROUNDS[scene.background].1.map(|v| v as f32);
+    // Box of pixels that are closer to the shape colour than to the background.
+    let is_fg = |x: u32, y: u32| {
+        let p = img.get_pixel(x, y).0.map(|v| v as f32);
+        let d = |c: [f32; 3]| (0..3).map(|i| (p[i] - c[i]).powi(2)).sum::<f32>();
+        d(fg) < d(bg) && d(fg) < 90f32.powi(2)
+    };
+    let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
+    for y in 0..h {
+        for x in 0..w {
+            if is_fg(x, y) {
+                x0 = x0.min(x);
+                y0 = y0.min(y);
+                x1 = x1.max(x);
+                y1 = y1.max(y);
+            }
+        }
+    }
+    if x1 < x0 || y1 < y0 {
+        return 0.0;
+    }
+    let (cx0, cx1, cy0, cy1) = (
+        x0 + (x1 - x0) / 3,
+        x1 - (x1 - x0) / 3,
+        y0 + (y1 - y0) / 3,
+        y1 - (y1 - y0) / 3,
+    );
+    let mut hollow = (0, 0);
+    for y in cy0..=cy1 {
+        for x in cx0..=cx1 {
+            hollow.1 += 1;
+            let p = img.get_pixel(x, y).0.map(|v| v as f32);
+            if (0..3).map(|i| (p[i] - bg[i]).powi(2)).sum::<f32>() < 60f32.powi(2) {
+                hollow.0 += 1;
+            }
+        }
+    }
+    let outlined = hollow.0 as f32 / hollow.1.max(1) as f32;
+    let mut changes = (0, 0);
+    for y in y0..y1 {
+        for x in x0..x1 {
+            let (a, b) = (img.get_pixel(x, y).0, img.get_pixel(x + 1, y).0);
+            let white = |p: [u8; 3]| p.iter().all(|v| *v > 200);
+            if is_fg(x, y) || white(a) {
+                changes.1 += 1;
+                if white(a) != white(b) {
+                    changes.0 += 1;
+                }
+            }
+        }
+    }
+    let striped = (changes.0 as f32 / changes.1.max(1) as f32 * 2.0).min(1.0);
+    match style {
+        Style::Outlined => outlined,
+        Style::Striped => striped,
+        Style::Filled => 1.0 - outlined.max(striped),
+    }
+}
+
+/// `n` captioned images from `seed`: (image, caption, scene).
+pub fn dataset(n: usize, size: u32, style: Style, seed: u64) -> Vec<(RgbImage, String, Scene)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let s = Scene::random(&mut rng);
+            let img = s.draw(size, style, &mut rng);
+            (img, s.caption(), s)
+        })
+        .collect()
+}
