@@ -95,7 +95,7 @@ fn main() {
         let x = postforge::peft::init::normal(&[batch, cfg.in_channels, hw, hw], 1.0, &mut rng)
             .unwrap();
         let c = postforge::peft::init::normal(
-            &[batch, 8, cfg.block_out_channels.len() * 0 + cross_dim(&cfg)],
+            &[batch, 8, cross_dim(&cfg)],
             1.0,
             &mut rng,
         )

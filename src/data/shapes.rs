@@ -189,8 +189,8 @@ pub fn detect(img: &RgbImage) -> Detection {
     let mut n = 0f32;
     for (x, y, p) in img.enumerate_pixels() {
         if x == 0 || y == 0 || x == w - 1 || y == h - 1 {
-            for c in 0..3 {
-                border[c] += p.0[c] as f32;
+            for (b, v) in border.iter_mut().zip(p.0) {
+                *b += v as f32;
             }
             n += 1.0;
         }
