@@ -94,12 +94,7 @@ fn main() {
         let mut rng = postforge::peft::init::rng_for(2, "unet-bench");
         let x = postforge::peft::init::normal(&[batch, cfg.in_channels, hw, hw], 1.0, &mut rng)
             .unwrap();
-        let c = postforge::peft::init::normal(
-            &[batch, 8, cross_dim(&cfg)],
-            1.0,
-            &mut rng,
-        )
-        .unwrap();
+        let c = postforge::peft::init::normal(&[batch, 8, cross_dim(&cfg)], 1.0, &mut rng).unwrap();
         let t = Tensor::from_vec(vec![500f32; batch], batch, &Device::Cpu).unwrap();
         let params: usize = models[1]
             .1

@@ -58,7 +58,9 @@ fn clip_text_encoder_matches_transformers_and_peft() {
         )
         .unwrap();
         for l in model.layers() {
-            let ad = &l.adapters()["default"];
+            let Some(ad) = l.adapters().get("default") else {
+                continue;
+            };
             ad.a.set(&io.get(&format!("lora.{}.lora_A.weight", l.path())).unwrap())
                 .unwrap();
             ad.b.set(&io.get(&format!("lora.{}.lora_B.weight", l.path())).unwrap())
@@ -79,7 +81,9 @@ fn clip_text_encoder_matches_transformers_and_peft() {
             .backward()
             .unwrap();
         for l in model.layers() {
-            let ad = &l.adapters()["default"];
+            let Some(ad) = l.adapters().get("default") else {
+                continue;
+            };
             for (w, v) in [("lora_A", &ad.a), ("lora_B", &ad.b)] {
                 let key = format!("grad.{}.{w}.weight", l.path());
                 let e = rel_err(grads.get(v.as_tensor()).unwrap(), &io.get(&key).unwrap());

@@ -3,6 +3,7 @@
 mod convert;
 mod demo;
 mod merge;
+mod pretrain;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,8 @@ enum Command {
     Merge(merge::Args),
     /// Convert an image-model LoRA file between kohya/A1111/ComfyUI and diffusers/PEFT layouts.
     Convert(convert::Args),
+    /// Train an embedded default model from scratch on procedural data (`tiny-sd`).
+    Pretrain(pretrain::Args),
     /// Draw a loss-curve PNG from a metrics.jsonl file.
     Plot(merge::PlotArgs),
 }
@@ -34,5 +37,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Plot(a) => merge::plot(a),
         Command::Convert(a) => convert::run(a),
+        Command::Pretrain(a) => pretrain::run(a),
     }
 }

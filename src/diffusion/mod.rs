@@ -3,8 +3,10 @@
 //! diffusers' semantics and `scheduler_config.json` fields.
 
 pub mod objective;
+pub mod pipeline;
 pub mod sampler;
 pub mod schedule;
+pub mod tiny_sd;
 
 pub use objective::{Objective, Prediction};
 pub use sampler::{Sampler, SamplerKind};

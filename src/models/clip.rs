@@ -9,7 +9,7 @@
 
 use crate::models::nn::{layer_norm, softmax_last};
 use crate::models::Weights;
-use crate::peft::{Adapted, AdaptedLayer, AdaptedLinear, ForwardCtx};
+use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -102,8 +102,8 @@ pub struct ClipOutput {
 /// The text encoder.
 pub struct ClipTextModel {
     cfg: ClipTextConfig,
-    token_embedding: Tensor,
-    position_embedding: Tensor,
+    token_embedding: AdaptedEmbedding,
+    position_embedding: AdaptedEmbedding,
     layers: Vec<Layer>,
     final_ln: (Tensor, Tensor),
 }
@@ -135,13 +135,19 @@ impl ClipTextModel {
         }
         Ok(Self {
             cfg: cfg.clone(),
-            token_embedding: w.get(
-                &format!("{pre}embeddings.token_embedding.weight"),
-                &[cfg.vocab_size, d],
+            token_embedding: w.plan.embedding(
+                &format!("{pre}embeddings.token_embedding"),
+                w.get(
+                    &format!("{pre}embeddings.token_embedding.weight"),
+                    &[cfg.vocab_size, d],
+                )?,
             )?,
-            position_embedding: w.get(
-                &format!("{pre}embeddings.position_embedding.weight"),
-                &[cfg.max_position_embeddings, d],
+            position_embedding: w.plan.embedding(
+                &format!("{pre}embeddings.position_embedding"),
+                w.get(
+                    &format!("{pre}embeddings.position_embedding.weight"),
+                    &[cfg.max_position_embeddings, d],
+                )?,
             )?,
             layers,
             final_ln: norm("final_layer_norm")?,
@@ -181,11 +187,14 @@ impl ClipTextModel {
                 "token ids must be below vocab_size {n}"
             )));
         }
-        let tok = self
-            .token_embedding
-            .index_select(&ids_u.flatten_all()?, 0)?
-            .reshape((b, t, ()))?;
-        let mut h = tok.broadcast_add(&self.position_embedding.narrow(0, 0, t)?.unsqueeze(0)?)?;
+        let tok = self.token_embedding.forward(&ids_u, ctx)?; // (b, t, d)
+        let positions = Tensor::arange(0u32, t as u32, ids.device())?;
+        let mut h = tok.broadcast_add(
+            &self
+                .position_embedding
+                .forward(&positions, ctx)?
+                .unsqueeze(0)?,
+        )?;
         let mask = causal_mask(t, h.device())?;
         let (heads, d) = (self.cfg.num_attention_heads, self.cfg.hidden_size);
         let hd = d / heads;
@@ -282,13 +291,17 @@ fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
 
 impl Adapted for ClipTextModel {
     fn layers(&self) -> Vec<&AdaptedLayer> {
-        self.layers
-            .iter()
-            .flat_map(|l| [&*l.q, &*l.k, &*l.v, &*l.o, &*l.fc1, &*l.fc2])
-            .collect()
+        let mut v: Vec<&AdaptedLayer> = vec![&self.token_embedding, &self.position_embedding];
+        v.extend(
+            self.layers
+                .iter()
+                .flat_map(|l| [&*l.q, &*l.k, &*l.v, &*l.o, &*l.fc1, &*l.fc2]),
+        );
+        v
     }
     fn layers_mut(&mut self) -> Vec<&mut AdaptedLayer> {
-        let mut v: Vec<&mut AdaptedLayer> = vec![];
+        let mut v: Vec<&mut AdaptedLayer> =
+            vec![&mut self.token_embedding, &mut self.position_embedding];
         for l in &mut self.layers {
             v.push(&mut l.q);
             v.push(&mut l.k);

@@ -1,0 +1,215 @@
+//! A text-to-image pipeline in the diffusers folder layout: `model_index.json`, `unet/`,
+//! `text_encoder/` (CLIPTextModel), `tokenizer/` (`tokenizer.json`), `scheduler/`, and optionally
+//! `vae/` (latent pipelines; the embedded tiny-sd works in pixel space and has none).
+//! Safetensors only; a missing or mismatched tensor is an error naming it.
+
+use super::sampler::{guide, Sampler, SamplerKind};
+use super::schedule::SchedulerConfig;
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::Weights;
+use crate::peft::{AdapterPlan, ForwardCtx};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+/// Prompt tokenizer: `tokenizer/tokenizer.json`, padded to a fixed length like CLIP's.
+pub struct PromptTokenizer {
+    tok: tokenizers::Tokenizer,
+    max_len: usize,
+    pad_id: u32,
+}
+
+impl PromptTokenizer {
+    /// Loads `dir/tokenizer.json` (and `model_max_length` / `pad_token` from `tokenizer_config.json`).
+    pub fn load(dir: &Path, max_positions: usize) -> Result<Self> {
+        let file = dir.join("tokenizer.json");
+        if !file.exists() {
+            return Err(Error::format(
+                dir,
+                "no tokenizer.json (a slow-tokenizer folder with vocab.json/merges.txt can be converted with transformers: AutoTokenizer.from_pretrained(dir).save_pretrained(dir))",
+            ));
+        }
+        let tok = tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| Error::format(&file, e.to_string()))?;
+        let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let max_len = cfg["model_max_length"]
+            .as_u64()
+            .map(|v| v as usize)
+            .unwrap_or(max_positions)
+            .min(max_positions);
+        let pad = cfg["pad_token"].as_str().unwrap_or("<|endoftext|>");
+        let pad_id = tok
+            .token_to_id(pad)
+            .or_else(|| tok.token_to_id("<|endoftext|>"))
+            .unwrap_or(0);
+        Ok(Self {
+            tok,
+            max_len,
+            pad_id,
+        })
+    }
+
+    /// Token ids (B, max_len), truncated and padded.
+    pub fn encode(&self, prompts: &[String], device: &Device) -> Result<Tensor> {
+        let mut rows = vec![];
+        for p in prompts {
+            let enc = self
+                .tok
+                .encode(p.as_str(), true)
+                .map_err(|e| Error::Msg(format!("tokenizing `{p}`: {e}")))?;
+            let mut ids: Vec<u32> = enc.get_ids().to_vec();
+            if ids.len() > self.max_len {
+                let last = *ids.last().unwrap_or(&self.pad_id);
+                ids.truncate(self.max_len);
+                ids[self.max_len - 1] = last; // keep the end token
+            }
+            ids.resize(self.max_len, self.pad_id);
+            rows.extend(ids);
+        }
+        Ok(Tensor::from_vec(
+            rows,
+            (prompts.len(), self.max_len),
+            device,
+        )?)
+    }
+}
+
+/// A loaded pipeline.
+pub struct Pipeline {
+    /// The folder.
+    pub dir: PathBuf,
+    /// Denoiser.
+    pub unet: UNet2DConditionModel,
+    /// Text encoder.
+    pub text_encoder: ClipTextModel,
+    /// Tokenizer.
+    pub tokenizer: PromptTokenizer,
+    /// Scheduler configuration.
+    pub scheduler: SchedulerConfig,
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))
+}
+
+/// The safetensors weights file of a model folder (`diffusion_pytorch_model.safetensors` or
+/// `model.safetensors`, possibly sharded with an index).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    for name in ["diffusion_pytorch_model", "model"] {
+        let single = dir.join(format!("{name}.safetensors"));
+        if single.exists() {
+            return Ok(vec![single]);
+        }
+        let index = dir.join(format!("{name}.safetensors.index.json"));
+        if index.exists() {
+            let v = read_json(&index)?;
+            let map = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| Error::format(&index, "no weight_map"))?;
+            let mut files: Vec<PathBuf> = map
+                .values()
+                .filter_map(|f| f.as_str())
+                .map(|f| dir.join(f))
+                .collect();
+            files.sort();
+            files.dedup();
+            return Ok(files);
+        }
+    }
+    if dir.join("diffusion_pytorch_model.bin").exists() || dir.join("pytorch_model.bin").exists() {
+        return Err(Error::format(
+            dir,
+            "only pickle (.bin) weights found; postforge reads safetensors only",
+        ));
+    }
+    Err(Error::format(dir, "no safetensors weights found"))
+}
+
+impl Pipeline {
+    /// Loads a pipeline folder; `unet_plan` / `text_plan` choose the adapters of each component.
+    pub fn load(dir: &Path, unet_plan: AdapterPlan, text_plan: AdapterPlan) -> Result<Self> {
+        let index = read_json(&dir.join("model_index.json"))?;
+        if index["vae"].is_array() && !index["vae"][0].is_null() {
+            return Err(Error::format(
+                dir.join("model_index.json"),
+                "latent pipelines (with a vae/) are not supported by this loader yet; pixel-space pipelines are",
+            ));
+        }
+        let ucfg = UNetConfig::from_file(&dir.join("unet/config.json"))?;
+        let unet = UNet2DConditionModel::new(
+            &ucfg,
+            &Weights::from_files(&weight_files(&dir.join("unet"))?, unet_plan)?,
+        )?;
+        let tcfg = ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?;
+        let text_encoder = ClipTextModel::new(
+            &tcfg,
+            &Weights::from_files(&weight_files(&dir.join("text_encoder"))?, text_plan)?,
+        )?;
+        let tokenizer =
+            PromptTokenizer::load(&dir.join("tokenizer"), tcfg.max_position_embeddings)?;
+        let scheduler = SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            unet,
+            text_encoder,
+            tokenizer,
+            scheduler,
+        })
+    }
+
+    /// Prompt conditioning (B, T, D).
+    pub fn encode(&self, prompts: &[String], ctx: &ForwardCtx) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(prompts, &Device::Cpu)?;
+        self.text_encoder.condition(&ids, 1, ctx)
+    }
+
+    /// Samples one image per prompt (with its own seed), as tensors (B, C, H, W) in [-1, 1].
+    pub fn sample(
+        &self,
+        prompts: &[String],
+        negative: &str,
+        seeds: &[u64],
+        steps: usize,
+        guidance: f64,
+        kind: SamplerKind,
+        size: (usize, usize),
+    ) -> Result<Tensor> {
+        if prompts.len() != seeds.len() {
+            return Err(Error::Msg(format!(
+                "{} prompts but {} seeds",
+                prompts.len(),
+                seeds.len()
+            )));
+        }
+        let ctx = ForwardCtx::eval();
+        let cond = self.encode(prompts, &ctx)?;
+        let uncond = self.encode(&vec![negative.to_string(); prompts.len()], &ctx)?;
+        let both = Tensor::cat(&[&uncond, &cond], 0)?;
+        let b = prompts.len();
+        let sampler = Sampler::new(kind, &self.scheduler, steps)?;
+        let c = self.unet.config().in_channels;
+        let x = sampler.sample(
+            &self.scheduler,
+            &[c, size.0, size.1],
+            seeds,
+            &Device::Cpu,
+            |x_in, t| {
+                let t = Tensor::from_vec(vec![t as f32; 2 * b], 2 * b, &Device::Cpu)?;
+                let xx = Tensor::cat(&[x_in, x_in], 0)?;
+                let out = self.unet.forward(&xx, &t, &both, None, &ctx)?;
+                let (u, k) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+                if guidance == 1.0 {
+                    Ok(k)
+                } else {
+                    guide(&u, &k, guidance)
+                }
+            },
+        )?;
+        Ok(x.to_dtype(DType::F32)?.clamp(-1f32, 1f32)?)
+    }
+}

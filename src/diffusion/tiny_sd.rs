@@ -1,0 +1,339 @@
+//! The embedded default `tiny-sd`: a pixel-space (32×32 RGB) text-to-image pipeline trained from
+//! scratch on the procedural shape corpus ([`crate::data::shapes`]), written in the diffusers folder
+//! layout, and evaluated with the procedural detector (prompt adherence).
+
+use super::objective::{Objective, Prediction};
+use super::pipeline::Pipeline;
+use super::sampler::SamplerKind;
+use super::schedule::{NoiseSchedule, SchedulerConfig};
+use crate::data::shapes::{self, adheres, Scene, Style};
+use crate::media::image::{image_to_tensor, tensor_to_image};
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::Weights;
+use crate::peft::init::rng_for;
+use crate::peft::{Adapted, AdapterPlan, ForwardCtx};
+use crate::train::Task;
+use crate::util::{save_safetensors, write_atomic};
+use crate::{Error, Result};
+use candle_core::{Device, Tensor, Var};
+use rand::Rng;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Image side in pixels.
+pub const SIZE: usize = 32;
+/// Token sequence length.
+pub const MAX_TOKENS: usize = 16;
+
+/// The word-level vocabulary: special tokens, then every word the captions use.
+pub fn vocab() -> Vec<String> {
+    let mut v: Vec<String> = ["<pad>", "<|startoftext|>", "<|endoftext|>", "<unk>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let words = [
+        "a",
+        "on",
+        "the",
+        "in",
+        "background",
+        ",",
+        "style",
+        "filled",
+        "outlined",
+        "striped",
+    ];
+    v.extend(words.iter().map(|s| s.to_string()));
+    v.extend(shapes::SHAPES.iter().map(|s| s.to_string()));
+    v.extend(shapes::COLORS.iter().map(|c| c.0.to_string()));
+    v.extend(shapes::POSITIONS.iter().map(|p| p.0.to_string()));
+    for b in shapes::BACKGROUNDS {
+        if !v.iter().any(|w| w == b.0) {
+            v.push(b.0.to_string());
+        }
+    }
+    v
+}
+
+/// Writes `tokenizer.json` (WordLevel, lowercase, whitespace split, `<|startoftext|> … <|endoftext|>`)
+/// and `tokenizer_config.json` into `dir`.
+pub fn write_tokenizer(dir: &Path) -> Result<()> {
+    let vocab = vocab();
+    let map: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.clone(), i.into()))
+        .collect();
+    let added: Vec<serde_json::Value> = vocab[..4]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let special = |t: &str, id: usize| serde_json::json!({"id": t, "ids": [id], "tokens": [t]});
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<|startoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<|startoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}, {"SpecialToken": {"id": "<|endoftext|>", "type_id": 1}}],
+            "special_tokens": {"<|startoftext|>": special("<|startoftext|>", 1), "<|endoftext|>": special("<|endoftext|>", 2)}},
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": map, "unk_token": "<unk>"}
+    });
+    let cfg = serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": MAX_TOKENS,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"});
+    let pretty = |v: &serde_json::Value| {
+        serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))
+    };
+    write_atomic(&dir.join("tokenizer.json"), pretty(&tok)?.as_bytes())?;
+    write_atomic(&dir.join("tokenizer_config.json"), pretty(&cfg)?.as_bytes())
+}
+
+/// The U-Net configuration: 3 levels (32, 64, 64 channels), attention at 16×16 and 8×8 only.
+pub fn unet_config() -> UNetConfig {
+    serde_json::from_value(serde_json::json!({
+        "_class_name": "UNet2DConditionModel", "sample_size": SIZE, "in_channels": 3, "out_channels": 3,
+        "block_out_channels": [32, 64, 64], "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "cross_attention_dim": 64, "attention_head_dim": 4,
+        "norm_num_groups": 8, "norm_eps": 1e-5, "flip_sin_to_cos": true, "freq_shift": 0, "act_fn": "silu",
+        "use_linear_projection": true
+    }))
+    .expect("static config")
+}
+
+/// The text encoder configuration.
+pub fn text_config() -> ClipTextConfig {
+    serde_json::from_value(serde_json::json!({
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": vocab().len(),
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "max_position_embeddings": MAX_TOKENS, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "projection_dim": 64
+    }))
+    .expect("static config")
+}
+
+/// The noise schedule (cosine, ε-prediction; DDIM by default for sampling).
+pub fn scheduler_config() -> SchedulerConfig {
+    serde_json::from_value(serde_json::json!({
+        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "epsilon", "clip_sample": true, "clip_sample_range": 1.0, "set_alpha_to_one": true,
+        "steps_offset": 0, "timestep_spacing": "trailing"
+    }))
+    .expect("static config")
+}
+
+/// Pretraining: U-Net and text encoder trained in full on captioned shapes.
+pub struct PretrainTask {
+    /// The denoiser.
+    pub unet: UNet2DConditionModel,
+    /// The text encoder.
+    pub text: ClipTextModel,
+    unet_init: BTreeMap<String, Tensor>,
+    text_init: BTreeMap<String, Tensor>,
+    images: Vec<Tensor>,
+    ids: Vec<Tensor>,
+    empty_ids: Tensor,
+    schedule: NoiseSchedule,
+    objective: Objective,
+    batch: usize,
+    seed: u64,
+    caption_dropout: f64,
+}
+
+impl PretrainTask {
+    /// A fresh model and a corpus of `n` images (seeded).
+    pub fn new(n: usize, batch: usize, seed: u64) -> Result<Self> {
+        let full = AdapterPlan {
+            full_training: true,
+            ..AdapterPlan::none()
+        };
+        let uw = Weights::fresh(seed, full.clone());
+        let unet = UNet2DConditionModel::new(&unet_config(), &uw)?;
+        let tw = Weights::fresh(seed ^ 1, full);
+        let text = ClipTextModel::new(&text_config(), &tw)?;
+        let dir = std::env::temp_dir().join(format!("postforge-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        write_tokenizer(&dir)?;
+        let tok = super::pipeline::PromptTokenizer::load(&dir, MAX_TOKENS)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        let data = shapes::dataset(n, SIZE as u32, Style::Filled, seed);
+        let mut images = vec![];
+        let mut ids = vec![];
+        for (img, cap, _) in &data {
+            images.push(image_to_tensor(img, &Device::Cpu)?);
+            ids.push(
+                tok.encode(std::slice::from_ref(cap), &Device::Cpu)?
+                    .squeeze(0)?,
+            );
+        }
+        let empty_ids = tok.encode(&[String::new()], &Device::Cpu)?.squeeze(0)?;
+        Ok(Self {
+            unet,
+            text,
+            unet_init: uw.created(),
+            text_init: tw.created(),
+            images,
+            ids,
+            empty_ids,
+            schedule: NoiseSchedule::new(&scheduler_config())?,
+            objective: Objective {
+                prediction: Prediction::Epsilon,
+                min_snr_gamma: Some(5.0),
+                noise_offset: 0.0,
+            },
+            batch,
+            seed,
+            caption_dropout: 0.1,
+        })
+    }
+
+    /// Writes the pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/).
+    pub fn write_pipeline(&self, dir: &Path) -> Result<()> {
+        let full = |init: &BTreeMap<String, Tensor>,
+                    layers: Vec<&crate::peft::AdaptedLayer>|
+         -> Result<BTreeMap<String, Tensor>> {
+            let mut t = init.clone();
+            for l in layers {
+                let (w, b) = l.merged_tensors()?;
+                t.insert(format!("{}.weight", l.path()), w);
+                if let Some(b) = b {
+                    t.insert(format!("{}.bias", l.path()), b);
+                }
+            }
+            Ok(t)
+        };
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let pretty = |v: &serde_json::Value| {
+            serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))
+        };
+        save_safetensors(
+            &dir.join("unet/diffusion_pytorch_model.safetensors"),
+            &full(&self.unet_init, self.unet.layers())?,
+            Some(meta.clone()),
+        )?;
+        write_atomic(
+            &dir.join("unet/config.json"),
+            pretty(&serde_json::to_value(unet_config()).map_err(|e| Error::Msg(e.to_string()))?)?
+                .as_bytes(),
+        )?;
+        save_safetensors(
+            &dir.join("text_encoder/model.safetensors"),
+            &full(&self.text_init, self.text.layers())?,
+            Some(meta),
+        )?;
+        write_atomic(
+            &dir.join("text_encoder/config.json"),
+            pretty(&serde_json::to_value(text_config()).map_err(|e| Error::Msg(e.to_string()))?)?
+                .as_bytes(),
+        )?;
+        std::fs::create_dir_all(dir.join("tokenizer")).map_err(|e| Error::io(dir, e))?;
+        write_tokenizer(&dir.join("tokenizer"))?;
+        write_atomic(
+            &dir.join("scheduler/scheduler_config.json"),
+            pretty(
+                &serde_json::to_value(scheduler_config()).map_err(|e| Error::Msg(e.to_string()))?,
+            )?
+            .as_bytes(),
+        )?;
+        let index = serde_json::json!({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+            "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "scheduler": ["diffusers", "DDIMScheduler"],
+            "vae": [null, null], "safety_checker": [null, null], "feature_extractor": [null, null], "requires_safety_checker": false});
+        write_atomic(&dir.join("model_index.json"), pretty(&index)?.as_bytes())
+    }
+}
+
+impl Task for PretrainTask {
+    fn trainable(&self) -> Vec<(String, Var)> {
+        let mut v: Vec<(String, Var)> = self
+            .unet
+            .trainable()
+            .into_iter()
+            .map(|(n, v)| (format!("unet/{n}"), v))
+            .collect();
+        v.extend(
+            self.text
+                .trainable()
+                .into_iter()
+                .map(|(n, v)| (format!("text_encoder/{n}"), v)),
+        );
+        v
+    }
+
+    fn loss(&mut self, cursor: u64, ctx: &ForwardCtx) -> Result<Tensor> {
+        let n = self.images.len();
+        let mut rng = rng_for(self.seed, &format!("pretrain-batch-{cursor}"));
+        let (mut xs, mut ids, mut ts) = (vec![], vec![], vec![]);
+        for _ in 0..self.batch {
+            let i = rng.random_range(0..n);
+            xs.push(self.images[i].clone());
+            ids.push(if rng.random::<f64>() < self.caption_dropout {
+                self.empty_ids.clone()
+            } else {
+                self.ids[i].clone()
+            });
+            ts.push(rng.random_range(0..self.schedule.len()));
+        }
+        let x0 = Tensor::stack(&xs, 0)?;
+        let noise = self.objective.noise(x0.dims(), &mut rng)?;
+        let xt = self.schedule.add_noise(&x0, &noise, &ts)?;
+        let cond = self.text.condition(&Tensor::stack(&ids, 0)?, 1, ctx)?;
+        let t = Tensor::from_vec(
+            ts.iter().map(|t| *t as f32).collect::<Vec<_>>(),
+            self.batch,
+            &Device::Cpu,
+        )?;
+        let pred = self.unet.forward(&xt, &t, &cond, None, ctx)?;
+        let target = self.objective.target(&self.schedule, &x0, &noise, &ts)?;
+        self.objective.loss(
+            &pred,
+            &target,
+            &self.objective.weights(&self.schedule, &ts),
+            None,
+        )
+    }
+
+    fn save_adapter(&self, dir: &Path) -> Result<()> {
+        self.write_pipeline(dir)
+    }
+}
+
+/// Samples `n` random scenes (seeded) and reports how many the detector finds as prompted.
+pub fn adherence(
+    p: &Pipeline,
+    n: usize,
+    seed: u64,
+    steps: usize,
+    guidance: f64,
+) -> Result<(usize, Vec<(image::RgbImage, String)>)> {
+    let mut rng = rng_for(seed, "adherence");
+    let scenes: Vec<Scene> = (0..n).map(|_| Scene::random(&mut rng)).collect();
+    let prompts: Vec<String> = scenes.iter().map(|s| s.caption()).collect();
+    let mut ok = 0;
+    let mut out = vec![];
+    for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
+        let ps: Vec<String> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+        let seeds: Vec<u64> = chunk.iter().map(|&i| seed + i as u64).collect();
+        let imgs = p.sample(
+            &ps,
+            "",
+            &seeds,
+            steps,
+            guidance,
+            SamplerKind::Ddim { eta: 0.0 },
+            (SIZE, SIZE),
+        )?;
+        for (k, &i) in chunk.iter().enumerate() {
+            let img = tensor_to_image(&imgs.get(k)?)?;
+            if adheres(&img, &scenes[i]) {
+                ok += 1;
+            }
+            out.push((img, prompts[i].clone()));
+        }
+    }
+    Ok((ok, out))
+}
