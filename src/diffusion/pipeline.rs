@@ -169,6 +169,7 @@ impl Pipeline {
     }
 
     /// Samples one image per prompt (with its own seed), as tensors (B, C, H, W) in [-1, 1].
+    #[allow(clippy::too_many_arguments)]
     pub fn sample(
         &self,
         prompts: &[String],
