@@ -555,10 +555,16 @@ impl AdaptedLayer {
             BaseKind::Linear => {
                 ops::plain_linear(&ops::plain_linear(x, ad.a.as_tensor())?, ad.b.as_tensor())?
             }
-            BaseKind::Conv2d(c) => x
+            BaseKind::Conv2d(c) => {
                 // PEFT builds lora_A with the base's kernel, stride and padding, but dilation 1.
-                .conv2d(ad.a.as_tensor(), c.padding, c.stride, 1, 1)?
-                .conv2d(ad.b.as_tensor(), 0, 1, 1, 1)?,
+                let a_cfg = ConvCfg {
+                    dilation: 1,
+                    groups: 1,
+                    ..c
+                };
+                let h = ops::conv2d(x, ad.a.as_tensor(), a_cfg, true)?;
+                ops::conv2d(&h, ad.b.as_tensor(), ConvCfg::default(), true)?
+            }
             BaseKind::Embedding => {
                 // lookup rows of Aᵀ (num, r), then · Bᵀ
                 let at = ad.a.as_tensor().t()?.contiguous()?;
@@ -592,7 +598,7 @@ impl AdaptedLayer {
             let w = s.weight.as_tensor();
             let y = match self.kind {
                 BaseKind::Linear => ops::plain_linear(x, w)?,
-                BaseKind::Conv2d(c) => x.conv2d(w, c.padding, c.stride, c.dilation, c.groups)?,
+                BaseKind::Conv2d(c) => ops::conv2d(x, w, c, true)?,
                 BaseKind::Embedding => {
                     embed(w, x).map_err(|e| Error::Msg(format!("{}: {e}", self.path)))?
                 }

@@ -140,6 +140,14 @@ impl Default for ConvCfg {
 
 /// conv2d of `x` (b, c, h, w) with a frozen kernel `w` (out, c/groups, kh, kw). Backward gives only dL/dx.
 pub fn frozen_conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
+    if x.device().is_cpu()
+        && cfg.groups == 1
+        && x.dtype() == candle_core::DType::F32
+        && x.rank() == 4
+    {
+        // GEMM backward over im2col patches (see [`conv2d`]), input gradient only.
+        return conv2d(x, &w.detach(), cfg, false);
+    }
     if x.track_op() && (!x.device().is_cpu() || cfg.groups != 1) {
         return x.conv2d(
             &w.detach(),
@@ -414,4 +422,193 @@ fn check_rank(x: &Tensor, what: &str) -> Result<()> {
         candle_core::bail!("{what}: the input must have at least one dimension (features last)");
     }
     Ok(())
+}
+
+/// im2col: (b, c, h, w) → (b·oh·ow, c·kh·kw) patches for a conv with `cfg` (groups 1).
+struct Im2Col {
+    kh: usize,
+    kw: usize,
+    cfg: ConvCfg,
+}
+
+fn conv_out_size(n: usize, k: usize, cfg: ConvCfg) -> usize {
+    (n + 2 * cfg.padding).saturating_sub(cfg.dilation * (k - 1) + 1) / cfg.stride + 1
+}
+
+impl candle_core::CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(s, l, "im2col")?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        let (kh, kw, cfg) = (self.kh, self.kw, self.cfg);
+        let (oh, ow) = (conv_out_size(h, kh, cfg), conv_out_size(w, kw, cfg));
+        let cols = c * kh * kw;
+        let mut out = vec![0f32; b * oh * ow * cols];
+        out.par_chunks_mut(ow * cols)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (bi, oy) = (row / oh, row % oh);
+                for ox in 0..ow {
+                    let d = &mut dst[ox * cols..(ox + 1) * cols];
+                    for ci in 0..c {
+                        for ky in 0..kh {
+                            let iy = (oy * cfg.stride + ky * cfg.dilation) as isize
+                                - cfg.padding as isize;
+                            for kx in 0..kw {
+                                let ix = (ox * cfg.stride + kx * cfg.dilation) as isize
+                                    - cfg.padding as isize;
+                                d[(ci * kh + ky) * kw + kx] =
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w
+                                    {
+                                        x[((bi * c + ci) * h + iy as usize) * w + ix as usize]
+                                    } else {
+                                        0.0
+                                    };
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b * oh * ow, cols))))
+    }
+}
+
+/// col2im: scatter-adds (b·oh·ow, c·kh·kw) patch gradients back into (b, c, h, w).
+struct Col2Im {
+    shape: (usize, usize, usize, usize),
+    kh: usize,
+    kw: usize,
+    cfg: ConvCfg,
+}
+
+impl candle_core::CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let g = f32_slice(s, l, "col2im")?;
+        let (b, c, h, w) = self.shape;
+        let (kh, kw, cfg) = (self.kh, self.kw, self.cfg);
+        let (oh, ow) = (conv_out_size(h, kh, cfg), conv_out_size(w, kw, cfg));
+        let cols = c * kh * kw;
+        let mut out = vec![0f32; b * c * h * w];
+        // One image-channel plane per task: every write of a plane comes from the same task, in a
+        // fixed order, so results are reproducible.
+        out.par_chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(plane, dst)| {
+                let (bi, ci) = (plane / c, plane % c);
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let src = &g[((bi * oh + oy) * ow + ox) * cols..][..cols];
+                        for ky in 0..kh {
+                            let iy = (oy * cfg.stride + ky * cfg.dilation) as isize
+                                - cfg.padding as isize;
+                            if iy < 0 || iy as usize >= h {
+                                continue;
+                            }
+                            for kx in 0..kw {
+                                let ix = (ox * cfg.stride + kx * cfg.dilation) as isize
+                                    - cfg.padding as isize;
+                                if ix < 0 || ix as usize >= w {
+                                    continue;
+                                }
+                                dst[iy as usize * w + ix as usize] += src[(ci * kh + ky) * kw + kx];
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
+    }
+}
+
+/// conv2d of `x` (b, c, h, w) with kernel `w` (out, c, kh, kw), groups 1, CPU f32, with a backward
+/// written as GEMMs over im2col patches: candle's own conv backward runs a direct transposed-conv
+/// loop on CPU that dominated U-Net training steps. `w_trainable` false skips the kernel gradient
+/// (frozen kernels). The forward uses candle's im2col/GEMM convolution.
+pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg, w_trainable: bool) -> Result<Tensor> {
+    if !x.device().is_cpu() || cfg.groups != 1 || x.dtype() != candle_core::DType::F32 {
+        return if w_trainable {
+            x.conv2d(w, cfg.padding, cfg.stride, cfg.dilation, cfg.groups)
+        } else {
+            frozen_conv2d(x, w, cfg)
+        };
+    }
+    let y = x
+        .detach()
+        .conv2d(&w.detach(), cfg.padding, cfg.stride, cfg.dilation, 1)?;
+    if !x.track_op() && !(w_trainable && w.track_op()) {
+        return Ok(y);
+    }
+    let op = ConvOp {
+        y: std::sync::Mutex::new(Some(y)),
+        cfg,
+        w_trainable,
+    };
+    x.apply_op2_arc(w, std::sync::Arc::new(Box::new(op)))
+}
+
+struct ConvOp {
+    y: std::sync::Mutex<Option<Tensor>>,
+    cfg: ConvCfg,
+    w_trainable: bool,
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        take_result(&self.y, "conv2d-gemm")
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, c, h, wd) = x.dims4()?;
+        let (o, _, kh, kw) = w.dims4()?;
+        let (_, _, oh, ow) = grad.dims4()?;
+        // (b, o, oh, ow) -> (b·oh·ow, o)
+        let g = grad
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .reshape((b * oh * ow, o))?;
+        let wm = w.reshape((o, c * kh * kw))?;
+        let gx = if x.track_op() {
+            let gcols = g.matmul(&wm)?; // (b·oh·ow, c·kh·kw)
+            Some(gcols.apply_op1_no_bwd(&Col2Im {
+                shape: (b, c, h, wd),
+                kh,
+                kw,
+                cfg: self.cfg,
+            })?)
+        } else {
+            None
+        };
+        let gw = if self.w_trainable {
+            let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col {
+                kh,
+                kw,
+                cfg: self.cfg,
+            })?;
+            Some(g.t()?.matmul(&cols)?.reshape((o, c, kh, kw))?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
 }
