@@ -30,12 +30,19 @@ impl PromptTokenizer {
                 "no tokenizer.json (a slow-tokenizer folder with vocab.json/merges.txt can be converted with transformers: AutoTokenizer.from_pretrained(dir).save_pretrained(dir))",
             ));
         }
-        let tok = tokenizers::Tokenizer::from_file(&file)
-            .map_err(|e| Error::format(&file, e.to_string()))?;
+        let json = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
+        Self::from_json(&json, &cfg, max_positions).map_err(|e| Error::format(&file, e.to_string()))
+    }
+
+    /// A tokenizer from `tokenizer.json` text and the `tokenizer_config.json` values.
+    pub fn from_json(json: &str, cfg: &serde_json::Value, max_positions: usize) -> Result<Self> {
+        let tok: tokenizers::Tokenizer = json
+            .parse()
+            .map_err(|e: tokenizers::Error| Error::Msg(e.to_string()))?;
         let max_len = cfg["model_max_length"]
             .as_u64()
             .map(|v| v as usize)

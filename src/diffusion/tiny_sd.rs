@@ -59,6 +59,13 @@ pub fn vocab() -> Vec<String> {
 /// Writes `tokenizer.json` (WordLevel, lowercase, whitespace split, `<|startoftext|> … <|endoftext|>`)
 /// and `tokenizer_config.json` into `dir`.
 pub fn write_tokenizer(dir: &Path) -> Result<()> {
+    let (tok, cfg) = tokenizer_files()?;
+    write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
+    write_atomic(&dir.join("tokenizer_config.json"), cfg.as_bytes())
+}
+
+/// The texts of `tokenizer.json` and `tokenizer_config.json`.
+pub fn tokenizer_files() -> Result<(String, String)> {
     let vocab = vocab();
     let map: serde_json::Map<String, serde_json::Value> = vocab
         .iter()
@@ -87,8 +94,7 @@ pub fn write_tokenizer(dir: &Path) -> Result<()> {
     let pretty = |v: &serde_json::Value| {
         serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))
     };
-    write_atomic(&dir.join("tokenizer.json"), pretty(&tok)?.as_bytes())?;
-    write_atomic(&dir.join("tokenizer_config.json"), pretty(&cfg)?.as_bytes())
+    Ok((pretty(&tok)?, pretty(&cfg)?))
 }
 
 /// The U-Net configuration: 3 levels (32, 64, 64 channels), attention at 16×16 and 8×8 only.
@@ -155,11 +161,10 @@ impl PretrainTask {
         let unet = UNet2DConditionModel::new(&unet_config(), &uw)?;
         let tw = Weights::fresh(seed ^ 1, full);
         let text = ClipTextModel::new(&text_config(), &tw)?;
-        let dir = std::env::temp_dir().join(format!("postforge-tok-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        write_tokenizer(&dir)?;
-        let tok = super::pipeline::PromptTokenizer::load(&dir, MAX_TOKENS)?;
-        let _ = std::fs::remove_dir_all(&dir);
+        let (json, cfg) = tokenizer_files()?;
+        let cfg: serde_json::Value =
+            serde_json::from_str(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
+        let tok = super::pipeline::PromptTokenizer::from_json(&json, &cfg, MAX_TOKENS)?;
         let data = shapes::dataset(n, SIZE as u32, Style::Filled, seed);
         let mut images = vec![];
         let mut ids = vec![];
