@@ -542,7 +542,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg, w_trainable: bool) -> Result
     let y = x
         .detach()
         .conv2d(&w.detach(), cfg.padding, cfg.stride, cfg.dilation, 1)?;
-    if !x.track_op() && !(w_trainable && w.track_op()) {
+    if !(x.track_op() || w_trainable && w.track_op()) {
         return Ok(y);
     }
     let op = ConvOp {
