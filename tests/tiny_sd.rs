@@ -128,3 +128,114 @@ fn tokenizer_knows_every_caption_word() {
         "bos/eos missing"
     );
 }
+
+#[test]
+fn grid_samples_every_cell_and_a_zero_lora_scale_is_the_base() {
+    use postforge::diffusion::grid::{run, Axis, Cell};
+    use postforge::peft::formats::lora_file::{LoraFile, LoraFormat};
+    use postforge::peft::{Adapted, AdapterConfig, InitSpec};
+    let d = tempfile::tempdir().unwrap();
+    let task = PretrainTask::new(4, 2, 9).unwrap();
+    task.write_pipeline(d.path()).unwrap();
+    // A LoRA that changes the output: random A and B on the attention projections.
+    let mut cfg = AdapterConfig::lora(2, 2.0, &["to_q", "to_v", "to_out.0"]);
+    cfg.init_lora_weights = InitSpec::Bool(false);
+    let adapted = Pipeline::load(
+        d.path(),
+        AdapterPlan::single(cfg, 1).unwrap(),
+        AdapterPlan::none(),
+    )
+    .unwrap();
+    let mut f = LoraFile::default();
+    f.add_layers("unet", &adapted.unet.layers(), "default")
+        .unwrap();
+    let lora = d.path().join("l.safetensors");
+    f.write(&lora, LoraFormat::Kohya).unwrap();
+
+    let mut p = Pipeline::load(d.path(), AdapterPlan::none(), AdapterPlan::none()).unwrap();
+    let base_img = p
+        .sample(
+            &["a red circle in the center, gray background".into()],
+            "",
+            &[4],
+            2,
+            2.0,
+            SamplerKind::Ddim { eta: 0.0 },
+            (32, 32),
+        )
+        .unwrap();
+    let (lf, _) = LoraFile::read(&lora, None).unwrap();
+    lf.apply("unet", &mut p.unet.layers_mut(), "lora0", &lora)
+        .unwrap();
+    let defaults = Cell {
+        prompt: "a red circle in the center, gray background".into(),
+        negative: String::new(),
+        seed: 4,
+        scale: 1.0,
+        cfg: 2.0,
+        steps: 2,
+        sampler: "ddim".into(),
+    };
+    let x = Axis::parse("scale=0|1").unwrap();
+    let y = Axis::parse("sampler=ddim|euler").unwrap();
+    let img = run(
+        &mut p,
+        &["lora0".into()],
+        &defaults,
+        &x,
+        Some(&y),
+        None,
+        (32, 32),
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
+    assert!(img.width() > 2 * 96 && img.height() > 2 * 96);
+    // The scale-0 cell of the ddim row is the base model's image, the scale-1 cell is not.
+    p.unet.set_multiplier("lora0", 0.0).unwrap();
+    let zero = p
+        .sample(
+            &[defaults.prompt.clone()],
+            "",
+            &[4],
+            2,
+            2.0,
+            SamplerKind::Ddim { eta: 0.0 },
+            (32, 32),
+        )
+        .unwrap();
+    assert_eq!(
+        (&zero - &base_img)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    p.unet.set_multiplier("lora0", 1.0).unwrap();
+    let one = p
+        .sample(
+            &[defaults.prompt.clone()],
+            "",
+            &[4],
+            2,
+            2.0,
+            SamplerKind::Ddim { eta: 0.0 },
+            (32, 32),
+        )
+        .unwrap();
+    assert!(
+        (&one - &base_img)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
+    assert!(Axis::parse("colour=red").is_err() && Axis::parse("seed=a").is_err());
+}

@@ -2,6 +2,7 @@
 
 mod convert;
 mod demo;
+mod grid;
 mod merge;
 mod pretrain;
 
@@ -20,6 +21,8 @@ enum Command {
     /// Train LoRA/DoRA adapters that recover a hidden low-rank update of a frozen MLP (a self-check of
     /// the adapter and training core; writes a PEFT folder, metrics, a loss curve and a merged model).
     Demo(demo::Args),
+    /// Sample a labeled X/Y/Z evaluation grid (prompt, seed, LoRA scale, CFG, steps, sampler) from a pipeline.
+    Grid(grid::Args),
     /// Merge a PEFT adapter folder into a safetensors checkpoint (merge-and-unload), keeping tensor names.
     Merge(merge::Args),
     /// Convert an image-model LoRA file between kohya/A1111/ComfyUI and diffusers/PEFT layouts.
@@ -38,5 +41,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plot(a) => merge::plot(a),
         Command::Convert(a) => convert::run(a),
         Command::Pretrain(a) => pretrain::run(a),
+        Command::Grid(a) => grid::run(a),
     }
 }

@@ -2,6 +2,7 @@
 //! samplers (DDIM, Euler, Euler ancestral) with classifier-free guidance and per-image seeds, with
 //! diffusers' semantics and `scheduler_config.json` fields.
 
+pub mod grid;
 pub mod objective;
 pub mod pipeline;
 pub mod sampler;

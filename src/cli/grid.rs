@@ -1,0 +1,104 @@
+use clap::Args as ClapArgs;
+use postforge::diffusion::grid::{run as run_grid, Axis, Cell};
+use postforge::diffusion::pipeline::Pipeline;
+use postforge::media::image::write_png;
+use postforge::peft::formats::lora_file::{kohya_names, LoraFile};
+use postforge::peft::{Adapted, AdapterPlan};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Pipeline folder (diffusers layout), e.g. assets/models/tiny-sd.
+    #[arg(long)]
+    model: PathBuf,
+    /// LoRA files to apply (kohya or diffusers); the `scale` axis sets their multiplier.
+    #[arg(long)]
+    lora: Vec<PathBuf>,
+    /// Prompt used where the prompt is not an axis.
+    #[arg(long, default_value = "a red circle in the center, gray background")]
+    prompt: String,
+    /// Negative prompt.
+    #[arg(long, default_value = "")]
+    negative: String,
+    /// Columns: `axis=v1|v2|...` with axis one of prompt, seed, scale, cfg, steps, sampler.
+    #[arg(long)]
+    x: String,
+    /// Rows.
+    #[arg(long)]
+    y: Option<String>,
+    /// One sub-grid per value.
+    #[arg(long)]
+    z: Option<String>,
+    /// Default seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Default CFG scale.
+    #[arg(long, default_value_t = 3.0)]
+    cfg: f64,
+    /// Default sampling steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Default sampler.
+    #[arg(long, default_value = "ddim")]
+    sampler: String,
+    /// Default LoRA scale.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Output PNG.
+    #[arg(long, default_value = "grid.png")]
+    out: PathBuf,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let mut p = Pipeline::load(&a.model, AdapterPlan::none(), AdapterPlan::none())?;
+    let mut names = vec![];
+    for (i, f) in a.lora.iter().enumerate() {
+        let name = format!("lora{i}");
+        let known = kohya_names(&p.unet.layers());
+        let (file, _) = LoraFile::read(f, Some(&known))?;
+        let mut n = file.apply("unet", &mut p.unet.layers_mut(), &name, f)?;
+        if file.modules.keys().any(|k| k.starts_with("text_encoder.")) {
+            n += file.apply("text_encoder", &mut p.text_encoder.layers_mut(), &name, f)?;
+        }
+        println!("{}: {n} modules as `{name}`", f.display());
+        names.push(name);
+    }
+    let defaults = Cell {
+        prompt: a.prompt,
+        negative: a.negative,
+        seed: a.seed,
+        scale: a.scale,
+        cfg: a.cfg,
+        steps: a.steps,
+        sampler: a.sampler,
+    };
+    let x = Axis::parse(&a.x)?;
+    let y = a.y.as_deref().map(Axis::parse).transpose()?;
+    let z = a.z.as_deref().map(Axis::parse).transpose()?;
+    let size = p.unet.config().sample_size;
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let img = run_grid(
+        &mut p,
+        &names,
+        &defaults,
+        &x,
+        y.as_ref(),
+        z.as_ref(),
+        (size, size),
+        &bar,
+    )?;
+    bar.finish_and_clear();
+    write_png(&a.out, &img)?;
+    println!(
+        "wrote {} ({}x{})",
+        a.out.display(),
+        img.width(),
+        img.height()
+    );
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Evaluation grids over a pipeline in the manner of the X/Y/Z plot: each axis is one of prompt,
+//! seed, LoRA scale, CFG scale, steps or sampler; every cell is sampled with the other settings at
+//! their defaults, and the picture carries `axis: value` labels.
+
+use super::pipeline::Pipeline;
+use super::sampler::SamplerKind;
+use crate::media::grid::{render, side_by_side, GridLabels};
+use crate::media::image::tensor_to_image;
+use crate::peft::Adapted;
+use crate::{Error, Result};
+use image::RgbImage;
+
+/// One axis and its values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Axis {
+    /// Prompts.
+    Prompt(Vec<String>),
+    /// Seeds.
+    Seed(Vec<u64>),
+    /// Output multiplier of the loaded LoRA(s).
+    Scale(Vec<f64>),
+    /// Classifier-free guidance.
+    Cfg(Vec<f64>),
+    /// Sampling steps.
+    Steps(Vec<usize>),
+    /// Samplers (`ddim`, `euler`, `euler_a`).
+    Sampler(Vec<String>),
+}
+
+impl Axis {
+    /// Parses `name=v1|v2|v3` (`|` separates values, so prompts may hold commas).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let (name, values) = spec
+            .split_once('=')
+            .ok_or_else(|| Error::Config(format!("axis `{spec}`: expected name=v1|v2|...")))?;
+        let vals: Vec<&str> = values
+            .split('|')
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .collect();
+        if vals.is_empty() {
+            return Err(Error::Config(format!("axis `{name}` has no values")));
+        }
+        let num = |v: &str| {
+            v.parse::<f64>()
+                .map_err(|_| Error::Config(format!("axis `{name}`: `{v}` is not a number")))
+        };
+        Ok(match name.trim() {
+            "prompt" => Axis::Prompt(vals.iter().map(|v| v.to_string()).collect()),
+            "seed" => Axis::Seed(
+                vals.iter()
+                    .map(|v| num(v).map(|x| x as u64))
+                    .collect::<Result<_>>()?,
+            ),
+            "scale" | "lora_scale" => {
+                Axis::Scale(vals.iter().map(|v| num(v)).collect::<Result<_>>()?)
+            }
+            "cfg" => Axis::Cfg(vals.iter().map(|v| num(v)).collect::<Result<_>>()?),
+            "steps" => Axis::Steps(
+                vals.iter()
+                    .map(|v| num(v).map(|x| x as usize))
+                    .collect::<Result<_>>()?,
+            ),
+            "sampler" => {
+                for v in &vals {
+                    SamplerKind::parse(v)?;
+                }
+                Axis::Sampler(vals.iter().map(|v| v.to_string()).collect())
+            }
+            n => {
+                return Err(Error::Config(format!(
+                    "unknown axis `{n}` (prompt, seed, scale, cfg, steps, sampler)"
+                )))
+            }
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Axis::Prompt(v) | Axis::Sampler(v) => v.len(),
+            Axis::Seed(v) => v.len(),
+            Axis::Scale(v) | Axis::Cfg(v) => v.len(),
+            Axis::Steps(v) => v.len(),
+        }
+    }
+
+    fn label(&self, i: usize) -> String {
+        match self {
+            Axis::Prompt(v) => v[i].clone(),
+            Axis::Seed(v) => format!("seed: {}", v[i]),
+            Axis::Scale(v) => format!("LoRA scale: {}", v[i]),
+            Axis::Cfg(v) => format!("CFG: {}", v[i]),
+            Axis::Steps(v) => format!("steps: {}", v[i]),
+            Axis::Sampler(v) => format!("sampler: {}", v[i]),
+        }
+    }
+
+    fn apply(&self, i: usize, c: &mut Cell) {
+        match self {
+            Axis::Prompt(v) => c.prompt = v[i].clone(),
+            Axis::Seed(v) => c.seed = v[i],
+            Axis::Scale(v) => c.scale = v[i],
+            Axis::Cfg(v) => c.cfg = v[i],
+            Axis::Steps(v) => c.steps = v[i],
+            Axis::Sampler(v) => c.sampler = v[i].clone(),
+        }
+    }
+}
+
+/// The settings of one cell (and the defaults of every axis not on the grid).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    /// Prompt.
+    pub prompt: String,
+    /// Negative prompt.
+    pub negative: String,
+    /// Seed.
+    pub seed: u64,
+    /// LoRA output multiplier.
+    pub scale: f64,
+    /// CFG.
+    pub cfg: f64,
+    /// Steps.
+    pub steps: usize,
+    /// Sampler.
+    pub sampler: String,
+}
+
+/// Samples and renders the grid: X = columns, Y = rows, one sub-grid per Z value. `adapters` are
+/// the names of the loaded LoRAs whose multiplier the scale axis sets.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    p: &mut Pipeline,
+    adapters: &[String],
+    defaults: &Cell,
+    x: &Axis,
+    y: Option<&Axis>,
+    z: Option<&Axis>,
+    size: (usize, usize),
+    progress: &indicatif::ProgressBar,
+) -> Result<RgbImage> {
+    let one = Axis::Seed(vec![defaults.seed]);
+    let y_axis = y.unwrap_or(&one);
+    let z_axis = z;
+    let nz = z_axis.map(|a| a.len()).unwrap_or(1);
+    progress.set_length((x.len() * y_axis.len() * nz) as u64);
+    let mut grids = vec![];
+    for zi in 0..nz {
+        let mut rows = vec![];
+        for yi in 0..y_axis.len() {
+            let mut row = vec![];
+            for xi in 0..x.len() {
+                let mut c = defaults.clone();
+                if let Some(za) = z_axis {
+                    za.apply(zi, &mut c);
+                }
+                if y.is_some() {
+                    y_axis.apply(yi, &mut c);
+                }
+                x.apply(xi, &mut c);
+                for a in adapters {
+                    p.unet.set_multiplier(a, c.scale).ok();
+                    p.text_encoder.set_multiplier(a, c.scale).ok();
+                }
+                let img = p.sample(
+                    &[c.prompt.clone()],
+                    &c.negative,
+                    &[c.seed],
+                    c.steps,
+                    c.cfg,
+                    SamplerKind::parse(&c.sampler)?,
+                    size,
+                )?;
+                row.push(tensor_to_image(&img.get(0)?)?);
+                progress.inc(1);
+            }
+            rows.push(row);
+        }
+        let labels = GridLabels {
+            title: z_axis.map(|a| a.label(zi)),
+            columns: (0..x.len()).map(|i| x.label(i)).collect(),
+            rows: (0..y_axis.len())
+                .map(|i| {
+                    if y.is_some() {
+                        y_axis.label(i)
+                    } else {
+                        defaults.prompt.clone()
+                    }
+                })
+                .collect(),
+        };
+        grids.push(render(&rows, &labels, 96)?);
+    }
+    side_by_side(&grids)
+}
