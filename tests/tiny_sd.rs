@@ -194,7 +194,7 @@ fn grid_samples_every_cell_and_a_zero_lora_scale_is_the_base() {
     p.unet.set_multiplier("lora0", 0.0).unwrap();
     let zero = p
         .sample(
-            &[defaults.prompt.clone()],
+            std::slice::from_ref(&defaults.prompt),
             "",
             &[4],
             2,
@@ -217,7 +217,7 @@ fn grid_samples_every_cell_and_a_zero_lora_scale_is_the_base() {
     p.unet.set_multiplier("lora0", 1.0).unwrap();
     let one = p
         .sample(
-            &[defaults.prompt.clone()],
+            std::slice::from_ref(&defaults.prompt),
             "",
             &[4],
             2,
