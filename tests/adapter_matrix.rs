@@ -660,3 +660,33 @@ fn gemm_conv_backward_matches_candle_and_is_the_adjoint() {
         }
     }
 }
+
+#[test]
+fn fused_group_norm_matches_the_composite_in_value_and_gradients() {
+    use postforge::models::nn::{group_norm, group_norm_fused};
+    for (shape, groups) in [
+        (vec![2usize, 8, 5, 6], 4usize),
+        (vec![3, 6, 7], 3),
+        (vec![1, 4, 2, 2], 1),
+    ] {
+        let c = shape[1];
+        let xv =
+            candle_core::Var::from_tensor(&(randn(&shape, 2.0, "gnx") + 0.5).unwrap()).unwrap();
+        let wv = candle_core::Var::from_tensor(&(randn(&[c], 0.3, "gnw") + 1.0).unwrap()).unwrap();
+        let bv = candle_core::Var::from_tensor(&randn(&[c], 0.3, "gnb")).unwrap();
+        let g = randn(&shape, 1.0, "gng");
+        let y1 =
+            group_norm_fused(xv.as_tensor(), groups, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
+        let y2 = group_norm(xv.as_tensor(), groups, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
+        assert!(rel_err(&y1, &y2) < 1e-5, "forward {shape:?}");
+        let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &xv), ("weight", &wv), ("bias", &bv)] {
+            let e = rel_err(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(e < 1e-4, "{shape:?} d{name}: {e}");
+        }
+    }
+}

@@ -73,3 +73,181 @@ pub fn timestep_embedding(
     }
     Ok(emb)
 }
+
+/// GroupNorm as one node with a CPU kernel for the forward and the backward (the composition in
+/// [`group_norm`] makes about a dozen passes over the activations in each direction). Falls back to
+/// the composition off the CPU or for non-f32 inputs. Reductions run in a fixed order per group.
+pub fn group_norm_fused(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() < 2 || x.dim(1)? % groups != 0 {
+        return group_norm(x, groups, weight, bias, eps);
+    }
+    let x = x.contiguous()?;
+    Ok(x.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        GroupNormOp { groups, eps },
+    )?)
+}
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+}
+
+fn slice_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("group_norm: needs contiguous f32"),
+    }
+}
+
+/// (mean, 1/std) of one group's values, in f64.
+fn stats(v: &[f32], eps: f64) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|x| *x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl candle_core::CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        sx: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+        sw: &candle_core::CpuStorage,
+        lw: &candle_core::Layout,
+        sb: &candle_core::CpuStorage,
+        lb: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (x, w, b) = (slice_f32(sx, lx)?, slice_f32(sw, lw)?, slice_f32(sb, lb)?);
+        let dims = lx.shape().dims();
+        let (c, hw) = (dims[1], dims[2..].iter().product::<usize>());
+        let cpg = c / self.groups;
+        let glen = cpg * hw;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(glen)
+            .zip(x.par_chunks(glen))
+            .enumerate()
+            .for_each(|(gi, (o, xs))| {
+                let (mean, inv) = stats(xs, self.eps);
+                let c0 = (gi % self.groups) * cpg;
+                for (k, (oo, xx)) in o.iter_mut().zip(xs).enumerate() {
+                    let ch = c0 + k / hw;
+                    *oo = ((*xx as f64 - mean) * inv) as f32 * w[ch] + b[ch];
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), lx.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = x.dim(1)?;
+        let packed = grad.contiguous()?.apply_op3_no_bwd(
+            x,
+            w,
+            &GroupNormBwd {
+                groups: self.groups,
+                eps: self.eps,
+            },
+        )?;
+        let n = x.elem_count();
+        let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let gw = packed.narrow(0, n, c)?;
+        let gb = packed.narrow(0, n + c, c)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+struct GroupNormBwd {
+    groups: usize,
+    eps: f64,
+}
+
+impl candle_core::CustomOp3 for GroupNormBwd {
+    fn name(&self) -> &'static str {
+        "group-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        sg: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+        sx: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+        sw: &candle_core::CpuStorage,
+        lw: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (g, x, w) = (slice_f32(sg, lg)?, slice_f32(sx, lx)?, slice_f32(sw, lw)?);
+        let dims = lx.shape().dims();
+        let (c, hw) = (dims[1], dims[2..].iter().product::<usize>());
+        let cpg = c / self.groups;
+        let glen = cpg * hw;
+        let mut gx = vec![0f32; x.len()];
+        // Per group: dx, and the per-channel partial sums for dγ and dβ.
+        let partial: Vec<(Vec<f64>, Vec<f64>)> = gx
+            .par_chunks_mut(glen)
+            .zip(x.par_chunks(glen))
+            .zip(g.par_chunks(glen))
+            .enumerate()
+            .map(|(gi, ((dx, xs), gs))| {
+                let (mean, inv) = stats(xs, self.eps);
+                let c0 = (gi % self.groups) * cpg;
+                let n = glen as f64;
+                let (mut s1, mut s2) = (0f64, 0f64);
+                let mut dgam = vec![0f64; cpg];
+                let mut dbet = vec![0f64; cpg];
+                for k in 0..glen {
+                    let ch = k / hw;
+                    let xh = (xs[k] as f64 - mean) * inv;
+                    let dxh = gs[k] as f64 * w[c0 + ch] as f64;
+                    s1 += dxh;
+                    s2 += dxh * xh;
+                    dgam[ch] += gs[k] as f64 * xh;
+                    dbet[ch] += gs[k] as f64;
+                }
+                for k in 0..glen {
+                    let ch = k / hw;
+                    let xh = (xs[k] as f64 - mean) * inv;
+                    let dxh = gs[k] as f64 * w[c0 + ch] as f64;
+                    dx[k] = (inv / n * (n * dxh - s1 - xh * s2)) as f32;
+                }
+                (dgam, dbet)
+            })
+            .collect();
+        let mut dw = vec![0f64; c];
+        let mut db = vec![0f64; c];
+        for (gi, (dg, dbp)) in partial.iter().enumerate() {
+            let c0 = (gi % self.groups) * cpg;
+            for k in 0..cpg {
+                dw[c0 + k] += dg[k];
+                db[c0 + k] += dbp[k];
+            }
+        }
+        let mut out = gx;
+        out.extend(dw.iter().map(|v| *v as f32));
+        out.extend(db.iter().map(|v| *v as f32));
+        let len = out.len();
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(len),
+        ))
+    }
+}

@@ -1,7 +1,7 @@
 //! U-Net building blocks with diffusers names: ResnetBlock2D, Transformer2DModel (with
 //! BasicTransformerBlock, Attention, GEGLU feed-forward), Downsample2D, Upsample2D.
 
-use crate::models::nn::{group_norm, layer_norm, softmax_last};
+use crate::models::nn::{group_norm_fused, layer_norm, softmax_last};
 use crate::models::Weights;
 use crate::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx};
 use crate::Result;
@@ -26,7 +26,7 @@ impl GroupNorm {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        group_norm(x, self.groups, &self.w, &self.b, self.eps)
+        group_norm_fused(x, self.groups, &self.w, &self.b, self.eps)
     }
 }
 
