@@ -66,18 +66,20 @@ pub fn save_safetensors(
 }
 
 fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    fn le<T: Copy>(v: Vec<T>, f: impl Fn(T) -> Vec<u8>) -> Vec<u8> {
-        v.into_iter().flat_map(f).collect()
+    fn le<T: Copy, const N: usize>(v: Vec<T>, f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(v.len() * N);
+        v.into_iter().for_each(|x| out.extend_from_slice(&f(x)));
+        out
     }
     let flat = t.flatten_all()?;
     Ok(match t.dtype() {
-        DType::F32 => le(flat.to_vec1::<f32>()?, |x| x.to_le_bytes().to_vec()),
-        DType::F64 => le(flat.to_vec1::<f64>()?, |x| x.to_le_bytes().to_vec()),
-        DType::F16 => le(flat.to_vec1::<half::f16>()?, |x| x.to_le_bytes().to_vec()),
-        DType::BF16 => le(flat.to_vec1::<half::bf16>()?, |x| x.to_le_bytes().to_vec()),
+        DType::F32 => le(flat.to_vec1::<f32>()?, |x| x.to_le_bytes()),
+        DType::F64 => le(flat.to_vec1::<f64>()?, |x| x.to_le_bytes()),
+        DType::F16 => le(flat.to_vec1::<half::f16>()?, |x| x.to_le_bytes()),
+        DType::BF16 => le(flat.to_vec1::<half::bf16>()?, |x| x.to_le_bytes()),
         DType::U8 => flat.to_vec1::<u8>()?,
-        DType::U32 => le(flat.to_vec1::<u32>()?, |x| x.to_le_bytes().to_vec()),
-        DType::I64 => le(flat.to_vec1::<i64>()?, |x| x.to_le_bytes().to_vec()),
+        DType::U32 => le(flat.to_vec1::<u32>()?, |x| x.to_le_bytes()),
+        DType::I64 => le(flat.to_vec1::<i64>()?, |x| x.to_le_bytes()),
         d => return Err(Error::Msg(format!("unsupported dtype {d:?}"))),
     })
 }

@@ -1,5 +1,5 @@
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use clap::Args as ClapArgs;
 use postforge::models::mlp::{Mlp, MlpConfig};
 use postforge::peft::formats::peft::{self as peft_files, SaveOptions};
@@ -201,7 +201,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         100.0 * n_train as f64 / n_base as f64
     );
 
-    let mut base_only = Mlp::new(&MODEL, &base_w, &AdapterPlan::none(), &base_file)?;
+    let base_only = Mlp::new(&MODEL, &base_w, &AdapterPlan::none(), &base_file)?;
     let before = eval_mse(&base_only, &teacher, a.seed)?;
     let mut task = DemoTask {
         model,
@@ -274,8 +274,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     .abs()?
     .max_all()?
     .to_scalar::<f32>()?;
-    base_only.set_adapters_enabled(false)?;
-    let _ = Device::Cpu;
 
     println!(
         "steps {} ({}), {:.1}s",

@@ -234,16 +234,12 @@ pub fn detect(img: &RgbImage) -> Detection {
         .map(|p| (p.0, p.1))
         .collect();
     let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
-    let (mut sx, mut sy) = (0f32, 0f32);
     for &(x, y) in &mine {
         x0 = x0.min(x);
         y0 = y0.min(y);
         x1 = x1.max(x);
         y1 = y1.max(y);
-        sx += x as f32 + 0.5;
-        sy += y as f32 + 0.5;
     }
-    let k = mine.len() as f32;
     let (mx, my) = (
         (x0 + x1 + 1) as f32 / 2.0 / w as f32,
         (y0 + y1 + 1) as f32 / 2.0 / h as f32,
@@ -254,7 +250,6 @@ pub fn detect(img: &RgbImage) -> Detection {
             d(a).total_cmp(&d(b))
         })
         .unwrap_or(0);
-    let _ = (sx, sy, k);
     // Fill each row between its outermost shape pixels, so outlines and stripes count as solid.
     let rows = (y1 - y0 + 1) as usize;
     let mut span = vec![(u32::MAX, 0u32); rows];

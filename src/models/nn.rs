@@ -2,6 +2,7 @@
 //! `rms_norm` and `softmax_last_dim` record no backward (see the reference notes), so models use
 //! these compositions of differentiable ops.
 
+use crate::peft::ops::f32_slice;
 use crate::Result;
 use candle_core::{DType, Tensor, D};
 
@@ -100,16 +101,6 @@ struct GroupNormOp {
     eps: f64,
 }
 
-fn slice_f32<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("group_norm: needs contiguous f32"),
-    }
-}
-
 /// (mean, 1/std) of one group's values, in f64.
 fn stats(v: &[f32], eps: f64) -> (f64, f64) {
     let n = v.len() as f64;
@@ -132,7 +123,11 @@ impl candle_core::CustomOp3 for GroupNormOp {
         lb: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (x, w, b) = (slice_f32(sx, lx)?, slice_f32(sw, lw)?, slice_f32(sb, lb)?);
+        let (x, w, b) = (
+            f32_slice(sx, lx, "group_norm")?,
+            f32_slice(sw, lw, "group_norm")?,
+            f32_slice(sb, lb, "group_norm")?,
+        );
         let dims = lx.shape().dims();
         let (c, hw) = (dims[1], dims[2..].iter().product::<usize>());
         let cpg = c / self.groups;
@@ -195,7 +190,11 @@ impl candle_core::CustomOp3 for GroupNormBwd {
         lw: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (g, x, w) = (slice_f32(sg, lg)?, slice_f32(sx, lx)?, slice_f32(sw, lw)?);
+        let (g, x, w) = (
+            f32_slice(sg, lg, "group_norm")?,
+            f32_slice(sx, lx, "group_norm")?,
+            f32_slice(sw, lw, "group_norm")?,
+        );
         let dims = lx.shape().dims();
         let (c, hw) = (dims[1], dims[2..].iter().product::<usize>());
         let cpg = c / self.groups;

@@ -13,8 +13,16 @@ use std::path::Path;
 /// its merged tensors, and writes `out` atomically. Every replaced tensor must exist in `src` with the
 /// same shape.
 pub fn merge_and_unload(layers: &[&AdaptedLayer], src: &Path, out: &Path) -> Result<()> {
-    let st = SafeTensors::read(src)?;
-    let mut tensors = st.into_tensors();
+    write_merged(layers, SafeTensors::read(src)?.into_tensors(), src, out)
+}
+
+/// [`merge_and_unload`] over base tensors already in memory (`src` names them in errors).
+fn write_merged(
+    layers: &[&AdaptedLayer],
+    mut tensors: BTreeMap<String, candle_core::Tensor>,
+    src: &Path,
+    out: &Path,
+) -> Result<()> {
     for l in layers {
         let (w, b) = l.merged_tensors()?;
         for (key, t) in [
@@ -101,10 +109,9 @@ pub fn layers_from_checkpoint(
 
 /// `postforge merge` for a plain checkpoint: base safetensors + PEFT folder → merged safetensors.
 pub fn merge_folder_into_checkpoint(base: &Path, adapter_dir: &Path, out: &Path) -> Result<usize> {
-    let st = SafeTensors::read(base)?;
-    let tensors = st.into_tensors();
+    let tensors = SafeTensors::read(base)?.into_tensors();
     let layers = layers_from_checkpoint(&tensors, base, adapter_dir)?;
     let refs: Vec<&AdaptedLayer> = layers.iter().collect();
-    merge_and_unload(&refs, base, out)?;
+    write_merged(&refs, tensors, base, out)?;
     Ok(layers.len())
 }
