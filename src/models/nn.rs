@@ -31,8 +31,32 @@ pub fn group_norm(
         .to_dtype(x.dtype())?)
 }
 
-/// LayerNorm over the last dimension.
+/// LayerNorm over the last dimension: one fused node with a CPU forward and backward for
+/// contiguous f32 inputs, the differentiable composition ([`layer_norm_composite`]) elsewhere.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || weight.dtype() != DType::F32
+        || weight.elem_count() != d
+        || bias.elem_count() != d
+    {
+        return layer_norm_composite(x, weight, bias, eps);
+    }
+    Ok(x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormOp { eps },
+    )?)
+}
+
+/// LayerNorm over the last dimension as a composition of differentiable ops (the reference).
+pub fn layer_norm_composite(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -40,8 +64,17 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     Ok(xn.broadcast_mul(weight)?.broadcast_add(bias)?)
 }
 
-/// Softmax over the last dimension (max-subtracted).
+/// Softmax over the last dimension: one fused node with a CPU forward and backward
+/// (dx = y ⊙ (g − Σ g⊙y)) for f32, the differentiable composition ([`softmax_composite`]) elsewhere.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return softmax_composite(x);
+    }
+    Ok(x.contiguous()?.apply_op1(SoftmaxOp)?)
+}
+
+/// Softmax over the last dimension (max-subtracted) as a composition of differentiable ops.
+pub fn softmax_composite(x: &Tensor) -> Result<Tensor> {
     let m = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&m)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
@@ -248,5 +281,227 @@ impl candle_core::CustomOp3 for GroupNormBwd {
             candle_core::CpuStorage::F32(out),
             candle_core::Shape::from(len),
         ))
+    }
+}
+
+/// Mean and 1/std of a row, accumulated in f64.
+fn row_stats(v: &[f32], eps: f64) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|x| *x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Rows per parallel task for row-wise kernels (enough work per task to amortise scheduling).
+fn rows_per_task(rows: usize, d: usize) -> usize {
+    (16384 / d.max(1)).clamp(1, rows.max(1))
+}
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+impl candle_core::CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        sx: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+        sw: &candle_core::CpuStorage,
+        lw: &candle_core::Layout,
+        sb: &candle_core::CpuStorage,
+        lb: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (x, w, b) = (
+            f32_slice(sx, lx, "layer_norm")?,
+            f32_slice(sw, lw, "layer_norm")?,
+            f32_slice(sb, lb, "layer_norm")?,
+        );
+        let d = w.len();
+        let mut out = vec![0f32; x.len()];
+        let chunk = rows_per_task(x.len() / d.max(1), d) * d;
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(o, xs)| {
+                for (orow, xrow) in o.chunks_mut(d).zip(xs.chunks(d)) {
+                    let (mean, inv) = row_stats(xrow, self.eps);
+                    for k in 0..d {
+                        orow[k] = ((xrow[k] as f64 - mean) * inv) as f32 * w[k] + b[k];
+                    }
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), lx.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let packed = grad
+            .contiguous()?
+            .apply_op3_no_bwd(x, w, &LayerNormBwd { eps: self.eps })?;
+        let n = x.elem_count();
+        let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let gw = packed.narrow(0, n, d)?.reshape(w.shape())?;
+        let gb = packed.narrow(0, n + d, d)?.reshape(w.shape())?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+struct LayerNormBwd {
+    eps: f64,
+}
+
+impl candle_core::CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "layer-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        sg: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+        sx: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+        sw: &candle_core::CpuStorage,
+        lw: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (g, x, w) = (
+            f32_slice(sg, lg, "layer_norm")?,
+            f32_slice(sx, lx, "layer_norm")?,
+            f32_slice(sw, lw, "layer_norm")?,
+        );
+        let d = w.len();
+        let mut gx = vec![0f32; x.len()];
+        let chunk = rows_per_task(x.len() / d.max(1), d) * d;
+        // Per task: dx rows, and partial sums for dγ and dβ (summed in task order afterwards).
+        let partial: Vec<(Vec<f64>, Vec<f64>)> = gx
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .zip(g.par_chunks(chunk))
+            .map(|((dx, xs), gs)| {
+                let mut dgam = vec![0f64; d];
+                let mut dbet = vec![0f64; d];
+                let mut xh = vec![0f64; d];
+                for ((dxr, xr), gr) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
+                    let (mean, inv) = row_stats(xr, self.eps);
+                    let (mut s1, mut s2) = (0f64, 0f64);
+                    for k in 0..d {
+                        xh[k] = (xr[k] as f64 - mean) * inv;
+                        let dxh = gr[k] as f64 * w[k] as f64;
+                        s1 += dxh;
+                        s2 += dxh * xh[k];
+                        dgam[k] += gr[k] as f64 * xh[k];
+                        dbet[k] += gr[k] as f64;
+                    }
+                    let n = d as f64;
+                    for k in 0..d {
+                        let dxh = gr[k] as f64 * w[k] as f64;
+                        dxr[k] = (inv / n * (n * dxh - s1 - xh[k] * s2)) as f32;
+                    }
+                }
+                (dgam, dbet)
+            })
+            .collect();
+        let mut dw = vec![0f64; d];
+        let mut db = vec![0f64; d];
+        for (dg, dbp) in &partial {
+            for k in 0..d {
+                dw[k] += dg[k];
+                db[k] += dbp[k];
+            }
+        }
+        let mut out = gx;
+        out.extend(dw.iter().map(|v| *v as f32));
+        out.extend(db.iter().map(|v| *v as f32));
+        let len = out.len();
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(len),
+        ))
+    }
+}
+
+struct SoftmaxOp;
+
+impl candle_core::CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "softmax-last"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(s, l, "softmax")?;
+        let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        let chunk = rows_per_task(x.len() / d, d) * d;
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(o, xs)| {
+                for (orow, xrow) in o.chunks_mut(d).zip(xs.chunks(d)) {
+                    let m = xrow.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+                    let mut sum = 0f32;
+                    for (oo, xx) in orow.iter_mut().zip(xrow) {
+                        *oo = (*xx - m).exp();
+                        sum += *oo;
+                    }
+                    let inv = 1.0 / sum;
+                    orow.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op2_no_bwd(&res.contiguous()?, &SoftmaxBwd)?,
+        ))
+    }
+}
+
+struct SoftmaxBwd;
+
+impl candle_core::CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "softmax-last-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        sg: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+        sy: &candle_core::CpuStorage,
+        ly: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (g, y) = (f32_slice(sg, lg, "softmax")?, f32_slice(sy, ly, "softmax")?);
+        let d = ly.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; y.len()];
+        let chunk = rows_per_task(y.len() / d, d) * d;
+        out.par_chunks_mut(chunk)
+            .zip(g.par_chunks(chunk).zip(y.par_chunks(chunk)))
+            .for_each(|(o, (gs, ys))| {
+                for ((orow, grow), yrow) in o.chunks_mut(d).zip(gs.chunks(d)).zip(ys.chunks(d)) {
+                    let dot: f32 = grow.iter().zip(yrow).map(|(a, b)| a * b).sum();
+                    for k in 0..d {
+                        orow[k] = yrow[k] * (grow[k] - dot);
+                    }
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), ly.shape().clone()))
     }
 }

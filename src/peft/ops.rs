@@ -424,18 +424,40 @@ fn check_rank(x: &Tensor, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// im2col: (b, c, h, w) → (b·oh·ow, c·kh·kw) patches for a conv with `cfg` (groups 1).
-struct Im2Col {
+/// Output size of a conv along one axis.
+fn conv_out_size(n: usize, k: usize, cfg: ConvCfg) -> usize {
+    (n + 2 * cfg.padding).saturating_sub(cfg.dilation * (k - 1) + 1) / cfg.stride + 1
+}
+
+/// The output positions `o` in `0..on` whose input index `o·stride + k·dilation − padding` falls
+/// inside `0..n`, and that input index for the first of them.
+fn valid_range(on: usize, n: usize, k: usize, cfg: ConvCfg) -> (usize, usize) {
+    let off = (k * cfg.dilation) as isize - cfg.padding as isize;
+    let s = cfg.stride as isize;
+    // first o with o·s + off >= 0
+    let lo = if off >= 0 {
+        0
+    } else {
+        ((-off + s - 1) / s) as usize
+    };
+    // last o with o·s + off <= n − 1
+    let hi = if (n as isize - 1 - off) < 0 {
+        0
+    } else {
+        (((n as isize - 1 - off) / s) as usize + 1).min(on)
+    };
+    (lo.min(hi), hi)
+}
+
+/// im2col in the "channels × positions" layout: (b, c, h, w) → (b, c·kh·kw, oh·ow), so that
+/// `W (o, c·kh·kw) · cols[b]` is the output of image `b` already in (o, oh·ow) order.
+struct Im2ColT {
     kh: usize,
     kw: usize,
     cfg: ConvCfg,
 }
 
-fn conv_out_size(n: usize, k: usize, cfg: ConvCfg) -> usize {
-    (n + 2 * cfg.padding).saturating_sub(cfg.dilation * (k - 1) + 1) / cfg.stride + 1
-}
-
-impl candle_core::CustomOp1 for Im2Col {
+impl candle_core::CustomOp1 for Im2ColT {
     fn name(&self) -> &'static str {
         "im2col"
     }
@@ -445,46 +467,46 @@ impl candle_core::CustomOp1 for Im2Col {
         let (b, c, h, w) = l.shape().dims4()?;
         let (kh, kw, cfg) = (self.kh, self.kw, self.cfg);
         let (oh, ow) = (conv_out_size(h, kh, cfg), conv_out_size(w, kw, cfg));
-        let cols = c * kh * kw;
-        let mut out = vec![0f32; b * oh * ow * cols];
-        out.par_chunks_mut(ow * cols)
+        let ohw = oh * ow;
+        let mut out = vec![0f32; b * c * kh * kw * ohw];
+        // One (image, channel) plane per task: kh·kw rows of oh·ow values.
+        out.par_chunks_mut(kh * kw * ohw)
             .enumerate()
-            .for_each(|(row, dst)| {
-                let (bi, oy) = (row / oh, row % oh);
-                for ox in 0..ow {
-                    let d = &mut dst[ox * cols..(ox + 1) * cols];
-                    for ci in 0..c {
-                        for ky in 0..kh {
-                            let iy = (oy * cfg.stride + ky * cfg.dilation) as isize
-                                - cfg.padding as isize;
-                            for kx in 0..kw {
-                                let ix = (ox * cfg.stride + kx * cfg.dilation) as isize
-                                    - cfg.padding as isize;
-                                d[(ci * kh + ky) * kw + kx] =
-                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w
-                                    {
-                                        x[((bi * c + ci) * h + iy as usize) * w + ix as usize]
-                                    } else {
-                                        0.0
-                                    };
+            .for_each(|(plane, dst)| {
+                let src = &x[plane * h * w..(plane + 1) * h * w];
+                for ky in 0..kh {
+                    let (y0, y1) = valid_range(oh, h, ky, cfg);
+                    for kx in 0..kw {
+                        let (x0, x1) = valid_range(ow, w, kx, cfg);
+                        let row = &mut dst[(ky * kw + kx) * ohw..][..ohw];
+                        for oy in y0..y1 {
+                            let iy = oy * cfg.stride + ky * cfg.dilation - cfg.padding;
+                            let ix0 = x0 * cfg.stride + kx * cfg.dilation - cfg.padding;
+                            let d = &mut row[oy * ow + x0..oy * ow + x1];
+                            if cfg.stride == 1 {
+                                d.copy_from_slice(&src[iy * w + ix0..iy * w + ix0 + d.len()]);
+                            } else {
+                                for (j, v) in d.iter_mut().enumerate() {
+                                    *v = src[iy * w + ix0 + j * cfg.stride];
+                                }
                             }
                         }
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((b * oh * ow, cols))))
+        Ok((CpuStorage::F32(out), Shape::from((b, c * kh * kw, ohw))))
     }
 }
 
-/// col2im: scatter-adds (b·oh·ow, c·kh·kw) patch gradients back into (b, c, h, w).
-struct Col2Im {
+/// col2im for [`Im2ColT`]'s layout: scatter-adds (b, c·kh·kw, oh·ow) back into (b, c, h, w).
+struct Col2ImT {
     shape: (usize, usize, usize, usize),
     kh: usize,
     kw: usize,
     cfg: ConvCfg,
 }
 
-impl candle_core::CustomOp1 for Col2Im {
+impl candle_core::CustomOp1 for Col2ImT {
     fn name(&self) -> &'static str {
         "col2im"
     }
@@ -494,30 +516,33 @@ impl candle_core::CustomOp1 for Col2Im {
         let (b, c, h, w) = self.shape;
         let (kh, kw, cfg) = (self.kh, self.kw, self.cfg);
         let (oh, ow) = (conv_out_size(h, kh, cfg), conv_out_size(w, kw, cfg));
-        let cols = c * kh * kw;
+        let ohw = oh * ow;
         let mut out = vec![0f32; b * c * h * w];
-        // One image-channel plane per task: every write of a plane comes from the same task, in a
-        // fixed order, so results are reproducible.
+        // One (image, channel) plane per task, rows added in a fixed order: reproducible.
         out.par_chunks_mut(h * w)
             .enumerate()
             .for_each(|(plane, dst)| {
-                let (bi, ci) = (plane / c, plane % c);
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let src = &g[((bi * oh + oy) * ow + ox) * cols..][..cols];
-                        for ky in 0..kh {
-                            let iy = (oy * cfg.stride + ky * cfg.dilation) as isize
-                                - cfg.padding as isize;
-                            if iy < 0 || iy as usize >= h {
-                                continue;
-                            }
-                            for kx in 0..kw {
-                                let ix = (ox * cfg.stride + kx * cfg.dilation) as isize
-                                    - cfg.padding as isize;
-                                if ix < 0 || ix as usize >= w {
-                                    continue;
+                let src = &g[plane * kh * kw * ohw..(plane + 1) * kh * kw * ohw];
+                for ky in 0..kh {
+                    let (y0, y1) = valid_range(oh, h, ky, cfg);
+                    for kx in 0..kw {
+                        let (x0, x1) = valid_range(ow, w, kx, cfg);
+                        let row = &src[(ky * kw + kx) * ohw..][..ohw];
+                        for oy in y0..y1 {
+                            let iy = oy * cfg.stride + ky * cfg.dilation - cfg.padding;
+                            let ix0 = x0 * cfg.stride + kx * cfg.dilation - cfg.padding;
+                            let r = &row[oy * ow + x0..oy * ow + x1];
+                            if cfg.stride == 1 {
+                                for (d, v) in dst[iy * w + ix0..iy * w + ix0 + r.len()]
+                                    .iter_mut()
+                                    .zip(r)
+                                {
+                                    *d += v;
                                 }
-                                dst[iy as usize * w + ix as usize] += src[(ci * kh + ky) * kw + kx];
+                            } else {
+                                for (j, v) in r.iter().enumerate() {
+                                    dst[iy * w + ix0 + j * cfg.stride] += v;
+                                }
                             }
                         }
                     }
@@ -527,21 +552,64 @@ impl candle_core::CustomOp1 for Col2Im {
     }
 }
 
-/// conv2d of `x` (b, c, h, w) with kernel `w` (out, c, kh, kw), groups 1, CPU f32, with a backward
-/// written as GEMMs over im2col patches: candle's own conv backward runs a direct transposed-conv
-/// loop on CPU that dominated U-Net training steps. `w_trainable` false skips the kernel gradient
-/// (frozen kernels). The forward uses candle's im2col/GEMM convolution.
+/// Whether the conv is a plain per-pixel matmul (1×1, stride 1, no padding).
+fn pointwise(kh: usize, kw: usize, cfg: ConvCfg) -> bool {
+    kh == 1 && kw == 1 && cfg.stride == 1 && cfg.padding == 0
+}
+
+/// The patch matrix (b, c·kh·kw, oh·ow) of `x` (contiguous (b, c, h, w)).
+fn patches(x: &Tensor, kh: usize, kw: usize, cfg: ConvCfg) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if pointwise(kh, kw, cfg) {
+        return x.reshape((b, c, h * w));
+    }
+    x.apply_op1_no_bwd(&Im2ColT { kh, kw, cfg })
+}
+
+/// conv2d of `x` (b, c, h, w) with kernel `w` (out, c, kh, kw), groups 1, CPU f32: im2col into a
+/// (c·kh·kw, oh·ow) patch matrix per image and one GEMM per image that writes NCHW directly, with a
+/// backward written as GEMMs over the same patches (candle's own CPU conv spends most of its time
+/// in strided copies, and its backward in a direct transposed-conv loop). `w_trainable` false skips
+/// the kernel gradient (frozen kernels).
 pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg, w_trainable: bool) -> Result<Tensor> {
-    if !x.device().is_cpu() || cfg.groups != 1 || x.dtype() != candle_core::DType::F32 {
+    if !x.device().is_cpu()
+        || cfg.groups != 1
+        || x.dtype() != candle_core::DType::F32
+        || w.dtype() != candle_core::DType::F32
+        || x.rank() != 4
+    {
         return if w_trainable {
             x.conv2d(w, cfg.padding, cfg.stride, cfg.dilation, cfg.groups)
         } else {
             frozen_conv2d(x, w, cfg)
         };
     }
-    let y = x
-        .detach()
-        .conv2d(&w.detach(), cfg.padding, cfg.stride, cfg.dilation, 1)?;
+    let (b, c, h, wd) = x.dims4()?;
+    let (o, wc, kh, kw) = w.dims4()?;
+    if wc != c {
+        candle_core::bail!(
+            "conv2d: input has {c} channels, kernel {:?} expects {wc}",
+            w.dims()
+        );
+    }
+    let (oh, ow) = (conv_out_size(h, kh, cfg), conv_out_size(wd, kw, cfg));
+    if h + 2 * cfg.padding < cfg.dilation * (kh - 1) + 1
+        || wd + 2 * cfg.padding < cfg.dilation * (kw - 1) + 1
+    {
+        candle_core::bail!(
+            "conv2d: input {:?} is smaller than the kernel {:?} (padding {})",
+            x.dims(),
+            w.dims(),
+            cfg.padding
+        );
+    }
+    let xd = x.detach().contiguous()?;
+    let cols = patches(&xd, kh, kw, cfg)?;
+    let wm = w.detach().reshape((o, c * kh * kw))?;
+    let y = wm
+        .broadcast_left(b)?
+        .matmul(&cols)?
+        .reshape((b, o, oh, ow))?;
     if !(x.track_op() || w_trainable && w.track_op()) {
         return Ok(y);
     }
@@ -582,30 +650,32 @@ impl CustomOp2 for ConvOp {
         let (b, c, h, wd) = x.dims4()?;
         let (o, _, kh, kw) = w.dims4()?;
         let (_, _, oh, ow) = grad.dims4()?;
-        // (b, o, oh, ow) -> (b·oh·ow, o)
-        let g = grad
-            .permute((0, 2, 3, 1))?
-            .contiguous()?
-            .reshape((b * oh * ow, o))?;
+        let g = grad.contiguous()?.reshape((b, o, oh * ow))?;
         let wm = w.reshape((o, c * kh * kw))?;
         let gx = if x.track_op() {
-            let gcols = g.matmul(&wm)?; // (b·oh·ow, c·kh·kw)
-            Some(gcols.apply_op1_no_bwd(&Col2Im {
-                shape: (b, c, h, wd),
-                kh,
-                kw,
-                cfg: self.cfg,
-            })?)
+            // (c·kh·kw, o) · (o, oh·ow) per image, then scattered back.
+            let gcols = wm.t()?.broadcast_left(b)?.matmul(&g)?;
+            Some(if pointwise(kh, kw, self.cfg) {
+                gcols.reshape((b, c, h, wd))?
+            } else {
+                gcols.apply_op1_no_bwd(&Col2ImT {
+                    shape: (b, c, h, wd),
+                    kh,
+                    kw,
+                    cfg: self.cfg,
+                })?
+            })
         } else {
             None
         };
         let gw = if self.w_trainable {
-            let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col {
-                kh,
-                kw,
-                cfg: self.cfg,
-            })?;
-            Some(g.t()?.matmul(&cols)?.reshape((o, c, kh, kw))?)
+            let cols = patches(&x.contiguous()?, kh, kw, self.cfg)?;
+            // Σ_b g[b] (o, oh·ow) · cols[b]ᵀ (oh·ow, c·kh·kw)
+            Some(
+                g.matmul(&cols.transpose(1, 2)?)?
+                    .sum(0)?
+                    .reshape((o, c, kh, kw))?,
+            )
         } else {
             None
         };
