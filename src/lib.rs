@@ -10,6 +10,7 @@ pub mod error;
 pub mod media;
 pub mod models;
 pub mod peft;
+pub mod recipe;
 pub mod train;
 pub mod util;
 

@@ -5,7 +5,19 @@ mod cli;
 use clap::Parser;
 
 fn main() {
-    let args = cli::Cli::parse();
+    // kohya writes flags with underscores (`--network_dim`); accept them beside `--network-dim`.
+    let argv = std::env::args_os().map(|a| match a.to_str() {
+        Some(s) if s.starts_with("--") => {
+            let (flag, rest) = s.split_once('=').map_or((s, None), |(f, r)| (f, Some(r)));
+            let flag = flag.replace('_', "-");
+            std::ffi::OsString::from(match rest {
+                Some(r) => format!("{flag}={r}"),
+                None => flag,
+            })
+        }
+        _ => a,
+    });
+    let args = cli::Cli::parse_from(argv);
     if let Err(e) = cli::run(args) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -5,6 +5,9 @@ mod demo;
 mod grid;
 mod merge;
 mod pretrain;
+mod run;
+mod styles;
+mod train_diffusion;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +32,12 @@ enum Command {
     Convert(convert::Args),
     /// Train an embedded default model from scratch on procedural data (`tiny-sd`).
     Pretrain(pretrain::Args),
+    /// Run a pipeline file (`pipelines/*.toml`): training and evaluation stages in order.
+    Run(run::Args),
+    /// Train a LoRA/LoCon/DoRA on an image pipeline from a kohya folder (kohya's flag names).
+    TrainDiffusion(Box<train_diffusion::Args>),
+    /// Write a procedural style set (shapes in a striped, outlined or filled style) as a kohya folder.
+    MakeStyleSet(styles::Args),
     /// Draw a loss-curve PNG from a metrics.jsonl file.
     Plot(merge::PlotArgs),
 }
@@ -42,5 +51,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Pretrain(a) => pretrain::run(a),
         Command::Grid(a) => grid::run(a),
+        Command::Run(a) => run::run(a),
+        Command::TrainDiffusion(a) => train_diffusion::run(*a),
+        Command::MakeStyleSet(a) => styles::run(a),
     }
 }

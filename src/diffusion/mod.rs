@@ -2,12 +2,14 @@
 //! samplers (DDIM, Euler, Euler ancestral) with classifier-free guidance and per-image seeds, with
 //! diffusers' semantics and `scheduler_config.json` fields.
 
+pub mod eval;
 pub mod grid;
 pub mod objective;
 pub mod pipeline;
 pub mod sampler;
 pub mod schedule;
 pub mod tiny_sd;
+pub mod train;
 
 pub use objective::{Objective, Prediction};
 pub use sampler::{Sampler, SamplerKind};

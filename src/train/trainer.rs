@@ -28,6 +28,16 @@ pub trait Task {
     fn loss(&mut self, cursor: u64, ctx: &ForwardCtx) -> Result<Tensor>;
     /// Writes the adapter in the task's own format (a PEFT folder, a kohya file, ...) into `dir`.
     fn save_adapter(&self, dir: &Path) -> Result<()>;
+    /// Called once before the first step this call runs (`step` = steps already done), e.g. to
+    /// sample images before training. Default: nothing.
+    fn on_start(&mut self, _step: usize, _output_dir: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// Called after each optimizer step (`step` counts from 1) and any checkpoint it wrote, e.g.
+    /// to sample images every N steps. Default: nothing.
+    fn after_step(&mut self, _step: usize, _output_dir: &Path) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Trainer settings.
@@ -384,6 +394,9 @@ impl Trainer {
         };
         let start = Instant::now();
         let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+        if state.step < c.max_steps {
+            task.on_start(state.step, &out)?;
+        }
         while state.step < c.max_steps {
             let t0 = Instant::now();
             let mut acc: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -456,6 +469,7 @@ impl Trainer {
                     .display()
                     .to_string();
             }
+            task.after_step(state.step, &out)?;
         }
         bar.finish_and_clear();
         drop(metrics);

@@ -1,0 +1,229 @@
+use anyhow::Context;
+use clap::Args as ClapArgs;
+use postforge::diffusion::train::{train_lora, LoraTrainConfig};
+use std::path::PathBuf;
+
+/// Flags mirror kohya's `train_network.py` (`--network_dim` and `--network-dim` both work). Flags
+/// given on the command line override the `--config-file` TOML; unset ones take kohya's defaults.
+#[derive(ClapArgs, Debug, Default)]
+pub struct Args {
+    /// TOML file with the same keys (kohya's `--config_file`).
+    #[arg(long)]
+    config_file: Option<PathBuf>,
+    /// Pipeline folder (diffusers layout).
+    #[arg(long)]
+    pretrained_model_name_or_path: Option<PathBuf>,
+    /// Image folder (`<repeats>_<name>/` subfolders with caption files, or metadata.jsonl).
+    #[arg(long)]
+    train_data_dir: Option<PathBuf>,
+    /// Run folder.
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// LoRA file name (without extension).
+    #[arg(long)]
+    output_name: Option<String>,
+    /// Caption file extension [default: .txt].
+    #[arg(long)]
+    caption_extension: Option<String>,
+    /// `W,H` or one side [default: 512].
+    #[arg(long)]
+    resolution: Option<String>,
+    /// Aspect-ratio buckets.
+    #[arg(long)]
+    enable_bucket: bool,
+    #[arg(long)]
+    min_bucket_reso: Option<u32>,
+    #[arg(long)]
+    max_bucket_reso: Option<u32>,
+    #[arg(long)]
+    bucket_reso_steps: Option<u32>,
+    #[arg(long)]
+    bucket_no_upscale: bool,
+    /// LoRA rank [default: 4].
+    #[arg(long)]
+    network_dim: Option<usize>,
+    /// LoRA alpha [default: 1].
+    #[arg(long)]
+    network_alpha: Option<f64>,
+    /// `key=value` network arguments: conv_dim, conv_alpha (LoCon), dora_wd.
+    #[arg(long, num_args = 1..)]
+    network_args: Vec<String>,
+    #[arg(long)]
+    network_dropout: Option<f64>,
+    /// U-Net LoRA only (no text-encoder LoRA).
+    #[arg(long)]
+    network_train_unet_only: bool,
+    /// [default: 1e-4]
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// constant, constant_with_warmup, linear, cosine [default: constant].
+    #[arg(long)]
+    lr_scheduler: Option<String>,
+    #[arg(long)]
+    lr_warmup_steps: Option<usize>,
+    /// [default: 1600]
+    #[arg(long)]
+    max_train_steps: Option<usize>,
+    /// [default: 1]
+    #[arg(long)]
+    train_batch_size: Option<usize>,
+    #[arg(long)]
+    gradient_accumulation_steps: Option<usize>,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    min_snr_gamma: Option<f64>,
+    #[arg(long)]
+    noise_offset: Option<f64>,
+    #[arg(long)]
+    v_parameterization: bool,
+    #[arg(long)]
+    caption_dropout_rate: Option<f64>,
+    #[arg(long)]
+    shuffle_caption: bool,
+    #[arg(long)]
+    keep_tokens: Option<usize>,
+    #[arg(long)]
+    flip_aug: bool,
+    /// kohya or diffusers [default: kohya].
+    #[arg(long)]
+    lora_format: Option<String>,
+    #[arg(long)]
+    save_every_n_steps: Option<usize>,
+    #[arg(long)]
+    sample_every_n_steps: Option<usize>,
+    #[arg(long)]
+    sample_at_first: bool,
+    /// kohya prompt file (`prompt --n neg --w --h --d seed --s steps --l cfg`).
+    #[arg(long)]
+    sample_prompts: Option<PathBuf>,
+    /// ddim, euler, euler_a [default: ddim].
+    #[arg(long)]
+    sample_sampler: Option<String>,
+    /// Continue from the newest checkpoint in the output folder.
+    #[arg(long)]
+    resume: bool,
+    /// Start afresh even if the output folder holds checkpoints.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// The configuration: the TOML file (if any), then the flags that were given.
+pub fn config(a: &Args) -> anyhow::Result<LoraTrainConfig> {
+    let mut v = match &a.config_file {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let t: toml::Table =
+                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+            serde_json::to_value(t)?
+        }
+        None => serde_json::json!({}),
+    };
+    let o = v
+        .as_object_mut()
+        .context("the config file must be a table of keys")?;
+    let mut set = |k: &str, x: serde_json::Value| {
+        o.insert(k.to_string(), x);
+    };
+    macro_rules! opt {
+        ($($f:ident),*) => {$(
+            if let Some(x) = &a.$f { set(stringify!($f), serde_json::to_value(x)?); }
+        )*};
+    }
+    macro_rules! flag {
+        ($($f:ident),*) => {$(
+            if a.$f { set(stringify!($f), serde_json::Value::Bool(true)); }
+        )*};
+    }
+    opt!(
+        pretrained_model_name_or_path,
+        train_data_dir,
+        output_dir,
+        output_name,
+        caption_extension,
+        resolution,
+        min_bucket_reso,
+        max_bucket_reso,
+        bucket_reso_steps,
+        network_dim,
+        network_alpha,
+        network_dropout,
+        learning_rate,
+        lr_scheduler,
+        lr_warmup_steps,
+        max_train_steps,
+        train_batch_size,
+        gradient_accumulation_steps,
+        max_grad_norm,
+        seed,
+        min_snr_gamma,
+        noise_offset,
+        caption_dropout_rate,
+        keep_tokens,
+        lora_format,
+        save_every_n_steps,
+        sample_every_n_steps,
+        sample_prompts,
+        sample_sampler
+    );
+    flag!(
+        enable_bucket,
+        bucket_no_upscale,
+        network_train_unet_only,
+        v_parameterization,
+        shuffle_caption,
+        flip_aug,
+        sample_at_first
+    );
+    for kv in &a.network_args {
+        let (k, val) = kv
+            .split_once('=')
+            .with_context(|| format!("--network_args `{kv}` is not key=value"))?;
+        let (k, val) = (k.trim(), val.trim());
+        match k {
+            "conv_dim" => set("conv_dim", val.parse::<usize>().context("conv_dim")?.into()),
+            "conv_alpha" => set(
+                "conv_alpha",
+                val.parse::<f64>().context("conv_alpha")?.into(),
+            ),
+            "dora_wd" => set(
+                "dora_wd",
+                matches!(val.to_lowercase().as_str(), "true" | "1").into(),
+            ),
+            _ => anyhow::bail!("--network_args `{k}` is not supported (conv_dim, conv_alpha, dora_wd)"),
+        }
+    }
+    for need in [
+        "pretrained_model_name_or_path",
+        "train_data_dir",
+        "output_dir",
+    ] {
+        if !o.contains_key(need) {
+            anyhow::bail!("--{} is required (on the command line or in --config-file)", need);
+        }
+    }
+    Ok(serde_json::from_value(v).context("invalid training configuration")?)
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let cfg = config(&a)?;
+    let (s, file, task) = train_lora(&cfg, a.resume, a.overwrite)?;
+    println!(
+        "trained {} steps ({} images, {} micro-batches per epoch) in {:.0}s: loss {:.4} -> {:.4}",
+        s.steps,
+        task.num_images(),
+        task.batches_per_epoch(),
+        s.seconds,
+        s.first_loss,
+        s.last_loss
+    );
+    println!(
+        "wrote {} (metrics.jsonl, loss_curve.png in {})",
+        file.display(),
+        cfg.output_dir.display()
+    );
+    Ok(())
+}

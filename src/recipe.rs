@@ -1,0 +1,144 @@
+//! Pipeline files (`pipelines/*.toml`) run by `postforge run`: an ordered list of `[[stage]]`
+//! tables, each with a `kind` and that stage's settings. A stage may leave out what the stage before
+//! it produced (an evaluation takes the model and LoRA file of the preceding training stage).
+
+use crate::diffusion::eval::{evaluate, EvalConfig, EvalReport};
+use crate::diffusion::train::{train_lora, LoraTrainConfig};
+use crate::train::TrainSummary;
+use crate::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A pipeline file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Name shown in reports.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What the pipeline does.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The stages, in order.
+    pub stage: Vec<Stage>,
+}
+
+/// One stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Stage {
+    /// LoRA training of an image pipeline (kohya's keys).
+    TrainDiffusion(LoraTrainConfig),
+    /// Before/after grid and style/adherence scores of an image LoRA.
+    DiffusionEval(EvalConfig),
+}
+
+/// What a stage produced.
+#[derive(Debug, Clone)]
+pub enum StageReport {
+    /// A trained LoRA.
+    Trained {
+        /// Trainer summary.
+        summary: TrainSummary,
+        /// The LoRA file.
+        file: PathBuf,
+        /// The run folder.
+        output_dir: PathBuf,
+    },
+    /// An evaluation.
+    Evaluated(EvalReport),
+}
+
+impl Recipe {
+    /// Reads and checks a pipeline file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let r: Recipe = toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        if r.stage.is_empty() {
+            return Err(Error::format(path, "no [[stage]] tables"));
+        }
+        Ok(r)
+    }
+
+    /// Runs every stage in order. `resume` continues interrupted training stages from their
+    /// newest checkpoint; otherwise they start afresh. `log` receives one line per event.
+    pub fn run(
+        &self,
+        resume: bool,
+        progress: &indicatif::ProgressBar,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Vec<StageReport>> {
+        let mut reports = vec![];
+        let mut last_model: Option<PathBuf> = None;
+        let mut last_lora: Option<PathBuf> = None;
+        let mut last_out: Option<PathBuf> = None;
+        for (i, st) in self.stage.iter().enumerate() {
+            match st {
+                Stage::TrainDiffusion(cfg) => {
+                    log(&format!(
+                        "stage {}: train-diffusion: {} on {} -> {}",
+                        i + 1,
+                        cfg.pretrained_model_name_or_path.display(),
+                        cfg.train_data_dir.display(),
+                        cfg.output_dir.display()
+                    ));
+                    let (summary, file, task) = train_lora(cfg, resume, !resume)?;
+                    log(&format!(
+                        "  trained {} steps ({} images) in {:.0}s: loss {:.4} -> {:.4}; wrote {}",
+                        summary.steps,
+                        task.num_images(),
+                        summary.seconds,
+                        summary.first_loss,
+                        summary.last_loss,
+                        file.display()
+                    ));
+                    last_model = Some(cfg.pretrained_model_name_or_path.clone());
+                    last_lora = Some(file.clone());
+                    last_out = Some(cfg.output_dir.clone());
+                    reports.push(StageReport::Trained {
+                        summary,
+                        file,
+                        output_dir: cfg.output_dir.clone(),
+                    });
+                }
+                Stage::DiffusionEval(cfg) => {
+                    let need = |v: Option<PathBuf>, what: &str| {
+                        v.ok_or_else(|| {
+                            Error::Config(format!(
+                                "stage {}: diffusion-eval has no `{what}` and no training stage before it",
+                                i + 1
+                            ))
+                        })
+                    };
+                    let model = need(cfg.model.clone().or(last_model.clone()), "model")?;
+                    let lora = need(cfg.lora.clone().or(last_lora.clone()), "lora")?;
+                    let out = need(cfg.output_dir.clone().or(last_out.clone()), "output_dir")?;
+                    log(&format!(
+                        "stage {}: diffusion-eval: {} with {}",
+                        i + 1,
+                        model.display(),
+                        lora.display()
+                    ));
+                    let rep = evaluate(cfg, &model, &lora, &out, progress)?;
+                    log(&format!("  wrote {}", rep.grid.display()));
+                    if !rep.scores.is_empty() {
+                        log(&format!(
+                            "  {:>10}  {:>11}  {:>9}",
+                            "LoRA scale", "style score", "adherence"
+                        ));
+                        for s in &rep.scores {
+                            log(&format!(
+                                "  {:>10.2}  {:>11.3}  {:>8.0}%",
+                                s.scale,
+                                s.style_score,
+                                100.0 * s.adherence
+                            ));
+                        }
+                    }
+                    reports.push(StageReport::Evaluated(rep));
+                }
+            }
+        }
+        Ok(reports)
+    }
+}

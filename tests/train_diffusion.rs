@@ -1,0 +1,270 @@
+//! LoRA training of an image pipeline (kohya semantics) and the pipeline-file runner, on a freshly
+//! initialised tiny-sd pipeline and a procedural style set.
+
+use candle_core::Tensor;
+use postforge::data::image_folder::write_kohya;
+use postforge::data::shapes::{dataset, Style};
+use postforge::diffusion::tiny_sd::PretrainTask;
+use postforge::diffusion::train::{train_lora, LoraTrainConfig, LoraTrainTask};
+use postforge::peft::formats::lora_file::{LoraFile, LoraFormat};
+use postforge::peft::{Adapted, ForwardCtx};
+use postforge::recipe::Recipe;
+use postforge::train::Task;
+use std::path::Path;
+
+/// A fresh tiny-sd pipeline, a striped style set (square 32×32, plus a few 48×32 images in a
+/// second concept folder), and a prompt file.
+fn setup(dir: &Path) {
+    PretrainTask::new(8, 2, 3)
+        .unwrap()
+        .write_pipeline(&dir.join("model"))
+        .unwrap();
+    let items: Vec<_> = dataset(6, 32, Style::Striped, 5)
+        .into_iter()
+        .map(|(i, c, _)| (i, c))
+        .collect();
+    write_kohya(&dir.join("data"), 2, "striped", &items, ".txt").unwrap();
+    let wide: Vec<_> = dataset(3, 32, Style::Striped, 6)
+        .into_iter()
+        .map(|(i, c, _)| (image::imageops::resize(&i, 48, 32, image::imageops::FilterType::Nearest), c))
+        .collect();
+    write_kohya(&dir.join("data"), 1, "wide", &wide, ".txt").unwrap();
+    std::fs::write(
+        dir.join("prompts.txt"),
+        "# samples\na red circle on the left, black background --d 3 --s 2 --l 3\n\na blue square in the center, white background --w 32 --h 32 --s 2\n",
+    )
+    .unwrap();
+}
+
+fn config(dir: &Path, out: &str) -> LoraTrainConfig {
+    let mut c = LoraTrainConfig::new(&dir.join("model"), &dir.join("data"), &dir.join(out));
+    c.resolution = "32".into();
+    c.enable_bucket = true;
+    c.min_bucket_reso = 16;
+    c.max_bucket_reso = 64;
+    c.bucket_reso_steps = 8;
+    c.network_dim = 4;
+    c.network_alpha = 2.0;
+    c.conv_dim = Some(2);
+    c.learning_rate = 1e-3;
+    c.max_train_steps = 4;
+    c.train_batch_size = 2;
+    c.save_every_n_steps = 2;
+    c.min_snr_gamma = Some(5.0);
+    c.noise_offset = 0.05;
+    c.caption_dropout_rate = 0.25;
+    c.shuffle_caption = true;
+    c.keep_tokens = 1;
+    c.flip_aug = true;
+    c.seed = 11;
+    c
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let (f, _) = LoraFile::read(path, None).unwrap();
+    f.modules
+        .iter()
+        .flat_map(|(k, m)| {
+            [
+                (format!("{k}.down"), m.down.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+                (format!("{k}.up"), m.up.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn lora_training_writes_a_kohya_file_samples_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    let mut cfg = config(dir, "run");
+    cfg.sample_prompts = Some(dir.join("prompts.txt"));
+    cfg.sample_every_n_steps = 2;
+    cfg.sample_at_first = true;
+    let (s, file, task) = train_lora(&cfg, false, false).unwrap();
+    assert_eq!(s.steps, 4);
+    assert!(s.first_loss.is_finite() && s.last_loss.is_finite());
+    // Buckets: the 48×32 images got their own bucket; 6·2 + 3·1 = 15 images with repeats.
+    assert_eq!(task.num_images(), 9);
+    // Per bucket: 6 images × 2 repeats in batches of 2, and 3 wide images × 1 repeat: 6 + 2.
+    assert_eq!(task.batches_per_epoch(), 8);
+    // Samples before training and every 2 steps, kohya's file names.
+    for step in [0, 2, 4] {
+        assert!(dir.join(format!("run/sample/last_{step:06}_00_3.png")).exists(), "step {step}");
+        assert!(dir.join(format!("run/sample/last_{step:06}_01_12.png")).exists(), "step {step}");
+    }
+    // The kohya file: U-Net linears, LoCon convs, text encoder, kohya metadata.
+    let (f, fmt) = LoraFile::read(&file, None).unwrap();
+    assert_eq!(fmt, LoraFormat::Kohya);
+    let keys: Vec<&String> = f.modules.keys().collect();
+    assert!(keys.iter().any(|k| k.ends_with("attn1.to_q")));
+    assert!(keys.iter().any(|k| k.ends_with("resnets.0.conv1")));
+    assert!(keys.iter().any(|k| k.starts_with("text_encoder.") && k.ends_with("q_proj")));
+    let conv = f.modules.iter().find(|(k, _)| k.ends_with("resnets.0.conv1")).unwrap().1;
+    assert_eq!((conv.rank(), conv.alpha), (2, 2.0), "conv_dim 2, conv_alpha defaults to network_alpha");
+    assert_eq!(f.metadata.get("ss_network_dim").map(String::as_str), Some("4"));
+    assert_eq!(f.metadata.get("ss_steps").map(String::as_str), Some("4"));
+    assert!(f.metadata.get("ss_network_args").is_some_and(|a| a.contains("conv_dim")));
+    let trained = tensors(&file);
+    assert!(
+        trained.iter().any(|(k, v)| k.ends_with(".up") && v.iter().any(|x| *x != 0.0)),
+        "training moved the up projections away from zero"
+    );
+
+    // Interrupted after step 2 and resumed: the same LoRA as the unbroken run.
+    let full = config(dir, "part");
+    let mut inner = LoraTrainTask::new(full.clone()).unwrap();
+    let mut killed = Interrupt {
+        inner: &mut inner,
+        at: 2,
+    };
+    let trainer = postforge::train::Trainer::new(full.trainer(false).unwrap()).unwrap();
+    assert!(trainer.train(&mut killed, false).is_err(), "the run was interrupted");
+    let (s2, file2, _) = train_lora(&full, true, false).unwrap();
+    assert_eq!(s2.resumed_from, Some(2));
+    let resumed = tensors(&file2);
+    assert_eq!(trained.len(), resumed.len());
+    for ((k, a), (_, b)) in trained.iter().zip(&resumed) {
+        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-6, "{k}: resumed run differs by {d}");
+    }
+    // A finished run in the folder is not overwritten by accident.
+    assert!(train_lora(&full, false, false).is_err());
+}
+
+#[test]
+fn every_adapter_tensor_gets_gradient_and_the_base_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    let mut cfg = config(dir, "grad");
+    cfg.caption_dropout_rate = 0.0;
+    cfg.dora_wd = true;
+    let mut task = LoraTrainTask::new(cfg).unwrap();
+    let params = task.trainable();
+    assert!(params.iter().any(|(n, _)| n.starts_with("text_encoder.")));
+    assert!(params.iter().any(|(n, _)| n.contains("lora_magnitude_vector")));
+    // B starts at zero, so A gets no gradient on the first step: move B off zero first.
+    for (n, v) in &params {
+        if n.contains("lora_B") {
+            v.set(&(v.as_tensor().ones_like().unwrap() * 0.01).unwrap()).unwrap();
+        }
+    }
+    let loss = task.loss(0, &ForwardCtx::train(1, 0)).unwrap();
+    let grads = loss.backward().unwrap();
+    for (n, v) in &params {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{n}: no gradient"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm.is_finite() && norm > 0.0, "{n}: gradient norm {norm}");
+    }
+    // Frozen base weights are plain tensors: no gradient is kept for them.
+    let layers = task.pipe.unet.layers();
+    assert!(layers.iter().any(|l| l.path() == "conv_in"));
+    for l in layers.iter().chain(task.pipe.text_encoder.layers().iter()) {
+        let w: &Tensor = l.weight();
+        assert!(grads.get(w).is_none(), "frozen {} got a gradient", l.path());
+    }
+}
+
+#[test]
+fn bad_training_input_is_refused_with_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    // Resolution not divisible by the U-Net's downsampling.
+    let mut c = config(dir, "bad");
+    c.resolution = "30".into();
+    let e = LoraTrainTask::new(c).err().unwrap().to_string();
+    assert!(e.contains("30x30") && e.contains("downsampling"), "{e}");
+    // An empty data folder.
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    let mut c = config(dir, "bad");
+    c.train_data_dir = dir.join("empty");
+    let e = LoraTrainTask::new(c).err().unwrap().to_string();
+    assert!(e.contains("no training images"), "{e}");
+    // A corrupt image names the file.
+    std::fs::write(dir.join("data/2_striped/0000.png"), b"not a png").unwrap();
+    let e = LoraTrainTask::new(config(dir, "bad")).err().unwrap().to_string();
+    assert!(e.contains("0000.png"), "{e}");
+}
+
+#[test]
+fn the_shipped_style_pipeline_parses_and_a_small_recipe_runs_end_to_end() {
+    let r = Recipe::load(Path::new("pipelines/style-lora.toml")).unwrap();
+    assert_eq!(r.stage.len(), 2);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    let text = format!(
+        r#"name = "mini"
+[[stage]]
+kind = "train-diffusion"
+pretrained_model_name_or_path = "{m}"
+train_data_dir = "{d}"
+output_dir = "{o}"
+resolution = "32"
+network_dim = 2
+max_train_steps = 2
+train_batch_size = 2
+network_train_unet_only = true
+
+[[stage]]
+kind = "diffusion-eval"
+prompts = ["a red circle on the left, black background", "a green square on the top, white background"]
+scales = [0.0, 1.0]
+steps = 2
+style = "striped"
+score_samples = 3
+"#,
+        m = dir.join("model").display(),
+        d = dir.join("data").display(),
+        o = dir.join("out").display()
+    );
+    std::fs::write(dir.join("mini.toml"), text).unwrap();
+    let r = Recipe::load(&dir.join("mini.toml")).unwrap();
+    let mut lines = vec![];
+    let reps = r
+        .run(false, &indicatif::ProgressBar::hidden(), &mut |l| lines.push(l.to_string()))
+        .unwrap();
+    assert_eq!(reps.len(), 2);
+    assert!(dir.join("out/last.safetensors").exists());
+    assert!(dir.join("out/loss_curve.png").exists());
+    let grid = image::open(dir.join("out/before_after.png")).unwrap();
+    assert!(grid.width() > 2 * 32 && grid.height() > 2 * 32);
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/eval.json")).unwrap()).unwrap();
+    assert_eq!(eval["scores"].as_array().unwrap().len(), 2);
+    assert!(lines.iter().any(|l| l.contains("style score")));
+    // Running the recipe again starts afresh instead of refusing the existing run folder.
+    r.run(false, &indicatif::ProgressBar::hidden(), &mut |_| {}).unwrap();
+    // Unknown keys are refused, naming the key.
+    std::fs::write(
+        dir.join("bad.toml"),
+        "[[stage]]\nkind = \"train-diffusion\"\npretrained_model_name_or_path = \"m\"\ntrain_data_dir = \"d\"\noutput_dir = \"o\"\nnetwork_dimm = 4\n",
+    )
+    .unwrap();
+    let e = Recipe::load(&dir.join("bad.toml")).unwrap_err().to_string();
+    assert!(e.contains("network_dimm") && e.contains("bad.toml"), "{e}");
+}
+
+/// Delegates to a task and fails at micro-batch `at` (a crash in the middle of a run).
+struct Interrupt<'a> {
+    inner: &'a mut LoraTrainTask,
+    at: u64,
+}
+
+impl Task for Interrupt<'_> {
+    fn trainable(&self) -> Vec<(String, candle_core::Var)> {
+        self.inner.trainable()
+    }
+    fn loss(&mut self, cursor: u64, ctx: &ForwardCtx) -> postforge::Result<Tensor> {
+        if cursor == self.at {
+            return Err(postforge::Error::Msg("killed".into()));
+        }
+        self.inner.loss(cursor, ctx)
+    }
+    fn save_adapter(&self, dir: &Path) -> postforge::Result<()> {
+        self.inner.save_adapter(dir)
+    }
+}
