@@ -57,7 +57,17 @@ fn main() {
             32,
         ),
     ];
-    for (name, cfg, batch, hw) in cases {
+    // POSTFORGE_BENCH_CASE=i runs one case, POSTFORGE_BENCH_MODE=lora|full one model and no
+    // sampling: the peak RSS printed at the end is then that training step's (compare it with
+    // scripts/bench/unet_diffusers.py --case i --mode lora).
+    let only_case: Option<usize> = std::env::var("POSTFORGE_BENCH_CASE")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mode = std::env::var("POSTFORGE_BENCH_MODE").unwrap_or_else(|_| "all".into());
+    for (ci, (name, cfg, batch, hw)) in cases.into_iter().enumerate() {
+        if only_case.is_some_and(|c| c != ci) {
+            continue;
+        }
         let lora = AdapterConfig::lora(
             8,
             8.0,
@@ -84,6 +94,9 @@ fn main() {
         ];
         let models: Vec<(&str, UNet2DConditionModel)> = plans
             .into_iter()
+            .filter(|(n, _)| {
+                mode == "all" || (mode == "lora") == n.starts_with("LoRA")
+            })
             .map(|(n, p)| {
                 (
                     n,
@@ -96,12 +109,6 @@ fn main() {
             .unwrap();
         let c = postforge::peft::init::normal(&[batch, 8, cross_dim(&cfg)], 1.0, &mut rng).unwrap();
         let t = Tensor::from_vec(vec![500f32; batch], batch, &Device::Cpu).unwrap();
-        let params: usize = models[1]
-            .1
-            .trainable()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum();
         let mut times = vec![vec![]; models.len()];
         let mut fwd = vec![];
         for round in 0..5 {
@@ -120,28 +127,39 @@ fn main() {
                 }
             }
         }
-        // Sampling: 20 Euler steps with CFG (batch doubled), the LoRA model, no gradients.
-        let t0 = Instant::now();
-        let steps = 20;
-        for _ in 0..steps {
-            let xx = Tensor::cat(&[&x, &x], 0).unwrap();
-            let cc = Tensor::cat(&[&c, &c], 0).unwrap();
-            let tt = Tensor::cat(&[&t, &t], 0).unwrap();
-            let _ = models[0]
-                .1
-                .forward(&xx, &tt, &cc, None, &ForwardCtx::eval())
-                .unwrap();
+        let mut line = format!("{name}:");
+        for (i, (n, _)) in models.iter().enumerate() {
+            line += &format!(" train step {n} {:.0} ms;", median(times[i].clone()) * 1e3);
         }
-        let sample_s = t0.elapsed().as_secs_f64();
-        eprintln!(
-            "{name}: {:.2}M params; train step (fwd+bwd) LoRA {:.0} ms (fwd {:.0} ms), full {:.0} ms; sampling {steps} CFG steps for {batch} images {:.2} s ({:.1} images/s)",
-            params as f64 / 1e6,
-            median(times[0].clone()) * 1e3,
-            median(fwd.clone()) * 1e3,
-            median(times[1].clone()) * 1e3,
-            sample_s,
-            batch as f64 / sample_s
-        );
+        line += &format!(" fwd {:.0} ms", median(fwd.clone()) * 1e3);
+        if mode == "all" {
+            // Sampling: 20 steps with CFG (batch doubled), the LoRA model, no gradients.
+            let t0 = Instant::now();
+            let steps = 20;
+            for _ in 0..steps {
+                let xx = Tensor::cat(&[&x, &x], 0).unwrap();
+                let cc = Tensor::cat(&[&c, &c], 0).unwrap();
+                let tt = Tensor::cat(&[&t, &t], 0).unwrap();
+                let _ = models[0]
+                    .1
+                    .forward(&xx, &tt, &cc, None, &ForwardCtx::eval())
+                    .unwrap();
+            }
+            let sample_s = t0.elapsed().as_secs_f64();
+            line += &format!(
+                "; sampling {steps} CFG steps for {batch} images {sample_s:.2} s ({:.1} images/s)",
+                batch as f64 / sample_s
+            );
+        }
+        eprintln!("{line}");
+    }
+    if let Ok(st) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(l) = st.lines().find(|l| l.starts_with("VmHWM")) {
+            eprintln!("peak RSS: {}", l.trim_start_matches("VmHWM:").trim());
+        }
+    }
+    if mode != "all" {
+        return;
     }
     // candle's conv backward: one 3x3 conv, 64->64 channels at 32x32, batch 8.
     let mut rng = postforge::peft::init::rng_for(3, "conv");

@@ -7,6 +7,7 @@ use super::sampler::{guide, Sampler, SamplerKind};
 use super::schedule::SchedulerConfig;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::vae::AutoencoderKL;
 use crate::models::Weights;
 use crate::peft::{AdapterPlan, ForwardCtx};
 use crate::{Error, Result};
@@ -97,6 +98,8 @@ pub struct Pipeline {
     pub tokenizer: PromptTokenizer,
     /// Scheduler configuration.
     pub scheduler: SchedulerConfig,
+    /// The VAE of a latent pipeline (none in pixel space).
+    pub vae: Option<AutoencoderKL>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -141,12 +144,11 @@ impl Pipeline {
     /// Loads a pipeline folder; `unet_plan` / `text_plan` choose the adapters of each component.
     pub fn load(dir: &Path, unet_plan: AdapterPlan, text_plan: AdapterPlan) -> Result<Self> {
         let index = read_json(&dir.join("model_index.json"))?;
-        if index["vae"].is_array() && !index["vae"][0].is_null() {
-            return Err(Error::format(
-                dir.join("model_index.json"),
-                "latent pipelines (with a vae/) are not supported by this loader yet; pixel-space pipelines are",
-            ));
-        }
+        let vae = if index["vae"].is_array() && !index["vae"][0].is_null() {
+            Some(AutoencoderKL::load(&dir.join("vae"))?)
+        } else {
+            None
+        };
         let ucfg = UNetConfig::from_file(&dir.join("unet/config.json"))?;
         let unet = UNet2DConditionModel::new(
             &ucfg,
@@ -166,7 +168,36 @@ impl Pipeline {
             text_encoder,
             tokenizer,
             scheduler,
+            vae,
         })
+    }
+
+    /// Pixels per latent pixel (the VAE's downsampling; 1 in pixel space).
+    pub fn vae_factor(&self) -> usize {
+        self.vae.as_ref().map_or(1, |v| v.config().factor())
+    }
+
+    /// Denoiser-space inputs of images (B, 3, H, W) in [−1, 1]: VAE latents (a posterior sample
+    /// drawn with `noise_seed`, or the mean without it), scaled; the images themselves in pixel space.
+    pub fn to_model_space(&self, images: &Tensor, noise_seed: Option<u64>) -> Result<Tensor> {
+        match &self.vae {
+            None => Ok(images.clone()),
+            Some(v) => {
+                let noise = match noise_seed {
+                    Some(s) => {
+                        let (b, _, h, w) = images.dims4()?;
+                        let f = v.config().factor();
+                        Some(crate::peft::init::normal(
+                            &[b, v.config().latent_channels, h / f, w / f],
+                            1.0,
+                            &mut crate::peft::init::rng_for(s, "vae-posterior"),
+                        )?)
+                    }
+                    None => None,
+                };
+                v.encode_scaled(images, noise.as_ref())
+            }
+        }
     }
 
     /// Prompt conditioning (B, T, D).
@@ -201,9 +232,16 @@ impl Pipeline {
         let b = prompts.len();
         let sampler = Sampler::new(kind, &self.scheduler, steps)?;
         let c = self.unet.config().in_channels;
+        let f = self.vae_factor();
+        if size.0 % f != 0 || size.1 % f != 0 {
+            return Err(Error::Msg(format!(
+                "image size {}x{} is not a multiple of the VAE factor {f}",
+                size.1, size.0
+            )));
+        }
         let x = sampler.sample(
             &self.scheduler,
-            &[c, size.0, size.1],
+            &[c, size.0 / f, size.1 / f],
             seeds,
             &Device::Cpu,
             |x_in, t| {
@@ -218,6 +256,10 @@ impl Pipeline {
                 }
             },
         )?;
+        let x = match &self.vae {
+            Some(v) => v.decode_scaled(&x.to_dtype(DType::F32)?)?,
+            None => x,
+        };
         Ok(x.to_dtype(DType::F32)?.clamp(-1f32, 1f32)?)
     }
 }

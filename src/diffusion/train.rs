@@ -415,7 +415,9 @@ impl SamplePrompt {
 }
 
 struct Item {
+    /// Denoiser-space input (VAE latents, or pixels), and that of the mirrored image (`flip_aug`).
     image: Tensor,
+    flipped: Option<Tensor>,
     caption: String,
     bucket: usize,
     repeats: usize,
@@ -440,9 +442,16 @@ pub struct LoraTrainTask {
     pub sampling: bool,
 }
 
-/// The pipeline's total spatial downsampling (2^(levels−1)).
+/// The pipeline's total spatial downsampling in pixels (U-Net levels and VAE).
 fn unet_divisor(p: &Pipeline) -> u32 {
-    1 << (p.unet.config().block_out_channels.len().saturating_sub(1))
+    (1u32 << (p.unet.config().block_out_channels.len().saturating_sub(1))) * p.vae_factor() as u32
+}
+
+/// The image mirrored left–right.
+fn mirror(x: &Tensor) -> Result<Tensor> {
+    let w = x.dim(candle_core::D::Minus1)?;
+    let idx = Tensor::from_vec((0..w as u32).rev().collect::<Vec<u32>>(), w, x.device())?;
+    Ok(x.index_select(&idx, x.rank() - 1)?)
 }
 
 impl LoraTrainTask {
@@ -483,9 +492,17 @@ impl LoraTrainTask {
                     )));
                 }
             };
-            let img = cover_crop(&img, b);
+            let img = image_to_tensor(&cover_crop(&img, b), &Device::Cpu)?.unsqueeze(0)?;
+            // Latents are cached once, from a seeded posterior sample (kohya's --cache_latents).
+            let seed = cfg.seed ^ (items.len() as u64).wrapping_mul(0x9e37_79b9);
+            let flipped = if cfg.flip_aug {
+                Some(pipe.to_model_space(&mirror(&img)?, Some(seed ^ 1))?.squeeze(0)?)
+            } else {
+                None
+            };
             items.push(Item {
-                image: image_to_tensor(&img, &Device::Cpu)?,
+                image: pipe.to_model_space(&img, Some(seed))?.squeeze(0)?,
+                flipped,
                 caption: ex.caption,
                 bucket,
                 repeats: ex.repeats.max(1),
@@ -736,13 +753,11 @@ impl Task for LoraTrainTask {
         let mut xs = vec![];
         let mut caps = vec![];
         for &i in &batch {
-            let mut x = self.items[i].image.clone();
-            if self.cfg.flip_aug && rng.random::<bool>() {
-                let w = x.dim(2)?;
-                let idx = Tensor::arange(0u32, w as u32, &Device::Cpu)?
-                    .affine(-1.0, (w - 1) as f64)?;
-                x = x.index_select(&idx, 2)?;
-            }
+            let flip = self.cfg.flip_aug && rng.random::<bool>();
+            let x = match (&self.items[i].flipped, flip) {
+                (Some(f), true) => f.clone(),
+                _ => self.items[i].image.clone(),
+            };
             xs.push(x);
             let raw = self.items[i].caption.clone();
             caps.push(self.caption(&raw, &mut rng));
@@ -815,6 +830,16 @@ pub fn train_lora(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirror_reverses_the_last_axis() {
+        let x = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 3))
+            .unwrap();
+        let m = mirror(&x).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(m, vec![vec![vec![2.0, 1.0, 0.0], vec![5.0, 4.0, 3.0]]]);
+    }
 
     #[test]
     fn kohya_prompt_lines() {

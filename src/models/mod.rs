@@ -4,6 +4,7 @@ pub mod clip;
 pub mod mlp;
 pub mod nn;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use weights::Weights;

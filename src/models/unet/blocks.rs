@@ -64,7 +64,7 @@ fn conv3(w: &Weights, path: &str, inn: usize, out: usize, stride: usize) -> Resu
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: AdaptedConv2d,
-    time_emb_proj: AdaptedLinear,
+    time_emb_proj: Option<AdaptedLinear>,
     norm2: GroupNorm,
     conv2: AdaptedConv2d,
     conv_shortcut: Option<AdaptedConv2d>,
@@ -72,7 +72,8 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
-    /// Builds `path` with `inn` → `out` channels.
+    /// Builds `path` with `inn` → `out` channels; `temb` 0 means no time embedding (the VAE's
+    /// resnets).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         w: &Weights,
@@ -87,7 +88,11 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: GroupNorm::new(w, &format!("{path}.norm1"), inn, groups, eps)?,
             conv1: conv3(w, &format!("{path}.conv1"), inn, out, 1)?,
-            time_emb_proj: w.linear(&format!("{path}.time_emb_proj"), temb, out, true)?,
+            time_emb_proj: if temb > 0 {
+                Some(w.linear(&format!("{path}.time_emb_proj"), temb, out, true)?)
+            } else {
+                None
+            },
             norm2: GroupNorm::new(w, &format!("{path}.norm2"), out, groups, eps)?,
             conv2: conv3(w, &format!("{path}.conv2"), out, out, 1)?,
             conv_shortcut: if inn != out {
@@ -105,15 +110,16 @@ impl ResnetBlock2D {
         })
     }
 
-    /// x (B, C, H, W), temb (B, T).
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+    /// x (B, C, H, W), temb (B, T) (ignored without a time projection).
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?, ctx)?;
-        let t = self
-            .time_emb_proj
-            .forward(&temb.silu()?, ctx)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(p), Some(temb)) => {
+                let t = p.forward(&temb.silu()?, ctx)?.unsqueeze(2)?.unsqueeze(3)?;
+                h.broadcast_add(&t)?
+            }
+            _ => h,
+        };
         let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?, ctx)?;
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(x, ctx)?,
@@ -129,7 +135,11 @@ impl ResnetBlock2D {
 
     /// Adaptable layers.
     pub fn collect<'a>(&'a self, v: &mut Vec<&'a AdaptedLayer>) {
-        v.extend([&*self.conv1, &*self.time_emb_proj, &*self.conv2]);
+        v.push(&*self.conv1);
+        if let Some(t) = &self.time_emb_proj {
+            v.push(t);
+        }
+        v.push(&*self.conv2);
         if let Some(c) = &self.conv_shortcut {
             v.push(c);
         }
@@ -137,7 +147,9 @@ impl ResnetBlock2D {
     /// Adaptable layers, mutably.
     pub fn collect_mut<'a>(&'a mut self, v: &mut Vec<&'a mut AdaptedLayer>) {
         v.push(&mut self.conv1);
-        v.push(&mut self.time_emb_proj);
+        if let Some(t) = &mut self.time_emb_proj {
+            v.push(t);
+        }
         v.push(&mut self.conv2);
         if let Some(c) = &mut self.conv_shortcut {
             v.push(c);

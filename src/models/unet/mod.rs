@@ -313,7 +313,7 @@ impl UNet2DConditionModel {
         let mut skips = vec![x.clone()];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
-                x = r.forward(&x, &emb, ctx)?;
+                x = r.forward(&x, Some(&emb), ctx)?;
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(&x, context, ctx)?;
                 }
@@ -324,17 +324,17 @@ impl UNet2DConditionModel {
                 skips.push(x.clone());
             }
         }
-        x = self.mid_resnets[0].forward(&x, &emb, ctx)?;
+        x = self.mid_resnets[0].forward(&x, Some(&emb), ctx)?;
         if let Some(a) = &self.mid_attn {
             x = a.forward(&x, context, ctx)?;
         }
-        x = self.mid_resnets[1].forward(&x, &emb, ctx)?;
+        x = self.mid_resnets[1].forward(&x, Some(&emb), ctx)?;
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::Msg("U-Net skip connections exhausted".into()))?;
-                x = r.forward(&Tensor::cat(&[&x, &skip], 1)?, &emb, ctx)?;
+                x = r.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&emb), ctx)?;
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(&x, context, ctx)?;
                 }
