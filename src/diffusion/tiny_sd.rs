@@ -132,6 +132,28 @@ pub fn scheduler_config() -> SchedulerConfig {
     .expect("static config")
 }
 
+/// Every tensor of a freshly initialised U-Net of `cfg` (seeded), under diffusers names: for
+/// writing test and template pipelines.
+pub fn fresh_unet_tensors(cfg: &UNetConfig, seed: u64) -> Result<BTreeMap<String, Tensor>> {
+    let w = Weights::fresh(
+        seed,
+        AdapterPlan {
+            full_training: true,
+            ..AdapterPlan::none()
+        },
+    );
+    let unet = UNet2DConditionModel::new(cfg, &w)?;
+    let mut t = w.created();
+    for l in unet.layers() {
+        let (wt, b) = l.merged_tensors()?;
+        t.insert(format!("{}.weight", l.path()), wt);
+        if let Some(b) = b {
+            t.insert(format!("{}.bias", l.path()), b);
+        }
+    }
+    Ok(t)
+}
+
 /// Pretraining: U-Net and text encoder trained in full on captioned shapes.
 pub struct PretrainTask {
     /// The denoiser.
