@@ -679,6 +679,23 @@ fn fused_group_norm_matches_the_composite_in_value_and_gradients() {
             group_norm_fused(xv.as_tensor(), groups, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
         let y2 = group_norm(xv.as_tensor(), groups, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
         assert!(rel_err(&y1, &y2) < 1e-5, "forward {shape:?}");
+        // GroupNorm + SiLU fused, against the composite.
+        let s1 = postforge::models::nn::group_norm_silu(
+            xv.as_tensor(),
+            groups,
+            wv.as_tensor(),
+            bv.as_tensor(),
+            1e-5,
+        )
+        .unwrap();
+        let s2 = y2.silu().unwrap();
+        assert!(rel_err(&s1, &s2) < 1e-5, "silu forward {shape:?}");
+        let h1 = (&s1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let h2 = (&s2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &xv), ("weight", &wv), ("bias", &bv)] {
+            let e = rel_err(h1.get(v.as_tensor()).unwrap(), h2.get(v.as_tensor()).unwrap());
+            assert!(e < 1e-4, "{shape:?} silu d{name}: {e}");
+        }
         let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
         for (name, v) in [("x", &xv), ("weight", &wv), ("bias", &bv)] {

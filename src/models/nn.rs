@@ -125,13 +125,47 @@ pub fn group_norm_fused(
     Ok(x.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        GroupNormOp { groups, eps },
+        GroupNormOp {
+            groups,
+            eps,
+            silu: false,
+        },
     )?)
+}
+
+/// `silu(group_norm(x))` as one node (the pre-activation of every resnet conv): one pass over the
+/// activations in each direction instead of the norm's and the activation's separate passes.
+pub fn group_norm_silu(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() < 2 || x.dim(1)? % groups != 0 {
+        return Ok(group_norm(x, groups, weight, bias, eps)?.silu()?);
+    }
+    let x = x.contiguous()?;
+    Ok(x.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        GroupNormOp {
+            groups,
+            eps,
+            silu: true,
+        },
+    )?)
+}
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
 }
 
 struct GroupNormOp {
     groups: usize,
     eps: f64,
+    /// Apply SiLU to the output.
+    silu: bool,
 }
 
 /// (mean, 1/std) of one group's values, in f64.
@@ -174,7 +208,8 @@ impl candle_core::CustomOp3 for GroupNormOp {
                 let c0 = (gi % self.groups) * cpg;
                 for (k, (oo, xx)) in o.iter_mut().zip(xs).enumerate() {
                     let ch = c0 + k / hw;
-                    *oo = ((*xx as f64 - mean) * inv) as f32 * w[ch] + b[ch];
+                    let y = ((*xx as f64 - mean) * inv) as f32 * w[ch] + b[ch];
+                    *oo = if self.silu { y * sigmoid(y) } else { y };
                 }
             });
         Ok((candle_core::CpuStorage::F32(out), lx.shape().clone()))
@@ -194,6 +229,12 @@ impl candle_core::CustomOp3 for GroupNormOp {
             &GroupNormBwd {
                 groups: self.groups,
                 eps: self.eps,
+                silu: self.silu,
+                bias: if self.silu {
+                    Some(_b.contiguous()?)
+                } else {
+                    None
+                },
             },
         )?;
         let n = x.elem_count();
@@ -207,6 +248,9 @@ impl candle_core::CustomOp3 for GroupNormOp {
 struct GroupNormBwd {
     groups: usize,
     eps: f64,
+    silu: bool,
+    /// The affine bias (needed to recompute the pre-activation when `silu`).
+    bias: Option<Tensor>,
 }
 
 impl candle_core::CustomOp3 for GroupNormBwd {
@@ -232,6 +276,34 @@ impl candle_core::CustomOp3 for GroupNormBwd {
         let (c, hw) = (dims[1], dims[2..].iter().product::<usize>());
         let cpg = c / self.groups;
         let glen = cpg * hw;
+        let bias_t = match &self.bias {
+            Some(b) => Some(b.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        // With SiLU after the norm, the gradient reaching the norm's output is g·silu'(y), where
+        // y = x̂·γ + β is recomputed here: silu'(y) = σ(y)·(1 + y·(1 − σ(y))).
+        let geff: Option<Vec<f32>> = if self.silu {
+            let bv = bias_t.as_deref().unwrap_or(&[]);
+            let mut ge = vec![0f32; x.len()];
+            ge.par_chunks_mut(glen)
+                .zip(x.par_chunks(glen))
+                .zip(g.par_chunks(glen))
+                .enumerate()
+                .for_each(|(gi, ((o, xs), gs))| {
+                    let (mean, inv) = stats(xs, self.eps);
+                    let c0 = (gi % self.groups) * cpg;
+                    for k in 0..glen {
+                        let ch = c0 + k / hw;
+                        let y = ((xs[k] as f64 - mean) * inv) as f32 * w[ch] + bv[ch];
+                        let sg = sigmoid(y);
+                        o[k] = gs[k] * sg * (1.0 + y * (1.0 - sg));
+                    }
+                });
+            Some(ge)
+        } else {
+            None
+        };
+        let g: &[f32] = geff.as_deref().unwrap_or(g);
         let mut gx = vec![0f32; x.len()];
         // Per group: dx, and the per-channel partial sums for dγ and dβ.
         let partial: Vec<(Vec<f64>, Vec<f64>)> = gx

@@ -379,7 +379,7 @@ impl AutoencoderKL {
         h = self.enc_mid.forward(&h, &ctx)?;
         h = self
             .enc_out
-            .forward(&self.enc_norm.apply(&h)?.silu()?, &ctx)?;
+            .forward(&self.enc_norm.apply_silu(&h)?, &ctx)?;
         if let Some(q) = &self.quant {
             h = q.forward(&h, &ctx)?;
         }
@@ -408,7 +408,7 @@ impl AutoencoderKL {
             }
         }
         self.dec_out
-            .forward(&self.dec_norm.apply(&h)?.silu()?, &ctx)
+            .forward(&self.dec_norm.apply_silu(&h)?, &ctx)
     }
 
     /// Denoiser-space latents of images: a posterior sample (`noise` of the latent shape, or the

@@ -1,7 +1,7 @@
 //! U-Net building blocks with diffusers names: ResnetBlock2D, Transformer2DModel (with
 //! BasicTransformerBlock, Attention, GEGLU feed-forward), Downsample2D, Upsample2D.
 
-use crate::models::nn::{group_norm_fused, layer_norm, softmax_last};
+use crate::models::nn::{group_norm_fused, group_norm_silu, layer_norm, softmax_last};
 use crate::models::Weights;
 use crate::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx};
 use crate::Result;
@@ -112,7 +112,7 @@ impl ResnetBlock2D {
 
     /// x (B, C, H, W), temb (B, T) (ignored without a time projection).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?, ctx)?;
+        let h = self.conv1.forward(&self.norm1.apply_silu(x)?, ctx)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(p), Some(temb)) => {
                 let t = p.forward(&temb.silu()?, ctx)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -120,7 +120,7 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?, ctx)?;
+        let h = self.conv2.forward(&self.norm2.apply_silu(&h)?, ctx)?;
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(x, ctx)?,
             None => x.clone(),
@@ -439,5 +439,9 @@ impl GroupNorm {
     /// Applies the norm.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         self.forward(x)
+    }
+    /// `silu(norm(x))` as one fused node.
+    pub fn apply_silu(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm_silu(x, self.groups, &self.w, &self.b, self.eps)
     }
 }

@@ -344,7 +344,7 @@ impl UNet2DConditionModel {
                 x = s.forward(&x.upsample_nearest2d(hh * 2, ww * 2)?, ctx)?;
             }
         }
-        let x = self.norm_out.apply(&x)?.silu()?;
+        let x = self.norm_out.apply_silu(&x)?;
         self.conv_out.forward(&x, ctx)
     }
 }
