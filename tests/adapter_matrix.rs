@@ -743,6 +743,17 @@ fn fused_layer_norm_and_softmax_match_the_composites_in_value_and_gradients() {
         );
         assert!(e < 1e-4, "softmax {shape:?} dx: {e}");
     }
+    // GEGLU (value · gelu_erf(gate)) against candle's composition.
+    let pv = candle_core::Var::from_tensor(&randn(&[2, 3, 10], 1.5, "geglu")).unwrap();
+    let g = randn(&[2, 3, 5], 1.0, "geglu-g");
+    let p = pv.as_tensor();
+    let y1 = postforge::models::nn::geglu(p).unwrap();
+    let y2 = (p.narrow(2, 0, 5).unwrap() * p.narrow(2, 5, 5).unwrap().gelu_erf().unwrap()).unwrap();
+    assert!(rel_err(&y1, &y2) < 1e-5, "geglu forward");
+    let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let e = rel_err(g1.get(p).unwrap(), g2.get(p).unwrap());
+    assert!(e < 1e-4, "geglu dp: {e}");
     let t = randn(&[4, 6], 1.0, "smt").t().unwrap();
     let e = rel_err(&softmax_last(&t).unwrap(), &softmax_composite(&t).unwrap());
     assert!(e < 1e-6, "softmax of a transposed view: {e}");

@@ -577,3 +577,106 @@ impl candle_core::CustomOp2 for SoftmaxBwd {
         Ok((candle_core::CpuStorage::F32(out), ly.shape().clone()))
     }
 }
+
+/// GEGLU over the last dimension: `p = [value, gate]` (two halves) → `value · gelu(gate)` with the
+/// exact (erf) GELU, as one node with a CPU backward that writes the gradient of `p` in its own
+/// layout. Off the CPU or for non-f32 inputs: the composition of candle ops.
+pub fn geglu(p: &Tensor) -> Result<Tensor> {
+    let d = p.dim(D::Minus1)?;
+    if !p.device().is_cpu() || p.dtype() != DType::F32 || d % 2 != 0 {
+        let half = d / 2;
+        return Ok((p.narrow(D::Minus1, 0, half)? * p.narrow(D::Minus1, half, half)?.gelu_erf()?)?);
+    }
+    Ok(p.contiguous()?.apply_op1(GegluOp)?)
+}
+
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+fn gelu_erf_grad(x: f32) -> f32 {
+    0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+        + x * FRAC_1_SQRT_2PI * (-0.5 * x * x).exp()
+}
+
+struct GegluOp;
+
+impl candle_core::CustomOp1 for GegluOp {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let p = f32_slice(s, l, "geglu")?;
+        let dims = l.shape().dims();
+        let d = *dims.last().unwrap_or(&0);
+        let h = d / 2;
+        let mut out = vec![0f32; p.len() / 2];
+        let rows = rows_per_task(p.len() / d.max(1), d);
+        out.par_chunks_mut(rows * h)
+            .zip(p.par_chunks(rows * d))
+            .for_each(|(o, ps)| {
+                for (orow, prow) in o.chunks_mut(h).zip(ps.chunks(d)) {
+                    for k in 0..h {
+                        orow[k] = prow[k] * gelu_erf(prow[h + k]);
+                    }
+                }
+            });
+        let mut od = dims.to_vec();
+        if let Some(last) = od.last_mut() {
+            *last = h;
+        }
+        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from(od)))
+    }
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op2_no_bwd(&arg.contiguous()?, &GegluBwd)?,
+        ))
+    }
+}
+
+struct GegluBwd;
+
+impl candle_core::CustomOp2 for GegluBwd {
+    fn name(&self) -> &'static str {
+        "geglu-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        sg: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+        sp: &candle_core::CpuStorage,
+        lp: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (g, p) = (f32_slice(sg, lg, "geglu")?, f32_slice(sp, lp, "geglu")?);
+        let d = *lp.shape().dims().last().unwrap_or(&0);
+        let h = d / 2;
+        let mut out = vec![0f32; p.len()];
+        let rows = rows_per_task(p.len() / d.max(1), d);
+        out.par_chunks_mut(rows * d)
+            .zip(p.par_chunks(rows * d).zip(g.par_chunks(rows * h)))
+            .for_each(|(o, (ps, gs))| {
+                for ((orow, prow), grow) in o.chunks_mut(d).zip(ps.chunks(d)).zip(gs.chunks(h)) {
+                    for k in 0..h {
+                        let (v, gate) = (prow[k], prow[h + k]);
+                        orow[k] = grow[k] * gelu_erf(gate);
+                        orow[h + k] = grow[k] * v * gelu_erf_grad(gate);
+                    }
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), lp.shape().clone()))
+    }
+}

@@ -1,7 +1,7 @@
 //! U-Net building blocks with diffusers names: ResnetBlock2D, Transformer2DModel (with
 //! BasicTransformerBlock, Attention, GEGLU feed-forward), Downsample2D, Upsample2D.
 
-use crate::models::nn::{group_norm_fused, group_norm_silu, layer_norm, softmax_last};
+use crate::models::nn::{geglu, group_norm_fused, group_norm_silu, layer_norm, softmax_last};
 use crate::models::Weights;
 use crate::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx};
 use crate::Result;
@@ -243,8 +243,7 @@ impl BasicTransformerBlock {
             + h)?;
         // GEGLU: (value, gate) halves of one projection; value · gelu(gate).
         let p = self.ff_proj.forward(&self.norm3.forward(&h)?, ctx)?;
-        let half = p.dim(D::Minus1)? / 2;
-        let g = (p.narrow(D::Minus1, 0, half)? * p.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let g = geglu(&p)?;
         Ok((self.ff_out.forward(&g, ctx)? + h)?)
     }
 
