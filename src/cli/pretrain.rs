@@ -49,6 +49,9 @@ pub struct Args {
     /// Sampling steps for the evaluation.
     #[arg(long = "sample-steps", default_value_t = 25)]
     sample_steps: usize,
+    /// Start from this tiny-sd pipeline folder instead of fresh weights (continued pretraining).
+    #[arg(long = "init-from")]
+    init_from: Option<PathBuf>,
     /// Classifier-free guidance for the evaluation.
     #[arg(long, default_value_t = 3.0)]
     guidance: f64,
@@ -56,7 +59,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let Which::TinySd = a.which;
-    let mut task = PretrainTask::new(a.images, a.batch_size, a.seed)?;
+    let mut task =
+        PretrainTask::with_init(a.images, a.batch_size, a.seed, a.init_from.as_deref())?;
     let trainer = Trainer::new(TrainConfig {
         learning_rate: a.learning_rate,
         lr_scheduler: ScheduleKind::Cosine,
@@ -111,8 +115,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         write_png(&a.out.join("samples.png"), &render(&cells, &labels, 64)?)?;
     }
     let card = format!(
-        "# tiny-sd\n\nA pixel-space (32x32 RGB) text-to-image pipeline in the diffusers folder layout (unet/, text_encoder/, tokenizer/, scheduler/, model_index.json), trained from scratch by postforge on procedurally generated captioned shapes (3 shapes x 6 colours x 5 positions x 3 backgrounds).\n\n- Command: `postforge pretrain tiny-sd --max-steps {} --batch-size {} --learning-rate {} --images {} --seed {}`\n- Steps: {} (loss {:.4} -> {:.4}, {:.0} s on this machine)\n- Prompt adherence: {ok}/{} = {pct:.1}% of sampled images show the prompted shape, colour and position (procedural detector, DDIM {} steps, CFG {})\n- Samples: samples.png\n",
-        a.max_steps, a.batch_size, a.learning_rate, a.images, a.seed, s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
+        "# tiny-sd\n\nA pixel-space (32x32 RGB) text-to-image pipeline in the diffusers folder layout (unet/, text_encoder/, tokenizer/, scheduler/, model_index.json), trained from scratch by postforge on procedurally generated captioned shapes (3 shapes x 6 colours x 5 positions x 3 backgrounds).\n\n- Command: `postforge pretrain tiny-sd --max-steps {} --batch-size {} --learning-rate {} --images {} --seed {}{}`\n- Steps: {} (loss {:.4} -> {:.4}, {:.0} s on this machine)\n- Prompt adherence: {ok}/{} = {pct:.1}% of sampled images show the prompted shape, colour and position (procedural detector, DDIM {} steps, CFG {})\n- Samples: samples.png\n",
+        a.max_steps, a.batch_size, a.learning_rate, a.images, a.seed,
+        a.init_from.as_ref().map(|p| format!(" --init-from {}", p.display())).unwrap_or_default(), s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
     );
     postforge::util::write_atomic(&a.out.join("MODEL_CARD.md"), card.as_bytes())?;
     println!("wrote {} (MODEL_CARD.md, samples.png)", a.out.display());

@@ -175,14 +175,46 @@ pub struct PretrainTask {
 impl PretrainTask {
     /// A fresh model and a corpus of `n` images (seeded).
     pub fn new(n: usize, batch: usize, seed: u64) -> Result<Self> {
+        Self::with_init(n, batch, seed, None)
+    }
+
+    /// Like [`Self::new`], but starting from the weights of an existing tiny-sd pipeline folder
+    /// (to continue pretraining with a new schedule).
+    pub fn with_init(n: usize, batch: usize, seed: u64, init: Option<&Path>) -> Result<Self> {
         let full = AdapterPlan {
             full_training: true,
             ..AdapterPlan::none()
         };
-        let uw = Weights::fresh(seed, full.clone());
+        let (uw, tw) = match init {
+            None => (
+                Weights::fresh(seed, full.clone()),
+                Weights::fresh(seed ^ 1, full),
+            ),
+            Some(dir) => (
+                Weights::from_files(
+                    &super::pipeline::weight_files(&dir.join("unet"))?,
+                    full.clone(),
+                )?,
+                Weights::from_files(
+                    &super::pipeline::weight_files(&dir.join("text_encoder"))?,
+                    full,
+                )?,
+            ),
+        };
         let unet = UNet2DConditionModel::new(&unet_config(), &uw)?;
-        let tw = Weights::fresh(seed ^ 1, full);
         let text = ClipTextModel::new(&text_config(), &tw)?;
+        // Tensors that are not layers (norms, position embeddings) are written back as they are.
+        let keep = |w: &Weights| -> Result<BTreeMap<String, Tensor>> {
+            if init.is_none() {
+                return Ok(w.created());
+            }
+            let mut m = BTreeMap::new();
+            for k in w.keys() {
+                m.insert(k.clone(), w.get_any(k)?);
+            }
+            Ok(m)
+        };
+        let (unet_init, text_init) = (keep(&uw)?, keep(&tw)?);
         let (json, cfg) = tokenizer_files()?;
         let cfg: serde_json::Value =
             serde_json::from_str(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
@@ -201,8 +233,8 @@ impl PretrainTask {
         Ok(Self {
             unet,
             text,
-            unet_init: uw.created(),
-            text_init: tw.created(),
+            unet_init,
+            text_init,
             images,
             ids,
             empty_ids,

@@ -147,8 +147,17 @@ impl Weights {
         ))
     }
 
-    /// Keys not under any of `prefixes` (to report unused tensors).
+    /// Every key of the checkpoint.
     pub fn keys(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
+    }
+
+    /// A checkpoint tensor by key, whatever its shape, in the load dtype.
+    pub fn get_any(&self, key: &str) -> Result<Tensor> {
+        let t = self.tensors.get(key).ok_or_else(|| Error::Missing {
+            path: self.file.clone(),
+            key: key.into(),
+        })?;
+        Ok(t.to_dtype(self.dtype)?)
     }
 }
