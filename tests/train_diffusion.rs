@@ -326,3 +326,85 @@ fn a_latent_pipeline_with_a_vae_trains_on_latents_and_samples_images() {
     // The cached inputs are latents (4 channels at half the resolution).
     assert_eq!(task.pipe.vae_factor(), 2);
 }
+
+#[test]
+fn an_sdxl_pipeline_with_two_text_encoders_samples_and_trains() {
+    use postforge::diffusion::pipeline::Pipeline;
+    use postforge::diffusion::sampler::SamplerKind;
+    use postforge::diffusion::tiny_sd::{fresh_text_tensors, text_config, write_tokenizer};
+    use postforge::models::unet::UNetConfig;
+    use postforge::peft::AdapterPlan;
+    use postforge::util::save_safetensors;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    // An SDXL-layout pipeline: the SDXL-like U-Net fixture (text_time conditioning, context 32 =
+    // 16 + 16, pooled 16), two 16-wide CLIP encoders (the second with a projection), the fixture VAE.
+    let m = dir.join("sdxl");
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (sub, from) in [("unet", "unet/sdxl"), ("vae", "vae")] {
+        std::fs::create_dir_all(m.join(sub)).unwrap();
+        for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(fx.join(from).join(f), m.join(sub).join(f)).unwrap();
+        }
+    }
+    let ucfg = UNetConfig::from_file(&m.join("unet/config.json")).unwrap();
+    assert_eq!(ucfg.addition_embed_type.as_deref(), Some("text_time"));
+    for (i, sub) in ["text_encoder", "text_encoder_2"].iter().enumerate() {
+        let mut c = text_config();
+        c.hidden_size = 16;
+        c.intermediate_size = 32;
+        c.num_attention_heads = 2;
+        std::fs::create_dir_all(m.join(sub)).unwrap();
+        std::fs::write(m.join(sub).join("config.json"), serde_json::to_string(&c).unwrap()).unwrap();
+        let t = fresh_text_tensors(&c, 20 + i as u64, (i == 1).then_some(16)).unwrap();
+        save_safetensors(&m.join(sub).join("model.safetensors"), &t, None).unwrap();
+        let tok = m.join(if i == 0 { "tokenizer" } else { "tokenizer_2" });
+        std::fs::create_dir_all(&tok).unwrap();
+        write_tokenizer(&tok).unwrap();
+    }
+    std::fs::create_dir_all(m.join("scheduler")).unwrap();
+    std::fs::copy(
+        dir.join("model/scheduler/scheduler_config.json"),
+        m.join("scheduler/scheduler_config.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        m.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"], "force_zeros_for_empty_prompt": true}"#,
+    )
+    .unwrap();
+    let p = Pipeline::load(&m, AdapterPlan::none(), AdapterPlan::none()).unwrap();
+    assert!(p.text_time() && p.force_zeros_for_empty_prompt);
+    let c = p
+        .encode_cond(&["a red circle".into()], &ForwardCtx::eval())
+        .unwrap();
+    assert_eq!(c.context.dims(), &[1, 16, 32]);
+    assert_eq!(c.pooled.as_ref().unwrap().dims(), &[1, 16]);
+    let img = p
+        .sample(&["a red circle".into()], "", &[1], 2, 3.0, SamplerKind::Euler, (16, 24))
+        .unwrap();
+    assert_eq!(img.dims(), &[1, 3, 16, 24]);
+    // LoRA training on both text encoders and the U-Net; the kohya file has lora_te1 / lora_te2.
+    let mut cfg = config(dir, "sdxl-run");
+    cfg.pretrained_model_name_or_path = m.clone();
+    cfg.resolution = "16".into();
+    cfg.enable_bucket = false;
+    cfg.conv_dim = None;
+    cfg.max_train_steps = 2;
+    let (s, file, _) = train_lora(&cfg, false, false).unwrap();
+    assert!(s.last_loss.is_finite());
+    let (f, _) = LoraFile::read(&file, None).unwrap();
+    assert!(f.modules.keys().any(|k| k.starts_with("text_encoder.")));
+    assert!(f.modules.keys().any(|k| k.starts_with("text_encoder_2.")));
+    assert_eq!(
+        f.metadata.get("ss_base_model_version").map(String::as_str),
+        Some("sdxl_base_v1-0")
+    );
+    let raw = postforge::util::SafeTensors::read(&file).unwrap().into_tensors();
+    assert!(raw.keys().any(|k| k.starts_with("lora_te1_")) && raw.keys().any(|k| k.starts_with("lora_te2_")));
+}

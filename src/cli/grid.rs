@@ -61,6 +61,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if file.modules.keys().any(|k| k.starts_with("text_encoder.")) {
             n += file.apply("text_encoder", &mut p.text_encoder.layers_mut(), &name, f)?;
         }
+        if let Some(te2) = &mut p.text_encoder_2 {
+            if file.modules.keys().any(|k| k.starts_with("text_encoder_2.")) {
+                n += file.apply("text_encoder_2", &mut te2.layers_mut(), &name, f)?;
+            }
+        }
         println!("{}: {n} modules as `{name}`", f.display());
         names.push(name);
     }

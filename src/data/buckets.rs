@@ -102,9 +102,15 @@ impl BucketConfig {
 
 /// Resizes `img` to cover `size` (width, height) and centre-crops it.
 pub fn cover_crop(img: &RgbImage, size: (u32, u32)) -> RgbImage {
+    cover_crop_at(img, size).0
+}
+
+/// [`cover_crop`], also returning the crop's top-left corner (left, top) in the resized image
+/// (SDXL's crop conditioning).
+pub fn cover_crop_at(img: &RgbImage, size: (u32, u32)) -> (RgbImage, (u32, u32)) {
     let (w, h) = img.dimensions();
     if (w, h) == size {
-        return img.clone();
+        return (img.clone(), (0, 0));
     }
     let scale = (size.0 as f64 / w as f64).max(size.1 as f64 / h as f64);
     let nw = ((w as f64 * scale).round() as u32).max(size.0);
@@ -116,7 +122,10 @@ pub fn cover_crop(img: &RgbImage, size: (u32, u32)) -> RgbImage {
     };
     let r = image::imageops::resize(img, nw, nh, filter);
     let (x0, y0) = ((nw - size.0) / 2, (nh - size.1) / 2);
-    image::imageops::crop_imm(&r, x0, y0, size.0, size.1).to_image()
+    (
+        image::imageops::crop_imm(&r, x0, y0, size.0, size.1).to_image(),
+        (x0, y0),
+    )
 }
 
 #[cfg(test)]

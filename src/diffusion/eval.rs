@@ -97,6 +97,11 @@ pub fn load_with_lora(model: &Path, lora: &Path) -> Result<Pipeline> {
     if file.modules.keys().any(|k| k.starts_with("text_encoder.")) {
         file.apply("text_encoder", &mut p.text_encoder.layers_mut(), "lora", lora)?;
     }
+    if let Some(te2) = &mut p.text_encoder_2 {
+        if file.modules.keys().any(|k| k.starts_with("text_encoder_2.")) {
+            file.apply("text_encoder_2", &mut te2.layers_mut(), "lora", lora)?;
+        }
+    }
     Ok(p)
 }
 
@@ -157,6 +162,9 @@ pub fn evaluate(
         for &scale in &cfg.scales {
             p.unet.set_multiplier("lora", scale)?;
             p.text_encoder.set_multiplier("lora", scale).ok();
+            if let Some(te2) = &mut p.text_encoder_2 {
+                te2.set_multiplier("lora", scale).ok();
+            }
             let (mut st, mut ok) = (0f64, 0usize);
             for chunk in (0..scenes.len()).collect::<Vec<_>>().chunks(8) {
                 let prompts: Vec<String> = chunk.iter().map(|&i| scenes[i].caption()).collect();

@@ -161,6 +161,9 @@ pub fn run(
                 for a in adapters {
                     p.unet.set_multiplier(a, c.scale).ok();
                     p.text_encoder.set_multiplier(a, c.scale).ok();
+                    if let Some(te2) = &mut p.text_encoder_2 {
+                        te2.set_multiplier(a, c.scale).ok();
+                    }
                 }
                 let img = p.sample(
                     &[c.prompt.clone()],

@@ -6,7 +6,7 @@
 use super::sampler::{guide, Sampler, SamplerKind};
 use super::schedule::SchedulerConfig;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::AutoencoderKL;
 use crate::models::Weights;
 use crate::peft::{AdapterPlan, ForwardCtx};
@@ -100,6 +100,21 @@ pub struct Pipeline {
     pub scheduler: SchedulerConfig,
     /// The VAE of a latent pipeline (none in pixel space).
     pub vae: Option<AutoencoderKL>,
+    /// SDXL's second text encoder (CLIPTextModelWithProjection).
+    pub text_encoder_2: Option<ClipTextModel>,
+    /// Its tokenizer.
+    pub tokenizer_2: Option<PromptTokenizer>,
+    /// An empty negative prompt means zero conditioning (SDXL's default).
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+/// What a prompt batch conditions the U-Net with.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// Cross-attention context (B, T, D).
+    pub context: Tensor,
+    /// SDXL's pooled text embeddings (B, P).
+    pub pooled: Option<Tensor>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -157,19 +172,49 @@ impl Pipeline {
         let tcfg = ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?;
         let text_encoder = ClipTextModel::new(
             &tcfg,
-            &Weights::from_files(&weight_files(&dir.join("text_encoder"))?, text_plan)?,
+            &Weights::from_files(&weight_files(&dir.join("text_encoder"))?, text_plan.clone())?,
         )?;
         let tokenizer =
             PromptTokenizer::load(&dir.join("tokenizer"), tcfg.max_position_embeddings)?;
+        let (text_encoder_2, tokenizer_2) =
+            if index["text_encoder_2"].is_array() && !index["text_encoder_2"][0].is_null() {
+                let c2 = ClipTextConfig::from_file(&dir.join("text_encoder_2/config.json"))?;
+                let te2 = ClipTextModel::new(
+                    &c2,
+                    &Weights::from_files(&weight_files(&dir.join("text_encoder_2"))?, text_plan)?,
+                )?;
+                let tok2 = PromptTokenizer::load(&dir.join("tokenizer_2"), c2.max_position_embeddings)?;
+                (Some(te2), Some(tok2))
+            } else {
+                (None, None)
+            };
         let scheduler = SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+        let text_time = unet.config().addition_embed_type.as_deref() == Some("text_time");
+        if text_time && !text_encoder_2.as_ref().is_some_and(|t| t.has_projection()) {
+            return Err(Error::format(
+                dir.join("model_index.json"),
+                "the U-Net takes text_time conditioning (SDXL) but there is no text_encoder_2 with a text_projection",
+            ));
+        }
+        let force_zeros_for_empty_prompt = index["force_zeros_for_empty_prompt"]
+            .as_bool()
+            .unwrap_or(text_encoder_2.is_some());
         Ok(Self {
             dir: dir.to_path_buf(),
             unet,
             text_encoder,
             tokenizer,
+            text_encoder_2,
+            tokenizer_2,
             scheduler,
             vae,
+            force_zeros_for_empty_prompt,
         })
+    }
+
+    /// Whether the U-Net takes SDXL's pooled-text and size conditioning.
+    pub fn text_time(&self) -> bool {
+        self.unet.config().addition_embed_type.as_deref() == Some("text_time")
     }
 
     /// Pixels per latent pixel (the VAE's downsampling; 1 in pixel space).
@@ -200,10 +245,46 @@ impl Pipeline {
         }
     }
 
-    /// Prompt conditioning (B, T, D).
+    /// Prompt conditioning (B, T, D): the cross-attention context.
     pub fn encode(&self, prompts: &[String], ctx: &ForwardCtx) -> Result<Tensor> {
+        Ok(self.encode_cond(prompts, ctx)?.context)
+    }
+
+    /// Prompt conditioning with SDXL's pooled embeddings: SD takes the last hidden state; SDXL the
+    /// penultimate hidden states of both encoders side by side, and the second encoder's projected
+    /// pooled output.
+    pub fn encode_cond(&self, prompts: &[String], ctx: &ForwardCtx) -> Result<Conditioning> {
         let ids = self.tokenizer.encode(prompts, &Device::Cpu)?;
-        self.text_encoder.condition(&ids, 1, ctx)
+        let (Some(te2), Some(tok2)) = (&self.text_encoder_2, &self.tokenizer_2) else {
+            return Ok(Conditioning {
+                context: self.text_encoder.condition(&ids, 1, ctx)?,
+                pooled: None,
+            });
+        };
+        let penultimate = |hs: &[Tensor]| -> Result<Tensor> {
+            hs.len()
+                .checked_sub(2)
+                .map(|i| hs[i].clone())
+                .ok_or_else(|| Error::Msg("a text encoder without layers".into()))
+        };
+        let o1 = self.text_encoder.forward(&ids, ctx)?;
+        let o2 = te2.forward(&tok2.encode(prompts, &Device::Cpu)?, ctx)?;
+        Ok(Conditioning {
+            context: Tensor::cat(
+                &[penultimate(&o1.hidden_states)?, penultimate(&o2.hidden_states)?],
+                2,
+            )?,
+            pooled: Some(te2.text_embeds(&o2.pooled)?),
+        })
+    }
+
+    /// SDXL's micro-conditioning rows `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]`.
+    pub fn time_ids(rows: &[[f32; 6]]) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            rows.iter().flatten().copied().collect::<Vec<f32>>(),
+            (rows.len(), 6),
+            &Device::Cpu,
+        )?)
     }
 
     /// Samples one image per prompt (with its own seed), as tensors (B, C, H, W) in [-1, 1].
@@ -226,10 +307,30 @@ impl Pipeline {
             )));
         }
         let ctx = ForwardCtx::eval();
-        let cond = self.encode(prompts, &ctx)?;
-        let uncond = self.encode(&vec![negative.to_string(); prompts.len()], &ctx)?;
-        let both = Tensor::cat(&[&uncond, &cond], 0)?;
+        let cond = self.encode_cond(prompts, &ctx)?;
+        let uncond = if negative.is_empty() && self.force_zeros_for_empty_prompt {
+            Conditioning {
+                context: cond.context.zeros_like()?,
+                pooled: cond.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
+            }
+        } else {
+            self.encode_cond(&vec![negative.to_string(); prompts.len()], &ctx)?
+        };
+        let both = Tensor::cat(&[&uncond.context, &cond.context], 0)?;
         let b = prompts.len();
+        let pooled = match (&uncond.pooled, &cond.pooled) {
+            (Some(u), Some(c)) => Some(Tensor::cat(&[u, c], 0)?),
+            _ => None,
+        };
+        let (h, w) = (size.0 as f32, size.1 as f32);
+        let time_ids = Self::time_ids(&vec![[h, w, 0.0, 0.0, h, w]; 2 * b])?;
+        let added = match &pooled {
+            Some(p) if self.text_time() => Some(AddedCond {
+                text_embeds: p,
+                time_ids: &time_ids,
+            }),
+            _ => None,
+        };
         let sampler = Sampler::new(kind, &self.scheduler, steps)?;
         let c = self.unet.config().in_channels;
         let f = self.vae_factor();
@@ -247,7 +348,7 @@ impl Pipeline {
             |x_in, t| {
                 let t = Tensor::from_vec(vec![t as f32; 2 * b], 2 * b, &Device::Cpu)?;
                 let xx = Tensor::cat(&[x_in, x_in], 0)?;
-                let out = self.unet.forward(&xx, &t, &both, None, &ctx)?;
+                let out = self.unet.forward(&xx, &t, &both, added.as_ref(), &ctx)?;
                 let (u, k) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
                 if guidance == 1.0 {
                     Ok(k)

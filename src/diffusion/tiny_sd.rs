@@ -154,6 +154,42 @@ pub fn fresh_unet_tensors(cfg: &UNetConfig, seed: u64) -> Result<BTreeMap<String
     Ok(t)
 }
 
+/// Every tensor of a freshly initialised CLIP text encoder of `cfg` (seeded), under transformers
+/// names; with `projection` also a `text_projection.weight` of that width (CLIPTextModelWithProjection).
+pub fn fresh_text_tensors(
+    cfg: &ClipTextConfig,
+    seed: u64,
+    projection: Option<usize>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let w = Weights::fresh(
+        seed,
+        AdapterPlan {
+            full_training: true,
+            ..AdapterPlan::none()
+        },
+    );
+    let te = ClipTextModel::new(cfg, &w)?;
+    let mut t = w.created();
+    for l in te.layers() {
+        let (wt, b) = l.merged_tensors()?;
+        t.insert(format!("{}.weight", l.path()), wt);
+        if let Some(b) = b {
+            t.insert(format!("{}.bias", l.path()), b);
+        }
+    }
+    if let Some(p) = projection {
+        t.insert(
+            "text_projection.weight".into(),
+            crate::peft::init::normal(
+                &[p, cfg.hidden_size],
+                0.1,
+                &mut rng_for(seed, "text_projection"),
+            )?,
+        );
+    }
+    Ok(t)
+}
+
 /// Pretraining: U-Net and text encoder trained in full on captioned shapes.
 pub struct PretrainTask {
     /// The denoiser.

@@ -4,10 +4,10 @@
 //! lines, and a kohya (or diffusers) LoRA file as the result. Field names follow kohya's flags.
 
 use super::objective::{Objective, Prediction};
-use super::pipeline::Pipeline;
+use super::pipeline::{Conditioning, Pipeline};
 use super::sampler::SamplerKind;
 use super::schedule::NoiseSchedule;
-use crate::data::buckets::{cover_crop, BucketConfig};
+use crate::data::buckets::{cover_crop_at, BucketConfig};
 use crate::data::image_folder::scan;
 use crate::media::image::{image_to_tensor, tensor_to_image, write_png};
 use crate::peft::formats::lora_file::{LoraFile, LoraFormat};
@@ -418,6 +418,8 @@ struct Item {
     /// Denoiser-space input (VAE latents, or pixels), and that of the mirrored image (`flip_aug`).
     image: Tensor,
     flipped: Option<Tensor>,
+    /// SDXL micro-conditioning: [orig_h, orig_w, crop_top, crop_left, target_h, target_w].
+    time_ids: [f32; 6],
     caption: String,
     bucket: usize,
     repeats: usize,
@@ -435,7 +437,7 @@ pub struct LoraTrainTask {
     epoch: Option<(u64, Vec<Vec<usize>>)>,
     schedule: NoiseSchedule,
     objective: Objective,
-    text_cache: HashMap<String, Tensor>,
+    text_cache: HashMap<String, Conditioning>,
     train_text: bool,
     prompts: Vec<SamplePrompt>,
     /// Whether samples are written (off in the middle of tests).
@@ -492,7 +494,12 @@ impl LoraTrainTask {
                     )));
                 }
             };
-            let img = image_to_tensor(&cover_crop(&img, b), &Device::Cpu)?.unsqueeze(0)?;
+            let (ow, oh) = img.dimensions();
+            let (img, (left, top)) = cover_crop_at(&img, b);
+            let time_ids = [
+                oh as f32, ow as f32, top as f32, left as f32, b.1 as f32, b.0 as f32,
+            ];
+            let img = image_to_tensor(&img, &Device::Cpu)?.unsqueeze(0)?;
             // Latents are cached once, from a seeded posterior sample (kohya's --cache_latents).
             let seed = cfg.seed ^ (items.len() as u64).wrapping_mul(0x9e37_79b9);
             let flipped = if cfg.flip_aug {
@@ -503,6 +510,7 @@ impl LoraTrainTask {
             items.push(Item {
                 image: pipe.to_model_space(&img, Some(seed))?.squeeze(0)?,
                 flipped,
+                time_ids,
                 caption: ex.caption,
                 bucket,
                 repeats: ex.repeats.max(1),
@@ -590,20 +598,36 @@ impl LoraTrainTask {
         tags.join(&format!("{} ", sep.trim()))
     }
 
-    fn condition(&mut self, captions: &[String], ctx: &ForwardCtx) -> Result<Tensor> {
+    fn condition(&mut self, captions: &[String], ctx: &ForwardCtx) -> Result<Conditioning> {
         if self.train_text {
-            return self.pipe.encode(captions, ctx);
+            return self.pipe.encode_cond(captions, ctx);
         }
+        // Frozen text encoders: each caption is encoded once (kohya's cache_text_encoder_outputs).
         let eval = ForwardCtx::eval();
-        let mut rows = vec![];
+        let (mut rows, mut pooled) = (vec![], vec![]);
         for c in captions {
             if !self.text_cache.contains_key(c) {
-                let e = self.pipe.encode(std::slice::from_ref(c), &eval)?.detach();
+                let e = self.pipe.encode_cond(std::slice::from_ref(c), &eval)?;
+                let e = Conditioning {
+                    context: e.context.detach(),
+                    pooled: e.pooled.map(|p| p.detach()),
+                };
                 self.text_cache.insert(c.clone(), e);
             }
-            rows.push(self.text_cache[c].clone());
+            let e = &self.text_cache[c];
+            rows.push(e.context.clone());
+            if let Some(p) = &e.pooled {
+                pooled.push(p.clone());
+            }
         }
-        Ok(Tensor::cat(&rows, 0)?)
+        Ok(Conditioning {
+            context: Tensor::cat(&rows, 0)?,
+            pooled: if pooled.is_empty() {
+                None
+            } else {
+                Some(Tensor::cat(&pooled, 0)?)
+            },
+        })
     }
 
     /// Samples every prompt of the prompt file into `<out>/sample/`.
@@ -643,6 +667,9 @@ impl LoraTrainTask {
         f.add_layers("unet", &self.pipe.unet.layers(), "default")?;
         if self.train_text {
             f.add_layers("text_encoder", &self.pipe.text_encoder.layers(), "default")?;
+            if let Some(te2) = &self.pipe.text_encoder_2 {
+                f.add_layers("text_encoder_2", &te2.layers(), "default")?;
+            }
         }
         let (w, h) = self.cfg.resolution()?;
         let mut m = BTreeMap::new();
@@ -697,8 +724,19 @@ impl LoraTrainTask {
                 .unwrap_or_default(),
         );
         m.insert("ss_v2".into(), "False".into());
+        if self.pipe.text_time() {
+            m.insert("ss_base_model_version".into(), "sdxl_base_v1-0".into());
+        }
         m.insert("ss_training_comment".into(), "trained with postforge".into());
-        m.insert("modelspec.architecture".into(), "stable-diffusion-v1/lora".into());
+        m.insert(
+            "modelspec.architecture".into(),
+            if self.pipe.text_time() {
+                "stable-diffusion-xl-v1-base/lora"
+            } else {
+                "stable-diffusion-v1/lora"
+            }
+            .into(),
+        );
         m.insert("modelspec.implementation".into(), "diffusers".into());
         m.insert("modelspec.title".into(), self.cfg.output_name.clone());
         f.metadata = m;
@@ -734,6 +772,13 @@ impl Task for LoraTrainTask {
                     .into_iter()
                     .map(|(n, v)| (format!("text_encoder.{n}"), v)),
             );
+            if let Some(te2) = &self.pipe.text_encoder_2 {
+                v.extend(
+                    te2.trainable()
+                        .into_iter()
+                        .map(|(n, v)| (format!("text_encoder_2.{n}"), v)),
+                );
+            }
         }
         v
     }
@@ -775,7 +820,20 @@ impl Task for LoraTrainTask {
             b,
             &Device::Cpu,
         )?;
-        let pred = self.pipe.unet.forward(&xt, &t, &cond, None, ctx)?;
+        let time_ids = Pipeline::time_ids(
+            &batch.iter().map(|&i| self.items[i].time_ids).collect::<Vec<_>>(),
+        )?;
+        let added = match &cond.pooled {
+            Some(p) if self.pipe.text_time() => Some(crate::models::unet::AddedCond {
+                text_embeds: p,
+                time_ids: &time_ids,
+            }),
+            _ => None,
+        };
+        let pred = self
+            .pipe
+            .unet
+            .forward(&xt, &t, &cond.context, added.as_ref(), ctx)?;
         let target = self.objective.target(&self.schedule, &x0, &noise, &ts)?;
         self.objective.loss(
             &pred,

@@ -106,6 +106,8 @@ pub struct ClipTextModel {
     position_embedding: AdaptedEmbedding,
     layers: Vec<Layer>,
     final_ln: (Tensor, Tensor),
+    /// `text_projection` of CLIPTextModelWithProjection (SDXL's second encoder), frozen.
+    text_projection: Option<Tensor>,
 }
 
 impl ClipTextModel {
@@ -151,7 +153,35 @@ impl ClipTextModel {
             )?,
             layers,
             final_ln: norm("final_layer_norm")?,
+            text_projection: if w.contains("text_projection.weight") {
+                let p = w.get_any("text_projection.weight")?;
+                if p.rank() != 2 || p.dim(1)? != d {
+                    return Err(Error::Shape {
+                        path: w.file().to_path_buf(),
+                        key: "text_projection.weight".into(),
+                        expected: vec![p.dim(0).unwrap_or(0), d],
+                        found: p.dims().to_vec(),
+                    });
+                }
+                Some(p)
+            } else {
+                None
+            },
         })
+    }
+
+    /// Whether the encoder has a `text_projection` (CLIPTextModelWithProjection).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
+    /// `text_embeds` of CLIPTextModelWithProjection: the pooled output through `text_projection`
+    /// (the pooled output itself without one).
+    pub fn text_embeds(&self, pooled: &Tensor) -> Result<Tensor> {
+        match &self.text_projection {
+            Some(p) => Ok(pooled.matmul(&p.t()?)?),
+            None => Ok(pooled.clone()),
+        }
     }
 
     /// The configuration.
