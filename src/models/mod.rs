@@ -1,6 +1,7 @@
 //! Model families, each built through the adapter core ([`crate::peft::AdapterPlan`]).
 
 pub mod clip;
+pub mod llama;
 pub mod mlp;
 pub mod nn;
 pub mod unet;

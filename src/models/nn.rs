@@ -680,3 +680,260 @@ impl candle_core::CustomOp2 for GegluBwd {
         Ok((candle_core::CpuStorage::F32(out), lp.shape().clone()))
     }
 }
+
+/// RMSNorm over the last dimension (`x · rsqrt(mean(x²) + eps) · w`, as Llama computes it) as one
+/// node with a CPU forward and backward for f32; the differentiable composition elsewhere.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.elem_count() != d {
+        return rms_norm_composite(x, weight, eps);
+    }
+    Ok(x.contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNormOp { eps })?)
+}
+
+/// RMSNorm as a composition of differentiable ops (the reference).
+pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&r)?.broadcast_mul(weight)?)
+}
+
+struct RmsNormOp {
+    eps: f64,
+}
+
+fn rms_inv(row: &[f32], eps: f64) -> f64 {
+    let ss: f64 = row.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+    1.0 / (ss / row.len().max(1) as f64 + eps).sqrt()
+}
+
+impl candle_core::CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        sx: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+        sw: &candle_core::CpuStorage,
+        lw: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (x, w) = (f32_slice(sx, lx, "rms_norm")?, f32_slice(sw, lw, "rms_norm")?);
+        let d = w.len().max(1);
+        let mut out = vec![0f32; x.len()];
+        let chunk = rows_per_task(x.len() / d, d) * d;
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(o, xs)| {
+                for (orow, xrow) in o.chunks_mut(d).zip(xs.chunks(d)) {
+                    let inv = rms_inv(xrow, self.eps) as f32;
+                    for k in 0..d {
+                        orow[k] = xrow[k] * inv * w[k];
+                    }
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), lx.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = grad
+            .contiguous()?
+            .apply_op3_no_bwd(x, w, &RmsNormBwd { eps: self.eps })?;
+        let n = x.elem_count();
+        let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let gw = packed.narrow(0, n, w.elem_count())?.reshape(w.shape())?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+struct RmsNormBwd {
+    eps: f64,
+}
+
+impl candle_core::CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        sg: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+        sx: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+        sw: &candle_core::CpuStorage,
+        lw: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (g, x, w) = (
+            f32_slice(sg, lg, "rms_norm")?,
+            f32_slice(sx, lx, "rms_norm")?,
+            f32_slice(sw, lw, "rms_norm")?,
+        );
+        let d = w.len().max(1);
+        let mut gx = vec![0f32; x.len()];
+        let chunk = rows_per_task(x.len() / d, d) * d;
+        // dx_j = r·(g_j w_j − x_j r² Σ_k g_k w_k x_k / d), dw_j = Σ_rows g_j x_j r.
+        let partial: Vec<Vec<f64>> = gx
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .zip(g.par_chunks(chunk))
+            .map(|((dx, xs), gs)| {
+                let mut dw = vec![0f64; d];
+                for ((dxr, xr), gr) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
+                    let r = rms_inv(xr, self.eps);
+                    let dot: f64 = (0..d)
+                        .map(|k| gr[k] as f64 * w[k] as f64 * xr[k] as f64)
+                        .sum();
+                    let c = r * r * dot / d as f64;
+                    for k in 0..d {
+                        dxr[k] = (r * (gr[k] as f64 * w[k] as f64 - xr[k] as f64 * c)) as f32;
+                        dw[k] += gr[k] as f64 * xr[k] as f64 * r;
+                    }
+                }
+                dw
+            })
+            .collect();
+        let mut dw = vec![0f64; d];
+        for p in &partial {
+            for k in 0..d {
+                dw[k] += p[k];
+            }
+        }
+        let mut out = gx;
+        out.extend(dw.iter().map(|v| *v as f32));
+        let len = out.len();
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(len),
+        ))
+    }
+}
+
+/// Rotary position embedding in Hugging Face's rotate-half layout: for `x` (B, H, T, D) and integer
+/// `positions` (B, T), `x·cos(pθ) + rotate_half(x)·sin(pθ)` with `inv_freq` θ (D/2 values). One node
+/// with a CPU backward (the rotation by −pθ); the differentiable composition elsewhere.
+pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> {
+    let (b, _h, t, d) = x.dims4()?;
+    if positions.dims() != [b, t] || d != 2 * inv_freq.len() {
+        return Err(crate::Error::Msg(format!(
+            "rope: x {:?}, positions {:?} and {} frequencies do not fit",
+            x.dims(),
+            positions.dims(),
+            inv_freq.len()
+        )));
+    }
+    let pos: Vec<u32> = positions
+        .to_dtype(DType::U32)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    let max_p = pos.iter().copied().max().unwrap_or(0) as usize + 1;
+    let half = inv_freq.len();
+    let mut cos = vec![0f32; max_p * half];
+    let mut sin = vec![0f32; max_p * half];
+    for p in 0..max_p {
+        for i in 0..half {
+            let a = p as f32 * inv_freq[i];
+            cos[p * half + i] = a.cos();
+            sin[p * half + i] = a.sin();
+        }
+    }
+    let tables = std::sync::Arc::new(RopeTables { pos, cos, sin, half });
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return rope_composite(x, &tables);
+    }
+    Ok(x.contiguous()?.apply_op1(RopeOp {
+        tables,
+        inverse: false,
+    })?)
+}
+
+struct RopeTables {
+    /// Position of each (batch, token), row-major.
+    pos: Vec<u32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+fn rope_composite(x: &Tensor, tb: &RopeTables) -> Result<Tensor> {
+    let (b, _h, t, d) = x.dims4()?;
+    let half = tb.half;
+    let mut c = vec![0f32; b * t * d];
+    let mut s = vec![0f32; b * t * d];
+    for (bt, &p) in tb.pos.iter().enumerate() {
+        for i in 0..half {
+            let (cv, sv) = (tb.cos[p as usize * half + i], tb.sin[p as usize * half + i]);
+            c[bt * d + i] = cv;
+            c[bt * d + half + i] = cv;
+            s[bt * d + i] = sv;
+            s[bt * d + half + i] = sv;
+        }
+    }
+    let c = Tensor::from_vec(c, (b, 1, t, d), x.device())?.to_dtype(x.dtype())?;
+    let s = Tensor::from_vec(s, (b, 1, t, d), x.device())?.to_dtype(x.dtype())?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(&c)? + rot.broadcast_mul(&s)?)?)
+}
+
+struct RopeOp {
+    tables: std::sync::Arc<RopeTables>,
+    /// Rotate by −pθ (the backward).
+    inverse: bool,
+}
+
+impl candle_core::CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(s, l, "rope")?;
+        let (_b, h, t, d) = l.shape().dims4()?;
+        let tb = &self.tables;
+        let half = tb.half;
+        let sign = if self.inverse { -1f32 } else { 1f32 };
+        let mut out = vec![0f32; x.len()];
+        // One (batch, head) plane of t rows per task.
+        out.par_chunks_mut(t * d)
+            .zip(x.par_chunks(t * d))
+            .enumerate()
+            .for_each(|(plane, (o, xs))| {
+                let bi = plane / h;
+                for ti in 0..t {
+                    let p = tb.pos[bi * t + ti] as usize;
+                    let (c, sn) = (&tb.cos[p * half..][..half], &tb.sin[p * half..][..half]);
+                    let (xr, or) = (&xs[ti * d..][..d], &mut o[ti * d..][..d]);
+                    for i in 0..half {
+                        let (x1, x2) = (xr[i], xr[half + i]);
+                        let s = sign * sn[i];
+                        or[i] = x1 * c[i] - x2 * s;
+                        or[half + i] = x2 * c[i] + x1 * s;
+                    }
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&RopeOp {
+            tables: self.tables.clone(),
+            inverse: !self.inverse,
+        })?))
+    }
+}

@@ -1,0 +1,584 @@
+//! Llama, Qwen2 and Mistral causal LMs from a Hugging Face `config.json` and (sharded) safetensors,
+//! with HF module paths (`model.layers.N.self_attn.q_proj`, ...) built through the adapter core:
+//! grouped-query attention, RoPE with `rope_theta` and llama3 / linear `rope_scaling` (both the
+//! `rope_scaling` + `rope_theta` fields and transformers 5's `rope_parameters`), Qwen2's q/k/v biases,
+//! tied embeddings, RMSNorm, softmax and RoPE as fused nodes with a real backward, padding masks,
+//! packed sequences (positions restart, no attention across sequences) and a KV cache.
+
+use super::nn::{rms_norm, rope, softmax_last};
+use super::Weights;
+use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+fn d_eps() -> f64 {
+    1e-6
+}
+fn d_act() -> String {
+    "silu".into()
+}
+fn d_maxpos() -> usize {
+    4096
+}
+
+/// The `config.json` fields of the Llama family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// `llama`, `qwen2` or `mistral`.
+    pub model_type: String,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA); default: the query heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Head width; default hidden / heads.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm ε.
+    #[serde(default = "d_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base (pre-transformers-5 configs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// RoPE scaling (pre-transformers-5 configs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5: `{rope_theta, rope_type, factor, ...}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// Longest position.
+    #[serde(default = "d_maxpos")]
+    pub max_position_embeddings: usize,
+    /// `lm_head` shares `embed_tokens`.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o (Llama's switch; Qwen2 always has q/k/v biases).
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the MLP.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// `silu`.
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    /// BOS id.
+    #[serde(default)]
+    pub bos_token_id: Option<serde_json::Value>,
+    /// EOS id(s).
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+    /// Everything else, kept for writing the config back.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// How positions are scaled before the rotation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// None.
+    Default,
+    /// Positions divided by `factor`.
+    Linear {
+        /// Factor.
+        factor: f64,
+    },
+    /// Llama 3's frequency-dependent scaling.
+    Llama3 {
+        /// Factor.
+        factor: f64,
+        /// Low-frequency factor.
+        low_freq_factor: f64,
+        /// High-frequency factor.
+        high_freq_factor: f64,
+        /// Context the model was trained with.
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl LlamaConfig {
+    /// Reads `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let c: Self =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        c.validate().map_err(|e| Error::format(path, e.to_string()))?;
+        Ok(c)
+    }
+
+    /// Checks the fields this implementation depends on.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.model_type.as_str(), "llama" | "qwen2" | "mistral") {
+            return Err(Error::Config(format!(
+                "model_type `{}` is not llama, qwen2 or mistral",
+                self.model_type
+            )));
+        }
+        if self.hidden_act != "silu" {
+            return Err(Error::Config(format!(
+                "hidden_act `{}` is not supported (silu)",
+                self.hidden_act
+            )));
+        }
+        let (h, kv) = (self.num_attention_heads, self.kv_heads());
+        if h == 0 || kv == 0 || h % kv != 0 {
+            return Err(Error::Config(format!(
+                "num_attention_heads {h} must be a positive multiple of num_key_value_heads {kv}"
+            )));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(Error::Config(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            )));
+        }
+        self.rope()?;
+        Ok(())
+    }
+
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Head width.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether q/k/v carry biases.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type == "qwen2"
+    }
+
+    /// (θ, scaling) from either config style.
+    pub fn rope(&self) -> Result<(f64, RopeScaling)> {
+        let params = self.rope_parameters.as_ref();
+        let scaling = self
+            .rope_scaling
+            .as_ref()
+            .filter(|v| !v.is_null())
+            .or(params);
+        let theta = self
+            .rope_theta
+            .or_else(|| params.and_then(|p| p["rope_theta"].as_f64()))
+            .unwrap_or(10000.0);
+        let Some(s) = scaling else {
+            return Ok((theta, RopeScaling::Default));
+        };
+        let kind = s["rope_type"]
+            .as_str()
+            .or(s["type"].as_str())
+            .unwrap_or("default");
+        let f = |k: &str| {
+            s[k].as_f64()
+                .ok_or_else(|| Error::Config(format!("rope scaling `{kind}` needs `{k}`")))
+        };
+        let sc = match kind {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear {
+                factor: f("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: f("factor")?,
+                low_freq_factor: f("low_freq_factor")?,
+                high_freq_factor: f("high_freq_factor")?,
+                original_max_position_embeddings: f("original_max_position_embeddings")?,
+            },
+            k => {
+                return Err(Error::Config(format!(
+                    "rope scaling `{k}` is not supported (default, linear, llama3)"
+                )))
+            }
+        };
+        Ok((theta, sc))
+    }
+
+    /// The RoPE inverse frequencies (head_dim / 2 values), scaled.
+    pub fn inv_freq(&self) -> Result<Vec<f32>> {
+        let (theta, sc) = self.rope()?;
+        let d = self.head_dim();
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        Ok(match sc {
+            RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+        .into_iter()
+        .map(|f| f as f32)
+        .collect())
+    }
+
+    /// EOS ids (one or a list).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => {
+                a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()
+            }
+            _ => vec![],
+        }
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: AdaptedLinear,
+    k: AdaptedLinear,
+    v: AdaptedLinear,
+    o: AdaptedLinear,
+    post_norm: Tensor,
+    gate: AdaptedLinear,
+    up: AdaptedLinear,
+    down: AdaptedLinear,
+}
+
+/// Keys and values of earlier positions, per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Positions already in the cache.
+    pub len: usize,
+}
+
+/// What to attend to.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs<'a> {
+    /// (B, T) 1 for real tokens, 0 for padding.
+    pub attention_mask: Option<&'a Tensor>,
+    /// (B, T) positions (packing: they restart per sequence); default 0.. (after the cache).
+    pub position_ids: Option<&'a Tensor>,
+    /// (B, T) sequence index of each token in a packed row: attention stays within a sequence.
+    pub segment_ids: Option<&'a Tensor>,
+}
+
+/// A causal LM of the Llama family.
+pub struct LlamaForCausalLM {
+    cfg: LlamaConfig,
+    embed: AdaptedEmbedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: AdaptedLinear,
+    inv_freq: Vec<f32>,
+}
+
+/// The safetensors files of a model folder (`model.safetensors` or the shards named in
+/// `model.safetensors.index.json`).
+pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    crate::diffusion::pipeline::weight_files(dir)
+}
+
+impl LlamaForCausalLM {
+    /// Builds the model from `w` (layers through `w.plan`).
+    pub fn new(cfg: &LlamaConfig, w: &Weights) -> Result<Self> {
+        cfg.validate()?;
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, kv) = (cfg.num_attention_heads, cfg.kv_heads());
+        let lin = |p: &str, i: usize, o: usize, bias: bool| w.linear(p, i, o, bias);
+        let mut layers = vec![];
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let qb = cfg.qkv_bias();
+            layers.push(Layer {
+                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[d])?,
+                q: lin(&format!("{p}.self_attn.q_proj"), d, nh * hd, qb)?,
+                k: lin(&format!("{p}.self_attn.k_proj"), d, kv * hd, qb)?,
+                v: lin(&format!("{p}.self_attn.v_proj"), d, kv * hd, qb)?,
+                o: lin(&format!("{p}.self_attn.o_proj"), nh * hd, d, cfg.attention_bias)?,
+                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                gate: lin(&format!("{p}.mlp.gate_proj"), d, cfg.intermediate_size, cfg.mlp_bias)?,
+                up: lin(&format!("{p}.mlp.up_proj"), d, cfg.intermediate_size, cfg.mlp_bias)?,
+                down: lin(&format!("{p}.mlp.down_proj"), cfg.intermediate_size, d, cfg.mlp_bias)?,
+            });
+        }
+        let emb_w = w.get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            w.plan.linear("lm_head", emb_w.clone(), None)?
+        } else {
+            lin("lm_head", d, cfg.vocab_size, false)?
+        };
+        Ok(Self {
+            embed: w.plan.embedding("model.embed_tokens", emb_w)?,
+            layers,
+            norm: w.get("model.norm.weight", &[d])?,
+            lm_head,
+            inv_freq: cfg.inv_freq()?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Loads a Hugging Face model folder.
+    pub fn load(dir: &Path, plan: crate::peft::AdapterPlan) -> Result<Self> {
+        let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let w = Weights::from_files(&model_files(dir)?, plan)?;
+        Self::new(&cfg, &w)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// An empty cache.
+    pub fn cache(&self) -> KvCache {
+        KvCache {
+            kv: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Logits (B, T, V) of token ids (B, T).
+    pub fn forward(&self, ids: &Tensor, inputs: &Inputs, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.forward_cached(ids, inputs, None, ctx)
+    }
+
+    /// Hidden states after the final norm (B, T, D).
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        inputs: &Inputs,
+        mut cache: Option<&mut KvCache>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let dev = ids.device().clone();
+        let ids = ids.to_dtype(DType::U32)?;
+        if let Some(bad) = ids
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .find(|&i| i as usize >= self.cfg.vocab_size)
+        {
+            return Err(Error::Msg(format!(
+                "token id {bad} is not below vocab_size {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let pos = match inputs.position_ids {
+            Some(p) => {
+                if p.dims() != [b, t] {
+                    return Err(Error::Msg(format!(
+                        "position_ids {:?} do not match input ids ({b}, {t})",
+                        p.dims()
+                    )));
+                }
+                p.to_dtype(DType::U32)?
+            }
+            None => Tensor::arange(past as u32, (past + t) as u32, &dev)?
+                .unsqueeze(0)?
+                .repeat((b, 1))?,
+        };
+        let mask = self.mask(b, t, past, inputs, &dev)?;
+        let (nh, kvh, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.kv_heads(),
+            self.cfg.head_dim(),
+        );
+        let eps = self.cfg.rms_norm_eps;
+        let mut h = self.embed.forward(&ids, ctx)?;
+        for (li, l) in self.layers.iter().enumerate() {
+            let x = rms_norm(&h, &l.input_norm, eps)?;
+            let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+                Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = rope(&heads(l.q.forward(&x, ctx)?, nh)?, &pos, &self.inv_freq)?;
+            let mut k = rope(&heads(l.k.forward(&x, ctx)?, kvh)?, &pos, &self.inv_freq)?;
+            let mut v = heads(l.v.forward(&x, ctx)?, kvh)?;
+            if let Some(c) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = &c.kv[li] {
+                    k = Tensor::cat(&[pk, &k], 2)?;
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                c.kv[li] = Some((k.clone(), v.clone()));
+            }
+            let rep = nh / kvh;
+            let (k, v) = if rep > 1 {
+                let s = k.dim(2)?;
+                let r = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.unsqueeze(2)?
+                        .broadcast_as((b, kvh, rep, s, hd))?
+                        .reshape((b, nh, s, hd))?)
+                };
+                (r(&k)?, r(&v)?)
+            } else {
+                (k, v)
+            };
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+            let scores = scores.broadcast_add(&mask)?;
+            let a = softmax_last(&scores)?
+                .matmul(&v.contiguous()?)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, t, nh * hd))?;
+            h = (h + l.o.forward(&a, ctx)?)?;
+            let x = rms_norm(&h, &l.post_norm, eps)?;
+            let m = (l.gate.forward(&x, ctx)?.silu()? * l.up.forward(&x, ctx)?)?;
+            h = (h + l.down.forward(&m, ctx)?)?;
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        rms_norm(&h, &self.norm, eps)
+    }
+
+    /// Logits, extending `cache` (generation) when given.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        inputs: &Inputs,
+        cache: Option<&mut KvCache>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let h = self.hidden(ids, inputs, cache, ctx)?;
+        self.lm_head.forward(&h, ctx)
+    }
+
+    /// The additive attention mask (B, 1, T, past + T): causal, padding and packing.
+    fn mask(&self, b: usize, t: usize, past: usize, inp: &Inputs, dev: &Device) -> Result<Tensor> {
+        let s = past + t;
+        let pad: Option<Vec<u32>> = match inp.attention_mask {
+            Some(m) => {
+                if m.dims() != [b, s] && m.dims() != [b, t] {
+                    return Err(Error::Msg(format!(
+                        "attention_mask {:?} does not match ({b}, {s})",
+                        m.dims()
+                    )));
+                }
+                let v = m.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+                // A mask of the new tokens only: earlier positions count as real.
+                Some(if m.dim(1)? == s {
+                    v
+                } else {
+                    (0..b)
+                        .flat_map(|bi| {
+                            std::iter::repeat_n(1, past).chain(v[bi * t..(bi + 1) * t].to_vec())
+                        })
+                        .collect()
+                })
+            }
+            None => None,
+        };
+        let seg: Option<Vec<u32>> = match inp.segment_ids {
+            Some(sg) => {
+                if sg.dims() != [b, t] || past > 0 {
+                    return Err(Error::Msg(format!(
+                        "segment_ids {:?} must be ({b}, {t}) and are not used with a cache",
+                        sg.dims()
+                    )));
+                }
+                Some(sg.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?)
+            }
+            None => None,
+        };
+        const NEG: f32 = -1e30;
+        let mut m = vec![0f32; b * t * s];
+        for bi in 0..b {
+            for qi in 0..t {
+                let qpos = past + qi;
+                for kj in 0..s {
+                    let mut ok = kj <= qpos;
+                    if let Some(p) = &pad {
+                        ok &= p[bi * s + kj] != 0;
+                    }
+                    if let (Some(sg), true) = (&seg, ok) {
+                        ok &= sg[bi * t + qi] == sg[bi * t + kj];
+                    }
+                    if !ok {
+                        m[(bi * t + qi) * s + kj] = NEG;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, t, s), dev)?)
+    }
+}
+
+impl Adapted for LlamaForCausalLM {
+    fn layers(&self) -> Vec<&AdaptedLayer> {
+        let mut v: Vec<&AdaptedLayer> = vec![&self.embed];
+        for l in &self.layers {
+            v.extend([
+                &*l.q, &*l.k, &*l.v, &*l.o, &*l.gate, &*l.up, &*l.down,
+            ]);
+        }
+        v.push(&self.lm_head);
+        v
+    }
+    fn layers_mut(&mut self) -> Vec<&mut AdaptedLayer> {
+        let mut v: Vec<&mut AdaptedLayer> = vec![&mut self.embed];
+        for l in &mut self.layers {
+            v.push(&mut l.q);
+            v.push(&mut l.k);
+            v.push(&mut l.v);
+            v.push(&mut l.o);
+            v.push(&mut l.gate);
+            v.push(&mut l.up);
+            v.push(&mut l.down);
+        }
+        v.push(&mut self.lm_head);
+        v
+    }
+}
+
+/// Log-softmax over the last dimension (differentiable).
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    let m = logits.max_keepdim(D::Minus1)?.detach();
+    let z = logits.broadcast_sub(&m)?;
+    let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(z.broadcast_sub(&lse)?)
+}
+
+/// Mean next-token cross-entropy of `logits` (B, T, V) for `ids` (B, T), counting the targets whose
+/// `weights` (B, T; 1 = counted) are nonzero: position t predicts token t + 1.
+pub fn next_token_loss(logits: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let (b, t, _) = logits.dims3()?;
+    if t < 2 {
+        return Err(Error::Msg("next-token loss needs at least two tokens".into()));
+    }
+    let lp = log_softmax(&logits.narrow(1, 0, t - 1)?)?;
+    let tgt = ids.narrow(1, 1, t - 1)?.to_dtype(DType::U32)?.contiguous()?;
+    let picked = lp.gather(&tgt.unsqueeze(2)?, 2)?.squeeze(2)?;
+    let w = weights.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?;
+    let n = w.sum_all()?.to_scalar::<f32>()?;
+    if n <= 0.0 {
+        return Err(Error::Msg(format!(
+            "no target token carries weight in a batch of {b}x{t}"
+        )));
+    }
+    Ok(((picked * w)?.sum_all()? * (-1.0 / n as f64))?)
+}

@@ -1,0 +1,171 @@
+//! Llama-family parity with transformers 5.24.0 + PEFT 0.21.2 (fixtures from
+//! `scripts/fixtures/make_llama_fixtures.py`): a tiny Llama (GQA, llama3 RoPE scaling) and a Qwen2
+//! (q/k/v biases, tied embeddings). Logits with padding and with packed sequences, LoRA logits and
+//! LoRA gradients of the next-token loss within 1e-4 relative.
+
+mod common;
+use common::*;
+use postforge::models::llama::{next_token_loss, Inputs, LlamaForCausalLM};
+use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec};
+use postforge::util::SafeTensors;
+use std::path::{Path, PathBuf};
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/llama")
+        .join(name)
+}
+
+#[test]
+fn logits_match_transformers_with_padding_and_packing() {
+    for name in ["llama", "qwen2"] {
+        let io = SafeTensors::read(dir(name).join("io.safetensors")).unwrap();
+        let m = LlamaForCausalLM::load(&dir(name), AdapterPlan::none()).unwrap();
+        let mask = io.get("attention_mask").unwrap();
+        let out = m
+            .forward(
+                &io.get("input_ids").unwrap(),
+                &Inputs {
+                    attention_mask: Some(&mask),
+                    ..Default::default()
+                },
+                &ForwardCtx::eval(),
+            )
+            .unwrap();
+        let want = io.get("logits").unwrap();
+        // Row 0 in full, row 1 without its two left pads.
+        let e0 = rel_err(&out.get(0).unwrap(), &want.get(0).unwrap());
+        let e1 = rel_err(
+            &out.get(1).unwrap().narrow(0, 2, 7).unwrap(),
+            &want.get(1).unwrap().narrow(0, 2, 7).unwrap(),
+        );
+        assert!(e0 < 1e-4 && e1 < 1e-4, "{name}: logits {e0:e} {e1:e}");
+        let pos = io.get("position_ids").unwrap();
+        let seg = candle_core::Tensor::new(&[[0u32, 0, 0, 0, 0, 1, 1, 1, 1]], &candle_core::Device::Cpu).unwrap();
+        let packed = m
+            .forward(
+                &io.get("packed_ids").unwrap(),
+                &Inputs {
+                    position_ids: Some(&pos),
+                    segment_ids: Some(&seg),
+                    ..Default::default()
+                },
+                &ForwardCtx::eval(),
+            )
+            .unwrap();
+        let e = rel_err(&packed, &io.get("packed_logits").unwrap());
+        assert!(e < 1e-4, "{name}: packed logits {e:e}");
+    }
+}
+
+#[test]
+fn lora_logits_and_gradients_match_peft() {
+    for name in ["llama", "qwen2"] {
+        let io = SafeTensors::read(dir(name).join("io.safetensors")).unwrap();
+        let mut cfg = AdapterConfig::lora(4, 8.0, &[]);
+        cfg.target_modules = Some(postforge::peft::config::ModuleSpec::Regex("all-linear".into()));
+        cfg.init_lora_weights = InitSpec::Bool(false);
+        let m = LlamaForCausalLM::load(&dir(name), AdapterPlan::single(cfg, 0).unwrap()).unwrap();
+        let mut n = 0;
+        for l in m.layers() {
+            if let Some(ad) = l.adapters().get("default") {
+                ad.a.set(&io.get(&format!("factor.{}.lora_A.weight", l.path())).unwrap()).unwrap();
+                ad.b.set(&io.get(&format!("factor.{}.lora_B.weight", l.path())).unwrap()).unwrap();
+                n += 1;
+            }
+        }
+        assert_eq!(n, 14, "{name}: 7 linears per layer, not lm_head");
+        let mask = io.get("attention_mask").unwrap();
+        let ids = io.get("input_ids").unwrap();
+        let out = m
+            .forward(
+                &ids,
+                &Inputs {
+                    attention_mask: Some(&mask),
+                    ..Default::default()
+                },
+                &ForwardCtx::train(0, 0),
+            )
+            .unwrap();
+        let want = io.get("lora_logits").unwrap();
+        let e = rel_err(&out.get(0).unwrap(), &want.get(0).unwrap());
+        assert!(e < 1e-4, "{name}: LoRA logits {e:e}");
+        let loss = next_token_loss(&out, &ids, &mask).unwrap();
+        let lv = loss.to_scalar::<f32>().unwrap();
+        let lw = io.get("loss").unwrap().to_vec1::<f32>().unwrap()[0];
+        assert!((lv - lw).abs() < 1e-4 * lw.abs(), "{name}: loss {lv} vs {lw}");
+        let grads = loss.backward().unwrap();
+        for l in m.layers() {
+            let Some(ad) = l.adapters().get("default") else {
+                continue;
+            };
+            for (which, v) in [("lora_A", &ad.a), ("lora_B", &ad.b)] {
+                let key = format!("grad.{}.{which}.weight", l.path());
+                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {key}"));
+                let e = rel_err(g, &io.get(&key).unwrap());
+                assert!(e < 1e-4, "{name}: {key} relative error {e:e}");
+            }
+        }
+        // Frozen base weights get no gradient.
+        for l in m.layers() {
+            assert!(grads.get(l.weight()).is_none(), "{name}: {} got a gradient", l.path());
+        }
+    }
+}
+
+#[test]
+fn kv_cache_generation_equals_the_full_forward() {
+    let m = LlamaForCausalLM::load(&dir("llama"), AdapterPlan::none()).unwrap();
+    let io = SafeTensors::read(dir("llama").join("io.safetensors")).unwrap();
+    let ids = io.get("input_ids").unwrap().get(0).unwrap().unsqueeze(0).unwrap();
+    let full = m.forward(&ids, &Inputs::default(), &ForwardCtx::eval()).unwrap();
+    let mut cache = m.cache();
+    let first = m
+        .forward_cached(&ids.narrow(1, 0, 6).unwrap(), &Inputs::default(), Some(&mut cache), &ForwardCtx::eval())
+        .unwrap();
+    let mut parts = vec![first];
+    for t in 6..9 {
+        parts.push(
+            m.forward_cached(&ids.narrow(1, t, 1).unwrap(), &Inputs::default(), Some(&mut cache), &ForwardCtx::eval())
+                .unwrap(),
+        );
+    }
+    let stepwise = candle_core::Tensor::cat(&parts, 1).unwrap();
+    assert!(rel_err(&stepwise, &full) < 1e-5);
+    assert_eq!(cache.len, 9);
+}
+
+#[test]
+fn fused_rms_norm_and_rope_match_the_composites() {
+    use postforge::models::nn::{rms_norm, rms_norm_composite, rope};
+    let xv = candle_core::Var::from_tensor(&randn(&[2, 3, 8], 1.5, "rx")).unwrap();
+    let wv = candle_core::Var::from_tensor(&(randn(&[8], 0.2, "rw") + 1.0).unwrap()).unwrap();
+    let g = randn(&[2, 3, 8], 1.0, "rg");
+    let y1 = rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-6).unwrap();
+    let y2 = rms_norm_composite(xv.as_tensor(), wv.as_tensor(), 1e-6).unwrap();
+    assert!(rel_err(&y1, &y2) < 1e-5);
+    let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&xv, &wv] {
+        let e = rel_err(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+        assert!(e < 1e-4, "rms_norm gradient {e}");
+    }
+    // RoPE is a rotation: its backward is the inverse rotation, so <rope(x), g> = <x, rope⁻¹(g)>.
+    let x = candle_core::Var::from_tensor(&randn(&[2, 2, 5, 8], 1.0, "qx")).unwrap();
+    let pos = candle_core::Tensor::new(&[[0u32, 1, 2, 3, 4], [7, 3, 0, 1, 2]], &candle_core::Device::Cpu).unwrap();
+    let inv: Vec<f32> = (0..4).map(|i| 1.0 / 100f32.powf(i as f32 / 4.0)).collect();
+    let y = rope(x.as_tensor(), &pos, &inv).unwrap();
+    let gy = randn(&[2, 2, 5, 8], 1.0, "qg");
+    let gr = (&y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+    let gx = gr.get(x.as_tensor()).unwrap();
+    // Norms are preserved by a rotation.
+    let n = |t: &candle_core::Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!((n(&y) - n(x.as_tensor())).abs() < 1e-3 * n(&y));
+    assert!((n(gx) - n(&gy)).abs() < 1e-3 * n(&gy));
+    // Position 0 is the identity.
+    let d0 = max_abs_diff(
+        &y.get(0).unwrap().narrow(1, 0, 1).unwrap(),
+        &x.as_tensor().get(0).unwrap().narrow(1, 0, 1).unwrap(),
+    );
+    assert!(d0 < 1e-6);
+}
