@@ -2,5 +2,6 @@
 //! what a sampled image shows, and kohya-style image folders with caption files.
 
 pub mod buckets;
+pub mod chat;
 pub mod image_folder;
 pub mod shapes;
