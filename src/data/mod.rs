@@ -5,3 +5,4 @@ pub mod buckets;
 pub mod chat;
 pub mod image_folder;
 pub mod shapes;
+pub mod text;
