@@ -4,5 +4,6 @@
 pub mod buckets;
 pub mod chat;
 pub mod image_folder;
+pub mod sft;
 pub mod shapes;
 pub mod text;
