@@ -169,3 +169,36 @@ fn fused_rms_norm_and_rope_match_the_composites() {
     );
     assert!(d0 < 1e-6);
 }
+
+#[test]
+fn greedy_generation_follows_the_argmax_and_sampling_is_seeded() {
+    use postforge::models::llama::GenerationConfig;
+    let m = LlamaForCausalLM::load(&dir("qwen2"), AdapterPlan::none()).unwrap();
+    let prompt = [5u32, 9, 14, 3];
+    let g = GenerationConfig {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let out = m.generate(&prompt, &g).unwrap();
+    assert_eq!(out.len(), 6);
+    // Each generated token is the argmax of the full forward over everything before it.
+    let mut seq = prompt.to_vec();
+    for &tok in &out {
+        let ids = candle_core::Tensor::from_vec(seq.clone(), (1, seq.len()), &candle_core::Device::Cpu).unwrap();
+        let l = m.forward(&ids, &Inputs::default(), &ForwardCtx::eval()).unwrap();
+        let last = l.get(0).unwrap().get(seq.len() - 1).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        assert_eq!(tok, last);
+        seq.push(tok);
+    }
+    // Stop tokens end generation (and are kept).
+    let stop = GenerationConfig { stop_token_ids: vec![out[2]], ..g.clone() };
+    let s = m.generate(&prompt, &stop).unwrap();
+    assert_eq!(s.last(), Some(&out[2]));
+    assert!(s.len() <= 3);
+    // Sampling: the same seed gives the same text, another seed (usually) not.
+    let samp = GenerationConfig { do_sample: true, temperature: 1.5, top_p: 0.95, top_k: 40, seed: 3, max_new_tokens: 12, ..Default::default() };
+    let a = m.generate(&prompt, &samp).unwrap();
+    assert_eq!(a, m.generate(&prompt, &samp).unwrap());
+    let others: Vec<Vec<u32>> = (4..8).map(|s| m.generate(&prompt, &GenerationConfig { seed: s, ..samp.clone() }).unwrap()).collect();
+    assert!(others.iter().any(|o| *o != a));
+}

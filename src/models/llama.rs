@@ -582,3 +582,122 @@ pub fn next_token_loss(logits: &Tensor, ids: &Tensor, weights: &Tensor) -> Resul
     }
     Ok(((picked * w)?.sum_all()? * (-1.0 / n as f64))?)
 }
+
+/// Decoding settings (transformers' `generation_config.json` names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationConfig {
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// Sample (false: greedy).
+    pub do_sample: bool,
+    /// Softmax temperature when sampling.
+    pub temperature: f64,
+    /// Nucleus sampling mass (1 = off).
+    pub top_p: f64,
+    /// Keep the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Seed of the sampler.
+    pub seed: u64,
+    /// Stop when one of these is generated (it is kept in the output).
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            do_sample: false,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop_token_ids: vec![],
+        }
+    }
+}
+
+/// Picks the next token from logits (V) as configured.
+pub fn pick_token(
+    logits: &[f32],
+    cfg: &GenerationConfig,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Result<u32> {
+    use rand::Rng;
+    if logits.is_empty() {
+        return Err(Error::Msg("empty logits".into()));
+    }
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .0 as u32
+    };
+    if !cfg.do_sample || cfg.temperature <= 0.0 {
+        return Ok(argmax());
+    }
+    let t = cfg.temperature as f32;
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut p: Vec<(usize, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i, ((l - m) / t).exp()))
+        .collect();
+    p.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if cfg.top_k > 0 {
+        p.truncate(cfg.top_k);
+    }
+    let total: f32 = p.iter().map(|x| x.1).sum();
+    if cfg.top_p < 1.0 {
+        let mut acc = 0f32;
+        let mut keep = 0;
+        for (k, x) in p.iter().enumerate() {
+            acc += x.1 / total;
+            keep = k + 1;
+            if acc >= cfg.top_p as f32 {
+                break;
+            }
+        }
+        p.truncate(keep.max(1));
+    }
+    let total: f32 = p.iter().map(|x| x.1).sum();
+    let mut u = rng.random::<f32>() * total;
+    for (i, w) in &p {
+        if u < *w {
+            return Ok(*i as u32);
+        }
+        u -= w;
+    }
+    Ok(p.last().map(|x| x.0 as u32).unwrap_or_else(argmax))
+}
+
+impl LlamaForCausalLM {
+    /// Generates a continuation of `prompt` (token ids) with a KV cache; returns the new tokens.
+    pub fn generate(&self, prompt: &[u32], cfg: &GenerationConfig) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            return Err(Error::Msg("generation needs a non-empty prompt".into()));
+        }
+        let mut rng = crate::peft::init::rng_for(cfg.seed, "generate");
+        let mut cache = self.cache();
+        let ctx = ForwardCtx::eval();
+        let mut input = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &Device::Cpu)?;
+        let mut out = vec![];
+        for _ in 0..cfg.max_new_tokens {
+            if cache.len + input.dim(1)? > self.cfg.max_position_embeddings {
+                break;
+            }
+            let logits = self.forward_cached(&input, &Inputs::default(), Some(&mut cache), &ctx)?;
+            let last = logits
+                .get(0)?
+                .get(logits.dim(1)? - 1)?
+                .to_vec1::<f32>()?;
+            let next = pick_token(&last, cfg, &mut rng)?;
+            out.push(next);
+            if cfg.stop_token_ids.contains(&next) {
+                break;
+            }
+            input = Tensor::from_vec(vec![next], (1, 1), &Device::Cpu)?;
+        }
+        Ok(out)
+    }
+}
