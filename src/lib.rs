@@ -4,6 +4,7 @@
 //! grids) in [`media`]. See `DESIGN.md` in the shared folder for the layout and the decisions.
 #![warn(missing_docs)]
 
+pub mod align;
 pub mod data;
 pub mod diffusion;
 pub mod error;

@@ -1,0 +1,302 @@
+//! Supervised fine-tuning of a causal LM with adapters: batches of tokenized rows (padded or
+//! packed), the mean next-token loss over learned tokens, a replay buffer that mixes general data
+//! into the batches, and a forgetting monitor that tracks held-out loss and the perplexity of a
+//! general reference set, warning (or stopping) when the reference perplexity rises too far.
+
+use crate::data::sft::{collate, Row};
+use crate::models::llama::{next_token_loss, Inputs, LlamaForCausalLM};
+use crate::peft::formats::peft::{save, SaveOptions};
+use crate::peft::init::rng_for;
+use crate::peft::{Adapted, AdapterConfig, ForwardCtx};
+use crate::train::Task;
+use crate::{Error, Result};
+use candle_core::{Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use std::io::Write;
+use std::path::Path;
+
+/// Forgetting-monitor settings.
+#[derive(Debug, Clone)]
+pub struct MonitorConfig {
+    /// Evaluate every N optimizer steps (and before training).
+    pub eval_steps: usize,
+    /// Warn when reference perplexity rises by more than this fraction of its starting value.
+    pub max_forgetting: Option<f64>,
+    /// Stop training (with an error, after the last checkpoint) instead of only warning.
+    pub stop_on_forgetting: bool,
+}
+
+/// One evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct EvalPoint {
+    /// Optimizer step.
+    pub step: usize,
+    /// Mean next-token loss on the held-out task rows.
+    pub eval_loss: f64,
+    /// Perplexity on the reference rows.
+    pub reference_ppl: f64,
+    /// reference_ppl / starting reference_ppl − 1.
+    pub forgetting: f64,
+}
+
+/// An `eval.jsonl` line read back.
+struct EvalPointRead {
+    step: usize,
+    reference_ppl: f64,
+    line: String,
+}
+
+impl<'de> serde::Deserialize<'de> for EvalPointRead {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        Ok(Self {
+            step: v["step"].as_u64().unwrap_or(0) as usize,
+            reference_ppl: v["reference_ppl"].as_f64().unwrap_or(f64::NAN),
+            line: v.to_string(),
+        })
+    }
+}
+
+/// The SFT task.
+pub struct SftTask {
+    /// The model (adapter `default`).
+    pub model: LlamaForCausalLM,
+    /// The adapter configuration (written with the adapter).
+    pub adapter: AdapterConfig,
+    rows: Vec<Row>,
+    replay: Vec<Row>,
+    replay_ratio: f64,
+    batch_size: usize,
+    pad_id: u32,
+    seed: u64,
+    epoch: Option<(u64, Vec<usize>)>,
+    held_out: Vec<Row>,
+    reference: Vec<Row>,
+    monitor: Option<MonitorConfig>,
+    base_ppl: Option<f64>,
+    /// Evaluations so far.
+    pub history: Vec<EvalPoint>,
+}
+
+impl SftTask {
+    /// A task over `rows` (batches of `batch_size`).
+    pub fn new(
+        model: LlamaForCausalLM,
+        adapter: AdapterConfig,
+        rows: Vec<Row>,
+        batch_size: usize,
+        pad_id: u32,
+        seed: u64,
+    ) -> Result<Self> {
+        if rows.is_empty() {
+            return Err(Error::Msg("the training set is empty".into()));
+        }
+        if batch_size == 0 {
+            return Err(Error::Config("batch size must be positive".into()));
+        }
+        Ok(Self {
+            model,
+            adapter,
+            rows,
+            replay: vec![],
+            replay_ratio: 0.0,
+            batch_size,
+            pad_id,
+            seed,
+            epoch: None,
+            held_out: vec![],
+            reference: vec![],
+            monitor: None,
+            base_ppl: None,
+            history: vec![],
+        })
+    }
+
+    /// Mixes `rows` of general data into batches: each batch slot is a replay row with
+    /// probability `ratio`.
+    pub fn with_replay(mut self, rows: Vec<Row>, ratio: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&ratio) || (ratio > 0.0 && rows.is_empty()) {
+            return Err(Error::Config(format!(
+                "replay ratio {ratio} must be in [0, 1] with a non-empty replay set"
+            )));
+        }
+        self.replay = rows;
+        self.replay_ratio = ratio;
+        Ok(self)
+    }
+
+    /// Evaluates held-out task rows and reference rows as configured.
+    pub fn with_monitor(mut self, held_out: Vec<Row>, reference: Vec<Row>, cfg: MonitorConfig) -> Self {
+        self.held_out = held_out;
+        self.reference = reference;
+        self.monitor = Some(cfg);
+        self
+    }
+
+    /// Batches per epoch.
+    pub fn batches_per_epoch(&self) -> usize {
+        self.rows.len().div_ceil(self.batch_size)
+    }
+
+    /// Mean next-token loss over `rows` (token-weighted), without gradients.
+    pub fn mean_loss(&self, rows: &[Row]) -> Result<f64> {
+        let (mut sum, mut n) = (0f64, 0usize);
+        for chunk in rows.chunks(self.batch_size.max(1)) {
+            let refs: Vec<&Row> = chunk.iter().collect();
+            let b = collate(&refs, self.pad_id)?;
+            if b.num_tokens == 0 {
+                continue;
+            }
+            let l = self.batch_loss(&b, &ForwardCtx::eval())?;
+            sum += l.to_scalar::<f32>()? as f64 * b.num_tokens as f64;
+            n += b.num_tokens;
+        }
+        if n == 0 {
+            return Err(Error::Msg("no learned tokens to evaluate".into()));
+        }
+        Ok(sum / n as f64)
+    }
+
+    fn batch_loss(&self, b: &crate::data::sft::Batch, ctx: &ForwardCtx) -> Result<Tensor> {
+        let logits = self.model.forward(
+            &b.ids,
+            &Inputs {
+                attention_mask: Some(&b.attention_mask),
+                position_ids: Some(&b.positions),
+                segment_ids: Some(&b.segments),
+            },
+            ctx,
+        )?;
+        next_token_loss(&logits, &b.ids, &b.weights)
+    }
+
+    fn evaluate(&mut self, step: usize, out: &Path) -> Result<()> {
+        let Some(m) = self.monitor.clone() else {
+            return Ok(());
+        };
+        let eval_loss = if self.held_out.is_empty() {
+            f64::NAN
+        } else {
+            self.mean_loss(&self.held_out.clone())?
+        };
+        let reference_ppl = if self.reference.is_empty() {
+            f64::NAN
+        } else {
+            self.mean_loss(&self.reference.clone())?.exp()
+        };
+        let base = *self.base_ppl.get_or_insert(reference_ppl);
+        let p = EvalPoint {
+            step,
+            eval_loss,
+            reference_ppl,
+            forgetting: reference_ppl / base - 1.0,
+        };
+        self.history.push(p);
+        let path = out.join("eval.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        writeln!(
+            f,
+            "{}",
+            serde_json::to_string(&p).map_err(|e| Error::Msg(e.to_string()))?
+        )
+        .map_err(|e| Error::io(&path, e))?;
+        if let Some(max) = m.max_forgetting {
+            if p.forgetting > max {
+                let msg = format!(
+                    "forgetting: reference perplexity rose {:.1}% (from {base:.3} to {reference_ppl:.3}) at step {step}, more than --max-forgetting {:.1}%",
+                    100.0 * p.forgetting,
+                    100.0 * max
+                );
+                if m.stop_on_forgetting {
+                    return Err(Error::Msg(msg));
+                }
+                eprintln!("warning: {msg}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Task for SftTask {
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.model.trainable()
+    }
+
+    fn loss(&mut self, cursor: u64, ctx: &ForwardCtx) -> Result<Tensor> {
+        let bpe = self.batches_per_epoch() as u64;
+        let (epoch, idx) = (cursor / bpe, (cursor % bpe) as usize);
+        if self.epoch.as_ref().map(|e| e.0) != Some(epoch) {
+            let mut order: Vec<usize> = (0..self.rows.len()).collect();
+            order.shuffle(&mut rng_for(self.seed, &format!("sft-epoch-{epoch}")));
+            self.epoch = Some((epoch, order));
+        }
+        let order = &self
+            .epoch
+            .as_ref()
+            .ok_or_else(|| Error::Msg("no epoch order".into()))?
+            .1;
+        let mut rng = rng_for(self.seed, &format!("sft-batch-{cursor}"));
+        let mut rows: Vec<&Row> = vec![];
+        for &i in order.iter().skip(idx * self.batch_size).take(self.batch_size) {
+            if self.replay_ratio > 0.0 && rng.random::<f64>() < self.replay_ratio {
+                let j = rng.random_range(0..self.replay.len());
+                rows.push(&self.replay[j]);
+            } else {
+                rows.push(&self.rows[i]);
+            }
+        }
+        let b = collate(&rows, self.pad_id)?;
+        if b.num_tokens == 0 {
+            return Err(Error::Msg(format!(
+                "micro-batch {cursor} has no learned tokens (every completion was truncated away?)"
+            )));
+        }
+        self.batch_loss(&b, ctx)
+    }
+
+    fn save_adapter(&self, dir: &Path) -> Result<()> {
+        save(
+            dir,
+            &self.model.layers(),
+            "default",
+            &self.adapter,
+            SaveOptions::default(),
+        )
+    }
+
+    fn on_start(&mut self, step: usize, out: &Path) -> Result<()> {
+        if self.monitor.is_none() {
+            return Ok(());
+        }
+        // A fresh run starts a fresh eval.jsonl; a resumed one keeps the evaluations up to its
+        // step and the starting perplexity as the forgetting baseline.
+        let path = out.join("eval.jsonl");
+        let kept: Vec<EvalPointRead> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<EvalPointRead>(l).ok())
+            .filter(|p| step > 0 && p.step < step)
+            .collect();
+        self.base_ppl = kept.first().map(|p| p.reference_ppl);
+        let body: String = kept
+            .iter()
+            .map(|p| format!("{}\n", p.line))
+            .collect();
+        crate::util::write_atomic(&path, body.as_bytes())?;
+        self.evaluate(step, out)
+    }
+
+    fn after_step(&mut self, step: usize, out: &Path) -> Result<()> {
+        match &self.monitor {
+            Some(m) if m.eval_steps > 0 && step.is_multiple_of(m.eval_steps) => {
+                self.evaluate(step, out)
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! SFT on a freshly initialised tiny Llama with LoRA: the loss on held-out task data falls, the
+//! forgetting monitor records reference perplexity (and can stop a run), replay mixes data in, and
+//! a resumed run equals an unbroken one.
+
+use postforge::align::sft::{MonitorConfig, SftTask};
+use postforge::data::chat::CHATML;
+use postforge::data::sft::{pack_bfd, tokenize, unpacked, SftExample, SftOptions};
+use postforge::data::text::{train_bpe, TextTokenizer};
+use postforge::models::llama::{LlamaConfig, LlamaForCausalLM};
+use postforge::models::Weights;
+use postforge::peft::{AdapterConfig, AdapterPlan};
+use postforge::train::{Task, TrainConfig, Trainer};
+
+fn tokenizer() -> TextTokenizer {
+    let texts: Vec<String> = (0..300)
+        .map(|i| format!("what is {} plus {}? {}. the sky is blue and the grass is green.", i % 50, i % 7, i % 50 + i % 7))
+        .collect();
+    let t = train_bpe(&texts, 320, &["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).unwrap();
+    TextTokenizer::from_parts(
+        t,
+        &serde_json::json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}),
+    )
+    .unwrap()
+}
+
+fn model(vocab: usize) -> (LlamaForCausalLM, AdapterConfig) {
+    let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128, "rope_theta": 10000.0
+    }))
+    .unwrap();
+    let mut a = AdapterConfig::lora(8, 16.0, &[]);
+    a.target_modules = Some(postforge::peft::config::ModuleSpec::Regex("all-linear".into()));
+    let w = Weights::fresh(5, AdapterPlan::single(a.clone(), 1).unwrap());
+    (LlamaForCausalLM::new(&cfg, &w).unwrap(), a)
+}
+
+fn rows(tok: &TextTokenizer, range: std::ops::Range<usize>, packed: bool) -> Vec<postforge::data::sft::Row> {
+    let seqs: Vec<_> = range
+        .map(|i| {
+            let ex = SftExample::from_json(&serde_json::json!({
+                "prompt": [{"role": "user", "content": format!("what is {} plus {}?", i % 50, i % 7)}],
+                "completion": [{"role": "assistant", "content": format!("{}", i % 50 + i % 7)}]}))
+            .unwrap();
+            tokenize(&ex, tok, &SftOptions::default()).unwrap()
+        })
+        .collect();
+    if packed {
+        pack_bfd(&seqs, 96)
+    } else {
+        unpacked(&seqs)
+    }
+}
+
+fn reference(tok: &TextTokenizer) -> Vec<postforge::data::sft::Row> {
+    let seqs: Vec<_> = (0..6)
+        .map(|i| {
+            tokenize(
+                &SftExample::Text(format!("the sky is blue and the grass is green. {i}")),
+                tok,
+                &SftOptions::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    unpacked(&seqs)
+}
+
+#[test]
+fn sft_learns_the_task_and_the_monitor_tracks_forgetting() {
+    let tok = tokenizer();
+    let (m, a) = model(tok.vocab_size());
+    let d = tempfile::tempdir().unwrap();
+    let mut task = SftTask::new(m, a, rows(&tok, 0..64, true), 4, tok.pad_id, 3)
+        .unwrap()
+        .with_replay(reference(&tok), 0.1)
+        .unwrap()
+        .with_monitor(
+            rows(&tok, 100..116, false),
+            reference(&tok),
+            MonitorConfig { eval_steps: 10, max_forgetting: Some(10.0), stop_on_forgetting: false },
+        );
+    let before = task.mean_loss(&rows(&tok, 100..116, false)).unwrap();
+    let cfg = TrainConfig {
+        learning_rate: 5e-3,
+        max_steps: 30,
+        output_dir: d.path().join("run"),
+        save_steps: 10,
+        ..Default::default()
+    };
+    let s = Trainer::new(cfg.clone()).unwrap().train(&mut task, false).unwrap();
+    let after = task.mean_loss(&rows(&tok, 100..116, false)).unwrap();
+    assert!(after < 0.7 * before, "held-out loss {before} -> {after}");
+    assert_eq!(task.history.len(), 4, "evaluations at steps 0, 10, 20, 30");
+    assert_eq!(task.history[0].forgetting, 0.0);
+    assert!(task.history.iter().all(|p| p.reference_ppl.is_finite()));
+    let lines = std::fs::read_to_string(d.path().join("run/eval.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 4);
+    // The adapter is a PEFT folder.
+    assert!(s.adapter_dir.join("adapter_config.json").exists());
+    assert!(s.adapter_dir.join("adapter_model.safetensors").exists());
+
+    // A resumed run (from step 20) ends where the unbroken one did.
+    let (m2, a2) = model(tok.vocab_size());
+    let mut t2 = SftTask::new(m2, a2, rows(&tok, 0..64, true), 4, tok.pad_id, 3)
+        .unwrap()
+        .with_replay(reference(&tok), 0.1)
+        .unwrap();
+    std::fs::remove_dir_all(d.path().join("run/checkpoint-30")).unwrap();
+    let s2 = Trainer::new(cfg).unwrap().train(&mut t2, true).unwrap();
+    assert_eq!(s2.resumed_from, Some(20));
+    let end_a = task.trainable();
+    let end_b = t2.trainable();
+    for ((n, x), (_, y)) in end_a.iter().zip(&end_b) {
+        let dlt: f32 = (x.as_tensor() - y.as_tensor()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        assert!(dlt < 1e-6, "{n}: resumed differs by {dlt}");
+    }
+}
+
+#[test]
+fn the_forgetting_monitor_can_stop_a_run_and_empty_data_is_refused() {
+    let tok = tokenizer();
+    let (m, a) = model(tok.vocab_size());
+    assert!(SftTask::new(m, a.clone(), vec![], 4, 0, 0).is_err());
+    let (m, a) = model(tok.vocab_size());
+    let d = tempfile::tempdir().unwrap();
+    // A threshold below any possible change stops at the first evaluation.
+    let mut task = SftTask::new(m, a, rows(&tok, 0..16, false), 4, tok.pad_id, 3)
+        .unwrap()
+        .with_monitor(vec![], reference(&tok), MonitorConfig { eval_steps: 2, max_forgetting: Some(-1.0), stop_on_forgetting: true });
+    let cfg = TrainConfig { max_steps: 4, output_dir: d.path().join("run"), ..Default::default() };
+    let e = Trainer::new(cfg).unwrap().train(&mut task, false).unwrap_err().to_string();
+    assert!(e.contains("forgetting"), "{e}");
+}
