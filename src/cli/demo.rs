@@ -162,25 +162,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Path::new("<teacher>"),
     )?;
 
-    let targets = if a.target_modules.contains(',')
-        || a.target_modules
-            .chars()
-            .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
-    {
-        ModuleSpec::List(
-            a.target_modules
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .collect(),
-        )
-    } else {
-        ModuleSpec::Regex(a.target_modules.clone())
-    };
-    let init = match a.init_lora_weights.as_str() {
-        "true" => InitSpec::Bool(true),
-        "false" => InitSpec::Bool(false),
-        s => InitSpec::Method(s.to_string()),
-    };
+    let targets = ModuleSpec::parse_cli(&a.target_modules);
+    let init = InitSpec::parse_cli(&a.init_lora_weights);
     let cfg = AdapterConfig {
         r: a.r,
         lora_alpha: a.lora_alpha,

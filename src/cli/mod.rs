@@ -2,10 +2,12 @@
 
 mod convert;
 mod demo;
+mod generate;
 mod grid;
 mod merge;
 mod pretrain;
 mod run;
+mod sft;
 mod styles;
 mod train_diffusion;
 
@@ -38,6 +40,10 @@ enum Command {
     TrainDiffusion(Box<train_diffusion::Args>),
     /// Write a procedural style set (shapes in a striped, outlined or filled style) as a kohya folder.
     MakeStyleSet(styles::Args),
+    /// Supervised fine-tuning of a Llama/Qwen2/Mistral model with LoRA/DoRA (PEFT flag names, TRL data formats), with a forgetting monitor and replay.
+    Sft(Box<sft::Args>),
+    /// Generate text from a Llama-family model folder (optionally with a PEFT adapter).
+    Generate(generate::Args),
     /// Draw a loss-curve PNG from a metrics.jsonl file.
     Plot(merge::PlotArgs),
 }
@@ -52,6 +58,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(a) => pretrain::run(a),
         Command::Grid(a) => grid::run(a),
         Command::Run(a) => run::run(a),
+        Command::Sft(a) => sft::run(*a),
+        Command::Generate(a) => generate::run(a),
         Command::TrainDiffusion(a) => train_diffusion::run(*a),
         Command::MakeStyleSet(a) => styles::run(a),
     }

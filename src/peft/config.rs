@@ -67,7 +67,31 @@ pub enum Init {
     Olora,
 }
 
+impl ModuleSpec {
+    /// Parses a command-line value: a comma-separated list of names (or one plain name, or
+    /// `all-linear`), otherwise a regex matched against the whole path.
+    pub fn parse_cli(s: &str) -> Self {
+        if s == "all-linear" {
+            return Self::Regex(s.into());
+        }
+        if s.contains(',') || s.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.') {
+            Self::List(s.split(',').map(|x| x.trim().to_string()).collect())
+        } else {
+            Self::Regex(s.to_string())
+        }
+    }
+}
+
 impl InitSpec {
+    /// Parses a command-line value: `true`, `false`, or a method name.
+    pub fn parse_cli(s: &str) -> Self {
+        match s {
+            "true" => Self::Bool(true),
+            "false" => Self::Bool(false),
+            m => Self::Method(m.to_string()),
+        }
+    }
+
     /// Parses the spec; unknown names are an error.
     pub fn parse(&self) -> Result<Init> {
         match self {

@@ -1,0 +1,79 @@
+use clap::Args as ClapArgs;
+use postforge::data::chat::{message, ChatTemplate};
+use postforge::data::text::TextTokenizer;
+use postforge::models::llama::{GenerationConfig, LlamaForCausalLM};
+use postforge::peft::{Adapted, AdapterPlan};
+use std::path::PathBuf;
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Model folder (Hugging Face layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter folder to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The prompt (a user message when the model has a chat template, unless --raw).
+    #[arg(long)]
+    prompt: String,
+    /// Feed the prompt as plain text, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Built-in chat template (chatml, llama3, vicuna) for models without one.
+    #[arg(long)]
+    chat_template: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let mut tok = TextTokenizer::load(&a.model)?;
+    if let Some(name) = &a.chat_template {
+        let bos = tok.bos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
+        let eos = tok.eos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
+        tok.chat_template = Some(ChatTemplate::builtin(name, &bos, &eos)?);
+    }
+    let mut model = LlamaForCausalLM::load(&a.model, AdapterPlan::none())?;
+    if let Some(ad) = &a.adapter {
+        postforge::peft::formats::peft::load(ad, &mut model.layers_mut(), "default")?;
+    }
+    let text = match (&tok.chat_template, a.raw) {
+        (Some(t), false) => t.render(&[message("user", &a.prompt)], true)?,
+        _ => a.prompt.clone(),
+    };
+    let mut ids = vec![];
+    if let (Some(b), true) = (&tok.bos, tok.add_bos) {
+        if !text.starts_with(&b.0) {
+            ids.push(b.1);
+        }
+    }
+    ids.extend(tok.encode(&text)?);
+    let mut stop = model.config().eos_ids();
+    if let Some(e) = &tok.eos {
+        stop.push(e.1);
+    }
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        do_sample: a.temperature > 0.0,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        stop_token_ids: stop,
+    };
+    let t0 = std::time::Instant::now();
+    let out = model.generate(&ids, &cfg)?;
+    let dt = t0.elapsed().as_secs_f64();
+    println!("{}", tok.decode(&out, true)?);
+    eprintln!("{} tokens in {dt:.2}s ({:.1} tokens/s)", out.len(), out.len() as f64 / dt.max(1e-9));
+    Ok(())
+}
