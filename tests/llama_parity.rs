@@ -202,3 +202,29 @@ fn greedy_generation_follows_the_argmax_and_sampling_is_seeded() {
     let others: Vec<Vec<u32>> = (4..8).map(|s| m.generate(&prompt, &GenerationConfig { seed: s, ..samp.clone() }).unwrap()).collect();
     assert!(others.iter().any(|o| *o != a));
 }
+
+#[test]
+fn merged_save_pretrained_reloads_to_the_same_logits() {
+    let io = SafeTensors::read(dir("qwen2").join("io.safetensors")).unwrap();
+    let mut cfg = AdapterConfig::lora(4, 8.0, &[]);
+    cfg.target_modules = Some(postforge::peft::config::ModuleSpec::Regex("all-linear".into()));
+    cfg.init_lora_weights = InitSpec::Bool(false);
+    let m = LlamaForCausalLM::load(&dir("qwen2"), AdapterPlan::single(cfg, 0).unwrap()).unwrap();
+    for l in m.layers() {
+        if let Some(ad) = l.adapters().get("default") {
+            ad.a.set(&io.get(&format!("factor.{}.lora_A.weight", l.path())).unwrap()).unwrap();
+            ad.b.set(&io.get(&format!("factor.{}.lora_B.weight", l.path())).unwrap()).unwrap();
+        }
+    }
+    let ids = io.get("input_ids").unwrap();
+    let want = m.forward(&ids, &Inputs::default(), &ForwardCtx::eval()).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    m.save_pretrained(d.path()).unwrap();
+    let back = LlamaForCausalLM::load(d.path(), AdapterPlan::none()).unwrap();
+    assert!(back.config().tie_word_embeddings, "no adapter on the embedding: still tied");
+    let got = back.forward(&ids, &Inputs::default(), &ForwardCtx::eval()).unwrap();
+    assert!(rel_err(&got, &want) < 1e-5);
+    let names = SafeTensors::read(d.path().join("model.safetensors")).unwrap().into_tensors();
+    assert!(!names.contains_key("lm_head.weight"));
+    assert!(names.contains_key("model.layers.1.self_attn.q_proj.bias"));
+}

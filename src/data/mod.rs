@@ -6,4 +6,5 @@ pub mod chat;
 pub mod image_folder;
 pub mod sft;
 pub mod shapes;
+pub mod tasks;
 pub mod text;

@@ -701,3 +701,60 @@ impl LlamaForCausalLM {
         Ok(out)
     }
 }
+
+impl LlamaForCausalLM {
+    /// Every weight under its Hugging Face name, with active adapters (and trained copies) merged
+    /// in. A tied `lm_head` is left out while it still equals the embedding; the second value says
+    /// whether the embeddings stay tied.
+    pub fn merged_state_dict(&self) -> Result<(std::collections::BTreeMap<String, Tensor>, bool)> {
+        let mut t = std::collections::BTreeMap::new();
+        for l in self.layers() {
+            let (w, b) = l.merged_tensors()?;
+            t.insert(format!("{}.weight", l.path()), w);
+            if let Some(b) = b {
+                t.insert(format!("{}.bias", l.path()), b);
+            }
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            t.insert(format!("{p}.input_layernorm.weight"), l.input_norm.clone());
+            t.insert(format!("{p}.post_attention_layernorm.weight"), l.post_norm.clone());
+        }
+        t.insert("model.norm.weight".into(), self.norm.clone());
+        let mut tied = self.cfg.tie_word_embeddings;
+        if tied {
+            let same = match (t.get("lm_head.weight"), t.get("model.embed_tokens.weight")) {
+                (Some(h), Some(e)) => (h - e)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0,
+                _ => false,
+            };
+            if same {
+                t.remove("lm_head.weight");
+            } else {
+                tied = false;
+            }
+        }
+        Ok((t, tied))
+    }
+
+    /// Writes `config.json` and `model.safetensors` (merged, as transformers loads them) into `dir`.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let (t, tied) = self.merged_state_dict()?;
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        crate::util::save_safetensors(&dir.join("model.safetensors"), &t, Some(meta))?;
+        let mut cfg = self.cfg.clone();
+        cfg.tie_word_embeddings = tied;
+        let mut v = serde_json::to_value(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
+        if v.get("architectures").is_none() {
+            let arch = match cfg.model_type.as_str() {
+                "qwen2" => "Qwen2ForCausalLM",
+                "mistral" => "MistralForCausalLM",
+                _ => "LlamaForCausalLM",
+            };
+            v["architectures"] = serde_json::json!([arch]);
+        }
+        v["torch_dtype"] = "float32".into();
+        let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Msg(e.to_string()))?;
+        crate::util::write_atomic(&dir.join("config.json"), text.as_bytes())
+    }
+}
