@@ -3,18 +3,48 @@ use std::path::PathBuf;
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Base model weights (safetensors).
+    /// Base model weights (safetensors), or a Hugging Face model folder (Llama / Qwen2 / Mistral),
+    /// in which case `--out` is a model folder that transformers loads (config, weights, tokenizer).
     #[arg(long)]
     base: PathBuf,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     adapter: PathBuf,
-    /// Output safetensors file.
+    /// Output safetensors file (or model folder).
     #[arg(long)]
     out: PathBuf,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.base.is_dir() {
+        use postforge::peft::Adapted;
+        let mut m = postforge::models::llama::LlamaForCausalLM::load(
+            &a.base,
+            postforge::peft::AdapterPlan::none(),
+        )?;
+        postforge::peft::formats::peft::load(&a.adapter, &mut m.layers_mut(), "default")?;
+        let n = m
+            .layers()
+            .iter()
+            .filter(|l| l.adapters().contains_key("default"))
+            .count();
+        m.save_pretrained(&a.out)?;
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        ] {
+            let src = a.base.join(f);
+            if src.exists() {
+                let bytes = std::fs::read(&src)?;
+                postforge::util::write_atomic(&a.out.join(f), &bytes)?;
+            }
+        }
+        println!("merged {n} modules into the model folder {}", a.out.display());
+        return Ok(());
+    }
     let n = postforge::peft::merge::merge_folder_into_checkpoint(&a.base, &a.adapter, &a.out)?;
     println!("merged {n} modules into {}", a.out.display());
     Ok(())

@@ -39,10 +39,10 @@ pub struct LlamaConfig {
     /// Query heads.
     pub num_attention_heads: usize,
     /// Key/value heads (GQA); default: the query heads.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
     /// Head width; default hidden / heads.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     /// RMSNorm ε.
     #[serde(default = "d_eps")]
@@ -72,10 +72,10 @@ pub struct LlamaConfig {
     #[serde(default = "d_act")]
     pub hidden_act: String,
     /// BOS id.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<serde_json::Value>,
     /// EOS id(s).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<serde_json::Value>,
     /// Everything else, kept for writing the config back.
     #[serde(flatten)]
