@@ -2,3 +2,4 @@
 //! IPO, SimPO, CPO, ORPO, KTO) as pure functions of sequence log-probs next.
 
 pub mod sft;
+pub mod tiny_chat;

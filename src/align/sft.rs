@@ -77,6 +77,9 @@ pub struct SftTask {
     base_ppl: Option<f64>,
     /// Evaluations so far.
     pub history: Vec<EvalPoint>,
+    /// Save the whole merged model folder with these extra files (full training) instead of a
+    /// PEFT adapter.
+    full_model_files: Option<Vec<(String, Vec<u8>)>>,
 }
 
 impl SftTask {
@@ -110,7 +113,15 @@ impl SftTask {
             monitor: None,
             base_ppl: None,
             history: vec![],
+            full_model_files: None,
         })
+    }
+
+    /// Saves the whole model as a Hugging Face folder (with `files`, e.g. the tokenizer) instead of
+    /// an adapter: for full training.
+    pub fn save_full_model(mut self, files: Vec<(String, Vec<u8>)>) -> Self {
+        self.full_model_files = Some(files);
+        self
     }
 
     /// Mixes `rows` of general data into batches: each batch slot is a replay row with
@@ -260,6 +271,13 @@ impl Task for SftTask {
     }
 
     fn save_adapter(&self, dir: &Path) -> Result<()> {
+        if let Some(files) = &self.full_model_files {
+            self.model.save_pretrained(dir)?;
+            for (name, bytes) in files {
+                crate::util::write_atomic(&dir.join(name), bytes)?;
+            }
+            return Ok(());
+        }
         save(
             dir,
             &self.model.layers(),

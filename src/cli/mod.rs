@@ -6,6 +6,7 @@ mod generate;
 mod grid;
 mod merge;
 mod pretrain;
+mod pretrain_chat;
 mod run;
 mod sft;
 mod styles;
@@ -32,7 +33,7 @@ enum Command {
     Merge(merge::Args),
     /// Convert an image-model LoRA file between kohya/A1111/ComfyUI and diffusers/PEFT layouts.
     Convert(convert::Args),
-    /// Train an embedded default model from scratch on procedural data (`tiny-sd`).
+    /// Train an embedded default model from scratch on procedural data (`tiny-sd`, `tiny-chat`).
     Pretrain(pretrain::Args),
     /// Run a pipeline file (`pipelines/*.toml`): training and evaluation stages in order.
     Run(run::Args),

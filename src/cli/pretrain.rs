@@ -12,6 +12,8 @@ use std::path::PathBuf;
 pub enum Which {
     /// Pixel-space 32x32 text-to-image pipeline on procedural shapes.
     TinySd,
+    /// Llama-architecture chat model on procedural instruction tasks.
+    TinyChat,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -19,30 +21,39 @@ pub struct Args {
     /// Which embedded model.
     #[arg(value_enum)]
     which: Which,
-    /// Optimizer steps.
-    #[arg(long = "max-steps", default_value_t = 3000)]
-    max_steps: usize,
-    /// Images per step.
-    #[arg(long = "batch-size", default_value_t = 16)]
-    batch_size: usize,
-    /// Peak learning rate.
-    #[arg(long = "learning-rate", default_value_t = 1e-3)]
-    learning_rate: f64,
+    /// Optimizer steps [tiny-sd: 1500, tiny-chat: 1200].
+    #[arg(long = "max-steps")]
+    pub max_steps: Option<usize>,
+    /// Images (tiny-sd) or packed rows (tiny-chat) per step [16].
+    #[arg(long = "batch-size")]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate [tiny-sd: 1e-3, tiny-chat: 2e-3].
+    #[arg(long = "learning-rate")]
+    pub learning_rate: Option<f64>,
+    /// tiny-chat: training examples.
+    #[arg(long, default_value_t = 40000)]
+    pub examples: usize,
+    /// tiny-chat: tokenizer vocabulary.
+    #[arg(long = "vocab-size", default_value_t = 768)]
+    pub vocab_size: usize,
+    /// tiny-chat: held-out questions for the accuracy figure.
+    #[arg(long = "eval-examples", default_value_t = 250)]
+    pub eval_examples: usize,
     /// Size of the procedural corpus.
     #[arg(long, default_value_t = 4000)]
     images: usize,
     /// Seed.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Where the pipeline folder goes.
-    #[arg(long, default_value = "assets/models/tiny-sd")]
-    out: PathBuf,
-    /// Training run folder (checkpoints, metrics, loss curve).
-    #[arg(long = "output-dir", default_value = "runs/pretrain-tiny-sd")]
-    output_dir: PathBuf,
+    pub seed: u64,
+    /// Where the model folder goes [assets/models/<name>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Training run folder (checkpoints, metrics, loss curve) [runs/pretrain-<name>].
+    #[arg(long = "output-dir")]
+    pub output_dir: Option<PathBuf>,
     /// Continue from the latest checkpoint.
     #[arg(long)]
-    resume: bool,
+    pub resume: bool,
     /// Prompts sampled for the adherence figure.
     #[arg(long = "eval-prompts", default_value_t = 100)]
     eval_prompts: usize,
@@ -58,18 +69,31 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let Which::TinySd = a.which;
+    if let Which::TinyChat = a.which {
+        return super::pretrain_chat::run(&a);
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("assets/models/tiny-sd"));
+    let output_dir = a
+        .output_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs/pretrain-tiny-sd"));
+    let max_steps = a.max_steps.unwrap_or(1500);
+    let batch_size = a.batch_size.unwrap_or(16);
+    let learning_rate = a.learning_rate.unwrap_or(1e-3);
     let mut task =
-        PretrainTask::with_init(a.images, a.batch_size, a.seed, a.init_from.as_deref())?;
+        PretrainTask::with_init(a.images, batch_size, a.seed, a.init_from.as_deref())?;
     let trainer = Trainer::new(TrainConfig {
-        learning_rate: a.learning_rate,
+        learning_rate,
         lr_scheduler: ScheduleKind::Cosine,
-        warmup_steps: (a.max_steps / 50).max(1),
-        max_steps: a.max_steps,
+        warmup_steps: (max_steps / 50).max(1),
+        max_steps,
         max_grad_norm: Some(1.0),
         save_steps: 250,
         seed: a.seed,
-        output_dir: a.output_dir.clone(),
+        output_dir,
         overwrite_output_dir: !a.resume,
         ..Default::default()
     })?;
@@ -78,9 +102,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "trained {} steps in {:.0}s: loss {:.4} -> {:.4}",
         s.steps, s.seconds, s.first_loss, s.last_loss
     );
-    task.write_pipeline(&a.out)?;
-    let p = Pipeline::load(&a.out, AdapterPlan::none(), AdapterPlan::none())
-        .with_context(|| format!("reloading {}", a.out.display()))?;
+    task.write_pipeline(&out)?;
+    let p = Pipeline::load(&out, AdapterPlan::none(), AdapterPlan::none())
+        .with_context(|| format!("reloading {}", out.display()))?;
     let (ok, samples) = tiny_sd::adherence(
         &p,
         a.eval_prompts,
@@ -112,14 +136,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 })
                 .collect(),
         };
-        write_png(&a.out.join("samples.png"), &render(&cells, &labels, 64)?)?;
+        write_png(&out.join("samples.png"), &render(&cells, &labels, 64)?)?;
     }
     let card = format!(
         "# tiny-sd\n\nA pixel-space (32x32 RGB) text-to-image pipeline in the diffusers folder layout (unet/, text_encoder/, tokenizer/, scheduler/, model_index.json), trained from scratch by postforge on procedurally generated captioned shapes (3 shapes x 6 colours x 5 positions x 3 backgrounds).\n\n- Command: `postforge pretrain tiny-sd --max-steps {} --batch-size {} --learning-rate {} --images {} --seed {}{}`\n- Steps: {} (loss {:.4} -> {:.4}, {:.0} s on this machine)\n- Prompt adherence: {ok}/{} = {pct:.1}% of sampled images show the prompted shape, colour and position (procedural detector, DDIM {} steps, CFG {})\n- Samples: samples.png\n",
-        a.max_steps, a.batch_size, a.learning_rate, a.images, a.seed,
+        max_steps, batch_size, learning_rate, a.images, a.seed,
         a.init_from.as_ref().map(|p| format!(" --init-from {}", p.display())).unwrap_or_default(), s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
     );
-    postforge::util::write_atomic(&a.out.join("MODEL_CARD.md"), card.as_bytes())?;
-    println!("wrote {} (MODEL_CARD.md, samples.png)", a.out.display());
+    postforge::util::write_atomic(&out.join("MODEL_CARD.md"), card.as_bytes())?;
+    println!("wrote {} (MODEL_CARD.md, samples.png)", out.display());
     Ok(())
 }

@@ -1,0 +1,164 @@
+//! The embedded default `tiny-chat`: a Llama-architecture chat model of a few million parameters,
+//! trained from scratch by postforge on procedural instruction tasks with checkable answers
+//! ([`crate::data::tasks`]), with its own byte-level BPE tokenizer and a ChatML template, written
+//! as a Hugging Face model folder; and the task-accuracy evaluation used by its model card and by
+//! fine-tuning pipelines.
+
+use crate::data::chat::{message, CHATML};
+use crate::data::sft::{pack_bfd, tokenize, unpacked, Row, SftExample, SftOptions};
+use crate::data::tasks::{corpus, TaskExample, TaskKind, World};
+use crate::data::text::{train_bpe, TextTokenizer};
+use crate::models::llama::{GenerationConfig, LlamaConfig, LlamaForCausalLM};
+use crate::util::write_atomic;
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Sequence length of the model and of packed training rows.
+pub const MAX_LEN: usize = 128;
+/// Countries in the generated world.
+pub const COUNTRIES: usize = 12;
+/// Seed of the world (fixed: the facts are part of the model).
+pub const WORLD_SEED: u64 = 2026;
+
+/// The special tokens (ids 0, 1, 2).
+pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// The model configuration for a vocabulary of `vocab` tokens.
+pub fn config(vocab: usize) -> LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": MAX_LEN,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "hidden_act": "silu"
+    }))
+    .expect("static config")
+}
+
+/// The world the fact questions are about.
+pub fn world() -> World {
+    World::new(COUNTRIES, WORLD_SEED)
+}
+
+/// `tokenizer_config.json` of the model.
+pub fn tokenizer_config() -> serde_json::Value {
+    serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": MAX_LEN,
+        "bos_token": null, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "unk_token": null, "add_bos_token": false, "chat_template": CHATML
+    })
+}
+
+/// Trains the tokenizer on the chat renderings of `examples`.
+pub fn train_tokenizer(examples: &[TaskExample], vocab: usize) -> Result<TextTokenizer> {
+    let texts: Vec<String> = examples
+        .iter()
+        .map(|e| {
+            format!(
+                "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{}<|im_end|>\n",
+                e.prompt, e.answer
+            )
+        })
+        .collect();
+    let tok = train_bpe(&texts, vocab, &SPECIALS)?;
+    TextTokenizer::from_parts(tok, &tokenizer_config())
+}
+
+/// Writes `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` into `dir`.
+pub fn write_tokenizer(dir: &Path, tok: &TextTokenizer) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let json = tok
+        .tok
+        .to_string(true)
+        .map_err(|e| Error::Msg(format!("serialising the tokenizer: {e}")))?;
+    write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()));
+    write_atomic(
+        &dir.join("tokenizer_config.json"),
+        pretty(&tokenizer_config())?.as_bytes(),
+    )?;
+    let eos = tok.eos.as_ref().map(|e| e.1).unwrap_or(2);
+    write_atomic(
+        &dir.join("generation_config.json"),
+        pretty(&serde_json::json!({"eos_token_id": [eos], "pad_token_id": tok.pad_id,
+            "max_new_tokens": 32, "do_sample": false}))?
+        .as_bytes(),
+    )
+}
+
+/// Tokenized training rows of task examples (completion-only loss), packed or one per example.
+pub fn rows(examples: &[TaskExample], tok: &TextTokenizer, packed: bool) -> Result<Vec<Row>> {
+    let opts = SftOptions {
+        max_length: MAX_LEN,
+        ..Default::default()
+    };
+    let seqs = examples
+        .iter()
+        .map(|e| {
+            let ex = SftExample::from_json(&e.to_json()).map_err(Error::Msg)?;
+            tokenize(&ex, tok, &opts)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(if packed {
+        pack_bfd(&seqs, MAX_LEN)
+    } else {
+        unpacked(&seqs)
+    })
+}
+
+/// Accuracy of greedy replies to `examples`: (correct, total) per task kind and overall.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Accuracy {
+    /// Per task: (correct, total).
+    pub per_task: BTreeMap<String, (usize, usize)>,
+    /// Correct replies.
+    pub correct: usize,
+    /// Questions asked.
+    pub total: usize,
+}
+
+impl Accuracy {
+    /// Share correct.
+    pub fn rate(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+}
+
+/// Asks the model every question (greedy, chat template) and checks the replies.
+pub fn accuracy(
+    model: &LlamaForCausalLM,
+    tok: &TextTokenizer,
+    examples: &[TaskExample],
+    progress: &indicatif::ProgressBar,
+) -> Result<Accuracy> {
+    let tmpl = tok.template()?;
+    let eos = tok.eos.as_ref().map(|e| e.1).into_iter().collect::<Vec<_>>();
+    let g = GenerationConfig {
+        max_new_tokens: 24,
+        stop_token_ids: eos,
+        ..Default::default()
+    };
+    let mut acc = Accuracy::default();
+    for e in examples {
+        let text = tmpl.render(&[message("user", &e.prompt)], true)?;
+        let out = model.generate(&tok.encode(&text)?, &g)?;
+        let reply = tok.decode(&out, true)?;
+        let ok = e.check(&reply);
+        let entry = acc.per_task.entry(e.kind.name().to_string()).or_default();
+        entry.0 += ok as usize;
+        entry.1 += 1;
+        acc.correct += ok as usize;
+        acc.total += 1;
+        progress.inc(1);
+    }
+    Ok(acc)
+}
+
+/// The pretraining corpus and held-out questions (seeded).
+pub fn pretraining_data(n: usize, held_out: usize, seed: u64) -> (Vec<TaskExample>, Vec<TaskExample>) {
+    let w = world();
+    let all = corpus(&TaskKind::PRETRAIN, n + held_out, &w, seed);
+    let (train, held) = all.split_at(n);
+    (train.to_vec(), held.to_vec())
+}
