@@ -2,6 +2,8 @@
 //! tables, each with a `kind` and that stage's settings. A stage may leave out what the stage before
 //! it produced (an evaluation takes the model and LoRA file of the preceding training stage).
 
+use crate::align::sft::{SftReport, SftRunConfig};
+use crate::align::tiny_chat::{task_eval, TaskEvalConfig, TaskEvalReport};
 use crate::diffusion::eval::{evaluate, EvalConfig, EvalReport};
 use crate::diffusion::train::{train_lora, LoraTrainConfig};
 use crate::train::TrainSummary;
@@ -31,6 +33,10 @@ pub enum Stage {
     TrainDiffusion(LoraTrainConfig),
     /// Before/after grid and style/adherence scores of an image LoRA.
     DiffusionEval(EvalConfig),
+    /// Supervised fine-tuning of a causal LM with an adapter (PEFT / TRL keys).
+    Sft(Box<SftRunConfig>),
+    /// Task accuracy of a chat model without and with the adapter.
+    TaskEval(TaskEvalConfig),
 }
 
 /// What a stage produced.
@@ -47,6 +53,10 @@ pub enum StageReport {
     },
     /// An evaluation.
     Evaluated(EvalReport),
+    /// An SFT run.
+    FineTuned(Box<SftReport>),
+    /// A task evaluation.
+    TaskEvaluated(TaskEvalReport),
 }
 
 impl Recipe {
@@ -136,6 +146,67 @@ impl Recipe {
                         }
                     }
                     reports.push(StageReport::Evaluated(rep));
+                }
+                Stage::Sft(cfg) => {
+                    log(&format!(
+                        "stage {}: sft: {} on {} -> {}",
+                        i + 1,
+                        cfg.model.display(),
+                        cfg.data.display(),
+                        cfg.output_dir.display()
+                    ));
+                    let r = cfg.run(resume, !resume)?;
+                    let s = &r.summary;
+                    log(&format!(
+                        "  {} rows, {} trainable parameters; {} steps in {:.0}s: loss {:.4} -> {:.4}; adapter {}",
+                        r.rows, r.trainable, s.steps, s.seconds, s.first_loss, s.last_loss,
+                        s.adapter_dir.display()
+                    ));
+                    if let (Some(a), Some(b)) = (r.history.first(), r.history.last()) {
+                        log(&format!(
+                            "  held-out loss {:.4} -> {:.4}; reference perplexity {:.3} -> {:.3} (forgetting {:+.1}%)",
+                            a.eval_loss, b.eval_loss, a.reference_ppl, b.reference_ppl, 100.0 * b.forgetting
+                        ));
+                    }
+                    last_model = Some(cfg.model.clone());
+                    last_lora = Some(s.adapter_dir.clone());
+                    last_out = Some(cfg.output_dir.clone());
+                    reports.push(StageReport::FineTuned(Box::new(r)));
+                }
+                Stage::TaskEval(cfg) => {
+                    let model = cfg.model.clone().or(last_model.clone()).ok_or_else(|| {
+                        Error::Config(format!("stage {}: task-eval has no `model` and no training stage before it", i + 1))
+                    })?;
+                    let adapter = cfg.adapter.clone().or(last_lora.clone()).ok_or_else(|| {
+                        Error::Config(format!("stage {}: task-eval has no `adapter` and no training stage before it", i + 1))
+                    })?;
+                    log(&format!(
+                        "stage {}: task-eval: {} with {}",
+                        i + 1,
+                        model.display(),
+                        adapter.display()
+                    ));
+                    let rep = task_eval(cfg, &model, &adapter, progress)?;
+                    log(&format!("  {:>10}  {:>8}  {:>8}", "task", "before", "after"));
+                    for (k, (c0, n0)) in &rep.before.per_task {
+                        let (c1, n1) = rep.after.per_task.get(k).copied().unwrap_or((0, 0));
+                        log(&format!(
+                            "  {k:>10}  {:>7.0}%  {:>7.0}%",
+                            100.0 * *c0 as f64 / (*n0).max(1) as f64,
+                            100.0 * c1 as f64 / n1.max(1) as f64
+                        ));
+                    }
+                    log(&format!(
+                        "  {:>10}  {:>7.0}%  {:>7.0}%",
+                        "all",
+                        100.0 * rep.before.rate(),
+                        100.0 * rep.after.rate()
+                    ));
+                    if let Some(out) = &last_out {
+                        let json = serde_json::to_string_pretty(&rep).map_err(|e| Error::Msg(e.to_string()))?;
+                        crate::util::write_atomic(&out.join("task_eval.json"), json.as_bytes())?;
+                    }
+                    reports.push(StageReport::TaskEvaluated(rep));
                 }
             }
         }

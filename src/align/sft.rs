@@ -318,3 +318,275 @@ impl Task for SftTask {
         }
     }
 }
+
+fn d_ratio() -> f64 {
+    0.05
+}
+fn d_eval_steps() -> usize {
+    50
+}
+fn d_r() -> usize {
+    8
+}
+fn d_alpha() -> f64 {
+    8.0
+}
+fn d_targets() -> String {
+    "all-linear".into()
+}
+fn d_init() -> String {
+    "true".into()
+}
+fn d_maxlen() -> usize {
+    1024
+}
+fn d_lr() -> f64 {
+    2e-5
+}
+fn d_sched() -> crate::train::ScheduleKind {
+    crate::train::ScheduleKind::Linear
+}
+fn d_epochs() -> usize {
+    3
+}
+fn d_bs() -> usize {
+    8
+}
+fn d_one() -> usize {
+    1
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_seed() -> u64 {
+    42
+}
+
+/// A whole SFT run (the `sft` stage of a pipeline file and `postforge sft`): PEFT's adapter keys
+/// and TRL's `SFTConfig` keys.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftRunConfig {
+    /// Model folder.
+    pub model: std::path::PathBuf,
+    /// Training JSONL.
+    pub data: std::path::PathBuf,
+    /// Held-out JSONL (evaluation loss).
+    #[serde(default)]
+    pub eval_data: Option<std::path::PathBuf>,
+    /// General reference JSONL (forgetting).
+    #[serde(default)]
+    pub reference: Option<std::path::PathBuf>,
+    /// Replay JSONL.
+    #[serde(default)]
+    pub replay: Option<std::path::PathBuf>,
+    /// Replay share of batch slots.
+    #[serde(default = "d_ratio")]
+    pub replay_ratio: f64,
+    /// Evaluate every N steps.
+    #[serde(default = "d_eval_steps")]
+    pub eval_steps: usize,
+    /// Forgetting threshold (fraction).
+    #[serde(default)]
+    pub max_forgetting: Option<f64>,
+    /// Stop instead of warning.
+    #[serde(default)]
+    pub stop_on_forgetting: bool,
+    /// LoRA rank.
+    #[serde(default = "d_r")]
+    pub r: usize,
+    /// LoRA alpha.
+    #[serde(default = "d_alpha")]
+    pub lora_alpha: f64,
+    /// Adapter dropout.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Target modules (list, regex or all-linear).
+    #[serde(default = "d_targets")]
+    pub target_modules: String,
+    /// DoRA.
+    #[serde(default)]
+    pub use_dora: bool,
+    /// rsLoRA.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Adapter initialisation.
+    #[serde(default = "d_init")]
+    pub init_lora_weights: String,
+    /// Built-in chat template for models without one.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// Longest sequence.
+    #[serde(default = "d_maxlen")]
+    pub max_length: usize,
+    /// BFD packing.
+    #[serde(default)]
+    pub packing: bool,
+    /// Completion-only loss.
+    #[serde(default)]
+    pub completion_only_loss: Option<bool>,
+    /// Assistant-only loss.
+    #[serde(default)]
+    pub assistant_only_loss: bool,
+    /// Peak learning rate.
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    /// Schedule.
+    #[serde(default = "d_sched")]
+    pub lr_scheduler_type: crate::train::ScheduleKind,
+    /// Warmup steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Optimizer steps (default: epochs × batches).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Epochs when `max_steps` is not set.
+    #[serde(default = "d_epochs")]
+    pub num_train_epochs: usize,
+    /// Rows per micro-batch.
+    #[serde(default = "d_bs")]
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per step.
+    #[serde(default = "d_one")]
+    pub gradient_accumulation_steps: usize,
+    /// Clipping (0 = off).
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    /// Weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Checkpoint every N steps.
+    #[serde(default)]
+    pub save_steps: usize,
+    /// Seed.
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Run folder.
+    pub output_dir: std::path::PathBuf,
+}
+
+/// What an SFT run produced.
+#[derive(Debug, Clone)]
+pub struct SftReport {
+    /// Trainer summary.
+    pub summary: crate::train::TrainSummary,
+    /// Evaluations (held-out loss, reference perplexity, forgetting).
+    pub history: Vec<EvalPoint>,
+    /// Training rows.
+    pub rows: usize,
+    /// Trainable parameters.
+    pub trainable: usize,
+}
+
+impl SftRunConfig {
+    /// The adapter configuration.
+    pub fn adapter(&self) -> AdapterConfig {
+        AdapterConfig {
+            r: self.r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules: Some(crate::peft::ModuleSpec::parse_cli(&self.target_modules)),
+            use_dora: self.use_dora,
+            use_rslora: self.use_rslora,
+            init_lora_weights: crate::peft::InitSpec::parse_cli(&self.init_lora_weights),
+            base_model_name_or_path: Some(self.model.display().to_string()),
+            task_type: Some("CAUSAL_LM".into()),
+            ..Default::default()
+        }
+    }
+
+    /// The tokenizer of the model (with the built-in template if asked for).
+    pub fn tokenizer(&self) -> Result<crate::data::text::TextTokenizer> {
+        let mut tok = crate::data::text::TextTokenizer::load(&self.model)?;
+        if let Some(name) = &self.chat_template {
+            let bos = tok.bos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
+            let eos = tok.eos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
+            tok.chat_template = Some(crate::data::chat::ChatTemplate::builtin(name, &bos, &eos)?);
+        }
+        Ok(tok)
+    }
+
+    fn rows(&self, path: &Path, tok: &crate::data::text::TextTokenizer, packing: bool) -> Result<Vec<Row>> {
+        use crate::data::sft::{pack_bfd, read_jsonl, tokenize, unpacked, SftOptions};
+        let opts = SftOptions {
+            max_length: self.max_length,
+            completion_only_loss: self.completion_only_loss,
+            assistant_only_loss: self.assistant_only_loss,
+        };
+        let seqs = read_jsonl(path)?
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                tokenize(e, tok, &opts)
+                    .map_err(|err| Error::format(path, format!("example {}: {err}", i + 1)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(if packing {
+            pack_bfd(&seqs, self.max_length)
+        } else {
+            unpacked(&seqs)
+        })
+    }
+
+    /// Runs the training; `overwrite` starts afresh over an earlier run's checkpoints.
+    pub fn run(&self, resume: bool, overwrite: bool) -> Result<SftReport> {
+        let tok = self.tokenizer()?;
+        let train = self.rows(&self.data, &tok, self.packing)?;
+        let adapter = self.adapter();
+        let model = LlamaForCausalLM::load(
+            &self.model,
+            crate::peft::AdapterPlan::single(adapter.clone(), self.seed)?,
+        )?;
+        let trainable: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+        let bs = self.per_device_train_batch_size;
+        let n_rows = train.len();
+        let steps = self.max_steps.unwrap_or(
+            (self.num_train_epochs * n_rows.div_ceil(bs.max(1)))
+                / self.gradient_accumulation_steps.max(1),
+        );
+        let mut task = SftTask::new(model, adapter, train, bs, tok.pad_id, self.seed)?;
+        if let Some(r) = &self.replay {
+            task = task.with_replay(self.rows(r, &tok, false)?, self.replay_ratio)?;
+        }
+        if self.eval_data.is_some() || self.reference.is_some() {
+            let held = match &self.eval_data {
+                Some(p) => self.rows(p, &tok, false)?,
+                None => vec![],
+            };
+            let reference = match &self.reference {
+                Some(p) => self.rows(p, &tok, false)?,
+                None => vec![],
+            };
+            task = task.with_monitor(
+                held,
+                reference,
+                MonitorConfig {
+                    eval_steps: self.eval_steps,
+                    max_forgetting: self.max_forgetting,
+                    stop_on_forgetting: self.stop_on_forgetting,
+                },
+            );
+        }
+        let trainer = crate::train::Trainer::new(crate::train::TrainConfig {
+            learning_rate: self.learning_rate,
+            lr_scheduler: self.lr_scheduler_type,
+            warmup_steps: self.warmup_steps,
+            max_steps: steps,
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            weight_decay: self.weight_decay,
+            save_steps: self.save_steps,
+            seed: self.seed,
+            output_dir: self.output_dir.clone(),
+            overwrite_output_dir: overwrite,
+            ..Default::default()
+        })?;
+        let summary = trainer.train(&mut task, resume)?;
+        Ok(SftReport {
+            summary,
+            history: task.history.clone(),
+            rows: n_rows,
+            trainable,
+        })
+    }
+}

@@ -162,3 +162,59 @@ pub fn pretraining_data(n: usize, held_out: usize, seed: u64) -> (Vec<TaskExampl
     let (train, held) = all.split_at(n);
     (train.to_vec(), held.to_vec())
 }
+
+fn d_per_task() -> usize {
+    50
+}
+
+/// The `task-eval` stage: task accuracy of a model without and with an adapter.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskEvalConfig {
+    /// Model folder (default: the model of the preceding training stage).
+    #[serde(default)]
+    pub model: Option<std::path::PathBuf>,
+    /// PEFT adapter folder (default: the preceding stage's adapter).
+    #[serde(default)]
+    pub adapter: Option<std::path::PathBuf>,
+    /// Task names (add, copy, sort, reverse, fact, max, subtract).
+    pub tasks: Vec<String>,
+    /// Questions per task.
+    #[serde(default = "d_per_task")]
+    pub per_task: usize,
+    /// Seed of the questions.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Accuracy without and with the adapter.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TaskEvalReport {
+    /// The base model.
+    pub before: Accuracy,
+    /// With the adapter.
+    pub after: Accuracy,
+}
+
+/// Runs the evaluation (the same questions for both).
+pub fn task_eval(
+    cfg: &TaskEvalConfig,
+    model: &Path,
+    adapter: &Path,
+    progress: &indicatif::ProgressBar,
+) -> Result<TaskEvalReport> {
+    use crate::peft::{Adapted, AdapterPlan};
+    let kinds = cfg
+        .tasks
+        .iter()
+        .map(|t| TaskKind::parse(t).ok_or_else(|| Error::Config(format!("unknown task `{t}`"))))
+        .collect::<Result<Vec<_>>>()?;
+    let qs = corpus(&kinds, cfg.per_task * kinds.len(), &world(), cfg.seed ^ 0x5eed);
+    let tok = TextTokenizer::load(model)?;
+    let mut m = LlamaForCausalLM::load(model, AdapterPlan::none())?;
+    progress.set_length(progress.length().unwrap_or(0) + 2 * qs.len() as u64);
+    let before = accuracy(&m, &tok, &qs, progress)?;
+    crate::peft::formats::peft::load(adapter, &mut m.layers_mut(), "default")?;
+    let after = accuracy(&m, &tok, &qs, progress)?;
+    Ok(TaskEvalReport { before, after })
+}

@@ -10,6 +10,7 @@ mod pretrain_chat;
 mod run;
 mod sft;
 mod styles;
+mod task_data;
 mod train_diffusion;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,8 @@ enum Command {
     Sft(Box<sft::Args>),
     /// Generate text from a Llama-family model folder (optionally with a PEFT adapter).
     Generate(generate::Args),
+    /// Write procedural instruction tasks (tiny-chat's world) as TRL JSONL.
+    MakeTaskData(task_data::Args),
     /// Draw a loss-curve PNG from a metrics.jsonl file.
     Plot(merge::PlotArgs),
 }
@@ -63,5 +66,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::TrainDiffusion(a) => train_diffusion::run(*a),
         Command::MakeStyleSet(a) => styles::run(a),
+        Command::MakeTaskData(a) => task_data::run(a),
     }
 }

@@ -1,13 +1,7 @@
-use anyhow::Context;
 use clap::Args as ClapArgs;
-use postforge::align::sft::{MonitorConfig, SftTask};
-use postforge::data::chat::ChatTemplate;
-use postforge::data::sft::{pack_bfd, read_jsonl, tokenize, unpacked, Row, SftOptions};
-use postforge::data::text::TextTokenizer;
-use postforge::models::llama::LlamaForCausalLM;
-use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, InitSpec, ModuleSpec};
-use postforge::train::{ScheduleKind, TrainConfig, Trainer};
-use std::path::{Path, PathBuf};
+use postforge::align::sft::SftRunConfig;
+use postforge::train::ScheduleKind;
+use std::path::PathBuf;
 
 /// Adapter flags carry PEFT's names and defaults; training flags TRL's `SFTConfig` names.
 #[derive(ClapArgs, Debug)]
@@ -108,99 +102,56 @@ pub struct Args {
     overwrite_output_dir: bool,
 }
 
-fn rows(path: &Path, tok: &TextTokenizer, o: &SftOptions, packing: bool) -> anyhow::Result<Vec<Row>> {
-    let ex = read_jsonl(path)?;
-    let seqs = ex
-        .iter()
-        .enumerate()
-        .map(|(i, e)| tokenize(e, tok, o).with_context(|| format!("{}: example {}", path.display(), i + 1)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(if packing {
-        pack_bfd(&seqs, o.max_length)
-    } else {
-        unpacked(&seqs)
-    })
-}
-
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut tok = TextTokenizer::load(&a.model)?;
-    if let Some(name) = &a.chat_template {
-        let bos = tok.bos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
-        let eos = tok.eos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
-        tok.chat_template = Some(ChatTemplate::builtin(name, &bos, &eos)?);
-    }
-    let opts = SftOptions {
-        max_length: a.max_length,
-        completion_only_loss: a.completion_only_loss,
-        assistant_only_loss: a.assistant_only_loss,
-    };
-    let train = rows(&a.data, &tok, &opts, a.packing)?;
-    let adapter = AdapterConfig {
+    let cfg = SftRunConfig {
+        model: a.model,
+        data: a.data.clone(),
+        eval_data: a.eval_data,
+        reference: a.reference,
+        replay: a.replay,
+        replay_ratio: a.replay_ratio,
+        eval_steps: a.eval_steps,
+        max_forgetting: a.max_forgetting,
+        stop_on_forgetting: a.stop_on_forgetting,
         r: a.r,
         lora_alpha: a.lora_alpha,
         lora_dropout: a.lora_dropout,
-        target_modules: Some(ModuleSpec::parse_cli(&a.target_modules)),
+        target_modules: a.target_modules,
         use_dora: a.use_dora,
         use_rslora: a.use_rslora,
-        init_lora_weights: InitSpec::parse_cli(&a.init_lora_weights),
-        base_model_name_or_path: Some(a.model.display().to_string()),
-        task_type: Some("CAUSAL_LM".into()),
-        ..Default::default()
-    };
-    let model = LlamaForCausalLM::load(&a.model, AdapterPlan::single(adapter.clone(), a.seed)?)?;
-    let n_train: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
-    println!("{}: {} rows, {n_train} trainable parameters", a.data.display(), train.len());
-    let bs = a.per_device_train_batch_size;
-    let steps = a
-        .max_steps
-        .unwrap_or(a.num_train_epochs * train.len().div_ceil(bs) / a.gradient_accumulation_steps.max(1));
-    let mut task = SftTask::new(model, adapter, train, bs, tok.pad_id, a.seed)?;
-    if let Some(r) = &a.replay {
-        task = task.with_replay(rows(r, &tok, &opts, false)?, a.replay_ratio)?;
-    }
-    if a.eval_data.is_some() || a.reference.is_some() {
-        let held = match &a.eval_data {
-            Some(p) => rows(p, &tok, &opts, false)?,
-            None => vec![],
-        };
-        let reference = match &a.reference {
-            Some(p) => rows(p, &tok, &opts, false)?,
-            None => vec![],
-        };
-        task = task.with_monitor(
-            held,
-            reference,
-            MonitorConfig {
-                eval_steps: a.eval_steps,
-                max_forgetting: a.max_forgetting,
-                stop_on_forgetting: a.stop_on_forgetting,
-            },
-        );
-    }
-    let trainer = Trainer::new(TrainConfig {
+        init_lora_weights: a.init_lora_weights,
+        chat_template: a.chat_template,
+        max_length: a.max_length,
+        packing: a.packing,
+        completion_only_loss: a.completion_only_loss,
+        assistant_only_loss: a.assistant_only_loss,
         learning_rate: a.learning_rate,
-        lr_scheduler: a.lr_scheduler_type,
+        lr_scheduler_type: a.lr_scheduler_type,
         warmup_steps: a.warmup_steps,
-        max_steps: steps,
+        max_steps: a.max_steps,
+        num_train_epochs: a.num_train_epochs,
+        per_device_train_batch_size: a.per_device_train_batch_size,
         gradient_accumulation_steps: a.gradient_accumulation_steps,
-        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        max_grad_norm: a.max_grad_norm,
         weight_decay: a.weight_decay,
         save_steps: a.save_steps,
         seed: a.seed,
-        output_dir: a.output_dir.clone(),
-        overwrite_output_dir: a.overwrite_output_dir,
-        ..Default::default()
-    })?;
-    let s = trainer.train(&mut task, a.resume)?;
+        output_dir: a.output_dir,
+    };
+    let r = cfg.run(a.resume, a.overwrite_output_dir)?;
+    let s = &r.summary;
     println!(
-        "trained {} steps in {:.0}s: loss {:.4} -> {:.4}; adapter in {}",
+        "{}: {} rows, {} trainable parameters; trained {} steps in {:.0}s: loss {:.4} -> {:.4}; adapter in {}",
+        a.data.display(),
+        r.rows,
+        r.trainable,
         s.steps,
         s.seconds,
         s.first_loss,
         s.last_loss,
         s.adapter_dir.display()
     );
-    if let (Some(first), Some(last)) = (task.history.first(), task.history.last()) {
+    if let (Some(first), Some(last)) = (r.history.first(), r.history.last()) {
         println!(
             "held-out loss {:.4} -> {:.4}; reference perplexity {:.3} -> {:.3} (forgetting {:+.1}%)",
             first.eval_loss,
