@@ -1,0 +1,97 @@
+//! Sequence log-probabilities from logits, and the numerically stable scalar functions the
+//! preference losses are built from (each a composition of differentiable candle ops).
+
+use crate::{Error, Result};
+use candle_core::{DType, Tensor, D};
+
+/// log σ(x) = min(x, 0) − log(1 + e^{−|x|}), stable for large |x|.
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let neg_abs = x.abs()?.neg()?;
+    Ok((x.minimum(0f32)? - (neg_abs.exp()? + 1.0)?.log()?)?)
+}
+
+/// σ(x) = exp(log σ(x)).
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(log_sigmoid(x)?.exp()?)
+}
+
+/// log(1 − eˣ) for x < 0, stable on both sides of −ln 2 (TRL's `log1mexp`).
+pub fn log1mexp(x: &Tensor) -> Result<Tensor> {
+    // x < −ln2: log1p(−eˣ); otherwise log(−expm1(x)). candle has neither log1p nor expm1, so
+    // both branches are written with care: for x < −ln2, eˣ < ½ and log(1 − eˣ) is well
+    // conditioned; for −ln2 ≤ x < 0, −expm1(x) = 1 − eˣ is computed as −x·(1 + x/2 + x²/6 + x³/24
+    // + x⁴/120) near 0 and as 1 − eˣ elsewhere.
+    let t = -std::f64::consts::LN_2;
+    let far = (x.exp()?.neg()? + 1.0)?.log()?;
+    let x2 = x.sqr()?;
+    let series = x
+        .neg()?
+        .mul(&((((x.clone() / 2.0)? + 1.0)? + (&x2 / 6.0)?)? + ((x2.mul(x)? / 24.0)? + (x2.sqr()? / 120.0)?)?)?)?;
+    let near_zero = x.ge(-1e-2)?;
+    let near = near_zero.where_cond(&series, &(x.exp()?.neg()? + 1.0)?)?.log()?;
+    Ok(x.lt(t)?.where_cond(&far, &near)?)
+}
+
+/// Per-token log-probs of `targets` (B, T) under `logits` (B, T, V) (already aligned: position t
+/// scores target t).
+pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let lp = crate::models::llama::log_softmax(logits)?;
+    Ok(lp
+        .gather(&targets.to_dtype(DType::U32)?.contiguous()?.unsqueeze(2)?, 2)?
+        .squeeze(2)?)
+}
+
+/// Sequence log-probs of the completion tokens: for ids (B, T) and the completion mask (B, T;
+/// 1 on completion tokens), the next-token log-probs of the masked targets, summed (and the token
+/// counts, for means). Also the mean logit over completion positions (TRL's `logits/*` metric).
+pub struct SeqLogps {
+    /// Σ log p over completion tokens (B).
+    pub sum: Tensor,
+    /// Completion tokens per row (B).
+    pub tokens: Tensor,
+    /// Mean over completion tokens of the mean logit at the predicting position (a scalar metric).
+    pub mean_logit: f64,
+    /// Mean next-token NLL over all completion tokens of the batch (scalar tensor).
+    pub nll: Tensor,
+}
+
+impl SeqLogps {
+    /// Σ log p / tokens (B).
+    pub fn mean(&self) -> Result<Tensor> {
+        Ok(self.sum.div(&self.tokens.clamp(1f32, f32::MAX)?)?)
+    }
+}
+
+/// Computes [`SeqLogps`] from logits (B, T, V), ids (B, T) and the completion mask (B, T).
+pub fn sequence_logps(logits: &Tensor, ids: &Tensor, completion_mask: &Tensor) -> Result<SeqLogps> {
+    let (b, t, _) = logits.dims3()?;
+    if ids.dims() != [b, t] || completion_mask.dims() != [b, t] {
+        return Err(Error::Msg(format!(
+            "logits {:?}, ids {:?} and completion mask {:?} do not fit",
+            logits.dims(),
+            ids.dims(),
+            completion_mask.dims()
+        )));
+    }
+    let lg = logits.narrow(1, 0, t - 1)?;
+    let tgt = ids.narrow(1, 1, t - 1)?;
+    let m = completion_mask.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?;
+    let lp = token_logps(&lg, &tgt)?;
+    let sum = (&lp * &m)?.sum(1)?;
+    let tokens = m.sum(1)?;
+    let n = m.sum_all()?.to_scalar::<f32>()?;
+    if n <= 0.0 {
+        return Err(Error::Msg("no completion tokens in the batch".into()));
+    }
+    let nll = ((&lp * &m)?.sum_all()? * (-1.0 / n as f64))?;
+    let mean_logit = (lg.detach().mean(D::Minus1)? * &m)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64
+        / n as f64;
+    Ok(SeqLogps {
+        sum,
+        tokens,
+        mean_logit,
+        nll,
+    })
+}
