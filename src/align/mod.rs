@@ -8,4 +8,5 @@ pub mod kto;
 pub mod logps;
 pub mod orpo;
 pub mod sft;
+pub mod task;
 pub mod tiny_chat;

@@ -218,3 +218,42 @@ pub fn task_eval(
     let after = accuracy(&m, &tok, &qs, progress)?;
     Ok(TaskEvalReport { before, after })
 }
+
+/// A wrong reply to `e` (a nearby number, the words in another order, another country's fact), for
+/// procedural preference pairs.
+pub fn wrong_answer(e: &TaskExample, rng: &mut rand_chacha::ChaCha8Rng) -> String {
+    use rand::Rng;
+    let words: Vec<&str> = e.answer.split(' ').collect();
+    if let Ok(n) = e.answer.parse::<i64>() {
+        let d = rng.random_range(1..10i64);
+        return if rng.random::<bool>() || n < d { n + d } else { n - d }.to_string();
+    }
+    if words.len() > 1 {
+        let mut w = words.clone();
+        w.rotate_left(1);
+        return w.join(" ");
+    }
+    let w = world();
+    let pool: Vec<&str> = w
+        .countries
+        .iter()
+        .flat_map(|c| [c.1.as_str(), c.2.as_str(), c.3.as_str()])
+        .filter(|x| *x != e.answer)
+        .collect();
+    pool[rng.random_range(0..pool.len())].to_string()
+}
+
+/// Preference pairs from task examples: the right answer is chosen, a wrong one rejected
+/// (conversational, explicit prompt).
+pub fn preference_pairs(examples: &[TaskExample], seed: u64) -> Vec<crate::data::pref::Pair> {
+    use crate::data::pref::{Pair, Seg};
+    let mut rng = crate::peft::init::rng_for(seed, "preference-pairs");
+    examples
+        .iter()
+        .map(|e| Pair {
+            prompt: Seg::Messages(vec![message("user", &e.prompt)]),
+            chosen: Seg::Messages(vec![message("assistant", &e.answer)]),
+            rejected: Seg::Messages(vec![message("assistant", &wrong_answer(e, &mut rng))]),
+        })
+        .collect()
+}

@@ -33,6 +33,11 @@ pub trait Task {
     fn on_start(&mut self, _step: usize, _output_dir: &Path) -> Result<()> {
         Ok(())
     }
+    /// Extra metrics of the step just taken (averaged over its micro-batches by the task), merged
+    /// into its `metrics.jsonl` line. Default: none.
+    fn step_metrics(&mut self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
     /// Called after each optimizer step (`step` counts from 1) and any checkpoint it wrote, e.g.
     /// to sample images every N steps. Default: nothing.
     fn after_step(&mut self, _step: usize, _output_dir: &Path) -> Result<()> {
@@ -452,10 +457,13 @@ impl Trainer {
             }
             last_loss = loss;
             let dt = t0.elapsed().as_secs_f64();
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "step": state.step, "loss": loss, "lr": lr, "grad_norm": norm,
                 "step_time_s": dt, "elapsed_s": start.elapsed().as_secs_f64(),
             });
+            for (k, v) in task.step_metrics() {
+                line[k] = v.into();
+            }
             writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
             bar.set_position(state.step as u64);
             bar.set_message(format!(
