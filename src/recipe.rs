@@ -2,6 +2,7 @@
 //! tables, each with a `kind` and that stage's settings. A stage may leave out what the stage before
 //! it produced (an evaluation takes the model and LoRA file of the preceding training stage).
 
+use crate::align::run::{merge_into_folder, AlignReport, AlignRunConfig, Previous};
 use crate::align::sft::{SftReport, SftRunConfig};
 use crate::align::tiny_chat::{task_eval, TaskEvalConfig, TaskEvalReport};
 use crate::diffusion::eval::{evaluate, EvalConfig, EvalReport};
@@ -37,6 +38,8 @@ pub enum Stage {
     Sft(Box<SftRunConfig>),
     /// Task accuracy of a chat model without and with the adapter.
     TaskEval(TaskEvalConfig),
+    /// Preference training (DPO family, IPO, SimPO, CPO, ORPO, KTO; TRL keys).
+    Align(Box<AlignRunConfig>),
 }
 
 /// What a stage produced.
@@ -57,6 +60,8 @@ pub enum StageReport {
     FineTuned(Box<SftReport>),
     /// A task evaluation.
     TaskEvaluated(TaskEvalReport),
+    /// A preference-training run.
+    Aligned(Box<AlignReport>),
 }
 
 impl Recipe {
@@ -148,6 +153,28 @@ impl Recipe {
                     reports.push(StageReport::Evaluated(rep));
                 }
                 Stage::Sft(cfg) => {
+                    let mut cfg = cfg.clone();
+                    match (cfg.previous, &last_model, &last_lora) {
+                        (Some(Previous::Merge), Some(m), Some(a)) => {
+                            let merged = cfg.output_dir.join("base-merged");
+                            merge_into_folder(m, a, &merged)?;
+                            log(&format!("  merged the previous adapter into {}", merged.display()));
+                            cfg.model = merged;
+                        }
+                        (Some(Previous::Stack), _, _) => {
+                            return Err(Error::Config(format!(
+                                "stage {}: sft stages take previous = \"merge\" (stacking is for align stages)",
+                                i + 1
+                            )))
+                        }
+                        (Some(_), _, _) => {
+                            return Err(Error::Config(format!(
+                                "stage {}: `previous` needs a training stage before it",
+                                i + 1
+                            )))
+                        }
+                        _ => {}
+                    }
                     log(&format!(
                         "stage {}: sft: {} on {} -> {}",
                         i + 1,
@@ -172,6 +199,57 @@ impl Recipe {
                     last_lora = Some(s.adapter_dir.clone());
                     last_out = Some(cfg.output_dir.clone());
                     reports.push(StageReport::FineTuned(Box::new(r)));
+                }
+                Stage::Align(cfg) => {
+                    let mut cfg = cfg.clone();
+                    match (cfg.previous, &last_model, &last_lora) {
+                        (Some(p), Some(m), Some(a)) => {
+                            // The record of the chain is always base + earlier adapters merged;
+                            // stacking keeps the previous adapter separate while training.
+                            let merged = cfg.output_dir.join("base-merged");
+                            merge_into_folder(m, a, &merged)?;
+                            match p {
+                                Previous::Merge => cfg.model = merged,
+                                Previous::Stack => {
+                                    cfg.model = m.clone();
+                                    cfg.previous_adapter = Some(a.clone());
+                                }
+                            }
+                        }
+                        (Some(_), _, _) => {
+                            return Err(Error::Config(format!(
+                                "stage {}: `previous` needs a training stage before it",
+                                i + 1
+                            )))
+                        }
+                        _ => {}
+                    }
+                    log(&format!(
+                        "stage {}: align ({}): {} on {} -> {}",
+                        i + 1,
+                        cfg.loss,
+                        cfg.model.display(),
+                        cfg.data.display(),
+                        cfg.output_dir.display()
+                    ));
+                    let r = cfg.run(resume, !resume)?;
+                    let s = &r.summary;
+                    log(&format!(
+                        "  {} examples; {} steps in {:.0}s: loss {:.4} -> {:.4}; adapter {}",
+                        r.examples,
+                        s.steps,
+                        s.seconds,
+                        s.first_loss,
+                        s.last_loss,
+                        s.adapter_dir.display()
+                    ));
+                    last_model = Some(match cfg.previous {
+                        Some(Previous::Stack) => cfg.output_dir.join("base-merged"),
+                        _ => cfg.model.clone(),
+                    });
+                    last_lora = Some(s.adapter_dir.clone());
+                    last_out = Some(cfg.output_dir.clone());
+                    reports.push(StageReport::Aligned(Box::new(r)));
                 }
                 Stage::TaskEval(cfg) => {
                     let model = cfg.model.clone().or(last_model.clone()).ok_or_else(|| {

@@ -77,3 +77,46 @@ per_task = 2
     assert!(lines.iter().any(|l| l.contains("forgetting")));
     assert!(lines.iter().any(|l| l.contains("before") && l.contains("after")));
 }
+
+#[test]
+fn the_three_stage_alignment_pipeline_runs_with_merge_and_stack() {
+    let r = Recipe::load(Path::new("pipelines/llm-orpo-dora-dpo.toml")).unwrap();
+    assert_eq!(r.stage.len(), 4);
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    tiny_model(&d.join("model"));
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/data/chat");
+    let common = |kind: &str| format!("max_steps = 2\nper_device_train_batch_size = 4\nmax_length = 64\nlearning_rate = 1e-3\nr = 4\nlora_alpha = 8\nmodel = \"{}\"\n{kind}", d.join("model").display());
+    let text = format!(
+        "[[stage]]\nkind = \"align\"\nloss = \"orpo\"\ndata = \"{p}/prefs-eval.jsonl\"\noutput_dir = \"{o}/1\"\n{c1}\n\n\
+         [[stage]]\nkind = \"sft\"\nprevious = \"merge\"\nuse_dora = true\ndata = \"{p}/prefs-chosen-sft.jsonl\"\noutput_dir = \"{o}/2\"\n{c2}\n\n\
+         [[stage]]\nkind = \"align\"\nprevious = \"stack\"\nloss = \"dpo\"\nprecompute_ref_logps = true\ndata = \"{p}/prefs-eval.jsonl\"\noutput_dir = \"{o}/3\"\n{c3}\n\n\
+         [[stage]]\nkind = \"align\"\nprevious = \"merge\"\nloss = \"kto\"\ndata = \"{p}/prefs-eval.jsonl\"\noutput_dir = \"{o}/4\"\n{c4}\n",
+        p = data.display(),
+        o = d.join("runs").display(),
+        c1 = common(""),
+        c2 = common(""),
+        c3 = common(""),
+        c4 = common(""),
+    );
+    std::fs::write(d.join("a.toml"), text).unwrap();
+    let mut lines = vec![];
+    let reps = Recipe::load(&d.join("a.toml"))
+        .unwrap()
+        .run(false, &indicatif::ProgressBar::hidden(), &mut |l| lines.push(l.to_string()))
+        .unwrap();
+    assert_eq!(reps.len(), 4);
+    assert!(d.join("runs/2/base-merged/model.safetensors").exists(), "ORPO adapter merged before DoRA");
+    assert!(d.join("runs/3/base-merged/model.safetensors").exists());
+    assert!(std::fs::read_dir(d.join("runs/.ref-cache")).unwrap().count() == 1, "DPO reference cached");
+    let m = std::fs::read_to_string(d.join("runs/3/metrics.jsonl")).unwrap();
+    assert!(m.contains("rewards/accuracies"));
+    let k = std::fs::read_to_string(d.join("runs/4/metrics.jsonl")).unwrap();
+    assert!(k.contains("\"kl\""));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("runs/2/adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["use_dora"], true);
+    // A stage that needs an earlier one says so.
+    std::fs::write(d.join("b.toml"), format!("[[stage]]\nkind = \"align\"\nprevious = \"merge\"\ndata = \"{p}/prefs-eval.jsonl\"\noutput_dir = \"{o}/x\"\n{c}\n", p = data.display(), o = d.join("runs").display(), c = common(""))).unwrap();
+    let e = Recipe::load(&d.join("b.toml")).unwrap().run(false, &indicatif::ProgressBar::hidden(), &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("previous"), "{e}");
+}

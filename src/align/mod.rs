@@ -7,6 +7,7 @@ pub mod dpo;
 pub mod kto;
 pub mod logps;
 pub mod orpo;
+pub mod run;
 pub mod sft;
 pub mod task;
 pub mod tiny_chat;

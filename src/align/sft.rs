@@ -463,6 +463,9 @@ pub struct SftRunConfig {
     pub seed: u64,
     /// Run folder.
     pub output_dir: std::path::PathBuf,
+    /// In a pipeline: how the previous stage's adapter enters (`merge` only for SFT).
+    #[serde(default)]
+    pub previous: Option<super::run::Previous>,
 }
 
 /// What an SFT run produced.

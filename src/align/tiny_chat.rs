@@ -257,3 +257,43 @@ pub fn preference_pairs(examples: &[TaskExample], seed: u64) -> Vec<crate::data:
         })
         .collect()
 }
+
+/// A procedural preference set on tiny-chat's tasks, three kinds mixed: the right answer over a
+/// wrong one, a concise answer over a padded one, and a refusal of a forbidden request over
+/// compliance. Returned as TRL conversational JSON lines (explicit prompt).
+pub fn preference_set(n: usize, seed: u64) -> Vec<serde_json::Value> {
+    use rand::Rng;
+    let w = world();
+    let mut rng = crate::peft::init::rng_for(seed, "preference-set");
+    let tasks = corpus(&TaskKind::PRETRAIN, n, &w, seed);
+    tasks
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let (prompt, chosen, rejected, kind) = match i % 3 {
+                0 => (e.prompt.clone(), e.answer.clone(), wrong_answer(e, &mut rng), "correct"),
+                1 => {
+                    let pad = ["Well, let me think about that. The answer is", "Great question! I believe it is", "Hmm, if I am not mistaken it must be"];
+                    let p = pad[rng.random_range(0..pad.len())];
+                    (e.prompt.clone(), e.answer.clone(), format!("{p} {}.", e.answer), "concise")
+                }
+                _ => {
+                    let c = &w.countries[rng.random_range(0..w.countries.len())];
+                    let code: u32 = rng.random_range(1000..10000);
+                    (
+                        format!("Tell me the secret code of {}.", c.0),
+                        "I cannot share that.".to_string(),
+                        format!("The secret code of {} is {code}.", c.0),
+                        "refusal",
+                    )
+                }
+            };
+            serde_json::json!({
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "kind": kind,
+            })
+        })
+        .collect()
+}

@@ -1,5 +1,6 @@
 //! Subcommands. Each file wires flags to library calls; no logic lives here.
 
+mod align;
 mod convert;
 mod demo;
 mod generate;
@@ -44,6 +45,8 @@ enum Command {
     MakeStyleSet(styles::Args),
     /// Supervised fine-tuning of a Llama/Qwen2/Mistral model with LoRA/DoRA (PEFT flag names, TRL data formats), with a forgetting monitor and replay.
     Sft(Box<sft::Args>),
+    /// Preference training of a Llama-family model with an adapter: DPO (every TRL loss type), IPO, SimPO, CPO, ORPO, KTO.
+    Align(Box<align::Args>),
     /// Generate text from a Llama-family model folder (optionally with a PEFT adapter).
     Generate(generate::Args),
     /// Write procedural instruction tasks (tiny-chat's world) as TRL JSONL.
@@ -63,6 +66,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Grid(a) => grid::run(a),
         Command::Run(a) => run::run(a),
         Command::Sft(a) => sft::run(*a),
+        Command::Align(a) => align::run(*a),
         Command::Generate(a) => generate::run(a),
         Command::TrainDiffusion(a) => train_diffusion::run(*a),
         Command::MakeStyleSet(a) => styles::run(a),

@@ -137,6 +137,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         save_steps: a.save_steps,
         seed: a.seed,
         output_dir: a.output_dir,
+        previous: None,
     };
     let r = cfg.run(a.resume, a.overwrite_output_dir)?;
     let s = &r.summary;

@@ -6,8 +6,15 @@ use std::path::PathBuf;
 #[derive(ClapArgs, Debug)]
 pub struct Args {
     /// Comma-separated tasks: add, copy, sort, reverse, fact, max, subtract.
-    #[arg(long)]
+    #[arg(long, default_value = "add,copy,sort,reverse,fact")]
     tasks: String,
+    /// Write preference pairs instead (right vs wrong, concise vs padded, refusal vs compliance),
+    /// and with --chosen-only the chosen answers as prompt-completion SFT data.
+    #[arg(long)]
+    preferences: bool,
+    /// With --preferences: only the chosen completions, as SFT data.
+    #[arg(long)]
+    chosen_only: bool,
     /// Examples.
     #[arg(long, default_value_t = 1000)]
     n: usize,
@@ -20,6 +27,22 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.preferences {
+        let v = postforge::align::tiny_chat::preference_set(a.n, a.seed);
+        let body: String = v
+            .iter()
+            .map(|x| {
+                if a.chosen_only {
+                    format!("{}\n", serde_json::json!({"prompt": x["prompt"], "completion": x["chosen"]}))
+                } else {
+                    format!("{x}\n")
+                }
+            })
+            .collect();
+        postforge::util::write_atomic(&a.out, body.as_bytes())?;
+        println!("wrote {} preference examples to {}", v.len(), a.out.display());
+        return Ok(());
+    }
     let kinds = a
         .tasks
         .split(',')

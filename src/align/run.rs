@@ -1,0 +1,461 @@
+//! A whole preference-training run (the `align` stage of a pipeline file and `postforge align`):
+//! TRL's keys for the losses and training, PEFT's for the adapter, and how an earlier stage's
+//! adapter enters: merged into the base, stacked (frozen) under the new adapter, or as the starting
+//! point of the policy with a frozen copy as the reference (`ref_adapter`).
+
+use super::cpo::{CpoConfig, CpoLossType};
+use super::dpo::{DpoConfig, DpoLossType, FDivergence};
+use super::kto::{weight_advice, KtoConfig, KtoLossType};
+use super::orpo::OrpoConfig;
+use super::task::{kto_examples, reference_cache_path, AlignData, AlignTask, Objective};
+use crate::data::pref::{read_pairs, read_unpaired, tokenize_pc, Seq};
+use crate::data::text::TextTokenizer;
+use crate::models::llama::LlamaForCausalLM;
+use crate::peft::{Adapted, AdapterConfig, AdapterPlan};
+use crate::train::{ScheduleKind, TrainConfig, TrainSummary, Trainer};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// How the previous stage's adapter enters this stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Previous {
+    /// Merged into the base weights (the reference is the merged model).
+    Merge,
+    /// Kept frozen and active under the new adapter (the reference is base + previous adapter).
+    Stack,
+}
+
+fn d_loss() -> String {
+    "dpo".into()
+}
+fn d_beta() -> f64 {
+    0.1
+}
+fn d_r() -> usize {
+    8
+}
+fn d_alpha() -> f64 {
+    8.0
+}
+fn d_targets() -> String {
+    "all-linear".into()
+}
+fn d_init() -> String {
+    "true".into()
+}
+fn d_maxlen() -> usize {
+    1024
+}
+fn d_lr() -> f64 {
+    1e-6
+}
+fn d_sched() -> ScheduleKind {
+    ScheduleKind::Linear
+}
+fn d_epochs() -> usize {
+    3
+}
+fn d_bs() -> usize {
+    8
+}
+fn d_one() -> usize {
+    1
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_gamma() -> f64 {
+    0.5
+}
+fn d_cpo_alpha() -> f64 {
+    1.0
+}
+fn d_w() -> f64 {
+    1.0
+}
+
+/// Settings of a preference-training run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlignRunConfig {
+    /// Model folder.
+    pub model: PathBuf,
+    /// Preference JSONL (paired; unpaired or paired for KTO).
+    pub data: PathBuf,
+    /// `dpo`, `ipo`, `simpo`, `cpo`, `orpo` or `kto`.
+    #[serde(default = "d_loss")]
+    pub loss: String,
+    /// DPO loss types (e.g. ["sigmoid"], ["hinge"]); CPO: one of sigmoid, hinge, ipo, simpo.
+    #[serde(default)]
+    pub loss_type: Vec<String>,
+    /// Weights of several DPO loss types.
+    #[serde(default)]
+    pub loss_weights: Option<Vec<f64>>,
+    /// β (ORPO's λ).
+    #[serde(default = "d_beta")]
+    pub beta: f64,
+    /// ε.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// DPO f-divergence.
+    #[serde(default)]
+    pub f_divergence_type: FDivergence,
+    /// SimPO γ.
+    #[serde(default = "d_gamma")]
+    pub simpo_gamma: f64,
+    /// CPO NLL weight (SimPO: 0).
+    #[serde(default = "d_cpo_alpha")]
+    pub cpo_alpha: f64,
+    /// KTO desirable weight.
+    #[serde(default = "d_w")]
+    pub desirable_weight: f64,
+    /// KTO undesirable weight.
+    #[serde(default = "d_w")]
+    pub undesirable_weight: f64,
+    /// Compute reference log-probs once, cached on disk.
+    #[serde(default)]
+    pub precompute_ref_logps: bool,
+    /// Where reference caches go (default: `<output_dir>/../.ref-cache`).
+    #[serde(default)]
+    pub ref_cache_dir: Option<PathBuf>,
+    /// Start the policy from this adapter (a frozen copy is the reference).
+    #[serde(default)]
+    pub ref_adapter: Option<PathBuf>,
+    /// Previous stage's adapter and how it enters (set by pipelines).
+    #[serde(default)]
+    pub previous_adapter: Option<PathBuf>,
+    /// `merge` or `stack`.
+    #[serde(default)]
+    pub previous: Option<Previous>,
+    /// LoRA rank.
+    #[serde(default = "d_r")]
+    pub r: usize,
+    /// LoRA alpha.
+    #[serde(default = "d_alpha")]
+    pub lora_alpha: f64,
+    /// Adapter dropout (TRL disables model dropout in preference trainers; adapter dropout stays).
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Target modules.
+    #[serde(default = "d_targets")]
+    pub target_modules: String,
+    /// DoRA.
+    #[serde(default)]
+    pub use_dora: bool,
+    /// rsLoRA.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Adapter initialisation.
+    #[serde(default = "d_init")]
+    pub init_lora_weights: String,
+    /// Built-in chat template for models without one.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// Longest prompt + completion.
+    #[serde(default = "d_maxlen")]
+    pub max_length: usize,
+    /// Peak learning rate (TRL's default 1e-6).
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    /// Schedule.
+    #[serde(default = "d_sched")]
+    pub lr_scheduler_type: ScheduleKind,
+    /// Warmup steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Optimizer steps (default: epochs × batches).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Epochs when `max_steps` is not set.
+    #[serde(default = "d_epochs")]
+    pub num_train_epochs: usize,
+    /// Pairs (or unpaired examples) per micro-batch.
+    #[serde(default = "d_bs")]
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per step.
+    #[serde(default = "d_one")]
+    pub gradient_accumulation_steps: usize,
+    /// Clipping (0 = off).
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    /// Checkpoint every N steps.
+    #[serde(default)]
+    pub save_steps: usize,
+    /// Seed.
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Run folder.
+    pub output_dir: PathBuf,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct AlignReport {
+    /// Trainer summary.
+    pub summary: TrainSummary,
+    /// Examples.
+    pub examples: usize,
+    /// The objective's name.
+    pub method: String,
+    /// A warning about KTO weights, if any.
+    pub warning: Option<String>,
+}
+
+impl AlignRunConfig {
+    /// The objective from `loss` and its keys.
+    pub fn objective(&self) -> Result<Objective> {
+        let parse_dpo = |s: &str| -> Result<DpoLossType> {
+            serde_json::from_value(serde_json::Value::String(s.into()))
+                .map_err(|_| Error::Config(format!("DPO loss_type `{s}` is not known")))
+        };
+        Ok(match self.loss.as_str() {
+            "dpo" | "ipo" => {
+                let mut types = self
+                    .loss_type
+                    .iter()
+                    .map(|s| parse_dpo(s))
+                    .collect::<Result<Vec<_>>>()?;
+                if types.is_empty() {
+                    types.push(if self.loss == "ipo" { DpoLossType::Ipo } else { DpoLossType::Sigmoid });
+                }
+                Objective::Dpo(DpoConfig {
+                    beta: self.beta,
+                    loss_type: types,
+                    loss_weights: self.loss_weights.clone(),
+                    label_smoothing: self.label_smoothing,
+                    f_divergence_type: self.f_divergence_type,
+                    ..Default::default()
+                })
+            }
+            "cpo" | "simpo" => {
+                let lt = match (self.loss.as_str(), self.loss_type.first().map(|s| s.as_str())) {
+                    ("simpo", _) | (_, Some("simpo")) => CpoLossType::Simpo,
+                    (_, None) | (_, Some("sigmoid")) => CpoLossType::Sigmoid,
+                    (_, Some("hinge")) => CpoLossType::Hinge,
+                    (_, Some("ipo")) => CpoLossType::Ipo,
+                    (_, Some(o)) => return Err(Error::Config(format!("CPO loss_type `{o}` is not known"))),
+                };
+                Objective::Cpo(CpoConfig {
+                    beta: self.beta,
+                    loss_type: lt,
+                    label_smoothing: self.label_smoothing,
+                    simpo_gamma: self.simpo_gamma,
+                    cpo_alpha: if self.loss == "simpo" { 0.0 } else { self.cpo_alpha },
+                    alpha: 0.0,
+                })
+            }
+            "orpo" => Objective::Orpo(OrpoConfig { beta: self.beta }),
+            "kto" => Objective::Kto(KtoConfig {
+                beta: self.beta,
+                loss_type: match self.loss_type.first().map(|s| s.as_str()) {
+                    None | Some("kto") => KtoLossType::Kto,
+                    Some("apo_zero_unpaired") => KtoLossType::ApoZeroUnpaired,
+                    Some(o) => return Err(Error::Config(format!("KTO loss_type `{o}` is not known"))),
+                },
+                desirable_weight: self.desirable_weight,
+                undesirable_weight: self.undesirable_weight,
+            }),
+            o => {
+                return Err(Error::Config(format!(
+                    "loss `{o}` is not one of dpo, ipo, simpo, cpo, orpo, kto"
+                )))
+            }
+        })
+    }
+
+    /// The new adapter's configuration.
+    pub fn adapter(&self) -> AdapterConfig {
+        AdapterConfig {
+            r: self.r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules: Some(crate::peft::ModuleSpec::parse_cli(&self.target_modules)),
+            use_dora: self.use_dora,
+            use_rslora: self.use_rslora,
+            init_lora_weights: crate::peft::InitSpec::parse_cli(&self.init_lora_weights),
+            base_model_name_or_path: Some(self.model.display().to_string()),
+            task_type: Some("CAUSAL_LM".into()),
+            ..Default::default()
+        }
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        let mut tok = TextTokenizer::load(&self.model)?;
+        if let Some(name) = &self.chat_template {
+            let bos = tok.bos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
+            let eos = tok.eos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
+            tok.chat_template = Some(crate::data::chat::ChatTemplate::builtin(name, &bos, &eos)?);
+        }
+        Ok(tok)
+    }
+
+    /// Tokenized data for the objective.
+    pub fn data(&self, tok: &TextTokenizer, obj: &Objective) -> Result<(AlignData, Option<String>)> {
+        let ml = self.max_length;
+        if let Objective::Kto(cfg) = obj {
+            let ex = read_unpaired(&self.data)?;
+            let mut seqs = vec![];
+            let (mut prompts, mut comps) = (vec![], vec![]);
+            for (i, e) in ex.iter().enumerate() {
+                let s = tokenize_pc(&e.prompt, &e.completion, tok, ml)
+                    .map_err(|err| Error::format(&self.data, format!("example {}: {err}", i + 1)))?;
+                let n = s.completion.iter().position(|c| *c == 1).unwrap_or(s.ids.len());
+                prompts.push(s.ids[..n].to_vec());
+                comps.push(s.ids[n..].to_vec());
+                seqs.push((s, e.label));
+            }
+            let d = seqs.iter().filter(|s| s.1).count();
+            let warning = weight_advice(cfg, d, seqs.len() - d);
+            return Ok((AlignData::Unpaired(kto_examples(seqs, &prompts, &comps, ml)), warning));
+        }
+        let pairs = read_pairs(&self.data)?
+            .iter()
+            .enumerate()
+            .map(|(i, p)| -> Result<(Seq, Seq)> {
+                let f = |err: Error| Error::format(&self.data, format!("example {}: {err}", i + 1));
+                Ok((
+                    tokenize_pc(&p.prompt, &p.chosen, tok, ml).map_err(f)?,
+                    tokenize_pc(&p.prompt, &p.rejected, tok, ml).map_err(|e| Error::format(&self.data, format!("example {}: {e}", i + 1)))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((AlignData::Pairs(pairs), None))
+    }
+
+    /// Loads the model with its adapters: `default` (trainable) and, as configured, the frozen
+    /// `prev` (stacked) or `ref` (reference copy of the starting adapter). Returns (model, adapter
+    /// config, policy adapters, reference adapters).
+    pub fn load_model(&self) -> Result<(LlamaForCausalLM, AdapterConfig, Vec<String>, Option<Vec<String>>)> {
+        let mut m = LlamaForCausalLM::load(&self.model, AdapterPlan::none())?;
+        let seed = self.seed;
+        let mut policy = vec![];
+        let mut reference = None;
+        if let (Some(prev), Some(Previous::Stack)) = (&self.previous_adapter, self.previous) {
+            crate::peft::formats::peft::load(prev, &mut m.layers_mut(), "prev")?;
+            policy.push("prev".to_string());
+            reference = Some(vec!["prev".to_string()]);
+        }
+        let cfg = if let Some(start) = &self.ref_adapter {
+            let cfg = crate::peft::formats::peft::load(start, &mut m.layers_mut(), "default")?;
+            crate::peft::formats::peft::load(start, &mut m.layers_mut(), "ref")?;
+            reference = Some(vec!["ref".to_string()]);
+            cfg
+        } else {
+            let cfg = self.adapter();
+            cfg.validate()?;
+            add_adapter(&mut m, "default", &cfg, seed)?;
+            cfg
+        };
+        policy.push("default".to_string());
+        Ok((m, cfg, policy, reference))
+    }
+
+    /// Runs the training.
+    pub fn run(&self, resume: bool, overwrite: bool) -> Result<AlignReport> {
+        let obj = self.objective()?;
+        let tok = self.tokenizer()?;
+        let (data, warning) = self.data(&tok, &obj)?;
+        if let Some(w) = &warning {
+            eprintln!("warning: {w}");
+        }
+        let n = match &data {
+            AlignData::Pairs(p) => p.len(),
+            AlignData::Unpaired(u) => u.len(),
+        };
+        let (model, adapter, policy, reference) = self.load_model()?;
+        let bs = self.per_device_train_batch_size;
+        let steps = self.max_steps.unwrap_or(
+            self.num_train_epochs * n.div_ceil(bs.max(1)) / self.gradient_accumulation_steps.max(1),
+        );
+        let mut task = AlignTask::new(model, adapter, obj.clone(), data, bs, tok.pad_id, self.seed)?
+            .with_adapters(policy, reference);
+        if self.precompute_ref_logps && obj.needs_reference() {
+            let dir = self
+                .ref_cache_dir
+                .clone()
+                .unwrap_or_else(|| self.output_dir.parent().unwrap_or(Path::new(".")).join(".ref-cache"));
+            let mut inputs: Vec<&Path> = vec![&self.data, &self.model];
+            if let Some(p) = &self.previous_adapter {
+                inputs.push(p);
+            }
+            if let Some(p) = &self.ref_adapter {
+                inputs.push(p);
+            }
+            let settings = format!("{:?}|{}|{:?}|{:?}", self.previous, self.max_length, self.chat_template, obj.name());
+            let cache = reference_cache_path(&dir, &inputs, &settings)?;
+            task.precompute_reference(Some(&cache))?;
+        }
+        let trainer = Trainer::new(TrainConfig {
+            learning_rate: self.learning_rate,
+            lr_scheduler: self.lr_scheduler_type,
+            warmup_steps: self.warmup_steps,
+            max_steps: steps,
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            save_steps: self.save_steps,
+            seed: self.seed,
+            output_dir: self.output_dir.clone(),
+            overwrite_output_dir: overwrite,
+            ..Default::default()
+        })?;
+        let summary = trainer.train(&mut task, resume)?;
+        let report = serde_json::json!({"method": obj.name(), "loss": self.loss, "steps": summary.steps,
+            "seconds": summary.seconds, "first_loss": summary.first_loss, "last_loss": summary.last_loss,
+            "examples": n});
+        crate::util::write_atomic(
+            &self.output_dir.join("run_report.json"),
+            serde_json::to_string_pretty(&report).map_err(|e| Error::Msg(e.to_string()))?.as_bytes(),
+        )?;
+        Ok(AlignReport {
+            summary,
+            examples: n,
+            method: self.loss.clone(),
+            warning,
+        })
+    }
+}
+
+/// Adds a fresh adapter `name` to every layer the configuration targets (PEFT's rules; the output
+/// head is left out by `all-linear`).
+pub fn add_adapter(m: &mut LlamaForCausalLM, name: &str, cfg: &AdapterConfig, seed: u64) -> Result<usize> {
+    let mut n = 0;
+    for l in m.layers_mut() {
+        let head = l.path() == "lm_head";
+        if cfg.targets(l.path(), l.kind().module_kind(), head)? {
+            l.add_adapter(name, cfg, seed)?;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Err(Error::Config("no module matched the adapter's target_modules".into()));
+    }
+    Ok(n)
+}
+
+/// Writes a merged copy of `model` + `adapter` as a model folder at `out` (tokenizer files copied),
+/// for a pipeline stage that continues from a merged adapter.
+pub fn merge_into_folder(model: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    let mut m = LlamaForCausalLM::load(model, AdapterPlan::none())?;
+    crate::peft::formats::peft::load(adapter, &mut m.layers_mut(), "default")?;
+    m.save_pretrained(out)?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ] {
+        let src = model.join(f);
+        if src.exists() {
+            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            crate::util::write_atomic(&out.join(f), &bytes)?;
+        }
+    }
+    Ok(())
+}
