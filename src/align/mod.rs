@@ -4,6 +4,7 @@
 
 pub mod cpo;
 pub mod dpo;
+pub mod eval;
 pub mod kto;
 pub mod logps;
 pub mod orpo;

@@ -585,6 +585,15 @@ impl SftRunConfig {
             ..Default::default()
         })?;
         let summary = trainer.train(&mut task, resume)?;
+        let report = serde_json::json!({"method": if self.use_dora { "sft (DoRA)" } else { "sft" },
+            "steps": summary.steps, "seconds": summary.seconds, "first_loss": summary.first_loss,
+            "last_loss": summary.last_loss, "rows": n_rows});
+        crate::util::write_atomic(
+            &self.output_dir.join("run_report.json"),
+            serde_json::to_string_pretty(&report)
+                .map_err(|e| Error::Msg(e.to_string()))?
+                .as_bytes(),
+        )?;
         Ok(SftReport {
             summary,
             history: task.history.clone(),

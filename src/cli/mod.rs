@@ -3,6 +3,7 @@
 mod align;
 mod convert;
 mod demo;
+mod eval;
 mod generate;
 mod grid;
 mod merge;
@@ -47,6 +48,8 @@ enum Command {
     Sft(Box<sft::Args>),
     /// Preference training of a Llama-family model with an adapter: DPO (every TRL loss type), IPO, SimPO, CPO, ORPO, KTO.
     Align(Box<align::Args>),
+    /// Table of alignment runs: method, steps, wall time, preference / generation accuracy and reference perplexity before and after.
+    Eval(eval::Args),
     /// Generate text from a Llama-family model folder (optionally with a PEFT adapter).
     Generate(generate::Args),
     /// Write procedural instruction tasks (tiny-chat's world) as TRL JSONL.
@@ -67,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a),
         Command::Sft(a) => sft::run(*a),
         Command::Align(a) => align::run(*a),
+        Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::TrainDiffusion(a) => train_diffusion::run(*a),
         Command::MakeStyleSet(a) => styles::run(a),
