@@ -190,10 +190,19 @@ impl Recipe {
                         s.adapter_dir.display()
                     ));
                     if let (Some(a), Some(b)) = (r.history.first(), r.history.last()) {
-                        log(&format!(
-                            "  held-out loss {:.4} -> {:.4}; reference perplexity {:.3} -> {:.3} (forgetting {:+.1}%)",
-                            a.eval_loss, b.eval_loss, a.reference_ppl, b.reference_ppl, 100.0 * b.forgetting
-                        ));
+                        let mut parts = vec![];
+                        if a.eval_loss.is_finite() {
+                            parts.push(format!("held-out loss {:.4} -> {:.4}", a.eval_loss, b.eval_loss));
+                        }
+                        if a.reference_ppl.is_finite() {
+                            parts.push(format!(
+                                "reference perplexity {:.3} -> {:.3} (forgetting {:+.1}%)",
+                                a.reference_ppl,
+                                b.reference_ppl,
+                                100.0 * b.forgetting
+                            ));
+                        }
+                        log(&format!("  {}", parts.join("; ")));
                     }
                     last_model = Some(cfg.model.clone());
                     last_lora = Some(s.adapter_dir.clone());
