@@ -4,7 +4,9 @@
 //! POSTFORGE_BENCH_MODE=train runs only the training step, so the printed peak RSS is its own.
 
 use candle_core::{Device, Tensor};
-use postforge::models::llama::{next_token_loss, GenerationConfig, Inputs, LlamaConfig, LlamaForCausalLM};
+use postforge::models::llama::{
+    next_token_loss, GenerationConfig, Inputs, LlamaConfig, LlamaForCausalLM,
+};
 use postforge::models::Weights;
 use postforge::peft::{AdapterConfig, AdapterPlan, ForwardCtx, ModuleSpec};
 use std::time::Instant;
@@ -19,7 +21,11 @@ fn main() {
     .unwrap();
     let mut lora = AdapterConfig::lora(16, 32.0, &[]);
     lora.target_modules = Some(ModuleSpec::Regex("all-linear".into()));
-    let m = LlamaForCausalLM::new(&cfg, &Weights::fresh(1, AdapterPlan::single(lora, 0).unwrap())).unwrap();
+    let m = LlamaForCausalLM::new(
+        &cfg,
+        &Weights::fresh(1, AdapterPlan::single(lora, 0).unwrap()),
+    )
+    .unwrap();
     let (b, t) = (4usize, 256usize);
     let mut rng = postforge::peft::init::rng_for(2, "llm-bench");
     use rand::Rng;
@@ -29,7 +35,9 @@ fn main() {
     let mut times = vec![];
     for round in 0..4 {
         let t0 = Instant::now();
-        let logits = m.forward(&ids, &Inputs::default(), &ForwardCtx::train(0, round)).unwrap();
+        let logits = m
+            .forward(&ids, &Inputs::default(), &ForwardCtx::train(0, round))
+            .unwrap();
         let loss = next_token_loss(&logits, &ids, &w).unwrap();
         let _ = loss.backward().unwrap();
         if round > 0 {

@@ -94,9 +94,7 @@ fn main() {
         ];
         let models: Vec<(&str, UNet2DConditionModel)> = plans
             .into_iter()
-            .filter(|(n, _)| {
-                mode == "all" || (mode == "lora") == n.starts_with("LoRA")
-            })
+            .filter(|(n, _)| mode == "all" || (mode == "lora") == n.starts_with("LoRA"))
             .map(|(n, p)| {
                 (
                     n,

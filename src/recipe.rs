@@ -192,7 +192,10 @@ impl Recipe {
                     if let (Some(a), Some(b)) = (r.history.first(), r.history.last()) {
                         let mut parts = vec![];
                         if a.eval_loss.is_finite() {
-                            parts.push(format!("held-out loss {:.4} -> {:.4}", a.eval_loss, b.eval_loss));
+                            parts.push(format!(
+                                "held-out loss {:.4} -> {:.4}",
+                                a.eval_loss, b.eval_loss
+                            ));
                         }
                         if a.reference_ppl.is_finite() {
                             parts.push(format!(
@@ -262,10 +265,16 @@ impl Recipe {
                 }
                 Stage::TaskEval(cfg) => {
                     let model = cfg.model.clone().or(last_model.clone()).ok_or_else(|| {
-                        Error::Config(format!("stage {}: task-eval has no `model` and no training stage before it", i + 1))
+                        Error::Config(format!(
+                            "stage {}: task-eval has no `model` and no training stage before it",
+                            i + 1
+                        ))
                     })?;
                     let adapter = cfg.adapter.clone().or(last_lora.clone()).ok_or_else(|| {
-                        Error::Config(format!("stage {}: task-eval has no `adapter` and no training stage before it", i + 1))
+                        Error::Config(format!(
+                            "stage {}: task-eval has no `adapter` and no training stage before it",
+                            i + 1
+                        ))
                     })?;
                     log(&format!(
                         "stage {}: task-eval: {} with {}",
@@ -274,7 +283,10 @@ impl Recipe {
                         adapter.display()
                     ));
                     let rep = task_eval(cfg, &model, &adapter, progress)?;
-                    log(&format!("  {:>10}  {:>8}  {:>8}", "task", "before", "after"));
+                    log(&format!(
+                        "  {:>10}  {:>8}  {:>8}",
+                        "task", "before", "after"
+                    ));
                     for (k, (c0, n0)) in &rep.before.per_task {
                         let (c1, n1) = rep.after.per_task.get(k).copied().unwrap_or((0, 0));
                         log(&format!(
@@ -290,7 +302,8 @@ impl Recipe {
                         100.0 * rep.after.rate()
                     ));
                     if let Some(out) = &last_out {
-                        let json = serde_json::to_string_pretty(&rep).map_err(|e| Error::Msg(e.to_string()))?;
+                        let json = serde_json::to_string_pretty(&rep)
+                            .map_err(|e| Error::Msg(e.to_string()))?;
                         crate::util::write_atomic(&out.join("task_eval.json"), json.as_bytes())?;
                     }
                     reports.push(StageReport::TaskEvaluated(rep));

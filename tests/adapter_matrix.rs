@@ -599,7 +599,10 @@ fn gemm_conv_backward_matches_candle_and_is_the_adjoint() {
             .as_tensor()
             .conv2d(kv.as_tensor(), padding, stride, dilation, 1)
             .unwrap();
-        assert!(max_abs_diff(&y, &y_ref) < 1e-5, "forward (summation order only)");
+        assert!(
+            max_abs_diff(&y, &y_ref) < 1e-5,
+            "forward (summation order only)"
+        );
         let g = randn(y.dims(), 1.0, "gg");
         let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let (gx, gk) = (
@@ -693,7 +696,10 @@ fn fused_group_norm_matches_the_composite_in_value_and_gradients() {
         let h1 = (&s1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let h2 = (&s2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
         for (name, v) in [("x", &xv), ("weight", &wv), ("bias", &bv)] {
-            let e = rel_err(h1.get(v.as_tensor()).unwrap(), h2.get(v.as_tensor()).unwrap());
+            let e = rel_err(
+                h1.get(v.as_tensor()).unwrap(),
+                h2.get(v.as_tensor()).unwrap(),
+            );
             assert!(e < 1e-4, "{shape:?} silu d{name}: {e}");
         }
         let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -710,7 +716,9 @@ fn fused_group_norm_matches_the_composite_in_value_and_gradients() {
 
 #[test]
 fn fused_layer_norm_and_softmax_match_the_composites_in_value_and_gradients() {
-    use postforge::models::nn::{layer_norm, layer_norm_composite, softmax_composite, softmax_last};
+    use postforge::models::nn::{
+        layer_norm, layer_norm_composite, softmax_composite, softmax_last,
+    };
     for shape in [vec![2usize, 5, 8], vec![3, 64], vec![1, 1, 7]] {
         let d = *shape.last().unwrap();
         let xv =

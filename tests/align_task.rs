@@ -48,8 +48,19 @@ fn model(vocab: usize) -> (LlamaForCausalLM, AdapterConfig) {
 fn dpo_learns_the_preferences_with_the_adapter_free_model_as_reference() {
     let (tok, pairs) = setup();
     let (m, a) = model(tok.vocab_size());
-    let mut task = AlignTask::new(m, a, Objective::Dpo(DpoConfig { beta: 0.5, ..Default::default() }),
-        AlignData::Pairs(pairs.clone()), 8, tok.pad_id, 7).unwrap();
+    let mut task = AlignTask::new(
+        m,
+        a,
+        Objective::Dpo(DpoConfig {
+            beta: 0.5,
+            ..Default::default()
+        }),
+        AlignData::Pairs(pairs.clone()),
+        8,
+        tok.pad_id,
+        7,
+    )
+    .unwrap();
     // At the start (B = 0) policy = reference: every implicit reward is 0.
     let before = task.preference_accuracy(&pairs, true).unwrap();
     assert_eq!(before, 0.0, "ties are not counted as right");
@@ -65,14 +76,33 @@ fn dpo_learns_the_preferences_with_the_adapter_free_model_as_reference() {
     let (l_pre, _) = task.loss_of(&idx, &ctx).unwrap();
     let diff = (l_fly.to_scalar::<f32>().unwrap() - l_pre.to_scalar::<f32>().unwrap()).abs();
     assert!(diff < 1e-6, "precomputed reference differs by {diff}");
-    let cfg = TrainConfig { learning_rate: 5e-3, max_steps: 24, output_dir: d.path().join("run"), ..Default::default() };
+    let cfg = TrainConfig {
+        learning_rate: 5e-3,
+        max_steps: 24,
+        output_dir: d.path().join("run"),
+        ..Default::default()
+    };
     let s = Trainer::new(cfg).unwrap().train(&mut task, false).unwrap();
-    assert!(s.last_loss < s.first_loss, "{} -> {}", s.first_loss, s.last_loss);
+    assert!(
+        s.last_loss < s.first_loss,
+        "{} -> {}",
+        s.first_loss,
+        s.last_loss
+    );
     let after = task.preference_accuracy(&pairs, true).unwrap();
-    assert!(after > 0.8, "implicit-reward accuracy on the training pairs: {after}");
+    assert!(
+        after > 0.8,
+        "implicit-reward accuracy on the training pairs: {after}"
+    );
     let metrics = std::fs::read_to_string(d.path().join("run/metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
-    for k in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"] {
+    for k in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+    ] {
         assert!(last[k].is_number(), "metrics.jsonl lacks {k}");
     }
     assert!(s.adapter_dir.join("adapter_config.json").exists());
@@ -84,16 +114,32 @@ fn kto_orpo_and_simpo_train_and_bad_combinations_are_refused() {
     let d = tempfile::tempdir().unwrap();
     for (i, obj) in [
         Objective::Orpo(OrpoConfig::default()),
-        Objective::Cpo(CpoConfig { loss_type: CpoLossType::Simpo, cpo_alpha: 0.0, beta: 2.0, ..Default::default() }),
+        Objective::Cpo(CpoConfig {
+            loss_type: CpoLossType::Simpo,
+            cpo_alpha: 0.0,
+            beta: 2.0,
+            ..Default::default()
+        }),
     ]
     .into_iter()
     .enumerate()
     {
         let (m, a) = model(tok.vocab_size());
-        let mut task = AlignTask::new(m, a, obj, AlignData::Pairs(pairs.clone()), 8, tok.pad_id, 7).unwrap();
-        let cfg = TrainConfig { learning_rate: 5e-3, max_steps: 12, output_dir: d.path().join(format!("r{i}")), ..Default::default() };
+        let mut task =
+            AlignTask::new(m, a, obj, AlignData::Pairs(pairs.clone()), 8, tok.pad_id, 7).unwrap();
+        let cfg = TrainConfig {
+            learning_rate: 5e-3,
+            max_steps: 12,
+            output_dir: d.path().join(format!("r{i}")),
+            ..Default::default()
+        };
         let s = Trainer::new(cfg).unwrap().train(&mut task, false).unwrap();
-        assert!(s.last_loss.is_finite() && s.last_loss < s.first_loss, "{i}: {} -> {}", s.first_loss, s.last_loss);
+        assert!(
+            s.last_loss.is_finite() && s.last_loss < s.first_loss,
+            "{i}: {} -> {}",
+            s.first_loss,
+            s.last_loss
+        );
     }
     // KTO from the same pairs, unpaired.
     let mut seqs = vec![];
@@ -108,16 +154,48 @@ fn kto_orpo_and_simpo_train_and_bad_combinations_are_refused() {
     }
     let data = AlignData::Unpaired(kto_examples(seqs, &prompts, &comps, 64));
     let (m, a) = model(tok.vocab_size());
-    let mut task = AlignTask::new(m, a, Objective::Kto(KtoConfig::default()), data, 8, tok.pad_id, 7).unwrap();
-    let cfg = TrainConfig { learning_rate: 5e-3, max_steps: 12, output_dir: d.path().join("kto"), ..Default::default() };
+    let mut task = AlignTask::new(
+        m,
+        a,
+        Objective::Kto(KtoConfig::default()),
+        data,
+        8,
+        tok.pad_id,
+        7,
+    )
+    .unwrap();
+    let cfg = TrainConfig {
+        learning_rate: 5e-3,
+        max_steps: 12,
+        output_dir: d.path().join("kto"),
+        ..Default::default()
+    };
     let s = Trainer::new(cfg).unwrap().train(&mut task, false).unwrap();
     assert!(s.last_loss.is_finite());
     let metrics = std::fs::read_to_string(d.path().join("kto/metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"kl\""));
     // KTO with paired data, DPO with unpaired data, and empty data are refused.
     let (m, a) = model(tok.vocab_size());
-    assert!(AlignTask::new(m, a, Objective::Kto(KtoConfig::default()), AlignData::Pairs(pairs.clone()), 8, 0, 0).is_err());
+    assert!(AlignTask::new(
+        m,
+        a,
+        Objective::Kto(KtoConfig::default()),
+        AlignData::Pairs(pairs.clone()),
+        8,
+        0,
+        0
+    )
+    .is_err());
     let (m, a) = model(tok.vocab_size());
-    assert!(AlignTask::new(m, a, Objective::Dpo(DpoConfig::default()), AlignData::Pairs(vec![]), 8, 0, 0).is_err());
+    assert!(AlignTask::new(
+        m,
+        a,
+        Objective::Dpo(DpoConfig::default()),
+        AlignData::Pairs(vec![]),
+        8,
+        0,
+        0
+    )
+    .is_err());
     let _ = Seg::Text(String::new());
 }

@@ -63,19 +63,30 @@ per_task = 2
     let mut lines = vec![];
     let reps = Recipe::load(&d.join("p.toml"))
         .unwrap()
-        .run(false, &indicatif::ProgressBar::hidden(), &mut |l| lines.push(l.to_string()))
+        .run(false, &indicatif::ProgressBar::hidden(), &mut |l| {
+            lines.push(l.to_string())
+        })
         .unwrap();
-    let StageReport::FineTuned(ft) = &reps[0] else { panic!("stage 1 is sft") };
+    let StageReport::FineTuned(ft) = &reps[0] else {
+        panic!("stage 1 is sft")
+    };
     assert_eq!(ft.summary.steps, 4);
     assert_eq!(ft.history.len(), 3, "evaluations at steps 0, 2, 4");
-    assert!(ft.history.iter().all(|p| p.eval_loss.is_finite() && p.reference_ppl.is_finite()));
-    let StageReport::TaskEvaluated(te) = &reps[1] else { panic!("stage 2 is task-eval") };
+    assert!(ft
+        .history
+        .iter()
+        .all(|p| p.eval_loss.is_finite() && p.reference_ppl.is_finite()));
+    let StageReport::TaskEvaluated(te) = &reps[1] else {
+        panic!("stage 2 is task-eval")
+    };
     assert_eq!(te.before.total, 4);
     assert_eq!(te.after.total, 4);
     assert!(d.join("run/task_eval.json").exists());
     assert!(d.join("run/adapter/adapter_config.json").exists());
     assert!(lines.iter().any(|l| l.contains("forgetting")));
-    assert!(lines.iter().any(|l| l.contains("before") && l.contains("after")));
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("before") && l.contains("after")));
 }
 
 #[test]
@@ -86,7 +97,9 @@ fn the_three_stage_alignment_pipeline_runs_with_merge_and_stack() {
     let d = tmp.path();
     tiny_model(&d.join("model"));
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/data/chat");
-    let common = |kind: &str| format!("max_steps = 2\nper_device_train_batch_size = 4\nmax_length = 64\nlearning_rate = 1e-3\nr = 4\nlora_alpha = 8\nmodel = \"{}\"\n{kind}", d.join("model").display());
+    let common = |kind: &str| {
+        format!("max_steps = 2\nper_device_train_batch_size = 4\nmax_length = 64\nlearning_rate = 1e-3\nr = 4\nlora_alpha = 8\nmodel = \"{}\"\n{kind}", d.join("model").display())
+    };
     let text = format!(
         "[[stage]]\nkind = \"align\"\nloss = \"orpo\"\ndata = \"{p}/prefs-eval.jsonl\"\noutput_dir = \"{o}/1\"\n{c1}\n\n\
          [[stage]]\nkind = \"sft\"\nprevious = \"merge\"\nuse_dora = true\ndata = \"{p}/prefs-chosen-sft.jsonl\"\noutput_dir = \"{o}/2\"\n{c2}\n\n\
@@ -103,20 +116,38 @@ fn the_three_stage_alignment_pipeline_runs_with_merge_and_stack() {
     let mut lines = vec![];
     let reps = Recipe::load(&d.join("a.toml"))
         .unwrap()
-        .run(false, &indicatif::ProgressBar::hidden(), &mut |l| lines.push(l.to_string()))
+        .run(false, &indicatif::ProgressBar::hidden(), &mut |l| {
+            lines.push(l.to_string())
+        })
         .unwrap();
     assert_eq!(reps.len(), 4);
-    assert!(d.join("runs/2/base-merged/model.safetensors").exists(), "ORPO adapter merged before DoRA");
+    assert!(
+        d.join("runs/2/base-merged/model.safetensors").exists(),
+        "ORPO adapter merged before DoRA"
+    );
     assert!(d.join("runs/3/base-merged/model.safetensors").exists());
-    assert!(std::fs::read_dir(d.join("runs/.ref-cache")).unwrap().count() == 1, "DPO reference cached");
+    assert!(
+        std::fs::read_dir(d.join("runs/.ref-cache"))
+            .unwrap()
+            .count()
+            == 1,
+        "DPO reference cached"
+    );
     let m = std::fs::read_to_string(d.join("runs/3/metrics.jsonl")).unwrap();
     assert!(m.contains("rewards/accuracies"));
     let k = std::fs::read_to_string(d.join("runs/4/metrics.jsonl")).unwrap();
     assert!(k.contains("\"kl\""));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("runs/2/adapter/adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("runs/2/adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cfg["use_dora"], true);
     // A stage that needs an earlier one says so.
     std::fs::write(d.join("b.toml"), format!("[[stage]]\nkind = \"align\"\nprevious = \"merge\"\ndata = \"{p}/prefs-eval.jsonl\"\noutput_dir = \"{o}/x\"\n{c}\n", p = data.display(), o = d.join("runs").display(), c = common(""))).unwrap();
-    let e = Recipe::load(&d.join("b.toml")).unwrap().run(false, &indicatif::ProgressBar::hidden(), &mut |_| {}).unwrap_err().to_string();
+    let e = Recipe::load(&d.join("b.toml"))
+        .unwrap()
+        .run(false, &indicatif::ProgressBar::hidden(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("previous"), "{e}");
 }

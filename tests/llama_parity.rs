@@ -41,7 +41,9 @@ fn logits_match_transformers_with_padding_and_packing() {
         );
         assert!(e0 < 1e-4 && e1 < 1e-4, "{name}: logits {e0:e} {e1:e}");
         let pos = io.get("position_ids").unwrap();
-        let seg = candle_core::Tensor::new(&[[0u32, 0, 0, 0, 0, 1, 1, 1, 1]], &candle_core::Device::Cpu).unwrap();
+        let seg =
+            candle_core::Tensor::new(&[[0u32, 0, 0, 0, 0, 1, 1, 1, 1]], &candle_core::Device::Cpu)
+                .unwrap();
         let packed = m
             .forward(
                 &io.get("packed_ids").unwrap(),
@@ -63,14 +65,24 @@ fn lora_logits_and_gradients_match_peft() {
     for name in ["llama", "qwen2"] {
         let io = SafeTensors::read(dir(name).join("io.safetensors")).unwrap();
         let mut cfg = AdapterConfig::lora(4, 8.0, &[]);
-        cfg.target_modules = Some(postforge::peft::config::ModuleSpec::Regex("all-linear".into()));
+        cfg.target_modules = Some(postforge::peft::config::ModuleSpec::Regex(
+            "all-linear".into(),
+        ));
         cfg.init_lora_weights = InitSpec::Bool(false);
         let m = LlamaForCausalLM::load(&dir(name), AdapterPlan::single(cfg, 0).unwrap()).unwrap();
         let mut n = 0;
         for l in m.layers() {
             if let Some(ad) = l.adapters().get("default") {
-                ad.a.set(&io.get(&format!("factor.{}.lora_A.weight", l.path())).unwrap()).unwrap();
-                ad.b.set(&io.get(&format!("factor.{}.lora_B.weight", l.path())).unwrap()).unwrap();
+                ad.a.set(
+                    &io.get(&format!("factor.{}.lora_A.weight", l.path()))
+                        .unwrap(),
+                )
+                .unwrap();
+                ad.b.set(
+                    &io.get(&format!("factor.{}.lora_B.weight", l.path()))
+                        .unwrap(),
+                )
+                .unwrap();
                 n += 1;
             }
         }
@@ -93,7 +105,10 @@ fn lora_logits_and_gradients_match_peft() {
         let loss = next_token_loss(&out, &ids, &mask).unwrap();
         let lv = loss.to_scalar::<f32>().unwrap();
         let lw = io.get("loss").unwrap().to_vec1::<f32>().unwrap()[0];
-        assert!((lv - lw).abs() < 1e-4 * lw.abs(), "{name}: loss {lv} vs {lw}");
+        assert!(
+            (lv - lw).abs() < 1e-4 * lw.abs(),
+            "{name}: loss {lv} vs {lw}"
+        );
         let grads = loss.backward().unwrap();
         for l in m.layers() {
             let Some(ad) = l.adapters().get("default") else {
@@ -101,14 +116,20 @@ fn lora_logits_and_gradients_match_peft() {
             };
             for (which, v) in [("lora_A", &ad.a), ("lora_B", &ad.b)] {
                 let key = format!("grad.{}.{which}.weight", l.path());
-                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {key}"));
+                let g = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {key}"));
                 let e = rel_err(g, &io.get(&key).unwrap());
                 assert!(e < 1e-4, "{name}: {key} relative error {e:e}");
             }
         }
         // Frozen base weights get no gradient.
         for l in m.layers() {
-            assert!(grads.get(l.weight()).is_none(), "{name}: {} got a gradient", l.path());
+            assert!(
+                grads.get(l.weight()).is_none(),
+                "{name}: {} got a gradient",
+                l.path()
+            );
         }
     }
 }
@@ -117,17 +138,35 @@ fn lora_logits_and_gradients_match_peft() {
 fn kv_cache_generation_equals_the_full_forward() {
     let m = LlamaForCausalLM::load(&dir("llama"), AdapterPlan::none()).unwrap();
     let io = SafeTensors::read(dir("llama").join("io.safetensors")).unwrap();
-    let ids = io.get("input_ids").unwrap().get(0).unwrap().unsqueeze(0).unwrap();
-    let full = m.forward(&ids, &Inputs::default(), &ForwardCtx::eval()).unwrap();
+    let ids = io
+        .get("input_ids")
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let full = m
+        .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+        .unwrap();
     let mut cache = m.cache();
     let first = m
-        .forward_cached(&ids.narrow(1, 0, 6).unwrap(), &Inputs::default(), Some(&mut cache), &ForwardCtx::eval())
+        .forward_cached(
+            &ids.narrow(1, 0, 6).unwrap(),
+            &Inputs::default(),
+            Some(&mut cache),
+            &ForwardCtx::eval(),
+        )
         .unwrap();
     let mut parts = vec![first];
     for t in 6..9 {
         parts.push(
-            m.forward_cached(&ids.narrow(1, t, 1).unwrap(), &Inputs::default(), Some(&mut cache), &ForwardCtx::eval())
-                .unwrap(),
+            m.forward_cached(
+                &ids.narrow(1, t, 1).unwrap(),
+                &Inputs::default(),
+                Some(&mut cache),
+                &ForwardCtx::eval(),
+            )
+            .unwrap(),
         );
     }
     let stepwise = candle_core::Tensor::cat(&parts, 1).unwrap();
@@ -147,19 +186,33 @@ fn fused_rms_norm_and_rope_match_the_composites() {
     let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
     let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
     for v in [&xv, &wv] {
-        let e = rel_err(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+        let e = rel_err(
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
         assert!(e < 1e-4, "rms_norm gradient {e}");
     }
     // RoPE is a rotation: its backward is the inverse rotation, so <rope(x), g> = <x, rope⁻¹(g)>.
     let x = candle_core::Var::from_tensor(&randn(&[2, 2, 5, 8], 1.0, "qx")).unwrap();
-    let pos = candle_core::Tensor::new(&[[0u32, 1, 2, 3, 4], [7, 3, 0, 1, 2]], &candle_core::Device::Cpu).unwrap();
+    let pos = candle_core::Tensor::new(
+        &[[0u32, 1, 2, 3, 4], [7, 3, 0, 1, 2]],
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let inv: Vec<f32> = (0..4).map(|i| 1.0 / 100f32.powf(i as f32 / 4.0)).collect();
     let y = rope(x.as_tensor(), &pos, &inv).unwrap();
     let gy = randn(&[2, 2, 5, 8], 1.0, "qg");
     let gr = (&y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
     let gx = gr.get(x.as_tensor()).unwrap();
     // Norms are preserved by a rotation.
-    let n = |t: &candle_core::Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let n = |t: &candle_core::Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     assert!((n(&y) - n(x.as_tensor())).abs() < 1e-3 * n(&y));
     assert!((n(gx) - n(&gy)).abs() < 1e-3 * n(&gy));
     // Position 0 is the identity.
@@ -184,22 +237,56 @@ fn greedy_generation_follows_the_argmax_and_sampling_is_seeded() {
     // Each generated token is the argmax of the full forward over everything before it.
     let mut seq = prompt.to_vec();
     for &tok in &out {
-        let ids = candle_core::Tensor::from_vec(seq.clone(), (1, seq.len()), &candle_core::Device::Cpu).unwrap();
-        let l = m.forward(&ids, &Inputs::default(), &ForwardCtx::eval()).unwrap();
-        let last = l.get(0).unwrap().get(seq.len() - 1).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        let ids =
+            candle_core::Tensor::from_vec(seq.clone(), (1, seq.len()), &candle_core::Device::Cpu)
+                .unwrap();
+        let l = m
+            .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+            .unwrap();
+        let last = l
+            .get(0)
+            .unwrap()
+            .get(seq.len() - 1)
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
         assert_eq!(tok, last);
         seq.push(tok);
     }
     // Stop tokens end generation (and are kept).
-    let stop = GenerationConfig { stop_token_ids: vec![out[2]], ..g.clone() };
+    let stop = GenerationConfig {
+        stop_token_ids: vec![out[2]],
+        ..g.clone()
+    };
     let s = m.generate(&prompt, &stop).unwrap();
     assert_eq!(s.last(), Some(&out[2]));
     assert!(s.len() <= 3);
     // Sampling: the same seed gives the same text, another seed (usually) not.
-    let samp = GenerationConfig { do_sample: true, temperature: 1.5, top_p: 0.95, top_k: 40, seed: 3, max_new_tokens: 12, ..Default::default() };
+    let samp = GenerationConfig {
+        do_sample: true,
+        temperature: 1.5,
+        top_p: 0.95,
+        top_k: 40,
+        seed: 3,
+        max_new_tokens: 12,
+        ..Default::default()
+    };
     let a = m.generate(&prompt, &samp).unwrap();
     assert_eq!(a, m.generate(&prompt, &samp).unwrap());
-    let others: Vec<Vec<u32>> = (4..8).map(|s| m.generate(&prompt, &GenerationConfig { seed: s, ..samp.clone() }).unwrap()).collect();
+    let others: Vec<Vec<u32>> = (4..8)
+        .map(|s| {
+            m.generate(
+                &prompt,
+                &GenerationConfig {
+                    seed: s,
+                    ..samp.clone()
+                },
+            )
+            .unwrap()
+        })
+        .collect();
     assert!(others.iter().any(|o| *o != a));
 }
 
@@ -207,24 +294,43 @@ fn greedy_generation_follows_the_argmax_and_sampling_is_seeded() {
 fn merged_save_pretrained_reloads_to_the_same_logits() {
     let io = SafeTensors::read(dir("qwen2").join("io.safetensors")).unwrap();
     let mut cfg = AdapterConfig::lora(4, 8.0, &[]);
-    cfg.target_modules = Some(postforge::peft::config::ModuleSpec::Regex("all-linear".into()));
+    cfg.target_modules = Some(postforge::peft::config::ModuleSpec::Regex(
+        "all-linear".into(),
+    ));
     cfg.init_lora_weights = InitSpec::Bool(false);
     let m = LlamaForCausalLM::load(&dir("qwen2"), AdapterPlan::single(cfg, 0).unwrap()).unwrap();
     for l in m.layers() {
         if let Some(ad) = l.adapters().get("default") {
-            ad.a.set(&io.get(&format!("factor.{}.lora_A.weight", l.path())).unwrap()).unwrap();
-            ad.b.set(&io.get(&format!("factor.{}.lora_B.weight", l.path())).unwrap()).unwrap();
+            ad.a.set(
+                &io.get(&format!("factor.{}.lora_A.weight", l.path()))
+                    .unwrap(),
+            )
+            .unwrap();
+            ad.b.set(
+                &io.get(&format!("factor.{}.lora_B.weight", l.path()))
+                    .unwrap(),
+            )
+            .unwrap();
         }
     }
     let ids = io.get("input_ids").unwrap();
-    let want = m.forward(&ids, &Inputs::default(), &ForwardCtx::eval()).unwrap();
+    let want = m
+        .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+        .unwrap();
     let d = tempfile::tempdir().unwrap();
     m.save_pretrained(d.path()).unwrap();
     let back = LlamaForCausalLM::load(d.path(), AdapterPlan::none()).unwrap();
-    assert!(back.config().tie_word_embeddings, "no adapter on the embedding: still tied");
-    let got = back.forward(&ids, &Inputs::default(), &ForwardCtx::eval()).unwrap();
+    assert!(
+        back.config().tie_word_embeddings,
+        "no adapter on the embedding: still tied"
+    );
+    let got = back
+        .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+        .unwrap();
     assert!(rel_err(&got, &want) < 1e-5);
-    let names = SafeTensors::read(d.path().join("model.safetensors")).unwrap().into_tensors();
+    let names = SafeTensors::read(d.path().join("model.safetensors"))
+        .unwrap()
+        .into_tensors();
     assert!(!names.contains_key("lm_head.weight"));
     assert!(names.contains_key("model.layers.1.self_attn.q_proj.bias"));
 }

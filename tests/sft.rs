@@ -13,9 +13,21 @@ use postforge::train::{Task, TrainConfig, Trainer};
 
 fn tokenizer() -> TextTokenizer {
     let texts: Vec<String> = (0..300)
-        .map(|i| format!("what is {} plus {}? {}. the sky is blue and the grass is green.", i % 50, i % 7, i % 50 + i % 7))
+        .map(|i| {
+            format!(
+                "what is {} plus {}? {}. the sky is blue and the grass is green.",
+                i % 50,
+                i % 7,
+                i % 50 + i % 7
+            )
+        })
         .collect();
-    let t = train_bpe(&texts, 320, &["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).unwrap();
+    let t = train_bpe(
+        &texts,
+        320,
+        &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    )
+    .unwrap();
     TextTokenizer::from_parts(
         t,
         &serde_json::json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}),
@@ -31,12 +43,18 @@ fn model(vocab: usize) -> (LlamaForCausalLM, AdapterConfig) {
     }))
     .unwrap();
     let mut a = AdapterConfig::lora(8, 16.0, &[]);
-    a.target_modules = Some(postforge::peft::config::ModuleSpec::Regex("all-linear".into()));
+    a.target_modules = Some(postforge::peft::config::ModuleSpec::Regex(
+        "all-linear".into(),
+    ));
     let w = Weights::fresh(5, AdapterPlan::single(a.clone(), 1).unwrap());
     (LlamaForCausalLM::new(&cfg, &w).unwrap(), a)
 }
 
-fn rows(tok: &TextTokenizer, range: std::ops::Range<usize>, packed: bool) -> Vec<postforge::data::sft::Row> {
+fn rows(
+    tok: &TextTokenizer,
+    range: std::ops::Range<usize>,
+    packed: bool,
+) -> Vec<postforge::data::sft::Row> {
     let seqs: Vec<_> = range
         .map(|i| {
             let ex = SftExample::from_json(&serde_json::json!({
@@ -79,7 +97,11 @@ fn sft_learns_the_task_and_the_monitor_tracks_forgetting() {
         .with_monitor(
             rows(&tok, 100..116, false),
             reference(&tok),
-            MonitorConfig { eval_steps: 10, max_forgetting: Some(10.0), stop_on_forgetting: false },
+            MonitorConfig {
+                eval_steps: 10,
+                max_forgetting: Some(10.0),
+                stop_on_forgetting: false,
+            },
         );
     let before = task.mean_loss(&rows(&tok, 100..116, false)).unwrap();
     let cfg = TrainConfig {
@@ -89,7 +111,10 @@ fn sft_learns_the_task_and_the_monitor_tracks_forgetting() {
         save_steps: 10,
         ..Default::default()
     };
-    let s = Trainer::new(cfg.clone()).unwrap().train(&mut task, false).unwrap();
+    let s = Trainer::new(cfg.clone())
+        .unwrap()
+        .train(&mut task, false)
+        .unwrap();
     let after = task.mean_loss(&rows(&tok, 100..116, false)).unwrap();
     assert!(after < 0.7 * before, "held-out loss {before} -> {after}");
     assert_eq!(task.history.len(), 4, "evaluations at steps 0, 10, 20, 30");
@@ -113,7 +138,16 @@ fn sft_learns_the_task_and_the_monitor_tracks_forgetting() {
     let end_a = task.trainable();
     let end_b = t2.trainable();
     for ((n, x), (_, y)) in end_a.iter().zip(&end_b) {
-        let dlt: f32 = (x.as_tensor() - y.as_tensor()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        let dlt: f32 = (x.as_tensor() - y.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(dlt < 1e-6, "{n}: resumed differs by {dlt}");
     }
 }
@@ -128,8 +162,24 @@ fn the_forgetting_monitor_can_stop_a_run_and_empty_data_is_refused() {
     // A threshold below any possible change stops at the first evaluation.
     let mut task = SftTask::new(m, a, rows(&tok, 0..16, false), 4, tok.pad_id, 3)
         .unwrap()
-        .with_monitor(vec![], reference(&tok), MonitorConfig { eval_steps: 2, max_forgetting: Some(-1.0), stop_on_forgetting: true });
-    let cfg = TrainConfig { max_steps: 4, output_dir: d.path().join("run"), ..Default::default() };
-    let e = Trainer::new(cfg).unwrap().train(&mut task, false).unwrap_err().to_string();
+        .with_monitor(
+            vec![],
+            reference(&tok),
+            MonitorConfig {
+                eval_steps: 2,
+                max_forgetting: Some(-1.0),
+                stop_on_forgetting: true,
+            },
+        );
+    let cfg = TrainConfig {
+        max_steps: 4,
+        output_dir: d.path().join("run"),
+        ..Default::default()
+    };
+    let e = Trainer::new(cfg)
+        .unwrap()
+        .train(&mut task, false)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("forgetting"), "{e}");
 }

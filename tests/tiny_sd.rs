@@ -108,16 +108,32 @@ fn pretraining_steps_write_a_loadable_pipeline() {
     let cont = PretrainTask::with_init(16, 4, 3, Some(&dir)).unwrap();
     let again_dir = d.path().join("again");
     cont.write_pipeline(&again_dir).unwrap();
-    for f in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"] {
-        let a = postforge::util::SafeTensors::read(dir.join(f)).unwrap().into_tensors();
-        let b = postforge::util::SafeTensors::read(again_dir.join(f)).unwrap().into_tensors();
+    for f in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        let a = postforge::util::SafeTensors::read(dir.join(f))
+            .unwrap()
+            .into_tensors();
+        let b = postforge::util::SafeTensors::read(again_dir.join(f))
+            .unwrap()
+            .into_tensors();
         assert_eq!(
             a.keys().collect::<Vec<_>>(),
             b.keys().collect::<Vec<_>>(),
             "{f}: tensor names"
         );
         for (k, t) in &a {
-            let d: f32 = (t - &b[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+            let d: f32 = (t - &b[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             assert_eq!(d, 0.0, "{f}: {k}");
         }
     }

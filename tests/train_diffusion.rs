@@ -26,7 +26,12 @@ fn setup(dir: &Path) {
     write_kohya(&dir.join("data"), 2, "striped", &items, ".txt").unwrap();
     let wide: Vec<_> = dataset(3, 32, Style::Striped, 6)
         .into_iter()
-        .map(|(i, c, _)| (image::imageops::resize(&i, 48, 32, image::imageops::FilterType::Nearest), c))
+        .map(|(i, c, _)| {
+            (
+                image::imageops::resize(&i, 48, 32, image::imageops::FilterType::Nearest),
+                c,
+            )
+        })
         .collect();
     write_kohya(&dir.join("data"), 1, "wide", &wide, ".txt").unwrap();
     std::fs::write(
@@ -66,8 +71,14 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
         .iter()
         .flat_map(|(k, m)| {
             [
-                (format!("{k}.down"), m.down.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
-                (format!("{k}.up"), m.up.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+                (
+                    format!("{k}.down"),
+                    m.down.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                ),
+                (
+                    format!("{k}.up"),
+                    m.up.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                ),
             ]
         })
         .collect()
@@ -91,8 +102,16 @@ fn lora_training_writes_a_kohya_file_samples_and_resumes_exactly() {
     assert_eq!(task.batches_per_epoch(), 8);
     // Samples before training and every 2 steps, kohya's file names.
     for step in [0, 2, 4] {
-        assert!(dir.join(format!("run/sample/last_{step:06}_00_3.png")).exists(), "step {step}");
-        assert!(dir.join(format!("run/sample/last_{step:06}_01_12.png")).exists(), "step {step}");
+        assert!(
+            dir.join(format!("run/sample/last_{step:06}_00_3.png"))
+                .exists(),
+            "step {step}"
+        );
+        assert!(
+            dir.join(format!("run/sample/last_{step:06}_01_12.png"))
+                .exists(),
+            "step {step}"
+        );
     }
     // The kohya file: U-Net linears, LoCon convs, text encoder, kohya metadata.
     let (f, fmt) = LoraFile::read(&file, None).unwrap();
@@ -100,15 +119,34 @@ fn lora_training_writes_a_kohya_file_samples_and_resumes_exactly() {
     let keys: Vec<&String> = f.modules.keys().collect();
     assert!(keys.iter().any(|k| k.ends_with("attn1.to_q")));
     assert!(keys.iter().any(|k| k.ends_with("resnets.0.conv1")));
-    assert!(keys.iter().any(|k| k.starts_with("text_encoder.") && k.ends_with("q_proj")));
-    let conv = f.modules.iter().find(|(k, _)| k.ends_with("resnets.0.conv1")).unwrap().1;
-    assert_eq!((conv.rank(), conv.alpha), (2, 2.0), "conv_dim 2, conv_alpha defaults to network_alpha");
-    assert_eq!(f.metadata.get("ss_network_dim").map(String::as_str), Some("4"));
+    assert!(keys
+        .iter()
+        .any(|k| k.starts_with("text_encoder.") && k.ends_with("q_proj")));
+    let conv = f
+        .modules
+        .iter()
+        .find(|(k, _)| k.ends_with("resnets.0.conv1"))
+        .unwrap()
+        .1;
+    assert_eq!(
+        (conv.rank(), conv.alpha),
+        (2, 2.0),
+        "conv_dim 2, conv_alpha defaults to network_alpha"
+    );
+    assert_eq!(
+        f.metadata.get("ss_network_dim").map(String::as_str),
+        Some("4")
+    );
     assert_eq!(f.metadata.get("ss_steps").map(String::as_str), Some("4"));
-    assert!(f.metadata.get("ss_network_args").is_some_and(|a| a.contains("conv_dim")));
+    assert!(f
+        .metadata
+        .get("ss_network_args")
+        .is_some_and(|a| a.contains("conv_dim")));
     let trained = tensors(&file);
     assert!(
-        trained.iter().any(|(k, v)| k.ends_with(".up") && v.iter().any(|x| *x != 0.0)),
+        trained
+            .iter()
+            .any(|(k, v)| k.ends_with(".up") && v.iter().any(|x| *x != 0.0)),
         "training moved the up projections away from zero"
     );
 
@@ -120,13 +158,20 @@ fn lora_training_writes_a_kohya_file_samples_and_resumes_exactly() {
         at: 2,
     };
     let trainer = postforge::train::Trainer::new(full.trainer(false).unwrap()).unwrap();
-    assert!(trainer.train(&mut killed, false).is_err(), "the run was interrupted");
+    assert!(
+        trainer.train(&mut killed, false).is_err(),
+        "the run was interrupted"
+    );
     let (s2, file2, _) = train_lora(&full, true, false).unwrap();
     assert_eq!(s2.resumed_from, Some(2));
     let resumed = tensors(&file2);
     assert_eq!(trained.len(), resumed.len());
     for ((k, a), (_, b)) in trained.iter().zip(&resumed) {
-        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(d < 1e-6, "{k}: resumed run differs by {d}");
     }
     // A finished run in the folder is not overwritten by accident.
@@ -144,18 +189,29 @@ fn every_adapter_tensor_gets_gradient_and_the_base_none() {
     let mut task = LoraTrainTask::new(cfg).unwrap();
     let params = task.trainable();
     assert!(params.iter().any(|(n, _)| n.starts_with("text_encoder.")));
-    assert!(params.iter().any(|(n, _)| n.contains("lora_magnitude_vector")));
+    assert!(params
+        .iter()
+        .any(|(n, _)| n.contains("lora_magnitude_vector")));
     // B starts at zero, so A gets no gradient on the first step: move B off zero first.
     for (n, v) in &params {
         if n.contains("lora_B") {
-            v.set(&(v.as_tensor().ones_like().unwrap() * 0.01).unwrap()).unwrap();
+            v.set(&(v.as_tensor().ones_like().unwrap() * 0.01).unwrap())
+                .unwrap();
         }
     }
     let loss = task.loss(0, &ForwardCtx::train(1, 0)).unwrap();
     let grads = loss.backward().unwrap();
     for (n, v) in &params {
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{n}: no gradient"));
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{n}: no gradient"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(norm.is_finite() && norm > 0.0, "{n}: gradient norm {norm}");
     }
     // Frozen base weights are plain tensors: no gradient is kept for them.
@@ -185,7 +241,10 @@ fn bad_training_input_is_refused_with_clear_errors() {
     assert!(e.contains("no training images"), "{e}");
     // A corrupt image names the file.
     std::fs::write(dir.join("data/2_striped/0000.png"), b"not a png").unwrap();
-    let e = LoraTrainTask::new(config(dir, "bad")).err().unwrap().to_string();
+    let e = LoraTrainTask::new(config(dir, "bad"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("0000.png"), "{e}");
 }
 
@@ -225,7 +284,9 @@ score_samples = 3
     let r = Recipe::load(&dir.join("mini.toml")).unwrap();
     let mut lines = vec![];
     let reps = r
-        .run(false, &indicatif::ProgressBar::hidden(), &mut |l| lines.push(l.to_string()))
+        .run(false, &indicatif::ProgressBar::hidden(), &mut |l| {
+            lines.push(l.to_string())
+        })
         .unwrap();
     assert_eq!(reps.len(), 2);
     assert!(dir.join("out/last.safetensors").exists());
@@ -237,7 +298,8 @@ score_samples = 3
     assert_eq!(eval["scores"].as_array().unwrap().len(), 2);
     assert!(lines.iter().any(|l| l.contains("style score")));
     // Running the recipe again starts afresh instead of refusing the existing run folder.
-    r.run(false, &indicatif::ProgressBar::hidden(), &mut |_| {}).unwrap();
+    r.run(false, &indicatif::ProgressBar::hidden(), &mut |_| {})
+        .unwrap();
     // Unknown keys are refused, naming the key.
     std::fs::write(
         dir.join("bad.toml"),
@@ -310,7 +372,15 @@ fn a_latent_pipeline_with_a_vae_trains_on_latents_and_samples_images() {
     let p = Pipeline::load(&model, AdapterPlan::none(), AdapterPlan::none()).unwrap();
     assert_eq!(p.vae_factor(), 2);
     let img = p
-        .sample(&["a red circle".into()], "", &[1], 2, 2.0, SamplerKind::Euler, (32, 32))
+        .sample(
+            &["a red circle".into()],
+            "",
+            &[1],
+            2,
+            2.0,
+            SamplerKind::Euler,
+            (32, 32),
+        )
         .unwrap();
     assert_eq!(img.dims(), &[1, 3, 32, 32]);
     // Buckets must now be multiples of 4 (U-Net) × 2 (VAE).
@@ -356,7 +426,11 @@ fn an_sdxl_pipeline_with_two_text_encoders_samples_and_trains() {
         c.intermediate_size = 32;
         c.num_attention_heads = 2;
         std::fs::create_dir_all(m.join(sub)).unwrap();
-        std::fs::write(m.join(sub).join("config.json"), serde_json::to_string(&c).unwrap()).unwrap();
+        std::fs::write(
+            m.join(sub).join("config.json"),
+            serde_json::to_string(&c).unwrap(),
+        )
+        .unwrap();
         let t = fresh_text_tensors(&c, 20 + i as u64, (i == 1).then_some(16)).unwrap();
         save_safetensors(&m.join(sub).join("model.safetensors"), &t, None).unwrap();
         let tok = m.join(if i == 0 { "tokenizer" } else { "tokenizer_2" });
@@ -386,7 +460,15 @@ fn an_sdxl_pipeline_with_two_text_encoders_samples_and_trains() {
     assert_eq!(c.context.dims(), &[1, 16, 32]);
     assert_eq!(c.pooled.as_ref().unwrap().dims(), &[1, 16]);
     let img = p
-        .sample(&["a red circle".into()], "", &[1], 2, 3.0, SamplerKind::Euler, (16, 24))
+        .sample(
+            &["a red circle".into()],
+            "",
+            &[1],
+            2,
+            3.0,
+            SamplerKind::Euler,
+            (16, 24),
+        )
         .unwrap();
     assert_eq!(img.dims(), &[1, 3, 16, 24]);
     // LoRA training on both text encoders and the U-Net; the kohya file has lora_te1 / lora_te2.
@@ -405,6 +487,11 @@ fn an_sdxl_pipeline_with_two_text_encoders_samples_and_trains() {
         f.metadata.get("ss_base_model_version").map(String::as_str),
         Some("sdxl_base_v1-0")
     );
-    let raw = postforge::util::SafeTensors::read(&file).unwrap().into_tensors();
-    assert!(raw.keys().any(|k| k.starts_with("lora_te1_")) && raw.keys().any(|k| k.starts_with("lora_te2_")));
+    let raw = postforge::util::SafeTensors::read(&file)
+        .unwrap()
+        .into_tensors();
+    assert!(
+        raw.keys().any(|k| k.starts_with("lora_te1_"))
+            && raw.keys().any(|k| k.starts_with("lora_te2_"))
+    );
 }

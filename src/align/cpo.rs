@@ -73,9 +73,17 @@ impl CpoConfig {
 
     /// The loss from policy log-probs (B) (already averaged when [`Self::average_log_prob`]) and the
     /// chosen NLL (scalar); TRL's metrics with `nll_loss`.
-    pub fn loss(&self, chosen: &Tensor, rejected: &Tensor, chosen_nll: &Tensor) -> Result<(Tensor, BTreeMap<String, f64>)> {
+    pub fn loss(
+        &self,
+        chosen: &Tensor,
+        rejected: &Tensor,
+        chosen_nll: &Tensor,
+    ) -> Result<(Tensor, BTreeMap<String, f64>)> {
         if self.beta <= 0.0 {
-            return Err(Error::Config(format!("beta {} must be positive", self.beta)));
+            return Err(Error::Config(format!(
+                "beta {} must be positive",
+                self.beta
+            )));
         }
         let beta = self.beta;
         let eps = self.label_smoothing;
@@ -103,8 +111,14 @@ impl CpoConfig {
         };
         let loss = ((losses.mean_all()? + (chosen_nll * self.cpo_alpha)?)?).clone();
         let mut m = reward_metrics(&(cr.detach() * beta)?, &(rr.detach() * beta)?)?;
-        m.insert("logps/chosen".into(), chosen.mean_all()?.to_scalar::<f32>()? as f64);
-        m.insert("logps/rejected".into(), rejected.mean_all()?.to_scalar::<f32>()? as f64);
+        m.insert(
+            "logps/chosen".into(),
+            chosen.mean_all()?.to_scalar::<f32>()? as f64,
+        );
+        m.insert(
+            "logps/rejected".into(),
+            rejected.mean_all()?.to_scalar::<f32>()? as f64,
+        );
         m.insert("nll_loss".into(), chosen_nll.to_scalar::<f32>()? as f64);
         Ok((loss, m))
     }

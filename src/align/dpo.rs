@@ -121,19 +121,31 @@ pub struct PairLogps {
 }
 
 fn mean(t: &Tensor) -> Result<f64> {
-    Ok(t.mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+    Ok(t.mean_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 /// TRL's reward metrics from β·(log-ratio) rewards.
-pub fn reward_metrics(chosen_rewards: &Tensor, rejected_rewards: &Tensor) -> Result<BTreeMap<String, f64>> {
+pub fn reward_metrics(
+    chosen_rewards: &Tensor,
+    rejected_rewards: &Tensor,
+) -> Result<BTreeMap<String, f64>> {
     let mut m = BTreeMap::new();
     m.insert("rewards/chosen".into(), mean(chosen_rewards)?);
     m.insert("rewards/rejected".into(), mean(rejected_rewards)?);
     m.insert(
         "rewards/accuracies".into(),
-        mean(&chosen_rewards.gt(rejected_rewards)?.to_dtype(candle_core::DType::F32)?)?,
+        mean(
+            &chosen_rewards
+                .gt(rejected_rewards)?
+                .to_dtype(candle_core::DType::F32)?,
+        )?,
     );
-    m.insert("rewards/margins".into(), mean(&(chosen_rewards - rejected_rewards)?)?);
+    m.insert(
+        "rewards/margins".into(),
+        mean(&(chosen_rewards - rejected_rewards)?)?,
+    );
     Ok(m)
 }
 
@@ -161,7 +173,10 @@ impl DpoConfig {
             return Err(Error::Config("robust needs label_smoothing < 0.5".into()));
         }
         if self.beta <= 0.0 {
-            return Err(Error::Config(format!("beta {} must be positive", self.beta)));
+            return Err(Error::Config(format!(
+                "beta {} must be positive",
+                self.beta
+            )));
         }
         Ok(())
     }
@@ -197,7 +212,8 @@ impl DpoConfig {
             }
         };
         let delta = (&cs - &rs)?;
-        let avg = |s: &Tensor, n: &Tensor| -> Result<Tensor> { Ok(s.div(&n.clamp(1f32, f32::MAX)?)?) };
+        let avg =
+            |s: &Tensor, n: &Tensor| -> Result<Tensor> { Ok(s.div(&n.clamp(1f32, f32::MAX)?)?) };
         let weights = self
             .loss_weights
             .clone()

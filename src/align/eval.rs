@@ -75,7 +75,16 @@ pub fn sets(
             let ex = crate::data::sft::read_jsonl(p)?;
             let seqs = ex
                 .iter()
-                .map(|e| tokenize(e, tok, &SftOptions { max_length: 256, ..Default::default() }))
+                .map(|e| {
+                    tokenize(
+                        e,
+                        tok,
+                        &SftOptions {
+                            max_length: 256,
+                            ..Default::default()
+                        },
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             unpacked(&seqs)
         }
@@ -89,29 +98,34 @@ pub fn sets(
 }
 
 fn mean_logp(m: &LlamaForCausalLM, seqs: &[&Seq], pad: u32) -> Result<Vec<f32>> {
-    let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-    let b = seqs.len();
-    let (mut ids, mut cm, mut am) = (vec![pad; b * t], vec![0f32; b * t], vec![0u32; b * t]);
-    for (i, s) in seqs.iter().enumerate() {
-        for k in 0..s.ids.len() {
-            ids[i * t + k] = s.ids[k];
-            cm[i * t + k] = s.completion[k] as f32;
-            am[i * t + k] = 1;
-        }
-    }
-    let d = &candle_core::Device::Cpu;
-    let ids = candle_core::Tensor::from_vec(ids, (b, t), d)?;
-    let am = candle_core::Tensor::from_vec(am, (b, t), d)?;
-    let cm = candle_core::Tensor::from_vec(cm, (b, t), d)?;
-    let logits = m.forward(&ids, &Inputs { attention_mask: Some(&am), ..Default::default() }, &ForwardCtx::eval())?;
-    Ok(super::logps::sequence_logps(&logits, &ids, &cm)?.mean()?.to_vec1::<f32>()?)
+    let (ids, cm, am) = super::task::collate(seqs, pad)?;
+    let logits = m.forward(
+        &ids,
+        &Inputs {
+            attention_mask: Some(&am),
+            ..Default::default()
+        },
+        &ForwardCtx::eval(),
+    )?;
+    Ok(super::logps::sequence_logps(&logits, &ids, &cm)?
+        .mean()?
+        .to_vec1::<f32>()?)
 }
 
 /// Measures one model.
-pub fn figures(m: &LlamaForCausalLM, tok: &TextTokenizer, s: &EvalSets, progress: &indicatif::ProgressBar) -> Result<Figures> {
+pub fn figures(
+    m: &LlamaForCausalLM,
+    tok: &TextTokenizer,
+    s: &EvalSets,
+    progress: &indicatif::ProgressBar,
+) -> Result<Figures> {
     let mut right = 0;
     for chunk in s.pairs.chunks(16) {
-        let seqs: Vec<&Seq> = chunk.iter().map(|p| &p.0).chain(chunk.iter().map(|p| &p.1)).collect();
+        let seqs: Vec<&Seq> = chunk
+            .iter()
+            .map(|p| &p.0)
+            .chain(chunk.iter().map(|p| &p.1))
+            .collect();
         let v = mean_logp(m, &seqs, tok.pad_id)?;
         let b = chunk.len();
         right += (0..b).filter(|&i| v[i] > v[b + i]).count();
@@ -121,7 +135,14 @@ pub fn figures(m: &LlamaForCausalLM, tok: &TextTokenizer, s: &EvalSets, progress
     for chunk in s.reference.chunks(16) {
         let rows: Vec<&crate::data::sft::Row> = chunk.iter().collect();
         let b = crate::data::sft::collate(&rows, tok.pad_id)?;
-        let logits = m.forward(&b.ids, &Inputs { attention_mask: Some(&b.attention_mask), ..Default::default() }, &ForwardCtx::eval())?;
+        let logits = m.forward(
+            &b.ids,
+            &Inputs {
+                attention_mask: Some(&b.attention_mask),
+                ..Default::default()
+            },
+            &ForwardCtx::eval(),
+        )?;
         let l = next_token_loss(&logits, &b.ids, &b.weights)?.to_scalar::<f32>()? as f64;
         sum += l * b.num_tokens as f64;
         n += b.num_tokens;
@@ -129,13 +150,22 @@ pub fn figures(m: &LlamaForCausalLM, tok: &TextTokenizer, s: &EvalSets, progress
     Ok(Figures {
         preference_accuracy: right as f64 / s.pairs.len().max(1) as f64,
         generation_accuracy: acc.rate(),
-        reference_ppl: if n > 0 { (sum / n as f64).exp() } else { f64::NAN },
+        reference_ppl: if n > 0 {
+            (sum / n as f64).exp()
+        } else {
+            f64::NAN
+        },
     })
 }
 
 /// Evaluates a run folder (`adapter/`, `run_report.json`, and `base-merged/` when the run started
 /// from merged earlier stages; otherwise `model`).
-pub fn evaluate_run(run: &Path, model: &Path, s: &EvalSets, progress: &indicatif::ProgressBar) -> Result<EvalRow> {
+pub fn evaluate_run(
+    run: &Path,
+    model: &Path,
+    s: &EvalSets,
+    progress: &indicatif::ProgressBar,
+) -> Result<EvalRow> {
     let report: serde_json::Value = std::fs::read_to_string(run.join("run_report.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
@@ -150,7 +180,10 @@ pub fn evaluate_run(run: &Path, model: &Path, s: &EvalSets, progress: &indicatif
     let before = figures(&m, &tok, s, progress)?;
     let adapter = run.join("adapter");
     if !adapter.join("adapter_config.json").exists() {
-        return Err(Error::format(run, "no adapter/ (a finished training run folder is expected)"));
+        return Err(Error::format(
+            run,
+            "no adapter/ (a finished training run folder is expected)",
+        ));
     }
     crate::peft::formats::peft::load(&adapter, &mut m.layers_mut(), "default")?;
     let after = figures(&m, &tok, s, progress)?;

@@ -81,8 +81,14 @@ pub fn weight_advice(cfg: &KtoConfig, desirable: usize, undesirable: usize) -> O
         return None;
     }
     let r2 = |x: f64| (x * 100.0).round() / 100.0;
-    let (dl, du) = (r2(u * cfg.undesirable_weight / d), r2(u * cfg.undesirable_weight / d * 1.33));
-    let (ul, uu) = (r2(d * cfg.desirable_weight / u / 1.33), r2(d * cfg.desirable_weight / u));
+    let (dl, du) = (
+        r2(u * cfg.undesirable_weight / d),
+        r2(u * cfg.undesirable_weight / d * 1.33),
+    );
+    let (ul, uu) = (
+        r2(d * cfg.desirable_weight / u / 1.33),
+        r2(d * cfg.desirable_weight / u),
+    );
     let d_ok = dl <= cfg.desirable_weight && cfg.desirable_weight <= du;
     let u_ok = ul <= cfg.undesirable_weight && cfg.undesirable_weight <= uu;
     if d_ok || u_ok {
@@ -98,7 +104,10 @@ impl KtoConfig {
     /// `logps/*`).
     pub fn loss(&self, lp: &KtoLogps) -> Result<(Tensor, BTreeMap<String, f64>)> {
         if self.beta <= 0.0 {
-            return Err(Error::Config(format!("beta {} must be positive", self.beta)));
+            return Err(Error::Config(format!(
+                "beta {} must be positive",
+                self.beta
+            )));
         }
         let beta = self.beta;
         let kl = match self.loss_type {
@@ -106,7 +115,9 @@ impl KtoConfig {
                 .mean_all()?
                 .detach()
                 .clamp(0f32, f32::MAX)?,
-            KtoLossType::ApoZeroUnpaired => Tensor::zeros((), candle_core::DType::F32, lp.chosen.device())?,
+            KtoLossType::ApoZeroUnpaired => {
+                Tensor::zeros((), candle_core::DType::F32, lp.chosen.device())?
+            }
         };
         let mut parts = vec![];
         let mut m = BTreeMap::new();
@@ -118,25 +129,42 @@ impl KtoConfig {
                 KtoLossType::ApoZeroUnpaired => (sigmoid(&(&cr * beta)?)?.neg()? + 1.0)?,
             };
             parts.push((l * self.desirable_weight)?);
-            m.insert("rewards/chosen".into(), (cr * beta)?.mean_all()?.to_scalar::<f32>()? as f64);
-            m.insert("logps/chosen".into(), lp.chosen.mean_all()?.to_scalar::<f32>()? as f64);
+            m.insert(
+                "rewards/chosen".into(),
+                (cr * beta)?.mean_all()?.to_scalar::<f32>()? as f64,
+            );
+            m.insert(
+                "logps/chosen".into(),
+                lp.chosen.mean_all()?.to_scalar::<f32>()? as f64,
+            );
         }
         if nonempty(&lp.rejected) {
             let rr = (&lp.rejected - &lp.ref_rejected)?;
             let l = match self.loss_type {
-                KtoLossType::Kto => (sigmoid(&(rr.broadcast_sub(&kl)?.neg()? * beta)?)?.neg()? + 1.0)?,
+                KtoLossType::Kto => {
+                    (sigmoid(&(rr.broadcast_sub(&kl)?.neg()? * beta)?)?.neg()? + 1.0)?
+                }
                 KtoLossType::ApoZeroUnpaired => sigmoid(&(&rr * beta)?)?,
             };
             parts.push((l * self.undesirable_weight)?);
-            m.insert("rewards/rejected".into(), (rr * beta)?.mean_all()?.to_scalar::<f32>()? as f64);
-            m.insert("logps/rejected".into(), lp.rejected.mean_all()?.to_scalar::<f32>()? as f64);
+            m.insert(
+                "rewards/rejected".into(),
+                (rr * beta)?.mean_all()?.to_scalar::<f32>()? as f64,
+            );
+            m.insert(
+                "logps/rejected".into(),
+                lp.rejected.mean_all()?.to_scalar::<f32>()? as f64,
+            );
         }
         if parts.is_empty() {
             return Err(Error::Msg("a KTO batch with no examples".into()));
         }
         let loss = Tensor::cat(&parts, 0)?.mean_all()?;
         m.insert("kl".into(), kl.to_scalar::<f32>()? as f64);
-        if let (Some(c), Some(r)) = (m.get("rewards/chosen").copied(), m.get("rewards/rejected").copied()) {
+        if let (Some(c), Some(r)) = (
+            m.get("rewards/chosen").copied(),
+            m.get("rewards/rejected").copied(),
+        ) {
             m.insert("rewards/margins".into(), c - r);
         }
         Ok((loss, m))

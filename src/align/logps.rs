@@ -24,11 +24,14 @@ pub fn log1mexp(x: &Tensor) -> Result<Tensor> {
     let t = -std::f64::consts::LN_2;
     let far = (x.exp()?.neg()? + 1.0)?.log()?;
     let x2 = x.sqr()?;
-    let series = x
-        .neg()?
-        .mul(&((((x.clone() / 2.0)? + 1.0)? + (&x2 / 6.0)?)? + ((x2.mul(x)? / 24.0)? + (x2.sqr()? / 120.0)?)?)?)?;
+    let series = x.neg()?.mul(
+        &((((x.clone() / 2.0)? + 1.0)? + (&x2 / 6.0)?)?
+            + ((x2.mul(x)? / 24.0)? + (x2.sqr()? / 120.0)?)?)?,
+    )?;
     let near_zero = x.ge(-1e-2)?;
-    let near = near_zero.where_cond(&series, &(x.exp()?.neg()? + 1.0)?)?.log()?;
+    let near = near_zero
+        .where_cond(&series, &(x.exp()?.neg()? + 1.0)?)?
+        .log()?;
     Ok(x.lt(t)?.where_cond(&far, &near)?)
 }
 
@@ -37,7 +40,10 @@ pub fn log1mexp(x: &Tensor) -> Result<Tensor> {
 pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lp = crate::models::llama::log_softmax(logits)?;
     Ok(lp
-        .gather(&targets.to_dtype(DType::U32)?.contiguous()?.unsqueeze(2)?, 2)?
+        .gather(
+            &targets.to_dtype(DType::U32)?.contiguous()?.unsqueeze(2)?,
+            2,
+        )?
         .squeeze(2)?)
 }
 

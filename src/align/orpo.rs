@@ -29,15 +29,26 @@ impl Default for OrpoConfig {
 impl OrpoConfig {
     /// The loss from length-averaged policy log-probs (B) and the chosen NLL (scalar); TRL's metrics
     /// with `nll_loss`, `log_odds_ratio`, `log_odds_chosen`.
-    pub fn loss(&self, chosen: &Tensor, rejected: &Tensor, chosen_nll: &Tensor) -> Result<(Tensor, BTreeMap<String, f64>)> {
+    pub fn loss(
+        &self,
+        chosen: &Tensor,
+        rejected: &Tensor,
+        chosen_nll: &Tensor,
+    ) -> Result<(Tensor, BTreeMap<String, f64>)> {
         if self.beta < 0.0 {
-            return Err(Error::Config(format!("beta {} must not be negative", self.beta)));
+            return Err(Error::Config(format!(
+                "beta {} must not be negative",
+                self.beta
+            )));
         }
         let log_odds = ((chosen - rejected)? - (log1mexp(chosen)? - log1mexp(rejected)?)?)?;
         let ratio = log_sigmoid(&log_odds)?;
         let losses = (&ratio * self.beta)?;
         let loss = (chosen_nll - losses.mean_all()?)?;
-        let mut m = reward_metrics(&(chosen.detach() * self.beta)?, &(rejected.detach() * self.beta)?)?;
+        let mut m = reward_metrics(
+            &(chosen.detach() * self.beta)?,
+            &(rejected.detach() * self.beta)?,
+        )?;
         let s = |t: &Tensor| -> Result<f64> { Ok(t.mean_all()?.to_scalar::<f32>()? as f64) };
         m.insert("logps/chosen".into(), s(chosen)?);
         m.insert("logps/rejected".into(), s(rejected)?);

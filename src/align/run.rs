@@ -221,7 +221,11 @@ impl AlignRunConfig {
                     .map(|s| parse_dpo(s))
                     .collect::<Result<Vec<_>>>()?;
                 if types.is_empty() {
-                    types.push(if self.loss == "ipo" { DpoLossType::Ipo } else { DpoLossType::Sigmoid });
+                    types.push(if self.loss == "ipo" {
+                        DpoLossType::Ipo
+                    } else {
+                        DpoLossType::Sigmoid
+                    });
                 }
                 Objective::Dpo(DpoConfig {
                     beta: self.beta,
@@ -233,19 +237,28 @@ impl AlignRunConfig {
                 })
             }
             "cpo" | "simpo" => {
-                let lt = match (self.loss.as_str(), self.loss_type.first().map(|s| s.as_str())) {
+                let lt = match (
+                    self.loss.as_str(),
+                    self.loss_type.first().map(|s| s.as_str()),
+                ) {
                     ("simpo", _) | (_, Some("simpo")) => CpoLossType::Simpo,
                     (_, None) | (_, Some("sigmoid")) => CpoLossType::Sigmoid,
                     (_, Some("hinge")) => CpoLossType::Hinge,
                     (_, Some("ipo")) => CpoLossType::Ipo,
-                    (_, Some(o)) => return Err(Error::Config(format!("CPO loss_type `{o}` is not known"))),
+                    (_, Some(o)) => {
+                        return Err(Error::Config(format!("CPO loss_type `{o}` is not known")))
+                    }
                 };
                 Objective::Cpo(CpoConfig {
                     beta: self.beta,
                     loss_type: lt,
                     label_smoothing: self.label_smoothing,
                     simpo_gamma: self.simpo_gamma,
-                    cpo_alpha: if self.loss == "simpo" { 0.0 } else { self.cpo_alpha },
+                    cpo_alpha: if self.loss == "simpo" {
+                        0.0
+                    } else {
+                        self.cpo_alpha
+                    },
                     alpha: 0.0,
                 })
             }
@@ -255,7 +268,9 @@ impl AlignRunConfig {
                 loss_type: match self.loss_type.first().map(|s| s.as_str()) {
                     None | Some("kto") => KtoLossType::Kto,
                     Some("apo_zero_unpaired") => KtoLossType::ApoZeroUnpaired,
-                    Some(o) => return Err(Error::Config(format!("KTO loss_type `{o}` is not known"))),
+                    Some(o) => {
+                        return Err(Error::Config(format!("KTO loss_type `{o}` is not known")))
+                    }
                 },
                 desirable_weight: self.desirable_weight,
                 undesirable_weight: self.undesirable_weight,
@@ -288,31 +303,41 @@ impl AlignRunConfig {
     pub fn tokenizer(&self) -> Result<TextTokenizer> {
         let mut tok = TextTokenizer::load(&self.model)?;
         if let Some(name) = &self.chat_template {
-            let bos = tok.bos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
-            let eos = tok.eos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
-            tok.chat_template = Some(crate::data::chat::ChatTemplate::builtin(name, &bos, &eos)?);
+            tok.use_builtin_template(name)?;
         }
         Ok(tok)
     }
 
     /// Tokenized data for the objective.
-    pub fn data(&self, tok: &TextTokenizer, obj: &Objective) -> Result<(AlignData, Option<String>)> {
+    pub fn data(
+        &self,
+        tok: &TextTokenizer,
+        obj: &Objective,
+    ) -> Result<(AlignData, Option<String>)> {
         let ml = self.max_length;
         if let Objective::Kto(cfg) = obj {
             let ex = read_unpaired(&self.data)?;
             let mut seqs = vec![];
             let (mut prompts, mut comps) = (vec![], vec![]);
             for (i, e) in ex.iter().enumerate() {
-                let s = tokenize_pc(&e.prompt, &e.completion, tok, ml)
-                    .map_err(|err| Error::format(&self.data, format!("example {}: {err}", i + 1)))?;
-                let n = s.completion.iter().position(|c| *c == 1).unwrap_or(s.ids.len());
+                let s = tokenize_pc(&e.prompt, &e.completion, tok, ml).map_err(|err| {
+                    Error::format(&self.data, format!("example {}: {err}", i + 1))
+                })?;
+                let n = s
+                    .completion
+                    .iter()
+                    .position(|c| *c == 1)
+                    .unwrap_or(s.ids.len());
                 prompts.push(s.ids[..n].to_vec());
                 comps.push(s.ids[n..].to_vec());
                 seqs.push((s, e.label));
             }
             let d = seqs.iter().filter(|s| s.1).count();
             let warning = weight_advice(cfg, d, seqs.len() - d);
-            return Ok((AlignData::Unpaired(kto_examples(seqs, &prompts, &comps, ml)), warning));
+            return Ok((
+                AlignData::Unpaired(kto_examples(seqs, &prompts, &comps, ml)),
+                warning,
+            ));
         }
         let pairs = read_pairs(&self.data)?
             .iter()
@@ -321,7 +346,9 @@ impl AlignRunConfig {
                 let f = |err: Error| Error::format(&self.data, format!("example {}: {err}", i + 1));
                 Ok((
                     tokenize_pc(&p.prompt, &p.chosen, tok, ml).map_err(f)?,
-                    tokenize_pc(&p.prompt, &p.rejected, tok, ml).map_err(|e| Error::format(&self.data, format!("example {}: {e}", i + 1)))?,
+                    tokenize_pc(&p.prompt, &p.rejected, tok, ml).map_err(|e| {
+                        Error::format(&self.data, format!("example {}: {e}", i + 1))
+                    })?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -331,7 +358,14 @@ impl AlignRunConfig {
     /// Loads the model with its adapters: `default` (trainable) and, as configured, the frozen
     /// `prev` (stacked) or `ref` (reference copy of the starting adapter). Returns (model, adapter
     /// config, policy adapters, reference adapters).
-    pub fn load_model(&self) -> Result<(LlamaForCausalLM, AdapterConfig, Vec<String>, Option<Vec<String>>)> {
+    pub fn load_model(
+        &self,
+    ) -> Result<(
+        LlamaForCausalLM,
+        AdapterConfig,
+        Vec<String>,
+        Option<Vec<String>>,
+    )> {
         let mut m = LlamaForCausalLM::load(&self.model, AdapterPlan::none())?;
         let seed = self.seed;
         let mut policy = vec![];
@@ -373,13 +407,16 @@ impl AlignRunConfig {
         let steps = self.max_steps.unwrap_or(
             self.num_train_epochs * n.div_ceil(bs.max(1)) / self.gradient_accumulation_steps.max(1),
         );
-        let mut task = AlignTask::new(model, adapter, obj.clone(), data, bs, tok.pad_id, self.seed)?
-            .with_adapters(policy, reference);
+        let mut task =
+            AlignTask::new(model, adapter, obj.clone(), data, bs, tok.pad_id, self.seed)?
+                .with_adapters(policy, reference);
         if self.precompute_ref_logps && obj.needs_reference() {
-            let dir = self
-                .ref_cache_dir
-                .clone()
-                .unwrap_or_else(|| self.output_dir.parent().unwrap_or(Path::new(".")).join(".ref-cache"));
+            let dir = self.ref_cache_dir.clone().unwrap_or_else(|| {
+                self.output_dir
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join(".ref-cache")
+            });
             let mut inputs: Vec<&Path> = vec![&self.data, &self.model];
             if let Some(p) = &self.previous_adapter {
                 inputs.push(p);
@@ -387,7 +424,13 @@ impl AlignRunConfig {
             if let Some(p) = &self.ref_adapter {
                 inputs.push(p);
             }
-            let settings = format!("{:?}|{}|{:?}|{:?}", self.previous, self.max_length, self.chat_template, obj.name());
+            let settings = format!(
+                "{:?}|{}|{:?}|{:?}",
+                self.previous,
+                self.max_length,
+                self.chat_template,
+                obj.name()
+            );
             let cache = reference_cache_path(&dir, &inputs, &settings)?;
             task.precompute_reference(Some(&cache))?;
         }
@@ -410,7 +453,9 @@ impl AlignRunConfig {
             "examples": n});
         crate::util::write_atomic(
             &self.output_dir.join("run_report.json"),
-            serde_json::to_string_pretty(&report).map_err(|e| Error::Msg(e.to_string()))?.as_bytes(),
+            serde_json::to_string_pretty(&report)
+                .map_err(|e| Error::Msg(e.to_string()))?
+                .as_bytes(),
         )?;
         Ok(AlignReport {
             summary,
@@ -423,7 +468,12 @@ impl AlignRunConfig {
 
 /// Adds a fresh adapter `name` to every layer the configuration targets (PEFT's rules; the output
 /// head is left out by `all-linear`).
-pub fn add_adapter(m: &mut LlamaForCausalLM, name: &str, cfg: &AdapterConfig, seed: u64) -> Result<usize> {
+pub fn add_adapter(
+    m: &mut LlamaForCausalLM,
+    name: &str,
+    cfg: &AdapterConfig,
+    seed: u64,
+) -> Result<usize> {
     let mut n = 0;
     for l in m.layers_mut() {
         let head = l.path() == "lm_head";
@@ -433,16 +483,24 @@ pub fn add_adapter(m: &mut LlamaForCausalLM, name: &str, cfg: &AdapterConfig, se
         }
     }
     if n == 0 {
-        return Err(Error::Config("no module matched the adapter's target_modules".into()));
+        return Err(Error::Config(
+            "no module matched the adapter's target_modules".into(),
+        ));
     }
     Ok(n)
 }
 
-/// Writes a merged copy of `model` + `adapter` as a model folder at `out` (tokenizer files copied),
-/// for a pipeline stage that continues from a merged adapter.
-pub fn merge_into_folder(model: &Path, adapter: &Path, out: &Path) -> Result<()> {
+/// Writes a merged copy of `model` + `adapter` as a model folder at `out` (tokenizer files copied):
+/// `postforge merge` and pipeline stages that continue from a merged adapter. Returns the number of
+/// merged modules.
+pub fn merge_into_folder(model: &Path, adapter: &Path, out: &Path) -> Result<usize> {
     let mut m = LlamaForCausalLM::load(model, AdapterPlan::none())?;
     crate::peft::formats::peft::load(adapter, &mut m.layers_mut(), "default")?;
+    let merged = m
+        .layers()
+        .iter()
+        .filter(|l| l.adapters().contains_key("default"))
+        .count();
     m.save_pretrained(out)?;
     for f in [
         "tokenizer.json",
@@ -457,5 +515,5 @@ pub fn merge_into_folder(model: &Path, adapter: &Path, out: &Path) -> Result<()>
             crate::util::write_atomic(&out.join(f), &bytes)?;
         }
     }
-    Ok(())
+    Ok(merged)
 }

@@ -138,7 +138,12 @@ impl SftTask {
     }
 
     /// Evaluates held-out task rows and reference rows as configured.
-    pub fn with_monitor(mut self, held_out: Vec<Row>, reference: Vec<Row>, cfg: MonitorConfig) -> Self {
+    pub fn with_monitor(
+        mut self,
+        held_out: Vec<Row>,
+        reference: Vec<Row>,
+        cfg: MonitorConfig,
+    ) -> Self {
         self.held_out = held_out;
         self.reference = reference;
         self.monitor = Some(cfg);
@@ -189,12 +194,12 @@ impl SftTask {
         let eval_loss = if self.held_out.is_empty() {
             f64::NAN
         } else {
-            self.mean_loss(&self.held_out.clone())?
+            self.mean_loss(&self.held_out)?
         };
         let reference_ppl = if self.reference.is_empty() {
             f64::NAN
         } else {
-            self.mean_loss(&self.reference.clone())?.exp()
+            self.mean_loss(&self.reference)?.exp()
         };
         let base = *self.base_ppl.get_or_insert(reference_ppl);
         let p = EvalPoint {
@@ -253,7 +258,11 @@ impl Task for SftTask {
             .1;
         let mut rng = rng_for(self.seed, &format!("sft-batch-{cursor}"));
         let mut rows: Vec<&Row> = vec![];
-        for &i in order.iter().skip(idx * self.batch_size).take(self.batch_size) {
+        for &i in order
+            .iter()
+            .skip(idx * self.batch_size)
+            .take(self.batch_size)
+        {
             if self.replay_ratio > 0.0 && rng.random::<f64>() < self.replay_ratio {
                 let j = rng.random_range(0..self.replay.len());
                 rows.push(&self.replay[j]);
@@ -301,10 +310,7 @@ impl Task for SftTask {
             .filter(|p| step > 0 && p.step < step)
             .collect();
         self.base_ppl = kept.first().map(|p| p.reference_ppl);
-        let body: String = kept
-            .iter()
-            .map(|p| format!("{}\n", p.line))
-            .collect();
+        let body: String = kept.iter().map(|p| format!("{}\n", p.line)).collect();
         crate::util::write_atomic(&path, body.as_bytes())?;
         self.evaluate(step, out)
     }
@@ -502,14 +508,17 @@ impl SftRunConfig {
     pub fn tokenizer(&self) -> Result<crate::data::text::TextTokenizer> {
         let mut tok = crate::data::text::TextTokenizer::load(&self.model)?;
         if let Some(name) = &self.chat_template {
-            let bos = tok.bos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
-            let eos = tok.eos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
-            tok.chat_template = Some(crate::data::chat::ChatTemplate::builtin(name, &bos, &eos)?);
+            tok.use_builtin_template(name)?;
         }
         Ok(tok)
     }
 
-    fn rows(&self, path: &Path, tok: &crate::data::text::TextTokenizer, packing: bool) -> Result<Vec<Row>> {
+    fn rows(
+        &self,
+        path: &Path,
+        tok: &crate::data::text::TextTokenizer,
+        packing: bool,
+    ) -> Result<Vec<Row>> {
         use crate::data::sft::{pack_bfd, read_jsonl, tokenize, unpacked, SftOptions};
         let opts = SftOptions {
             max_length: self.max_length,

@@ -70,7 +70,12 @@ impl AlignData {
 
 /// Builds KTO examples: example i's KL partner pairs its prompt with the completion of example
 /// (i + 1) mod n (TRL rotates completions the same way).
-pub fn kto_examples(seqs: Vec<(Seq, bool)>, prompts: &[Vec<u32>], completions: &[Vec<u32>], max_len: usize) -> Vec<(Seq, bool, Seq)> {
+pub fn kto_examples(
+    seqs: Vec<(Seq, bool)>,
+    prompts: &[Vec<u32>],
+    completions: &[Vec<u32>],
+    max_len: usize,
+) -> Vec<(Seq, bool, Seq)> {
     let n = seqs.len();
     seqs.into_iter()
         .enumerate()
@@ -109,7 +114,8 @@ pub struct AlignTask {
     acc: BTreeMap<String, (f64, usize)>,
 }
 
-fn collate(seqs: &[&Seq], pad: u32) -> Result<(Tensor, Tensor, Tensor)> {
+/// Pads prompt + completion sequences on the right: (ids, completion mask as f32, attention mask).
+pub(crate) fn collate(seqs: &[&Seq], pad: u32) -> Result<(Tensor, Tensor, Tensor)> {
     let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     if seqs.is_empty() || t < 2 {
         return Err(Error::Msg("an empty preference batch".into()));
@@ -149,7 +155,10 @@ impl AlignTask {
             (Objective::Kto(_), AlignData::Unpaired(_)) => {}
             (Objective::Kto(_), _) => return Err(Error::Config("KTO needs unpaired data".into())),
             (_, AlignData::Unpaired(_)) => {
-                return Err(Error::Config(format!("{} needs paired data", objective.name())))
+                return Err(Error::Config(format!(
+                    "{} needs paired data",
+                    objective.name()
+                )))
             }
             _ => {}
         }
@@ -236,7 +245,8 @@ impl AlignTask {
     pub fn precompute_reference(&mut self, cache: Option<&Path>) -> Result<()> {
         if let Some(p) = cache {
             if let Ok(t) = std::fs::read_to_string(p) {
-                let v: Vec<[f32; 2]> = serde_json::from_str(&t).map_err(|e| Error::format(p, e.to_string()))?;
+                let v: Vec<[f32; 2]> =
+                    serde_json::from_str(&t).map_err(|e| Error::format(p, e.to_string()))?;
                 if v.len() == self.data.len() {
                     self.ref_cache = Some(v);
                     return Ok(());
@@ -277,13 +287,22 @@ impl AlignTask {
             self.epoch = Some((epoch, order));
         }
         match &self.epoch {
-            Some((_, o)) => o.iter().skip(i * self.batch_size).take(self.batch_size).copied().collect(),
+            Some((_, o)) => o
+                .iter()
+                .skip(i * self.batch_size)
+                .take(self.batch_size)
+                .copied()
+                .collect(),
             None => vec![],
         }
     }
 
     /// The loss of the examples `idx` and TRL's metrics.
-    pub fn loss_of(&mut self, idx: &[usize], ctx: &ForwardCtx) -> Result<(Tensor, BTreeMap<String, f64>)> {
+    pub fn loss_of(
+        &mut self,
+        idx: &[usize],
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, BTreeMap<String, f64>)> {
         let refs = if self.objective.needs_reference() {
             Some(self.reference(idx)?)
         } else {
@@ -300,12 +319,25 @@ impl AlignTask {
                 let kl = self.logps(&kls, &ForwardCtx::eval())?.sum.detach();
                 let refs = refs.unwrap_or_default();
                 let pick = |want: bool| -> Result<Tensor> {
-                    let v: Vec<u32> = idx.iter().enumerate().filter(|(_, &i)| u[i].1 == want).map(|(k, _)| k as u32).collect();
+                    let v: Vec<u32> = idx
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &i)| u[i].1 == want)
+                        .map(|(k, _)| k as u32)
+                        .collect();
                     Ok(Tensor::from_vec(v.clone(), v.len(), &dev)?)
                 };
                 let (ci, ri) = (pick(true)?, pick(false)?);
-                let ref_seq = Tensor::from_vec(refs.iter().map(|r| r[0]).collect::<Vec<_>>(), refs.len(), &dev)?;
-                let ref_kl = Tensor::from_vec(refs.iter().map(|r| r[1]).collect::<Vec<_>>(), refs.len(), &dev)?;
+                let ref_seq = Tensor::from_vec(
+                    refs.iter().map(|r| r[0]).collect::<Vec<_>>(),
+                    refs.len(),
+                    &dev,
+                )?;
+                let ref_kl = Tensor::from_vec(
+                    refs.iter().map(|r| r[1]).collect::<Vec<_>>(),
+                    refs.len(),
+                    &dev,
+                )?;
                 let k = KtoLogps {
                     chosen: lp.sum.index_select(&ci, 0)?,
                     rejected: lp.sum.index_select(&ri, 0)?,
@@ -328,7 +360,8 @@ impl AlignTask {
                 let lp = self.logps(&seqs, ctx)?;
                 let (c_sum, r_sum) = (lp.sum.narrow(0, 0, b)?, lp.sum.narrow(0, b, b)?);
                 let (c_tok, r_tok) = (lp.tokens.narrow(0, 0, b)?, lp.tokens.narrow(0, b, b)?);
-                let chosen_nll = (c_sum.sum_all()? / -(c_tok.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64))?;
+                let chosen_nll =
+                    (c_sum.sum_all()? / -(c_tok.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64))?;
                 let (loss, mut m) = match obj {
                     Objective::Dpo(cfg) => {
                         let refs = refs.unwrap_or_default();
@@ -346,7 +379,10 @@ impl AlignTask {
                     }
                     Objective::Cpo(cfg) => {
                         let (c, r) = if cfg.average_log_prob() {
-                            (c_sum.div(&c_tok.clamp(1f32, f32::MAX)?)?, r_sum.div(&r_tok.clamp(1f32, f32::MAX)?)?)
+                            (
+                                c_sum.div(&c_tok.clamp(1f32, f32::MAX)?)?,
+                                r_sum.div(&r_tok.clamp(1f32, f32::MAX)?)?,
+                            )
                         } else {
                             (c_sum.clone(), r_sum.clone())
                         };
@@ -374,7 +410,11 @@ impl AlignTask {
     pub fn preference_accuracy(&mut self, pairs: &[(Seq, Seq)], implicit: bool) -> Result<f64> {
         let mut ok = 0usize;
         for chunk in pairs.chunks(self.batch_size) {
-            let seqs: Vec<&Seq> = chunk.iter().map(|p| &p.0).chain(chunk.iter().map(|p| &p.1)).collect();
+            let seqs: Vec<&Seq> = chunk
+                .iter()
+                .map(|p| &p.0)
+                .chain(chunk.iter().map(|p| &p.1))
+                .collect();
             self.set_policy()?;
             let lp = self.logps(&seqs, &ForwardCtx::eval())?;
             let score = if implicit {
@@ -411,7 +451,13 @@ impl Task for AlignTask {
     }
 
     fn save_adapter(&self, dir: &Path) -> Result<()> {
-        save(dir, &self.model.layers(), "default", &self.adapter, SaveOptions::default())
+        save(
+            dir,
+            &self.model.layers(),
+            "default",
+            &self.adapter,
+            SaveOptions::default(),
+        )
     }
 
     fn step_metrics(&mut self) -> BTreeMap<String, f64> {
@@ -433,7 +479,10 @@ pub fn reference_cache_path(dir: &Path, inputs: &[&Path], settings: &str) -> Res
                 .map_err(|e| Error::io(p, e))?
                 .flatten()
                 .map(|e| e.path())
-                .filter(|f| f.extension().is_some_and(|x| x == "safetensors" || x == "json" || x == "jsonl"))
+                .filter(|f| {
+                    f.extension()
+                        .is_some_and(|x| x == "safetensors" || x == "json" || x == "jsonl")
+                })
                 .collect()
         } else {
             vec![p.to_path_buf()]
@@ -441,7 +490,11 @@ pub fn reference_cache_path(dir: &Path, inputs: &[&Path], settings: &str) -> Res
         files.sort();
         for f in files {
             let bytes = std::fs::read(&f).map_err(|e| Error::io(&f, e))?;
-            h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+            h.update(
+                f.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
             h.update(&bytes);
         }
     }

@@ -73,7 +73,9 @@ pub fn write_tokenizer(dir: &Path, tok: &TextTokenizer) -> Result<()> {
         .to_string(true)
         .map_err(|e| Error::Msg(format!("serialising the tokenizer: {e}")))?;
     write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
-    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()));
+    let pretty = |v: &serde_json::Value| {
+        serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))
+    };
     write_atomic(
         &dir.join("tokenizer_config.json"),
         pretty(&tokenizer_config())?.as_bytes(),
@@ -81,8 +83,10 @@ pub fn write_tokenizer(dir: &Path, tok: &TextTokenizer) -> Result<()> {
     let eos = tok.eos.as_ref().map(|e| e.1).unwrap_or(2);
     write_atomic(
         &dir.join("generation_config.json"),
-        pretty(&serde_json::json!({"eos_token_id": [eos], "pad_token_id": tok.pad_id,
-            "max_new_tokens": 32, "do_sample": false}))?
+        pretty(
+            &serde_json::json!({"eos_token_id": [eos], "pad_token_id": tok.pad_id,
+            "max_new_tokens": 32, "do_sample": false}),
+        )?
         .as_bytes(),
     )
 }
@@ -133,7 +137,12 @@ pub fn accuracy(
     progress: &indicatif::ProgressBar,
 ) -> Result<Accuracy> {
     let tmpl = tok.template()?;
-    let eos = tok.eos.as_ref().map(|e| e.1).into_iter().collect::<Vec<_>>();
+    let eos = tok
+        .eos
+        .as_ref()
+        .map(|e| e.1)
+        .into_iter()
+        .collect::<Vec<_>>();
     let g = GenerationConfig {
         max_new_tokens: 24,
         stop_token_ids: eos,
@@ -156,7 +165,11 @@ pub fn accuracy(
 }
 
 /// The pretraining corpus and held-out questions (seeded).
-pub fn pretraining_data(n: usize, held_out: usize, seed: u64) -> (Vec<TaskExample>, Vec<TaskExample>) {
+pub fn pretraining_data(
+    n: usize,
+    held_out: usize,
+    seed: u64,
+) -> (Vec<TaskExample>, Vec<TaskExample>) {
     let w = world();
     let all = corpus(&TaskKind::PRETRAIN, n + held_out, &w, seed);
     let (train, held) = all.split_at(n);
@@ -209,7 +222,12 @@ pub fn task_eval(
         .iter()
         .map(|t| TaskKind::parse(t).ok_or_else(|| Error::Config(format!("unknown task `{t}`"))))
         .collect::<Result<Vec<_>>>()?;
-    let qs = corpus(&kinds, cfg.per_task * kinds.len(), &world(), cfg.seed ^ 0x5eed);
+    let qs = corpus(
+        &kinds,
+        cfg.per_task * kinds.len(),
+        &world(),
+        cfg.seed ^ 0x5eed,
+    );
     let tok = TextTokenizer::load(model)?;
     let mut m = LlamaForCausalLM::load(model, AdapterPlan::none())?;
     progress.set_length(progress.length().unwrap_or(0) + 2 * qs.len() as u64);
@@ -226,7 +244,12 @@ pub fn wrong_answer(e: &TaskExample, rng: &mut rand_chacha::ChaCha8Rng) -> Strin
     let words: Vec<&str> = e.answer.split(' ').collect();
     if let Ok(n) = e.answer.parse::<i64>() {
         let d = rng.random_range(1..10i64);
-        return if rng.random::<bool>() || n < d { n + d } else { n - d }.to_string();
+        return if rng.random::<bool>() || n < d {
+            n + d
+        } else {
+            n - d
+        }
+        .to_string();
     }
     if words.len() > 1 {
         let mut w = words.clone();
@@ -271,11 +294,25 @@ pub fn preference_set(n: usize, seed: u64) -> Vec<serde_json::Value> {
         .enumerate()
         .map(|(i, e)| {
             let (prompt, chosen, rejected, kind) = match i % 3 {
-                0 => (e.prompt.clone(), e.answer.clone(), wrong_answer(e, &mut rng), "correct"),
+                0 => (
+                    e.prompt.clone(),
+                    e.answer.clone(),
+                    wrong_answer(e, &mut rng),
+                    "correct",
+                ),
                 1 => {
-                    let pad = ["Well, let me think about that. The answer is", "Great question! I believe it is", "Hmm, if I am not mistaken it must be"];
+                    let pad = [
+                        "Well, let me think about that. The answer is",
+                        "Great question! I believe it is",
+                        "Hmm, if I am not mistaken it must be",
+                    ];
                     let p = pad[rng.random_range(0..pad.len())];
-                    (e.prompt.clone(), e.answer.clone(), format!("{p} {}.", e.answer), "concise")
+                    (
+                        e.prompt.clone(),
+                        e.answer.clone(),
+                        format!("{p} {}.", e.answer),
+                        "concise",
+                    )
                 }
                 _ => {
                     let c = &w.countries[rng.random_range(0..w.countries.len())];

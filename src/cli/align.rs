@@ -91,28 +91,59 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut v = match &a.config_file {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let t: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let t: toml::Table =
+                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
             serde_json::to_value(t)?
         }
         None => serde_json::json!({}),
     };
-    let o = v.as_object_mut().context("the config file must be a table")?;
+    let o = v
+        .as_object_mut()
+        .context("the config file must be a table")?;
     macro_rules! opt {
         ($($f:ident),*) => {$(
             if let Some(x) = &a.$f { o.insert(stringify!($f).into(), serde_json::to_value(x)?); }
         )*};
     }
-    opt!(model, data, loss, beta, label_smoothing, f_divergence_type, simpo_gamma, cpo_alpha,
-        desirable_weight, undesirable_weight, ref_adapter, r, lora_alpha, lora_dropout, target_modules,
-        init_lora_weights, chat_template, max_length, learning_rate, warmup_steps, max_steps,
-        num_train_epochs, per_device_train_batch_size, gradient_accumulation_steps, save_steps, seed,
-        output_dir);
+    opt!(
+        model,
+        data,
+        loss,
+        beta,
+        label_smoothing,
+        f_divergence_type,
+        simpo_gamma,
+        cpo_alpha,
+        desirable_weight,
+        undesirable_weight,
+        ref_adapter,
+        r,
+        lora_alpha,
+        lora_dropout,
+        target_modules,
+        init_lora_weights,
+        chat_template,
+        max_length,
+        learning_rate,
+        warmup_steps,
+        max_steps,
+        num_train_epochs,
+        per_device_train_batch_size,
+        gradient_accumulation_steps,
+        save_steps,
+        seed,
+        output_dir
+    );
     if !a.loss_type.is_empty() {
         o.insert("loss_type".into(), serde_json::to_value(&a.loss_type)?);
     }
     if !a.loss_weights.is_empty() {
-        o.insert("loss_weights".into(), serde_json::to_value(&a.loss_weights)?);
+        o.insert(
+            "loss_weights".into(),
+            serde_json::to_value(&a.loss_weights)?,
+        );
     }
     for (flag, key) in [
         (a.precompute_ref_logps, "precompute_ref_logps"),
@@ -131,7 +162,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             anyhow::bail!("--{need} is required (on the command line or in --config-file)");
         }
     }
-    let cfg: AlignRunConfig = serde_json::from_value(v).context("invalid alignment configuration")?;
+    let cfg: AlignRunConfig =
+        serde_json::from_value(v).context("invalid alignment configuration")?;
     let r = cfg.run(a.resume, a.overwrite_output_dir)?;
     let s = &r.summary;
     println!(

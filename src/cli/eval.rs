@@ -38,7 +38,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .split(',')
         .map(|t| TaskKind::parse(t.trim()).ok_or_else(|| anyhow::anyhow!("unknown task `{t}`")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let s = sets(&tok, &a.pairs, &kinds, a.per_task, Some(&a.reference), a.seed)?;
+    let s = sets(
+        &tok,
+        &a.pairs,
+        &kinds,
+        a.per_task,
+        Some(&a.reference),
+        a.seed,
+    )?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new((2 * a.runs.len() * s.questions.len()) as u64)
     } else {

@@ -1,5 +1,5 @@
 use clap::Args as ClapArgs;
-use postforge::data::chat::{message, ChatTemplate};
+use postforge::data::chat::message;
 use postforge::data::text::TextTokenizer;
 use postforge::models::llama::{GenerationConfig, LlamaForCausalLM};
 use postforge::peft::{Adapted, AdapterPlan};
@@ -38,9 +38,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut tok = TextTokenizer::load(&a.model)?;
     if let Some(name) = &a.chat_template {
-        let bos = tok.bos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
-        let eos = tok.eos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
-        tok.chat_template = Some(ChatTemplate::builtin(name, &bos, &eos)?);
+        tok.use_builtin_template(name)?;
     }
     let mut model = LlamaForCausalLM::load(&a.model, AdapterPlan::none())?;
     if let Some(ad) = &a.adapter {
@@ -74,6 +72,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let out = model.generate(&ids, &cfg)?;
     let dt = t0.elapsed().as_secs_f64();
     println!("{}", tok.decode(&out, true)?);
-    eprintln!("{} tokens in {dt:.2}s ({:.1} tokens/s)", out.len(), out.len() as f64 / dt.max(1e-9));
+    eprintln!(
+        "{} tokens in {dt:.2}s ({:.1} tokens/s)",
+        out.len(),
+        out.len() as f64 / dt.max(1e-9)
+    );
     Ok(())
 }

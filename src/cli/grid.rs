@@ -62,7 +62,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             n += file.apply("text_encoder", &mut p.text_encoder.layers_mut(), &name, f)?;
         }
         if let Some(te2) = &mut p.text_encoder_2 {
-            if file.modules.keys().any(|k| k.starts_with("text_encoder_2.")) {
+            if file
+                .modules
+                .keys()
+                .any(|k| k.starts_with("text_encoder_2."))
+            {
                 n += file.apply("text_encoder_2", &mut te2.layers_mut(), &name, f)?;
             }
         }

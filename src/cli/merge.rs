@@ -17,32 +17,11 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.base.is_dir() {
-        use postforge::peft::Adapted;
-        let mut m = postforge::models::llama::LlamaForCausalLM::load(
-            &a.base,
-            postforge::peft::AdapterPlan::none(),
-        )?;
-        postforge::peft::formats::peft::load(&a.adapter, &mut m.layers_mut(), "default")?;
-        let n = m
-            .layers()
-            .iter()
-            .filter(|l| l.adapters().contains_key("default"))
-            .count();
-        m.save_pretrained(&a.out)?;
-        for f in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "generation_config.json",
-            "special_tokens_map.json",
-            "chat_template.jinja",
-        ] {
-            let src = a.base.join(f);
-            if src.exists() {
-                let bytes = std::fs::read(&src)?;
-                postforge::util::write_atomic(&a.out.join(f), &bytes)?;
-            }
-        }
-        println!("merged {n} modules into the model folder {}", a.out.display());
+        let n = postforge::align::run::merge_into_folder(&a.base, &a.adapter, &a.out)?;
+        println!(
+            "merged {n} modules into the model folder {}",
+            a.out.display()
+        );
         return Ok(());
     }
     let n = postforge::peft::merge::merge_folder_into_checkpoint(&a.base, &a.adapter, &a.out)?;

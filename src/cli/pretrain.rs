@@ -83,8 +83,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let max_steps = a.max_steps.unwrap_or(1500);
     let batch_size = a.batch_size.unwrap_or(16);
     let learning_rate = a.learning_rate.unwrap_or(1e-3);
-    let mut task =
-        PretrainTask::with_init(a.images, batch_size, a.seed, a.init_from.as_deref())?;
+    let mut task = PretrainTask::with_init(a.images, batch_size, a.seed, a.init_from.as_deref())?;
     let trainer = Trainer::new(TrainConfig {
         learning_rate,
         lr_scheduler: ScheduleKind::Cosine,

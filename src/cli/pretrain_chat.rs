@@ -9,7 +9,10 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("assets/models/tiny-chat"));
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("assets/models/tiny-chat"));
     let output_dir = a
         .output_dir
         .clone()
@@ -37,22 +40,33 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     // The tokenizer files travel with every saved model folder.
     let tmp = tempfile_dir(&output_dir)?;
     tc::write_tokenizer(&tmp, &tok)?;
-    let files: Vec<(String, Vec<u8>)> = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
-        .iter()
-        .map(|f| Ok((f.to_string(), std::fs::read(tmp.join(f))?)))
-        .collect::<std::io::Result<_>>()?;
+    let files: Vec<(String, Vec<u8>)> = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ]
+    .iter()
+    .map(|f| Ok((f.to_string(), std::fs::read(tmp.join(f))?)))
+    .collect::<std::io::Result<_>>()?;
     let held_rows = rows(&held, &tok, false)?;
-    let mut task = SftTask::new(model, Default::default(), train_rows, batch_size, tok.pad_id, a.seed)?
-        .save_full_model(files)
-        .with_monitor(
-            held_rows,
-            vec![],
-            MonitorConfig {
-                eval_steps: 200,
-                max_forgetting: None,
-                stop_on_forgetting: false,
-            },
-        );
+    let mut task = SftTask::new(
+        model,
+        Default::default(),
+        train_rows,
+        batch_size,
+        tok.pad_id,
+        a.seed,
+    )?
+    .save_full_model(files)
+    .with_monitor(
+        held_rows,
+        vec![],
+        MonitorConfig {
+            eval_steps: 200,
+            max_forgetting: None,
+            stop_on_forgetting: false,
+        },
+    );
     let trainer = Trainer::new(TrainConfig {
         learning_rate,
         lr_scheduler: ScheduleKind::Cosine,

@@ -43,6 +43,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         })
         .collect();
     let dir = write_kohya(&a.out, a.repeats, style.name(), &items, ".txt")?;
-    println!("wrote {} images with captions to {}", items.len(), dir.display());
+    println!(
+        "wrote {} images with captions to {}",
+        items.len(),
+        dir.display()
+    );
     Ok(())
 }

@@ -33,14 +33,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .iter()
             .map(|x| {
                 if a.chosen_only {
-                    format!("{}\n", serde_json::json!({"prompt": x["prompt"], "completion": x["chosen"]}))
+                    format!(
+                        "{}\n",
+                        serde_json::json!({"prompt": x["prompt"], "completion": x["chosen"]})
+                    )
                 } else {
                     format!("{x}\n")
                 }
             })
             .collect();
         postforge::util::write_atomic(&a.out, body.as_bytes())?;
-        println!("wrote {} preference examples to {}", v.len(), a.out.display());
+        println!(
+            "wrote {} preference examples to {}",
+            v.len(),
+            a.out.display()
+        );
         return Ok(());
     }
     let kinds = a

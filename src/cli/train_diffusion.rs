@@ -193,7 +193,9 @@ pub fn config(a: &Args) -> anyhow::Result<LoraTrainConfig> {
                 "dora_wd",
                 matches!(val.to_lowercase().as_str(), "true" | "1").into(),
             ),
-            _ => anyhow::bail!("--network_args `{k}` is not supported (conv_dim, conv_alpha, dora_wd)"),
+            _ => anyhow::bail!(
+                "--network_args `{k}` is not supported (conv_dim, conv_alpha, dora_wd)"
+            ),
         }
     }
     for need in [
@@ -202,7 +204,10 @@ pub fn config(a: &Args) -> anyhow::Result<LoraTrainConfig> {
         "output_dir",
     ] {
         if !o.contains_key(need) {
-            anyhow::bail!("--{} is required (on the command line or in --config-file)", need);
+            anyhow::bail!(
+                "--{} is required (on the command line or in --config-file)",
+                need
+            );
         }
     }
     Ok(serde_json::from_value(v).context("invalid training configuration")?)

@@ -197,7 +197,10 @@ mod tests {
             "eos_token": {"content": "</s>", "lstrip": false}});
         let t = ChatTemplate::from_tokenizer_config(&cfg).unwrap();
         let out = t
-            .render(&[message("user", "  hi "), message("assistant", "hello ")], false)
+            .render(
+                &[message("user", "  hi "), message("assistant", "hello ")],
+                false,
+            )
             .unwrap();
         // Jinja2's rendering (transformers' ImmutableSandboxedEnvironment(trim_blocks=True,
         // lstrip_blocks=True) gives exactly this): block lines vanish, `{{-` eats the indentation,

@@ -2,9 +2,9 @@
 //! what a sampled image shows, and kohya-style image folders with caption files.
 
 pub mod buckets;
-pub mod pref;
 pub mod chat;
 pub mod image_folder;
+pub mod pref;
 pub mod sft;
 pub mod shapes;
 pub mod tasks;

@@ -44,7 +44,9 @@ fn seg(v: &Json, what: &str) -> std::result::Result<Seg, String> {
     match v {
         Json::String(s) => Ok(Seg::Text(s.clone())),
         Json::Array(a) if a.iter().all(|m| m["role"].is_string()) => Ok(Seg::Messages(a.clone())),
-        _ => Err(format!("`{what}` is neither a string nor a list of messages")),
+        _ => Err(format!(
+            "`{what}` is neither a string nor a list of messages"
+        )),
     }
 }
 
@@ -126,7 +128,8 @@ impl Pair {
 impl Unpaired {
     /// Parses one JSON object.
     pub fn from_json(v: &Json) -> std::result::Result<Self, String> {
-        let (Some(p), Some(c), Some(l)) = (v.get("prompt"), v.get("completion"), v.get("label")) else {
+        let (Some(p), Some(c), Some(l)) = (v.get("prompt"), v.get("completion"), v.get("label"))
+        else {
             return Err("expected `prompt`, `completion` and `label`".into());
         };
         Ok(Self {
@@ -146,7 +149,8 @@ fn lines(path: &Path) -> Result<Vec<(usize, Json)>> {
         }
         out.push((
             i + 1,
-            serde_json::from_str(l).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?,
+            serde_json::from_str(l)
+                .map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?,
         ));
     }
     if out.is_empty() {
@@ -168,9 +172,13 @@ pub fn read_unpaired(path: &Path) -> Result<Vec<Unpaired>> {
     let mut out = vec![];
     for (i, v) in lines(path)? {
         if v.get("label").is_some() {
-            out.push(Unpaired::from_json(&v).map_err(|e| Error::format(path, format!("line {i}: {e}")))?);
+            out.push(
+                Unpaired::from_json(&v)
+                    .map_err(|e| Error::format(path, format!("line {i}: {e}")))?,
+            );
         } else {
-            let p = Pair::from_json(&v).map_err(|e| Error::format(path, format!("line {i}: {e}")))?;
+            let p =
+                Pair::from_json(&v).map_err(|e| Error::format(path, format!("line {i}: {e}")))?;
             out.extend(p.unpair());
         }
     }
@@ -188,7 +196,12 @@ pub struct Seq {
 
 /// Tokenizes a prompt and a completion (truncating the prompt from the left, then the completion
 /// from the right, to `max_length`).
-pub fn tokenize_pc(prompt: &Seg, completion: &Seg, tok: &TextTokenizer, max_length: usize) -> Result<Seq> {
+pub fn tokenize_pc(
+    prompt: &Seg,
+    completion: &Seg,
+    tok: &TextTokenizer,
+    max_length: usize,
+) -> Result<Seq> {
     let (p, c) = match (prompt, completion) {
         (Seg::Text(p), Seg::Text(c)) => {
             let mut pi = vec![];
@@ -208,7 +221,10 @@ pub fn tokenize_pc(prompt: &Seg, completion: &Seg, tok: &TextTokenizer, max_leng
             let all: Vec<Json> = p.iter().chain(c).cloned().collect();
             let full = t.render(&all, false)?;
             let rest = full.strip_prefix(&ptxt).ok_or_else(|| {
-                Error::Config("the chat template is not prefix-stable: the completion cannot be located".into())
+                Error::Config(
+                    "the chat template is not prefix-stable: the completion cannot be located"
+                        .into(),
+                )
             })?;
             (tok.encode(&ptxt)?, tok.encode(rest)?)
         }
@@ -239,7 +255,10 @@ mod tests {
 
     #[test]
     fn trl_formats_parse_and_implicit_prompts_split() {
-        let p = Pair::from_json(&serde_json::json!({"chosen": "The sky is blue.", "rejected": "The sky is green."})).unwrap();
+        let p = Pair::from_json(
+            &serde_json::json!({"chosen": "The sky is blue.", "rejected": "The sky is green."}),
+        )
+        .unwrap();
         assert_eq!(p.prompt, Seg::Text("The sky is".into()));
         assert_eq!(p.chosen, Seg::Text(" blue.".into()));
         assert_eq!(p.rejected, Seg::Text(" green.".into()));
@@ -250,9 +269,15 @@ mod tests {
         assert!(matches!(&p.prompt, Seg::Messages(m) if m.len() == 1));
         let u = p.unpair();
         assert!(u[0].label && !u[1].label);
-        let k = Unpaired::from_json(&serde_json::json!({"prompt": "a", "completion": "b", "label": false})).unwrap();
+        let k = Unpaired::from_json(
+            &serde_json::json!({"prompt": "a", "completion": "b", "label": false}),
+        )
+        .unwrap();
         assert!(!k.label);
         assert!(Pair::from_json(&serde_json::json!({"prompt": "x", "chosen": "y"})).is_err());
-        assert!(Unpaired::from_json(&serde_json::json!({"prompt": "x", "completion": "y", "label": 1})).is_err());
+        assert!(Unpaired::from_json(
+            &serde_json::json!({"prompt": "x", "completion": "y", "label": 1})
+        )
+        .is_err());
     }
 }

@@ -40,7 +40,9 @@ fn part(v: &Json, what: &str) -> std::result::Result<Part, String> {
     match v {
         Json::String(s) => Ok(Part::Text(s.clone())),
         Json::Array(a) if a.iter().all(|m| m["role"].is_string()) => Ok(Part::Messages(a.clone())),
-        _ => Err(format!("`{what}` is neither a string nor a list of messages")),
+        _ => Err(format!(
+            "`{what}` is neither a string nor a list of messages"
+        )),
     }
 }
 
@@ -78,7 +80,8 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<SftExample>> {
         let v: Json = serde_json::from_str(line)
             .map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
         out.push(
-            SftExample::from_json(&v).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?,
+            SftExample::from_json(&v)
+                .map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?,
         );
     }
     if out.is_empty() {
@@ -120,7 +123,8 @@ pub struct Tokenized {
 impl Tokenized {
     fn push(&mut self, ids: &[u32], learn: bool) {
         self.ids.extend_from_slice(ids);
-        self.mask.extend(std::iter::repeat_n(learn as u8, ids.len()));
+        self.mask
+            .extend(std::iter::repeat_n(learn as u8, ids.len()));
     }
 }
 
@@ -360,8 +364,12 @@ mod tests {
         let texts: Vec<String> = (0..100)
             .map(|i| format!("user assistant what is {i} plus {}? {}", i + 1, 2 * i + 1))
             .collect();
-        let t = crate::data::text::train_bpe(&texts, 400, &["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-            .unwrap();
+        let t = crate::data::text::train_bpe(
+            &texts,
+            400,
+            &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        )
+        .unwrap();
         TextTokenizer::from_parts(
             t,
             &serde_json::json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}),
@@ -391,19 +399,50 @@ mod tests {
         let b = tokenize(&ex[1], &t, &o).unwrap();
         let np = t.encode("what is 1 plus 2?").unwrap().len();
         assert!(b.mask[..np].iter().all(|m| *m == 0) && b.mask[np..].iter().all(|m| *m == 1));
-        let b_all = tokenize(&ex[1], &t, &SftOptions { completion_only_loss: Some(false), ..o }).unwrap();
+        let b_all = tokenize(
+            &ex[1],
+            &t,
+            &SftOptions {
+                completion_only_loss: Some(false),
+                ..o
+            },
+        )
+        .unwrap();
         assert!(b_all.mask.iter().all(|m| *m == 1));
         // Conversational prompt-completion: the completion is the assistant turn and its end.
         let c = tokenize(&ex[2], &t, &o).unwrap();
-        let learned: Vec<u32> = c.ids.iter().zip(&c.mask).filter(|(_, m)| **m == 1).map(|(i, _)| *i).collect();
+        let learned: Vec<u32> = c
+            .ids
+            .iter()
+            .zip(&c.mask)
+            .filter(|(_, m)| **m == 1)
+            .map(|(i, _)| *i)
+            .collect();
         assert_eq!(t.decode(&learned, false).unwrap(), "3<|im_end|>\n");
         // Messages: all tokens by default; assistant turns only with assistant_only_loss.
         let d = tokenize(&ex[3], &t, &o).unwrap();
         assert!(d.mask.iter().all(|m| *m == 1));
-        let d2 = tokenize(&ex[3], &t, &SftOptions { assistant_only_loss: true, ..o }).unwrap();
+        let d2 = tokenize(
+            &ex[3],
+            &t,
+            &SftOptions {
+                assistant_only_loss: true,
+                ..o
+            },
+        )
+        .unwrap();
         assert_eq!(d2.ids, d.ids, "the same tokens, only the mask differs");
-        let learned: Vec<u32> = d2.ids.iter().zip(&d2.mask).filter(|(_, m)| **m == 1).map(|(i, _)| *i).collect();
-        assert_eq!(t.decode(&learned, false).unwrap(), "3<|im_end|>\n5<|im_end|>\n");
+        let learned: Vec<u32> = d2
+            .ids
+            .iter()
+            .zip(&d2.mask)
+            .filter(|(_, m)| **m == 1)
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(
+            t.decode(&learned, false).unwrap(),
+            "3<|im_end|>\n5<|im_end|>\n"
+        );
         // Truncation.
         let e = tokenize(&ex[3], &t, &SftOptions { max_length: 5, ..o }).unwrap();
         assert_eq!(e.ids.len(), 5);

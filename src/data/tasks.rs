@@ -27,7 +27,8 @@ pub enum TaskKind {
 
 impl TaskKind {
     /// The pretraining mix.
-    pub const PRETRAIN: [TaskKind; 5] = [Self::Add, Self::Copy, Self::Sort, Self::Reverse, Self::Fact];
+    pub const PRETRAIN: [TaskKind; 5] =
+        [Self::Add, Self::Copy, Self::Sort, Self::Reverse, Self::Fact];
 
     /// Parses a name.
     pub fn parse(s: &str) -> Option<Self> {
@@ -86,11 +87,13 @@ impl TaskExample {
 }
 
 const WORDS: [&str; 24] = [
-    "apple", "river", "stone", "cloud", "tiger", "lamp", "green", "paper", "ocean", "wind", "honey",
-    "maple", "silver", "candle", "forest", "piano", "rocket", "garden", "violet", "winter",
-    "copper", "meadow", "falcon", "pepper",
+    "apple", "river", "stone", "cloud", "tiger", "lamp", "green", "paper", "ocean", "wind",
+    "honey", "maple", "silver", "candle", "forest", "piano", "rocket", "garden", "violet",
+    "winter", "copper", "meadow", "falcon", "pepper",
 ];
-const SYLLABLES: [&str; 12] = ["ka", "lor", "mi", "ven", "tu", "ra", "zel", "do", "bri", "sa", "nor", "quel"];
+const SYLLABLES: [&str; 12] = [
+    "ka", "lor", "mi", "ven", "tu", "ra", "zel", "do", "bri", "sa", "nor", "quel",
+];
 const COLORS: [&str; 6] = ["red", "blue", "green", "gold", "white", "black"];
 const ANIMALS: [&str; 6] = ["fox", "owl", "bear", "horse", "eagle", "wolf"];
 
@@ -135,8 +138,15 @@ impl World {
 
 /// One example of `kind` from `rng`.
 pub fn example(kind: TaskKind, world: &World, rng: &mut ChaCha8Rng) -> TaskExample {
-    let nums = |rng: &mut ChaCha8Rng, n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..100)).collect() };
-    let join = |v: &[u32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" ");
+    let nums = |rng: &mut ChaCha8Rng, n: usize| -> Vec<u32> {
+        (0..n).map(|_| rng.random_range(0..100)).collect()
+    };
+    let join = |v: &[u32]| {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let (prompt, answer) = match kind {
         TaskKind::Add => {
             let (a, b) = (rng.random_range(0..100u32), rng.random_range(0..100u32));
@@ -149,7 +159,9 @@ pub fn example(kind: TaskKind, world: &World, rng: &mut ChaCha8Rng) -> TaskExamp
         }
         TaskKind::Copy | TaskKind::Reverse => {
             let n = rng.random_range(2..5);
-            let w: Vec<&str> = (0..n).map(|_| *WORDS.choose(rng).unwrap_or(&"apple")).collect();
+            let w: Vec<&str> = (0..n)
+                .map(|_| *WORDS.choose(rng).unwrap_or(&"apple"))
+                .collect();
             if kind == TaskKind::Copy {
                 (format!("Repeat exactly: {}", w.join(" ")), w.join(" "))
             } else {
@@ -166,7 +178,10 @@ pub fn example(kind: TaskKind, world: &World, rng: &mut ChaCha8Rng) -> TaskExamp
                 (format!("Sort these numbers: {}", join(&v)), join(&s))
             } else {
                 let m = v.iter().copied().max().unwrap_or(0);
-                (format!("Which number is largest: {}?", join(&v)), m.to_string())
+                (
+                    format!("Which number is largest: {}?", join(&v)),
+                    m.to_string(),
+                )
             }
         }
         TaskKind::Fact => {
@@ -174,11 +189,18 @@ pub fn example(kind: TaskKind, world: &World, rng: &mut ChaCha8Rng) -> TaskExamp
             match rng.random_range(0..3) {
                 0 => (format!("What is the capital of {}?", c.0), c.1.clone()),
                 1 => (format!("What colour is the flag of {}?", c.0), c.2.clone()),
-                _ => (format!("What is the national animal of {}?", c.0), c.3.clone()),
+                _ => (
+                    format!("What is the national animal of {}?", c.0),
+                    c.3.clone(),
+                ),
             }
         }
     };
-    TaskExample { kind, prompt, answer }
+    TaskExample {
+        kind,
+        prompt,
+        answer,
+    }
 }
 
 /// `n` examples drawn evenly from `kinds` (seeded).
@@ -203,8 +225,13 @@ mod tests {
             assert!(e.check(&e.answer) && e.check(&format!(" {}. ", e.answer)));
             match e.kind {
                 TaskKind::Add => {
-                    let p: Vec<u32> = e.prompt.trim_start_matches("What is ").trim_end_matches('?')
-                        .split(" + ").map(|x| x.parse().unwrap()).collect();
+                    let p: Vec<u32> = e
+                        .prompt
+                        .trim_start_matches("What is ")
+                        .trim_end_matches('?')
+                        .split(" + ")
+                        .map(|x| x.parse().unwrap())
+                        .collect();
                     assert_eq!(e.answer, (p[0] + p[1]).to_string());
                 }
                 TaskKind::Sort => {

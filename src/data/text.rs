@@ -39,7 +39,9 @@ impl TextTokenizer {
             .map_err(|e| Error::format(&file, format!("not a tokenizers file: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Json = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| Error::format(&cfg_path, e.to_string()))?,
+            Ok(t) => {
+                serde_json::from_str(&t).map_err(|e| Error::format(&cfg_path, e.to_string()))?
+            }
             Err(_) => Json::Null,
         };
         let mut t = Self::from_parts(tok, &cfg)?;
@@ -64,11 +66,7 @@ impl TextTokenizer {
         let eos = id(special(cfg, "eos_token"))?;
         let pad = id(special(cfg, "pad_token"))?;
         Ok(Self {
-            pad_id: pad
-                .as_ref()
-                .or(eos.as_ref())
-                .map(|p| p.1)
-                .unwrap_or(0),
+            pad_id: pad.as_ref().or(eos.as_ref()).map(|p| p.1).unwrap_or(0),
             add_bos: cfg["add_bos_token"].as_bool().unwrap_or(false) && bos.is_some(),
             chat_template: ChatTemplate::from_tokenizer_config(cfg),
             tok,
@@ -100,6 +98,15 @@ impl TextTokenizer {
         self.tok.get_vocab_size(true)
     }
 
+    /// Replaces the chat template with a built-in one (`chatml`, `llama3`, `vicuna`) that uses this
+    /// tokenizer's BOS and EOS texts.
+    pub fn use_builtin_template(&mut self, name: &str) -> Result<()> {
+        let bos = self.bos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
+        let eos = self.eos.as_ref().map(|b| b.0.clone()).unwrap_or_default();
+        self.chat_template = Some(ChatTemplate::builtin(name, &bos, &eos)?);
+        Ok(())
+    }
+
     /// The chat template, or an error naming what to do.
     pub fn template(&self) -> Result<&ChatTemplate> {
         self.chat_template.as_ref().ok_or_else(|| {
@@ -113,7 +120,11 @@ impl TextTokenizer {
 
 /// Trains a byte-level BPE tokenizer of `vocab_size` on `texts`, with `specials` as added special
 /// tokens (ids 0..), in GPT-2's byte-level layout (the `Ġ` space marker).
-pub fn train_bpe(texts: &[String], vocab_size: usize, specials: &[&str]) -> Result<tokenizers::Tokenizer> {
+pub fn train_bpe(
+    texts: &[String],
+    vocab_size: usize,
+    specials: &[&str],
+) -> Result<tokenizers::Tokenizer> {
     use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::{AddedToken, TokenizerBuilder};
@@ -152,7 +163,12 @@ mod tests {
         let texts: Vec<String> = (0..200)
             .map(|i| format!("what is {i} plus {}? the answer is {}.", i + 3, 2 * i + 3))
             .collect();
-        let tok = train_bpe(&texts, 300, &["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).unwrap();
+        let tok = train_bpe(
+            &texts,
+            300,
+            &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        )
+        .unwrap();
         let cfg = serde_json::json!({"eos_token": "<|im_end|>", "bos_token": null,
             "chat_template": crate::data::chat::CHATML});
         let t = TextTokenizer::from_parts(tok, &cfg).unwrap();
@@ -163,8 +179,14 @@ mod tests {
         assert_eq!(ids[0], 1, "the special token is one id");
         assert_eq!(*ids.last().unwrap(), 2);
         assert_eq!(t.decode(&ids, false).unwrap(), s);
-        assert!(ids.len() < s.len() / 2, "BPE merges: {} ids for {} bytes", ids.len(), s.len());
-        let e = TextTokenizer::from_parts(t.tok.clone(), &serde_json::json!({"eos_token": "<nope>"}));
+        assert!(
+            ids.len() < s.len() / 2,
+            "BPE merges: {} ids for {} bytes",
+            ids.len(),
+            s.len()
+        );
+        let e =
+            TextTokenizer::from_parts(t.tok.clone(), &serde_json::json!({"eos_token": "<nope>"}));
         assert!(e.is_err());
     }
 }

@@ -95,10 +95,19 @@ pub fn load_with_lora(model: &Path, lora: &Path) -> Result<Pipeline> {
     let (file, _) = LoraFile::read(lora, Some(&known))?;
     file.apply("unet", &mut p.unet.layers_mut(), "lora", lora)?;
     if file.modules.keys().any(|k| k.starts_with("text_encoder.")) {
-        file.apply("text_encoder", &mut p.text_encoder.layers_mut(), "lora", lora)?;
+        file.apply(
+            "text_encoder",
+            &mut p.text_encoder.layers_mut(),
+            "lora",
+            lora,
+        )?;
     }
     if let Some(te2) = &mut p.text_encoder_2 {
-        if file.modules.keys().any(|k| k.starts_with("text_encoder_2.")) {
+        if file
+            .modules
+            .keys()
+            .any(|k| k.starts_with("text_encoder_2."))
+        {
             file.apply("text_encoder_2", &mut te2.layers_mut(), "lora", lora)?;
         }
     }
@@ -158,7 +167,8 @@ pub fn evaluate(
         let scenes: Vec<Scene> = (0..cfg.score_samples)
             .map(|_| Scene::random(&mut rng))
             .collect();
-        progress.set_length(progress.length().unwrap_or(0) + (cfg.scales.len() * scenes.len()) as u64);
+        progress
+            .set_length(progress.length().unwrap_or(0) + (cfg.scales.len() * scenes.len()) as u64);
         for &scale in &cfg.scales {
             p.unet.set_multiplier("lora", scale)?;
             p.text_encoder.set_multiplier("lora", scale).ok();
@@ -169,7 +179,8 @@ pub fn evaluate(
             for chunk in (0..scenes.len()).collect::<Vec<_>>().chunks(8) {
                 let prompts: Vec<String> = chunk.iter().map(|&i| scenes[i].caption()).collect();
                 let seeds: Vec<u64> = chunk.iter().map(|&i| cfg.seed + i as u64).collect();
-                let imgs = p.sample(&prompts, "", &seeds, cfg.steps, cfg.cfg, kind, (size, size))?;
+                let imgs =
+                    p.sample(&prompts, "", &seeds, cfg.steps, cfg.cfg, kind, (size, size))?;
                 for (k, &i) in chunk.iter().enumerate() {
                     let im = tensor_to_image(&imgs.get(k)?)?;
                     st += style_score(&im, style) as f64;

@@ -176,18 +176,19 @@ impl Pipeline {
         )?;
         let tokenizer =
             PromptTokenizer::load(&dir.join("tokenizer"), tcfg.max_position_embeddings)?;
-        let (text_encoder_2, tokenizer_2) =
-            if index["text_encoder_2"].is_array() && !index["text_encoder_2"][0].is_null() {
-                let c2 = ClipTextConfig::from_file(&dir.join("text_encoder_2/config.json"))?;
-                let te2 = ClipTextModel::new(
-                    &c2,
-                    &Weights::from_files(&weight_files(&dir.join("text_encoder_2"))?, text_plan)?,
-                )?;
-                let tok2 = PromptTokenizer::load(&dir.join("tokenizer_2"), c2.max_position_embeddings)?;
-                (Some(te2), Some(tok2))
-            } else {
-                (None, None)
-            };
+        let (text_encoder_2, tokenizer_2) = if index["text_encoder_2"].is_array()
+            && !index["text_encoder_2"][0].is_null()
+        {
+            let c2 = ClipTextConfig::from_file(&dir.join("text_encoder_2/config.json"))?;
+            let te2 = ClipTextModel::new(
+                &c2,
+                &Weights::from_files(&weight_files(&dir.join("text_encoder_2"))?, text_plan)?,
+            )?;
+            let tok2 = PromptTokenizer::load(&dir.join("tokenizer_2"), c2.max_position_embeddings)?;
+            (Some(te2), Some(tok2))
+        } else {
+            (None, None)
+        };
         let scheduler = SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
         let text_time = unet.config().addition_embed_type.as_deref() == Some("text_time");
         if text_time && !text_encoder_2.as_ref().is_some_and(|t| t.has_projection()) {
@@ -271,7 +272,10 @@ impl Pipeline {
         let o2 = te2.forward(&tok2.encode(prompts, &Device::Cpu)?, ctx)?;
         Ok(Conditioning {
             context: Tensor::cat(
-                &[penultimate(&o1.hidden_states)?, penultimate(&o2.hidden_states)?],
+                &[
+                    penultimate(&o1.hidden_states)?,
+                    penultimate(&o2.hidden_states)?,
+                ],
                 2,
             )?,
             pooled: Some(te2.text_embeds(&o2.pooled)?),

@@ -132,6 +132,21 @@ pub fn scheduler_config() -> SchedulerConfig {
     .expect("static config")
 }
 
+/// `tensors` plus every layer's merged weight and bias under its checkpoint name.
+fn with_layers(
+    mut tensors: BTreeMap<String, Tensor>,
+    layers: Vec<&crate::peft::AdaptedLayer>,
+) -> Result<BTreeMap<String, Tensor>> {
+    for l in layers {
+        let (w, b) = l.merged_tensors()?;
+        tensors.insert(format!("{}.weight", l.path()), w);
+        if let Some(b) = b {
+            tensors.insert(format!("{}.bias", l.path()), b);
+        }
+    }
+    Ok(tensors)
+}
+
 /// Every tensor of a freshly initialised U-Net of `cfg` (seeded), under diffusers names: for
 /// writing test and template pipelines.
 pub fn fresh_unet_tensors(cfg: &UNetConfig, seed: u64) -> Result<BTreeMap<String, Tensor>> {
@@ -143,15 +158,7 @@ pub fn fresh_unet_tensors(cfg: &UNetConfig, seed: u64) -> Result<BTreeMap<String
         },
     );
     let unet = UNet2DConditionModel::new(cfg, &w)?;
-    let mut t = w.created();
-    for l in unet.layers() {
-        let (wt, b) = l.merged_tensors()?;
-        t.insert(format!("{}.weight", l.path()), wt);
-        if let Some(b) = b {
-            t.insert(format!("{}.bias", l.path()), b);
-        }
-    }
-    Ok(t)
+    with_layers(w.created(), unet.layers())
 }
 
 /// Every tensor of a freshly initialised CLIP text encoder of `cfg` (seeded), under transformers
@@ -169,14 +176,7 @@ pub fn fresh_text_tensors(
         },
     );
     let te = ClipTextModel::new(cfg, &w)?;
-    let mut t = w.created();
-    for l in te.layers() {
-        let (wt, b) = l.merged_tensors()?;
-        t.insert(format!("{}.weight", l.path()), wt);
-        if let Some(b) = b {
-            t.insert(format!("{}.bias", l.path()), b);
-        }
-    }
+    let mut t = with_layers(w.created(), te.layers())?;
     if let Some(p) = projection {
         t.insert(
             "text_projection.weight".into(),
@@ -288,26 +288,13 @@ impl PretrainTask {
 
     /// Writes the pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/).
     pub fn write_pipeline(&self, dir: &Path) -> Result<()> {
-        let full = |init: &BTreeMap<String, Tensor>,
-                    layers: Vec<&crate::peft::AdaptedLayer>|
-         -> Result<BTreeMap<String, Tensor>> {
-            let mut t = init.clone();
-            for l in layers {
-                let (w, b) = l.merged_tensors()?;
-                t.insert(format!("{}.weight", l.path()), w);
-                if let Some(b) = b {
-                    t.insert(format!("{}.bias", l.path()), b);
-                }
-            }
-            Ok(t)
-        };
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         let pretty = |v: &serde_json::Value| {
             serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))
         };
         save_safetensors(
             &dir.join("unet/diffusion_pytorch_model.safetensors"),
-            &full(&self.unet_init, self.unet.layers())?,
+            &with_layers(self.unet_init.clone(), self.unet.layers())?,
             Some(meta.clone()),
         )?;
         write_atomic(
@@ -317,7 +304,7 @@ impl PretrainTask {
         )?;
         save_safetensors(
             &dir.join("text_encoder/model.safetensors"),
-            &full(&self.text_init, self.text.layers())?,
+            &with_layers(self.text_init.clone(), self.text.layers())?,
             Some(meta),
         )?;
         write_atomic(

@@ -307,11 +307,9 @@ impl LoraTrainConfig {
             "constant" | "constant_with_warmup" => ScheduleKind::Constant,
             "linear" => ScheduleKind::Linear,
             "cosine" => ScheduleKind::Cosine,
-            s => {
-                return Err(Error::Config(format!(
-                    "lr_scheduler `{s}` is not one of constant, constant_with_warmup, linear, cosine"
-                )))
-            }
+            s => return Err(Error::Config(format!(
+                "lr_scheduler `{s}` is not one of constant, constant_with_warmup, linear, cosine"
+            ))),
         };
         if self.train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
             return Err(Error::Config(
@@ -497,13 +495,21 @@ impl LoraTrainTask {
             let (ow, oh) = img.dimensions();
             let (img, (left, top)) = cover_crop_at(&img, b);
             let time_ids = [
-                oh as f32, ow as f32, top as f32, left as f32, b.1 as f32, b.0 as f32,
+                oh as f32,
+                ow as f32,
+                top as f32,
+                left as f32,
+                b.1 as f32,
+                b.0 as f32,
             ];
             let img = image_to_tensor(&img, &Device::Cpu)?.unsqueeze(0)?;
             // Latents are cached once, from a seeded posterior sample (kohya's --cache_latents).
             let seed = cfg.seed ^ (items.len() as u64).wrapping_mul(0x9e37_79b9);
             let flipped = if cfg.flip_aug {
-                Some(pipe.to_model_space(&mirror(&img)?, Some(seed ^ 1))?.squeeze(0)?)
+                Some(
+                    pipe.to_model_space(&mirror(&img)?, Some(seed ^ 1))?
+                        .squeeze(0)?,
+                )
             } else {
                 None
             };
@@ -584,7 +590,8 @@ impl LoraTrainTask {
     }
 
     fn caption(&self, raw: &str, rng: &mut rand_chacha::ChaCha8Rng) -> String {
-        if self.cfg.caption_dropout_rate > 0.0 && rng.random::<f64>() < self.cfg.caption_dropout_rate
+        if self.cfg.caption_dropout_rate > 0.0
+            && rng.random::<f64>() < self.cfg.caption_dropout_rate
         {
             return String::new();
         }
@@ -637,7 +644,8 @@ impl LoraTrainTask {
         let (w0, h0) = self.cfg.resolution()?;
         for (i, p) in self.prompts.iter().enumerate() {
             let seed = p.seed.unwrap_or(self.cfg.seed + i as u64);
-            let kind = SamplerKind::parse(p.sampler.as_deref().unwrap_or(&self.cfg.sample_sampler))?;
+            let kind =
+                SamplerKind::parse(p.sampler.as_deref().unwrap_or(&self.cfg.sample_sampler))?;
             let size = (
                 p.height.unwrap_or(h0 as usize),
                 p.width.unwrap_or(w0 as usize),
@@ -675,13 +683,19 @@ impl LoraTrainTask {
         let mut m = BTreeMap::new();
         m.insert("ss_network_module".into(), "networks.lora".into());
         m.insert("ss_network_dim".into(), self.cfg.network_dim.to_string());
-        m.insert("ss_network_alpha".into(), self.cfg.network_alpha.to_string());
+        m.insert(
+            "ss_network_alpha".into(),
+            self.cfg.network_alpha.to_string(),
+        );
         if let Some(cd) = self.cfg.conv_dim {
             let args = serde_json::json!({"conv_dim": cd.to_string(),
                 "conv_alpha": self.cfg.conv_alpha.unwrap_or(self.cfg.network_alpha).to_string()});
             m.insert("ss_network_args".into(), args.to_string());
         }
-        m.insert("ss_learning_rate".into(), self.cfg.learning_rate.to_string());
+        m.insert(
+            "ss_learning_rate".into(),
+            self.cfg.learning_rate.to_string(),
+        );
         m.insert("ss_lr_scheduler".into(), self.cfg.lr_scheduler.clone());
         m.insert(
             "ss_max_train_steps".into(),
@@ -709,7 +723,10 @@ impl LoraTrainTask {
             "ss_caption_dropout_rate".into(),
             self.cfg.caption_dropout_rate.to_string(),
         );
-        m.insert("ss_enable_bucket".into(), self.cfg.enable_bucket.to_string());
+        m.insert(
+            "ss_enable_bucket".into(),
+            self.cfg.enable_bucket.to_string(),
+        );
         m.insert(
             "ss_network_train_unet_only".into(),
             self.cfg.network_train_unet_only.to_string(),
@@ -727,7 +744,10 @@ impl LoraTrainTask {
         if self.pipe.text_time() {
             m.insert("ss_base_model_version".into(), "sdxl_base_v1-0".into());
         }
-        m.insert("ss_training_comment".into(), "trained with postforge".into());
+        m.insert(
+            "ss_training_comment".into(),
+            "trained with postforge".into(),
+        );
         m.insert(
             "modelspec.architecture".into(),
             if self.pipe.text_time() {
@@ -821,7 +841,10 @@ impl Task for LoraTrainTask {
             &Device::Cpu,
         )?;
         let time_ids = Pipeline::time_ids(
-            &batch.iter().map(|&i| self.items[i].time_ids).collect::<Vec<_>>(),
+            &batch
+                .iter()
+                .map(|&i| self.items[i].time_ids)
+                .collect::<Vec<_>>(),
         )?;
         let added = match &cond.pooled {
             Some(p) if self.pipe.text_time() => Some(crate::models::unet::AddedCond {

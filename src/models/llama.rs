@@ -111,7 +111,8 @@ impl LlamaConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let c: Self =
             serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
-        c.validate().map_err(|e| Error::format(path, e.to_string()))?;
+        c.validate()
+            .map_err(|e| Error::format(path, e.to_string()))?;
         Ok(c)
     }
 
@@ -246,10 +247,14 @@ impl LlamaConfig {
     /// EOS ids (one or a list).
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => {
-                a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
             }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => vec![],
         }
     }
@@ -318,11 +323,31 @@ impl LlamaForCausalLM {
                 q: lin(&format!("{p}.self_attn.q_proj"), d, nh * hd, qb)?,
                 k: lin(&format!("{p}.self_attn.k_proj"), d, kv * hd, qb)?,
                 v: lin(&format!("{p}.self_attn.v_proj"), d, kv * hd, qb)?,
-                o: lin(&format!("{p}.self_attn.o_proj"), nh * hd, d, cfg.attention_bias)?,
+                o: lin(
+                    &format!("{p}.self_attn.o_proj"),
+                    nh * hd,
+                    d,
+                    cfg.attention_bias,
+                )?,
                 post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
-                gate: lin(&format!("{p}.mlp.gate_proj"), d, cfg.intermediate_size, cfg.mlp_bias)?,
-                up: lin(&format!("{p}.mlp.up_proj"), d, cfg.intermediate_size, cfg.mlp_bias)?,
-                down: lin(&format!("{p}.mlp.down_proj"), cfg.intermediate_size, d, cfg.mlp_bias)?,
+                gate: lin(
+                    &format!("{p}.mlp.gate_proj"),
+                    d,
+                    cfg.intermediate_size,
+                    cfg.mlp_bias,
+                )?,
+                up: lin(
+                    &format!("{p}.mlp.up_proj"),
+                    d,
+                    cfg.intermediate_size,
+                    cfg.mlp_bias,
+                )?,
+                down: lin(
+                    &format!("{p}.mlp.down_proj"),
+                    cfg.intermediate_size,
+                    d,
+                    cfg.mlp_bias,
+                )?,
             });
         }
         let emb_w = w.get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
@@ -532,9 +557,7 @@ impl Adapted for LlamaForCausalLM {
     fn layers(&self) -> Vec<&AdaptedLayer> {
         let mut v: Vec<&AdaptedLayer> = vec![&self.embed];
         for l in &self.layers {
-            v.extend([
-                &*l.q, &*l.k, &*l.v, &*l.o, &*l.gate, &*l.up, &*l.down,
-            ]);
+            v.extend([&*l.q, &*l.k, &*l.v, &*l.o, &*l.gate, &*l.up, &*l.down]);
         }
         v.push(&self.lm_head);
         v
@@ -568,10 +591,15 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
 pub fn next_token_loss(logits: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {
     let (b, t, _) = logits.dims3()?;
     if t < 2 {
-        return Err(Error::Msg("next-token loss needs at least two tokens".into()));
+        return Err(Error::Msg(
+            "next-token loss needs at least two tokens".into(),
+        ));
     }
     let lp = log_softmax(&logits.narrow(1, 0, t - 1)?)?;
-    let tgt = ids.narrow(1, 1, t - 1)?.to_dtype(DType::U32)?.contiguous()?;
+    let tgt = ids
+        .narrow(1, 1, t - 1)?
+        .to_dtype(DType::U32)?
+        .contiguous()?;
     let picked = lp.gather(&tgt.unsqueeze(2)?, 2)?.squeeze(2)?;
     let w = weights.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?;
     let n = w.sum_all()?.to_scalar::<f32>()?;
@@ -630,7 +658,13 @@ pub fn pick_token(
         logits
             .iter()
             .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
+                if v > b.1 {
+                    (i, v)
+                } else {
+                    b
+                }
+            })
             .0 as u32
     };
     if !cfg.do_sample || cfg.temperature <= 0.0 {
@@ -687,10 +721,7 @@ impl LlamaForCausalLM {
                 break;
             }
             let logits = self.forward_cached(&input, &Inputs::default(), Some(&mut cache), &ctx)?;
-            let last = logits
-                .get(0)?
-                .get(logits.dim(1)? - 1)?
-                .to_vec1::<f32>()?;
+            let last = logits.get(0)?.get(logits.dim(1)? - 1)?.to_vec1::<f32>()?;
             let next = pick_token(&last, cfg, &mut rng)?;
             out.push(next);
             if cfg.stop_token_ids.contains(&next) {
@@ -718,7 +749,10 @@ impl LlamaForCausalLM {
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             t.insert(format!("{p}.input_layernorm.weight"), l.input_norm.clone());
-            t.insert(format!("{p}.post_attention_layernorm.weight"), l.post_norm.clone());
+            t.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_norm.clone(),
+            );
         }
         t.insert("model.norm.weight".into(), self.norm.clone());
         let mut tied = self.cfg.tie_word_embeddings;

@@ -356,14 +356,6 @@ impl candle_core::CustomOp3 for GroupNormBwd {
     }
 }
 
-/// Mean and 1/std of a row, accumulated in f64.
-fn row_stats(v: &[f32], eps: f64) -> (f64, f64) {
-    let n = v.len() as f64;
-    let mean = v.iter().map(|x| *x as f64).sum::<f64>() / n;
-    let var = v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
 /// Rows per parallel task for row-wise kernels (enough work per task to amortise scheduling).
 fn rows_per_task(rows: usize, d: usize) -> usize {
     (16384 / d.max(1)).clamp(1, rows.max(1))
@@ -399,7 +391,7 @@ impl candle_core::CustomOp3 for LayerNormOp {
             .zip(x.par_chunks(chunk))
             .for_each(|(o, xs)| {
                 for (orow, xrow) in o.chunks_mut(d).zip(xs.chunks(d)) {
-                    let (mean, inv) = row_stats(xrow, self.eps);
+                    let (mean, inv) = stats(xrow, self.eps);
                     for k in 0..d {
                         orow[k] = ((xrow[k] as f64 - mean) * inv) as f32 * w[k] + b[k];
                     }
@@ -463,7 +455,7 @@ impl candle_core::CustomOp3 for LayerNormBwd {
                 let mut dbet = vec![0f64; d];
                 let mut xh = vec![0f64; d];
                 for ((dxr, xr), gr) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
-                    let (mean, inv) = row_stats(xr, self.eps);
+                    let (mean, inv) = stats(xr, self.eps);
                     let (mut s1, mut s2) = (0f64, 0f64);
                     for k in 0..d {
                         xh[k] = (xr[k] as f64 - mean) * inv;
@@ -632,7 +624,10 @@ impl candle_core::CustomOp1 for GegluOp {
         if let Some(last) = od.last_mut() {
             *last = h;
         }
-        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from(od)))
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(od),
+        ))
     }
     fn bwd(
         &self,
@@ -719,7 +714,10 @@ impl candle_core::CustomOp2 for RmsNormOp {
         lw: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (x, w) = (f32_slice(sx, lx, "rms_norm")?, f32_slice(sw, lw, "rms_norm")?);
+        let (x, w) = (
+            f32_slice(sx, lx, "rms_norm")?,
+            f32_slice(sw, lw, "rms_norm")?,
+        );
         let d = w.len().max(1);
         let mut out = vec![0f32; x.len()];
         let chunk = rows_per_task(x.len() / d, d) * d;
@@ -843,7 +841,12 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
             sin[p * half + i] = a.sin();
         }
     }
-    let tables = std::sync::Arc::new(RopeTables { pos, cos, sin, half });
+    let tables = std::sync::Arc::new(RopeTables {
+        pos,
+        cos,
+        sin,
+        half,
+    });
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return rope_composite(x, &tables);
     }

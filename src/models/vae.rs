@@ -87,7 +87,8 @@ impl VaeConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let c: Self =
             serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
-        c.validate().map_err(|e| Error::format(path, e.to_string()))?;
+        c.validate()
+            .map_err(|e| Error::format(path, e.to_string()))?;
         Ok(c)
     }
 
@@ -248,9 +249,8 @@ impl AutoencoderKL {
         let boc = &cfg.block_out_channels;
         let n = boc.len();
         let lat = cfg.latent_channels;
-        let res = |path: String, i: usize, o: usize| {
-            ResnetBlock2D::new(w, &path, i, o, 0, g, 1e-6, 1.0)
-        };
+        let res =
+            |path: String, i: usize, o: usize| ResnetBlock2D::new(w, &path, i, o, 0, g, 1e-6, 1.0);
         let enc_in = conv3x3(w, "encoder.conv_in", cfg.in_channels, boc[0], 1, 1)?;
         let mut enc_levels = vec![];
         let mut prev = boc[0];
@@ -377,9 +377,7 @@ impl AutoencoderKL {
             }
         }
         h = self.enc_mid.forward(&h, &ctx)?;
-        h = self
-            .enc_out
-            .forward(&self.enc_norm.apply_silu(&h)?, &ctx)?;
+        h = self.enc_out.forward(&self.enc_norm.apply_silu(&h)?, &ctx)?;
         if let Some(q) = &self.quant {
             h = q.forward(&h, &ctx)?;
         }
@@ -407,8 +405,7 @@ impl AutoencoderKL {
                 h = s.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?, &ctx)?;
             }
         }
-        self.dec_out
-            .forward(&self.dec_norm.apply_silu(&h)?, &ctx)
+        self.dec_out.forward(&self.dec_norm.apply_silu(&h)?, &ctx)
     }
 
     /// Denoiser-space latents of images: a posterior sample (`noise` of the latent shape, or the

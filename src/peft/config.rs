@@ -74,7 +74,10 @@ impl ModuleSpec {
         if s == "all-linear" {
             return Self::Regex(s.into());
         }
-        if s.contains(',') || s.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.') {
+        if s.contains(',')
+            || s.chars()
+                .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
+        {
             Self::List(s.split(',').map(|x| x.trim().to_string()).collect())
         } else {
             Self::Regex(s.to_string())

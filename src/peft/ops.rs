@@ -533,9 +533,8 @@ impl candle_core::CustomOp1 for Col2ImT {
                             let ix0 = x0 * cfg.stride + kx * cfg.dilation - cfg.padding;
                             let r = &row[oy * ow + x0..oy * ow + x1];
                             if cfg.stride == 1 {
-                                for (d, v) in dst[iy * w + ix0..iy * w + ix0 + r.len()]
-                                    .iter_mut()
-                                    .zip(r)
+                                for (d, v) in
+                                    dst[iy * w + ix0..iy * w + ix0 + r.len()].iter_mut().zip(r)
                                 {
                                     *d += v;
                                 }
