@@ -102,9 +102,13 @@ fn dpo_learns_the_preferences_with_the_adapter_free_model_as_reference() {
         "rewards/accuracies",
         "rewards/margins",
         "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
     ] {
         assert!(last[k].is_number(), "metrics.jsonl lacks {k}");
     }
+    assert_ne!(last["logits/chosen"], last["logits/rejected"]);
     assert!(s.adapter_dir.join("adapter_config.json").exists());
 }
 
@@ -173,7 +177,7 @@ fn kto_orpo_and_simpo_train_and_bad_combinations_are_refused() {
     let s = Trainer::new(cfg).unwrap().train(&mut task, false).unwrap();
     assert!(s.last_loss.is_finite());
     let metrics = std::fs::read_to_string(d.path().join("kto/metrics.jsonl")).unwrap();
-    assert!(metrics.contains("\"kl\""));
+    assert!(metrics.contains("\"kl\"") && metrics.contains("\"logits/rejected\""));
     // KTO with paired data, DPO with unpaired data, and empty data are refused.
     let (m, a) = model(tok.vocab_size());
     assert!(AlignTask::new(

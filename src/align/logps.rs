@@ -55,13 +55,26 @@ pub struct SeqLogps {
     pub sum: Tensor,
     /// Completion tokens per row (B).
     pub tokens: Tensor,
-    /// Mean over completion tokens of the mean logit at the predicting position (a scalar metric).
-    pub mean_logit: f64,
+    /// Per row, the sum over completion tokens of the mean logit (over the vocabulary) at the
+    /// predicting position (B, detached): with `tokens` it gives TRL's `logits/*` metrics.
+    pub logit_sum: Vec<f32>,
     /// Mean next-token NLL over all completion tokens of the batch (scalar tensor).
     pub nll: Tensor,
 }
 
 impl SeqLogps {
+    /// The mean logit over the completion tokens of rows `rows` (TRL's `logits/chosen` and
+    /// `logits/rejected`: the mean over those tokens and the vocabulary).
+    pub fn mean_logit(&self, rows: std::ops::Range<usize>) -> Result<f64> {
+        let toks = self.tokens.to_vec1::<f32>()?;
+        let (mut s, mut n) = (0f64, 0f64);
+        for i in rows {
+            s += *self.logit_sum.get(i).unwrap_or(&0.0) as f64;
+            n += *toks.get(i).unwrap_or(&0.0) as f64;
+        }
+        Ok(if n > 0.0 { s / n } else { 0.0 })
+    }
+
     /// Σ log p / tokens (B).
     pub fn mean(&self) -> Result<Tensor> {
         Ok(self.sum.div(&self.tokens.clamp(1f32, f32::MAX)?)?)
@@ -90,14 +103,40 @@ pub fn sequence_logps(logits: &Tensor, ids: &Tensor, completion_mask: &Tensor) -
         return Err(Error::Msg("no completion tokens in the batch".into()));
     }
     let nll = ((&lp * &m)?.sum_all()? * (-1.0 / n as f64))?;
-    let mean_logit = (lg.detach().mean(D::Minus1)? * &m)?
-        .sum_all()?
-        .to_scalar::<f32>()? as f64
-        / n as f64;
+    let logit_sum = (lg.detach().mean(D::Minus1)? * &m)?
+        .sum(1)?
+        .to_vec1::<f32>()?;
     Ok(SeqLogps {
         sum,
         tokens,
-        mean_logit,
+        logit_sum,
         nll,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn mean_logits_split_by_row() -> Result<()> {
+        let dev = Device::Cpu;
+        // Two rows of three positions over a vocabulary of two; row 0 predicts its last two
+        // tokens, row 1 only its last.
+        let logits = Tensor::from_vec(
+            vec![1f32, 3., 5., 7., 0., 0., -2., 0., 4., 6., 9., 9.],
+            (2, 3, 2),
+            &dev,
+        )?;
+        let ids = Tensor::from_vec(vec![0u32, 1, 0, 1, 1, 0], (2, 3), &dev)?;
+        let mask = Tensor::from_vec(vec![0u8, 1, 1, 0, 0, 1], (2, 3), &dev)?;
+        let lp = sequence_logps(&logits, &ids, &mask)?;
+        // Row 0: mean logits at positions 0 and 1 are 2 and 6; row 1: position 1 gives 5.
+        assert_eq!(lp.logit_sum, vec![8.0, 5.0]);
+        assert!((lp.mean_logit(0..1)? - 4.0).abs() < 1e-6);
+        assert!((lp.mean_logit(1..2)? - 5.0).abs() < 1e-6);
+        assert!((lp.mean_logit(0..2)? - 13.0 / 3.0).abs() < 1e-6);
+        Ok(())
+    }
 }

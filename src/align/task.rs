@@ -347,7 +347,19 @@ impl AlignTask {
                     ref_kl,
                 };
                 let (loss, mut m) = cfg.loss(&k)?;
-                m.insert("logits/mean".into(), lp.mean_logit);
+                let rows = |want: bool| -> Result<f64> {
+                    let (mut s, mut n) = (0f64, 0f64);
+                    let toks = lp.tokens.to_vec1::<f32>()?;
+                    for (k, &i) in idx.iter().enumerate() {
+                        if u[i].1 == want {
+                            s += lp.logit_sum[k] as f64;
+                            n += toks[k] as f64;
+                        }
+                    }
+                    Ok(if n > 0.0 { s / n } else { 0.0 })
+                };
+                m.insert("logits/chosen".into(), rows(true)?);
+                m.insert("logits/rejected".into(), rows(false)?);
                 Ok((loss, m))
             }
             (obj, AlignData::Pairs(p)) => {
@@ -397,7 +409,8 @@ impl AlignTask {
                         return Err(Error::Config("KTO needs unpaired data".into()))
                     }
                 };
-                m.insert("logits/mean".into(), lp.mean_logit);
+                m.insert("logits/chosen".into(), lp.mean_logit(0..b)?);
+                m.insert("logits/rejected".into(), lp.mean_logit(b..2 * b)?);
                 Ok((loss, m))
             }
             _ => Err(Error::Config("objective and data do not fit".into())),

@@ -277,13 +277,19 @@ impl PretrainTask {
             schedule: NoiseSchedule::new(&scheduler_config())?,
             objective: Objective {
                 prediction: Prediction::Epsilon,
-                min_snr_gamma: Some(5.0),
+                min_snr_gamma: None,
                 noise_offset: 0.0,
             },
             batch,
             seed,
             caption_dropout: 0.1,
         })
+    }
+
+    /// Sets min-SNR-γ weighting of the loss (`None`: the plain ε-prediction MSE).
+    pub fn with_min_snr_gamma(mut self, gamma: Option<f64>) -> Self {
+        self.objective.min_snr_gamma = gamma;
+        self
     }
 
     /// Writes the pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/).
