@@ -266,6 +266,85 @@ pub fn wrong_answer(e: &TaskExample, rng: &mut rand_chacha::ChaCha8Rng) -> Strin
     pool[rng.random_range(0..pool.len())].to_string()
 }
 
+/// A near miss of `e`'s answer, harder to tell from the right one than [`wrong_answer`]: the
+/// runner-up of a list whose largest number is asked for, a number off by one or by ten, one pair of neighbouring words swapped, or the same kind of fact about
+/// another country.
+pub fn near_miss(e: &TaskExample, rng: &mut rand_chacha::ChaCha8Rng) -> String {
+    use rand::Rng;
+    if e.kind == TaskKind::Max {
+        // The runner-up of the list.
+        let nums: Vec<i64> = e
+            .prompt
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let a = e.answer.parse::<i64>().unwrap_or(i64::MIN);
+        if let Some(m) = nums.iter().filter(|&&x| x < a).max() {
+            return m.to_string();
+        }
+    }
+    if let Ok(n) = e.answer.parse::<i64>() {
+        let d = if n >= 10 && rng.random::<bool>() { 10 } else { 1 };
+        return if n >= d && rng.random::<bool>() {
+            n - d
+        } else {
+            n + d
+        }
+        .to_string();
+    }
+    let mut words: Vec<&str> = e.answer.split(' ').collect();
+    let swaps: Vec<usize> = (0..words.len().saturating_sub(1))
+        .filter(|&i| words[i] != words[i + 1])
+        .collect();
+    if !swaps.is_empty() {
+        let i = swaps[rng.random_range(0..swaps.len())];
+        words.swap(i, i + 1);
+        return words.join(" ");
+    }
+    let w = world();
+    let column = |c: &(String, String, String, String)| -> [String; 3] {
+        [c.1.clone(), c.2.clone(), c.3.clone()]
+    };
+    let col = w
+        .countries
+        .iter()
+        .find_map(|c| column(c).iter().position(|x| *x == e.answer));
+    match col {
+        Some(k) => {
+            let pool: Vec<String> = w
+                .countries
+                .iter()
+                .map(|c| column(c)[k].clone())
+                .filter(|x| *x != e.answer)
+                .collect();
+            if pool.is_empty() {
+                wrong_answer(e, rng)
+            } else {
+                pool[rng.random_range(0..pool.len())].clone()
+            }
+        }
+        None => wrong_answer(e, rng),
+    }
+}
+
+/// A harder procedural preference set: questions of `tasks`, the right answer chosen and a
+/// [`near_miss`] rejected (TRL conversational JSON lines, explicit prompt, `kind = "near-miss"`).
+pub fn near_miss_set(tasks: &[TaskKind], n: usize, seed: u64) -> Vec<serde_json::Value> {
+    let mut rng = crate::peft::init::rng_for(seed, "near-miss-set");
+    corpus(tasks, n, &world(), seed)
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "prompt": [{"role": "user", "content": e.prompt}],
+                "chosen": [{"role": "assistant", "content": e.answer}],
+                "rejected": [{"role": "assistant", "content": near_miss(e, &mut rng)}],
+                "kind": "near-miss",
+                "task": e.kind.name(),
+            })
+        })
+        .collect()
+}
+
 /// Preference pairs from task examples: the right answer is chosen, a wrong one rejected
 /// (conversational, explicit prompt).
 pub fn preference_pairs(examples: &[TaskExample], seed: u64) -> Vec<crate::data::pref::Pair> {
@@ -333,4 +412,39 @@ pub fn preference_set(n: usize, seed: u64) -> Vec<serde_json::Value> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn near_misses_are_wrong_but_close() {
+        let w = world();
+        let kinds = [
+            TaskKind::Add,
+            TaskKind::Sort,
+            TaskKind::Max,
+            TaskKind::Reverse,
+            TaskKind::Fact,
+        ];
+        let ex = corpus(&kinds, 200, &w, 11);
+        let mut rng = crate::peft::init::rng_for(3, "t");
+        for e in &ex {
+            let m = near_miss(e, &mut rng);
+            assert!(!e.check(&m), "{:?}: near miss {m:?} passes", e);
+            if e.kind == TaskKind::Max {
+                assert!(e.prompt.contains(&m) && m.parse::<i64>().unwrap() < e.answer.parse().unwrap());
+            } else if let (Ok(a), Ok(b)) = (e.answer.parse::<i64>(), m.parse::<i64>()) {
+                assert!([1, 10].contains(&(a - b).abs()), "{a} vs {b}");
+            } else {
+                // Same words (or the same kind of fact), so only their order or the fact differs.
+                let n = |s: &str| s.split(' ').count();
+                assert_eq!(n(&e.answer), n(&m));
+            }
+        }
+        let set = near_miss_set(&kinds, 30, 2);
+        assert_eq!(set.len(), 30);
+        assert_eq!(set, near_miss_set(&kinds, 30, 2));
+    }
 }

@@ -66,6 +66,9 @@ pub struct Args {
     max_length: Option<usize>,
     #[arg(long)]
     learning_rate: Option<f64>,
+    /// linear (TRL's default), cosine, constant.
+    #[arg(long, value_enum)]
+    lr_scheduler_type: Option<postforge::train::ScheduleKind>,
     #[arg(long)]
     warmup_steps: Option<usize>,
     #[arg(long)]
@@ -127,6 +130,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         chat_template,
         max_length,
         learning_rate,
+        lr_scheduler_type,
         warmup_steps,
         max_steps,
         num_train_epochs,

@@ -12,6 +12,10 @@ pub struct Args {
     /// and with --chosen-only the chosen answers as prompt-completion SFT data.
     #[arg(long)]
     preferences: bool,
+    /// With --preferences: a harder set on --tasks, the right answer over a near miss (a number off
+    /// by one or ten, two neighbouring words swapped, another country's fact of the same kind).
+    #[arg(long = "near-miss")]
+    near_miss: bool,
     /// With --preferences: only the chosen completions, as SFT data.
     #[arg(long)]
     chosen_only: bool,
@@ -27,8 +31,17 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let kinds = a
+        .tasks
+        .split(',')
+        .map(|t| TaskKind::parse(t.trim()).ok_or_else(|| anyhow::anyhow!("unknown task `{t}`")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if a.preferences {
-        let v = postforge::align::tiny_chat::preference_set(a.n, a.seed);
+        let v = if a.near_miss {
+            postforge::align::tiny_chat::near_miss_set(&kinds, a.n, a.seed)
+        } else {
+            postforge::align::tiny_chat::preference_set(a.n, a.seed)
+        };
         let body: String = v
             .iter()
             .map(|x| {
@@ -50,11 +63,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let kinds = a
-        .tasks
-        .split(',')
-        .map(|t| TaskKind::parse(t.trim()).ok_or_else(|| anyhow::anyhow!("unknown task `{t}`")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let ex = corpus(&kinds, a.n, &world(), a.seed);
     let body: String = ex.iter().map(|e| format!("{}\n", e.to_json())).collect();
     postforge::util::write_atomic(&a.out, body.as_bytes())?;
