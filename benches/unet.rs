@@ -6,7 +6,7 @@
 use candle_core::{Device, Tensor};
 use postforge::models::unet::{UNet2DConditionModel, UNetConfig};
 use postforge::models::Weights;
-use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx};
+use postforge::peft::{AdapterConfig, AdapterPlan, ForwardCtx};
 use std::time::Instant;
 
 fn config(boc: &[usize], sample: usize, ch: usize, cross: usize) -> UNetConfig {

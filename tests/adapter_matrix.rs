@@ -2,7 +2,7 @@
 //! gradients, optimizer step touches only adapters).
 
 mod common;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use postforge::peft::formats::peft::{self as files, SaveOptions};
 use postforge::peft::{
@@ -765,4 +765,98 @@ fn fused_layer_norm_and_softmax_match_the_composites_in_value_and_gradients() {
     let t = randn(&[4, 6], 1.0, "smt").t().unwrap();
     let e = rel_err(&softmax_last(&t).unwrap(), &softmax_composite(&t).unwrap());
     assert!(e < 1e-6, "softmax of a transposed view: {e}");
+}
+
+#[test]
+fn fused_token_logprobs_match_log_softmax_and_gather_in_value_and_gradient() {
+    use postforge::models::llama::log_softmax;
+    use postforge::models::nn::token_logprobs;
+    for (shape, seed) in [(vec![2usize, 5, 11], "tl1"), (vec![7, 300], "tl2")] {
+        let v = *shape.last().unwrap();
+        let rows: usize = shape[..shape.len() - 1].iter().product();
+        let targets: Vec<u32> = (0..rows).map(|i| ((i * 7 + 3) % v) as u32).collect();
+        let xv = candle_core::Var::from_tensor(&randn(&shape, 3.0, seed)).unwrap();
+        let out_shape = &shape[..shape.len() - 1];
+        // Some rows carry no gradient (masked positions), which the fused backward skips.
+        let g = (randn(out_shape, 1.0, "tlg")
+            * Tensor::from_vec(
+                (0..rows)
+                    .map(|i| (i % 3 != 1) as u8 as f32)
+                    .collect::<Vec<_>>(),
+                out_shape,
+                &Device::Cpu,
+            )
+            .unwrap())
+        .unwrap();
+        let y1 = token_logprobs(xv.as_tensor(), &targets).unwrap();
+        let t = Tensor::from_vec(targets.clone(), out_shape, &Device::Cpu).unwrap();
+        let y2 = log_softmax(xv.as_tensor())
+            .unwrap()
+            .gather(
+                &t.unsqueeze(candle_core::D::Minus1).unwrap(),
+                candle_core::D::Minus1,
+            )
+            .unwrap()
+            .squeeze(candle_core::D::Minus1)
+            .unwrap();
+        assert_eq!(y1.dims(), out_shape);
+        assert!(
+            rel_err(&y1, &y2) < 1e-5,
+            "token log-probs forward {shape:?}"
+        );
+        let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let e = rel_err(
+            g1.get(xv.as_tensor()).unwrap(),
+            g2.get(xv.as_tensor()).unwrap(),
+        );
+        assert!(e < 1e-5, "token log-probs {shape:?} dlogits: {e}");
+    }
+    let x = randn(&[2, 4], 1.0, "tl3");
+    let err = token_logprobs(&x, &[1, 4]).unwrap_err().to_string();
+    assert!(
+        err.contains("target token 4") && err.contains("vocabulary of 4"),
+        "{err}"
+    );
+    assert!(token_logprobs(&x, &[1]).is_err());
+}
+
+#[test]
+fn fused_scaled_masked_softmax_matches_the_composite_in_value_and_gradient() {
+    use postforge::models::nn::{scaled_masked_softmax, softmax_composite};
+    let shape = [2usize, 3, 5, 7];
+    let xv = candle_core::Var::from_tensor(&randn(&shape, 2.0, "msx")).unwrap();
+    let g = randn(&shape, 1.0, "msg");
+    // A causal-style mask per batch row, and one shared by the batch.
+    let mvals: Vec<f32> = (0..2 * 5 * 7)
+        .map(|i| {
+            let (b, q, k) = (i / 35, (i / 7) % 5, i % 7);
+            if k > q + 2 + b {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let per_row = Tensor::from_vec(mvals, (2, 1, 5, 7), &Device::Cpu).unwrap();
+    let shared = per_row.narrow(0, 1, 1).unwrap();
+    for mask in [Some(&per_row), Some(&shared), None] {
+        let y1 = scaled_masked_softmax(xv.as_tensor(), 0.35, mask).unwrap();
+        let s = (xv.as_tensor() * 0.35).unwrap();
+        let s = match mask {
+            Some(m) => s.broadcast_add(m).unwrap(),
+            None => s,
+        };
+        let y2 = softmax_composite(&s).unwrap();
+        assert!(rel_err(&y1, &y2) < 1e-5, "masked softmax forward");
+        let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let e = rel_err(
+            g1.get(xv.as_tensor()).unwrap(),
+            g2.get(xv.as_tensor()).unwrap(),
+        );
+        assert!(e < 1e-5, "masked softmax dx: {e}");
+    }
+    let bad = Tensor::zeros((2, 1, 5, 6), DType::F32, &Device::Cpu).unwrap();
+    assert!(scaled_masked_softmax(xv.as_tensor(), 1.0, Some(&bad)).is_err());
 }

@@ -38,13 +38,11 @@ pub fn log1mexp(x: &Tensor) -> Result<Tensor> {
 /// Per-token log-probs of `targets` (B, T) under `logits` (B, T, V) (already aligned: position t
 /// scores target t).
 pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let lp = crate::models::llama::log_softmax(logits)?;
-    Ok(lp
-        .gather(
-            &targets.to_dtype(DType::U32)?.contiguous()?.unsqueeze(2)?,
-            2,
-        )?
-        .squeeze(2)?)
+    let t = targets
+        .to_dtype(DType::U32)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    crate::models::nn::token_logprobs(logits, &t)
 }
 
 /// Sequence log-probs of the completion tokens: for ids (B, T) and the completion mask (B, T;
@@ -92,10 +90,8 @@ pub fn sequence_logps(logits: &Tensor, ids: &Tensor, completion_mask: &Tensor) -
             completion_mask.dims()
         )));
     }
-    let lg = logits.narrow(1, 0, t - 1)?;
-    let tgt = ids.narrow(1, 1, t - 1)?;
     let m = completion_mask.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?;
-    let lp = token_logps(&lg, &tgt)?;
+    let lp = crate::models::llama::shifted_logprobs(logits, ids)?;
     let sum = (&lp * &m)?.sum(1)?;
     let tokens = m.sum(1)?;
     let n = m.sum_all()?.to_scalar::<f32>()?;
@@ -103,7 +99,7 @@ pub fn sequence_logps(logits: &Tensor, ids: &Tensor, completion_mask: &Tensor) -
         return Err(Error::Msg("no completion tokens in the batch".into()));
     }
     let nll = ((&lp * &m)?.sum_all()? * (-1.0 / n as f64))?;
-    let logit_sum = (lg.detach().mean(D::Minus1)? * &m)?
+    let logit_sum = (logits.narrow(1, 0, t - 1)?.detach().mean(D::Minus1)? * &m)?
         .sum(1)?
         .to_vec1::<f32>()?;
     Ok(SeqLogps {

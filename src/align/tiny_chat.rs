@@ -284,7 +284,11 @@ pub fn near_miss(e: &TaskExample, rng: &mut rand_chacha::ChaCha8Rng) -> String {
         }
     }
     if let Ok(n) = e.answer.parse::<i64>() {
-        let d = if n >= 10 && rng.random::<bool>() { 10 } else { 1 };
+        let d = if n >= 10 && rng.random::<bool>() {
+            10
+        } else {
+            1
+        };
         return if n >= d && rng.random::<bool>() {
             n - d
         } else {
@@ -434,7 +438,9 @@ mod tests {
             let m = near_miss(e, &mut rng);
             assert!(!e.check(&m), "{:?}: near miss {m:?} passes", e);
             if e.kind == TaskKind::Max {
-                assert!(e.prompt.contains(&m) && m.parse::<i64>().unwrap() < e.answer.parse().unwrap());
+                assert!(
+                    e.prompt.contains(&m) && m.parse::<i64>().unwrap() < e.answer.parse().unwrap()
+                );
             } else if let (Ok(a), Ok(b)) = (e.answer.parse::<i64>(), m.parse::<i64>()) {
                 assert!([1, 10].contains(&(a - b).abs()), "{a} vs {b}");
             } else {

@@ -307,9 +307,11 @@ impl LoraTrainConfig {
             "constant" | "constant_with_warmup" => ScheduleKind::Constant,
             "linear" => ScheduleKind::Linear,
             "cosine" => ScheduleKind::Cosine,
-            s => return Err(Error::Config(format!(
+            s => {
+                return Err(Error::Config(format!(
                 "lr_scheduler `{s}` is not one of constant, constant_with_warmup, linear, cosine"
-            ))),
+            )))
+            }
         };
         if self.train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
             return Err(Error::Config(

@@ -5,7 +5,7 @@
 //! tied embeddings, RMSNorm, softmax and RoPE as fused nodes with a real backward, padding masks,
 //! packed sequences (positions restart, no attention across sequences) and a KV cache.
 
-use super::nn::{rms_norm, rope, softmax_last};
+use super::nn::{rms_norm, rope, scaled_masked_softmax};
 use super::Weights;
 use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx};
 use crate::{Error, Result};
@@ -463,9 +463,8 @@ impl LlamaForCausalLM {
             } else {
                 (k, v)
             };
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
-            let scores = scores.broadcast_add(&mask)?;
-            let a = softmax_last(&scores)?
+            let scores = q.matmul(&k.t()?.contiguous()?)?;
+            let a = scaled_masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), Some(&mask))?
                 .matmul(&v.contiguous()?)?
                 .transpose(1, 2)?
                 .contiguous()?
@@ -586,6 +585,27 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
     Ok(z.broadcast_sub(&lse)?)
 }
 
+/// Next-token log-probs: for logits (B, T, V) and ids (B, T), `log p(ids[:, t + 1] | logits[:, t])`
+/// for t < T − 1, shaped (B, T − 1), through the fused [`crate::models::nn::token_logprobs`] (no
+/// copy of the logits, no log-softmax kept for the backward).
+pub fn shifted_logprobs(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t, _) = logits.dims3()?;
+    if ids.dims() != [b, t] || t < 2 {
+        return Err(Error::Msg(format!(
+            "logits {:?} and ids {:?} do not fit (or fewer than two tokens)",
+            logits.dims(),
+            ids.dims()
+        )));
+    }
+    let ids = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let mut targets = Vec::with_capacity(b * t);
+    for row in &ids {
+        targets.extend_from_slice(&row[1..]);
+        targets.push(0);
+    }
+    Ok(crate::models::nn::token_logprobs(logits, &targets)?.narrow(1, 0, t - 1)?)
+}
+
 /// Mean next-token cross-entropy of `logits` (B, T, V) for `ids` (B, T), counting the targets whose
 /// `weights` (B, T; 1 = counted) are nonzero: position t predicts token t + 1.
 pub fn next_token_loss(logits: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {
@@ -595,12 +615,7 @@ pub fn next_token_loss(logits: &Tensor, ids: &Tensor, weights: &Tensor) -> Resul
             "next-token loss needs at least two tokens".into(),
         ));
     }
-    let lp = log_softmax(&logits.narrow(1, 0, t - 1)?)?;
-    let tgt = ids
-        .narrow(1, 1, t - 1)?
-        .to_dtype(DType::U32)?
-        .contiguous()?;
-    let picked = lp.gather(&tgt.unsqueeze(2)?, 2)?.squeeze(2)?;
+    let picked = shifted_logprobs(logits, ids)?;
     let w = weights.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?;
     let n = w.sum_all()?.to_scalar::<f32>()?;
     if n <= 0.0 {

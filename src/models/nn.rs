@@ -73,6 +73,102 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(SoftmaxOp)?)
 }
 
+/// Attention probabilities `softmax(scale · x + mask)` over the last dimension, for scores x
+/// (B, H, Tq, Tk) and an additive mask (B or 1, 1, Tq, Tk) that carries no gradient: one node on
+/// the CPU in f32 (dx = scale · y ⊙ (g − Σ g⊙y)), so neither the scaled scores nor the masked
+/// ones are kept; elsewhere the composition.
+pub fn scaled_masked_softmax(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, _, tq, tk) = x.dims4()?;
+    if let Some(m) = mask {
+        let (mb, mh, mq, mk) = m.dims4()?;
+        if !(mb == b || mb == 1) || mh != 1 || mq != tq || mk != tk {
+            return Err(crate::Error::Msg(format!(
+                "attention mask {:?} does not fit scores {:?}",
+                m.dims(),
+                x.dims()
+            )));
+        }
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        let s = (x * scale)?;
+        let s = match mask {
+            Some(m) => s.broadcast_add(&m.to_dtype(x.dtype())?)?,
+            None => s,
+        };
+        return softmax_composite(&s);
+    }
+    let mask = match mask {
+        Some(m) => Some((
+            std::sync::Arc::new(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            m.dim(0)?,
+        )),
+        None => None,
+    };
+    Ok(x.contiguous()?.apply_op1(MaskedSoftmaxOp {
+        scale: scale as f32,
+        mask,
+    })?)
+}
+
+struct MaskedSoftmaxOp {
+    scale: f32,
+    /// The mask values and its batch size (1: shared by every batch row).
+    mask: Option<(std::sync::Arc<Vec<f32>>, usize)>,
+}
+
+impl candle_core::CustomOp1 for MaskedSoftmaxOp {
+    fn name(&self) -> &'static str {
+        "scaled-masked-softmax"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(s, l, "softmax")?;
+        let dims = l.shape().dims();
+        let (h, tq, tk) = (dims[1], dims[2], dims[3].max(1));
+        let mut out = vec![0f32; x.len()];
+        let scale = self.scale;
+        out.par_chunks_mut(tk)
+            .zip(x.par_chunks(tk))
+            .enumerate()
+            .for_each(|(row, (o, xr))| {
+                let (bi, qi) = (row / (h * tq), row % tq);
+                let m = self.mask.as_ref().map(|(m, mb)| {
+                    let r = (if *mb == 1 { 0 } else { bi }) * tq + qi;
+                    &m[r * tk..(r + 1) * tk]
+                });
+                let mut mx = f32::NEG_INFINITY;
+                for k in 0..tk {
+                    let v = xr[k] * scale + m.map_or(0.0, |m| m[k]);
+                    o[k] = v;
+                    mx = mx.max(v);
+                }
+                let mut sum = 0f32;
+                for v in o.iter_mut() {
+                    *v = (*v - mx).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|v| *v *= inv);
+            });
+        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op2_no_bwd(
+            &res.contiguous()?,
+            &SoftmaxBwd { scale: self.scale },
+        )?))
+    }
+}
+
 /// Softmax over the last dimension (max-subtracted) as a composition of differentiable ops.
 pub fn softmax_composite(x: &Tensor) -> Result<Tensor> {
     let m = x.max_keepdim(D::Minus1)?.detach();
@@ -531,14 +627,17 @@ impl candle_core::CustomOp1 for SoftmaxOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            grad.contiguous()?
-                .apply_op2_no_bwd(&res.contiguous()?, &SoftmaxBwd)?,
-        ))
+        Ok(Some(grad.contiguous()?.apply_op2_no_bwd(
+            &res.contiguous()?,
+            &SoftmaxBwd { scale: 1.0 },
+        )?))
     }
 }
 
-struct SoftmaxBwd;
+struct SoftmaxBwd {
+    /// dx = scale · y ⊙ (g − Σ g⊙y) (the softmax of scaled scores).
+    scale: f32,
+}
 
 impl candle_core::CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
@@ -562,7 +661,7 @@ impl candle_core::CustomOp2 for SoftmaxBwd {
                 for ((orow, grow), yrow) in o.chunks_mut(d).zip(gs.chunks(d)).zip(ys.chunks(d)) {
                     let dot: f32 = grow.iter().zip(yrow).map(|(a, b)| a * b).sum();
                     for k in 0..d {
-                        orow[k] = yrow[k] * (grow[k] - dot);
+                        orow[k] = self.scale * yrow[k] * (grow[k] - dot);
                     }
                 }
             });
@@ -938,5 +1037,144 @@ impl candle_core::CustomOp1 for RopeOp {
             tables: self.tables.clone(),
             inverse: !self.inverse,
         })?))
+    }
+}
+
+/// Log-probabilities of `targets` under `logits` (..., V): `log_softmax(logits)[..., target]`,
+/// one value per row, shaped like `logits` without its last dimension. On the CPU in f32 it is one
+/// node that never materialises the log-softmax: the forward keeps a running max and sum per row,
+/// the backward writes `g · (onehot − softmax)` straight into the logits' gradient (recomputing
+/// the row's log-sum-exp). Elsewhere: log-softmax and gather. A target outside the vocabulary is
+/// an error naming it.
+pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let dims = logits.dims();
+    let v = dims.last().copied().unwrap_or(0);
+    let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    if dims.is_empty() || rows != targets.len() {
+        return Err(crate::Error::Msg(format!(
+            "{} targets for logits {:?}",
+            targets.len(),
+            dims
+        )));
+    }
+    if let Some((i, t)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= v) {
+        return Err(crate::Error::Msg(format!(
+            "target token {t} (row {i}) is outside the vocabulary of {v} logits"
+        )));
+    }
+    let out_shape = &dims[..dims.len() - 1];
+    if !logits.device().is_cpu() || logits.dtype() != DType::F32 {
+        let lp = crate::models::llama::log_softmax(logits)?;
+        let t = Tensor::from_vec(targets.to_vec(), out_shape, logits.device())?;
+        return Ok(lp
+            .gather(&t.unsqueeze(D::Minus1)?, D::Minus1)?
+            .squeeze(D::Minus1)?);
+    }
+    let op = TokenLogprobOp {
+        targets: std::sync::Arc::new(targets.to_vec()),
+        lse: std::sync::Mutex::new(None),
+    };
+    Ok(logits.contiguous()?.apply_op1(op)?.reshape(out_shape)?)
+}
+
+fn row_lse(x: &[f32]) -> f32 {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+    let s: f32 = x.iter().map(|v| (v - m).exp()).sum();
+    m + s.ln()
+}
+
+struct TokenLogprobOp {
+    targets: std::sync::Arc<Vec<u32>>,
+    /// Each row's log-sum-exp, kept by the forward for the backward.
+    lse: std::sync::Mutex<Option<std::sync::Arc<Vec<f32>>>>,
+}
+
+impl candle_core::CustomOp1 for TokenLogprobOp {
+    fn name(&self) -> &'static str {
+        "token-logprob"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(s, l, "token-logprob")?;
+        let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let lse: Vec<f32> = x.par_chunks(d).map(row_lse).collect();
+        let out: Vec<f32> = x
+            .chunks(d)
+            .zip(self.targets.iter())
+            .zip(&lse)
+            .map(|((row, &t), l)| row[t as usize] - l)
+            .collect();
+        if let Ok(mut g) = self.lse.lock() {
+            *g = Some(std::sync::Arc::new(lse));
+        }
+        let n = out.len();
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(n),
+        ))
+    }
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.flatten_all()?.contiguous()?;
+        let lse = self.lse.lock().ok().and_then(|g| g.clone());
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(
+            &g,
+            &TokenLogprobBwd {
+                targets: self.targets.clone(),
+                lse,
+            },
+        )?))
+    }
+}
+
+struct TokenLogprobBwd {
+    targets: std::sync::Arc<Vec<u32>>,
+    lse: Option<std::sync::Arc<Vec<f32>>>,
+}
+
+impl candle_core::CustomOp2 for TokenLogprobBwd {
+    fn name(&self) -> &'static str {
+        "token-logprob-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        sx: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+        sg: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (x, g) = (
+            f32_slice(sx, lx, "token-logprob")?,
+            f32_slice(sg, lg, "token-logprob")?,
+        );
+        let d = lx.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .zip(g.par_iter().zip(self.targets.par_iter()))
+            .enumerate()
+            .for_each(|(i, ((o, row), (&gi, &t)))| {
+                if gi == 0.0 {
+                    return;
+                }
+                let lse = match &self.lse {
+                    Some(l) if l.len() > i => l[i],
+                    _ => row_lse(row),
+                };
+                for (oo, xx) in o.iter_mut().zip(row) {
+                    *oo = -gi * (xx - lse).exp();
+                }
+                o[t as usize] += gi;
+            });
+        Ok((candle_core::CpuStorage::F32(out), lx.shape().clone()))
     }
 }
