@@ -255,6 +255,13 @@ impl Recipe {
                         s.last_loss,
                         s.adapter_dir.display()
                     ));
+                    if let Some((b, a)) = r.eval_accuracy {
+                        log(&format!(
+                            "  held-out preference accuracy (chosen has the higher mean log-prob): {:.1}% -> {:.1}%",
+                            100.0 * b,
+                            100.0 * a
+                        ));
+                    }
                     last_model = Some(match cfg.previous {
                         Some(Previous::Stack) => cfg.output_dir.join("base-merged"),
                         _ => cfg.model.clone(),

@@ -87,6 +87,10 @@ pub struct AlignRunConfig {
     pub model: PathBuf,
     /// Preference JSONL (paired; unpaired or paired for KTO).
     pub data: PathBuf,
+    /// Held-out preference pairs: the report gives the share whose chosen completion has the
+    /// higher mean log-prob, before (the stage's starting model) and after training.
+    #[serde(default)]
+    pub eval_data: Option<PathBuf>,
     /// `dpo`, `ipo`, `simpo`, `cpo`, `orpo` or `kto`.
     #[serde(default = "d_loss")]
     pub loss: String,
@@ -204,6 +208,8 @@ pub struct AlignReport {
     pub method: String,
     /// A warning about KTO weights, if any.
     pub warning: Option<String>,
+    /// Held-out preference accuracy (before, after), with `eval_data`.
+    pub eval_accuracy: Option<(f64, f64)>,
 }
 
 impl AlignRunConfig {
@@ -447,10 +453,37 @@ impl AlignRunConfig {
             overwrite_output_dir: overwrite,
             ..Default::default()
         })?;
+        let held_out = match &self.eval_data {
+            Some(p) => {
+                let ml = self.max_length;
+                let pairs = read_pairs(p)?
+                    .iter()
+                    .map(|e| -> Result<(Seq, Seq)> {
+                        Ok((
+                            tokenize_pc(&e.prompt, &e.chosen, &tok, ml)?,
+                            tokenize_pc(&e.prompt, &e.rejected, &tok, ml)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                if pairs.is_empty() {
+                    return Err(Error::format(p, "no preference pairs"));
+                }
+                Some(pairs)
+            }
+            None => None,
+        };
+        let before = match &held_out {
+            Some(p) => Some(task.mean_logp_accuracy(p, true)?),
+            None => None,
+        };
         let summary = trainer.train(&mut task, resume)?;
+        let eval_accuracy = match (&held_out, before) {
+            (Some(p), Some(b)) => Some((b, task.mean_logp_accuracy(p, false)?)),
+            _ => None,
+        };
         let report = serde_json::json!({"method": obj.name(), "loss": self.loss, "steps": summary.steps,
             "seconds": summary.seconds, "first_loss": summary.first_loss, "last_loss": summary.last_loss,
-            "examples": n});
+            "examples": n, "eval_preference_accuracy": eval_accuracy.map(|(b, a)| serde_json::json!({"before": b, "after": a}))});
         crate::util::write_atomic(
             &self.output_dir.join("run_report.json"),
             serde_json::to_string_pretty(&report)
@@ -462,6 +495,7 @@ impl AlignRunConfig {
             examples: n,
             method: self.loss.clone(),
             warning,
+            eval_accuracy,
         })
     }
 }

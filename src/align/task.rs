@@ -417,6 +417,30 @@ impl AlignTask {
         }
     }
 
+    /// The share of `pairs` whose chosen completion has the higher mean log-prob under the reference
+    /// (`reference`: the model the run started from) or the policy.
+    pub fn mean_logp_accuracy(&mut self, pairs: &[(Seq, Seq)], reference: bool) -> Result<f64> {
+        let mut ok = 0usize;
+        if reference {
+            self.set_reference()?;
+        }
+        for chunk in pairs.chunks(self.batch_size.max(1)) {
+            let seqs: Vec<&Seq> = chunk
+                .iter()
+                .map(|p| &p.0)
+                .chain(chunk.iter().map(|p| &p.1))
+                .collect();
+            let v = self
+                .logps(&seqs, &ForwardCtx::eval())?
+                .mean()?
+                .to_vec1::<f32>()?;
+            let b = chunk.len();
+            ok += (0..b).filter(|&i| v[i] > v[b + i]).count();
+        }
+        self.set_policy()?;
+        Ok(ok as f64 / pairs.len().max(1) as f64)
+    }
+
     /// Held-out preference accuracy: the share of pairs whose chosen completion the policy scores
     /// higher than the rejected one relative to the reference (DPO's implicit reward), or by
     /// length-averaged log-probs for reference-free methods.

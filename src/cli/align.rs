@@ -15,6 +15,9 @@ pub struct Args {
     /// Preference JSONL.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Held-out preference pairs: preference accuracy before and after training in the report.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
     /// dpo | ipo | simpo | cpo | orpo | kto.
     #[arg(long)]
     loss: Option<String>,
@@ -113,6 +116,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     opt!(
         model,
         data,
+        eval_data,
         loss,
         beta,
         label_smoothing,
@@ -174,5 +178,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "{}: {} examples; {} steps in {:.0}s: loss {:.4} -> {:.4}; adapter in {} (metrics.jsonl has TRL's rewards/*, logps/* ...)",
         r.method, r.examples, s.steps, s.seconds, s.first_loss, s.last_loss, s.adapter_dir.display()
     );
+    if let Some((b, a)) = r.eval_accuracy {
+        println!(
+            "held-out preference accuracy (chosen has the higher mean log-prob): {:.1}% -> {:.1}%",
+            100.0 * b,
+            100.0 * a
+        );
+    }
     Ok(())
 }
