@@ -101,7 +101,7 @@ fn the_three_stage_alignment_pipeline_runs_with_merge_and_stack() {
         format!("max_steps = 2\nper_device_train_batch_size = 4\nmax_length = 64\nlearning_rate = 1e-3\nr = 4\nlora_alpha = 8\nmodel = \"{}\"\n{kind}", d.join("model").display())
     };
     let text = format!(
-        "[[stage]]\nkind = \"align\"\nloss = \"orpo\"\ndata = \"{p}/prefs-eval.jsonl\"\noutput_dir = \"{o}/1\"\n{c1}\n\n\
+        "[[stage]]\nkind = \"align\"\nloss = \"orpo\"\ndata = \"{p}/prefs-eval.jsonl\"\neval_data = \"{p}/hard-prefs-eval.jsonl\"\noutput_dir = \"{o}/1\"\n{c1}\n\n\
          [[stage]]\nkind = \"sft\"\nprevious = \"merge\"\nuse_dora = true\ndata = \"{p}/prefs-chosen-sft.jsonl\"\noutput_dir = \"{o}/2\"\n{c2}\n\n\
          [[stage]]\nkind = \"align\"\nprevious = \"stack\"\nloss = \"dpo\"\nprecompute_ref_logps = true\ndata = \"{p}/prefs-eval.jsonl\"\noutput_dir = \"{o}/3\"\n{c3}\n\n\
          [[stage]]\nkind = \"align\"\nprevious = \"merge\"\nloss = \"kto\"\ndata = \"{p}/prefs-eval.jsonl\"\noutput_dir = \"{o}/4\"\n{c4}\n",
@@ -121,6 +121,18 @@ fn the_three_stage_alignment_pipeline_runs_with_merge_and_stack() {
         })
         .unwrap();
     assert_eq!(reps.len(), 4);
+    // The ORPO stage measured held-out preference accuracy before and after, and said so.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("runs/1/run_report.json")).unwrap())
+            .unwrap();
+    let acc = &report["eval_preference_accuracy"];
+    for k in ["before", "after"] {
+        let v = acc[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{k}: {v}");
+    }
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("held-out preference accuracy")));
     assert!(
         d.join("runs/2/base-merged/model.safetensors").exists(),
         "ORPO adapter merged before DoRA"

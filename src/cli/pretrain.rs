@@ -67,6 +67,9 @@ pub struct Args {
     /// timesteps almost no weight, which leaves residual grain in samples of a model trained from scratch).
     #[arg(long = "min-snr-gamma")]
     min_snr_gamma: Option<f64>,
+    /// tiny-sd: train v-prediction (written into the scheduler config) instead of ε.
+    #[arg(long = "v-parameterization")]
+    v_parameterization: bool,
     /// Classifier-free guidance for the evaluation.
     #[arg(long, default_value_t = 3.0)]
     guidance: f64,
@@ -88,7 +91,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let batch_size = a.batch_size.unwrap_or(16);
     let learning_rate = a.learning_rate.unwrap_or(1e-3);
     let mut task = PretrainTask::with_init(a.images, batch_size, a.seed, a.init_from.as_deref())?
-        .with_min_snr_gamma(a.min_snr_gamma);
+        .with_min_snr_gamma(a.min_snr_gamma)
+        .with_v_prediction(a.v_parameterization);
     let trainer = Trainer::new(TrainConfig {
         learning_rate,
         lr_scheduler: ScheduleKind::Cosine,
@@ -146,7 +150,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "# tiny-sd\n\nA pixel-space (32x32 RGB) text-to-image pipeline in the diffusers folder layout (unet/, text_encoder/, tokenizer/, scheduler/, model_index.json), trained from scratch by postforge on procedurally generated captioned shapes (3 shapes x 6 colours x 5 positions x 3 backgrounds).\n\n- Command: `postforge pretrain tiny-sd --max-steps {} --batch-size {} --learning-rate {} --images {} --seed {}{}`\n- Steps: {} (loss {:.4} -> {:.4}, {:.0} s on this machine)\n- Prompt adherence: {ok}/{} = {pct:.1}% of sampled images show the prompted shape, colour and position (procedural detector, DDIM {} steps, CFG {})\n- Samples: samples.png\n",
         max_steps, batch_size, learning_rate, a.images, a.seed,
         a.init_from.as_ref().map(|p| format!(" --init-from {}", p.display())).unwrap_or_default()
-            + &a.min_snr_gamma.map(|g| format!(" --min-snr-gamma {g}")).unwrap_or_default(), s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
+            + &a.min_snr_gamma.map(|g| format!(" --min-snr-gamma {g}")).unwrap_or_default()
+            + if a.v_parameterization { " --v-parameterization" } else { "" }, s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
     );
     postforge::util::write_atomic(&out.join("MODEL_CARD.md"), card.as_bytes())?;
     println!("wrote {} (MODEL_CARD.md, samples.png)", out.display());

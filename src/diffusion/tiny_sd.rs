@@ -286,6 +286,26 @@ impl PretrainTask {
         })
     }
 
+    /// Trains v-prediction instead of ε (the scheduler config written says `v_prediction`): at
+    /// high noise v ≈ −x₀, so the model must take global content (background, position) from the
+    /// prompt, which ε-prediction barely rewards there.
+    pub fn with_v_prediction(mut self, v: bool) -> Self {
+        self.objective.prediction = if v {
+            Prediction::V
+        } else {
+            Prediction::Epsilon
+        };
+        self
+    }
+
+    fn scheduler(&self) -> SchedulerConfig {
+        let mut c = scheduler_config();
+        if self.objective.prediction == Prediction::V {
+            c.prediction_type = "v_prediction".into();
+        }
+        c
+    }
+
     /// Sets min-SNR-γ weighting of the loss (`None`: the plain ε-prediction MSE).
     pub fn with_min_snr_gamma(mut self, gamma: Option<f64>) -> Self {
         self.objective.min_snr_gamma = gamma;
@@ -323,7 +343,7 @@ impl PretrainTask {
         write_atomic(
             &dir.join("scheduler/scheduler_config.json"),
             pretty(
-                &serde_json::to_value(scheduler_config()).map_err(|e| Error::Msg(e.to_string()))?,
+                &serde_json::to_value(self.scheduler()).map_err(|e| Error::Msg(e.to_string()))?,
             )?
             .as_bytes(),
         )?;
