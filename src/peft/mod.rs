@@ -34,6 +34,7 @@ pub mod init;
 pub mod layer;
 pub mod merge;
 pub mod ops;
+pub mod quant;
 
 pub use config::{AdapterConfig, Init, InitSpec, ModuleKind, ModuleSpec};
 pub use layer::{

@@ -1,0 +1,456 @@
+//! NF4 4-bit weights, compatible with bitsandbytes: the 16-value NormalFloat code, blocks of 64 with
+//! an f32 absmax each, two codes per byte (the even element in the high nibble), and double
+//! quantization of the absmax values (their mean subtracted, then 8-bit with bitsandbytes'
+//! signed "dynamic" map in blocks of 256 with an f32 absmax each).
+//!
+//! [`Nf4Tensor::quantize`] rounds as bitsandbytes' CPU path does (values scaled by the reciprocal
+//! of the block's absmax, clamped to [-1, 1], then the code whose midpoint interval holds them, a
+//! value on a midpoint going to the lower code); [`Nf4Tensor::to_state_dict`] and
+//! [`Nf4Tensor::from_state_dict`] write and read the tensors transformers saves for a
+//! `Linear4bit` weight (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
+//! `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`).
+
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The NF4 code (bitsandbytes' `quant_map` for `nf4`), indices 0–15.
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// Block size of the 4-bit codes (bitsandbytes' default for NF4).
+pub const BLOCKSIZE: usize = 64;
+/// Block size of the double-quantized absmax values.
+pub const NESTED_BLOCKSIZE: usize = 256;
+
+/// bitsandbytes' signed 8-bit "dynamic" map (`create_dynamic_map(signed=True)`): for exponents
+/// 10⁻⁶ … 10⁰, the midpoints of 2^i + 1 evenly spaced points in [0.1, 1] scaled by the exponent,
+/// both signs, plus 0 and 1; sorted.
+pub fn dynamic_map() -> Vec<f32> {
+    let (max_exp, non_sign) = (7i32, 7i32);
+    let mut data: Vec<f64> = vec![];
+    for i in 0..max_exp {
+        let items = (1usize << (i + non_sign - max_exp)) + 1;
+        // torch.linspace(0.1, 1, items) in f32, then the f32 midpoints.
+        let b: Vec<f32> = linspace_f32(0.1, 1.0, items);
+        let scale = 10f64.powi(-(max_exp - 1) + i);
+        for k in 0..items - 1 {
+            let m = (b[k] + b[k + 1]) / 2.0;
+            data.push(scale * m as f64);
+            data.push(-scale * m as f64);
+        }
+    }
+    data.push(0.0);
+    data.push(1.0);
+    let mut v: Vec<f32> = data.into_iter().map(|x| x as f32).collect();
+    v.resize(256, 0.0);
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+/// torch.linspace for f32 on the CPU: the first half counted up from `start`, the rest down from
+/// `end`.
+fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps - 1) as f32;
+    let half = steps / 2;
+    (0..steps)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (steps - i - 1) as f32
+            }
+        })
+        .collect()
+}
+
+/// Blockwise absmax quantization of `data` to the nearest entry of the sorted `code`: returns the
+/// code indices and one absmax per block (the last block may be short).
+pub fn quantize_blockwise(data: &[f32], code: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    let bounds: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    let mut q = Vec::with_capacity(data.len());
+    let mut absmax = Vec::with_capacity(data.len().div_ceil(blocksize.max(1)));
+    for block in data.chunks(blocksize.max(1)) {
+        let am = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        absmax.push(am);
+        let full = block.len() == blocksize;
+        let am = am.max(1e-38);
+        let inv = 1.0 / am;
+        for &v in block {
+            let s = if full { v * inv } else { v / am }.clamp(-1.0, 1.0);
+            // torch.bucketize (right=False): the number of bounds strictly below s.
+            q.push(bounds.partition_point(|b| *b < s) as u8);
+        }
+    }
+    (q, absmax)
+}
+
+/// How the per-block absmax values are stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Absmax {
+    /// One f32 per block.
+    F32(Vec<f32>),
+    /// Double quantization: `code[codes[i]] · nested_absmax[i / nested_blocksize] + offset`.
+    Double {
+        /// 8-bit codes, one per 4-bit block.
+        codes: Vec<u8>,
+        /// One f32 per nested block.
+        nested_absmax: Vec<f32>,
+        /// The 8-bit map (256 values).
+        nested_code: Vec<f32>,
+        /// The mean subtracted before quantizing.
+        offset: f32,
+        /// Nested block size (256).
+        nested_blocksize: usize,
+    },
+}
+
+/// A 4-bit NF4 weight with its quantization state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nf4Tensor {
+    /// Two codes per byte, the even element in the high nibble.
+    pub packed: Vec<u8>,
+    /// Per-block scales.
+    pub absmax: Absmax,
+    /// The 16-value code (`quant_map`).
+    pub code: Vec<f32>,
+    /// Shape of the original weight.
+    pub shape: Vec<usize>,
+    /// Elements per block.
+    pub blocksize: usize,
+    /// dtype name of the original weight (`float32`, `float16`, `bfloat16`).
+    pub dtype: String,
+}
+
+impl Nf4Tensor {
+    /// Quantizes `w` (any float dtype) to NF4 in blocks of `blocksize`, with double quantization
+    /// of the absmax values when `double_quant`.
+    pub fn quantize(w: &Tensor, blocksize: usize, double_quant: bool) -> Result<Self> {
+        if blocksize == 0 {
+            return Err(Error::Config("NF4 blocksize must be positive".into()));
+        }
+        let dtype = match w.dtype() {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            d => {
+                return Err(Error::Config(format!(
+                    "NF4 quantizes float weights, not {d:?}"
+                )))
+            }
+        };
+        let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (mut q, absmax) = quantize_blockwise(&data, &NF4_CODE, blocksize);
+        if q.len() % 2 == 1 {
+            q.push(7); // bitsandbytes pads with a zero, which is code 7
+        }
+        let packed = q.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
+        let absmax = if double_quant {
+            let offset =
+                (absmax.iter().map(|v| *v as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+            let centred: Vec<f32> = absmax.iter().map(|v| v - offset).collect();
+            let nested_code = dynamic_map();
+            let (codes, nested_absmax) =
+                quantize_blockwise(&centred, &nested_code, NESTED_BLOCKSIZE);
+            Absmax::Double {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset,
+                nested_blocksize: NESTED_BLOCKSIZE,
+            }
+        } else {
+            Absmax::F32(absmax)
+        };
+        Ok(Self {
+            packed,
+            absmax,
+            code: NF4_CODE.to_vec(),
+            shape: w.dims().to_vec(),
+            blocksize,
+            dtype: dtype.into(),
+        })
+    }
+
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the weight has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The f32 absmax of every block (double quantization undone).
+    pub fn absmax_f32(&self) -> Vec<f32> {
+        match &self.absmax {
+            Absmax::F32(v) => v.clone(),
+            Absmax::Double {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset,
+                nested_blocksize,
+            } => codes
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| {
+                    nested_code[c as usize] * nested_absmax[i / (*nested_blocksize).max(1)] + offset
+                })
+                .collect(),
+        }
+    }
+
+    /// Dequantizes elements `start..start + out.len()` (of the flattened weight) into `out`, with
+    /// `absmax` from [`Self::absmax_f32`]: lets a matmul work block by block without a dense copy.
+    pub fn dequantize_into(&self, absmax: &[f32], start: usize, out: &mut [f32]) {
+        for (k, o) in out.iter_mut().enumerate() {
+            let i = start + k;
+            let byte = self.packed[i / 2];
+            let c = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
+            *o = self.code[c as usize] * absmax[i / self.blocksize];
+        }
+    }
+
+    /// The dense f32 weight.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let absmax = self.absmax_f32();
+        let mut out = vec![0f32; self.len()];
+        self.dequantize_into(&absmax, 0, &mut out);
+        Ok(Tensor::from_vec(out, self.shape.as_slice(), &Device::Cpu)?)
+    }
+
+    /// Bytes of storage (codes, scales, maps): about 0.5 + 4/64 per parameter, or 0.5 + 1/64 +
+    /// 4/(64·256) with double quantization.
+    pub fn storage_bytes(&self) -> usize {
+        self.packed.len()
+            + self.code.len() * 4
+            + match &self.absmax {
+                Absmax::F32(v) => v.len() * 4,
+                Absmax::Double {
+                    codes,
+                    nested_absmax,
+                    nested_code,
+                    ..
+                } => codes.len() + nested_absmax.len() * 4 + nested_code.len() * 4 + 4,
+            }
+    }
+
+    /// The tensors transformers + bitsandbytes save for this weight under `prefix` (e.g.
+    /// `model.layers.0.mlp.down_proj.weight`).
+    pub fn to_state_dict(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
+        let dev = Device::Cpu;
+        let n = self.packed.len();
+        let mut v = vec![(
+            prefix.to_string(),
+            Tensor::from_vec(self.packed.clone(), (n, 1), &dev)?,
+        )];
+        let f = |x: &[f32]| Tensor::from_vec(x.to_vec(), x.len(), &dev);
+        let mut state = serde_json::json!({"quant_type": "nf4", "blocksize": self.blocksize,
+            "dtype": self.dtype, "shape": self.shape});
+        match &self.absmax {
+            Absmax::F32(a) => {
+                v.push((format!("{prefix}.absmax"), f(a)?));
+                v.push((format!("{prefix}.quant_map"), f(&self.code)?));
+            }
+            Absmax::Double {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset,
+                nested_blocksize,
+            } => {
+                v.push((
+                    format!("{prefix}.absmax"),
+                    Tensor::from_vec(codes.clone(), codes.len(), &dev)?,
+                ));
+                v.push((format!("{prefix}.quant_map"), f(&self.code)?));
+                v.push((format!("{prefix}.nested_absmax"), f(nested_absmax)?));
+                v.push((format!("{prefix}.nested_quant_map"), f(nested_code)?));
+                state["nested_blocksize"] = (*nested_blocksize).into();
+                state["nested_dtype"] = "float32".into();
+                state["nested_offset"] = (*offset as f64).into();
+            }
+        }
+        let bytes = python_json(&state).into_bytes();
+        let len = bytes.len();
+        v.push((
+            format!("{prefix}.quant_state.bitsandbytes__nf4"),
+            Tensor::from_vec(bytes, len, &dev)?,
+        ));
+        Ok(v)
+    }
+
+    /// Reads a weight saved by transformers + bitsandbytes (see [`Self::to_state_dict`]) from
+    /// `tensors` under `prefix`; `file` names the checkpoint in errors.
+    pub fn from_state_dict(
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        file: &Path,
+    ) -> Result<Self> {
+        let get = |k: &str| -> Result<&Tensor> {
+            tensors
+                .get(k)
+                .ok_or_else(|| Error::format(file, format!("missing 4-bit tensor `{k}`")))
+        };
+        let f32s = |k: &str| -> Result<Vec<f32>> {
+            Ok(get(k)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let u8s = |k: &str| -> Result<Vec<u8>> {
+            let t = get(k)?;
+            if t.dtype() != DType::U8 {
+                return Err(Error::format(
+                    file,
+                    format!("`{k}` is {:?}, expected uint8", t.dtype()),
+                ));
+            }
+            Ok(t.flatten_all()?.to_vec1::<u8>()?)
+        };
+        let state_key = format!("{prefix}.quant_state.bitsandbytes__nf4");
+        let state: serde_json::Value = serde_json::from_slice(&u8s(&state_key)?)
+            .map_err(|e| Error::format(file, format!("`{state_key}`: {e}")))?;
+        if state["quant_type"] != "nf4" {
+            return Err(Error::format(
+                file,
+                format!(
+                    "`{state_key}`: quant_type {} is not nf4",
+                    state["quant_type"]
+                ),
+            ));
+        }
+        let shape: Vec<usize> = state["shape"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as usize)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let blocksize = state["blocksize"].as_u64().unwrap_or(0) as usize;
+        let packed = u8s(prefix)?;
+        let n: usize = shape.iter().product();
+        let blocks = n.div_ceil(blocksize.max(1));
+        if shape.is_empty() || blocksize == 0 || packed.len() != n.div_ceil(2) {
+            return Err(Error::format(
+                file,
+                format!(
+                    "`{prefix}`: {} packed bytes do not hold shape {:?} (blocksize {blocksize})",
+                    packed.len(),
+                    shape
+                ),
+            ));
+        }
+        let code = f32s(&format!("{prefix}.quant_map"))?;
+        if code.len() != 16 {
+            return Err(Error::format(
+                file,
+                format!(
+                    "`{prefix}.quant_map` has {} values, expected 16",
+                    code.len()
+                ),
+            ));
+        }
+        let absmax_key = format!("{prefix}.absmax");
+        let absmax = if let Some(offset) = state["nested_offset"].as_f64() {
+            let codes = u8s(&absmax_key)?;
+            let nested_absmax = f32s(&format!("{prefix}.nested_absmax"))?;
+            let nested_code = f32s(&format!("{prefix}.nested_quant_map"))?;
+            let nb = state["nested_blocksize"].as_u64().unwrap_or(0) as usize;
+            if codes.len() != blocks
+                || nb == 0
+                || nested_absmax.len() != blocks.div_ceil(nb)
+                || nested_code.len() != 256
+            {
+                return Err(Error::format(
+                    file,
+                    format!(
+                        "`{prefix}`: double-quantized state does not fit {blocks} blocks ({} codes, {} nested scales, nested blocksize {nb}, {} map values)",
+                        codes.len(),
+                        nested_absmax.len(),
+                        nested_code.len()
+                    ),
+                ));
+            }
+            Absmax::Double {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset: offset as f32,
+                nested_blocksize: nb,
+            }
+        } else {
+            let a = f32s(&absmax_key)?;
+            if a.len() != blocks {
+                return Err(Error::format(
+                    file,
+                    format!(
+                        "`{absmax_key}` has {} values for {blocks} blocks of shape {:?}",
+                        a.len(),
+                        shape
+                    ),
+                ));
+            }
+            Absmax::F32(a)
+        };
+        Ok(Self {
+            packed,
+            absmax,
+            code,
+            shape,
+            blocksize,
+            dtype: state["dtype"].as_str().unwrap_or("float32").to_string(),
+        })
+    }
+}
+
+/// JSON text as Python's `json.dumps` writes it (`", "` and `": "` separators), which is how
+/// bitsandbytes packs the quantization state.
+fn python_json(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(m) => {
+            let items: Vec<String> = m
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{}: {}",
+                        serde_json::Value::String(k.clone()),
+                        python_json(v)
+                    )
+                })
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        serde_json::Value::Array(a) => {
+            format!(
+                "[{}]",
+                a.iter().map(python_json).collect::<Vec<_>>().join(", ")
+            )
+        }
+        other => other.to_string(),
+    }
+}
