@@ -204,3 +204,47 @@ fn bad_state_dicts_are_refused_with_the_key_named() {
         "{e}"
     );
 }
+
+#[test]
+fn nf4_linear_matches_the_dense_dequantized_layer_and_trains_a_lora_on_top() {
+    use postforge::peft::ops::{frozen_linear, nf4_linear, plain_linear};
+    use std::sync::Arc;
+    let dev = Device::Cpu;
+    // 300 output rows: several row blocks and a short last one (in = 320 → 204 rows a block).
+    let w = Tensor::randn(0f32, 0.05, (300, 320), &dev).unwrap();
+    let q = Arc::new(Nf4Tensor::quantize(&w, 64, true).unwrap());
+    let wd = q.dequantize().unwrap();
+    let xv = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 320), &dev).unwrap())
+        .unwrap();
+    let a =
+        candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.1, (4, 320), &dev).unwrap()).unwrap();
+    let b =
+        candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.1, (300, 4), &dev).unwrap()).unwrap();
+    let g = Tensor::randn(0f32, 1.0, (2, 5, 300), &dev).unwrap();
+    let lora = |x: &Tensor| {
+        (plain_linear(&plain_linear(x, a.as_tensor()).unwrap(), b.as_tensor()).unwrap() * 2.0)
+            .unwrap()
+    };
+    let y1 = (nf4_linear(xv.as_tensor(), &q).unwrap() + lora(xv.as_tensor())).unwrap();
+    let y2 = (frozen_linear(xv.as_tensor(), &wd).unwrap() + lora(xv.as_tensor())).unwrap();
+    assert_eq!(y1.dims(), [2, 5, 300]);
+    let (v1, v2) = (f32s(&y1), f32s(&y2));
+    assert!(max_diff(&v1, &v2) < 1e-5, "forward {}", max_diff(&v1, &v2));
+    let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("x", &xv), ("lora_A", &a), ("lora_B", &b)] {
+        let (d1, d2) = (
+            f32s(g1.get(v.as_tensor()).unwrap()),
+            f32s(g2.get(v.as_tensor()).unwrap()),
+        );
+        assert!(
+            d1.iter().all(|x| x.is_finite()) && d1.iter().any(|x| *x != 0.0),
+            "{name}"
+        );
+        assert!(max_diff(&d1, &d2) < 1e-4, "d{name}: {}", max_diff(&d1, &d2));
+    }
+    // The quantized weight never enters the graph: no weight-sized gradient exists.
+    assert!(g1.get(&wd).is_none());
+    let bad = Tensor::zeros((3, 7), DType::F32, &dev).unwrap();
+    assert!(nf4_linear(&bad, &q).is_err());
+}

@@ -101,6 +101,76 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// `x · Wᵀ` for a frozen NF4 weight (out, in) (QLoRA's base layer): the weight is dequantized a
+/// block of output rows at a time (about 64K values, in parallel) and multiplied, in the forward
+/// and again in the backward, which gives only dL/dx. No dense copy of the weight is ever alive.
+pub fn nf4_linear(x: &Tensor, w: &std::sync::Arc<super::quant::Nf4Tensor>) -> Result<Tensor> {
+    check_rank(x, "nf4_linear")?;
+    if w.shape.len() != 2 {
+        candle_core::bail!("nf4_linear: weight shape {:?} is not (out, in)", w.shape);
+    }
+    let (out, inn) = (w.shape[0], w.shape[1]);
+    let dims = x.dims().to_vec();
+    if dims[dims.len() - 1] != inn {
+        candle_core::bail!(
+            "nf4_linear: input {:?} does not fit weight {:?}",
+            dims,
+            w.shape
+        );
+    }
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let absmax = std::sync::Arc::new(w.absmax_f32());
+    let rows = (65536 / inn.max(1)).clamp(1, out.max(1));
+    let x2 = x
+        .detach()
+        .to_dtype(candle_core::DType::F32)?
+        .reshape((lead, inn))?;
+    let mut parts = vec![];
+    for r0 in (0..out).step_by(rows) {
+        let wc = nf4_rows(w, &absmax, r0, rows.min(out - r0))?;
+        parts.push(x2.matmul(&wc.t()?)?);
+    }
+    let mut yd = dims.clone();
+    let last = yd.len() - 1;
+    yd[last] = out;
+    let y = Tensor::cat(&parts, 1)?.reshape(yd)?;
+    let w2 = w.clone();
+    attach(x, y, "nf4-linear", move |g| {
+        let g2 = g.reshape((lead, out))?;
+        let mut gx: Option<Tensor> = None;
+        for r0 in (0..out).step_by(rows) {
+            let n = rows.min(out - r0);
+            let wc = nf4_rows(&w2, &absmax, r0, n)?;
+            let part = g2.narrow(1, r0, n)?.contiguous()?.matmul(&wc)?;
+            gx = Some(match gx {
+                None => part,
+                Some(acc) => {
+                    add_assign(&acc, &part)?;
+                    acc
+                }
+            });
+        }
+        let mut xd = dims.clone();
+        let last = xd.len() - 1;
+        xd[last] = inn;
+        match gx {
+            Some(t) => t.reshape(xd),
+            None => Tensor::zeros(xd, candle_core::DType::F32, &candle_core::Device::Cpu),
+        }
+    })
+}
+
+/// Rows `r0..r0 + n` of an NF4 weight (out, in), dequantized (n, in).
+fn nf4_rows(w: &super::quant::Nf4Tensor, absmax: &[f32], r0: usize, n: usize) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let inn = w.shape[1];
+    let mut buf = vec![0f32; n * inn];
+    buf.par_chunks_mut(inn)
+        .enumerate()
+        .for_each(|(i, row)| w.dequantize_into(absmax, (r0 + i) * inn, row));
+    Tensor::from_vec(buf, (n, inn), &candle_core::Device::Cpu)
+}
+
 /// `x · Wᵀ` through a 2-D matmul (the fast path for contiguous inputs of any rank).
 pub fn plain_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     check_rank(x, "linear")?;
