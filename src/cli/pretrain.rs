@@ -70,6 +70,9 @@ pub struct Args {
     /// tiny-sd: train v-prediction (written into the scheduler config) instead of ε.
     #[arg(long = "v-parameterization")]
     v_parameterization: bool,
+    /// tiny-sd: only evaluate the pipeline in --out (adherence, samples.png), no training.
+    #[arg(long = "eval-only")]
+    eval_only: bool,
     /// Classifier-free guidance for the evaluation.
     #[arg(long, default_value_t = 3.0)]
     guidance: f64,
@@ -90,6 +93,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let max_steps = a.max_steps.unwrap_or(1500);
     let batch_size = a.batch_size.unwrap_or(16);
     let learning_rate = a.learning_rate.unwrap_or(1e-3);
+    if a.eval_only {
+        let p = Pipeline::load(&out, AdapterPlan::none(), AdapterPlan::none())
+            .with_context(|| format!("loading {}", out.display()))?;
+        evaluate(&a, &p, &out)?;
+        return Ok(());
+    }
     let mut task = PretrainTask::with_init(a.images, batch_size, a.seed, a.init_from.as_deref())?
         .with_min_snr_gamma(a.min_snr_gamma)
         .with_v_prediction(a.v_parameterization);
@@ -113,17 +122,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     task.write_pipeline(&out)?;
     let p = Pipeline::load(&out, AdapterPlan::none(), AdapterPlan::none())
         .with_context(|| format!("reloading {}", out.display()))?;
-    let (ok, samples) = tiny_sd::adherence(
-        &p,
-        a.eval_prompts,
-        a.seed + 1000,
-        a.sample_steps,
-        a.guidance,
-    )?;
+    let (ok, pct) = evaluate(&a, &p, &out)?;
+    let card = format!(
+        "# tiny-sd\n\nA pixel-space (32x32 RGB) text-to-image pipeline in the diffusers folder layout (unet/, text_encoder/, tokenizer/, scheduler/, model_index.json), trained from scratch by postforge on procedurally generated captioned shapes (3 shapes x 6 colours x 5 positions x 3 backgrounds).\n\n- Command: `postforge pretrain tiny-sd --max-steps {} --batch-size {} --learning-rate {} --images {} --seed {}{}`\n- Steps: {} (loss {:.4} -> {:.4}, {:.0} s on this machine)\n- Prompt adherence: {ok}/{} = {pct:.1}% of sampled images show the prompted shape, colour and position (procedural detector, DDIM {} steps, CFG {})\n- Samples: samples.png\n",
+        max_steps, batch_size, learning_rate, a.images, a.seed,
+        a.init_from.as_ref().map(|p| format!(" --init-from {}", p.display())).unwrap_or_default()
+            + &a.min_snr_gamma.map(|g| format!(" --min-snr-gamma {g}")).unwrap_or_default()
+            + if a.v_parameterization { " --v-parameterization" } else { "" }, s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
+    );
+    postforge::util::write_atomic(&out.join("MODEL_CARD.md"), card.as_bytes())?;
+    println!("wrote {} (MODEL_CARD.md, samples.png)", out.display());
+    Ok(())
+}
+
+/// Samples the adherence prompts, prints the figures and writes `samples.png` into `out`.
+fn evaluate(a: &Args, p: &Pipeline, out: &std::path::Path) -> anyhow::Result<(usize, f64)> {
+    let (ok, hits, samples) =
+        tiny_sd::adherence(p, a.eval_prompts, a.seed + 1000, a.sample_steps, a.guidance)?;
     let pct = 100.0 * ok as f64 / a.eval_prompts.max(1) as f64;
     println!(
         "prompt adherence (shape, colour and position detected as prompted): {ok}/{} = {pct:.1}%",
         a.eval_prompts
+    );
+    println!(
+        "  by attribute: shape {}, colour {}, position {}, background {} of {}",
+        hits.shape, hits.color, hits.position, hits.background, a.eval_prompts
     );
     let shown: Vec<_> = samples.into_iter().take(16).collect();
     let cells: Vec<Vec<image::RgbImage>> = shown
@@ -146,14 +169,5 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         };
         write_png(&out.join("samples.png"), &render(&cells, &labels, 64)?)?;
     }
-    let card = format!(
-        "# tiny-sd\n\nA pixel-space (32x32 RGB) text-to-image pipeline in the diffusers folder layout (unet/, text_encoder/, tokenizer/, scheduler/, model_index.json), trained from scratch by postforge on procedurally generated captioned shapes (3 shapes x 6 colours x 5 positions x 3 backgrounds).\n\n- Command: `postforge pretrain tiny-sd --max-steps {} --batch-size {} --learning-rate {} --images {} --seed {}{}`\n- Steps: {} (loss {:.4} -> {:.4}, {:.0} s on this machine)\n- Prompt adherence: {ok}/{} = {pct:.1}% of sampled images show the prompted shape, colour and position (procedural detector, DDIM {} steps, CFG {})\n- Samples: samples.png\n",
-        max_steps, batch_size, learning_rate, a.images, a.seed,
-        a.init_from.as_ref().map(|p| format!(" --init-from {}", p.display())).unwrap_or_default()
-            + &a.min_snr_gamma.map(|g| format!(" --min-snr-gamma {g}")).unwrap_or_default()
-            + if a.v_parameterization { " --v-parameterization" } else { "" }, s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
-    );
-    postforge::util::write_atomic(&out.join("MODEL_CARD.md"), card.as_bytes())?;
-    println!("wrote {} (MODEL_CARD.md, samples.png)", out.display());
-    Ok(())
+    Ok((ok, pct))
 }

@@ -417,7 +417,8 @@ pub fn adherence(
     seed: u64,
     steps: usize,
     guidance: f64,
-) -> Result<(usize, Vec<(image::RgbImage, String)>)> {
+) -> Result<(usize, AttributeHits, Vec<(image::RgbImage, String)>)> {
+    let mut hits = AttributeHits::default();
     let mut rng = rng_for(seed, "adherence");
     let scenes: Vec<Scene> = (0..n).map(|_| Scene::random(&mut rng)).collect();
     let prompts: Vec<String> = scenes.iter().map(|s| s.caption()).collect();
@@ -440,8 +441,28 @@ pub fn adherence(
             if adheres(&img, &scenes[i]) {
                 ok += 1;
             }
+            if let Some(d) = shapes::detect(&img).scene {
+                let w = &scenes[i];
+                hits.shape += (d.shape == w.shape) as usize;
+                hits.color += (d.color == w.color) as usize;
+                hits.position += (d.position == w.position) as usize;
+                hits.background += (d.background == w.background) as usize;
+            }
             out.push((img, prompts[i].clone()));
         }
     }
-    Ok((ok, out))
+    Ok((ok, hits, out))
+}
+
+/// How many sampled images show each prompted attribute (detected separately).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttributeHits {
+    /// Shape as prompted.
+    pub shape: usize,
+    /// Colour as prompted.
+    pub color: usize,
+    /// Position as prompted.
+    pub position: usize,
+    /// Background as prompted.
+    pub background: usize,
 }
