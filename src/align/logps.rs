@@ -63,7 +63,7 @@ pub struct SeqLogps {
 impl SeqLogps {
     /// The mean logit over the completion tokens of rows `rows` (TRL's `logits/chosen` and
     /// `logits/rejected`: the mean over those tokens and the vocabulary).
-    pub fn mean_logit(&self, rows: std::ops::Range<usize>) -> Result<f64> {
+    pub fn mean_logit(&self, rows: impl IntoIterator<Item = usize>) -> Result<f64> {
         let toks = self.tokens.to_vec1::<f32>()?;
         let (mut s, mut n) = (0f64, 0f64);
         for i in rows {

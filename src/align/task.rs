@@ -347,16 +347,13 @@ impl AlignTask {
                     ref_kl,
                 };
                 let (loss, mut m) = cfg.loss(&k)?;
-                let rows = |want: bool| -> Result<f64> {
-                    let (mut s, mut n) = (0f64, 0f64);
-                    let toks = lp.tokens.to_vec1::<f32>()?;
-                    for (k, &i) in idx.iter().enumerate() {
-                        if u[i].1 == want {
-                            s += lp.logit_sum[k] as f64;
-                            n += toks[k] as f64;
-                        }
-                    }
-                    Ok(if n > 0.0 { s / n } else { 0.0 })
+                let rows = |want: bool| {
+                    lp.mean_logit(
+                        idx.iter()
+                            .enumerate()
+                            .filter(move |(_, &i)| u[i].1 == want)
+                            .map(|(k, _)| k),
+                    )
                 };
                 m.insert("logits/chosen".into(), rows(true)?);
                 m.insert("logits/rejected".into(), rows(false)?);
@@ -420,49 +417,48 @@ impl AlignTask {
     /// The share of `pairs` whose chosen completion has the higher mean log-prob under the reference
     /// (`reference`: the model the run started from) or the policy.
     pub fn mean_logp_accuracy(&mut self, pairs: &[(Seq, Seq)], reference: bool) -> Result<f64> {
-        let mut ok = 0usize;
         if reference {
             self.set_reference()?;
+        } else {
+            self.set_policy()?;
         }
-        for chunk in pairs.chunks(self.batch_size.max(1)) {
-            let seqs: Vec<&Seq> = chunk
-                .iter()
-                .map(|p| &p.0)
-                .chain(chunk.iter().map(|p| &p.1))
-                .collect();
-            let v = self
-                .logps(&seqs, &ForwardCtx::eval())?
-                .mean()?
-                .to_vec1::<f32>()?;
-            let b = chunk.len();
-            ok += (0..b).filter(|&i| v[i] > v[b + i]).count();
-        }
+        let acc = self.pair_accuracy(pairs, |t, seqs| t.logps(seqs, &ForwardCtx::eval())?.mean());
         self.set_policy()?;
-        Ok(ok as f64 / pairs.len().max(1) as f64)
+        acc
     }
 
     /// Held-out preference accuracy: the share of pairs whose chosen completion the policy scores
     /// higher than the rejected one relative to the reference (DPO's implicit reward), or by
     /// length-averaged log-probs for reference-free methods.
     pub fn preference_accuracy(&mut self, pairs: &[(Seq, Seq)], implicit: bool) -> Result<f64> {
+        if !implicit {
+            return self.mean_logp_accuracy(pairs, false);
+        }
+        self.pair_accuracy(pairs, |t, seqs| {
+            t.set_policy()?;
+            let lp = t.logps(seqs, &ForwardCtx::eval())?;
+            t.set_reference()?;
+            let r = t.logps(seqs, &ForwardCtx::eval())?;
+            t.set_policy()?;
+            Ok((lp.sum - r.sum)?)
+        })
+    }
+
+    /// The share of `pairs` whose chosen completion gets the higher `score` (one value per
+    /// sequence of [chosen..., rejected...]), in batches.
+    fn pair_accuracy(
+        &mut self,
+        pairs: &[(Seq, Seq)],
+        mut score: impl FnMut(&mut Self, &[&Seq]) -> Result<Tensor>,
+    ) -> Result<f64> {
         let mut ok = 0usize;
-        for chunk in pairs.chunks(self.batch_size) {
+        for chunk in pairs.chunks(self.batch_size.max(1)) {
             let seqs: Vec<&Seq> = chunk
                 .iter()
                 .map(|p| &p.0)
                 .chain(chunk.iter().map(|p| &p.1))
                 .collect();
-            self.set_policy()?;
-            let lp = self.logps(&seqs, &ForwardCtx::eval())?;
-            let score = if implicit {
-                self.set_reference()?;
-                let r = self.logps(&seqs, &ForwardCtx::eval())?;
-                self.set_policy()?;
-                (lp.sum - r.sum)?
-            } else {
-                lp.mean()?
-            };
-            let v = score.to_vec1::<f32>()?;
+            let v = score(self, &seqs)?.to_vec1::<f32>()?;
             let b = chunk.len();
             ok += (0..b).filter(|&i| v[i] > v[b + i]).count();
         }

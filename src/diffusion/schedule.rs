@@ -99,7 +99,7 @@ impl SchedulerConfig {
 }
 
 /// torch.linspace(start, end, n) in f32, evaluated from the nearer end as torch's CPU kernel does.
-fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+pub(crate) fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     if n == 1 {
         return vec![start];
     }

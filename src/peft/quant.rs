@@ -49,7 +49,7 @@ pub fn dynamic_map() -> Vec<f32> {
     for i in 0..max_exp {
         let items = (1usize << (i + non_sign - max_exp)) + 1;
         // torch.linspace(0.1, 1, items) in f32, then the f32 midpoints.
-        let b: Vec<f32> = linspace_f32(0.1, 1.0, items);
+        let b: Vec<f32> = crate::diffusion::schedule::linspace_f32(0.1, 1.0, items);
         let scale = 10f64.powi(-(max_exp - 1) + i);
         for k in 0..items - 1 {
             let m = (b[k] + b[k + 1]) / 2.0;
@@ -63,25 +63,6 @@ pub fn dynamic_map() -> Vec<f32> {
     v.resize(256, 0.0);
     v.sort_by(|a, b| a.total_cmp(b));
     v
-}
-
-/// torch.linspace for f32 on the CPU: the first half counted up from `start`, the rest down from
-/// `end`.
-fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
-    if steps == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (steps - 1) as f32;
-    let half = steps / 2;
-    (0..steps)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (steps - i - 1) as f32
-            }
-        })
-        .collect()
 }
 
 /// Blockwise absmax quantization of `data` to the nearest entry of the sorted `code`: returns the
