@@ -165,7 +165,7 @@ fn pissa_and_olora_match_peft_factors_and_residuals() {
         l.add_adapter("default", &cfg, 0).unwrap();
         check(
             &format!("{init} residual"),
-            l.weight(),
+            &l.weight().unwrap(),
             &st.get("residual").unwrap(),
         );
         let ad = &l.adapters()["default"];
@@ -199,7 +199,7 @@ fn fast_pissa_approximates_exact_pissa_like_peft() {
     let ad = &l.adapters()["default"];
     let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
     // Structure PEFT's randomized PiSSA has too: residual + s·B·A = W, and BᵀB = A·Aᵀ = S/s (diagonal).
-    let recon = (l.weight() + (b.matmul(a).unwrap() * 2.0).unwrap()).unwrap();
+    let recon = (&l.weight().unwrap() + (b.matmul(a).unwrap() * 2.0).unwrap()).unwrap();
     assert!(rel_err(&recon, &w) < 1e-5);
     let btb = b.t().unwrap().matmul(b).unwrap();
     let aat = a.matmul(&a.t().unwrap()).unwrap();
@@ -221,7 +221,7 @@ fn fast_pissa_approximates_exact_pissa_like_peft() {
         "BᵀB not diagonal"
     );
     // How close to the exact top-4 subspace: ours vs PEFT's own randomized result.
-    let ours = (&w - l.weight()).unwrap();
+    let ours = (&w - &l.weight().unwrap()).unwrap();
     let peft = (&w - st.get("residual").unwrap()).unwrap();
     let truth = (&w - exact.get("residual").unwrap()).unwrap();
     let (e_ours, e_peft) = (rel_err(&ours, &truth), rel_err(&peft, &truth));

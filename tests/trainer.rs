@@ -254,7 +254,7 @@ fn every_trainable_tensor_of_a_model_gets_gradient_and_frozen_weights_none() {
             .layers()
             .iter()
             .filter(|l| l.trainable_copy().is_none())
-            .map(|l| l.weight().elem_count())
+            .map(|l| l.base_weight().dims().iter().product::<usize>())
             .collect();
         let trainable_ids: Vec<_> = trainable.iter().map(|(_, v)| v.id()).collect();
         for id in grads.get_ids() {

@@ -343,6 +343,9 @@ fn d_targets() -> String {
 fn d_init() -> String {
     "true".into()
 }
+fn d_quant() -> String {
+    "none".into()
+}
 fn d_maxlen() -> usize {
     1024
 }
@@ -419,6 +422,13 @@ pub struct SftRunConfig {
     /// Adapter initialisation.
     #[serde(default = "d_init")]
     pub init_lora_weights: String,
+    /// LoftQ rounds (`loftq_config.loftq_iter`) when `init_lora_weights = "loftq"`.
+    #[serde(default = "d_one")]
+    pub loftq_iter: usize,
+    /// Quantize the base's linear layers: `nf4` (QLoRA / QDoRA, double quantization), `nf4-no-dq`
+    /// or `none`. A checkpoint saved in 4 bits is read as NF4 whatever this says.
+    #[serde(default = "d_quant")]
+    pub quantize: String,
     /// Built-in chat template for models without one.
     #[serde(default)]
     pub chat_template: Option<String>,
@@ -490,7 +500,7 @@ pub struct SftReport {
 impl SftRunConfig {
     /// The adapter configuration.
     pub fn adapter(&self) -> AdapterConfig {
-        AdapterConfig {
+        let mut cfg = AdapterConfig {
             r: self.r,
             lora_alpha: self.lora_alpha,
             lora_dropout: self.lora_dropout,
@@ -501,7 +511,11 @@ impl SftRunConfig {
             base_model_name_or_path: Some(self.model.display().to_string()),
             task_type: Some("CAUSAL_LM".into()),
             ..Default::default()
+        };
+        if self.init_lora_weights == "loftq" {
+            cfg.set_loftq(self.loftq_iter);
         }
+        cfg
     }
 
     /// The tokenizer of the model (with the built-in template if asked for).
@@ -547,9 +561,21 @@ impl SftRunConfig {
         let adapter = self.adapter();
         let model = LlamaForCausalLM::load(
             &self.model,
-            crate::peft::AdapterPlan::single(adapter.clone(), self.seed)?,
+            crate::peft::AdapterPlan::single(adapter.clone(), self.seed)?
+                .quantized(crate::peft::quant::QuantSpec::parse(&self.quantize)?),
         )?;
         let trainable: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+        let (base_bytes, base_params) = model.layers().iter().fold((0, 0), |(b, n), l| {
+            let w = l.base_weight();
+            (
+                b + w.storage_bytes(),
+                n + w.dims().iter().product::<usize>(),
+            )
+        });
+        let quantized = model
+            .layers()
+            .iter()
+            .any(|l| l.base_weight().nf4().is_some());
         let bs = self.per_device_train_batch_size;
         let n_rows = train.len();
         let steps = self.max_steps.unwrap_or(
@@ -594,7 +620,15 @@ impl SftRunConfig {
             ..Default::default()
         })?;
         let summary = trainer.train(&mut task, resume)?;
-        let report = serde_json::json!({"method": if self.use_dora { "sft (DoRA)" } else { "sft" },
+        let method = match (self.use_dora, quantized) {
+            (false, false) => "sft",
+            (true, false) => "sft (DoRA)",
+            (false, true) => "sft (QLoRA)",
+            (true, true) => "sft (QDoRA)",
+        };
+        let report = serde_json::json!({"method": method,
+            "base_weight_bytes": base_bytes, "base_weight_params": base_params,
+            "base_bytes_per_param": base_bytes as f64 / base_params.max(1) as f64,
             "steps": summary.steps, "seconds": summary.seconds, "first_loss": summary.first_loss,
             "last_loss": summary.last_loss, "rows": n_rows});
         crate::util::write_atomic(

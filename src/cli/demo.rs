@@ -219,18 +219,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         base_file.clone()
     } else {
         // PiSSA/OLoRA changed the base into the residual: merge onto the residual model.
-        let res: std::collections::BTreeMap<String, Tensor> = task
-            .model
-            .layers()
-            .iter()
-            .flat_map(|l| {
-                let mut v = vec![(format!("{}.weight", l.path()), l.weight().clone())];
-                if let Some(b) = l.bias() {
-                    v.push((format!("{}.bias", l.path()), b.clone()));
-                }
-                v
-            })
-            .collect();
+        let mut res = std::collections::BTreeMap::<String, Tensor>::new();
+        for l in task.model.layers() {
+            res.insert(format!("{}.weight", l.path()), l.weight()?);
+            if let Some(b) = l.bias() {
+                res.insert(format!("{}.bias", l.path()), b.clone());
+            }
+        }
         let p = out.join("base").join("residual.safetensors");
         postforge::util::save_safetensors(&p, &res, None)?;
         p

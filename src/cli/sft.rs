@@ -51,9 +51,16 @@ pub struct Args {
     /// rsLoRA scaling.
     #[arg(long)]
     use_rslora: bool,
-    /// true | false | gaussian | pissa | pissa_niter_K | olora.
+    /// true | false | gaussian | pissa | pissa_niter_K | olora | loftq.
     #[arg(long, default_value = "true")]
     init_lora_weights: String,
+    /// LoftQ rounds (with --init-lora-weights loftq).
+    #[arg(long, default_value_t = 1)]
+    loftq_iter: usize,
+    /// Quantize the base's linear layers to 4 bits: nf4 (QLoRA/QDoRA, double quantization),
+    /// nf4-no-dq, or none. 4-bit checkpoints are read as NF4 regardless.
+    #[arg(long, default_value = "none")]
+    quantize: String,
     /// Built-in chat template (chatml, llama3, vicuna) for models without one.
     #[arg(long)]
     chat_template: Option<String>,
@@ -120,6 +127,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         use_dora: a.use_dora,
         use_rslora: a.use_rslora,
         init_lora_weights: a.init_lora_weights,
+        loftq_iter: a.loftq_iter,
+        quantize: a.quantize,
         chat_template: a.chat_template,
         max_length: a.max_length,
         packing: a.packing,

@@ -137,7 +137,7 @@ impl Mlp {
 
     /// The device of the weights.
     pub fn device(&self) -> Device {
-        self.head.weight().device().clone()
+        self.head.base_weight().device()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Named base weights for model constructors: shape-checked access with errors naming the file, the
 //! key and both shapes, and builders for adapted layers through an [`AdapterPlan`].
 
+use crate::peft::quant::Nf4Tensor;
 use crate::peft::{AdaptedConv2d, AdaptedLinear, AdapterPlan, ConvCfg};
 use crate::util::SafeTensors;
 use crate::{Error, Result};
@@ -114,14 +115,32 @@ impl Weights {
         Ok(t.to_dtype(self.dtype)?)
     }
 
-    /// An adapted linear layer `path` (out, in), with or without bias.
+    /// An adapted linear layer `path` (out, in), with or without bias. A weight saved in 4 bits
+    /// by transformers + bitsandbytes (`<path>.weight.quant_state.bitsandbytes__nf4` present) is
+    /// read as an NF4 base.
     pub fn linear(&self, path: &str, inn: usize, out: usize, bias: bool) -> Result<AdaptedLinear> {
-        let w = self.get(&format!("{path}.weight"), &[out, inn])?;
         let b = if bias {
             Some(self.get(&format!("{path}.bias"), &[out])?)
         } else {
             None
         };
+        let key = format!("{path}.weight");
+        if self
+            .tensors
+            .contains_key(&format!("{key}.quant_state.bitsandbytes__nf4"))
+        {
+            let q = Nf4Tensor::from_state_dict(|k| self.tensors.get(k), &key, &self.file)?;
+            if q.shape != [out, inn] {
+                return Err(Error::Shape {
+                    path: self.file.clone(),
+                    key,
+                    expected: vec![out, inn],
+                    found: q.shape.clone(),
+                });
+            }
+            return self.plan.linear_nf4(path, q, b);
+        }
+        let w = self.get(&key, &[out, inn])?;
         self.plan.linear(path, w, b)
     }
 

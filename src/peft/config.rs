@@ -65,6 +65,9 @@ pub enum Init {
     Pissa(Option<usize>),
     /// QR of W; W becomes the residual.
     Olora,
+    /// LoftQ: alternating NF4 quantization and rank-r SVD; W becomes the quantized part
+    /// (`loftq_config.loftq_iter` rounds).
+    Loftq,
 }
 
 impl ModuleSpec {
@@ -104,20 +107,24 @@ impl InitSpec {
                 "gaussian" => Ok(Init::Gaussian),
                 "pissa" => Ok(Init::Pissa(None)),
                 "olora" => Ok(Init::Olora),
+                "loftq" => Ok(Init::Loftq),
                 "true" | "True" => Ok(Init::Default),
                 s if s.starts_with("pissa_niter_") => s["pissa_niter_".len()..]
                     .parse()
                     .map(|k| Init::Pissa(Some(k)))
                     .map_err(|_| Error::Config(format!("init_lora_weights: bad iteration count in `{s}`"))),
                 s => Err(Error::Config(format!(
-                    "init_lora_weights `{s}` is not supported (expected true, false, gaussian, pissa, pissa_niter_K or olora)"
+                    "init_lora_weights `{s}` is not supported (expected true, false, gaussian, pissa, pissa_niter_K, olora or loftq)"
                 ))),
             },
         }
     }
-    /// True for initialisations that rewrite the base weight (PiSSA, OLoRA).
+    /// True for initialisations that rewrite the base weight (PiSSA, OLoRA, LoftQ).
     pub fn mutates_base(&self) -> bool {
-        matches!(self.parse(), Ok(Init::Pissa(_)) | Ok(Init::Olora))
+        matches!(
+            self.parse(),
+            Ok(Init::Pissa(_)) | Ok(Init::Olora) | Ok(Init::Loftq)
+        )
     }
 }
 
@@ -263,6 +270,44 @@ impl AdapterConfig {
         }
     }
 
+    /// LoftQ's `loftq_config` (`{"loftq_bits": 4, "loftq_iter": N}`, needed when
+    /// `init_lora_weights = "loftq"`): the number of alternating rounds.
+    pub fn loftq_iter(&self) -> Result<usize> {
+        let c = self
+            .extra
+            .get("loftq_config")
+            .and_then(|v| v.as_object())
+            .filter(|m| !m.is_empty())
+            .ok_or_else(|| {
+                Error::Config(
+                    "init_lora_weights = \"loftq\" needs a loftq_config (e.g. {\"loftq_bits\": 4, \"loftq_iter\": 1})".into(),
+                )
+            })?;
+        let bits = c.get("loftq_bits").and_then(|v| v.as_u64()).unwrap_or(4);
+        if bits != 4 {
+            return Err(Error::Config(format!(
+                "loftq_config.loftq_bits = {bits}: only 4-bit (NF4) LoftQ is supported"
+            )));
+        }
+        match c.get("loftq_iter").map(|v| v.as_u64()) {
+            None => Ok(1),
+            Some(Some(n)) if n >= 1 => Ok(n as usize),
+            Some(_) => Err(Error::Config(format!(
+                "loftq_config.loftq_iter = {} must be a positive integer",
+                c["loftq_iter"]
+            ))),
+        }
+    }
+
+    /// Sets `init_lora_weights = "loftq"` with `loftq_iter` rounds.
+    pub fn set_loftq(&mut self, iter: usize) {
+        self.init_lora_weights = InitSpec::Method("loftq".into());
+        self.extra.insert(
+            "loftq_config".into(),
+            serde_json::json!({"loftq_bits": 4, "loftq_iter": iter}),
+        );
+    }
+
     /// Checks field values; unknown `peft_type` or values are errors naming the field.
     pub fn validate(&self) -> Result<()> {
         if self.peft_type != "LORA" {
@@ -304,8 +349,14 @@ impl AdapterConfig {
                 "fan_in_fan_out = true (GPT-2 Conv1D weights) is not supported yet".into(),
             ));
         }
-        self.init_lora_weights.parse()?;
+        let init = self.init_lora_weights.parse()?;
+        if init == Init::Loftq {
+            self.loftq_iter()?;
+        }
         for (k, v) in &self.extra {
+            if k == "loftq_config" && init == Init::Loftq {
+                continue;
+            }
             let inert = match v {
                 serde_json::Value::Null | serde_json::Value::Bool(false) => true,
                 serde_json::Value::Object(m) => m.is_empty() || k == "auto_mapping",

@@ -133,6 +133,40 @@ pub fn pissa(
     residual(w, a, b, scale)
 }
 
+/// LoftQ (Li et al. 2023) as PEFT's `loftq_init` with 4 bits: starting from `res = W`, each round
+/// quantizes `res` to NF4 (blocks of 64, no double quantization) giving `Q`, and takes the rank-r
+/// SVD `L R` of `W − Q` (`L = U√S`, `R = √S Vᵀ`); between rounds `res = W − L R`. Returns
+/// (A = R, B = L, Q dequantized). As in PEFT the factors are not divided by the LoRA scale, so
+/// `Q + s·B A ≈ W` holds for `s = 1` (`lora_alpha = r`).
+pub fn loftq(w: &Tensor, r: usize, iters: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    use super::quant::{Nf4Tensor, BLOCKSIZE};
+    let dev = w.device().clone();
+    let w = w.to_dtype(DType::F32)?;
+    let mut res = w.clone();
+    let mut out = None;
+    for i in 0..iters.max(1) {
+        let q = Nf4Tensor::quantize(&res, BLOCKSIZE, false)?
+            .dequantize()?
+            .to_device(&dev)?;
+        let (u, s, vt) = svd_top(&(&w - &q)?, r)?;
+        let sq: Vec<f64> = s.iter().map(|x| x.sqrt()).collect();
+        let k = sq.len();
+        let a = from_matrix(
+            &DMatrix::from_fn(k, vt.ncols(), |i, j| sq[i] * vt[(i, j)]),
+            &dev,
+        )?;
+        let b = from_matrix(
+            &DMatrix::from_fn(u.nrows(), k, |i, j| u[(i, j)] * sq[j]),
+            &dev,
+        )?;
+        if i + 1 < iters {
+            res = (&w - b.matmul(&a)?)?;
+        }
+        out = Some((a, b, q));
+    }
+    out.ok_or_else(|| Error::Msg("LoftQ: no iterations".into()))
+}
+
 /// OLoRA factors: (A = R[:r], B = Q[:, :r], residual).
 pub fn olora(w: &Tensor, r: usize, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
     let m = to_matrix(w)?;

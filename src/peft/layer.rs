@@ -9,11 +9,13 @@
 use super::config::{AdapterConfig, Init, ModuleKind};
 use super::init;
 use super::ops::{self, ConvCfg};
+use super::quant::{Absmax, Nf4Tensor, QuantSpec, RoundingError};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Per-forward context: training mode and the seeds that make dropout reproducible.
 #[derive(Debug, Default)]
@@ -84,6 +86,60 @@ impl BaseKind {
     }
 }
 
+/// A frozen base weight: dense, or NF4 4-bit (a QLoRA / QDoRA base).
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    /// A dense tensor in the load dtype.
+    Dense(Tensor),
+    /// NF4 codes and scales; dequantized a block of rows at a time in the forward.
+    Nf4(Arc<Nf4Tensor>),
+}
+
+impl BaseWeight {
+    /// The weight's shape.
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            BaseWeight::Dense(t) => t.dims(),
+            BaseWeight::Nf4(q) => &q.shape,
+        }
+    }
+    /// The dense weight (dequantized to f32 for an NF4 base: a full temporary).
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(t) => Ok(t.clone()),
+            BaseWeight::Nf4(q) => q.dequantize(),
+        }
+    }
+    /// The dtype a dense weight is kept in (f32 for NF4, whose compute dtype is f32).
+    pub fn dtype(&self) -> DType {
+        match self {
+            BaseWeight::Dense(t) => t.dtype(),
+            BaseWeight::Nf4(_) => DType::F32,
+        }
+    }
+    /// The device.
+    pub fn device(&self) -> Device {
+        match self {
+            BaseWeight::Dense(t) => t.device().clone(),
+            BaseWeight::Nf4(_) => Device::Cpu,
+        }
+    }
+    /// The NF4 weight, if quantized.
+    pub fn nf4(&self) -> Option<&Arc<Nf4Tensor>> {
+        match self {
+            BaseWeight::Nf4(q) => Some(q),
+            BaseWeight::Dense(_) => None,
+        }
+    }
+    /// Bytes the base weight occupies.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            BaseWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            BaseWeight::Nf4(q) => q.storage_bytes(),
+        }
+    }
+}
+
 /// One LoRA / rsLoRA / DoRA adapter on one layer.
 pub struct LoraAdapter {
     /// Rank.
@@ -145,7 +201,9 @@ struct MergeRecord {
 pub struct AdaptedLayer {
     path: String,
     kind: BaseKind,
-    weight: Tensor,
+    weight: BaseWeight,
+    /// Rounding error of the last re-quantization of an NF4 base (a merge, a PiSSA residual).
+    rounding: Option<RoundingError>,
     /// ‖W‖² per output feature, for DoRA norms without a weight-sized temporary.
     weight_sq: Tensor,
     bias: Option<Tensor>,
@@ -188,7 +246,8 @@ impl AdaptedLayer {
         Ok(Self {
             path: path.to_string(),
             kind,
-            weight,
+            weight: BaseWeight::Dense(weight),
+            rounding: None,
             weight_sq,
             bias,
             adapters: BTreeMap::new(),
@@ -207,10 +266,103 @@ impl AdaptedLayer {
         })
     }
 
+    /// A linear layer at `path` over an NF4 base weight (out, in), as read from a 4-bit checkpoint.
+    pub fn new_nf4(path: &str, weight: Nf4Tensor, bias: Option<Tensor>) -> Result<Self> {
+        if weight.shape.len() != 2 {
+            return Err(Error::Msg(format!(
+                "{path}: 4-bit weight shape {:?} is not (out, in)",
+                weight.shape
+            )));
+        }
+        let mut l = Self::new(
+            path,
+            BaseKind::Linear,
+            Tensor::zeros((0, weight.shape[1]), DType::F32, &Device::Cpu)?,
+            None,
+        )?;
+        if let Some(b) = &bias {
+            if b.dims() != [weight.shape[0]] {
+                return Err(Error::Msg(format!(
+                    "{path}: bias shape {:?} does not fit 4-bit weight {:?}",
+                    b.dims(),
+                    weight.shape
+                )));
+            }
+        }
+        l.bias = bias;
+        l.weight_sq = Self::feature_sq(BaseKind::Linear, &weight.dequantize()?)?;
+        l.weight = BaseWeight::Nf4(Arc::new(weight));
+        Ok(l)
+    }
+
+    /// Quantizes the base weight to NF4 (QLoRA): linear layers only, as bitsandbytes does. Returns
+    /// the rounding error. Adapters stay in f32; an already quantized base is left as it is.
+    pub fn quantize_nf4(&mut self, spec: QuantSpec) -> Result<RoundingError> {
+        if self.kind != BaseKind::Linear {
+            return Err(Error::Msg(format!(
+                "{}: only linear layers are quantized to NF4, not {:?}",
+                self.path, self.kind
+            )));
+        }
+        if let BaseWeight::Nf4(_) = self.weight {
+            return Ok(self.rounding.unwrap_or_default());
+        }
+        let w = self.weight.dense()?;
+        let q = Nf4Tensor::quantize(&w, spec.blocksize, spec.double_quant)?;
+        let back = q.dequantize()?;
+        let err = RoundingError::between(&w.to_dtype(DType::F32)?, &back)?;
+        self.weight_sq = Self::feature_sq(self.kind, &back)?;
+        self.weight = BaseWeight::Nf4(Arc::new(q));
+        self.rounding = Some(err);
+        Ok(err)
+    }
+
+    /// Replaces the base weight by `w` (f32). An NF4 base is re-quantized with its own settings
+    /// and the rounding error recorded ([`Self::rounding_error`]).
     fn set_weight(&mut self, w: Tensor) -> Result<()> {
-        self.weight_sq = Self::feature_sq(self.kind, &w)?;
-        self.weight = w;
+        match &self.weight {
+            BaseWeight::Dense(old) => {
+                let w = w.to_dtype(old.dtype())?;
+                self.weight_sq = Self::feature_sq(self.kind, &w)?;
+                self.weight = BaseWeight::Dense(w);
+            }
+            BaseWeight::Nf4(old) => {
+                let dq = matches!(old.absmax, Absmax::Double { .. });
+                let mut q = Nf4Tensor::quantize(&w, old.blocksize, dq)?;
+                q.dtype = old.dtype.clone();
+                let back = q.dequantize()?;
+                self.rounding = Some(RoundingError::between(&w.to_dtype(DType::F32)?, &back)?);
+                self.weight_sq = Self::feature_sq(self.kind, &back)?;
+                self.weight = BaseWeight::Nf4(Arc::new(q));
+            }
+        }
         Ok(())
+    }
+
+    fn dims2(&self) -> Result<(usize, usize)> {
+        match *self.weight.dims() {
+            [a, b] => Ok((a, b)),
+            ref d => Err(Error::Msg(format!(
+                "{}: weight {d:?} is not 2-D",
+                self.path
+            ))),
+        }
+    }
+
+    fn dims4(&self) -> Result<(usize, usize, usize, usize)> {
+        match *self.weight.dims() {
+            [a, b, c, d] => Ok((a, b, c, d)),
+            ref d => Err(Error::Msg(format!(
+                "{}: weight {d:?} is not 4-D",
+                self.path
+            ))),
+        }
+    }
+
+    /// The rounding error of the last (re-)quantization of an NF4 base: after quantizing, merging
+    /// into it, unmerging, or writing a PiSSA residual into it.
+    pub fn rounding_error(&self) -> Option<RoundingError> {
+        self.rounding
     }
 
     /// The DoRA norm ‖W + s·B A‖ per output feature, detached, without forming W + ΔW:
@@ -218,14 +370,20 @@ impl AdaptedLayer {
     fn dora_norm(&self, ad: &LoraAdapter) -> Result<Tensor> {
         let a = ad.a.as_tensor().detach();
         let b = ad.b.as_tensor().detach();
-        let w = self.weight.to_dtype(DType::F32)?;
-        let (a, b, wa) = match self.kind {
-            BaseKind::Embedding => {
+        let (a, b, wa) = match (&self.weight, self.kind) {
+            (BaseWeight::Nf4(q), _) => {
+                // W Aᵀ = (A Wᵀ)ᵀ, with the NF4 weight dequantized block by block.
+                let wa = ops::nf4_linear(&a, q)?.t()?; // (out, r)
+                (a, b, wa)
+            }
+            (BaseWeight::Dense(w), BaseKind::Embedding) => {
+                let w = w.to_dtype(DType::F32)?;
                 // Wᵀ (dim, num) plays W; ΔWᵀ = s·B A with A (r, num), B (dim, r).
                 let wa = a.matmul(&w)?.t()?; // (dim, r)
                 (a, b, wa)
             }
-            _ => {
+            (BaseWeight::Dense(w), _) => {
+                let w = w.to_dtype(DType::F32)?;
                 let af = a.flatten_from(1)?; // (r, K)
                 let bf = b.flatten_from(1)?; // (out, r)
                 let wa = w.flatten_from(1)?.matmul(&af.t()?)?; // (out, r)
@@ -248,8 +406,13 @@ impl AdaptedLayer {
     pub fn kind(&self) -> BaseKind {
         self.kind
     }
-    /// The current base weight (includes merged adapters and PiSSA/OLoRA residuals).
-    pub fn weight(&self) -> &Tensor {
+    /// The current base weight as a dense tensor (includes merged adapters and PiSSA/OLoRA
+    /// residuals; an NF4 base is dequantized).
+    pub fn weight(&self) -> Result<Tensor> {
+        self.weight.dense()
+    }
+    /// The base weight as stored (dense or NF4).
+    pub fn base_weight(&self) -> &BaseWeight {
         &self.weight
     }
     /// The base bias.
@@ -281,15 +444,15 @@ impl AdaptedLayer {
     pub fn factor_shapes(&self, r: usize) -> Result<(Vec<usize>, Vec<usize>, Vec<usize>)> {
         Ok(match self.kind {
             BaseKind::Linear => {
-                let (o, i) = self.weight.dims2()?;
+                let (o, i) = self.dims2()?;
                 (vec![r, i], vec![o, r], vec![o])
             }
             BaseKind::Conv2d(_) => {
-                let (o, i, kh, kw) = self.weight.dims4()?;
+                let (o, i, kh, kw) = self.dims4()?;
                 (vec![r, i, kh, kw], vec![o, r, 1, 1], vec![o])
             }
             BaseKind::Embedding => {
-                let (n, d) = self.weight.dims2()?;
+                let (n, d) = self.dims2()?;
                 (vec![r, n], vec![d, r], vec![d])
             }
         })
@@ -317,7 +480,7 @@ impl AdaptedLayer {
             )));
         }
         let mut rng = init::rng_for(seed, &format!("{}.{name}", self.path));
-        let dev = self.weight.device().clone();
+        let dev = self.weight.device();
         let mut initial = None;
         let (a, b) = match (cfg.init_lora_weights.parse()?, self.kind) {
             (Init::Default, BaseKind::Embedding) => (
@@ -352,7 +515,7 @@ impl AdaptedLayer {
                         self.path
                     )));
                 }
-                let (o, i) = self.weight.dims2()?;
+                let (o, i) = self.dims2()?;
                 if r > o.min(i) {
                     return Err(Error::Config(format!(
                         "{}: rank {r} exceeds min(out, in) = {} of {:?}",
@@ -361,13 +524,41 @@ impl AdaptedLayer {
                         self.weight.dims()
                     )));
                 }
-                let w = self.weight.to_dtype(DType::F32)?;
+                // On an NF4 base this is QPiSSA's order reversed only in time: the principal
+                // components come from the dequantized weight, the residual is re-quantized.
+                let w = self.weight.dense()?.to_dtype(DType::F32)?;
                 let (a, b, res) = match m {
                     Init::Pissa(niter) => init::pissa(&w, r, scale, niter, &mut rng)?,
                     _ => init::olora(&w, r, scale)?,
                 };
-                self.set_weight(res.to_dtype(self.weight.dtype())?)?;
+                self.set_weight(res)?;
                 initial = Some((a.clone(), b.clone()));
+                (a, b)
+            }
+            (Init::Loftq, BaseKind::Linear) => {
+                if self.weight.nf4().is_some() {
+                    return Err(Error::Config(format!(
+                        "{}: LoftQ needs the full-precision weight; load the unquantized checkpoint with --quantize nf4 instead of a 4-bit one",
+                        self.path
+                    )));
+                }
+                if !self.merged.is_empty() {
+                    return Err(Error::Msg(format!(
+                        "{}: cannot add a LoftQ adapter while others are merged",
+                        self.path
+                    )));
+                }
+                let (o, i) = self.dims2()?;
+                if r > o.min(i) {
+                    return Err(Error::Config(format!(
+                        "{}: rank {r} exceeds min(out, in) = {}",
+                        self.path,
+                        o.min(i)
+                    )));
+                }
+                let w = self.weight.dense()?.to_dtype(DType::F32)?;
+                let (a, b, q) = init::loftq(&w, r, cfg.loftq_iter()?)?;
+                self.set_weight(q)?;
                 (a, b)
             }
             (m, k) => {
@@ -444,7 +635,7 @@ impl AdaptedLayer {
     /// Makes this a `modules_to_save` layer: a trainable full copy of weight and bias.
     pub fn make_trainable_copy(&mut self) -> Result<()> {
         if self.saved.is_none() {
-            let weight = var(self.weight.clone())?;
+            let weight = var(self.weight.dense()?)?;
             let bias = self.bias.clone().map(var).transpose()?;
             self.saved = Some(SavedCopy { weight, bias });
         }
@@ -509,7 +700,7 @@ impl AdaptedLayer {
             BaseKind::Conv2d(_) => {
                 let (o, r) = (b.dim(0)?, b.dim(1)?);
                 let a2 = a.reshape((a.dim(0)?, ()))?;
-                (b.reshape((o, r))?.matmul(&a2)? * s)?.reshape(self.weight.shape())?
+                (b.reshape((o, r))?.matmul(&a2)? * s)?.reshape(self.weight.dims())?
             }
             BaseKind::Embedding => (b.matmul(&a)?.t()? * s)?.contiguous()?,
         })
@@ -576,7 +767,11 @@ impl AdaptedLayer {
     }
 
     /// The frozen base path without bias.
-    fn base_path(&self, w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    fn base_path(&self, x: &Tensor) -> Result<Tensor> {
+        let w = match &self.weight {
+            BaseWeight::Nf4(q) => return Ok(ops::nf4_linear(x, q)?),
+            BaseWeight::Dense(w) => w,
+        };
         Ok(match self.kind {
             BaseKind::Linear => ops::frozen_linear(x, w)?,
             BaseKind::Conv2d(c) => ops::frozen_conv2d(x, w, c)?,
@@ -618,14 +813,20 @@ impl AdaptedLayer {
         if let ([ad], BaseKind::Linear, true) = (live.as_slice(), self.kind, x.device().is_cpu()) {
             if !(ctx.train && ad.dropout > 0.0) {
                 let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
+                let fused = |s: f64| -> Result<Tensor> {
+                    Ok(match &self.weight {
+                        BaseWeight::Dense(w) => ops::lora_linear(x, w, a, b, s)?,
+                        BaseWeight::Nf4(q) => ops::qlora_linear(x, q, a, b, s)?,
+                    })
+                };
                 match &ad.magnitude {
                     None => {
-                        let y = ops::lora_linear(x, &self.weight, a, b, ad.scale * ad.multiplier)?;
+                        let y = fused(ad.scale * ad.multiplier)?;
                         return self.add_bias(y, self.bias.as_ref());
                     }
                     Some(m) if ad.multiplier == 1.0 => {
                         // y = g ⊙ (W x + s·B A x) + b with g = m / ‖W + s·B A‖ (detached norm).
-                        let u = ops::lora_linear(x, &self.weight, a, b, ad.scale)?;
+                        let u = fused(ad.scale)?;
                         let g = m.as_tensor().div(&self.dora_norm(ad)?)?;
                         return self.add_bias(ops::scale_columns(&u, &g)?, self.bias.as_ref());
                     }
@@ -633,7 +834,7 @@ impl AdaptedLayer {
                 }
             }
         }
-        let base = self.base_path(&self.weight, x)?;
+        let base = self.base_path(x)?;
         let mut y = base.clone();
         if self.enabled {
             for name in &self.active {
@@ -657,7 +858,7 @@ impl AdaptedLayer {
                         let g =
                             self.feature_view(&m.as_tensor().div(&self.dora_norm(ad)?)?, y.rank())?;
                         let base_d = if use_dropout {
-                            self.base_path(&self.weight, &xd)?
+                            self.base_path(&xd)?
                         } else {
                             base.clone()
                         };
@@ -743,7 +944,7 @@ impl AdaptedLayer {
                 continue;
             }
             let ad = self.get(&name)?;
-            let (w, norm) = self.merged_weight(&self.weight, ad)?;
+            let (w, norm) = self.merged_weight(&self.weight.dense()?, ad)?;
             let sum = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !sum.is_finite() {
                 return Err(Error::Msg(format!(
@@ -762,7 +963,7 @@ impl AdaptedLayer {
                     _ => None,
                 },
             };
-            self.set_weight(w.to_dtype(self.weight.dtype())?)?;
+            self.set_weight(w)?;
             self.merged.push(record);
         }
         Ok(())
@@ -773,7 +974,7 @@ impl AdaptedLayer {
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some(rec) = self.merged.pop() {
             let delta = self.delta_from(&rec.a, &rec.b, rec.scale)?;
-            let w = self.weight.to_dtype(DType::F32)?;
+            let w = self.weight.dense()?.to_dtype(DType::F32)?;
             let t = rec.multiplier;
             let restored = match &rec.dora {
                 None => (w - (delta * t)?)?,
@@ -784,7 +985,7 @@ impl AdaptedLayer {
                     (w - delta.broadcast_mul(&(&g * t)?)?)?.broadcast_div(&denom)?
                 }
             };
-            self.set_weight(restored.to_dtype(self.weight.dtype())?)?;
+            self.set_weight(restored)?;
         }
         Ok(())
     }
@@ -798,7 +999,7 @@ impl AdaptedLayer {
                 s.bias.as_ref().map(|b| b.as_tensor().clone()),
             ));
         }
-        let mut w = self.weight.clone();
+        let mut w = self.weight.dense()?;
         if self.enabled {
             let pending: Vec<String> = self
                 .active

@@ -38,7 +38,8 @@ pub mod quant;
 
 pub use config::{AdapterConfig, Init, InitSpec, ModuleKind, ModuleSpec};
 pub use layer::{
-    AdaptedConv2d, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, BaseKind, ForwardCtx, LoraAdapter,
+    AdaptedConv2d, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, BaseKind, BaseWeight, ForwardCtx,
+    LoraAdapter,
 };
 pub use ops::ConvCfg;
 
@@ -56,6 +57,10 @@ pub struct AdapterPlan {
     pub output_heads: Vec<String>,
     /// Train every layer in full (pretraining): each layer gets a trainable copy of its weights.
     pub full_training: bool,
+    /// Quantize the base weight of every linear layer but the output heads and `modules_to_save`
+    /// (QLoRA / QDoRA: `--quantize nf4`). Adapters are added first, so a PiSSA residual is what
+    /// gets quantized (QPiSSA).
+    pub quantize: Option<quant::QuantSpec>,
 }
 
 impl AdapterPlan {
@@ -71,7 +76,14 @@ impl AdapterPlan {
             seed,
             output_heads: vec!["lm_head".into()],
             full_training: false,
+            quantize: None,
         })
+    }
+
+    /// The same plan, quantizing base weights per `spec`.
+    pub fn quantized(mut self, spec: Option<quant::QuantSpec>) -> Self {
+        self.quantize = spec;
+        self
     }
 
     /// Applies the plan to a bare layer: adds every targeting adapter, or makes a trainable copy for
@@ -86,12 +98,19 @@ impl AdapterPlan {
             .output_heads
             .iter()
             .any(|h| path == *h || path.ends_with(&format!(".{h}")));
+        let mut saved = false;
         for (name, cfg) in &self.adapters {
             if cfg.saves_module(&path) {
                 layer.make_trainable_copy()?;
+                saved = true;
             } else if cfg.targets(&path, layer.kind().module_kind(), head)? {
                 layer.add_adapter(name, cfg, self.seed)?;
             }
+        }
+        if let (Some(spec), BaseKind::Linear, false, false) =
+            (self.quantize, layer.kind(), head, saved)
+        {
+            layer.quantize_nf4(spec)?;
         }
         Ok(layer)
     }
@@ -116,6 +135,17 @@ impl AdapterPlan {
     ) -> Result<AdaptedConv2d> {
         Ok(AdaptedConv2d(
             self.apply(AdaptedConv2d::new(path, weight, bias, cfg)?.0)?,
+        ))
+    }
+    /// An adapted linear layer at `path` over an NF4 base read from a 4-bit checkpoint.
+    pub fn linear_nf4(
+        &self,
+        path: &str,
+        weight: quant::Nf4Tensor,
+        bias: Option<Tensor>,
+    ) -> Result<AdaptedLinear> {
+        Ok(AdaptedLinear(
+            self.apply(AdaptedLayer::new_nf4(path, weight, bias)?)?,
         ))
     }
     /// An adapted embedding at `path`.

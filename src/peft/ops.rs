@@ -106,10 +106,8 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// and again in the backward, which gives only dL/dx. No dense copy of the weight is ever alive.
 pub fn nf4_linear(x: &Tensor, w: &std::sync::Arc<super::quant::Nf4Tensor>) -> Result<Tensor> {
     check_rank(x, "nf4_linear")?;
-    if w.shape.len() != 2 {
-        candle_core::bail!("nf4_linear: weight shape {:?} is not (out, in)", w.shape);
-    }
-    let (out, inn) = (w.shape[0], w.shape[1]);
+    let base = Frozen::nf4(w)?;
+    let (out, inn) = base.out_in()?;
     let dims = x.dims().to_vec();
     if dims[dims.len() - 1] != inn {
         candle_core::bail!(
@@ -119,45 +117,101 @@ pub fn nf4_linear(x: &Tensor, w: &std::sync::Arc<super::quant::Nf4Tensor>) -> Re
         );
     }
     let lead: usize = dims[..dims.len() - 1].iter().product();
-    let absmax = std::sync::Arc::new(w.absmax_f32());
-    let rows = (65536 / inn.max(1)).clamp(1, out.max(1));
     let x2 = x
         .detach()
         .to_dtype(candle_core::DType::F32)?
         .reshape((lead, inn))?;
-    let mut parts = vec![];
-    for r0 in (0..out).step_by(rows) {
-        let wc = nf4_rows(w, &absmax, r0, rows.min(out - r0))?;
-        parts.push(x2.matmul(&wc.t()?)?);
-    }
     let mut yd = dims.clone();
     let last = yd.len() - 1;
     yd[last] = out;
-    let y = Tensor::cat(&parts, 1)?.reshape(yd)?;
-    let w2 = w.clone();
+    let y = base.forward(&x2)?.reshape(yd)?;
     attach(x, y, "nf4-linear", move |g| {
-        let g2 = g.reshape((lead, out))?;
-        let mut gx: Option<Tensor> = None;
-        for r0 in (0..out).step_by(rows) {
-            let n = rows.min(out - r0);
-            let wc = nf4_rows(&w2, &absmax, r0, n)?;
-            let part = g2.narrow(1, r0, n)?.contiguous()?.matmul(&wc)?;
-            gx = Some(match gx {
-                None => part,
-                Some(acc) => {
-                    add_assign(&acc, &part)?;
-                    acc
-                }
-            });
-        }
+        let gx = base.input_grad(&g.reshape((lead, out))?)?;
         let mut xd = dims.clone();
         let last = xd.len() - 1;
         xd[last] = inn;
-        match gx {
-            Some(t) => t.reshape(xd),
-            None => Tensor::zeros(xd, candle_core::DType::F32, &candle_core::Device::Cpu),
-        }
+        gx.reshape(xd)
     })
+}
+
+/// A frozen linear weight (out, in) as the fused ops use it: dense, or NF4 with its absmax
+/// values unpacked once per call.
+#[derive(Clone)]
+enum Frozen {
+    Dense(Tensor),
+    Nf4 {
+        w: std::sync::Arc<super::quant::Nf4Tensor>,
+        absmax: std::sync::Arc<Vec<f32>>,
+    },
+}
+
+impl Frozen {
+    fn nf4(w: &std::sync::Arc<super::quant::Nf4Tensor>) -> Result<Self> {
+        if w.shape.len() != 2 {
+            candle_core::bail!("NF4 linear: weight shape {:?} is not (out, in)", w.shape);
+        }
+        Ok(Frozen::Nf4 {
+            w: w.clone(),
+            absmax: std::sync::Arc::new(w.absmax_f32()),
+        })
+    }
+    fn out_in(&self) -> Result<(usize, usize)> {
+        match self {
+            Frozen::Dense(w) => w.dims2(),
+            Frozen::Nf4 { w, .. } => Ok((w.shape[0], w.shape[1])),
+        }
+    }
+    /// Output rows dequantized per block (about 64K values).
+    fn rows_per_block(inn: usize, out: usize) -> usize {
+        (65536 / inn.max(1)).clamp(1, out.max(1))
+    }
+    /// `x2 · Wᵀ` for x2 (tokens, in): a fresh contiguous (tokens, out) tensor.
+    fn forward(&self, x2: &Tensor) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => x2.matmul(&w.t()?),
+            Frozen::Nf4 { w, absmax } => {
+                let (out, inn) = (w.shape[0], w.shape[1]);
+                let rows = Self::rows_per_block(inn, out);
+                let mut parts = vec![];
+                for r0 in (0..out).step_by(rows) {
+                    let wc = nf4_rows(w, absmax, r0, rows.min(out - r0))?;
+                    parts.push(x2.matmul(&wc.t()?)?);
+                }
+                Tensor::cat(&parts, 1)
+            }
+        }
+    }
+    /// `g2 · W` for g2 (tokens, out): a fresh contiguous (tokens, in) tensor.
+    fn input_grad(&self, g2: &Tensor) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => g2.matmul(w),
+            Frozen::Nf4 { w, absmax } => {
+                let (out, inn) = (w.shape[0], w.shape[1]);
+                let rows = Self::rows_per_block(inn, out);
+                let mut gx: Option<Tensor> = None;
+                for r0 in (0..out).step_by(rows) {
+                    let n = rows.min(out - r0);
+                    let wc = nf4_rows(w, absmax, r0, n)?;
+                    let part = g2.narrow(1, r0, n)?.contiguous()?.matmul(&wc)?;
+                    gx = Some(match gx {
+                        None => part,
+                        Some(acc) => {
+                            add_assign(&acc, &part)?;
+                            acc
+                        }
+                    });
+                }
+                match gx {
+                    Some(t) => Ok(t),
+                    None => Tensor::zeros(
+                        (g2.dim(0)?, inn),
+                        candle_core::DType::F32,
+                        &candle_core::Device::Cpu,
+                    ),
+                }
+            }
+        }
+    }
 }
 
 /// Rows `r0..r0 + n` of an NF4 weight (out, in), dequantized (n, in).
@@ -252,21 +306,46 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
 /// weight-sized: candle would otherwise keep one output-sized tensor per intermediate node
 /// (scale, add) in both passes. CPU, f32 (layers take the composite path elsewhere).
 pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    lora_linear_on(x, Frozen::Dense(w.clone()), a, b, scale)
+}
+
+/// [`lora_linear`] over a frozen NF4 weight (QLoRA): the base is dequantized block by block in
+/// both passes, and no dense copy of it is alive.
+pub fn qlora_linear(
+    x: &Tensor,
+    w: &std::sync::Arc<super::quant::Nf4Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    lora_linear_on(x, Frozen::nf4(w)?, a, b, scale)
+}
+
+fn lora_linear_on(x: &Tensor, w: Frozen, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     check_rank(x, "lora_linear")?;
     let xd = x.detach();
     let dims = x.dims().to_vec();
     let inn = dims[dims.len() - 1];
+    let (out, w_in) = w.out_in()?;
+    if inn != w_in || a.dims() != [a.dim(0)?, inn] || b.dims() != [out, a.dim(0)?] {
+        candle_core::bail!(
+            "lora_linear: input {:?}, weight ({out}, {w_in}), A {:?}, B {:?} do not fit",
+            dims,
+            a.dims(),
+            b.dims()
+        );
+    }
     let lead: usize = dims[..dims.len() - 1].iter().product();
     let x2 = xd.reshape((lead, inn))?;
     let h = x2.matmul(&a.detach().t()?)?; // (tokens, r)
-    let y = x2.matmul(&w.t()?)?;
+    let y = w.forward(&x2)?;
     add_assign(&y, &(&h * scale)?.matmul(&b.detach().t()?)?)?;
     let mut yd = dims;
     let last = yd.len() - 1;
-    yd[last] = w.dim(0)?;
+    yd[last] = out;
     let y = y.reshape(yd)?;
     let op = LoraOp {
-        w: w.clone(),
+        w,
         h,
         scale,
         y: std::sync::Mutex::new(Some(y.clone())),
@@ -275,7 +354,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
 }
 
 struct LoraOp {
-    w: Tensor,
+    w: Frozen,
     h: Tensor,
     scale: f64,
     /// The forward result, computed with candle kernels before the node is made; taken (not kept)
@@ -308,11 +387,11 @@ impl candle_core::CustomOp3 for LoraOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let xdims = x.dims();
         let inn = xdims[xdims.len() - 1];
-        let out = self.w.dim(0)?;
+        let (out, _) = self.w.out_in()?;
         let lead = grad.elem_count() / out;
         let g2 = grad.reshape((lead, out))?;
         let gb = (g2.matmul(b)? * self.scale)?; // (tokens, r) = s·g·B
-        let gx = g2.matmul(&self.w)?;
+        let gx = self.w.input_grad(&g2)?;
         add_assign(&gx, &gb.matmul(a)?)?;
         let gx = gx.reshape(xdims)?;
         let x2 = x.reshape((lead, inn))?;

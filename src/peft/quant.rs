@@ -12,7 +12,6 @@
 
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// The NF4 code (bitsandbytes' `quant_map` for `nf4`), indices 0–15.
@@ -84,6 +83,91 @@ pub fn quantize_blockwise(data: &[f32], code: &[f32], blocksize: usize) -> (Vec<
         }
     }
     (q, absmax)
+}
+
+/// How to quantize base weights (`--quantize nf4`): bitsandbytes' `bnb_4bit_quant_type="nf4"`
+/// with `bnb_4bit_use_double_quant`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantSpec {
+    /// Elements per block (64).
+    pub blocksize: usize,
+    /// Double quantization of the absmax values.
+    pub double_quant: bool,
+}
+
+impl Default for QuantSpec {
+    fn default() -> Self {
+        Self {
+            blocksize: BLOCKSIZE,
+            double_quant: true,
+        }
+    }
+}
+
+impl QuantSpec {
+    /// Parses a `--quantize` value: `nf4` (double quantization on, as QLoRA trains) or
+    /// `nf4-no-dq` (one f32 absmax per block); `none` gives `None`.
+    pub fn parse(s: &str) -> Result<Option<Self>> {
+        match s {
+            "none" | "" => Ok(None),
+            "nf4" => Ok(Some(Self::default())),
+            "nf4-no-dq" => Ok(Some(Self {
+                double_quant: false,
+                ..Self::default()
+            })),
+            other => Err(Error::Config(format!(
+                "--quantize `{other}` is not supported (expected nf4, nf4-no-dq or none)"
+            ))),
+        }
+    }
+}
+
+/// How far a quantized weight is from the dense one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct RoundingError {
+    /// Largest absolute difference.
+    pub max_abs: f64,
+    /// Root mean square difference.
+    pub rms: f64,
+    /// ‖Q − W‖_F / ‖W‖_F.
+    pub rel_fro: f64,
+}
+
+impl RoundingError {
+    /// The error of `approx` against `exact` (same shape).
+    pub fn between(exact: &Tensor, approx: &Tensor) -> Result<Self> {
+        let e = exact
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let a = approx
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if e.len() != a.len() {
+            return Err(Error::Msg(format!(
+                "rounding error: {:?} against {:?}",
+                exact.dims(),
+                approx.dims()
+            )));
+        }
+        let (mut max_abs, mut se, mut sw) = (0f64, 0f64, 0f64);
+        for (x, y) in e.iter().zip(&a) {
+            let d = (*x as f64 - *y as f64).abs();
+            max_abs = max_abs.max(d);
+            se += d * d;
+            sw += (*x as f64) * (*x as f64);
+        }
+        Ok(Self {
+            max_abs,
+            rms: (se / e.len().max(1) as f64).sqrt(),
+            rel_fro: if sw > 0.0 {
+                (se / sw).sqrt()
+            } else {
+                se.sqrt()
+            },
+        })
+    }
 }
 
 /// How the per-block absmax values are stored.
@@ -285,15 +369,13 @@ impl Nf4Tensor {
 
     /// Reads a weight saved by transformers + bitsandbytes (see [`Self::to_state_dict`]) from
     /// `tensors` under `prefix`; `file` names the checkpoint in errors.
-    pub fn from_state_dict(
-        tensors: &HashMap<String, Tensor>,
+    pub fn from_state_dict<'a>(
+        tensors: impl Fn(&str) -> Option<&'a Tensor>,
         prefix: &str,
         file: &Path,
     ) -> Result<Self> {
         let get = |k: &str| -> Result<&Tensor> {
-            tensors
-                .get(k)
-                .ok_or_else(|| Error::format(file, format!("missing 4-bit tensor `{k}`")))
+            tensors(k).ok_or_else(|| Error::format(file, format!("missing 4-bit tensor `{k}`")))
         };
         let f32s = |k: &str| -> Result<Vec<f32>> {
             Ok(get(k)?

@@ -156,7 +156,7 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
                 path: wpath.clone(),
                 key: format!("{p}.weight"),
             })?;
-            let w = check_shape(&st, &kw, &st.get(&kw)?, l.weight().dims())?;
+            let w = check_shape(&st, &kw, &st.get(&kw)?, l.base_weight().dims())?;
             used.insert(kw);
             let b = match l.bias().map(|b| b.dims().to_vec()) {
                 Some(bd) => {
