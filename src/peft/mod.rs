@@ -64,9 +64,13 @@ pub struct AdapterPlan {
 }
 
 impl AdapterPlan {
-    /// No adapters: every layer is a plain frozen layer.
+    /// No adapters: every layer is a plain frozen layer (`lm_head` is the output head, which
+    /// quantization leaves alone, as transformers does).
     pub fn none() -> Self {
-        Self::default()
+        Self {
+            output_heads: vec!["lm_head".into()],
+            ..Self::default()
+        }
     }
     /// One adapter named `default`.
     pub fn single(cfg: AdapterConfig, seed: u64) -> Result<Self> {
