@@ -2,6 +2,10 @@
 //! batch 4 (vocabulary 32000, LoRA r=16 on every linear), and greedy generation speed.
 //! `cargo bench --bench llm`; compare with `python scripts/bench/llm_peft.py` (same config).
 //! POSTFORGE_BENCH_MODE=train runs only the training step, so the printed peak RSS is its own.
+//! POSTFORGE_BENCH_QUANT=nf4 puts the base's linear layers in NF4 (QLoRA), POSTFORGE_BENCH_DORA=1
+//! trains DoRA instead of LoRA (QDoRA with both). The peak RSS is also given for the training
+//! steps alone (the high-water mark is reset after the model is built, which frees the f32
+//! weights it was quantized from).
 
 use candle_core::{Device, Tensor};
 use postforge::models::llama::{
@@ -19,13 +23,45 @@ fn main() {
         "max_position_embeddings": 512, "rope_theta": 10000.0
     }))
     .unwrap();
+    let quant = std::env::var("POSTFORGE_BENCH_QUANT").unwrap_or_else(|_| "none".into());
+    let quant = postforge::peft::quant::QuantSpec::parse(&quant).unwrap();
+    let dora = std::env::var("POSTFORGE_BENCH_DORA").is_ok_and(|v| v == "1");
     let mut lora = AdapterConfig::lora(16, 32.0, &[]);
     lora.target_modules = Some(ModuleSpec::Regex("all-linear".into()));
-    let m = LlamaForCausalLM::new(
-        &cfg,
-        &Weights::fresh(1, AdapterPlan::single(lora, 0).unwrap()),
-    )
-    .unwrap();
+    lora.use_dora = dora;
+    let plan = AdapterPlan::single(lora, 0).unwrap().quantized(quant);
+    let m = LlamaForCausalLM::new(&cfg, &Weights::fresh(1, plan)).unwrap();
+    use postforge::peft::Adapted;
+    let (bytes, params) = m
+        .layers()
+        .iter()
+        .filter(|l| l.kind() == postforge::peft::BaseKind::Linear && l.path() != "lm_head")
+        .fold((0usize, 0usize), |(b, n), l| {
+            let w = l.base_weight();
+            (
+                b + w.storage_bytes(),
+                n + w.dims().iter().product::<usize>(),
+            )
+        });
+    eprintln!(
+        "{} {}: decoder linear base weights {:.1} MB, {:.3} bytes per parameter",
+        if quant.is_some() { "NF4" } else { "f32" },
+        if dora { "DoRA" } else { "LoRA" },
+        bytes as f64 / 1e6,
+        bytes as f64 / params as f64
+    );
+    let hwm = || -> String {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|st| {
+                st.lines()
+                    .find(|l| l.starts_with("VmHWM"))
+                    .map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    let load_peak = hwm();
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let (b, t) = (4usize, 256usize);
     let mut rng = postforge::peft::init::rng_for(2, "llm-bench");
     use rand::Rng;
@@ -47,9 +83,19 @@ fn main() {
     times.sort_by(|a, b| a.total_cmp(b));
     let step = times[times.len() / 2];
     eprintln!(
-        "LoRA r16 SFT step (hidden 512, 8 layers, seq 256, batch 4, vocab 32000): {:.0} ms, {:.0} tokens/s",
+        "{} r16 SFT step (hidden 512, 8 layers, seq 256, batch 4, vocab 32000): {:.0} ms, {:.0} tokens/s",
+        match (quant.is_some(), dora) {
+            (false, false) => "LoRA",
+            (false, true) => "DoRA",
+            (true, false) => "QLoRA",
+            (true, true) => "QDoRA",
+        },
         step * 1e3,
         (b * t) as f64 / step
+    );
+    eprintln!(
+        "peak RSS while building the model: {load_peak}; over the training steps: {}",
+        hwm()
     );
     if mode == "all" {
         let prompt: Vec<u32> = (0..16).map(|i| 5 + i).collect();

@@ -290,11 +290,33 @@ impl Nf4Tensor {
     /// Dequantizes elements `start..start + out.len()` (of the flattened weight) into `out`, with
     /// `absmax` from [`Self::absmax_f32`]: lets a matmul work block by block without a dense copy.
     pub fn dequantize_into(&self, absmax: &[f32], start: usize, out: &mut [f32]) {
-        for (k, o) in out.iter_mut().enumerate() {
-            let i = start + k;
-            let byte = self.packed[i / 2];
-            let c = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
-            *o = self.code[c as usize] * absmax[i / self.blocksize];
+        let bs = self.blocksize;
+        if start % 2 != 0 || bs % 2 != 0 || bs == 0 || self.code.len() < 16 {
+            for (k, o) in out.iter_mut().enumerate() {
+                let i = start + k;
+                let byte = self.packed[i / 2];
+                let c = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
+                *o = self.code[c as usize] * absmax[i / bs];
+            }
+            return;
+        }
+        // Whole bytes, one block (one scale) at a time.
+        let mut i = start;
+        let mut rest = &mut out[..];
+        while !rest.is_empty() {
+            let block_end = (i / bs + 1) * bs;
+            let n = (block_end - i).min(rest.len());
+            let (head, tail) = rest.split_at_mut(n);
+            let scale = absmax[i / bs];
+            let bytes = &self.packed[i / 2..(i + n).div_ceil(2)];
+            for (pair, &byte) in head.chunks_mut(2).zip(bytes) {
+                pair[0] = self.code[(byte >> 4) as usize] * scale;
+                if let Some(second) = pair.get_mut(1) {
+                    *second = self.code[(byte & 0xF) as usize] * scale;
+                }
+            }
+            i += n;
+            rest = tail;
         }
     }
 
