@@ -429,6 +429,10 @@ pub struct SftRunConfig {
     /// or `none`. A checkpoint saved in 4 bits is read as NF4 whatever this says.
     #[serde(default = "d_quant")]
     pub quantize: String,
+    /// Train every linear layer and the embeddings in full instead of adapters (the baseline
+    /// adapters are compared with; RMSNorm weights stay frozen).
+    #[serde(default)]
+    pub full_finetune: bool,
     /// Built-in chat template for models without one.
     #[serde(default)]
     pub chat_template: Option<String>,
@@ -561,8 +565,11 @@ impl SftRunConfig {
         let adapter = self.adapter();
         let model = LlamaForCausalLM::load(
             &self.model,
-            crate::peft::AdapterPlan::single(adapter.clone(), self.seed)?
-                .quantized(crate::peft::quant::QuantSpec::parse(&self.quantize)?),
+            crate::peft::AdapterPlan {
+                full_training: self.full_finetune,
+                ..crate::peft::AdapterPlan::single(adapter.clone(), self.seed)?
+                    .quantized(crate::peft::quant::QuantSpec::parse(&self.quantize)?)
+            },
         )?;
         let trainable: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
         let (base_bytes, base_params) = model.layers().iter().fold((0, 0), |(b, n), l| {
@@ -620,7 +627,12 @@ impl SftRunConfig {
             ..Default::default()
         })?;
         let summary = trainer.train(&mut task, resume)?;
+        // The last step is always evaluated, whatever eval_steps says.
+        if task.monitor.is_some() && task.history.last().map(|p| p.step) != Some(summary.steps) {
+            task.evaluate(summary.steps, &self.output_dir)?;
+        }
         let method = match (self.use_dora, quantized) {
+            _ if self.full_finetune => "sft (full)",
             (false, false) => "sft",
             (true, false) => "sft (DoRA)",
             (false, true) => "sft (QLoRA)",

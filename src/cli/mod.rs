@@ -1,6 +1,7 @@
 //! Subcommands. Each file wires flags to library calls; no logic lives here.
 
 mod align;
+mod combine;
 mod convert;
 mod demo;
 mod eval;
@@ -36,6 +37,8 @@ enum Command {
     Merge(merge::Args),
     /// Convert an image-model LoRA file between kohya/A1111/ComfyUI and diffusers/PEFT layouts.
     Convert(convert::Args),
+    /// Combine adapters (PEFT's add_weighted_adapter: cat, svd, linear, ties, dare, magnitude_prune).
+    Combine(combine::Args),
     /// Train an embedded default model from scratch on procedural data (`tiny-sd`, `tiny-chat`).
     Pretrain(pretrain::Args),
     /// Run a pipeline file (`pipelines/*.toml`): training and evaluation stages in order.
@@ -65,6 +68,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Plot(a) => merge::plot(a),
         Command::Convert(a) => convert::run(a),
+        Command::Combine(a) => combine::run(a),
         Command::Pretrain(a) => pretrain::run(a),
         Command::Grid(a) => grid::run(a),
         Command::Run(a) => run::run(a),

@@ -61,6 +61,9 @@ pub struct Args {
     /// nf4-no-dq, or none. 4-bit checkpoints are read as NF4 regardless.
     #[arg(long, default_value = "none")]
     quantize: String,
+    /// Train every linear layer and the embeddings in full (no adapters): the baseline.
+    #[arg(long)]
+    full_finetune: bool,
     /// Built-in chat template (chatml, llama3, vicuna) for models without one.
     #[arg(long)]
     chat_template: Option<String>,
@@ -129,6 +132,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         init_lora_weights: a.init_lora_weights,
         loftq_iter: a.loftq_iter,
         quantize: a.quantize,
+        full_finetune: a.full_finetune,
         chat_template: a.chat_template,
         max_length: a.max_length,
         packing: a.packing,

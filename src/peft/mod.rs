@@ -28,6 +28,7 @@
 //! # }
 //! ```
 
+pub mod combine;
 pub mod config;
 pub mod formats;
 pub mod init;
