@@ -248,7 +248,7 @@ fn full_regex(p: &str) -> Result<Regex> {
     Regex::new(&format!("^(?:{p})$")).map_err(|e| Error::Config(format!("bad regex `{p}`: {e}")))
 }
 
-fn spec_matches(spec: &ModuleSpec, path: &str) -> Result<bool> {
+pub(crate) fn spec_matches(spec: &ModuleSpec, path: &str) -> Result<bool> {
     Ok(match spec {
         ModuleSpec::Regex(r) => full_regex(r)?.is_match(path),
         ModuleSpec::List(names) => names
@@ -310,9 +310,14 @@ impl AdapterConfig {
 
     /// Checks field values; unknown `peft_type` or values are errors naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.peft_type != "LORA" {
+        let method = super::methods::Method::of(&self.peft_type)?;
+        if method != super::methods::Method::Lora
+            && (self.use_dora
+                || self.use_rslora
+                || self.init_lora_weights.parse()? != Init::Default)
+        {
             return Err(Error::Config(format!(
-                "peft_type `{}` is not supported here (this config reader handles LORA, incl. DoRA/rsLoRA/PiSSA/OLoRA)",
+                "use_dora, use_rslora and init_lora_weights are LoRA settings, not {}",
                 self.peft_type
             )));
         }
@@ -353,8 +358,27 @@ impl AdapterConfig {
         if init == Init::Loftq {
             self.loftq_iter()?;
         }
+        let method_fields: &[&str] = match method {
+            super::methods::Method::Lora => &[],
+            super::methods::Method::Ia3 => &["feedforward_modules", "init_ia3_weights"],
+            super::methods::Method::Loha => &[
+                "rank_dropout",
+                "module_dropout",
+                "use_effective_conv2d",
+                "init_weights",
+            ],
+            super::methods::Method::Lokr => &[
+                "rank_dropout",
+                "module_dropout",
+                "use_effective_conv2d",
+                "init_weights",
+                "decompose_both",
+                "decompose_factor",
+                "rank_dropout_scale",
+            ],
+        };
         for (k, v) in &self.extra {
-            if k == "loftq_config" && init == Init::Loftq {
+            if (k == "loftq_config" && init == Init::Loftq) || method_fields.contains(&k.as_str()) {
                 continue;
             }
             let inert = match v {
@@ -492,16 +516,51 @@ impl AdapterConfig {
     /// Reads `adapter_config.json`, with errors naming the file and field.
     pub fn from_json_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self =
+        let mut cfg: Self =
             serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        // LoHa / LoKr call alpha `alpha`.
+        if matches!(cfg.peft_type.as_str(), "LOHA" | "LOKR") {
+            if let Some(a) = cfg.extra.remove("alpha") {
+                cfg.lora_alpha = a
+                    .as_f64()
+                    .ok_or_else(|| Error::format(path, format!("alpha = {a} is not a number")))?;
+            }
+        }
         cfg.validate()
             .map_err(|e| Error::format(path, e.to_string()))?;
         Ok(cfg)
     }
 
-    /// PEFT-style JSON: sorted keys, indent 2.
+    /// PEFT-style JSON: sorted keys, indent 2; IA3 / LoHa / LoKr configs carry their own config
+    /// class's fields (`alpha` rather than `lora_alpha`, no LoRA-only keys).
     pub fn to_json(&self) -> Result<String> {
-        let v = sorted(serde_json::to_value(self).map_err(|e| Error::Msg(e.to_string()))?);
+        let mut v = serde_json::to_value(self).map_err(|e| Error::Msg(e.to_string()))?;
+        let lora_only = [
+            "lora_dropout",
+            "bias",
+            "use_rslora",
+            "init_lora_weights",
+            "use_dora",
+            "lora_bias",
+        ];
+        if let (Some(m), false) = (v.as_object_mut(), self.peft_type == "LORA") {
+            for k in lora_only {
+                m.remove(k);
+            }
+            if let Some(a) = m.remove("lora_alpha") {
+                if self.peft_type != "IA3" {
+                    m.insert("alpha".into(), a);
+                }
+            }
+            if self.peft_type == "IA3" {
+                for k in ["r", "rank_pattern", "alpha_pattern"] {
+                    m.remove(k);
+                }
+            } else {
+                m.remove("fan_in_fan_out");
+            }
+        }
+        let v = sorted(v);
         serde_json::to_string_pretty(&v).map_err(|e| Error::Msg(e.to_string()))
     }
 }

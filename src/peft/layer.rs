@@ -8,6 +8,7 @@
 
 use super::config::{AdapterConfig, Init, ModuleKind};
 use super::init;
+use super::methods::{Method, OtherAdapter};
 use super::ops::{self, ConvCfg};
 use super::quant::{Absmax, Nf4Tensor, QuantSpec, RoundingError};
 use crate::{Error, Result};
@@ -42,6 +43,15 @@ impl ForwardCtx {
             step,
             calls: AtomicU64::new(0),
         }
+    }
+    /// Module dropout (LoHa / LoKr): whether the adapter at `path` runs in this forward.
+    fn keep_module(&self, path: &str, p: f64) -> bool {
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut rng = init::rng_for(
+            self.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ call,
+            path,
+        );
+        rng.random::<f64>() >= p
     }
     fn dropout_mask(&self, path: &str, shape: &[usize], p: f64, device: &Device) -> Result<Tensor> {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
@@ -195,6 +205,16 @@ struct MergeRecord {
     scale: f64,
     multiplier: f64,
     dora: Option<(Tensor, Tensor)>,
+    /// A non-LoRA adapter's merge (then a, b, scale and dora are unused).
+    other: Option<OtherMerge>,
+}
+
+/// What merging a non-LoRA adapter did.
+enum OtherMerge {
+    /// W += ΔW (LoHa, LoKr; multiplier included).
+    Delta(Tensor),
+    /// IA3: rows (and the bias) or columns of W multiplied by `l`.
+    Ia3 { l: Tensor, feedforward: bool },
 }
 
 /// A frozen base layer with named adapters, an active set, enable/disable and merging.
@@ -208,6 +228,8 @@ pub struct AdaptedLayer {
     weight_sq: Tensor,
     bias: Option<Tensor>,
     adapters: BTreeMap<String, LoraAdapter>,
+    /// IA3, LoHa and LoKr adapters.
+    others: BTreeMap<String, OtherAdapter>,
     active: Vec<String>,
     enabled: bool,
     /// Merged adapters in merge order, with what unmerging needs.
@@ -251,6 +273,7 @@ impl AdaptedLayer {
             weight_sq,
             bias,
             adapters: BTreeMap::new(),
+            others: BTreeMap::new(),
             active: vec![],
             enabled: true,
             merged: vec![],
@@ -423,6 +446,10 @@ impl AdaptedLayer {
     pub fn adapters(&self) -> &BTreeMap<String, LoraAdapter> {
         &self.adapters
     }
+    /// IA3, LoHa and LoKr adapters by name.
+    pub fn others(&self) -> &BTreeMap<String, OtherAdapter> {
+        &self.others
+    }
     /// Mutable access to one adapter (to set its multiplier, for example).
     pub fn adapter_mut(&mut self, name: &str) -> Option<&mut LoraAdapter> {
         self.adapters.get_mut(name)
@@ -461,13 +488,28 @@ impl AdaptedLayer {
     /// Adds adapter `name` per `cfg` (rank/alpha after patterns), initialised from `seed`.
     /// PiSSA/OLoRA rewrite the base weight into the residual, as PEFT does.
     pub fn add_adapter(&mut self, name: &str, cfg: &AdapterConfig, seed: u64) -> Result<()> {
-        if self.adapters.contains_key(name) {
+        if self.adapters.contains_key(name) || self.others.contains_key(name) {
             return Err(Error::Msg(format!(
                 "{}: adapter `{name}` already exists",
                 self.path
             )));
         }
         let st = cfg.settings_for(&self.path)?;
+        if Method::of(&cfg.peft_type)? != Method::Lora {
+            if self.kind == BaseKind::Embedding {
+                return Err(Error::Config(format!(
+                    "{}: {} adapters take linear and conv layers, not embeddings",
+                    self.path, cfg.peft_type
+                )));
+            }
+            let dims = self.weight.dims().to_vec();
+            let ad = OtherAdapter::new(cfg, &self.path, &dims, st.r, st.alpha, seed, name)?;
+            self.others.insert(name.to_string(), ad);
+            if !self.active.iter().any(|a| a == name) {
+                self.active.push(name.to_string());
+            }
+            return Ok(());
+        }
         let r = st.r;
         let scale = cfg.scale(r, st.alpha);
         let (sa, sb, _) = self.factor_shapes(r)?;
@@ -661,7 +703,7 @@ impl AdaptedLayer {
     /// Sets which adapters are active (their outputs add up).
     pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
         for n in names {
-            if !self.adapters.contains_key(*n) {
+            if !self.adapters.contains_key(*n) && !self.others.contains_key(*n) {
                 return Err(Error::Msg(format!("{}: no adapter named `{n}`", self.path)));
             }
         }
@@ -684,6 +726,7 @@ impl AdaptedLayer {
             self.unmerge()?;
         }
         self.active.retain(|a| a != name);
+        self.others.remove(name);
         Ok(self.adapters.remove(name))
     }
 
@@ -809,6 +852,18 @@ impl AdaptedLayer {
         } else {
             vec![]
         };
+        let others: Vec<(&String, &OtherAdapter)> = if self.enabled {
+            self.active
+                .iter()
+                .filter(|n| !self.merged.iter().any(|m| &m.name == *n))
+                .filter_map(|n| self.others.get(n).map(|o| (n, o)))
+                .collect()
+        } else {
+            vec![]
+        };
+        if !others.is_empty() {
+            return self.forward_with_others(x, ctx, &others, &live);
+        }
         // Fast path: one linear adapter without dropout in effect is a single fused node.
         if let ([ad], BaseKind::Linear, true) = (live.as_slice(), self.kind, x.device().is_cpu()) {
             if !(ctx.train && ad.dropout > 0.0) {
@@ -874,6 +929,155 @@ impl AdaptedLayer {
             }
         }
         self.add_bias(y, self.bias.as_ref())
+    }
+
+    /// IA3's vector as a per-feature vector of the output (or, feed-forward, of the input).
+    fn ia3_vector(l: &Var) -> Result<Tensor> {
+        Ok(l.as_tensor().flatten_all()?)
+    }
+
+    /// Reshapes a per-input-feature vector to broadcast against the input `x`.
+    fn input_view(&self, v: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let n = v.dim(0)?;
+        Ok(match self.kind {
+            BaseKind::Conv2d(_) => v.reshape((1, n, 1, 1))?,
+            _ => {
+                let mut shape = vec![1; x.rank()];
+                shape[x.rank() - 1] = n;
+                v.reshape(shape)?
+            }
+        })
+    }
+
+    /// Forward with IA3 / LoHa / LoKr adapters active (and any LoRA adapters beside them, added
+    /// without DoRA): feed-forward IA3 scales the input of the base path, other IA3 vectors its
+    /// output (bias included); LoHa and LoKr add the activations of their ΔW.
+    fn forward_with_others(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardCtx,
+        others: &[(&String, &OtherAdapter)],
+        loras: &[&LoraAdapter],
+    ) -> Result<Tensor> {
+        let mut xin = x.clone();
+        let mut out_scale: Option<Tensor> = None;
+        for (_, o) in others {
+            if let OtherAdapter::Ia3 { l, feedforward } = o {
+                let v = Self::ia3_vector(l)?;
+                if *feedforward {
+                    xin = xin.broadcast_mul(&self.input_view(&v, x)?)?;
+                } else {
+                    out_scale = Some(match out_scale {
+                        None => v,
+                        Some(s) => (s * v)?,
+                    });
+                }
+            }
+        }
+        let mut y = self.add_bias(self.base_path(&xin)?, self.bias.as_ref())?;
+        if let Some(sc) = out_scale {
+            y = y.broadcast_mul(&self.feature_view(&sc, y.rank())?)?;
+        }
+        let dims = self.weight.dims().to_vec();
+        for (name, o) in others {
+            let Some(d) = o.delta(&dims)? else { continue };
+            let p = o.module_dropout();
+            if ctx.train && p > 0.0 && !ctx.keep_module(&format!("{}.{name}", self.path), p) {
+                continue;
+            }
+            let dy = match self.kind {
+                BaseKind::Linear => ops::plain_linear(x, &d)?,
+                BaseKind::Conv2d(c) => ops::conv2d(x, &d, c, true)?,
+                BaseKind::Embedding => {
+                    return Err(Error::Msg(format!("{}: {name} on an embedding", self.path)))
+                }
+            };
+            y = (y + dy)?;
+        }
+        for ad in loras {
+            if ad.magnitude.is_some() {
+                return Err(Error::Msg(format!(
+                    "{}: a DoRA adapter cannot be active together with IA3/LoHa/LoKr adapters",
+                    self.path
+                )));
+            }
+            let use_dropout = ctx.train && ad.dropout > 0.0;
+            let xd = if use_dropout {
+                let mask = ctx.dropout_mask(&self.path, x.dims(), ad.dropout, x.device())?;
+                x.mul(&mask.to_dtype(x.dtype())?)?
+            } else {
+                x.clone()
+            };
+            y = (y + (self.lora_path(ad, &xd)? * ad.multiplier)?)?;
+        }
+        Ok(y)
+    }
+
+    /// `w` (and `bias`) with non-LoRA adapter `o` merged in, and the record to undo it.
+    fn merged_other(
+        &self,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        o: &OtherAdapter,
+    ) -> Result<(Tensor, Option<Tensor>, OtherMerge)> {
+        let wf = w.to_dtype(DType::F32)?;
+        Ok(match o {
+            OtherAdapter::Ia3 { l, feedforward } => {
+                let v = Self::ia3_vector(l)?.detach();
+                let n = v.dim(0)?;
+                let view = match (self.kind, feedforward) {
+                    (BaseKind::Conv2d(_), true) => v.reshape((1, n, 1, 1))?,
+                    (BaseKind::Conv2d(_), false) => v.reshape((n, 1, 1, 1))?,
+                    (_, true) => v.reshape((1, n))?,
+                    (_, false) => v.reshape((n, 1))?,
+                };
+                let b = match (bias, feedforward) {
+                    (Some(b), false) => Some((b.to_dtype(DType::F32)? * &v)?),
+                    (b, _) => b.cloned(),
+                };
+                (
+                    wf.broadcast_mul(&view)?,
+                    b,
+                    OtherMerge::Ia3 {
+                        l: v,
+                        feedforward: *feedforward,
+                    },
+                )
+            }
+            _ => {
+                let d = o
+                    .delta(w.dims())?
+                    .ok_or_else(|| Error::Msg(format!("{}: no delta", self.path)))?
+                    .detach();
+                ((wf + &d)?, bias.cloned(), OtherMerge::Delta(d))
+            }
+        })
+    }
+
+    /// Undoes an [`OtherMerge`] on `w` and `bias`.
+    fn unmerged_other(
+        &self,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        m: &OtherMerge,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        Ok(match m {
+            OtherMerge::Delta(d) => ((w - d)?, bias.cloned()),
+            OtherMerge::Ia3 { l, feedforward } => {
+                let n = l.dim(0)?;
+                let view = match (self.kind, feedforward) {
+                    (BaseKind::Conv2d(_), true) => l.reshape((1, n, 1, 1))?,
+                    (BaseKind::Conv2d(_), false) => l.reshape((n, 1, 1, 1))?,
+                    (_, true) => l.reshape((1, n))?,
+                    (_, false) => l.reshape((n, 1))?,
+                };
+                let b = match (bias, feedforward) {
+                    (Some(b), false) => Some((b.to_dtype(DType::F32)? / l)?),
+                    (b, _) => b.cloned(),
+                };
+                (w.broadcast_div(&view)?, b)
+            }
+        })
     }
 
     /// `w` with adapter `ad` merged in: W + t·ΔW (LoRA), or W + t·(g ⊙ (W + ΔW) − W) (DoRA, g = m/‖W + ΔW‖),
@@ -943,6 +1147,30 @@ impl AdaptedLayer {
             if self.merged.iter().any(|m| m.name == name) {
                 continue;
             }
+            if let Some(o) = self.others.get(&name) {
+                let (w, b, rec) =
+                    self.merged_other(&self.weight.dense()?, self.bias.as_ref(), o)?;
+                let sum = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !sum.is_finite() {
+                    return Err(Error::Msg(format!(
+                        "{}: merging adapter `{name}` gives non-finite weights; refused",
+                        self.path
+                    )));
+                }
+                let empty = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
+                self.merged.push(MergeRecord {
+                    name: name.clone(),
+                    a: empty.clone(),
+                    b: empty,
+                    scale: 0.0,
+                    multiplier: 1.0,
+                    dora: None,
+                    other: Some(rec),
+                });
+                self.set_weight(w)?;
+                self.bias = b;
+                continue;
+            }
             let ad = self.get(&name)?;
             let (w, norm) = self.merged_weight(&self.weight.dense()?, ad)?;
             let sum = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -962,6 +1190,7 @@ impl AdaptedLayer {
                     (Some(m), Some(n)) => Some((m.as_tensor().copy()?, n)),
                     _ => None,
                 },
+                other: None,
             };
             self.set_weight(w)?;
             self.merged.push(record);
@@ -973,6 +1202,13 @@ impl AdaptedLayer {
     /// (later changes to the adapter do not matter).
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some(rec) = self.merged.pop() {
+            if let Some(m) = &rec.other {
+                let w = self.weight.dense()?.to_dtype(DType::F32)?;
+                let (w, b) = self.unmerged_other(&w, self.bias.as_ref(), m)?;
+                self.set_weight(w)?;
+                self.bias = b;
+                continue;
+            }
             let delta = self.delta_from(&rec.a, &rec.b, rec.scale)?;
             let w = self.weight.dense()?.to_dtype(DType::F32)?;
             let t = rec.multiplier;
@@ -1000,6 +1236,7 @@ impl AdaptedLayer {
             ));
         }
         let mut w = self.weight.dense()?;
+        let mut bias = self.bias.clone();
         if self.enabled {
             let pending: Vec<String> = self
                 .active
@@ -1009,13 +1246,19 @@ impl AdaptedLayer {
                 .collect();
             self.check_merge_mix(&pending)?;
             for name in &pending {
+                if let Some(o) = self.others.get(name) {
+                    let (w2, b2, _) = self.merged_other(&w, bias.as_ref(), o)?;
+                    w = w2.to_dtype(self.weight.dtype())?;
+                    bias = b2;
+                    continue;
+                }
                 w = self
                     .merged_weight(&w, self.get(name)?)?
                     .0
                     .to_dtype(self.weight.dtype())?;
             }
         }
-        Ok((w, self.bias.clone()))
+        Ok((w, bias))
     }
 
     /// Trainable tensors with PEFT's in-memory names
@@ -1023,6 +1266,11 @@ impl AdaptedLayer {
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         let p = &self.path;
         let mut out = vec![];
+        for (name, o) in &self.others {
+            for (param, v) in o.params() {
+                out.push((format!("base_model.model.{p}.{param}.{name}"), v.clone()));
+            }
+        }
         for (name, ad) in &self.adapters {
             let (ka, kb) = match self.kind {
                 BaseKind::Embedding => (

@@ -34,6 +34,7 @@ pub mod formats;
 pub mod init;
 pub mod layer;
 pub mod merge;
+pub mod methods;
 pub mod ops;
 pub mod quant;
 

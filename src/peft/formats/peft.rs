@@ -59,6 +59,15 @@ pub fn save(
                 tensors.insert(format!("{p}.bias"), b.as_tensor().clone());
             }
         }
+        if let Some(o) = l.others().get(name) {
+            for (param, v) in o.params() {
+                tensors.insert(
+                    format!("base_model.model.{}.{param}", l.path()),
+                    v.as_tensor().clone(),
+                );
+            }
+            continue;
+        }
         let Some(ad) = l.adapters().get(name) else {
             continue;
         };
@@ -172,6 +181,27 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
                 None => None,
             };
             l.set_trainable_copy(&w, b.as_ref())?;
+            continue;
+        }
+        if cfg.peft_type != "LORA" {
+            // IA3 / LoHa / LoKr: build the adapter as the config says, then set every tensor.
+            if !cfg.targets(&path, kind.module_kind(), path.ends_with("lm_head"))? {
+                continue;
+            }
+            l.add_adapter(name, &cfg, 0)?;
+            let o = l
+                .others()
+                .get(name)
+                .ok_or_else(|| Error::Msg(format!("{path}: adapter `{name}` was not created")))?;
+            for (param, v) in o.params() {
+                let key = format!("base_model.model.{path}.{param}");
+                let k = find(&st, &key, name).ok_or_else(|| Error::Missing {
+                    path: wpath.clone(),
+                    key: key.clone(),
+                })?;
+                v.set(&check_shape(&st, &k, &st.get(&k)?, v.dims())?)?;
+                used.insert(k);
+            }
             continue;
         }
         let (ka, kb, km) = keys_for(kind, &path);

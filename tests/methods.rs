@@ -1,0 +1,164 @@
+//! IA3, LoHa and LoKr against PEFT 0.21.2 (fixtures from `scripts/fixtures/make_methods_fixtures.py`):
+//! PEFT's own adapter folders load onto linear and conv layers (3x3 and 1x1), outputs and the
+//! gradient of every adapter tensor match within 1e-5 relative, merging matches PEFT's
+//! `merge_and_unload` and unmerging restores the base; saving writes PEFT's keys and config class.
+
+mod common;
+use candle_core::{Tensor, Var};
+use common::*;
+use postforge::peft::formats::peft as peft_format;
+use postforge::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx};
+use postforge::util::SafeTensors;
+use std::path::{Path, PathBuf};
+
+fn dir(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/methods")
+        .join(case)
+}
+
+struct Net {
+    lin1: AdaptedLinear,
+    lin2: AdaptedLinear,
+    conv: AdaptedConv2d,
+    conv1: AdaptedConv2d,
+}
+
+impl Net {
+    fn new(io: &SafeTensors) -> Net {
+        let g = |k: &str| io.get(&format!("base.{k}")).unwrap();
+        let pad1 = ConvCfg {
+            padding: 1,
+            ..Default::default()
+        };
+        Net {
+            lin1: AdaptedLinear::new("lin1", g("lin1.weight"), Some(g("lin1.bias"))).unwrap(),
+            lin2: AdaptedLinear::new("lin2", g("lin2.weight"), Some(g("lin2.bias"))).unwrap(),
+            conv: AdaptedConv2d::new("conv", g("conv.weight"), Some(g("conv.bias")), pad1).unwrap(),
+            conv1: AdaptedConv2d::new(
+                "conv1",
+                g("conv1.weight"),
+                Some(g("conv1.bias")),
+                ConvCfg::default(),
+            )
+            .unwrap(),
+        }
+    }
+    fn layers(&mut self) -> Vec<&mut AdaptedLayer> {
+        vec![
+            &mut self.lin1.0,
+            &mut self.lin2.0,
+            &mut self.conv.0,
+            &mut self.conv1.0,
+        ]
+    }
+    fn forward(&self, x: &Tensor, img: &Tensor, ctx: &ForwardCtx) -> (Tensor, Tensor) {
+        let y2 = self
+            .lin2
+            .forward(&self.lin1.forward(x, ctx).unwrap(), ctx)
+            .unwrap();
+        let c1 = self
+            .conv1
+            .forward(&self.conv.forward(img, ctx).unwrap(), ctx)
+            .unwrap();
+        (y2, c1)
+    }
+    fn vars(&self) -> Vec<(String, Var)> {
+        [&self.lin1.0, &self.lin2.0, &self.conv.0, &self.conv1.0]
+            .iter()
+            .flat_map(|l| l.named_vars())
+            .collect()
+    }
+}
+
+#[test]
+fn ia3_loha_lokr_match_peft() {
+    for case in ["ia3", "loha", "lokr", "lokr_both"] {
+        let io = SafeTensors::read(dir(case).join("io.safetensors")).unwrap();
+        let mut net = Net::new(&io);
+        let cfg = peft_format::load(&dir(case), &mut net.layers(), "default").unwrap();
+        assert_ne!(cfg.peft_type, "LORA");
+        let (x, img) = (io.get("x").unwrap(), io.get("img").unwrap());
+        let (y2, c1) = net.forward(&x, &img, &ForwardCtx::train(0, 0));
+        let e = rel_err(&y2, &io.get("y2").unwrap()).max(rel_err(&c1, &io.get("c1").unwrap()));
+        assert!(e < 1e-5, "{case}: outputs relative error {e:e}");
+        let loss =
+            (y2.sqr().unwrap().sum_all().unwrap() + c1.sqr().unwrap().sum_all().unwrap()).unwrap();
+        let lw = io.get("loss").unwrap().to_vec1::<f32>().unwrap()[0];
+        let lv = loss.to_scalar::<f32>().unwrap();
+        assert!(
+            (lv - lw).abs() < 1e-5 * lw.abs(),
+            "{case}: loss {lv} vs {lw}"
+        );
+        let grads = loss.backward().unwrap();
+        let vars = net.vars();
+        assert!(!vars.is_empty());
+        for (name, v) in &vars {
+            let key = format!(
+                "grad.{}",
+                name.trim_start_matches("base_model.model.")
+                    .replace(".default", "")
+            );
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+            let e = rel_err(g, &io.get(&key).unwrap_or_else(|_| panic!("{case}: {key}")));
+            assert!(e < 1e-5, "{case}: {key} relative error {e:e}");
+        }
+        // The frozen base gets no gradient.
+        for l in net.layers() {
+            assert!(grads.get(&l.weight().unwrap()).is_none());
+        }
+        // Merging matches PEFT's merge_and_unload; unmerging restores the base.
+        let w0: Vec<Tensor> = net.layers().iter().map(|l| l.weight().unwrap()).collect();
+        for l in net.layers() {
+            l.merge(None).unwrap();
+        }
+        let (m2, mc) = net.forward(&x, &img, &ForwardCtx::eval());
+        let e = rel_err(&m2, &io.get("merged.y2").unwrap())
+            .max(rel_err(&mc, &io.get("merged.c1").unwrap()));
+        assert!(e < 1e-5, "{case}: merged outputs relative error {e:e}");
+        for l in net.layers() {
+            l.unmerge().unwrap();
+        }
+        for (l, w) in net.layers().iter().zip(&w0) {
+            assert!(rel_err(&l.weight().unwrap(), w) < 1e-5, "{case}: unmerge");
+        }
+        let (u2, _) = net.forward(&x, &img, &ForwardCtx::train(0, 0));
+        assert!(
+            rel_err(&u2, &io.get("y2").unwrap()) < 1e-5,
+            "{case}: after unmerge"
+        );
+        // Saving writes PEFT's keys (the file PEFT wrote has exactly these) and its config class.
+        let tmp = tempfile::tempdir().unwrap();
+        let layers: Vec<&AdaptedLayer> = vec![&net.lin1.0, &net.lin2.0, &net.conv.0, &net.conv1.0];
+        peft_format::save(tmp.path(), &layers, "default", &cfg, Default::default()).unwrap();
+        let ours = SafeTensors::read(tmp.path().join("adapter_model.safetensors")).unwrap();
+        let theirs = SafeTensors::read(dir(case).join("adapter_model.safetensors")).unwrap();
+        let mut a: Vec<_> = ours.keys().cloned().collect();
+        let mut b: Vec<_> = theirs.keys().cloned().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{case}: saved keys");
+        for k in &a {
+            assert_eq!(
+                max_abs_diff(&ours.get(k).unwrap(), &theirs.get(k).unwrap()),
+                0.0,
+                "{case}: {k}"
+            );
+        }
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(json["peft_type"], cfg.peft_type.as_str());
+        if case != "ia3" {
+            assert!(
+                json.get("alpha").is_some() && json.get("lora_alpha").is_none(),
+                "{case}"
+            );
+        } else {
+            assert!(json.get("feedforward_modules").is_some() && json.get("r").is_none());
+        }
+    }
+}
