@@ -1,4 +1,4 @@
-//! IA3, LoHa and LoKr against PEFT 0.21.2 (fixtures from `scripts/fixtures/make_methods_fixtures.py`):
+//! IA3, LoHa, LoKr and VeRA against PEFT 0.21.2 (fixtures from `scripts/fixtures/make_methods_fixtures.py`):
 //! PEFT's own adapter folders load onto linear and conv layers (3x3 and 1x1), outputs and the
 //! gradient of every adapter tensor match within 1e-5 relative, merging matches PEFT's
 //! `merge_and_unload` and unmerging restores the base; saving writes PEFT's keys and config class.
@@ -73,7 +73,7 @@ impl Net {
 
 #[test]
 fn ia3_loha_lokr_match_peft() {
-    for case in ["ia3", "loha", "lokr", "lokr_both"] {
+    for case in ["ia3", "loha", "lokr", "lokr_both", "vera"] {
         let io = SafeTensors::read(dir(case).join("io.safetensors")).unwrap();
         let mut net = Net::new(&io);
         let cfg = peft_format::load(&dir(case), &mut net.layers(), "default").unwrap();
@@ -152,13 +152,89 @@ fn ia3_loha_lokr_match_peft() {
         )
         .unwrap();
         assert_eq!(json["peft_type"], cfg.peft_type.as_str());
-        if case != "ia3" {
+        assert!(json.get("lora_alpha").is_none(), "{case}");
+        match case {
+            "ia3" => assert!(json.get("feedforward_modules").is_some() && json.get("r").is_none()),
+            "vera" => assert!(json.get("alpha").is_none() && json["r"] == 4),
+            _ => assert!(json.get("alpha").is_some(), "{case}"),
+        }
+    }
+}
+
+#[test]
+fn fresh_adapters_start_as_no_ops_and_every_tensor_trains_on_llama() {
+    use postforge::models::llama::{next_token_loss, Inputs, LlamaForCausalLM};
+    use postforge::peft::{Adapted, AdapterConfig, AdapterPlan};
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/llama");
+    let ids = ids(&[2, 7], 60);
+    let base = LlamaForCausalLM::load(&model, AdapterPlan::none()).unwrap();
+    let want = base
+        .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+        .unwrap();
+    for peft_type in ["IA3", "LOHA", "LOKR", "VERA"] {
+        for init in [true, false] {
+            let mut cfg = AdapterConfig::lora(4, 8.0, &["q_proj", "v_proj", "down_proj"]);
+            cfg.peft_type = peft_type.into();
+            let key = if peft_type == "IA3" {
+                cfg.extra.insert(
+                    "feedforward_modules".into(),
+                    serde_json::json!(["down_proj"]),
+                );
+                "init_ia3_weights"
+            } else {
+                "init_weights"
+            };
+            cfg.extra.insert(key.into(), serde_json::json!(init));
+            cfg.validate().unwrap();
+            let m = LlamaForCausalLM::load(&model, AdapterPlan::single(cfg, 3).unwrap()).unwrap();
+            let n_adapted = m.layers().iter().filter(|l| !l.others().is_empty()).count();
+            assert_eq!(n_adapted, 6, "{peft_type}: 3 modules in each of 2 layers");
+            let out = m
+                .forward(&ids, &Inputs::default(), &ForwardCtx::train(0, 0))
+                .unwrap();
+            let e = rel_err(&out, &want);
+            if init {
+                assert!(
+                    e < 1e-6,
+                    "{peft_type}: the default init changes the output ({e:e})"
+                );
+                continue;
+            }
             assert!(
-                json.get("alpha").is_some() && json.get("lora_alpha").is_none(),
-                "{case}"
+                e > 1e-4,
+                "{peft_type}: random init leaves the output unchanged"
             );
-        } else {
-            assert!(json.get("feedforward_modules").is_some() && json.get("r").is_none());
+            let mask = Tensor::ones(
+                ids.dims(),
+                candle_core::DType::U32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let grads = next_token_loss(&out, &ids, &mask)
+                .unwrap()
+                .backward()
+                .unwrap();
+            let vars = m.trainable();
+            assert!(!vars.is_empty());
+            for (name, v) in vars {
+                let g = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{peft_type}: no gradient for {name}"));
+                let s = g
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(s.is_finite() && s > 0.0, "{peft_type}: {name} gradient {s}");
+            }
+            for l in m.layers() {
+                assert!(
+                    grads.get(&l.weight().unwrap()).is_none(),
+                    "{peft_type}: frozen base"
+                );
+            }
         }
     }
 }

@@ -356,14 +356,16 @@ impl LlamaForCausalLM {
         } else {
             lin("lm_head", d, cfg.vocab_size, false)?
         };
-        Ok(Self {
+        let mut m = Self {
             embed: w.plan.embedding("model.embed_tokens", emb_w)?,
             layers,
             norm: w.get("model.norm.weight", &[d])?,
             lm_head,
             inv_freq: cfg.inv_freq()?,
             cfg: cfg.clone(),
-        })
+        };
+        w.plan.finish(&mut m.layers_mut())?;
+        Ok(m)
     }
 
     /// Loads a Hugging Face model folder.

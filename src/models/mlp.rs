@@ -113,10 +113,12 @@ impl Mlp {
                 )?,
             });
         }
-        Ok(Self {
+        let mut m = Self {
             layers,
             head: lin("head", cfg.out_size, cfg.hidden_size)?,
-        })
+        };
+        plan.finish(&mut m.layers_mut())?;
+        Ok(m)
     }
 
     /// Loads weights from a safetensors file.

@@ -376,6 +376,13 @@ impl AdapterConfig {
                 "decompose_factor",
                 "rank_dropout_scale",
             ],
+            super::methods::Method::Vera => &[
+                "projection_prng_key",
+                "save_projection",
+                "vera_dropout",
+                "d_initial",
+                "init_weights",
+            ],
         };
         for (k, v) in &self.extra {
             if (k == "loftq_config" && init == Init::Loftq) || method_fields.contains(&k.as_str()) {
@@ -548,16 +555,24 @@ impl AdapterConfig {
                 m.remove(k);
             }
             if let Some(a) = m.remove("lora_alpha") {
-                if self.peft_type != "IA3" {
+                if matches!(self.peft_type.as_str(), "LOHA" | "LOKR") {
                     m.insert("alpha".into(), a);
                 }
             }
-            if self.peft_type == "IA3" {
-                for k in ["r", "rank_pattern", "alpha_pattern"] {
-                    m.remove(k);
+            match self.peft_type.as_str() {
+                "IA3" => {
+                    for k in ["r", "rank_pattern", "alpha_pattern"] {
+                        m.remove(k);
+                    }
                 }
-            } else {
-                m.remove("fan_in_fan_out");
+                "VERA" => {
+                    for k in ["rank_pattern", "alpha_pattern", "exclude_modules"] {
+                        m.remove(k);
+                    }
+                }
+                _ => {
+                    m.remove("fan_in_fan_out");
+                }
             }
         }
         let v = sorted(v);

@@ -446,9 +446,13 @@ impl AdaptedLayer {
     pub fn adapters(&self) -> &BTreeMap<String, LoraAdapter> {
         &self.adapters
     }
-    /// IA3, LoHa and LoKr adapters by name.
+    /// IA3, LoHa, LoKr and VeRA adapters by name.
     pub fn others(&self) -> &BTreeMap<String, OtherAdapter> {
         &self.others
+    }
+    /// Mutable access to them (VeRA's shared projections are set this way).
+    pub fn others_mut(&mut self) -> &mut BTreeMap<String, OtherAdapter> {
+        &mut self.others
     }
     /// Mutable access to one adapter (to set its multiplier, for example).
     pub fn adapter_mut(&mut self, name: &str) -> Option<&mut LoraAdapter> {
@@ -980,6 +984,16 @@ impl AdaptedLayer {
         }
         let dims = self.weight.dims().to_vec();
         for (name, o) in others {
+            if let OtherAdapter::Vera { dropout, .. } = o {
+                let xd = if ctx.train && *dropout > 0.0 {
+                    let mask = ctx.dropout_mask(&self.path, x.dims(), *dropout, x.device())?;
+                    x.mul(&mask.to_dtype(x.dtype())?)?
+                } else {
+                    x.clone()
+                };
+                y = (y + o.vera_activation(&xd)?)?;
+                continue;
+            }
             let Some(d) = o.delta(&dims)? else { continue };
             let p = o.module_dropout();
             if ctx.train && p > 0.0 && !ctx.keep_module(&format!("{}.{name}", self.path), p) {

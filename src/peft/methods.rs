@@ -33,6 +33,8 @@ pub enum Method {
     Loha,
     /// LoKr.
     Lokr,
+    /// VeRA.
+    Vera,
 }
 
 impl Method {
@@ -43,8 +45,9 @@ impl Method {
             "IA3" => Ok(Self::Ia3),
             "LOHA" => Ok(Self::Loha),
             "LOKR" => Ok(Self::Lokr),
+            "VERA" => Ok(Self::Vera),
             other => Err(Error::Config(format!(
-                "peft_type {other} is not supported (LORA, IA3, LOHA, LOKR)"
+                "peft_type {other} is not supported (LORA, IA3, LOHA, LOKR, VERA)"
             ))),
         }
     }
@@ -55,6 +58,7 @@ impl Method {
             Self::Ia3 => "IA3",
             Self::Loha => "LOHA",
             Self::Lokr => "LOKR",
+            Self::Vera => "VERA",
         }
     }
 }
@@ -93,6 +97,21 @@ pub enum OtherAdapter {
         scale: f64,
         /// Probability of skipping the adapter for a training step.
         module_dropout: f64,
+    },
+    /// VeRA: `y += λ_b ⊙ (B_s (λ_d ⊙ (A_s x)))` with the shared frozen projections sliced to
+    /// this layer (`A_s` = vera_A[:, :in], `B_s` = vera_B[:out, :]).
+    Vera {
+        /// The shared (vera_A (r, max_in), vera_B (max_out, r)); `None` until
+        /// [`share_vera_projections`] has seen every layer.
+        proj: Option<(Tensor, Tensor)>,
+        /// vera_lambda_d (r).
+        lambda_d: Var,
+        /// vera_lambda_b (out).
+        lambda_b: Var,
+        /// vera_dropout.
+        dropout: f64,
+        /// (out, in) of the layer.
+        dims: (usize, usize),
     },
     /// LoKr.
     Lokr {
@@ -201,6 +220,37 @@ impl OtherAdapter {
         }
         let scale = alpha / r.max(1) as f64;
         Ok(match method {
+            Method::Vera => {
+                if dims.len() != 2 {
+                    return Err(Error::Config(format!(
+                        "{path}: VeRA adapts linear layers only"
+                    )));
+                }
+                if !extra_bool(cfg, "save_projection", true) {
+                    return Err(Error::Config(
+                        "VeRA with save_projection = false is not supported: the projections come from torch's generator, which postforge cannot replay; keep them in the file".into(),
+                    ));
+                }
+                let d0 = extra_f64(cfg, "d_initial", 0.1);
+                let (ld, lb) = if init {
+                    (
+                        Tensor::full(d0 as f32, r, &dev)?,
+                        Tensor::zeros(out, DType::F32, &dev)?,
+                    )
+                } else {
+                    (
+                        super::init::normal(&[r], 1.0, &mut rng)?,
+                        Tensor::ones(out, DType::F32, &dev)?,
+                    )
+                };
+                OtherAdapter::Vera {
+                    proj: None,
+                    lambda_d: var(ld)?,
+                    lambda_b: var(lb)?,
+                    dropout: extra_f64(cfg, "vera_dropout", 0.0),
+                    dims: (out, inn),
+                }
+            }
             Method::Lora => {
                 return Err(Error::Msg(format!(
                     "{path}: LoRA adapters are built by the layer"
@@ -299,6 +349,14 @@ impl OtherAdapter {
     pub fn delta(&self, dims: &[usize]) -> Result<Option<Tensor>> {
         Ok(match self {
             OtherAdapter::Ia3 { .. } => None,
+            OtherAdapter::Vera {
+                lambda_d, lambda_b, ..
+            } => {
+                let (a, b) = self.vera_slices()?;
+                let bl = b.broadcast_mul(&lambda_b.as_tensor().unsqueeze(1)?)?;
+                let al = a.broadcast_mul(&lambda_d.as_tensor().unsqueeze(1)?)?;
+                Some(bl.matmul(&al)?.reshape(dims)?)
+            }
             OtherAdapter::Loha { w, scale, .. } => {
                 let p1 = w[0].as_tensor().matmul(w[1].as_tensor())?;
                 let p2 = w[2].as_tensor().matmul(w[3].as_tensor())?;
@@ -311,10 +369,38 @@ impl OtherAdapter {
         })
     }
 
+    /// VeRA's projections sliced to this layer: (A_s (r, in), B_s (out, r)).
+    pub fn vera_slices(&self) -> Result<(Tensor, Tensor)> {
+        match self {
+            OtherAdapter::Vera {
+                proj: Some((a, b)),
+                dims: (out, inn),
+                ..
+            } => Ok((a.narrow(1, 0, *inn)?, b.narrow(0, 0, *out)?)),
+            OtherAdapter::Vera { proj: None, .. } => Err(Error::Msg(
+                "VeRA projections are not set (share_vera_projections was not called)".into(),
+            )),
+            _ => Err(Error::Msg("not a VeRA adapter".into())),
+        }
+    }
+
+    /// VeRA's adapter path for an input already through dropout: `λ_b ⊙ ((λ_d ⊙ (x A_sᵀ)) B_sᵀ)`.
+    pub fn vera_activation(&self, x: &Tensor) -> Result<Tensor> {
+        let OtherAdapter::Vera {
+            lambda_d, lambda_b, ..
+        } = self
+        else {
+            return Err(Error::Msg("not a VeRA adapter".into()));
+        };
+        let (a, b) = self.vera_slices()?;
+        let h = super::ops::plain_linear(x, &a)?.broadcast_mul(lambda_d.as_tensor())?;
+        Ok(super::ops::plain_linear(&h, &b)?.broadcast_mul(lambda_b.as_tensor())?)
+    }
+
     /// Probability of skipping this adapter in a training step.
     pub fn module_dropout(&self) -> f64 {
         match self {
-            OtherAdapter::Ia3 { .. } => 0.0,
+            OtherAdapter::Ia3 { .. } | OtherAdapter::Vera { .. } => 0.0,
             OtherAdapter::Loha { module_dropout, .. }
             | OtherAdapter::Lokr { module_dropout, .. } => *module_dropout,
         }
@@ -325,6 +411,9 @@ impl OtherAdapter {
     pub fn params(&self) -> Vec<(&'static str, &Var)> {
         match self {
             OtherAdapter::Ia3 { l, .. } => vec![("ia3_l", l)],
+            OtherAdapter::Vera {
+                lambda_d, lambda_b, ..
+            } => vec![("vera_lambda_b", lambda_b), ("vera_lambda_d", lambda_d)],
             OtherAdapter::Loha { w, .. } => vec![
                 ("hada_w1_a", &w[0]),
                 ("hada_w1_b", &w[1]),
@@ -351,6 +440,78 @@ impl OtherAdapter {
             }
         }
     }
+}
+
+/// Gives every VeRA adapter `name` in `layers` the shared projections: `given` (read from a file),
+/// or fresh ones drawn from `seed` with PEFT's shapes and init (kaiming-uniform, gain √2:
+/// vera_A (r, max in) with bound √6/√max_in, vera_B (max out, r) with bound √6/√r), sized to the
+/// largest targeted layer. Returns the projections (for saving), if any layer has the adapter.
+pub fn share_vera_projections(
+    layers: &mut [&mut super::AdaptedLayer],
+    name: &str,
+    seed: u64,
+    given: Option<(Tensor, Tensor)>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let mut max = None::<(usize, usize, usize)>;
+    for l in layers.iter() {
+        if let Some(OtherAdapter::Vera {
+            lambda_d,
+            dims: (o, i),
+            ..
+        }) = l.others().get(name)
+        {
+            let r = lambda_d.dims()[0];
+            max = Some(match max {
+                None => (*o, *i, r),
+                Some((mo, mi, mr)) => {
+                    if mr != r {
+                        return Err(Error::Config(format!(
+                            "VeRA adapter `{name}`: every layer needs the same r ({mr} vs {r})"
+                        )));
+                    }
+                    (mo.max(*o), mi.max(*i), r)
+                }
+            });
+        }
+    }
+    let Some((mo, mi, r)) = max else {
+        return Ok(None);
+    };
+    let (a, b) = match given {
+        Some((a, b)) => {
+            if a.dims() != [r, a.dim(1)?]
+                || a.dim(1)? < mi
+                || b.dims() != [b.dim(0)?, r]
+                || b.dim(0)? < mo
+            {
+                return Err(Error::Msg(format!(
+                    "VeRA projections vera_A {:?} / vera_B {:?} do not cover rank {r}, in {mi}, out {mo}",
+                    a.dims(),
+                    b.dims()
+                )));
+            }
+            (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?)
+        }
+        None => {
+            let mut rng = rng_for(seed, &format!("vera.{name}"));
+            let uni = |shape: &[usize], fan: usize, rng: &mut rand_chacha::ChaCha8Rng| {
+                use rand::Rng;
+                let bound = (6.0 / fan as f64).sqrt();
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n)
+                    .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+                    .collect();
+                Tensor::from_vec(v, shape, &Device::Cpu)
+            };
+            (uni(&[r, mi], mi, &mut rng)?, uni(&[mo, r], r, &mut rng)?)
+        }
+    };
+    for l in layers.iter_mut() {
+        if let Some(OtherAdapter::Vera { proj, .. }) = l.others_mut().get_mut(name) {
+            *proj = Some((a.clone(), b.clone()));
+        }
+    }
+    Ok(Some((a, b)))
 }
 
 /// Kronecker product of 2-D `a` (p, q) with `b` (s, t[, kh, kw]): (p·s, q·t[, kh, kw]), as

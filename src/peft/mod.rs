@@ -143,6 +143,21 @@ impl AdapterPlan {
             self.apply(AdaptedConv2d::new(path, weight, bias, cfg)?.0)?,
         ))
     }
+    /// Completes adapters that need every layer first, once a model is built: VeRA's projections
+    /// are shared, sized to the largest targeted layer.
+    pub fn finish(&self, layers: &mut [&mut AdaptedLayer]) -> Result<()> {
+        for (name, cfg) in &self.adapters {
+            if cfg.peft_type == "VERA" {
+                let key = cfg
+                    .extra
+                    .get("projection_prng_key")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0);
+                methods::share_vera_projections(layers, name, self.seed ^ key, None)?;
+            }
+        }
+        Ok(())
+    }
     /// An adapted linear layer at `path` over an NF4 base read from a 4-bit checkpoint.
     pub fn linear_nf4(
         &self,

@@ -60,6 +60,14 @@ pub fn save(
             }
         }
         if let Some(o) = l.others().get(name) {
+            if let crate::peft::methods::OtherAdapter::Vera {
+                proj: Some((va, vb)),
+                ..
+            } = o
+            {
+                tensors.insert("base_model.vera_A".into(), va.clone());
+                tensors.insert("base_model.vera_B".into(), vb.clone());
+            }
             for (param, v) in o.params() {
                 tensors.insert(
                     format!("base_model.model.{}.{param}", l.path()),
@@ -275,6 +283,22 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
             initial: None,
         };
         l.insert_adapter(name, adapter)?;
+    }
+    if cfg.peft_type == "VERA" {
+        let get = |k: &str| -> Result<(String, Tensor)> {
+            let key = find(&st, k, name).ok_or_else(|| Error::Missing {
+                path: wpath.clone(),
+                key: k.into(),
+            })?;
+            let t = st.get(&key)?;
+            Ok((key, t))
+        };
+        let (ka, a) = get("base_model.vera_A")?;
+        let (kb, b) = get("base_model.vera_B")?;
+        crate::peft::methods::share_vera_projections(layers, name, 0, Some((a, b)))
+            .map_err(|e| Error::format(&wpath, e.to_string()))?;
+        used.insert(ka);
+        used.insert(kb);
     }
     if let Some(k) = st.keys().find(|k| !used.contains(*k)) {
         return Err(Error::format(
