@@ -42,6 +42,9 @@ fn d_alpha() -> f64 {
 fn d_targets() -> String {
     "all-linear".into()
 }
+fn d_peft_type() -> String {
+    "lora".into()
+}
 fn d_init() -> String {
     "true".into()
 }
@@ -157,6 +160,12 @@ pub struct AlignRunConfig {
     /// Adapter initialisation.
     #[serde(default = "d_init")]
     pub init_lora_weights: String,
+    /// Adapter method: lora (default), ia3, loha, lokr or vera (PEFT's `peft_type`).
+    #[serde(default = "d_peft_type")]
+    pub peft_type: String,
+    /// IA3's feed-forward modules (their input is scaled rather than their output).
+    #[serde(default)]
+    pub feedforward_modules: Option<String>,
     /// Built-in chat template for models without one.
     #[serde(default)]
     pub chat_template: Option<String>,
@@ -290,7 +299,7 @@ impl AlignRunConfig {
     }
 
     /// The new adapter's configuration.
-    pub fn adapter(&self) -> AdapterConfig {
+    pub fn adapter(&self) -> Result<AdapterConfig> {
         AdapterConfig {
             r: self.r,
             lora_alpha: self.lora_alpha,
@@ -303,6 +312,7 @@ impl AlignRunConfig {
             task_type: Some("CAUSAL_LM".into()),
             ..Default::default()
         }
+        .with_method(&self.peft_type, self.feedforward_modules.as_deref())
     }
 
     /// The tokenizer.
@@ -387,8 +397,7 @@ impl AlignRunConfig {
             reference = Some(vec!["ref".to_string()]);
             cfg
         } else {
-            let cfg = self.adapter();
-            cfg.validate()?;
+            let cfg = self.adapter()?;
             add_adapter(&mut m, "default", &cfg, seed)?;
             cfg
         };

@@ -340,6 +340,9 @@ fn d_alpha() -> f64 {
 fn d_targets() -> String {
     "all-linear".into()
 }
+fn d_peft_type() -> String {
+    "lora".into()
+}
 fn d_init() -> String {
     "true".into()
 }
@@ -422,6 +425,12 @@ pub struct SftRunConfig {
     /// Adapter initialisation.
     #[serde(default = "d_init")]
     pub init_lora_weights: String,
+    /// Adapter method: lora (default), ia3, loha, lokr or vera (PEFT's `peft_type`).
+    #[serde(default = "d_peft_type")]
+    pub peft_type: String,
+    /// IA3's feed-forward modules (their input is scaled rather than their output).
+    #[serde(default)]
+    pub feedforward_modules: Option<String>,
     /// LoftQ rounds (`loftq_config.loftq_iter`) when `init_lora_weights = "loftq"`.
     #[serde(default = "d_one")]
     pub loftq_iter: usize,
@@ -503,7 +512,7 @@ pub struct SftReport {
 
 impl SftRunConfig {
     /// The adapter configuration.
-    pub fn adapter(&self) -> AdapterConfig {
+    pub fn adapter(&self) -> Result<AdapterConfig> {
         let mut cfg = AdapterConfig {
             r: self.r,
             lora_alpha: self.lora_alpha,
@@ -519,7 +528,7 @@ impl SftRunConfig {
         if self.init_lora_weights == "loftq" {
             cfg.set_loftq(self.loftq_iter);
         }
-        cfg
+        cfg.with_method(&self.peft_type, self.feedforward_modules.as_deref())
     }
 
     /// The tokenizer of the model (with the built-in template if asked for).
@@ -562,7 +571,7 @@ impl SftRunConfig {
     pub fn run(&self, resume: bool, overwrite: bool) -> Result<SftReport> {
         let tok = self.tokenizer()?;
         let train = self.rows(&self.data, &tok, self.packing)?;
-        let adapter = self.adapter();
+        let adapter = self.adapter()?;
         let model = LlamaForCausalLM::load(
             &self.model,
             crate::peft::AdapterPlan {

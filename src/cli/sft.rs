@@ -54,6 +54,12 @@ pub struct Args {
     /// true | false | gaussian | pissa | pissa_niter_K | olora | loftq.
     #[arg(long, default_value = "true")]
     init_lora_weights: String,
+    /// Adapter method: lora, ia3, loha, lokr or vera (--lora-alpha is LoHa/LoKr's alpha).
+    #[arg(long, default_value = "lora")]
+    peft_type: String,
+    /// IA3: modules whose input is scaled (comma-separated or a regex), e.g. down_proj.
+    #[arg(long)]
+    feedforward_modules: Option<String>,
     /// LoftQ rounds (with --init-lora-weights loftq).
     #[arg(long, default_value_t = 1)]
     loftq_iter: usize,
@@ -131,6 +137,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         use_rslora: a.use_rslora,
         init_lora_weights: a.init_lora_weights,
         loftq_iter: a.loftq_iter,
+        peft_type: a.peft_type,
+        feedforward_modules: a.feedforward_modules,
         quantize: a.quantize,
         full_finetune: a.full_finetune,
         chat_template: a.chat_template,

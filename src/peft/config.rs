@@ -299,6 +299,32 @@ impl AdapterConfig {
         }
     }
 
+    /// Makes this a `peft_type` adapter (`lora`, `ia3`, `loha`, `lokr`, `vera`, any case), with
+    /// IA3's `feedforward_modules` (a comma-separated list or a regex). Checks the result.
+    pub fn with_method(
+        mut self,
+        peft_type: &str,
+        feedforward_modules: Option<&str>,
+    ) -> Result<Self> {
+        self.peft_type = super::methods::Method::of(&peft_type.to_uppercase())?
+            .peft_type()
+            .into();
+        if let Some(ff) = feedforward_modules {
+            if self.peft_type != "IA3" {
+                return Err(Error::Config(
+                    "feedforward_modules is an IA3 setting".into(),
+                ));
+            }
+            let spec = ModuleSpec::parse_cli(ff);
+            self.extra.insert(
+                "feedforward_modules".into(),
+                serde_json::to_value(&spec).map_err(|e| Error::Msg(e.to_string()))?,
+            );
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
     /// Sets `init_lora_weights = "loftq"` with `loftq_iter` rounds.
     pub fn set_loftq(&mut self, iter: usize) {
         self.init_lora_weights = InitSpec::Method("loftq".into());
