@@ -402,6 +402,18 @@ impl AdapterConfig {
                 "decompose_factor",
                 "rank_dropout_scale",
             ],
+            super::methods::Method::Adalora => &[
+                "target_r",
+                "init_r",
+                "tinit",
+                "tfinal",
+                "deltaT",
+                "beta1",
+                "beta2",
+                "orth_reg_weight",
+                "total_step",
+                "adalora_rank_pattern",
+            ],
             super::methods::Method::Vera => &[
                 "projection_prng_key",
                 "save_projection",
@@ -549,8 +561,20 @@ impl AdapterConfig {
     /// Reads `adapter_config.json`, with errors naming the file and field.
     pub fn from_json_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut cfg: Self =
+        let mut raw: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        // AdaLoRA's rank_pattern is a kept-rank mask per `<module>.lora_E`, not a rank.
+        if raw["peft_type"] == "ADALORA" {
+            if let Some(m) = raw.as_object_mut() {
+                if let Some(rp) = m.remove("rank_pattern") {
+                    if !rp.is_null() {
+                        m.insert("adalora_rank_pattern".into(), rp);
+                    }
+                }
+            }
+        }
+        let mut cfg: Self =
+            serde_json::from_value(raw).map_err(|e| Error::format(path, e.to_string()))?;
         // LoHa / LoKr call alpha `alpha`.
         if matches!(cfg.peft_type.as_str(), "LOHA" | "LOKR") {
             if let Some(a) = cfg.extra.remove("alpha") {
@@ -577,15 +601,31 @@ impl AdapterConfig {
             "lora_bias",
         ];
         if let (Some(m), false) = (v.as_object_mut(), self.peft_type == "LORA") {
+            let adalora = self.peft_type == "ADALORA";
             for k in lora_only {
-                m.remove(k);
+                if !adalora {
+                    m.remove(k);
+                }
             }
             if let Some(a) = m.remove("lora_alpha") {
+                if adalora {
+                    m.insert("lora_alpha".into(), a.clone());
+                }
                 if matches!(self.peft_type.as_str(), "LOHA" | "LOKR") {
                     m.insert("alpha".into(), a);
                 }
             }
+            if self.peft_type == "ADALORA" {
+                let rp = m
+                    .remove("adalora_rank_pattern")
+                    .unwrap_or(serde_json::Value::Null);
+                m.insert("rank_pattern".into(), rp);
+                for k in ["lora_alpha_", "alpha"] {
+                    m.remove(k);
+                }
+            }
             match self.peft_type.as_str() {
+                "ADALORA" => {}
                 "IA3" => {
                     for k in ["r", "rank_pattern", "alpha_pattern"] {
                         m.remove(k);

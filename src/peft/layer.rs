@@ -984,14 +984,17 @@ impl AdaptedLayer {
         }
         let dims = self.weight.dims().to_vec();
         for (name, o) in others {
-            if let OtherAdapter::Vera { dropout, .. } = o {
+            if let OtherAdapter::Vera { dropout, .. } | OtherAdapter::Adalora { dropout, .. } = o {
                 let xd = if ctx.train && *dropout > 0.0 {
                     let mask = ctx.dropout_mask(&self.path, x.dims(), *dropout, x.device())?;
                     x.mul(&mask.to_dtype(x.dtype())?)?
                 } else {
                     x.clone()
                 };
-                y = (y + o.vera_activation(&xd)?)?;
+                y = match o {
+                    OtherAdapter::Vera { .. } => (y + o.vera_activation(&xd)?)?,
+                    _ => (y + o.adalora_activation(&xd)?)?,
+                };
                 continue;
             }
             let Some(d) = o.delta(&dims)? else { continue };

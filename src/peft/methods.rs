@@ -35,6 +35,8 @@ pub enum Method {
     Lokr,
     /// VeRA.
     Vera,
+    /// AdaLoRA.
+    Adalora,
 }
 
 impl Method {
@@ -46,8 +48,9 @@ impl Method {
             "LOHA" => Ok(Self::Loha),
             "LOKR" => Ok(Self::Lokr),
             "VERA" => Ok(Self::Vera),
+            "ADALORA" => Ok(Self::Adalora),
             other => Err(Error::Config(format!(
-                "peft_type {other} is not supported (LORA, IA3, LOHA, LOKR, VERA)"
+                "peft_type {other} is not supported (LORA, ADALORA, IA3, LOHA, LOKR, VERA)"
             ))),
         }
     }
@@ -59,6 +62,7 @@ impl Method {
             Self::Loha => "LOHA",
             Self::Lokr => "LOKR",
             Self::Vera => "VERA",
+            Self::Adalora => "ADALORA",
         }
     }
 }
@@ -112,6 +116,19 @@ pub enum OtherAdapter {
         dropout: f64,
         /// (out, in) of the layer.
         dims: (usize, usize),
+    },
+    /// AdaLoRA: `y += x (A ⊙ E)ᵀ Bᵀ · α / (ranknum + 1e-5)` (see [`super::adalora`]).
+    Adalora {
+        /// lora_A (r, in).
+        a: Var,
+        /// lora_B (out, r).
+        b: Var,
+        /// lora_E (r, 1).
+        e: Var,
+        /// α / (ranknum + 1e-5).
+        scale: f64,
+        /// lora_dropout.
+        dropout: f64,
     },
     /// LoKr.
     Lokr {
@@ -220,6 +237,47 @@ impl OtherAdapter {
         }
         let scale = alpha / r.max(1) as f64;
         Ok(match method {
+            Method::Adalora => {
+                if dims.len() != 2 {
+                    return Err(Error::Config(format!(
+                        "{path}: AdaLoRA adapts linear layers only here"
+                    )));
+                }
+                // PEFT builds every layer at init_r (rank_pattern, once saved, gives the kept
+                // ranks of a trained adapter).
+                let r = super::adalora::AdaloraSettings::from_config(cfg)?.init_r;
+                let r = match cfg
+                    .extra
+                    .get("adalora_rank_pattern")
+                    .and_then(|p| p.get(format!("{path}.lora_E")))
+                {
+                    Some(serde_json::Value::Array(mask)) => {
+                        mask.iter().filter(|m| m.as_bool() == Some(true)).count()
+                    }
+                    _ => r,
+                };
+                let (e, a, b) = if init {
+                    (
+                        Tensor::zeros((r, 1), DType::F32, &dev)?,
+                        super::init::normal(&[r, inn], 0.02, &mut rng)?,
+                        super::init::normal(&[out, r], 0.02, &mut rng)?,
+                    )
+                } else {
+                    (
+                        super::init::normal(&[r, 1], 1.0, &mut rng)?,
+                        super::init::normal(&[r, inn], 1.0, &mut rng)?,
+                        super::init::normal(&[out, r], 1.0, &mut rng)?,
+                    )
+                };
+                let ranknum = super::adalora::AdaloraSettings::from_config(cfg)?.init_r as f64;
+                OtherAdapter::Adalora {
+                    a: var(a)?,
+                    b: var(b)?,
+                    e: var(e)?,
+                    scale: alpha / (ranknum + 1e-5),
+                    dropout: cfg.lora_dropout,
+                }
+            }
             Method::Vera => {
                 if dims.len() != 2 {
                     return Err(Error::Config(format!(
@@ -349,6 +407,10 @@ impl OtherAdapter {
     pub fn delta(&self, dims: &[usize]) -> Result<Option<Tensor>> {
         Ok(match self {
             OtherAdapter::Ia3 { .. } => None,
+            OtherAdapter::Adalora { a, b, e, scale, .. } => {
+                let ae = a.as_tensor().broadcast_mul(e.as_tensor())?;
+                Some((b.as_tensor().matmul(&ae)? * *scale)?.reshape(dims)?)
+            }
             OtherAdapter::Vera {
                 lambda_d, lambda_b, ..
             } => {
@@ -397,10 +459,22 @@ impl OtherAdapter {
         Ok(super::ops::plain_linear(&h, &b)?.broadcast_mul(lambda_b.as_tensor())?)
     }
 
+    /// AdaLoRA's adapter path for an input already through dropout.
+    pub fn adalora_activation(&self, x: &Tensor) -> Result<Tensor> {
+        let OtherAdapter::Adalora { a, b, e, scale, .. } = self else {
+            return Err(Error::Msg("not an AdaLoRA adapter".into()));
+        };
+        let ae = a.as_tensor().broadcast_mul(e.as_tensor())?;
+        let h = super::ops::plain_linear(x, &ae)?;
+        Ok((super::ops::plain_linear(&h, b.as_tensor())? * *scale)?)
+    }
+
     /// Probability of skipping this adapter in a training step.
     pub fn module_dropout(&self) -> f64 {
         match self {
-            OtherAdapter::Ia3 { .. } | OtherAdapter::Vera { .. } => 0.0,
+            OtherAdapter::Ia3 { .. } | OtherAdapter::Vera { .. } | OtherAdapter::Adalora { .. } => {
+                0.0
+            }
             OtherAdapter::Loha { module_dropout, .. }
             | OtherAdapter::Lokr { module_dropout, .. } => *module_dropout,
         }
@@ -411,6 +485,9 @@ impl OtherAdapter {
     pub fn params(&self) -> Vec<(&'static str, &Var)> {
         match self {
             OtherAdapter::Ia3 { l, .. } => vec![("ia3_l", l)],
+            OtherAdapter::Adalora { a, b, e, .. } => {
+                vec![("lora_A", a), ("lora_B", b), ("lora_E", e)]
+            }
             OtherAdapter::Vera {
                 lambda_d, lambda_b, ..
             } => vec![("vera_lambda_b", lambda_b), ("vera_lambda_d", lambda_d)],

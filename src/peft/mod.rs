@@ -28,6 +28,7 @@
 //! # }
 //! ```
 
+pub mod adalora;
 pub mod combine;
 pub mod config;
 pub mod formats;

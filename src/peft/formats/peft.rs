@@ -68,11 +68,33 @@ pub fn save(
                 tensors.insert("base_model.vera_A".into(), va.clone());
                 tensors.insert("base_model.vera_B".into(), vb.clone());
             }
+            // AdaLoRA: only the kept ranks are saved, as PEFT's resize_state_dict_by_rank_pattern.
+            let keep: Option<Vec<u32>> = cfg
+                .extra
+                .get("adalora_rank_pattern")
+                .and_then(|p| p.get(format!("{}.lora_E", l.path())))
+                .and_then(|m| m.as_array())
+                .map(|m| {
+                    m.iter()
+                        .enumerate()
+                        .filter(|(_, b)| b.as_bool() == Some(true))
+                        .map(|(i, _)| i as u32)
+                        .collect()
+                });
             for (param, v) in o.params() {
-                tensors.insert(
-                    format!("base_model.model.{}.{param}", l.path()),
-                    v.as_tensor().clone(),
-                );
+                let mut t = v.as_tensor().clone();
+                if let Some(idx) = &keep {
+                    let full = if param == "lora_B" {
+                        t.dim(1)?
+                    } else {
+                        t.dim(0)?
+                    };
+                    if idx.len() != full {
+                        let ix = Tensor::new(idx.as_slice(), t.device())?;
+                        t = t.index_select(&ix, if param == "lora_B" { 1 } else { 0 })?;
+                    }
+                }
+                tensors.insert(format!("base_model.model.{}.{param}", l.path()), t);
             }
             continue;
         }
