@@ -183,3 +183,100 @@ fn the_forgetting_monitor_can_stop_a_run_and_empty_data_is_refused() {
         .to_string();
     assert!(e.contains("forgetting"), "{e}");
 }
+
+fn adalora_model(vocab: usize) -> (LlamaForCausalLM, AdapterConfig) {
+    let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128, "rope_theta": 10000.0
+    }))
+    .unwrap();
+    let mut a = AdapterConfig::lora(8, 16.0, &[]);
+    a.target_modules = Some(postforge::peft::config::ModuleSpec::Regex(
+        "all-linear".into(),
+    ));
+    a.peft_type = "ADALORA".into();
+    for (k, v) in [
+        ("init_r", 6),
+        ("target_r", 3),
+        ("tinit", 2),
+        ("tfinal", 3),
+        ("total_step", 12),
+    ] {
+        a.extra.insert(k.into(), serde_json::json!(v));
+    }
+    a.validate().unwrap();
+    let w = Weights::fresh(5, AdapterPlan::single(a.clone(), 1).unwrap());
+    (LlamaForCausalLM::new(&cfg, &w).unwrap(), a)
+}
+
+#[test]
+fn adalora_sft_prunes_to_the_target_budget_saves_its_pattern_and_resumes_exactly() {
+    let tok = tokenizer();
+    let d = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        learning_rate: 5e-3,
+        max_steps: 12,
+        output_dir: d.path().join("run"),
+        save_steps: 4,
+        ..Default::default()
+    };
+    let (m, a) = adalora_model(tok.vocab_size());
+    let mut task = SftTask::new(m, a, rows(&tok, 0..64, true), 4, tok.pad_id, 3).unwrap();
+    let s = Trainer::new(cfg.clone())
+        .unwrap()
+        .train(&mut task, false)
+        .unwrap();
+    assert!(
+        s.last_loss < s.first_loss,
+        "{} -> {}",
+        s.first_loss,
+        s.last_loss
+    );
+    // 14 layers × target_r 3 ranks survive, the rest of E is zero; the config says which.
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(s.adapter_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["peft_type"], "ADALORA");
+    let pattern = saved["rank_pattern"].as_object().unwrap();
+    assert_eq!(pattern.len(), 14);
+    let kept: usize = pattern
+        .values()
+        .map(|m| {
+            m.as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| b == &&serde_json::json!(true))
+                .count()
+        })
+        .sum();
+    assert_eq!(kept, 14 * 3);
+    let st = postforge::util::SafeTensors::read(s.adapter_dir.join("adapter_model.safetensors"))
+        .unwrap();
+    let e_rows: usize = st
+        .keys()
+        .filter(|k| k.ends_with("lora_E"))
+        .map(|k| st.get(k).unwrap().dim(0).unwrap())
+        .sum();
+    assert_eq!(e_rows, kept, "saved tensors are cut to the kept ranks");
+    // Interrupted at step 8 and resumed (allocator state from the checkpoint): the same factors.
+    let (m2, a2) = adalora_model(tok.vocab_size());
+    let mut t2 = SftTask::new(m2, a2, rows(&tok, 0..64, true), 4, tok.pad_id, 3).unwrap();
+    std::fs::remove_dir_all(d.path().join("run/checkpoint-12")).unwrap();
+    let s2 = Trainer::new(cfg).unwrap().train(&mut t2, true).unwrap();
+    assert_eq!(s2.resumed_from, Some(8));
+    for ((n, x), (_, y)) in task.trainable().iter().zip(&t2.trainable()) {
+        let dlt: f32 = (x.as_tensor() - y.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(dlt < 1e-6, "{n}: resumed differs by {dlt}");
+    }
+}

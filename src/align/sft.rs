@@ -13,6 +13,7 @@ use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::Rng;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -80,6 +81,8 @@ pub struct SftTask {
     /// Save the whole merged model folder with these extra files (full training) instead of a
     /// PEFT adapter.
     full_model_files: Option<Vec<(String, Vec<u8>)>>,
+    /// AdaLoRA's rank allocator (adapter `default` of type ADALORA).
+    adalora: Option<crate::peft::adalora::RankAllocator>,
 }
 
 impl SftTask {
@@ -98,7 +101,17 @@ impl SftTask {
         if batch_size == 0 {
             return Err(Error::Config("batch size must be positive".into()));
         }
+        let adalora = if adapter.peft_type == "ADALORA" {
+            Some(crate::peft::adalora::RankAllocator::new(
+                &model.layers(),
+                "default",
+                crate::peft::adalora::AdaloraSettings::from_config(&adapter)?,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
+            adalora,
             model,
             adapter,
             rows,
@@ -276,7 +289,47 @@ impl Task for SftTask {
                 "micro-batch {cursor} has no learned tokens (every completion was truncated away?)"
             )));
         }
-        self.batch_loss(&b, ctx)
+        let loss = self.batch_loss(&b, ctx)?;
+        match &self.adalora {
+            Some(a) => {
+                match crate::peft::adalora::orth_regularizer(&self.model.layers(), "default")? {
+                    Some(reg) => Ok((loss + (reg * a.settings.orth_reg_weight)?)?),
+                    None => Ok(loss),
+                }
+            }
+            None => Ok(loss),
+        }
+    }
+
+    fn after_update(&mut self, step: usize, grads: &BTreeMap<String, Tensor>) -> Result<()> {
+        if let Some(a) = &mut self.adalora {
+            // PEFT's update_and_allocate(global_step) counts steps from 0.
+            a.update_and_allocate(&mut self.model.layers_mut(), step - 1, grads)?;
+        }
+        Ok(())
+    }
+
+    fn task_state(&self) -> Result<(BTreeMap<String, Tensor>, serde_json::Value)> {
+        Ok(match &self.adalora {
+            Some(a) => {
+                let (t, p) = a.state();
+                (t, serde_json::json!({ "adalora_rank_pattern": p }))
+            }
+            None => (BTreeMap::new(), serde_json::Value::Null),
+        })
+    }
+
+    fn load_task_state(
+        &mut self,
+        tensors: &BTreeMap<String, Tensor>,
+        json: &serde_json::Value,
+    ) -> Result<()> {
+        if let Some(a) = &mut self.adalora {
+            let p = serde_json::from_value(json["adalora_rank_pattern"].clone())
+                .map_err(|e| Error::Msg(format!("checkpoint AdaLoRA state: {e}")))?;
+            a.set_state(tensors, p);
+        }
+        Ok(())
     }
 
     fn save_adapter(&self, dir: &Path) -> Result<()> {
@@ -287,11 +340,20 @@ impl Task for SftTask {
             }
             return Ok(());
         }
+        let mut cfg = self.adapter.clone();
+        if let Some(p) = self.adalora.as_ref().and_then(|a| a.rank_pattern.as_ref()) {
+            let rp: serde_json::Map<String, serde_json::Value> = p
+                .iter()
+                .map(|(k, v)| (format!("{k}.lora_E"), serde_json::json!(v)))
+                .collect();
+            cfg.extra
+                .insert("adalora_rank_pattern".into(), serde_json::Value::Object(rp));
+        }
         save(
             dir,
             &self.model.layers(),
             "default",
-            &self.adapter,
+            &cfg,
             SaveOptions::default(),
         )
     }
@@ -571,7 +633,19 @@ impl SftRunConfig {
     pub fn run(&self, resume: bool, overwrite: bool) -> Result<SftReport> {
         let tok = self.tokenizer()?;
         let train = self.rows(&self.data, &tok, self.packing)?;
-        let adapter = self.adapter()?;
+        let mut adapter = self.adapter()?;
+        if adapter.peft_type == "ADALORA" && !adapter.extra.contains_key("total_step") {
+            let steps = self.max_steps.unwrap_or(
+                (self.num_train_epochs
+                    * train
+                        .len()
+                        .div_ceil(self.per_device_train_batch_size.max(1)))
+                    / self.gradient_accumulation_steps.max(1),
+            );
+            adapter
+                .extra
+                .insert("total_step".into(), serde_json::json!(steps));
+        }
         let model = LlamaForCausalLM::load(
             &self.model,
             crate::peft::AdapterPlan {

@@ -43,6 +43,24 @@ pub trait Task {
     fn after_step(&mut self, _step: usize, _output_dir: &Path) -> Result<()> {
         Ok(())
     }
+    /// Called right after optimizer step `step` (from 1), before any checkpoint, with the
+    /// gradients it applied (clipping included), e.g. AdaLoRA's rank allocation. Default: nothing.
+    fn after_update(&mut self, _step: usize, _grads: &BTreeMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
+    /// State beyond the trainable tensors that a checkpoint must keep for an exact resume
+    /// (tensors and JSON). Default: none.
+    fn task_state(&self) -> Result<(BTreeMap<String, Tensor>, serde_json::Value)> {
+        Ok((BTreeMap::new(), serde_json::Value::Null))
+    }
+    /// Restores [`Self::task_state`].
+    fn load_task_state(
+        &mut self,
+        _tensors: &BTreeMap<String, Tensor>,
+        _json: &serde_json::Value,
+    ) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Trainer settings.
@@ -221,6 +239,11 @@ impl Trainer {
             None,
         )?;
         task.save_adapter(&tmp.join("adapter"))?;
+        let (ts, tj) = task.task_state()?;
+        if !ts.is_empty() || !tj.is_null() {
+            save_safetensors(&tmp.join("task_state.safetensors"), &ts, None)?;
+            write_atomic(&tmp.join("task_state.json"), tj.to_string().as_bytes())?;
+        }
         let json = serde_json::to_string_pretty(state).map_err(|e| Error::Msg(e.to_string()))?;
         write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
         // Move an existing checkpoint of the same step aside before replacing it, so that one
@@ -248,7 +271,7 @@ impl Trainer {
     fn load_checkpoint(
         &self,
         dir: &Path,
-        task: &dyn Task,
+        task: &mut dyn Task,
         opt: &mut AdamW,
     ) -> Result<TrainerState> {
         let sp = dir.join("trainer_state.json");
@@ -301,6 +324,15 @@ impl Trainer {
         let op = dir.join("optimizer.safetensors");
         let ot = SafeTensors::read(&op)?.into_tensors();
         opt.load_state(&ot, state.step as u64, &op)?;
+        let tsp = dir.join("task_state.json");
+        if tsp.exists() {
+            let text = std::fs::read_to_string(&tsp).map_err(|e| Error::io(&tsp, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::format(&tsp, e.to_string()))?;
+            let tensors = SafeTensors::read(dir.join("task_state.safetensors"))?.into_tensors();
+            let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+            task.load_task_state(&tensors, &json)?;
+        }
         Ok(state)
     }
 
@@ -452,6 +484,12 @@ impl Trainer {
             let lr = sched.lr(state.step);
             opt.step(&acc, lr, scale)?;
             state.step += 1;
+            if scale != 1.0 {
+                for g in acc.values_mut() {
+                    *g = (&*g * scale)?;
+                }
+            }
+            task.after_update(state.step, &acc)?;
             if first_loss.is_nan() {
                 first_loss = loss;
             }
