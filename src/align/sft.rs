@@ -493,6 +493,17 @@ pub struct SftRunConfig {
     /// IA3's feed-forward modules (their input is scaled rather than their output).
     #[serde(default)]
     pub feedforward_modules: Option<String>,
+    /// Modules trained in full beside the adapter (comma-separated names, e.g. `embed_tokens`,
+    /// as LongLoRA trains the embeddings).
+    #[serde(default)]
+    pub modules_to_save: Option<String>,
+    /// LongLoRA: shifted sparse attention in training with groups of this share of the sequence
+    /// (the paper's 0.25). Packing must be off.
+    #[serde(default)]
+    pub s2_attn_group_ratio: Option<f64>,
+    /// LongLoRA: position interpolation, linear RoPE scaling by this factor (context × factor).
+    #[serde(default)]
+    pub position_interpolation: Option<f64>,
     /// LoftQ rounds (`loftq_config.loftq_iter`) when `init_lora_weights = "loftq"`.
     #[serde(default = "d_one")]
     pub loftq_iter: usize,
@@ -590,6 +601,14 @@ impl SftRunConfig {
         if self.init_lora_weights == "loftq" {
             cfg.set_loftq(self.loftq_iter);
         }
+        if let Some(m) = &self.modules_to_save {
+            cfg.modules_to_save = Some(
+                m.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            );
+        }
         cfg.with_method(&self.peft_type, self.feedforward_modules.as_deref())
     }
 
@@ -646,7 +665,7 @@ impl SftRunConfig {
                 .extra
                 .insert("total_step".into(), serde_json::json!(steps));
         }
-        let model = LlamaForCausalLM::load(
+        let mut model = LlamaForCausalLM::load(
             &self.model,
             crate::peft::AdapterPlan {
                 full_training: self.full_finetune,
@@ -654,6 +673,15 @@ impl SftRunConfig {
                     .quantized(crate::peft::quant::QuantSpec::parse(&self.quantize)?)
             },
         )?;
+        if let Some(f) = self.position_interpolation {
+            model.set_position_interpolation(f)?;
+        }
+        if self.s2_attn_group_ratio.is_some() && self.packing {
+            return Err(Error::Config(
+                "s2_attn_group_ratio (S²-Attn) needs packing off: groups would mix packed sequences".into(),
+            ));
+        }
+        model.set_shifted_sparse_attention(self.s2_attn_group_ratio);
         let trainable: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
         let (base_bytes, base_params) = model.layers().iter().fold((0, 0), |(b, n), l| {
             let w = l.base_weight();

@@ -60,6 +60,15 @@ pub struct Args {
     /// IA3: modules whose input is scaled (comma-separated or a regex), e.g. down_proj.
     #[arg(long)]
     feedforward_modules: Option<String>,
+    /// Modules trained in full beside the adapter (comma-separated, e.g. embed_tokens).
+    #[arg(long)]
+    modules_to_save: Option<String>,
+    /// LongLoRA: shifted sparse attention in training, groups of this share of the sequence (0.25).
+    #[arg(long)]
+    s2_attn_group_ratio: Option<f64>,
+    /// LongLoRA: position interpolation (linear RoPE scaling) by this factor.
+    #[arg(long)]
+    position_interpolation: Option<f64>,
     /// LoftQ rounds (with --init-lora-weights loftq).
     #[arg(long, default_value_t = 1)]
     loftq_iter: usize,
@@ -139,6 +148,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         loftq_iter: a.loftq_iter,
         peft_type: a.peft_type,
         feedforward_modules: a.feedforward_modules,
+        modules_to_save: a.modules_to_save,
+        s2_attn_group_ratio: a.s2_attn_group_ratio,
+        position_interpolation: a.position_interpolation,
         quantize: a.quantize,
         full_finetune: a.full_finetune,
         chat_template: a.chat_template,

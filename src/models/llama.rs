@@ -299,6 +299,98 @@ pub struct LlamaForCausalLM {
     norm: Tensor,
     lm_head: AdaptedLinear,
     inv_freq: Vec<f32>,
+    /// LongLoRA's shifted sparse attention in training: the share of the sequence per group.
+    s2_attn: Option<f64>,
+}
+
+/// `torch.roll(x, shift, dim)`: element i moves to (i + shift) mod n.
+fn roll(x: &Tensor, shift: i64, dim: usize) -> Result<Tensor> {
+    let n = x.dim(dim)? as i64;
+    let s = shift.rem_euclid(n.max(1)) as usize;
+    if s == 0 {
+        return Ok(x.clone());
+    }
+    let n = n as usize;
+    Ok(Tensor::cat(
+        &[x.narrow(dim, n - s, s)?, x.narrow(dim, 0, n - s)?],
+        dim,
+    )?)
+}
+
+/// LongLoRA's shifted sparse attention (S²-Attn, Chen et al. 2024) over q, k, v (B, H, T, D):
+/// the sequence is cut into `round(1/ratio)` groups that attend causally within themselves; the
+/// second half of the heads works on the sequence rolled back by half a group (so information
+/// flows between neighbouring groups), and its output is rolled forward again. As in the
+/// official code the causal order is the order inside the group. A length that does not divide
+/// into the groups is padded internally (padded keys are masked); `valid` (B·T, 1 = real token)
+/// masks padding keys. Returns (B, T, H·D).
+pub fn shifted_sparse_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    ratio: f64,
+    valid: Option<&[u32]>,
+) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    if !(ratio > 0.0 && ratio <= 1.0) {
+        return Err(Error::Config(format!(
+            "S²-Attn group size ratio {ratio} must be in (0, 1]"
+        )));
+    }
+    let ng = ((1.0 / ratio).round() as usize).clamp(1, t.max(1));
+    let g = t.div_ceil(ng);
+    let tp = g * ng;
+    let padt = |x: &Tensor| -> Result<Tensor> {
+        Ok(if tp > t {
+            x.pad_with_zeros(2, 0, tp - t)?
+        } else {
+            x.clone()
+        })
+    };
+    let (q, k, v) = (padt(q)?, padt(k)?, padt(v)?);
+    let half = nh / 2;
+    let mut outs = vec![];
+    for (h0, h1, shift) in [(0, half, 0usize), (half, nh, g / 2)] {
+        if h0 == h1 {
+            continue;
+        }
+        let nhh = h1 - h0;
+        let sel = |x: &Tensor| -> Result<Tensor> {
+            let x = x.narrow(1, h0, nhh)?;
+            let x = roll(&x, -(shift as i64), 2)?;
+            // (B, h, Tp, D) -> (B·groups, h, g, D)
+            Ok(x.transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * ng, g, nhh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (qg, kg, vg) = (sel(&q)?, sel(&k)?, sel(&v)?);
+        const NEG: f32 = -1e30;
+        let mut m = vec![0f32; b * ng * g * g];
+        for bi in 0..b {
+            for gi in 0..ng {
+                for i in 0..g {
+                    for j in 0..g {
+                        let orig = (gi * g + j + shift) % tp;
+                        let ok = j <= i && orig < t && valid.is_none_or(|v| v[bi * t + orig] != 0);
+                        if !ok {
+                            m[((bi * ng + gi) * g + i) * g + j] = NEG;
+                        }
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (b * ng, 1, g, g), q.device())?;
+        let scores = qg.matmul(&kg.t()?.contiguous()?)?;
+        let a =
+            scaled_masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), Some(&mask))?.matmul(&vg)?;
+        // (B·groups, h, g, D) -> (B, Tp, h, D), rolled back.
+        let a = a.transpose(1, 2)?.contiguous()?.reshape((b, tp, nhh, hd))?;
+        outs.push(roll(&a, shift as i64, 1)?);
+    }
+    let a = Tensor::cat(&outs, 2)?;
+    Ok(a.narrow(1, 0, t)?.contiguous()?.reshape((b, t, nh * hd))?)
 }
 
 /// The safetensors files of a model folder (`model.safetensors` or the shards named in
@@ -363,9 +455,40 @@ impl LlamaForCausalLM {
             lm_head,
             inv_freq: cfg.inv_freq()?,
             cfg: cfg.clone(),
+            s2_attn: None,
         };
         w.plan.finish(&mut m.layers_mut())?;
         Ok(m)
+    }
+
+    /// LongLoRA: shifted sparse attention in training forwards, with groups of `ratio` of the
+    /// sequence (the paper's 1/4); `None` turns it off. Inference always attends in full.
+    pub fn set_shifted_sparse_attention(&mut self, ratio: Option<f64>) {
+        self.s2_attn = ratio;
+    }
+
+    /// Position interpolation (Chen et al. 2023), as LongLoRA extends context: linear RoPE
+    /// scaling by `factor` (positions divided by it) and `max_position_embeddings` times it.
+    /// Written into the config, so that saved and merged models keep it.
+    pub fn set_position_interpolation(&mut self, factor: f64) -> Result<()> {
+        if !(factor >= 1.0) {
+            return Err(Error::Config(format!(
+                "position interpolation factor {factor} must be at least 1"
+            )));
+        }
+        let (theta, current) = self.cfg.rope()?;
+        self.cfg.rope_theta = Some(theta);
+        if !matches!(current, RopeScaling::Default) {
+            return Err(Error::Config(
+                "the model already has RoPE scaling; position interpolation stacks only on plain RoPE".into(),
+            ));
+        }
+        self.cfg.rope_scaling = Some(serde_json::json!({"type": "linear", "factor": factor}));
+        self.cfg.rope_parameters = None;
+        self.cfg.max_position_embeddings =
+            (self.cfg.max_position_embeddings as f64 * factor).round() as usize;
+        self.inv_freq = self.cfg.inv_freq()?;
+        Ok(())
     }
 
     /// Loads a Hugging Face model folder.
@@ -431,6 +554,12 @@ impl LlamaForCausalLM {
                 .repeat((b, 1))?,
         };
         let mask = self.mask(b, t, past, inputs, &dev)?;
+        let valid: Option<Vec<u32>> = match (self.s2_attn, inputs.attention_mask) {
+            (Some(_), Some(m)) if m.dims() == [b, t] => {
+                Some(m.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?)
+            }
+            _ => None,
+        };
         let (nh, kvh, hd) = (
             self.cfg.num_attention_heads,
             self.cfg.kv_heads(),
@@ -465,12 +594,24 @@ impl LlamaForCausalLM {
             } else {
                 (k, v)
             };
-            let scores = q.matmul(&k.t()?.contiguous()?)?;
-            let a = scaled_masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), Some(&mask))?
-                .matmul(&v.contiguous()?)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, t, nh * hd))?;
+            let a = match (self.s2_attn, ctx.train, past, inputs.segment_ids) {
+                (Some(ratio), true, 0, None) => {
+                    shifted_sparse_attention(&q, &k, &v, ratio, valid.as_deref())?
+                }
+                (Some(_), true, 0, Some(_)) => {
+                    return Err(Error::Config(
+                        "shifted sparse attention (S²-Attn) cannot be used with packed sequences; turn packing off".into(),
+                    ))
+                }
+                _ => {
+                    let scores = q.matmul(&k.t()?.contiguous()?)?;
+                    scaled_masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), Some(&mask))?
+                        .matmul(&v.contiguous()?)?
+                        .transpose(1, 2)?
+                        .contiguous()?
+                        .reshape((b, t, nh * hd))?
+                }
+            };
             h = (h + l.o.forward(&a, ctx)?)?;
             let x = rms_norm(&h, &l.post_norm, eps)?;
             let m = (l.gate.forward(&x, ctx)?.silu()? * l.up.forward(&x, ctx)?)?;
