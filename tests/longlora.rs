@@ -179,7 +179,8 @@ fn longlora_trains_through_s2_attn_and_keeps_full_attention_at_inference() {
         assert!(s.is_finite() && s > 0.0, "{n}: {s}");
     }
     // Packed sequences and S²-Attn do not mix.
-    let seg = Tensor::zeros((2, 16), DType::U32, &Device::Cpu).unwrap();
+    let seg: Vec<u32> = (0..32).map(|i| (i % 16 >= 8) as u32).collect();
+    let seg = Tensor::from_vec(seg, (2, 16), &Device::Cpu).unwrap();
     let e = m
         .forward(
             &ids,
@@ -193,6 +194,19 @@ fn longlora_trains_through_s2_attn_and_keeps_full_attention_at_inference() {
         .expect("refused")
         .to_string();
     assert!(e.contains("packed"), "{e}");
+    // One segment per row (unpacked SFT batches carry segment ids too) is fine.
+    let one = Tensor::zeros((2, 16), DType::U32, &Device::Cpu).unwrap();
+    let fine = m
+        .forward(
+            &ids,
+            &Inputs {
+                segment_ids: Some(&one),
+                ..Default::default()
+            },
+            &ForwardCtx::train(0, 0),
+        )
+        .unwrap();
+    assert!(rel_err(&fine, &out) < 1e-6);
     // Position interpolation: linear RoPE scaling, context × 4, in the saved config.
     m.set_position_interpolation(4.0).unwrap();
     let scaled = m

@@ -560,6 +560,23 @@ impl LlamaForCausalLM {
             }
             _ => None,
         };
+        // Packed rows (several segments in one row) cannot go through S²-Attn's groups.
+        let packed = match (self.s2_attn, inputs.segment_ids) {
+            (Some(_), Some(sg)) => {
+                let v = sg.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+                v.iter().enumerate().any(|(bi, row)| {
+                    let ok = |i: usize| valid.as_ref().is_none_or(|m| m[bi * t + i] != 0);
+                    let mut ids = row
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| ok(*i))
+                        .map(|(_, s)| s);
+                    let first = ids.next();
+                    ids.any(|s| Some(s) != first)
+                })
+            }
+            _ => false,
+        };
         let (nh, kvh, hd) = (
             self.cfg.num_attention_heads,
             self.cfg.kv_heads(),
@@ -594,14 +611,14 @@ impl LlamaForCausalLM {
             } else {
                 (k, v)
             };
-            let a = match (self.s2_attn, ctx.train, past, inputs.segment_ids) {
-                (Some(ratio), true, 0, None) => {
+            let a = match (self.s2_attn, ctx.train, past) {
+                (Some(ratio), true, 0) => {
+                    if packed {
+                        return Err(Error::Config(
+                            "shifted sparse attention (S²-Attn) cannot be used with packed sequences; turn packing off".into(),
+                        ));
+                    }
                     shifted_sparse_attention(&q, &k, &v, ratio, valid.as_deref())?
-                }
-                (Some(_), true, 0, Some(_)) => {
-                    return Err(Error::Config(
-                        "shifted sparse attention (S²-Attn) cannot be used with packed sequences; turn packing off".into(),
-                    ))
                 }
                 _ => {
                     let scores = q.matmul(&k.t()?.contiguous()?)?;
