@@ -1,7 +1,7 @@
 //! LongLoRA on the Llama family: shifted sparse attention (S²-Attn) against a direct
 //! group-by-group computation of the paper's algorithm (including padding keys and a length that
 //! does not divide into the groups), gradients through it to every LoRA factor, full attention at
-//! inference, and position interpolation (linear RoPE scaling written into the config).
+//! inference, trainable embeddings and norms, and position interpolation (linear RoPE scaling written into the config).
 
 mod common;
 use candle_core::{DType, Device, Tensor, D};
@@ -134,7 +134,9 @@ fn longlora_trains_through_s2_attn_and_keeps_full_attention_at_inference() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/qwen2");
     let mut cfg = AdapterConfig::lora(4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj"]);
     cfg.init_lora_weights = InitSpec::Bool(false);
-    cfg.modules_to_save = Some(vec!["embed_tokens".into()]);
+    // LongLoRA trains the embeddings and the norms in full (PEFT's `endswith` rule: `norm` also
+    // names every `*_layernorm`).
+    cfg.modules_to_save = Some(vec!["embed_tokens".into(), "norm".into()]);
     let mut m = LlamaForCausalLM::load(&dir, AdapterPlan::single(cfg, 2).unwrap()).unwrap();
     let ids = ids(&[2, 16], 60);
     let eval = m

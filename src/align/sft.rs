@@ -511,8 +511,8 @@ pub struct SftRunConfig {
     /// or `none`. A checkpoint saved in 4 bits is read as NF4 whatever this says.
     #[serde(default = "d_quant")]
     pub quantize: String,
-    /// Train every linear layer and the embeddings in full instead of adapters (the baseline
-    /// adapters are compared with; RMSNorm weights stay frozen).
+    /// Train every weight in full (linear layers, embeddings, norms) instead of adapters: the
+    /// baseline adapters are compared with.
     #[serde(default)]
     pub full_finetune: bool,
     /// Built-in chat template for models without one.

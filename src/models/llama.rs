@@ -261,12 +261,12 @@ impl LlamaConfig {
 }
 
 struct Layer {
-    input_norm: Tensor,
+    input_norm: AdaptedLayer,
     q: AdaptedLinear,
     k: AdaptedLinear,
     v: AdaptedLinear,
     o: AdaptedLinear,
-    post_norm: Tensor,
+    post_norm: AdaptedLayer,
     gate: AdaptedLinear,
     up: AdaptedLinear,
     down: AdaptedLinear,
@@ -296,7 +296,7 @@ pub struct LlamaForCausalLM {
     cfg: LlamaConfig,
     embed: AdaptedEmbedding,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: AdaptedLayer,
     lm_head: AdaptedLinear,
     inv_freq: Vec<f32>,
     /// LongLoRA's shifted sparse attention in training: the share of the sequence per group.
@@ -411,7 +411,10 @@ impl LlamaForCausalLM {
             let p = format!("model.layers.{l}");
             let qb = cfg.qkv_bias();
             layers.push(Layer {
-                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[d])?,
+                input_norm: w.plan.norm(
+                    &format!("{p}.input_layernorm"),
+                    w.get(&format!("{p}.input_layernorm.weight"), &[d])?,
+                )?,
                 q: lin(&format!("{p}.self_attn.q_proj"), d, nh * hd, qb)?,
                 k: lin(&format!("{p}.self_attn.k_proj"), d, kv * hd, qb)?,
                 v: lin(&format!("{p}.self_attn.v_proj"), d, kv * hd, qb)?,
@@ -421,7 +424,10 @@ impl LlamaForCausalLM {
                     d,
                     cfg.attention_bias,
                 )?,
-                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                post_norm: w.plan.norm(
+                    &format!("{p}.post_attention_layernorm"),
+                    w.get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                )?,
                 gate: lin(
                     &format!("{p}.mlp.gate_proj"),
                     d,
@@ -451,7 +457,9 @@ impl LlamaForCausalLM {
         let mut m = Self {
             embed: w.plan.embedding("model.embed_tokens", emb_w)?,
             layers,
-            norm: w.get("model.norm.weight", &[d])?,
+            norm: w
+                .plan
+                .norm("model.norm", w.get("model.norm.weight", &[d])?)?,
             lm_head,
             inv_freq: cfg.inv_freq()?,
             cfg: cfg.clone(),
@@ -585,7 +593,7 @@ impl LlamaForCausalLM {
         let eps = self.cfg.rms_norm_eps;
         let mut h = self.embed.forward(&ids, ctx)?;
         for (li, l) in self.layers.iter().enumerate() {
-            let x = rms_norm(&h, &l.input_norm, eps)?;
+            let x = rms_norm(&h, &l.input_norm.effective_weight()?, eps)?;
             let heads = |y: Tensor, n: usize| -> Result<Tensor> {
                 Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
             };
@@ -630,14 +638,14 @@ impl LlamaForCausalLM {
                 }
             };
             h = (h + l.o.forward(&a, ctx)?)?;
-            let x = rms_norm(&h, &l.post_norm, eps)?;
+            let x = rms_norm(&h, &l.post_norm.effective_weight()?, eps)?;
             let m = (l.gate.forward(&x, ctx)?.silu()? * l.up.forward(&x, ctx)?)?;
             h = (h + l.down.forward(&m, ctx)?)?;
         }
         if let Some(c) = cache {
             c.len += t;
         }
-        rms_norm(&h, &self.norm, eps)
+        rms_norm(&h, &self.norm.effective_weight()?, eps)
     }
 
     /// Logits, extending `cache` (generation) when given.
@@ -716,22 +724,29 @@ impl Adapted for LlamaForCausalLM {
     fn layers(&self) -> Vec<&AdaptedLayer> {
         let mut v: Vec<&AdaptedLayer> = vec![&self.embed];
         for l in &self.layers {
-            v.extend([&*l.q, &*l.k, &*l.v, &*l.o, &*l.gate, &*l.up, &*l.down]);
+            v.push(&l.input_norm);
+            v.extend([&*l.q, &*l.k, &*l.v, &*l.o]);
+            v.push(&l.post_norm);
+            v.extend([&*l.gate, &*l.up, &*l.down]);
         }
+        v.push(&self.norm);
         v.push(&self.lm_head);
         v
     }
     fn layers_mut(&mut self) -> Vec<&mut AdaptedLayer> {
         let mut v: Vec<&mut AdaptedLayer> = vec![&mut self.embed];
         for l in &mut self.layers {
+            v.push(&mut l.input_norm);
             v.push(&mut l.q);
             v.push(&mut l.k);
             v.push(&mut l.v);
             v.push(&mut l.o);
+            v.push(&mut l.post_norm);
             v.push(&mut l.gate);
             v.push(&mut l.up);
             v.push(&mut l.down);
         }
+        v.push(&mut self.norm);
         v.push(&mut self.lm_head);
         v
     }
@@ -921,15 +936,6 @@ impl LlamaForCausalLM {
                 t.insert(format!("{}.bias", l.path()), b);
             }
         }
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            t.insert(format!("{p}.input_layernorm.weight"), l.input_norm.clone());
-            t.insert(
-                format!("{p}.post_attention_layernorm.weight"),
-                l.post_norm.clone(),
-            );
-        }
-        t.insert("model.norm.weight".into(), self.norm.clone());
         let mut tied = self.cfg.tie_word_embeddings;
         if tied {
             let same = match (t.get("lm_head.weight"), t.get("model.embed_tokens.weight")) {

@@ -844,8 +844,14 @@ impl candle_core::CustomOp2 for RmsNormOp {
             .apply_op3_no_bwd(x, w, &RmsNormBwd { eps: self.eps })?;
         let n = x.elem_count();
         let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let gw = packed.narrow(0, n, w.elem_count())?.reshape(w.shape())?;
-        Ok((Some(gx), Some(gw)))
+        // A frozen weight (a plain tensor) gets no gradient: candle would otherwise file one for
+        // every custom-op argument.
+        let gw = if w.track_op() {
+            Some(packed.narrow(0, n, w.elem_count())?.reshape(w.shape())?)
+        } else {
+            None
+        };
+        Ok((Some(gx), gw))
     }
 }
 

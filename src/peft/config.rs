@@ -233,6 +233,8 @@ pub enum ModuleKind {
     Conv2d,
     /// nn.Embedding.
     Embedding,
+    /// A norm layer (never adapted; `modules_to_save` only).
+    Norm,
 }
 
 /// What an adapter config says about one module.
@@ -521,7 +523,9 @@ impl AdapterConfig {
     /// PEFT never adapts a module that is, or lies inside, a `modules_to_save` module.
     fn inside_modules_to_save(&self, path: &str) -> Result<bool> {
         for m in self.modules_to_save.iter().flatten() {
-            let re = Regex::new(&format!(r"^(?:^|.*\.){m}(?:$|\..*)$"))
+            // PEFT's `key.endswith(name)` on module names (so `norm` also wraps
+            // `input_layernorm`), and everything inside a wrapped container.
+            let re = Regex::new(&format!(r"^.*{}(?:$|\..*)$", regex::escape(m)))
                 .map_err(|e| Error::Config(format!("bad modules_to_save entry `{m}`: {e}")))?;
             if re.is_match(path) {
                 return Ok(true);
@@ -530,7 +534,8 @@ impl AdapterConfig {
         Ok(false)
     }
 
-    /// Whether `path` is one of `modules_to_save` (exact or `.name` suffix).
+    /// Whether `path` is one of `modules_to_save` (its name ends with an entry, as PEFT's
+    /// `endswith` test) or lies inside one.
     pub fn saves_module(&self, path: &str) -> bool {
         // PEFT's rule: a container such as `classifier` makes every layer under it a trainable copy.
         self.inside_modules_to_save(path).unwrap_or(false)

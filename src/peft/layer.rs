@@ -83,6 +83,9 @@ pub enum BaseKind {
     Conv2d(ConvCfg),
     /// Embedding, weight (num_embeddings, dim).
     Embedding,
+    /// A norm's weight (dim): never adapted, trainable in full through `modules_to_save`
+    /// (LongLoRA trains the norms); the model applies it.
+    Norm,
 }
 
 impl BaseKind {
@@ -92,6 +95,7 @@ impl BaseKind {
             BaseKind::Linear => ModuleKind::Linear,
             BaseKind::Conv2d(_) => ModuleKind::Conv2d,
             BaseKind::Embedding => ModuleKind::Embedding,
+            BaseKind::Norm => ModuleKind::Norm,
         }
     }
 }
@@ -248,6 +252,7 @@ impl AdaptedLayer {
         let ok = match kind {
             BaseKind::Linear | BaseKind::Embedding => rank == 2,
             BaseKind::Conv2d(_) => rank == 4,
+            BaseKind::Norm => rank == 1,
         };
         if !ok {
             return Err(Error::Msg(format!(
@@ -285,6 +290,7 @@ impl AdaptedLayer {
         let w = w.to_dtype(DType::F32)?;
         Ok(match kind {
             BaseKind::Embedding => w.sqr()?.sum(0)?,
+            BaseKind::Norm => w.sqr()?,
             _ => w.flatten_from(1)?.sqr()?.sum(1)?,
         })
     }
@@ -379,6 +385,22 @@ impl AdaptedLayer {
                 "{}: weight {d:?} is not 4-D",
                 self.path
             ))),
+        }
+    }
+
+    fn norm_err(&self) -> Error {
+        Error::Msg(format!(
+            "{}: a norm weight is applied by its model and takes no adapters",
+            self.path
+        ))
+    }
+
+    /// The weight the model applies: the trained copy of a `modules_to_save` layer (while
+    /// adapters are enabled), else the base weight (dense).
+    pub fn effective_weight(&self) -> Result<Tensor> {
+        match (&self.saved, self.enabled) {
+            (Some(s), true) => Ok(s.weight.as_tensor().clone()),
+            _ => self.weight.dense(),
         }
     }
 
@@ -486,6 +508,7 @@ impl AdaptedLayer {
                 let (n, d) = self.dims2()?;
                 (vec![r, n], vec![d, r], vec![d])
             }
+            BaseKind::Norm => return Err(self.norm_err()),
         })
     }
 
@@ -497,6 +520,9 @@ impl AdaptedLayer {
                 "{}: adapter `{name}` already exists",
                 self.path
             )));
+        }
+        if self.kind == BaseKind::Norm {
+            return Err(self.norm_err());
         }
         let st = cfg.settings_for(&self.path)?;
         if Method::of(&cfg.peft_type)? != Method::Lora {
@@ -750,6 +776,7 @@ impl AdaptedLayer {
                 (b.reshape((o, r))?.matmul(&a2)? * s)?.reshape(self.weight.dims())?
             }
             BaseKind::Embedding => (b.matmul(&a)?.t()? * s)?.contiguous()?,
+            BaseKind::Norm => return Err(self.norm_err()),
         })
     }
 
@@ -809,6 +836,7 @@ impl AdaptedLayer {
                 let h = embed(&at, x)?;
                 ops::plain_linear(&h, ad.b.as_tensor())?
             }
+            BaseKind::Norm => return Err(self.norm_err()),
         };
         Ok((y * ad.scale)?)
     }
@@ -825,6 +853,7 @@ impl AdaptedLayer {
             BaseKind::Embedding => {
                 embed(w, x).map_err(|e| Error::Msg(format!("{}: {e}", self.path)))?
             }
+            BaseKind::Norm => return Err(self.norm_err()),
         })
     }
 
@@ -844,6 +873,7 @@ impl AdaptedLayer {
                 BaseKind::Embedding => {
                     embed(w, x).map_err(|e| Error::Msg(format!("{}: {e}", self.path)))?
                 }
+                BaseKind::Norm => return Err(self.norm_err()),
             };
             return self.add_bias(y, s.bias.as_ref().map(|v| v.as_tensor()));
         }
@@ -1005,8 +1035,11 @@ impl AdaptedLayer {
             let dy = match self.kind {
                 BaseKind::Linear => ops::plain_linear(x, &d)?,
                 BaseKind::Conv2d(c) => ops::conv2d(x, &d, c, true)?,
-                BaseKind::Embedding => {
-                    return Err(Error::Msg(format!("{}: {name} on an embedding", self.path)))
+                BaseKind::Embedding | BaseKind::Norm => {
+                    return Err(Error::Msg(format!(
+                        "{}: {name} on an embedding or norm",
+                        self.path
+                    )))
                 }
             };
             y = (y + dy)?;
@@ -1120,6 +1153,7 @@ impl AdaptedLayer {
             BaseKind::Linear => v.reshape((n, 1))?,
             BaseKind::Conv2d(_) => v.reshape((n, 1, 1, 1))?,
             BaseKind::Embedding => v.reshape((1, n))?,
+            BaseKind::Norm => v.clone(),
         })
     }
 

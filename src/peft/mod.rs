@@ -110,7 +110,9 @@ impl AdapterPlan {
             if cfg.saves_module(&path) {
                 layer.make_trainable_copy()?;
                 saved = true;
-            } else if cfg.targets(&path, layer.kind().module_kind(), head)? {
+            } else if layer.kind() != BaseKind::Norm
+                && cfg.targets(&path, layer.kind().module_kind(), head)?
+            {
                 layer.add_adapter(name, cfg, self.seed)?;
             }
         }
@@ -169,6 +171,10 @@ impl AdapterPlan {
         Ok(AdaptedLinear(
             self.apply(AdaptedLayer::new_nf4(path, weight, bias)?)?,
         ))
+    }
+    /// A norm weight at `path` (trainable in full when `modules_to_save` names it).
+    pub fn norm(&self, path: &str, weight: Tensor) -> Result<AdaptedLayer> {
+        self.apply(AdaptedLayer::new(path, BaseKind::Norm, weight, None)?)
     }
     /// An adapted embedding at `path`.
     pub fn embedding(&self, path: &str, weight: Tensor) -> Result<AdaptedEmbedding> {
