@@ -238,3 +238,50 @@ fn fresh_adapters_start_as_no_ops_and_every_tensor_trains_on_llama() {
         }
     }
 }
+
+#[test]
+fn loha_and_lokr_travel_in_lycoris_kohya_files() {
+    use postforge::peft::formats::lora_file::{LoraFile, LoraFormat};
+    for case in ["loha", "lokr", "lokr_both"] {
+        let io = SafeTensors::read(dir(case).join("io.safetensors")).unwrap();
+        let mut net = Net::new(&io);
+        peft_format::load(&dir(case), &mut net.layers(), "default").unwrap();
+        let mut f = LoraFile::default();
+        let layers: Vec<&AdaptedLayer> = vec![&net.lin1.0, &net.lin2.0, &net.conv.0, &net.conv1.0];
+        f.add_layers("unet", &layers, "default").unwrap();
+        assert_eq!(f.lycoris.len(), 4);
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("lycoris.safetensors");
+        f.write(&path, LoraFormat::Kohya).unwrap();
+        let st = SafeTensors::read(&path).unwrap();
+        let prefix = if case == "loha" {
+            ".hada_w1_a"
+        } else {
+            ".lokr_w"
+        };
+        assert!(
+            st.keys()
+                .any(|k| k.starts_with("lora_unet_lin1") && k.contains(prefix)),
+            "{case}"
+        );
+        assert!(st.keys().all(|k| !k.contains("lora_down")));
+        // The diffusers layout has no LoHa/LoKr: refused with the reason.
+        let e = f
+            .write(&tmp.path().join("d.safetensors"), LoraFormat::Diffusers)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kohya"), "{e}");
+        // Read back onto fresh layers: PEFT's outputs.
+        let (back, fmt) = LoraFile::read(&path, None).unwrap();
+        assert_eq!(fmt, LoraFormat::Kohya);
+        let mut fresh = Net::new(&io);
+        let n = back
+            .apply("unet", &mut fresh.layers(), "default", &path)
+            .unwrap();
+        assert_eq!(n, 4);
+        let (x, img) = (io.get("x").unwrap(), io.get("img").unwrap());
+        let (y2, c1) = fresh.forward(&x, &img, &ForwardCtx::eval());
+        let e = rel_err(&y2, &io.get("y2").unwrap()).max(rel_err(&c1, &io.get("c1").unwrap()));
+        assert!(e < 1e-5, "{case}: LyCORIS round trip {e:e}");
+    }
+}

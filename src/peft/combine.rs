@@ -447,6 +447,14 @@ impl AdapterSet {
             return Self::read_peft(path);
         }
         let (f, format) = LoraFile::read(path, None)?;
+        if let Some(k) = f.lycoris.keys().next() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "`{k}` is a LoHa/LoKr module: adapter arithmetic combines LoRA modules only"
+                ),
+            ));
+        }
         Ok(Self {
             modules: f.modules,
             embeddings: BTreeSet::new(),
@@ -641,6 +649,7 @@ impl AdapterSet {
             None => {
                 let f = LoraFile {
                     modules: self.modules.clone(),
+                    lycoris: Default::default(),
                     metadata: self.metadata.clone(),
                 };
                 let format = format.or(self.format).unwrap_or(LoraFormat::Kohya);

@@ -704,6 +704,27 @@ impl AdaptedLayer {
         Ok(())
     }
 
+    /// Inserts an IA3 / LoHa / LoKr / VeRA / AdaLoRA adapter built elsewhere (a loaded file).
+    pub fn insert_other(&mut self, name: &str, adapter: OtherAdapter) -> Result<()> {
+        if self.adapters.contains_key(name) || self.others.contains_key(name) {
+            return Err(Error::Msg(format!(
+                "{}: adapter `{name}` already exists",
+                self.path
+            )));
+        }
+        if self.kind == BaseKind::Embedding || self.kind == BaseKind::Norm {
+            return Err(Error::Msg(format!(
+                "{}: this adapter type takes linear and conv layers",
+                self.path
+            )));
+        }
+        self.others.insert(name.to_string(), adapter);
+        if !self.active.iter().any(|a| a == name) {
+            self.active.push(name.to_string());
+        }
+        Ok(())
+    }
+
     /// Makes this a `modules_to_save` layer: a trainable full copy of weight and bias.
     pub fn make_trainable_copy(&mut self) -> Result<()> {
         if self.saved.is_none() {

@@ -36,6 +36,88 @@ impl ModuleLora {
     }
 }
 
+/// A LyCORIS LoHa or LoKr module (kohya layout only): its tensors by LyCORIS name (`hada_w1_a`,
+/// ..., `lokr_w1`, `lokr_w2_a`, ...) and its alpha.
+#[derive(Debug, Clone)]
+pub struct LycorisModule {
+    /// Tensors by field name.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// Alpha (`None`: the file had none; LyCORIS then uses alpha = r, scale 1).
+    pub alpha: Option<f64>,
+}
+
+impl LycorisModule {
+    /// Whether this is LoHa (else LoKr).
+    pub fn is_loha(&self) -> bool {
+        self.tensors.keys().any(|k| k.starts_with("hada_"))
+    }
+
+    /// The rank LyCORIS scales by: LoHa's `hada_w1_b` rows; LoKr's decomposed factor's rank, or
+    /// `None` when both LoKr factors are full (LyCORIS then ignores alpha: scale 1).
+    pub fn rank(&self) -> Option<usize> {
+        let t = |k: &str| self.tensors.get(k).map(|t| t.dims()[0]);
+        if self.is_loha() {
+            t("hada_w1_b")
+        } else {
+            t("lokr_w1_b").or_else(|| t("lokr_w2_b"))
+        }
+    }
+
+    /// The scale α/r (LoKr with two full factors: 1).
+    pub fn scale(&self) -> f64 {
+        match self.rank() {
+            Some(r) => self.alpha.unwrap_or(r as f64) / r as f64,
+            None => 1.0,
+        }
+    }
+
+    /// The adapter for a layer.
+    pub fn to_adapter(
+        &self,
+        module: &str,
+        file: &Path,
+    ) -> Result<crate::peft::methods::OtherAdapter> {
+        use crate::peft::methods::{Factor, OtherAdapter};
+        let get = |k: &str| -> Result<Var> {
+            let t = self.tensors.get(k).ok_or_else(|| Error::Missing {
+                path: file.into(),
+                key: format!("{module}.{k}"),
+            })?;
+            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
+        };
+        let has = |k: &str| self.tensors.contains_key(k);
+        Ok(if self.is_loha() {
+            OtherAdapter::Loha {
+                w: [
+                    get("hada_w1_a")?,
+                    get("hada_w1_b")?,
+                    get("hada_w2_a")?,
+                    get("hada_w2_b")?,
+                ],
+                scale: self.scale(),
+                module_dropout: 0.0,
+            }
+        } else {
+            let w1 = if has("lokr_w1") {
+                Factor::Full(get("lokr_w1")?)
+            } else {
+                Factor::Product(get("lokr_w1_a")?, get("lokr_w1_b")?)
+            };
+            let w2 = if has("lokr_w2") {
+                Factor::Full(get("lokr_w2")?)
+            } else {
+                Factor::Product(get("lokr_w2_a")?, get("lokr_w2_b")?)
+            };
+            OtherAdapter::Lokr {
+                w1,
+                w2,
+                scale: self.scale(),
+                module_dropout: 0.0,
+            }
+        })
+    }
+}
+
 /// The file formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LoraFormat {
@@ -50,6 +132,8 @@ pub enum LoraFormat {
 pub struct LoraFile {
     /// Modules, keyed `<component>.<module path>`.
     pub modules: BTreeMap<String, ModuleLora>,
+    /// LyCORIS LoHa / LoKr modules, keyed the same way.
+    pub lycoris: BTreeMap<String, LycorisModule>,
     /// Header metadata to write (kohya `ss_*`, `modelspec.*`); read back as found.
     pub metadata: BTreeMap<String, String>,
 }
@@ -166,6 +250,41 @@ impl LoraFile {
         name: &str,
     ) -> Result<()> {
         for l in layers {
+            if let Some(o) = l.others().get(name) {
+                use crate::peft::methods::OtherAdapter;
+                let (scale, r) = match o {
+                    OtherAdapter::Loha { w, scale, .. } => (*scale, Some(w[1].dims()[0])),
+                    OtherAdapter::Lokr { scale, .. } => (*scale, None),
+                    _ => {
+                        return Err(Error::Msg(format!(
+                            "{}: only LoRA, LoHa and LoKr adapters have a kohya/LyCORIS layout",
+                            l.path()
+                        )))
+                    }
+                };
+                let tensors: BTreeMap<String, Tensor> = o
+                    .params()
+                    .into_iter()
+                    .map(|(f, v)| Ok((f.to_string(), v.as_tensor().copy()?)))
+                    .collect::<Result<_>>()?;
+                let mut m = LycorisModule {
+                    tensors,
+                    alpha: None,
+                };
+                // alpha such that LyCORIS' alpha / r gives this adapter's scale. LyCORIS ignores
+                // alpha when both LoKr factors are full (PEFT does not): the scale goes into W1.
+                m.alpha = match (r, m.rank()) {
+                    (Some(r), _) | (None, Some(r)) => Some(scale * r as f64),
+                    (None, None) => {
+                        if let Some(w1) = m.tensors.get_mut("lokr_w1") {
+                            *w1 = (&*w1 * scale)?;
+                        }
+                        None
+                    }
+                };
+                self.lycoris.insert(format!("{component}.{}", l.path()), m);
+                continue;
+            }
             let Some(ad) = l.adapters().get(name) else {
                 continue;
             };
@@ -185,7 +304,7 @@ impl LoraFile {
                 },
             );
         }
-        if self.modules.is_empty() {
+        if self.modules.is_empty() && self.lycoris.is_empty() {
             return Err(Error::Msg(format!("no layer carries adapter `{name}`")));
         }
         Ok(())
@@ -251,7 +370,28 @@ impl LoraFile {
             l.insert_adapter(name, adapter)?;
             n += 1;
         }
-        if let Some(k) = by_path.keys().next() {
+        let mut ly: HashMap<String, &LycorisModule> = self
+            .lycoris
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|p| (p.to_string(), v)))
+            .collect();
+        for l in layers.iter_mut() {
+            let Some(m) = ly.remove(l.path()) else {
+                continue;
+            };
+            let key = format!("{component}.{}", l.path());
+            let ad = m.to_adapter(&key, file)?;
+            let dims = l.base_weight().dims().to_vec();
+            ad.delta(&dims).map_err(|e| {
+                Error::format(
+                    file,
+                    format!("`{key}`: the LoHa/LoKr factors do not make a {dims:?} weight ({e})"),
+                )
+            })?;
+            l.insert_other(name, ad)?;
+            n += 1;
+        }
+        if let Some(k) = by_path.keys().chain(ly.keys()).next() {
             return Err(Error::format(
                 file,
                 format!("LoRA module `{component}.{k}` matches no layer of the model"),
@@ -279,6 +419,7 @@ impl LoraFile {
         let kohya = keys.iter().all(|k| k.starts_with("lora_"));
         let mut out = LoraFile {
             modules: BTreeMap::new(),
+            lycoris: BTreeMap::new(),
             metadata,
         };
         if kohya {
@@ -304,12 +445,14 @@ impl LoraFile {
                             format!("`{k}`: LoCon with a Tucker core (lora_mid) is not supported"),
                         ))
                     }
-                    f if f.starts_with("hada_") || f.starts_with("lokr_") => {
+                    "hada_t1" | "hada_t2" | "lokr_t2" => {
                         return Err(Error::format(
                             path,
-                            format!("`{k}`: LoHa/LoKr modules are not supported yet"),
+                            format!("`{k}`: LoHa/LoKr with a CP-decomposed conv kernel (use_effective_conv2d) is not supported"),
                         ))
                     }
+                    f @ ("hada_w1_a" | "hada_w1_b" | "hada_w2_a" | "hada_w2_b" | "lokr_w1"
+                    | "lokr_w1_a" | "lokr_w1_b" | "lokr_w2" | "lokr_w2_a" | "lokr_w2_b") => f,
                     "diff" | "diff_b" | "lora_up.bias" => {
                         return Err(Error::format(
                             path,
@@ -332,6 +475,26 @@ impl LoraFile {
                     })?;
                 let rest = &module[prefix.len() + 1..];
                 let dotted = kohya_to_path(rest, known);
+                if p.keys()
+                    .any(|f| f.starts_with("hada_") || f.starts_with("lokr_"))
+                {
+                    if p.contains_key("down") || p.contains_key("up") {
+                        return Err(Error::format(
+                            path,
+                            format!("`{module}` mixes LoRA and LoHa/LoKr tensors"),
+                        ));
+                    }
+                    let alpha = match p.remove("alpha") {
+                        Some(a) => Some(scalar(&a)?).filter(|a| *a != 0.0),
+                        None => None,
+                    };
+                    let tensors = p.into_iter().map(|(f, t)| (f.to_string(), t)).collect();
+                    out.lycoris.insert(
+                        format!("{component}.{dotted}"),
+                        LycorisModule { tensors, alpha },
+                    );
+                    continue;
+                }
                 let down = p.remove("down").ok_or_else(|| Error::Missing {
                     path: path.into(),
                     key: format!("{module}.lora_down.weight"),
@@ -455,7 +618,39 @@ impl LoraFile {
                         tensors.insert(format!("{name}.dora_scale"), mag.reshape(shape)?);
                     }
                 }
+                for (k, m) in &self.lycoris {
+                    let (component, sub) = k
+                        .split_once('.')
+                        .ok_or_else(|| Error::Msg(format!("module `{k}` lacks a component")))?;
+                    let prefix = match component {
+                        "unet" | "transformer" => "lora_unet",
+                        "text_encoder" if has_te2 => "lora_te1",
+                        "text_encoder" => "lora_te",
+                        "text_encoder_2" => "lora_te2",
+                        "text_encoder_3" => "lora_te3",
+                        c => {
+                            return Err(Error::Msg(format!("component `{c}` has no kohya prefix")))
+                        }
+                    };
+                    let name = format!("{prefix}_{}", sub.replace('.', "_"));
+                    for (f, t) in &m.tensors {
+                        tensors.insert(format!("{name}.{f}"), t.clone());
+                    }
+                    if let Some(a) = m.alpha {
+                        let dev = m
+                            .tensors
+                            .values()
+                            .next()
+                            .map(|t| t.device().clone())
+                            .unwrap_or(candle_core::Device::Cpu);
+                        tensors.insert(format!("{name}.alpha"), Tensor::new(a as f32, &dev)?);
+                    }
+                }
                 meta.remove("lora_adapter_metadata");
+                if !self.lycoris.is_empty() && self.modules.is_empty() {
+                    meta.entry("ss_network_module".into())
+                        .or_insert_with(|| "lycoris.kohya".into());
+                }
                 meta.entry("ss_network_module".into())
                     .or_insert_with(|| "networks.lora".into());
                 if let Some((r, a)) = self.common_rank_alpha() {
@@ -468,6 +663,11 @@ impl LoraFile {
                     .or_insert_with(|| "1.0.0".into());
             }
             LoraFormat::Diffusers => {
+                if let Some(k) = self.lycoris.keys().next() {
+                    return Err(Error::Msg(format!(
+                        "`{k}` is a LoHa/LoKr module: those exist only in the kohya/LyCORIS layout (--to kohya)"
+                    )));
+                }
                 for (k, m) in &self.modules {
                     tensors.insert(format!("{k}.lora_A.weight"), m.down.clone());
                     tensors.insert(format!("{k}.lora_B.weight"), m.up.clone());
@@ -515,6 +715,7 @@ impl LoraFile {
                     .iter()
                     .map(|(p, m)| (p.to_string(), (*m).clone()))
                     .collect(),
+                lycoris: Default::default(),
                 metadata: Default::default(),
             };
             let (r, a) = sub.common_rank_alpha().unwrap_or((1, 1.0));
