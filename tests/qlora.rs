@@ -327,3 +327,78 @@ fn every_adapter_tensor_trains_on_an_nf4_base() {
         }
     }
 }
+
+#[test]
+fn merged_qlora_folders_are_written_in_four_bits() {
+    use postforge::align::run::merge_into_folder_as;
+    use postforge::peft::formats::peft as peft_format;
+    let io = SafeTensors::read(dir("io.safetensors")).unwrap();
+    let ids = io.get("input_ids").unwrap();
+    // A QLoRA adapter on the 4-bit checkpoint (the parity test's factors), saved as PEFT does.
+    let mut cfg = AdapterConfig::lora(4, 8.0, &[]);
+    cfg.target_modules = Some(postforge::peft::config::ModuleSpec::Regex(
+        "all-linear".into(),
+    ));
+    cfg.init_lora_weights = InitSpec::Bool(false);
+    let m =
+        LlamaForCausalLM::load(&dir("nf4"), AdapterPlan::single(cfg.clone(), 0).unwrap()).unwrap();
+    for l in m.layers() {
+        if let Some(ad) = l.adapters().get("default") {
+            let p = |w: &str| io.get(&format!("qlora.param.{}.{w}", l.path())).unwrap();
+            ad.a.set(&p("lora_A.weight")).unwrap();
+            ad.b.set(&p("lora_B.weight")).unwrap();
+        }
+    }
+    let want = logits(&m, &ids, &ForwardCtx::eval());
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    cfg.init_lora_weights = InitSpec::Bool(true);
+    peft_format::save(&adapter, &m.layers(), "default", &cfg, Default::default()).unwrap();
+    // Into the 4-bit base: dequantize, add, re-quantize; the rounding error is reported.
+    let out = tmp.path().join("merged4");
+    let r = merge_into_folder_as(&dir("nf4"), &adapter, &out, None).unwrap();
+    assert_eq!((r.modules, r.quantized), (14, 14));
+    let e = r.max_rounding.unwrap();
+    assert!(e > 0.0 && e < 0.2, "rounding {e}");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(c["quantization_config"]["bnb_4bit_quant_type"], "nf4");
+    let back = LlamaForCausalLM::load(&out, AdapterPlan::none()).unwrap();
+    assert_eq!(
+        back.layers()
+            .iter()
+            .filter(|l| l.base_weight().nf4().is_some())
+            .count(),
+        14
+    );
+    let got = logits(&back, &ids, &ForwardCtx::eval());
+    // Re-quantization moves the output (this random model is very sensitive to it: its f32 and
+    // 4-bit logits differ by tens of percent too); the folder holds exactly the in-memory merge.
+    assert!(rel_err(&got, &want) > 1e-6);
+    let mut in_memory = m;
+    in_memory.merge_adapters().unwrap();
+    assert!(
+        in_memory
+            .layers()
+            .iter()
+            .filter(|l| l.base_weight().nf4().is_some())
+            .count()
+            == 14
+    );
+    let e = rel_err(&got, &logits(&in_memory, &ids, &ForwardCtx::eval()));
+    assert!(
+        e < 1e-5,
+        "saved 4-bit merge differs from the in-memory one by {e:e}"
+    );
+    // From the f32 base, written dense (no quantization_config) or asked for 4 bits.
+    let dense = tmp.path().join("dense");
+    let r = merge_into_folder_as(&dir("base"), &adapter, &dense, None).unwrap();
+    assert_eq!(r.quantized, 0);
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dense.join("config.json")).unwrap()).unwrap();
+    assert!(c.get("quantization_config").is_none());
+    let q4 = tmp.path().join("q4");
+    let r = merge_into_folder_as(&dir("base"), &adapter, &q4, Some(QuantSpec::default())).unwrap();
+    assert_eq!(r.quantized, 14);
+    assert!(LlamaForCausalLM::load(&q4, AdapterPlan::none()).is_ok());
+}

@@ -537,14 +537,66 @@ pub fn add_adapter(
 /// `postforge merge` and pipeline stages that continue from a merged adapter. Returns the number of
 /// merged modules.
 pub fn merge_into_folder(model: &Path, adapter: &Path, out: &Path) -> Result<usize> {
+    merge_into_folder_as(model, adapter, out, None).map(|r| r.modules)
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Default)]
+pub struct MergeReport {
+    /// Modules carrying the adapter.
+    pub modules: usize,
+    /// Layers written in 4 bits.
+    pub quantized: usize,
+    /// The largest relative rounding error ‖Q − W‖/‖W‖ of a re-quantized layer.
+    pub max_rounding: Option<f64>,
+}
+
+/// Merges `adapter` into `model` and writes a Hugging Face folder at `out`: dense, or with
+/// `quantize` (or a 4-bit base) in 4 bits. A 4-bit base is dequantized, merged and re-quantized
+/// (PEFT's bitsandbytes merge); a dense base asked to be written in 4 bits is merged first, then
+/// quantized. The rounding error is reported.
+pub fn merge_into_folder_as(
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    quantize: Option<crate::peft::quant::QuantSpec>,
+) -> Result<MergeReport> {
     let mut m = LlamaForCausalLM::load(model, AdapterPlan::none())?;
     crate::peft::formats::peft::load(adapter, &mut m.layers_mut(), "default")?;
-    let merged = m
+    let modules = m
         .layers()
         .iter()
-        .filter(|l| l.adapters().contains_key("default"))
+        .filter(|l| l.adapters().contains_key("default") || l.others().contains_key("default"))
         .count();
-    m.save_pretrained(out)?;
+    let four_bit = m.layers().iter().any(|l| l.base_weight().nf4().is_some());
+    m.merge_adapters()?;
+    if let Some(spec) = quantize {
+        for l in m.layers_mut() {
+            if l.kind() == crate::peft::BaseKind::Linear
+                && l.path() != "lm_head"
+                && l.base_weight().nf4().is_none()
+            {
+                l.quantize_nf4(spec)?;
+            }
+        }
+    }
+    let mut report = MergeReport {
+        modules,
+        ..Default::default()
+    };
+    for l in m.layers() {
+        if l.base_weight().nf4().is_some() {
+            report.quantized += 1;
+            if let Some(e) = l.rounding_error() {
+                report.max_rounding = Some(report.max_rounding.unwrap_or(0f64).max(e.rel_fro));
+            }
+        }
+    }
+    if quantize.is_some() || four_bit {
+        m.save_pretrained_nf4(out)?;
+    } else {
+        m.save_pretrained(out)?;
+    }
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -558,5 +610,5 @@ pub fn merge_into_folder(model: &Path, adapter: &Path, out: &Path) -> Result<usi
             crate::util::write_atomic(&out.join(f), &bytes)?;
         }
     }
-    Ok(merged)
+    Ok(report)
 }

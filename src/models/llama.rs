@@ -953,12 +953,65 @@ impl LlamaForCausalLM {
 
     /// Writes `config.json` and `model.safetensors` (merged, as transformers loads them) into `dir`.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        self.save_pretrained_as(dir, false)
+    }
+
+    /// Writes a Hugging Face folder whose NF4 linear layers (every layer with an NF4 base, active
+    /// adapters merged in and re-quantized) are saved in the 4-bit layout transformers +
+    /// bitsandbytes write, with the `quantization_config` that makes transformers load them in
+    /// 4 bits. Other tensors are written dense.
+    pub fn save_pretrained_nf4(&self, dir: &Path) -> Result<()> {
+        self.save_pretrained_as(dir, true)
+    }
+
+    fn save_pretrained_as(&self, dir: &Path, nf4: bool) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let (t, tied) = self.merged_state_dict()?;
+        let (mut t, tied) = self.merged_state_dict()?;
+        let mut quantized = None;
+        if nf4 {
+            for l in self.layers() {
+                let Some(q) = l.base_weight().nf4() else {
+                    continue;
+                };
+                let pending = l.active().iter().any(|n| !l.merged().contains(&n.as_str()));
+                if pending && l.enabled() {
+                    return Err(Error::Msg(format!(
+                        "{}: merge the adapters before saving in 4 bits",
+                        l.path()
+                    )));
+                }
+                let key = format!("{}.weight", l.path());
+                t.remove(&key);
+                t.extend(q.to_state_dict(&key)?);
+                quantized = Some(matches!(
+                    q.absmax,
+                    crate::peft::quant::Absmax::Double { .. }
+                ));
+            }
+        }
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         crate::util::save_safetensors(&dir.join("model.safetensors"), &t, Some(meta))?;
         let mut cfg = self.cfg.clone();
         cfg.tie_word_embeddings = tied;
+        match quantized {
+            Some(dq) => {
+                cfg.extra.insert(
+                    "quantization_config".into(),
+                    serde_json::json!({
+                        "quant_method": "bitsandbytes", "load_in_4bit": true, "load_in_8bit": false,
+                        "_load_in_4bit": true, "_load_in_8bit": false,
+                        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": dq,
+                        "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
+                        "llm_int8_enable_fp32_cpu_offload": false, "llm_int8_has_fp16_weight": false,
+                        "llm_int8_skip_modules": null, "llm_int8_threshold": 6.0
+                    }),
+                );
+            }
+            None => {
+                // Dense weights: a base's 4-bit settings no longer apply.
+                cfg.extra.remove("quantization_config");
+            }
+        }
         let mut v = serde_json::to_value(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
         if v.get("architectures").is_none() {
             let arch = match cfg.model_type.as_str() {
