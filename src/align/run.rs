@@ -42,6 +42,9 @@ fn d_alpha() -> f64 {
 fn d_targets() -> String {
     "all-linear".into()
 }
+fn d_quant() -> String {
+    "none".into()
+}
 fn d_peft_type() -> String {
     "lora".into()
 }
@@ -163,6 +166,9 @@ pub struct AlignRunConfig {
     /// Adapter method: lora (default), ia3, loha, lokr or vera (PEFT's `peft_type`).
     #[serde(default = "d_peft_type")]
     pub peft_type: String,
+    /// Quantize the base's linear layers: `nf4` (QLoRA / QDoRA alignment), `nf4-no-dq`, `none`.
+    #[serde(default = "d_quant")]
+    pub quantize: String,
     /// IA3's feed-forward modules (their input is scaled rather than their output).
     #[serde(default)]
     pub feedforward_modules: Option<String>,
@@ -382,7 +388,10 @@ impl AlignRunConfig {
         Vec<String>,
         Option<Vec<String>>,
     )> {
-        let mut m = LlamaForCausalLM::load(&self.model, AdapterPlan::none())?;
+        let mut m = LlamaForCausalLM::load(
+            &self.model,
+            AdapterPlan::none().quantized(crate::peft::quant::QuantSpec::parse(&self.quantize)?),
+        )?;
         let seed = self.seed;
         let mut policy = vec![];
         let mut reference = None;
@@ -439,12 +448,15 @@ impl AlignRunConfig {
             if let Some(p) = &self.ref_adapter {
                 inputs.push(p);
             }
+            // The reference runs on the same (possibly 4-bit) base, so quantization is part of
+            // what the cached log-probs depend on.
             let settings = format!(
-                "{:?}|{}|{:?}|{:?}",
+                "{:?}|{}|{:?}|{:?}|{}",
                 self.previous,
                 self.max_length,
                 self.chat_template,
-                obj.name()
+                obj.name(),
+                self.quantize
             );
             let cache = reference_cache_path(&dir, &inputs, &settings)?;
             task.precompute_reference(Some(&cache))?;
@@ -520,7 +532,9 @@ pub fn add_adapter(
     let mut n = 0;
     for l in m.layers_mut() {
         let head = l.path() == "lm_head";
-        if cfg.targets(l.path(), l.kind().module_kind(), head)? {
+        if l.kind() != crate::peft::BaseKind::Norm
+            && cfg.targets(l.path(), l.kind().module_kind(), head)?
+        {
             l.add_adapter(name, cfg, seed)?;
             n += 1;
         }
@@ -529,6 +543,9 @@ pub fn add_adapter(
         return Err(Error::Config(
             "no module matched the adapter's target_modules".into(),
         ));
+    }
+    if cfg.peft_type == "VERA" {
+        crate::peft::methods::share_vera_projections(&mut m.layers_mut(), name, seed, None)?;
     }
     Ok(n)
 }

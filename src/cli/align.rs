@@ -63,6 +63,12 @@ pub struct Args {
     use_rslora: bool,
     #[arg(long)]
     init_lora_weights: Option<String>,
+    /// Adapter method: lora, ia3, loha, lokr or vera.
+    #[arg(long)]
+    peft_type: Option<String>,
+    /// Quantize the base's linear layers to NF4 (QLoRA/QDoRA alignment): nf4, nf4-no-dq, none.
+    #[arg(long)]
+    quantize: Option<String>,
     #[arg(long)]
     chat_template: Option<String>,
     #[arg(long)]
@@ -131,6 +137,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         lora_dropout,
         target_modules,
         init_lora_weights,
+        peft_type,
+        quantize,
         chat_template,
         max_length,
         learning_rate,
