@@ -33,6 +33,10 @@ pub struct Args {
     top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Quantize the base's linear layers on load: nf4, nf4-no-dq or none (4-bit checkpoints are
+    /// read in 4 bits regardless).
+    #[arg(long, default_value = "none")]
+    quantize: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -40,7 +44,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(name) = &a.chat_template {
         tok.use_builtin_template(name)?;
     }
-    let mut model = LlamaForCausalLM::load(&a.model, AdapterPlan::none())?;
+    let quant = postforge::peft::quant::QuantSpec::parse(&a.quantize)?;
+    let mut model = LlamaForCausalLM::load(&a.model, AdapterPlan::none().quantized(quant))?;
     if let Some(ad) = &a.adapter {
         postforge::peft::formats::peft::load(ad, &mut model.layers_mut(), "default")?;
     }
