@@ -301,8 +301,24 @@ impl Task for SftTask {
         }
     }
 
-    fn after_update(&mut self, step: usize, grads: &BTreeMap<String, Tensor>) -> Result<()> {
+    fn after_update(
+        &mut self,
+        step: usize,
+        grads: &BTreeMap<String, Tensor>,
+        grad_scale: f64,
+    ) -> Result<()> {
         if let Some(a) = &mut self.adalora {
+            // PEFT's importance uses the gradient the optimizer applied (after clipping).
+            let scaled;
+            let grads = if grad_scale != 1.0 {
+                scaled = grads
+                    .iter()
+                    .map(|(k, g)| Ok((k.clone(), (g * grad_scale)?)))
+                    .collect::<Result<BTreeMap<_, _>>>()?;
+                &scaled
+            } else {
+                grads
+            };
             // PEFT's update_and_allocate(global_step) counts steps from 0.
             a.update_and_allocate(&mut self.model.layers_mut(), step - 1, grads)?;
         }
@@ -653,14 +669,13 @@ impl SftRunConfig {
         let tok = self.tokenizer()?;
         let train = self.rows(&self.data, &tok, self.packing)?;
         let mut adapter = self.adapter()?;
+        let bs = self.per_device_train_batch_size;
+        let n_rows = train.len();
+        let steps = self.max_steps.unwrap_or(
+            (self.num_train_epochs * n_rows.div_ceil(bs.max(1)))
+                / self.gradient_accumulation_steps.max(1),
+        );
         if adapter.peft_type == "ADALORA" && !adapter.extra.contains_key("total_step") {
-            let steps = self.max_steps.unwrap_or(
-                (self.num_train_epochs
-                    * train
-                        .len()
-                        .div_ceil(self.per_device_train_batch_size.max(1)))
-                    / self.gradient_accumulation_steps.max(1),
-            );
             adapter
                 .extra
                 .insert("total_step".into(), serde_json::json!(steps));
@@ -694,12 +709,6 @@ impl SftRunConfig {
             .layers()
             .iter()
             .any(|l| l.base_weight().nf4().is_some());
-        let bs = self.per_device_train_batch_size;
-        let n_rows = train.len();
-        let steps = self.max_steps.unwrap_or(
-            (self.num_train_epochs * n_rows.div_ceil(bs.max(1)))
-                / self.gradient_accumulation_steps.max(1),
-        );
         let mut task = SftTask::new(model, adapter, train, bs, tok.pad_id, self.seed)?;
         if let Some(r) = &self.replay {
             task = task.with_replay(self.rows(r, &tok, false)?, self.replay_ratio)?;

@@ -973,6 +973,9 @@ impl LlamaForCausalLM {
                 let Some(q) = l.base_weight().nf4() else {
                     continue;
                 };
+                if l.trainable_copy().is_some() {
+                    continue; // a fully trained copy: written dense from merged_tensors
+                }
                 let pending = l.active().iter().any(|n| !l.merged().contains(&n.as_str()));
                 if pending && l.enabled() {
                     return Err(Error::Msg(format!(

@@ -68,6 +68,18 @@ impl AdaloraSettings {
             orth_reg_weight: f("orth_reg_weight", 0.5),
             total_step,
         };
+        if s.init_r == 0 || s.target_r == 0 || s.target_r > s.init_r {
+            return Err(Error::Config(format!(
+                "AdaLoRA needs 0 < target_r ({}) <= init_r ({})",
+                s.target_r, s.init_r
+            )));
+        }
+        if !(0.0..1.0).contains(&s.beta1) || !(0.0..1.0).contains(&s.beta2) {
+            return Err(Error::Config(format!(
+                "AdaLoRA's beta1 ({}) and beta2 ({}) must be in [0, 1)",
+                s.beta1, s.beta2
+            )));
+        }
         if s.total_step == 0 {
             return Err(Error::Config(
                 "AdaLoRA needs total_step (the number of training steps) to schedule its budget"

@@ -625,9 +625,6 @@ impl AdapterConfig {
                     .remove("adalora_rank_pattern")
                     .unwrap_or(serde_json::Value::Null);
                 m.insert("rank_pattern".into(), rp);
-                for k in ["lora_alpha_", "alpha"] {
-                    m.remove(k);
-                }
             }
             match self.peft_type.as_str() {
                 "ADALORA" => {}

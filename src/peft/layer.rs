@@ -211,6 +211,9 @@ struct MergeRecord {
     dora: Option<(Tensor, Tensor)>,
     /// A non-LoRA adapter's merge (then a, b, scale and dora are unused).
     other: Option<OtherMerge>,
+    /// The NF4 base before this merge (with its ‖W‖² and rounding error), restored exactly on
+    /// unmerge instead of re-quantizing twice.
+    prev_nf4: Option<(Arc<Nf4Tensor>, Tensor, Option<RoundingError>)>,
 }
 
 /// What merging a non-LoRA adapter did.
@@ -385,6 +388,14 @@ impl AdaptedLayer {
                 "{}: weight {d:?} is not 4-D",
                 self.path
             ))),
+        }
+    }
+
+    /// The NF4 base as it is now, for an exact unmerge.
+    fn nf4_snapshot(&self) -> Option<(Arc<Nf4Tensor>, Tensor, Option<RoundingError>)> {
+        match &self.weight {
+            BaseWeight::Nf4(q) => Some((q.clone(), self.weight_sq.clone(), self.rounding)),
+            BaseWeight::Dense(_) => None,
         }
     }
 
@@ -1095,6 +1106,13 @@ impl AdaptedLayer {
         Ok(match o {
             OtherAdapter::Ia3 { l, feedforward } => {
                 let v = Self::ia3_vector(l)?.detach();
+                let smallest = v.abs()?.min(0)?.to_scalar::<f32>()?;
+                if smallest < 1e-8 {
+                    return Err(Error::Msg(format!(
+                        "{}: an IA3 vector entry is {smallest:e}; merging would not be reversible",
+                        self.path
+                    )));
+                }
                 let n = v.dim(0)?;
                 let view = match (self.kind, feedforward) {
                     (BaseKind::Conv2d(_), true) => v.reshape((1, n, 1, 1))?,
@@ -1230,6 +1248,7 @@ impl AdaptedLayer {
                     )));
                 }
                 let empty = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
+                let prev_nf4 = self.nf4_snapshot();
                 self.merged.push(MergeRecord {
                     name: name.clone(),
                     a: empty.clone(),
@@ -1238,6 +1257,7 @@ impl AdaptedLayer {
                     multiplier: 1.0,
                     dora: None,
                     other: Some(rec),
+                    prev_nf4,
                 });
                 self.set_weight(w)?;
                 self.bias = b;
@@ -1263,6 +1283,7 @@ impl AdaptedLayer {
                     _ => None,
                 },
                 other: None,
+                prev_nf4: self.nf4_snapshot(),
             };
             self.set_weight(w)?;
             self.merged.push(record);
@@ -1274,6 +1295,23 @@ impl AdaptedLayer {
     /// (later changes to the adapter do not matter).
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some(rec) = self.merged.pop() {
+            if let Some((q, sq, rounding)) = rec.prev_nf4 {
+                if let Some(OtherMerge::Ia3 { .. }) = &rec.other {
+                    let w = self.weight.dense()?.to_dtype(DType::F32)?;
+                    let (_, b) = self.unmerged_other(
+                        &w,
+                        self.bias.as_ref(),
+                        rec.other
+                            .as_ref()
+                            .ok_or_else(|| Error::Msg("merge record".into()))?,
+                    )?;
+                    self.bias = b;
+                }
+                self.weight = BaseWeight::Nf4(q);
+                self.weight_sq = sq;
+                self.rounding = rounding;
+                continue;
+            }
             if let Some(m) = &rec.other {
                 let w = self.weight.dense()?.to_dtype(DType::F32)?;
                 let (w, b) = self.unmerged_other(&w, self.bias.as_ref(), m)?;

@@ -61,17 +61,47 @@ pub fn layers_from_checkpoint(
     let cfg =
         crate::peft::AdapterConfig::from_json_file(&adapter_dir.join(peft_files::CONFIG_FILE))?;
     let mut paths: BTreeMap<String, bool> = BTreeMap::new(); // path -> is embedding
+                                                             // The parameter names of every adapter type, as PEFT saves them after the module path.
+    const PARAMS: [&str; 17] = [
+        "lora_A.weight",
+        "lora_B.weight",
+        "lora_magnitude_vector",
+        "lora_A",
+        "lora_B",
+        "lora_E",
+        "ia3_l",
+        "hada_w1_a",
+        "hada_w1_b",
+        "hada_w2_a",
+        "hada_w2_b",
+        "lokr_w1",
+        "lokr_w1_a",
+        "lokr_w1_b",
+        "lokr_w2",
+        "lokr_w2_a",
+        "lokr_w2_b",
+    ];
     for k in st.keys() {
+        if k == "base_model.vera_A" || k == "base_model.vera_B" {
+            continue; // VeRA's shared projections: not a module
+        }
         let Some(rest) = k.strip_prefix("base_model.model.") else {
             return Err(Error::format(
                 st.path(),
                 format!("tensor `{k}` lacks the `base_model.model.` prefix"),
             ));
         };
-        for (marker, emb) in [(".lora_A.", false), (".lora_embedding_A", true)] {
-            if let Some(i) = rest.find(marker) {
-                paths.insert(rest[..i].to_string(), emb);
-            }
+        if let Some(p) = rest.strip_suffix(".lora_embedding_A") {
+            paths.insert(p.to_string(), true);
+            continue;
+        }
+        if let Some(p) = PARAMS
+            .iter()
+            .chain(["vera_lambda_b", "vera_lambda_d"].iter())
+            .find_map(|s| rest.strip_suffix(&format!(".{s}")))
+        {
+            paths.entry(p.to_string()).or_insert(false);
+            continue;
         }
         if let Some(p) = rest.strip_suffix(".weight").filter(|p| cfg.saves_module(p)) {
             paths.insert(p.to_string(), false);
@@ -92,6 +122,8 @@ pub fn layers_from_checkpoint(
             BaseKind::Embedding
         } else if w.rank() == 4 {
             BaseKind::Conv2d(ConvCfg::default())
+        } else if w.rank() == 1 {
+            BaseKind::Norm // a norm weight trained in full (LongLoRA's modules_to_save)
         } else {
             BaseKind::Linear
         };

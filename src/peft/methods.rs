@@ -146,6 +146,8 @@ pub enum OtherAdapter {
 /// LoKr's `factorization(dimension, factor)`: two factors m ≤ n with m·n = dimension, m as close
 /// to √dimension as the divisors allow (or `factor` when it divides).
 pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
+    // PEFT 0.21.2 returns (factor, dimension / factor) unsorted when the factor divides, and
+    // treats a negative factor other than -1 as "no factor above 1".
     if factor > 0 && dimension % factor as usize == 0 {
         return (factor as usize, dimension / factor as usize);
     }
@@ -245,7 +247,7 @@ impl OtherAdapter {
                 }
                 // PEFT builds every layer at init_r (rank_pattern, once saved, gives the kept
                 // ranks of a trained adapter).
-                let r = super::adalora::AdaloraSettings::from_config(cfg)?.init_r;
+                let init_r = super::adalora::AdaloraSettings::from_config(cfg)?.init_r;
                 let r = match cfg
                     .extra
                     .get("adalora_rank_pattern")
@@ -254,7 +256,7 @@ impl OtherAdapter {
                     Some(serde_json::Value::Array(mask)) => {
                         mask.iter().filter(|m| m.as_bool() == Some(true)).count()
                     }
-                    _ => r,
+                    _ => init_r,
                 };
                 let (e, a, b) = if init {
                     (
@@ -269,7 +271,7 @@ impl OtherAdapter {
                         super::init::normal(&[out, r], 1.0, &mut rng)?,
                     )
                 };
-                let ranknum = super::adalora::AdaloraSettings::from_config(cfg)?.init_r as f64;
+                let ranknum = init_r as f64;
                 OtherAdapter::Adalora {
                     a: var(a)?,
                     b: var(b)?,
@@ -596,6 +598,11 @@ pub fn share_vera_projections(
 pub fn kron(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (p, q) = a.dims2()?;
     let bd = b.dims().to_vec();
+    if bd.len() < 2 {
+        return Err(Error::Msg(format!(
+            "LoKr: W2 of shape {bd:?} must have at least 2 dimensions"
+        )));
+    }
     let (s, t) = (bd[0], bd[1]);
     let rest: Vec<usize> = bd[2..].to_vec();
     let r: usize = rest.iter().product();
@@ -618,6 +625,9 @@ mod tests {
         assert_eq!(factorization(128, -1), (8, 16));
         assert_eq!(factorization(127, -1), (1, 127));
         assert_eq!(factorization(128, 4), (4, 32));
+        // PEFT 0.21.2's own outputs.
+        assert_eq!(factorization(16, 8), (8, 2));
+        assert_eq!(factorization(12, -2), (1, 12));
         assert_eq!(factorization(12, -1), (3, 4));
     }
 

@@ -106,6 +106,7 @@ impl AdapterPlan {
             .iter()
             .any(|h| path == *h || path.ends_with(&format!(".{h}")));
         let mut saved = false;
+        let mut loftq = false;
         for (name, cfg) in &self.adapters {
             if cfg.saves_module(&path) {
                 layer.make_trainable_copy()?;
@@ -114,11 +115,16 @@ impl AdapterPlan {
                 && cfg.targets(&path, layer.kind().module_kind(), head)?
             {
                 layer.add_adapter(name, cfg, self.seed)?;
+                loftq |= cfg.init_lora_weights.parse()? == Init::Loftq;
             }
         }
-        if let (Some(spec), BaseKind::Linear, false, false) =
+        if let (Some(mut spec), BaseKind::Linear, false, false) =
             (self.quantize, layer.kind(), head, saved)
         {
+            // LoftQ fitted its factors to a Q quantized without double quantization: keep that Q.
+            if loftq {
+                spec.double_quant = false;
+            }
             layer.quantize_nf4(spec)?;
         }
         Ok(layer)
@@ -213,7 +219,7 @@ pub trait Adapted {
             let have: Vec<&str> = names
                 .iter()
                 .copied()
-                .filter(|n| l.adapters().contains_key(*n))
+                .filter(|n| l.adapters().contains_key(*n) || l.others().contains_key(*n))
                 .collect();
             l.set_active(&have)?;
         }

@@ -44,8 +44,14 @@ pub trait Task {
         Ok(())
     }
     /// Called right after optimizer step `step` (from 1), before any checkpoint, with the
-    /// gradients it applied (clipping included), e.g. AdaLoRA's rank allocation. Default: nothing.
-    fn after_update(&mut self, _step: usize, _grads: &BTreeMap<String, Tensor>) -> Result<()> {
+    /// step's gradients and the clipping factor the update applied to them (the applied gradient
+    /// is `grad_scale · grads`), e.g. AdaLoRA's rank allocation. Default: nothing.
+    fn after_update(
+        &mut self,
+        _step: usize,
+        _grads: &BTreeMap<String, Tensor>,
+        _grad_scale: f64,
+    ) -> Result<()> {
         Ok(())
     }
     /// State beyond the trainable tensors that a checkpoint must keep for an exact resume
@@ -484,12 +490,7 @@ impl Trainer {
             let lr = sched.lr(state.step);
             opt.step(&acc, lr, scale)?;
             state.step += 1;
-            if scale != 1.0 {
-                for g in acc.values_mut() {
-                    *g = (&*g * scale)?;
-                }
-            }
-            task.after_update(state.step, &acc)?;
+            task.after_update(state.step, &acc, scale)?;
             if first_loss.is_nan() {
                 first_loss = loss;
             }

@@ -488,6 +488,15 @@ impl LoraFile {
                         Some(a) => Some(scalar(&a)?).filter(|a| *a != 0.0),
                         None => None,
                     };
+                    if let Some((f, t)) = p.iter().find(|(_, t)| t.rank() < 2) {
+                        return Err(Error::format(
+                            path,
+                            format!(
+                                "`{module}.{f}` has shape {:?}; LoHa/LoKr factors are matrices",
+                                t.dims()
+                            ),
+                        ));
+                    }
                     let tensors = p.into_iter().map(|(f, t)| (f.to_string(), t)).collect();
                     out.lycoris.insert(
                         format!("{component}.{dotted}"),
