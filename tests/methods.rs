@@ -285,3 +285,50 @@ fn loha_and_lokr_travel_in_lycoris_kohya_files() {
         assert!(e < 1e-5, "{case}: LyCORIS round trip {e:e}");
     }
 }
+
+#[test]
+fn every_method_merges_into_a_plain_checkpoint() {
+    use postforge::peft::merge::merge_folder_into_checkpoint;
+    for case in ["ia3", "loha", "lokr", "lokr_both", "vera"] {
+        let io = SafeTensors::read(dir(case).join("io.safetensors")).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let base: std::collections::BTreeMap<String, Tensor> = io
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix("base.")
+                    .map(|s| (s.to_string(), io.get(k).unwrap()))
+            })
+            .collect();
+        let bp = tmp.path().join("base.safetensors");
+        postforge::util::save_safetensors(&bp, &base, None).unwrap();
+        let out = tmp.path().join("merged.safetensors");
+        let n = merge_folder_into_checkpoint(&bp, &dir(case), &out).unwrap();
+        assert!(n >= 2, "{case}: {n} modules");
+        let merged = SafeTensors::read(&out).unwrap();
+        let g = |k: &str| merged.get(k).unwrap();
+        let pad1 = ConvCfg {
+            padding: 1,
+            ..Default::default()
+        };
+        let net = Net {
+            lin1: AdaptedLinear::new("lin1", g("lin1.weight"), Some(g("lin1.bias"))).unwrap(),
+            lin2: AdaptedLinear::new("lin2", g("lin2.weight"), Some(g("lin2.bias"))).unwrap(),
+            conv: AdaptedConv2d::new("conv", g("conv.weight"), Some(g("conv.bias")), pad1).unwrap(),
+            conv1: AdaptedConv2d::new(
+                "conv1",
+                g("conv1.weight"),
+                Some(g("conv1.bias")),
+                ConvCfg::default(),
+            )
+            .unwrap(),
+        };
+        let (y2, c1) = net.forward(
+            &io.get("x").unwrap(),
+            &io.get("img").unwrap(),
+            &ForwardCtx::eval(),
+        );
+        let e = rel_err(&y2, &io.get("merged.y2").unwrap())
+            .max(rel_err(&c1, &io.get("merged.c1").unwrap()));
+        assert!(e < 1e-5, "{case}: merged checkpoint {e:e}");
+    }
+}

@@ -259,6 +259,7 @@ fn merging_into_an_nf4_base_requantizes_and_reports_the_error() {
             .unwrap()
             .quantized(Some(QuantSpec::default()));
         let mut l = plan.linear("proj", w.clone(), None).unwrap();
+        let codes = l.base_weight().nf4().unwrap().packed.clone();
         let first = l.rounding_error().expect("quantizing records the error");
         assert!(first.max_abs > 0.0 && first.rel_fro < 0.2, "{first:?}");
         let x = Tensor::randn(0f32, 1.0, (5, 128), &Device::Cpu).unwrap();
@@ -283,7 +284,9 @@ fn merging_into_an_nf4_base_requantizes_and_reports_the_error() {
             "dora={dora}: merged output moved by {e:e}"
         );
         l.unmerge().unwrap();
-        assert!(l.base_weight().nf4().is_some());
+        // The 4-bit base comes back exactly (not re-quantized twice).
+        assert_eq!(l.base_weight().nf4().unwrap().packed, codes, "dora={dora}");
+        assert_eq!(l.rounding_error(), Some(first));
     }
 }
 
