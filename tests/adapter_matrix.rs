@@ -765,6 +765,19 @@ fn fused_layer_norm_and_softmax_match_the_composites_in_value_and_gradients() {
     let t = randn(&[4, 6], 1.0, "smt").t().unwrap();
     let e = rel_err(&softmax_last(&t).unwrap(), &softmax_composite(&t).unwrap());
     assert!(e < 1e-6, "softmax of a transposed view: {e}");
+    // SwiGLU (silu(gate) · up) against candle's composition, over more than one parallel chunk.
+    let gv = candle_core::Var::from_tensor(&randn(&[3, 7, 1000], 2.0, "swg")).unwrap();
+    let uv = candle_core::Var::from_tensor(&randn(&[3, 7, 1000], 1.0, "swu")).unwrap();
+    let g = randn(&[3, 7, 1000], 1.0, "swgrad");
+    let y1 = postforge::models::nn::swiglu(gv.as_tensor(), uv.as_tensor()).unwrap();
+    let y2 = (gv.as_tensor().silu().unwrap() * uv.as_tensor()).unwrap();
+    assert!(rel_err(&y1, &y2) < 1e-5, "swiglu forward");
+    let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("gate", &gv), ("up", &uv)] {
+        let e = rel_err(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+        assert!(e < 1e-4, "swiglu d{name}: {e}");
+    }
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! tied embeddings, RMSNorm, softmax and RoPE as fused nodes with a real backward, padding masks,
 //! packed sequences (positions restart, no attention across sequences) and a KV cache.
 
-use super::nn::{rms_norm, rope, scaled_masked_softmax};
+use super::nn::{rms_norm, rope, scaled_masked_softmax, swiglu};
 use super::Weights;
 use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx};
 use crate::{Error, Result};
@@ -639,7 +639,7 @@ impl LlamaForCausalLM {
             };
             h = (h + l.o.forward(&a, ctx)?)?;
             let x = rms_norm(&h, &l.post_norm.effective_weight()?, eps)?;
-            let m = (l.gate.forward(&x, ctx)?.silu()? * l.up.forward(&x, ctx)?)?;
+            let m = swiglu(&l.gate.forward(&x, ctx)?, &l.up.forward(&x, ctx)?)?;
             h = (h + l.down.forward(&m, ctx)?)?;
         }
         if let Some(c) = cache {

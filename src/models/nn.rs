@@ -775,6 +775,110 @@ impl candle_core::CustomOp2 for GegluBwd {
     }
 }
 
+/// SwiGLU, Llama's MLP activation: `silu(gate) ⊙ up` as one node (two parallel passes instead of
+/// candle's single-threaded silu and mul, and no stored `silu(gate)` intermediate). Backward:
+/// `d gate = g ⊙ up ⊙ σ(gate)(1 + gate(1 − σ(gate)))`, `d up = g ⊙ silu(gate)`. CPU f32; the
+/// composition elsewhere.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !gate.device().is_cpu()
+        || gate.dtype() != DType::F32
+        || up.dtype() != DType::F32
+        || gate.dims() != up.dims()
+    {
+        return Ok((gate.silu()? * up)?);
+    }
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwigluOp)?)
+}
+
+struct SwigluOp;
+
+const SWIGLU_CHUNK: usize = 1 << 14;
+
+impl candle_core::CustomOp2 for SwigluOp {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        sg: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+        su: &candle_core::CpuStorage,
+        lu: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (g, u) = (f32_slice(sg, lg, "swiglu")?, f32_slice(su, lu, "swiglu")?);
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(SWIGLU_CHUNK)
+            .zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK)))
+            .for_each(|(o, (gs, us))| {
+                for ((o, &x), &v) in o.iter_mut().zip(gs).zip(us) {
+                    *o = x * sigmoid(x) * v;
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), lg.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = grad
+            .contiguous()?
+            .apply_op3_no_bwd(gate, up, &SwigluBwd)?;
+        let n = gate.elem_count();
+        let dg = packed.narrow(0, 0, n)?.reshape(gate.shape())?;
+        let du = packed.narrow(0, n, n)?.reshape(up.shape())?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+struct SwigluBwd;
+
+impl candle_core::CustomOp3 for SwigluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        sd: &candle_core::CpuStorage,
+        ld: &candle_core::Layout,
+        sg: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+        su: &candle_core::CpuStorage,
+        lu: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (d, g, u) = (
+            f32_slice(sd, ld, "swiglu")?,
+            f32_slice(sg, lg, "swiglu")?,
+            f32_slice(su, lu, "swiglu")?,
+        );
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_chunks_mut(SWIGLU_CHUNK)
+            .zip(du.par_chunks_mut(SWIGLU_CHUNK))
+            .zip(
+                d.par_chunks(SWIGLU_CHUNK)
+                    .zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK))),
+            )
+            .for_each(|((dgs, dus), (ds, (gs, us)))| {
+                for i in 0..gs.len() {
+                    let (x, v, gr) = (gs[i], us[i], ds[i]);
+                    let sg = sigmoid(x);
+                    dus[i] = gr * x * sg;
+                    dgs[i] = gr * v * sg * (1.0 + x * (1.0 - sg));
+                }
+            });
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(2 * n),
+        ))
+    }
+}
+
 /// RMSNorm over the last dimension (`x · rsqrt(mean(x²) + eps) · w`, as Llama computes it) as one
 /// node with a CPU forward and backward for f32; the differentiable composition elsewhere.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
