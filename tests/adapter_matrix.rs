@@ -775,7 +775,10 @@ fn fused_layer_norm_and_softmax_match_the_composites_in_value_and_gradients() {
     let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
     let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
     for (name, v) in [("gate", &gv), ("up", &uv)] {
-        let e = rel_err(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+        let e = rel_err(
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
         assert!(e < 1e-4, "swiglu d{name}: {e}");
     }
 }
