@@ -42,7 +42,7 @@ fn four_bit_checkpoint_and_quantize_on_load_match_transformers() {
     let e = rel_err(&logits(&m, &ids, &ForwardCtx::eval()), &want);
     assert!(e < 1e-4, "4-bit checkpoint logits: relative error {e:e}");
     // The f32 folder quantized on load (--quantize nf4): the same 4-bit codes byte for byte. Of
-    // the 1184 double-quantized scales, bitsandbytes' 8-bit kernel sends 2 near-ties to the
+    // the 1152 double-quantized block scales, bitsandbytes' 8-bit kernel sends 2 near-ties to the
     // farther code (see tests/nf4.rs), which moves those two blocks by one 8-bit step: the logits
     // agree to 1e-2 rather than 1e-4.
     let plan = AdapterPlan::none().quantized(Some(QuantSpec::default()));
