@@ -167,19 +167,7 @@ fn longlora_trains_through_s2_attn_and_keeps_full_attention_at_inference() {
     assert!(vars
         .iter()
         .any(|(n, _)| n.contains("embed_tokens.modules_to_save")));
-    for (n, v) in vars {
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {n}"));
-        let s = g
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(s.is_finite() && s > 0.0, "{n}: {s}");
-    }
+    assert_all_trained(&grads, &vars, "LongLoRA");
     // Packed sequences and S²-Attn do not mix.
     let seg: Vec<u32> = (0..32).map(|i| (i % 16 >= 8) as u32).collect();
     let seg = Tensor::from_vec(seg, (2, 16), &Device::Cpu).unwrap();

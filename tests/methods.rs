@@ -214,21 +214,7 @@ fn fresh_adapters_start_as_no_ops_and_every_tensor_trains_on_llama() {
                 .unwrap()
                 .backward()
                 .unwrap();
-            let vars = m.trainable();
-            assert!(!vars.is_empty());
-            for (name, v) in vars {
-                let g = grads
-                    .get(v.as_tensor())
-                    .unwrap_or_else(|| panic!("{peft_type}: no gradient for {name}"));
-                let s = g
-                    .abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(s.is_finite() && s > 0.0, "{peft_type}: {name} gradient {s}");
-            }
+            assert_all_trained(&grads, &m.trainable(), peft_type);
             for l in m.layers() {
                 assert!(
                     grads.get(&l.weight().unwrap()).is_none(),

@@ -312,22 +312,7 @@ fn every_adapter_tensor_trains_on_an_nf4_base() {
             .unwrap()
             .backward()
             .unwrap();
-        for (name, v) in m.trainable() {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("dora={dora}: no gradient for {name}"));
-            let s = g
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                s.is_finite() && s > 0.0,
-                "dora={dora}: {name} gradient sum {s}"
-            );
-        }
+        assert_all_trained(&grads, &m.trainable(), &format!("dora={dora}"));
     }
 }
 

@@ -35,19 +35,46 @@ fn tokenizer() -> TextTokenizer {
     .unwrap()
 }
 
-fn model(vocab: usize) -> (LlamaForCausalLM, AdapterConfig) {
+/// A LoRA r8 / alpha 16 config on every linear layer.
+fn all_linear() -> AdapterConfig {
+    let mut a = AdapterConfig::lora(8, 16.0, &[]);
+    a.target_modules = Some(postforge::peft::config::ModuleSpec::Regex(
+        "all-linear".into(),
+    ));
+    a
+}
+
+/// A fresh tiny Llama carrying adapter `a`.
+fn model_with(vocab: usize, a: AdapterConfig) -> (LlamaForCausalLM, AdapterConfig) {
     let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
         "model_type": "llama", "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 128, "rope_theta": 10000.0
     }))
     .unwrap();
-    let mut a = AdapterConfig::lora(8, 16.0, &[]);
-    a.target_modules = Some(postforge::peft::config::ModuleSpec::Regex(
-        "all-linear".into(),
-    ));
     let w = Weights::fresh(5, AdapterPlan::single(a.clone(), 1).unwrap());
     (LlamaForCausalLM::new(&cfg, &w).unwrap(), a)
+}
+
+fn model(vocab: usize) -> (LlamaForCausalLM, AdapterConfig) {
+    model_with(vocab, all_linear())
+}
+
+/// The two tasks' trainable tensors agree to 1e-6 (a resumed run against an unbroken one).
+fn assert_same_trainables(a: &SftTask, b: &SftTask) {
+    for ((n, x), (_, y)) in a.trainable().iter().zip(&b.trainable()) {
+        let dlt: f32 = (x.as_tensor() - y.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(dlt < 1e-6, "{n}: resumed differs by {dlt}");
+    }
 }
 
 fn rows(
@@ -135,21 +162,7 @@ fn sft_learns_the_task_and_the_monitor_tracks_forgetting() {
     std::fs::remove_dir_all(d.path().join("run/checkpoint-30")).unwrap();
     let s2 = Trainer::new(cfg).unwrap().train(&mut t2, true).unwrap();
     assert_eq!(s2.resumed_from, Some(20));
-    let end_a = task.trainable();
-    let end_b = t2.trainable();
-    for ((n, x), (_, y)) in end_a.iter().zip(&end_b) {
-        let dlt: f32 = (x.as_tensor() - y.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(dlt < 1e-6, "{n}: resumed differs by {dlt}");
-    }
+    assert_same_trainables(&task, &t2);
 }
 
 #[test]
@@ -185,16 +198,7 @@ fn the_forgetting_monitor_can_stop_a_run_and_empty_data_is_refused() {
 }
 
 fn adalora_model(vocab: usize) -> (LlamaForCausalLM, AdapterConfig) {
-    let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 128, "rope_theta": 10000.0
-    }))
-    .unwrap();
-    let mut a = AdapterConfig::lora(8, 16.0, &[]);
-    a.target_modules = Some(postforge::peft::config::ModuleSpec::Regex(
-        "all-linear".into(),
-    ));
+    let mut a = all_linear();
     a.peft_type = "ADALORA".into();
     for (k, v) in [
         ("init_r", 6),
@@ -206,8 +210,7 @@ fn adalora_model(vocab: usize) -> (LlamaForCausalLM, AdapterConfig) {
         a.extra.insert(k.into(), serde_json::json!(v));
     }
     a.validate().unwrap();
-    let w = Weights::fresh(5, AdapterPlan::single(a.clone(), 1).unwrap());
-    (LlamaForCausalLM::new(&cfg, &w).unwrap(), a)
+    model_with(vocab, a)
 }
 
 #[test]
@@ -266,17 +269,5 @@ fn adalora_sft_prunes_to_the_target_budget_saves_its_pattern_and_resumes_exactly
     std::fs::remove_dir_all(d.path().join("run/checkpoint-12")).unwrap();
     let s2 = Trainer::new(cfg).unwrap().train(&mut t2, true).unwrap();
     assert_eq!(s2.resumed_from, Some(8));
-    for ((n, x), (_, y)) in task.trainable().iter().zip(&t2.trainable()) {
-        let dlt: f32 = (x.as_tensor() - y.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(dlt < 1e-6, "{n}: resumed differs by {dlt}");
-    }
+    assert_same_trainables(&task, &t2);
 }

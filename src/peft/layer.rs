@@ -244,7 +244,7 @@ pub struct AdaptedLayer {
     saved: Option<SavedCopy>,
 }
 
-fn var(t: Tensor) -> Result<Var> {
+pub(crate) fn var(t: Tensor) -> Result<Var> {
     Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.contiguous()?)?)
 }
 
@@ -1113,19 +1113,12 @@ impl AdaptedLayer {
                         self.path
                     )));
                 }
-                let n = v.dim(0)?;
-                let view = match (self.kind, feedforward) {
-                    (BaseKind::Conv2d(_), true) => v.reshape((1, n, 1, 1))?,
-                    (BaseKind::Conv2d(_), false) => v.reshape((n, 1, 1, 1))?,
-                    (_, true) => v.reshape((1, n))?,
-                    (_, false) => v.reshape((n, 1))?,
-                };
                 let b = match (bias, feedforward) {
                     (Some(b), false) => Some((b.to_dtype(DType::F32)? * &v)?),
                     (b, _) => b.cloned(),
                 };
                 (
-                    wf.broadcast_mul(&view)?,
+                    wf.broadcast_mul(&self.ia3_weight_view(&v, *feedforward)?)?,
                     b,
                     OtherMerge::Ia3 {
                         l: v,
@@ -1143,6 +1136,31 @@ impl AdaptedLayer {
         })
     }
 
+    /// IA3's vector shaped to scale the weight's rows (output) or columns (feed-forward input).
+    fn ia3_weight_view(&self, l: &Tensor, feedforward: bool) -> Result<Tensor> {
+        let n = l.dim(0)?;
+        Ok(match (self.kind, feedforward) {
+            (BaseKind::Conv2d(_), true) => l.reshape((1, n, 1, 1))?,
+            (BaseKind::Conv2d(_), false) => l.reshape((n, 1, 1, 1))?,
+            (_, true) => l.reshape((1, n))?,
+            (_, false) => l.reshape((n, 1))?,
+        })
+    }
+
+    /// The bias before an [`OtherMerge`] (only an output-scaling IA3 merge changed it).
+    fn unmerged_bias(bias: Option<&Tensor>, m: &OtherMerge) -> Result<Option<Tensor>> {
+        Ok(match (bias, m) {
+            (
+                Some(b),
+                OtherMerge::Ia3 {
+                    l,
+                    feedforward: false,
+                },
+            ) => Some((b.to_dtype(DType::F32)? / l)?),
+            (b, _) => b.cloned(),
+        })
+    }
+
     /// Undoes an [`OtherMerge`] on `w` and `bias`.
     fn unmerged_other(
         &self,
@@ -1150,21 +1168,11 @@ impl AdaptedLayer {
         bias: Option<&Tensor>,
         m: &OtherMerge,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let b = Self::unmerged_bias(bias, m)?;
         Ok(match m {
-            OtherMerge::Delta(d) => ((w - d)?, bias.cloned()),
+            OtherMerge::Delta(d) => ((w - d)?, b),
             OtherMerge::Ia3 { l, feedforward } => {
-                let n = l.dim(0)?;
-                let view = match (self.kind, feedforward) {
-                    (BaseKind::Conv2d(_), true) => l.reshape((1, n, 1, 1))?,
-                    (BaseKind::Conv2d(_), false) => l.reshape((n, 1, 1, 1))?,
-                    (_, true) => l.reshape((1, n))?,
-                    (_, false) => l.reshape((n, 1))?,
-                };
-                let b = match (bias, feedforward) {
-                    (Some(b), false) => Some((b.to_dtype(DType::F32)? / l)?),
-                    (b, _) => b.cloned(),
-                };
-                (w.broadcast_div(&view)?, b)
+                (w.broadcast_div(&self.ia3_weight_view(l, *feedforward)?)?, b)
             }
         })
     }
@@ -1296,16 +1304,8 @@ impl AdaptedLayer {
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some(rec) = self.merged.pop() {
             if let Some((q, sq, rounding)) = rec.prev_nf4 {
-                if let Some(OtherMerge::Ia3 { .. }) = &rec.other {
-                    let w = self.weight.dense()?.to_dtype(DType::F32)?;
-                    let (_, b) = self.unmerged_other(
-                        &w,
-                        self.bias.as_ref(),
-                        rec.other
-                            .as_ref()
-                            .ok_or_else(|| Error::Msg("merge record".into()))?,
-                    )?;
-                    self.bias = b;
+                if let Some(m) = &rec.other {
+                    self.bias = Self::unmerged_bias(self.bias.as_ref(), m)?;
                 }
                 self.weight = BaseWeight::Nf4(q);
                 self.weight_sq = sq;

@@ -19,6 +19,7 @@
 
 use super::config::AdapterConfig;
 use super::init::{kaiming_uniform, rng_for};
+use super::layer::var;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -175,10 +176,6 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
     } else {
         (m, n)
     }
-}
-
-fn var(t: Tensor) -> Result<Var> {
-    Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.contiguous()?)?)
 }
 
 /// PEFT's `kaiming_uniform_(a=√5)` on a tensor of `shape` (fan_in = the product of all but dim 0).

@@ -1,7 +1,7 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
-use candle_core::{Device, Tensor};
+use candle_core::{backprop::GradStore, Device, Tensor, Var};
 use postforge::peft::init::{normal, rng_for};
 
 pub fn randn(shape: &[usize], std: f64, name: &str) -> Tensor {
@@ -41,4 +41,22 @@ pub fn ids(shape: &[usize], n: u32) -> Tensor {
     let count: usize = shape.iter().product();
     let v: Vec<u32> = (0..count as u32).map(|i| (i * 7 + 3) % n).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Every tensor in `vars` got a finite, non-zero gradient (`what` names the case in messages).
+pub fn assert_all_trained(grads: &GradStore, vars: &[(String, Var)], what: &str) {
+    assert!(!vars.is_empty(), "{what}: nothing trainable");
+    for (name, v) in vars {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+        let s = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(s.is_finite() && s > 0.0, "{what}: {name} gradient sum {s}");
+    }
 }

@@ -241,6 +241,23 @@ fn scalar(t: &Tensor) -> Result<f64> {
         .unwrap_or(0.0))
 }
 
+/// The kohya name of module `<component>.<path>`: the component's prefix (`lora_te1` when a second
+/// text encoder is present) and the path with every `.` turned into `_`.
+fn kohya_module_name(key: &str, has_te2: bool) -> Result<String> {
+    let (component, sub) = key
+        .split_once('.')
+        .ok_or_else(|| Error::Msg(format!("module `{key}` lacks a component")))?;
+    let prefix = match component {
+        "unet" | "transformer" => "lora_unet",
+        "text_encoder" if has_te2 => "lora_te1",
+        "text_encoder" => "lora_te",
+        "text_encoder_2" => "lora_te2",
+        "text_encoder_3" => "lora_te3",
+        c => return Err(Error::Msg(format!("component `{c}` has no kohya prefix"))),
+    };
+    Ok(format!("{prefix}_{}", sub.replace('.', "_")))
+}
+
 impl LoraFile {
     /// Collects adapter `name` of `layers` under `component` (`unet`, `text_encoder`, ...).
     pub fn add_layers(
@@ -597,22 +614,10 @@ impl LoraFile {
                 let has_te2 = self
                     .modules
                     .keys()
+                    .chain(self.lycoris.keys())
                     .any(|k| k.starts_with("text_encoder_2."));
                 for (k, m) in &self.modules {
-                    let (component, sub) = k
-                        .split_once('.')
-                        .ok_or_else(|| Error::Msg(format!("module `{k}` lacks a component")))?;
-                    let prefix = match component {
-                        "unet" | "transformer" => "lora_unet",
-                        "text_encoder" if has_te2 => "lora_te1",
-                        "text_encoder" => "lora_te",
-                        "text_encoder_2" => "lora_te2",
-                        "text_encoder_3" => "lora_te3",
-                        c => {
-                            return Err(Error::Msg(format!("component `{c}` has no kohya prefix")))
-                        }
-                    };
-                    let name = format!("{prefix}_{}", sub.replace('.', "_"));
+                    let name = kohya_module_name(k, has_te2)?;
                     tensors.insert(format!("{name}.lora_down.weight"), m.down.clone());
                     tensors.insert(format!("{name}.lora_up.weight"), m.up.clone());
                     tensors.insert(
@@ -628,31 +633,15 @@ impl LoraFile {
                     }
                 }
                 for (k, m) in &self.lycoris {
-                    let (component, sub) = k
-                        .split_once('.')
-                        .ok_or_else(|| Error::Msg(format!("module `{k}` lacks a component")))?;
-                    let prefix = match component {
-                        "unet" | "transformer" => "lora_unet",
-                        "text_encoder" if has_te2 => "lora_te1",
-                        "text_encoder" => "lora_te",
-                        "text_encoder_2" => "lora_te2",
-                        "text_encoder_3" => "lora_te3",
-                        c => {
-                            return Err(Error::Msg(format!("component `{c}` has no kohya prefix")))
-                        }
-                    };
-                    let name = format!("{prefix}_{}", sub.replace('.', "_"));
+                    let name = kohya_module_name(k, has_te2)?;
                     for (f, t) in &m.tensors {
                         tensors.insert(format!("{name}.{f}"), t.clone());
                     }
                     if let Some(a) = m.alpha {
-                        let dev = m
-                            .tensors
-                            .values()
-                            .next()
-                            .map(|t| t.device().clone())
-                            .unwrap_or(candle_core::Device::Cpu);
-                        tensors.insert(format!("{name}.alpha"), Tensor::new(a as f32, &dev)?);
+                        tensors.insert(
+                            format!("{name}.alpha"),
+                            Tensor::new(a as f32, &candle_core::Device::Cpu)?,
+                        );
                     }
                 }
                 meta.remove("lora_adapter_metadata");
