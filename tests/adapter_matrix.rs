@@ -320,6 +320,54 @@ fn frozen_linear_allocates_no_weight_gradient() {
 }
 
 #[test]
+fn channel_bias_matches_broadcast_add_in_value_and_gradients() {
+    // (y shape, bias shape, dim, the broadcast shape of the bias for the composite)
+    let cases: [(&[usize], &[usize], usize, &[usize]); 4] = [
+        (&[3, 5, 7], &[7], 2, &[1, 1, 7]),          // linear bias
+        (&[2, 6, 4, 5], &[6], 1, &[1, 6, 1, 1]),    // conv bias
+        (&[2, 6, 4, 5], &[2, 6], 1, &[2, 6, 1, 1]), // time embedding per image and channel
+        (&[4, 3], &[3], 1, &[1, 3]),                // a plain 2-D linear output
+    ];
+    for (k, (ys, bs, dim, view)) in cases.into_iter().enumerate() {
+        let y = candle_core::Var::from_tensor(&randn(ys, 1.0, &format!("y{k}"))).unwrap();
+        let b = candle_core::Var::from_tensor(&randn(bs, 1.0, &format!("b{k}"))).unwrap();
+        let g = randn(ys, 1.0, &format!("g{k}"));
+        let ours =
+            postforge::peft::ops::add_channel_bias(y.as_tensor(), b.as_tensor(), dim).unwrap();
+        let reference = y
+            .as_tensor()
+            .broadcast_add(&b.as_tensor().reshape(view).unwrap())
+            .unwrap();
+        assert!(max_abs_diff(&ours, &reference) < 1e-6, "case {k}");
+        let g1 = (&ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&reference * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&y, &b] {
+            let (a, r) = (
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert_eq!(a.dims(), v.dims());
+            assert!(rel_err(a, r) < 1e-5, "case {k}: {}", rel_err(a, r));
+        }
+        // A frozen bias gets no gradient; a wrong-sized one is an error naming both shapes.
+        let frozen = randn(bs, 1.0, "frozen");
+        let out = postforge::peft::ops::add_channel_bias(y.as_tensor(), &frozen, dim).unwrap();
+        let gs = out.sum_all().unwrap().backward().unwrap();
+        assert!(gs.get(&frozen).is_none());
+        let bad = randn(&[bs[bs.len() - 1] + 1], 1.0, "bad");
+        let err = postforge::peft::ops::add_channel_bias(y.as_tensor(), &bad, dim)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("{:?}", bad.dims())), "{err}");
+    }
+}
+
+#[test]
 fn frozen_conv2d_input_gradient_is_the_exact_adjoint() {
     // conv2d is linear in x, so the input gradient g ↦ dL/dx must satisfy <conv(z), g> = <z, dL/dx>
     // for every z. Checked for odd/even, non-square inputs where candle's own conv backward fails.

@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::{Args as ClapArgs, ValueEnum};
+use postforge::diffusion::objective::TimestepSampling;
 use postforge::diffusion::pipeline::Pipeline;
 use postforge::diffusion::tiny_sd::{self, PretrainTask};
 use postforge::media::grid::{render, GridLabels};
@@ -70,6 +71,19 @@ pub struct Args {
     /// tiny-sd: train v-prediction (written into the scheduler config) instead of ε.
     #[arg(long = "v-parameterization")]
     v_parameterization: bool,
+    /// tiny-sd: rescale the betas to zero terminal SNR (with --v-parameterization; written into
+    /// the scheduler config).
+    #[arg(long = "zero-terminal-snr")]
+    zero_terminal_snr: bool,
+    /// tiny-sd: diffusers' timestep bias (none, earlier, later, range).
+    #[arg(long = "timestep-bias-strategy", default_value = "none")]
+    timestep_bias_strategy: String,
+    /// tiny-sd: weight factor of the biased timesteps.
+    #[arg(long = "timestep-bias-multiplier", default_value_t = 1.0)]
+    timestep_bias_multiplier: f64,
+    /// tiny-sd: share of the timesteps biased by earlier / later.
+    #[arg(long = "timestep-bias-portion", default_value_t = 0.25)]
+    timestep_bias_portion: f64,
     /// tiny-sd: only evaluate the pipeline in --out (adherence, samples.png), no training.
     #[arg(long = "eval-only")]
     eval_only: bool,
@@ -101,7 +115,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let mut task = PretrainTask::with_init(a.images, batch_size, a.seed, a.init_from.as_deref())?
         .with_min_snr_gamma(a.min_snr_gamma)
-        .with_v_prediction(a.v_parameterization);
+        .with_v_prediction(a.v_parameterization)
+        .with_zero_terminal_snr(a.zero_terminal_snr)?
+        .with_timestep_sampling(&TimestepSampling {
+            bias_strategy: a.timestep_bias_strategy.clone(),
+            bias_multiplier: a.timestep_bias_multiplier,
+            bias_portion: a.timestep_bias_portion,
+            ..Default::default()
+        })?;
     let trainer = Trainer::new(TrainConfig {
         learning_rate,
         lr_scheduler: ScheduleKind::Cosine,
@@ -128,7 +149,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_steps, batch_size, learning_rate, a.images, a.seed,
         a.init_from.as_ref().map(|p| format!(" --init-from {}", p.display())).unwrap_or_default()
             + &a.min_snr_gamma.map(|g| format!(" --min-snr-gamma {g}")).unwrap_or_default()
-            + if a.v_parameterization { " --v-parameterization" } else { "" }, s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
+            + if a.v_parameterization { " --v-parameterization" } else { "" }
+            + if a.zero_terminal_snr { " --zero-terminal-snr" } else { "" }
+            + &if a.timestep_bias_strategy != "none" { format!(" --timestep-bias-strategy {} --timestep-bias-multiplier {} --timestep-bias-portion {}", a.timestep_bias_strategy, a.timestep_bias_multiplier, a.timestep_bias_portion) } else { String::new() }, s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
     );
     postforge::util::write_atomic(&out.join("MODEL_CARD.md"), card.as_bytes())?;
     println!("wrote {} (MODEL_CARD.md, samples.png)", out.display());

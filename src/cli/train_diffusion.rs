@@ -79,6 +79,28 @@ pub struct Args {
     noise_offset: Option<f64>,
     #[arg(long)]
     v_parameterization: bool,
+    /// Rescale the training betas to zero terminal SNR (with --v_parameterization).
+    #[arg(long)]
+    zero_terminal_snr: bool,
+    /// Smallest training timestep [default: 0].
+    #[arg(long)]
+    min_timestep: Option<usize>,
+    /// One past the largest training timestep [default: T].
+    #[arg(long)]
+    max_timestep: Option<usize>,
+    /// diffusers' timestep bias: none, earlier, later, range [default: none].
+    #[arg(long)]
+    timestep_bias_strategy: Option<String>,
+    /// Weight factor of the biased timesteps [default: 1].
+    #[arg(long)]
+    timestep_bias_multiplier: Option<f64>,
+    /// Share of timesteps biased by earlier / later [default: 0.25].
+    #[arg(long)]
+    timestep_bias_portion: Option<f64>,
+    #[arg(long)]
+    timestep_bias_begin: Option<usize>,
+    #[arg(long)]
+    timestep_bias_end: Option<usize>,
     #[arg(long)]
     caption_dropout_rate: Option<f64>,
     #[arg(long)]
@@ -161,6 +183,13 @@ pub fn config(a: &Args) -> anyhow::Result<LoraTrainConfig> {
         seed,
         min_snr_gamma,
         noise_offset,
+        min_timestep,
+        max_timestep,
+        timestep_bias_strategy,
+        timestep_bias_multiplier,
+        timestep_bias_portion,
+        timestep_bias_begin,
+        timestep_bias_end,
         caption_dropout_rate,
         keep_tokens,
         lora_format,
@@ -174,6 +203,7 @@ pub fn config(a: &Args) -> anyhow::Result<LoraTrainConfig> {
         bucket_no_upscale,
         network_train_unet_only,
         v_parameterization,
+        zero_terminal_snr,
         shuffle_caption,
         flip_aug,
         sample_at_first

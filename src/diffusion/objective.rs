@@ -156,3 +156,188 @@ pub fn resize_mask(mask: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (fh, fw) = (mh / h, mw / w);
     Ok(mask.to_dtype(DType::F32)?.avg_pool2d((fh, fw))?)
 }
+
+/// Which training timesteps are drawn: kohya's `--min_timestep` / `--max_timestep` range (max
+/// exclusive) and diffusers' timestep bias (`--timestep_bias_strategy earlier|later|range|none`
+/// with `--timestep_bias_multiplier`, `--timestep_bias_portion`, `--timestep_bias_begin` /
+/// `--timestep_bias_end`): the biased timesteps' weights are multiplied, and timesteps are drawn
+/// in proportion to their weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimestepSampling {
+    /// Smallest timestep drawn (kohya default 0).
+    pub min_timestep: Option<usize>,
+    /// One past the largest timestep drawn (kohya default T).
+    pub max_timestep: Option<usize>,
+    /// `none`, `earlier`, `later`, `range`.
+    pub bias_strategy: String,
+    /// Weight factor of the biased timesteps (diffusers default 1).
+    pub bias_multiplier: f64,
+    /// Share of the timesteps biased by `earlier` / `later` (diffusers default 0.25).
+    pub bias_portion: f64,
+    /// First timestep biased by `range`.
+    pub bias_begin: usize,
+    /// One past the last timestep biased by `range`.
+    pub bias_end: usize,
+}
+
+impl Default for TimestepSampling {
+    fn default() -> Self {
+        Self {
+            min_timestep: None,
+            max_timestep: None,
+            bias_strategy: "none".into(),
+            bias_multiplier: 1.0,
+            bias_portion: 0.25,
+            bias_begin: 0,
+            bias_end: 1000,
+        }
+    }
+}
+
+impl TimestepSampling {
+    /// The probability of each of the `n` training timesteps (sums to 1), or an error naming the
+    /// setting that is out of range.
+    pub fn probabilities(&self, n: usize) -> Result<Vec<f64>> {
+        let lo = self.min_timestep.unwrap_or(0);
+        let hi = self.max_timestep.unwrap_or(n);
+        if lo >= hi || hi > n {
+            return Err(Error::Config(format!(
+                "min_timestep {lo} / max_timestep {hi} must satisfy 0 <= min < max <= {n}"
+            )));
+        }
+        let mut w = vec![1.0f64; n];
+        let biased = match self.bias_strategy.as_str() {
+            "none" => None,
+            "earlier" | "later" => {
+                if !(0.0..=1.0).contains(&self.bias_portion) {
+                    return Err(Error::Config(format!(
+                        "timestep_bias_portion {} is not in [0, 1]",
+                        self.bias_portion
+                    )));
+                }
+                let k = (self.bias_portion * n as f64) as usize;
+                Some(if self.bias_strategy == "later" {
+                    n - k..n
+                } else {
+                    0..k
+                })
+            }
+            "range" => {
+                if self.bias_begin >= self.bias_end || self.bias_end > n {
+                    return Err(Error::Config(format!(
+                        "timestep_bias_begin {} / timestep_bias_end {} must satisfy begin < end <= {n}",
+                        self.bias_begin, self.bias_end
+                    )));
+                }
+                Some(self.bias_begin..self.bias_end)
+            }
+            s => {
+                return Err(Error::Config(format!(
+                    "timestep_bias_strategy `{s}` is not one of none, earlier, later, range"
+                )))
+            }
+        };
+        if let Some(r) = biased {
+            if !(self.bias_multiplier > 0.0 && self.bias_multiplier.is_finite()) {
+                return Err(Error::Config(format!(
+                    "timestep_bias_multiplier {} must be positive",
+                    self.bias_multiplier
+                )));
+            }
+            for v in &mut w[r] {
+                *v *= self.bias_multiplier;
+            }
+        }
+        for (i, v) in w.iter_mut().enumerate() {
+            if i < lo || i >= hi {
+                *v = 0.0;
+            }
+        }
+        let s: f64 = w.iter().sum();
+        Ok(w.into_iter().map(|v| v / s).collect())
+    }
+
+    /// A sampler over `n` timesteps.
+    pub fn sampler(&self, n: usize) -> Result<TimestepSampler> {
+        let p = self.probabilities(n)?;
+        let mut acc = 0.0;
+        let cdf = p
+            .iter()
+            .map(|v| {
+                acc += v;
+                acc
+            })
+            .collect();
+        Ok(TimestepSampler { cdf })
+    }
+}
+
+/// Draws training timesteps from the distribution of a [`TimestepSampling`].
+#[derive(Debug, Clone)]
+pub struct TimestepSampler {
+    cdf: Vec<f64>,
+}
+
+impl TimestepSampler {
+    /// One timestep.
+    pub fn draw(&self, rng: &mut ChaCha8Rng) -> usize {
+        use rand::Rng;
+        let u: f64 = rng.random::<f64>() * self.cdf.last().copied().unwrap_or(1.0);
+        self.cdf
+            .partition_point(|&c| c <= u)
+            .min(self.cdf.len().saturating_sub(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn timestep_bias_follows_diffusers_weights() {
+        let later = TimestepSampling {
+            bias_strategy: "later".into(),
+            bias_multiplier: 3.0,
+            bias_portion: 0.25,
+            ..Default::default()
+        };
+        let p = later.probabilities(1000).unwrap();
+        // 750 timesteps of weight 1 and 250 of weight 3: 1/1500 and 3/1500.
+        assert!((p[0] - 1.0 / 1500.0).abs() < 1e-12 && (p[999] - 3.0 / 1500.0).abs() < 1e-12);
+        assert!((p[749] - p[0]).abs() < 1e-15 && (p[750] - p[999]).abs() < 1e-15);
+        let s = later.sampler(1000).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let n = 20000;
+        let high = (0..n).filter(|_| s.draw(&mut rng) >= 750).count() as f64 / n as f64;
+        assert!((high - 0.5).abs() < 0.02, "share of late timesteps {high}");
+        // kohya's range: nothing drawn outside [min, max).
+        let r = TimestepSampling {
+            min_timestep: Some(100),
+            max_timestep: Some(200),
+            ..Default::default()
+        };
+        let s = r.sampler(1000).unwrap();
+        assert!((0..2000)
+            .map(|_| s.draw(&mut rng))
+            .all(|t| (100..200).contains(&t)));
+        for bad in [
+            TimestepSampling {
+                bias_strategy: "sideways".into(),
+                ..Default::default()
+            },
+            TimestepSampling {
+                bias_strategy: "later".into(),
+                bias_multiplier: 0.0,
+                ..Default::default()
+            },
+            TimestepSampling {
+                min_timestep: Some(500),
+                max_timestep: Some(400),
+                ..Default::default()
+            },
+        ] {
+            assert!(bad.probabilities(1000).is_err(), "{bad:?}");
+        }
+    }
+}

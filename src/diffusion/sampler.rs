@@ -147,9 +147,12 @@ impl Sampler {
         let mut sigmas = vec![];
         if !is_ddim {
             // σ over the training grid, linearly interpolated at the inference timesteps, then 0.
+            // With zero terminal SNR the last ᾱ is 0 (σ = ∞); diffusers' Euler schedulers
+            // replace it with 2⁻²⁴.
             let grid: Vec<f32> = schedule
                 .alphas_cumprod
                 .iter()
+                .map(|&a| if a == 0.0 { 2f32.powi(-24) } else { a })
                 .map(|a| ((1.0 - a) / a).sqrt())
                 .collect();
             for &ts in &timesteps {

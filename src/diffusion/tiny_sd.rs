@@ -2,7 +2,7 @@
 //! scratch on the procedural shape corpus ([`crate::data::shapes`]), written in the diffusers folder
 //! layout, and evaluated with the procedural detector (prompt adherence).
 
-use super::objective::{Objective, Prediction};
+use super::objective::{Objective, Prediction, TimestepSampler, TimestepSampling};
 use super::pipeline::Pipeline;
 use super::sampler::SamplerKind;
 use super::schedule::{NoiseSchedule, SchedulerConfig};
@@ -206,6 +206,8 @@ pub struct PretrainTask {
     batch: usize,
     seed: u64,
     caption_dropout: f64,
+    zero_snr: bool,
+    timesteps: TimestepSampler,
 }
 
 impl PretrainTask {
@@ -283,6 +285,9 @@ impl PretrainTask {
             batch,
             seed,
             caption_dropout: 0.1,
+            zero_snr: false,
+            timesteps: TimestepSampling::default()
+                .sampler(scheduler_config().num_train_timesteps)?,
         })
     }
 
@@ -298,11 +303,33 @@ impl PretrainTask {
         self
     }
 
+    /// Rescales the betas to zero terminal SNR (diffusers' `rescale_betas_zero_snr`, Lin et al.
+    /// 2024): the last training timestep is pure noise, as at the start of sampling, so the model
+    /// learns to draw the whole layout from the prompt. Needs v-prediction.
+    pub fn with_zero_terminal_snr(mut self, on: bool) -> Result<Self> {
+        if on && self.objective.prediction == Prediction::Epsilon {
+            return Err(Error::Config(
+                "zero terminal SNR needs v-prediction (--v-parameterization): ε is undefined at SNR 0"
+                    .into(),
+            ));
+        }
+        self.zero_snr = on;
+        self.schedule = NoiseSchedule::new(&self.scheduler())?;
+        Ok(self)
+    }
+
+    /// Sets which timesteps training draws.
+    pub fn with_timestep_sampling(mut self, s: &TimestepSampling) -> Result<Self> {
+        self.timesteps = s.sampler(self.schedule.len())?;
+        Ok(self)
+    }
+
     fn scheduler(&self) -> SchedulerConfig {
         let mut c = scheduler_config();
         if self.objective.prediction == Prediction::V {
             c.prediction_type = "v_prediction".into();
         }
+        c.rescale_betas_zero_snr = self.zero_snr;
         c
     }
 
@@ -384,7 +411,7 @@ impl Task for PretrainTask {
             } else {
                 self.ids[i].clone()
             });
-            ts.push(rng.random_range(0..self.schedule.len()));
+            ts.push(self.timesteps.draw(&mut rng));
         }
         let x0 = Tensor::stack(&xs, 0)?;
         let noise = self.objective.noise(x0.dims(), &mut rng)?;

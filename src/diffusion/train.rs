@@ -3,7 +3,7 @@
 //! shuffling and dropout, min-SNR-γ, noise offset, sample images every N steps from kohya prompt
 //! lines, and a kohya (or diffusers) LoRA file as the result. Field names follow kohya's flags.
 
-use super::objective::{Objective, Prediction};
+use super::objective::{Objective, Prediction, TimestepSampler, TimestepSampling};
 use super::pipeline::{Conditioning, Pipeline};
 use super::sampler::SamplerKind;
 use super::schedule::NoiseSchedule;
@@ -84,6 +84,18 @@ fn d_sep() -> String {
 }
 fn d_out_name() -> String {
     "last".into()
+}
+fn d_bias() -> String {
+    "none".into()
+}
+fn d_bias_mult() -> f64 {
+    1.0
+}
+fn d_bias_portion() -> f64 {
+    0.25
+}
+fn d_bias_end() -> usize {
+    1000
 }
 fn d_sampler() -> String {
     "ddim".into()
@@ -175,6 +187,31 @@ pub struct LoraTrainConfig {
     /// Train with v-prediction whatever the scheduler says.
     #[serde(default)]
     pub v_parameterization: bool,
+    /// Rescale the training betas to zero terminal SNR (kohya `--zero_terminal_snr`; use with
+    /// v-prediction).
+    #[serde(default)]
+    pub zero_terminal_snr: bool,
+    /// Smallest training timestep (kohya `--min_timestep`, default 0).
+    #[serde(default)]
+    pub min_timestep: Option<usize>,
+    /// One past the largest training timestep (kohya `--max_timestep`, default T).
+    #[serde(default)]
+    pub max_timestep: Option<usize>,
+    /// diffusers' `--timestep_bias_strategy`: `none`, `earlier`, `later`, `range`.
+    #[serde(default = "d_bias")]
+    pub timestep_bias_strategy: String,
+    /// diffusers' `--timestep_bias_multiplier`.
+    #[serde(default = "d_bias_mult")]
+    pub timestep_bias_multiplier: f64,
+    /// diffusers' `--timestep_bias_portion`.
+    #[serde(default = "d_bias_portion")]
+    pub timestep_bias_portion: f64,
+    /// diffusers' `--timestep_bias_begin`.
+    #[serde(default)]
+    pub timestep_bias_begin: usize,
+    /// diffusers' `--timestep_bias_end`.
+    #[serde(default = "d_bias_end")]
+    pub timestep_bias_end: usize,
     /// Probability of training a sample with an empty caption.
     #[serde(default)]
     pub caption_dropout_rate: f64,
@@ -222,6 +259,19 @@ impl LoraTrainConfig {
             "pretrained_model_name_or_path": model, "train_data_dir": data, "output_dir": output_dir
         });
         serde_json::from_value(v).expect("defaults deserialize")
+    }
+
+    /// Which training timesteps are drawn.
+    pub fn timestep_sampling(&self) -> TimestepSampling {
+        TimestepSampling {
+            min_timestep: self.min_timestep,
+            max_timestep: self.max_timestep,
+            bias_strategy: self.timestep_bias_strategy.clone(),
+            bias_multiplier: self.timestep_bias_multiplier,
+            bias_portion: self.timestep_bias_portion,
+            bias_begin: self.timestep_bias_begin,
+            bias_end: self.timestep_bias_end,
+        }
     }
 
     /// `(width, height)` from `resolution`.
@@ -436,6 +486,7 @@ pub struct LoraTrainTask {
     batches_per_epoch: u64,
     epoch: Option<(u64, Vec<Vec<usize>>)>,
     schedule: NoiseSchedule,
+    timesteps: TimestepSampler,
     objective: Objective,
     text_cache: HashMap<String, Conditioning>,
     train_text: bool,
@@ -530,12 +581,23 @@ impl LoraTrainTask {
             per_bucket[it.bucket] += it.repeats;
         }
         let batches_per_epoch = per_bucket.iter().map(|n| n.div_ceil(bs) as u64).sum();
-        let schedule = NoiseSchedule::new(&pipe.scheduler)?;
         let prediction = if cfg.v_parameterization {
             Prediction::V
         } else {
             pipe.scheduler.prediction()?
         };
+        let mut train_sched = pipe.scheduler.clone();
+        if cfg.zero_terminal_snr {
+            if prediction == Prediction::Epsilon {
+                return Err(Error::Config(
+                    "zero_terminal_snr needs v-prediction (v_parameterization): ε is undefined at SNR 0"
+                        .into(),
+                ));
+            }
+            train_sched.rescale_betas_zero_snr = true;
+        }
+        let schedule = NoiseSchedule::new(&train_sched)?;
+        let timesteps = cfg.timestep_sampling().sampler(schedule.len())?;
         let prompts = match &cfg.sample_prompts {
             Some(p) => SamplePrompt::read_file(p)?,
             None => vec![],
@@ -554,6 +616,7 @@ impl LoraTrainTask {
             batches_per_epoch,
             epoch: None,
             schedule,
+            timesteps,
             text_cache: HashMap::new(),
             train_text,
             prompts,
@@ -831,9 +894,7 @@ impl Task for LoraTrainTask {
         }
         let x0 = Tensor::stack(&xs, 0)?;
         let b = batch.len();
-        let ts: Vec<usize> = (0..b)
-            .map(|_| rng.random_range(0..self.schedule.len()))
-            .collect();
+        let ts: Vec<usize> = (0..b).map(|_| self.timesteps.draw(&mut rng)).collect();
         let noise = self.objective.noise(x0.dims(), &mut rng)?;
         let xt = self.schedule.add_noise(&x0, &noise, &ts)?;
         let cond = self.condition(&caps, ctx)?;

@@ -891,8 +891,11 @@ impl AdaptedLayer {
 
     fn add_bias(&self, y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let Some(b) = bias else { return Ok(y) };
-        let b = self.feature_view(b, y.rank())?;
-        Ok(y.broadcast_add(&b)?)
+        let dim = match self.kind {
+            BaseKind::Conv2d(_) => 1,
+            _ => y.rank() - 1,
+        };
+        Ok(ops::add_channel_bias(&y, b, dim)?)
     }
 
     /// Forward. Linear: x (..., in); conv: x (b, c, h, w); embedding: ids (...) as u32/i64.

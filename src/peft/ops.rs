@@ -819,14 +819,180 @@ impl CustomOp2 for ConvOp {
         let gw = if self.w_trainable {
             let cols = patches(&x.contiguous()?, kh, kw, self.cfg)?;
             // Σ_b g[b] (o, oh·ow) · cols[b]ᵀ (oh·ow, c·kh·kw)
+            let per_image = g.matmul(&cols.transpose(1, 2)?)?;
             Some(
-                g.matmul(&cols.transpose(1, 2)?)?
-                    .sum(0)?
+                per_image
+                    .apply_op1_no_bwd(&ChannelSum {
+                        c: o * c * kh * kw,
+                        inner: 1,
+                    })?
                     .reshape((o, c, kh, kw))?,
             )
         } else {
             None
         };
         Ok((gx, gw))
+    }
+}
+
+/// `y + b` where `b` holds one value per slice of `y` along the middle of the view
+/// (outer, c, inner) of `y`: a linear's bias (`dim` = last), a conv's bias (`dim` = 1 of NCHW), or a
+/// per-(image, channel) shift such as a U-Net's time embedding (`b` of shape (B, C), `dim` = 1,
+/// viewed as c = B·C). One parallel node; its backward passes `grad` through to `y` without a copy
+/// and sums `grad` into `b`'s shape in a fixed order (candle's broadcast backward reduces on one
+/// thread through strided loops). Falls back to `broadcast_add` off the CPU or for non-f32.
+pub fn add_channel_bias(y: &Tensor, b: &Tensor, dim: usize) -> Result<Tensor> {
+    let dims = y.dims().to_vec();
+    if dim >= dims.len() {
+        candle_core::bail!(
+            "add_channel_bias: dim {dim} of a rank-{} tensor",
+            dims.len()
+        );
+    }
+    // The bias covers dims [first, dim] of y: a (C) bias starts at `dim`, a (B, C) one at dim - 1.
+    let first = match b.rank() {
+        1 => dim,
+        2 if dim >= 1 => dim - 1,
+        _ => candle_core::bail!(
+            "add_channel_bias: bias {:?} does not fit {:?} at dim {dim}",
+            b.dims(),
+            dims
+        ),
+    };
+    if b.dims() != &dims[first..=dim] {
+        candle_core::bail!(
+            "add_channel_bias: bias {:?} does not fit {:?} at dim {dim}",
+            b.dims(),
+            dims
+        );
+    }
+    if !y.device().is_cpu() || y.dtype() != candle_core::DType::F32 || b.dtype() != y.dtype() {
+        let mut shape = vec![1usize; dims.len()];
+        shape[first..=dim].copy_from_slice(b.dims());
+        return y.broadcast_add(&b.reshape(shape)?);
+    }
+    let inner: usize = dims[dim + 1..].iter().product();
+    let op = ChannelBias { inner };
+    if !(y.track_op() || b.track_op()) {
+        return y.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &op);
+    }
+    y.contiguous()?.apply_op2(&b.contiguous()?, op)
+}
+
+#[derive(Clone, Copy)]
+struct ChannelBias {
+    inner: usize,
+}
+
+impl CustomOp2 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "add-channel-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        sy: &CpuStorage,
+        ly: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (y, b) = (
+            f32_slice(sy, ly, "add_channel_bias")?,
+            f32_slice(sb, lb, "add_channel_bias")?,
+        );
+        let (c, inner) = (b.len(), self.inner);
+        let mut out = vec![0f32; y.len()];
+        if inner == 1 {
+            out.par_chunks_mut(c * ROWS)
+                .zip(y.par_chunks(c * ROWS))
+                .for_each(|(o, y)| {
+                    for (orow, yrow) in o.chunks_mut(c).zip(y.chunks(c)) {
+                        for j in 0..c {
+                            orow[j] = yrow[j] + b[j];
+                        }
+                    }
+                });
+        } else {
+            out.par_chunks_mut(inner)
+                .zip(y.par_chunks(inner))
+                .enumerate()
+                .for_each(|(k, (o, y))| {
+                    let v = b[k % c];
+                    o.iter_mut().zip(y).for_each(|(o, y)| *o = *y + v);
+                });
+        }
+        Ok((CpuStorage::F32(out), ly.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gb = if b.track_op() {
+            Some(
+                grad.contiguous()?
+                    .apply_op1_no_bwd(&ChannelSum {
+                        c: b.elem_count(),
+                        inner: self.inner,
+                    })?
+                    .reshape(b.shape())?,
+            )
+        } else {
+            None
+        };
+        Ok((y.track_op().then(|| grad.clone()), gb))
+    }
+}
+
+/// Σ over `outer` and `inner` of a contiguous (outer, c, inner) tensor → (c).
+struct ChannelSum {
+    c: usize,
+    inner: usize,
+}
+
+impl candle_core::CustomOp1 for ChannelSum {
+    fn name(&self) -> &'static str {
+        "channel-sum"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let g = f32_slice(s, l, "channel_sum")?;
+        let (c, inner) = (self.c, self.inner);
+        let plane = c * inner;
+        let outer = g.len() / plane.max(1);
+        // Fixed chunks of outer slices, each summed in order, then the partial sums in order.
+        let per = outer
+            .div_ceil(rayon::current_num_threads().max(1) * 2)
+            .max(1);
+        let parts: Vec<Vec<f64>> = g
+            .par_chunks(plane * per)
+            .map(|block| {
+                let mut acc = vec![0f64; c];
+                for slab in block.chunks(plane) {
+                    if inner == 1 {
+                        for (a, v) in acc.iter_mut().zip(slab) {
+                            *a += *v as f64;
+                        }
+                    } else {
+                        for (a, row) in acc.iter_mut().zip(slab.chunks(inner)) {
+                            *a += row.iter().map(|v| *v as f64).sum::<f64>();
+                        }
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut out = vec![0f64; c];
+        for p in parts {
+            for (o, v) in out.iter_mut().zip(p) {
+                *o += v;
+            }
+        }
+        Ok((
+            CpuStorage::F32(out.into_iter().map(|v| v as f32).collect()),
+            Shape::from(c),
+        ))
     }
 }

@@ -115,8 +115,8 @@ impl ResnetBlock2D {
         let h = self.conv1.forward(&self.norm1.apply_silu(x)?, ctx)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(p), Some(temb)) => {
-                let t = p.forward(&temb.silu()?, ctx)?.unsqueeze(2)?.unsqueeze(3)?;
-                h.broadcast_add(&t)?
+                let t = p.forward(&temb.silu()?, ctx)?;
+                crate::peft::ops::add_channel_bias(&h, &t, 1)?
             }
             _ => h,
         };
