@@ -273,3 +273,125 @@ fn grid_samples_every_cell_and_a_zero_lora_scale_is_the_base() {
     );
     assert!(Axis::parse("colour=red").is_err() && Axis::parse("seed=a").is_err());
 }
+
+#[test]
+fn ema_v_prediction_zero_snr_pretraining_resumes_exactly_and_saves_the_average() {
+    use postforge::diffusion::objective::TimestepSampling;
+    use postforge::train::ema::EmaConfig;
+    let d = tempfile::tempdir().unwrap();
+    let make = || {
+        PretrainTask::new(16, 2, 5)
+            .unwrap()
+            .with_v_prediction(true)
+            .with_zero_terminal_snr(true)
+            .unwrap()
+            .with_timestep_sampling(&TimestepSampling {
+                bias_strategy: "later".into(),
+                bias_multiplier: 2.0,
+                ..Default::default()
+            })
+            .unwrap()
+            .with_ema(Some(EmaConfig {
+                decay: 0.9,
+                ..Default::default()
+            }))
+            .unwrap()
+    };
+    let cfg = |dir: &str, steps: usize| TrainConfig {
+        learning_rate: 2e-3,
+        max_steps: steps,
+        warmup_steps: 1,
+        save_steps: 2,
+        output_dir: d.path().join(dir),
+        seed: 5,
+        ..Default::default()
+    };
+    // Unbroken 4 steps, against 2 steps + resume to 4 from the checkpoint.
+    let mut whole = make();
+    Trainer::new(cfg("whole", 4))
+        .unwrap()
+        .train(&mut whole, false)
+        .unwrap();
+    // The interrupted run: its last checkpoint and final output are lost, it resumes from step 2.
+    let mut first = make();
+    Trainer::new(cfg("split", 4))
+        .unwrap()
+        .train(&mut first, false)
+        .unwrap();
+    for gone in ["checkpoint-4", "adapter"] {
+        std::fs::remove_dir_all(d.path().join("split").join(gone)).unwrap();
+    }
+    let mut second = make();
+    let s = Trainer::new(cfg("split", 4))
+        .unwrap()
+        .train(&mut second, true)
+        .unwrap();
+    assert_eq!(s.resumed_from, Some(2));
+    let read = |p: &std::path::Path| {
+        candle_core::safetensors::load(
+            p.join("unet/diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b) = (
+        read(&d.path().join("whole/adapter")),
+        read(&d.path().join("split/adapter")),
+    );
+    for (k, t) in &a {
+        let diff = (t - &b[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{k} differs after resuming");
+    }
+    // The written pipeline holds the average, not the last weights, and says v-prediction with
+    // zero terminal SNR.
+    let live: std::collections::BTreeMap<String, Tensor> = whole
+        .trainable()
+        .into_iter()
+        .filter_map(|(n, v)| {
+            // unet/base_model.model.<path>.modules_to_save.default.<param> → <path>.<param>
+            let k = n.strip_prefix("unet/base_model.model.")?;
+            let (path, param) = k.split_once(".modules_to_save.default.")?;
+            Some((format!("{path}.{param}"), v.as_tensor().clone()))
+        })
+        .collect();
+    let moved = live.iter().filter(|(k, t)| {
+        a.get(*k).is_some_and(|s| {
+            (*t - s)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        })
+    });
+    assert!(live.len() > 10 && live.keys().all(|k| a.contains_key(k)));
+    assert!(
+        moved.count() > 0,
+        "the saved U-Net equals the live weights: no EMA"
+    );
+    let sched: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            d.path()
+                .join("whole/adapter/scheduler/scheduler_config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sched["prediction_type"], "v_prediction");
+    assert_eq!(sched["rescale_betas_zero_snr"], true);
+    // ε-prediction cannot be trained at SNR 0.
+    assert!(PretrainTask::new(4, 2, 5)
+        .unwrap()
+        .with_zero_terminal_snr(true)
+        .is_err());
+}

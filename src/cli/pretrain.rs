@@ -6,6 +6,7 @@ use postforge::diffusion::tiny_sd::{self, PretrainTask};
 use postforge::media::grid::{render, GridLabels};
 use postforge::media::image::write_png;
 use postforge::peft::AdapterPlan;
+use postforge::train::ema::EmaConfig;
 use postforge::train::{ScheduleKind, TrainConfig, Trainer};
 use std::path::PathBuf;
 
@@ -84,6 +85,13 @@ pub struct Args {
     /// tiny-sd: share of the timesteps biased by earlier / later.
     #[arg(long = "timestep-bias-portion", default_value_t = 0.25)]
     timestep_bias_portion: f64,
+    /// tiny-sd: keep an exponential moving average of the weights and write the pipeline with it
+    /// (diffusers' `--use_ema`).
+    #[arg(long = "use-ema")]
+    use_ema: bool,
+    /// tiny-sd: largest EMA decay (diffusers' default 0.9999; the decay warms up as (1+k)/(10+k)).
+    #[arg(long = "ema-decay", default_value_t = 0.9999)]
+    ema_decay: f64,
     /// tiny-sd: only evaluate the pipeline in --out (adherence, samples.png), no training.
     #[arg(long = "eval-only")]
     eval_only: bool,
@@ -122,7 +130,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             bias_multiplier: a.timestep_bias_multiplier,
             bias_portion: a.timestep_bias_portion,
             ..Default::default()
-        })?;
+        })?
+        .with_ema(a.use_ema.then(|| EmaConfig {
+            decay: a.ema_decay,
+            ..Default::default()
+        }))?;
     let trainer = Trainer::new(TrainConfig {
         learning_rate,
         lr_scheduler: ScheduleKind::Cosine,
@@ -151,6 +163,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             + &a.min_snr_gamma.map(|g| format!(" --min-snr-gamma {g}")).unwrap_or_default()
             + if a.v_parameterization { " --v-parameterization" } else { "" }
             + if a.zero_terminal_snr { " --zero-terminal-snr" } else { "" }
+            + &if a.use_ema { format!(" --use-ema --ema-decay {}", a.ema_decay) } else { String::new() }
             + &if a.timestep_bias_strategy != "none" { format!(" --timestep-bias-strategy {} --timestep-bias-multiplier {} --timestep-bias-portion {}", a.timestep_bias_strategy, a.timestep_bias_multiplier, a.timestep_bias_portion) } else { String::new() }, s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
     );
     postforge::util::write_atomic(&out.join("MODEL_CARD.md"), card.as_bytes())?;

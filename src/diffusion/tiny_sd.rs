@@ -13,6 +13,7 @@ use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::Weights;
 use crate::peft::init::rng_for;
 use crate::peft::{Adapted, AdapterPlan, ForwardCtx};
+use crate::train::ema::{Ema, EmaConfig};
 use crate::train::Task;
 use crate::util::{save_safetensors, write_atomic};
 use crate::{Error, Result};
@@ -208,6 +209,7 @@ pub struct PretrainTask {
     caption_dropout: f64,
     zero_snr: bool,
     timesteps: TimestepSampler,
+    ema: Option<Ema>,
 }
 
 impl PretrainTask {
@@ -288,6 +290,7 @@ impl PretrainTask {
             zero_snr: false,
             timesteps: TimestepSampling::default()
                 .sampler(scheduler_config().num_train_timesteps)?,
+            ema: None,
         })
     }
 
@@ -318,6 +321,16 @@ impl PretrainTask {
         Ok(self)
     }
 
+    /// Keeps an exponential moving average of the weights (diffusers' `--use_ema`); the pipeline
+    /// is then written with the averaged weights.
+    pub fn with_ema(mut self, cfg: Option<EmaConfig>) -> Result<Self> {
+        self.ema = match cfg {
+            Some(c) => Some(Ema::new(c, &self.trainable())?),
+            None => None,
+        };
+        Ok(self)
+    }
+
     /// Sets which timesteps training draws.
     pub fn with_timestep_sampling(mut self, s: &TimestepSampling) -> Result<Self> {
         self.timesteps = s.sampler(self.schedule.len())?;
@@ -339,8 +352,20 @@ impl PretrainTask {
         self
     }
 
-    /// Writes the pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/).
+    /// Writes the pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/),
+    /// with the EMA weights when an average is kept.
     pub fn write_pipeline(&self, dir: &Path) -> Result<()> {
+        let Some(ema) = &self.ema else {
+            return self.write_pipeline_now(dir);
+        };
+        let vars = self.trainable();
+        let old = ema.swap_in(&vars)?;
+        let r = self.write_pipeline_now(dir);
+        Ema::restore(&vars, &old)?;
+        r
+    }
+
+    fn write_pipeline_now(&self, dir: &Path) -> Result<()> {
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         let pretty = |v: &serde_json::Value| {
             serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))
@@ -434,6 +459,39 @@ impl Task for PretrainTask {
 
     fn save_adapter(&self, dir: &Path) -> Result<()> {
         self.write_pipeline(dir)
+    }
+
+    fn after_update(
+        &mut self,
+        _step: usize,
+        _grads: &BTreeMap<String, Tensor>,
+        _grad_scale: f64,
+    ) -> Result<()> {
+        if self.ema.is_some() {
+            let vars = self.trainable();
+            if let Some(e) = self.ema.as_mut() {
+                e.update(&vars)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn task_state(&self) -> Result<(BTreeMap<String, Tensor>, serde_json::Value)> {
+        Ok(match &self.ema {
+            Some(e) => e.state(),
+            None => (BTreeMap::new(), serde_json::Value::Null),
+        })
+    }
+
+    fn load_task_state(
+        &mut self,
+        tensors: &BTreeMap<String, Tensor>,
+        json: &serde_json::Value,
+    ) -> Result<()> {
+        match self.ema.as_mut() {
+            Some(e) => e.load_state(tensors, json),
+            None => Ok(()),
+        }
     }
 }
 

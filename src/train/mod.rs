@@ -11,6 +11,7 @@
 //! assert!(s.lr(9) < 1e-4);
 //! ```
 
+pub mod ema;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;
