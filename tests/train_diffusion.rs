@@ -239,6 +239,28 @@ fn bad_training_input_is_refused_with_clear_errors() {
     c.train_data_dir = dir.join("empty");
     let e = LoraTrainTask::new(c).err().unwrap().to_string();
     assert!(e.contains("no training images"), "{e}");
+    // Zero terminal SNR without v-prediction, and timestep settings out of range.
+    let mut c = config(dir, "bad");
+    c.zero_terminal_snr = true;
+    let e = LoraTrainTask::new(c).err().unwrap().to_string();
+    assert!(e.contains("v-prediction"), "{e}");
+    let mut c = config(dir, "bad");
+    c.min_timestep = Some(900);
+    c.max_timestep = Some(100);
+    let e = LoraTrainTask::new(c).err().unwrap().to_string();
+    assert!(e.contains("min_timestep 900"), "{e}");
+    let mut c = config(dir, "bad");
+    c.timestep_bias_strategy = "middle".into();
+    let e = LoraTrainTask::new(c).err().unwrap().to_string();
+    assert!(e.contains("timestep_bias_strategy `middle`"), "{e}");
+    // With v-prediction both are accepted, and the timesteps stay in the asked range.
+    let mut c = config(dir, "ok");
+    c.v_parameterization = true;
+    c.zero_terminal_snr = true;
+    c.min_timestep = Some(500);
+    c.timestep_bias_strategy = "later".into();
+    c.timestep_bias_multiplier = 3.0;
+    assert!(LoraTrainTask::new(c).is_ok());
     // A corrupt image names the file.
     std::fs::write(dir.join("data/2_striped/0000.png"), b"not a png").unwrap();
     let e = LoraTrainTask::new(config(dir, "bad"))
