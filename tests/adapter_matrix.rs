@@ -368,6 +368,29 @@ fn channel_bias_matches_broadcast_add_in_value_and_gradients() {
 }
 
 #[test]
+fn upsample_nearest_matches_candle_in_value_and_gradient() {
+    for (shape, k) in [([2usize, 3, 4, 5], 2usize), ([1, 2, 3, 3], 3)] {
+        let x = candle_core::Var::from_tensor(&randn(&shape, 1.0, "up-x")).unwrap();
+        let ours = postforge::models::nn::upsample_nearest(x.as_tensor(), k).unwrap();
+        let theirs = x
+            .as_tensor()
+            .upsample_nearest2d(shape[2] * k, shape[3] * k)
+            .unwrap();
+        assert_eq!(max_abs_diff(&ours, &theirs), 0.0);
+        let g = randn(ours.dims(), 1.0, "up-g");
+        let a = (&ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let b = (&theirs * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (a.get(x.as_tensor()).unwrap(), b.get(x.as_tensor()).unwrap());
+        assert!(rel_err(a, b) < 1e-6, "{}", rel_err(a, b));
+    }
+}
+
+#[test]
 fn frozen_conv2d_input_gradient_is_the_exact_adjoint() {
     // conv2d is linear in x, so the input gradient g ↦ dL/dx must satisfy <conv(z), g> = <z, dL/dx>
     // for every z. Checked for odd/even, non-square inputs where candle's own conv backward fails.

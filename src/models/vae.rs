@@ -401,8 +401,7 @@ impl AutoencoderKL {
                 h = r.forward(&h, None, &ctx)?;
             }
             if let Some(s) = &l.sampler {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = s.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?, &ctx)?;
+                h = s.forward(&crate::models::nn::upsample_nearest(&h, 2)?, &ctx)?;
             }
         }
         self.dec_out.forward(&self.dec_norm.apply_silu(&h)?, &ctx)

@@ -340,8 +340,7 @@ impl UNet2DConditionModel {
                 }
             }
             if let Some(s) = &blk.sampler {
-                let (_, _, hh, ww) = x.dims4()?;
-                x = s.forward(&x.upsample_nearest2d(hh * 2, ww * 2)?, ctx)?;
+                x = s.forward(&crate::models::nn::upsample_nearest(&x, 2)?, ctx)?;
             }
         }
         let x = self.norm_out.apply_silu(&x)?;
