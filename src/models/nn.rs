@@ -1422,8 +1422,11 @@ mod fast_exp_tests {
 /// per channel. Falls back to candle off the CPU or for non-f32.
 pub fn upsample_nearest(x: &Tensor, scale: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    if scale == 0 {
-        return Err(crate::Error::Msg("upsample_nearest: scale 0".into()));
+    if scale == 0 || h == 0 || w == 0 {
+        return Err(crate::Error::Msg(format!(
+            "upsample_nearest: cannot upsample {:?} by {scale}",
+            x.dims()
+        )));
     }
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(x.upsample_nearest2d(h * scale, w * scale)?);

@@ -872,6 +872,9 @@ pub fn add_channel_bias(y: &Tensor, b: &Tensor, dim: usize) -> Result<Tensor> {
         return y.broadcast_add(&b.reshape(shape)?);
     }
     let inner: usize = dims[dim + 1..].iter().product();
+    if b.elem_count() == 0 || inner == 0 {
+        return Ok(y.clone());
+    }
     let op = ChannelBias { inner };
     if !(y.track_op() || b.track_op()) {
         return y.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &op);

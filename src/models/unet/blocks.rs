@@ -1,7 +1,9 @@
 //! U-Net building blocks with diffusers names: ResnetBlock2D, Transformer2DModel (with
 //! BasicTransformerBlock, Attention, GEGLU feed-forward), Downsample2D, Upsample2D.
 
-use crate::models::nn::{geglu, group_norm_fused, group_norm_silu, layer_norm, softmax_last};
+use crate::models::nn::{
+    geglu, group_norm_fused, group_norm_silu, layer_norm, scaled_masked_softmax,
+};
 use crate::models::Weights;
 use crate::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx};
 use crate::Result;
@@ -190,8 +192,9 @@ impl Attention {
         let k = self.split(&self.to_k.forward(context, ctx)?)?;
         let v = self.split(&self.to_v.forward(context, ctx)?)?;
         let hd = q.dim(D::Minus1)?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let o = softmax_last(&scores)?.matmul(&v)?; // (b, heads, n, hd)
+        let scores = q.matmul(&k.t()?)?;
+        let probs = scaled_masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), None)?;
+        let o = probs.matmul(&v)?; // (b, heads, n, hd)
         let (b, _, n, _) = o.dims4()?;
         let o = o
             .transpose(1, 2)?
