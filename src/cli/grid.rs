@@ -45,6 +45,9 @@ pub struct Args {
     /// Default LoRA scale.
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
+    /// diffusers' guidance_rescale φ (0.7 suits zero-terminal-SNR models) [default: 0].
+    #[arg(long = "guidance-rescale", default_value_t = 0.0)]
+    guidance_rescale: f64,
     /// Output PNG.
     #[arg(long, default_value = "grid.png")]
     out: PathBuf,
@@ -52,6 +55,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut p = Pipeline::load(&a.model, AdapterPlan::none(), AdapterPlan::none())?;
+    p.guidance_rescale = a.guidance_rescale;
     let mut names = vec![];
     for (i, f) in a.lora.iter().enumerate() {
         let name = format!("lora{i}");

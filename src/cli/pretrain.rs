@@ -98,6 +98,9 @@ pub struct Args {
     /// Classifier-free guidance for the evaluation.
     #[arg(long, default_value_t = 3.0)]
     guidance: f64,
+    /// diffusers' guidance_rescale φ for the evaluation (0 = off).
+    #[arg(long = "guidance-rescale", default_value_t = 0.0)]
+    guidance_rescale: f64,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -116,8 +119,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let batch_size = a.batch_size.unwrap_or(16);
     let learning_rate = a.learning_rate.unwrap_or(1e-3);
     if a.eval_only {
-        let p = Pipeline::load(&out, AdapterPlan::none(), AdapterPlan::none())
+        let mut p = Pipeline::load(&out, AdapterPlan::none(), AdapterPlan::none())
             .with_context(|| format!("loading {}", out.display()))?;
+        p.guidance_rescale = a.guidance_rescale;
         evaluate(&a, &p, &out)?;
         return Ok(());
     }
@@ -153,8 +157,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         s.steps, s.seconds, s.first_loss, s.last_loss
     );
     task.write_pipeline(&out)?;
-    let p = Pipeline::load(&out, AdapterPlan::none(), AdapterPlan::none())
+    let mut p = Pipeline::load(&out, AdapterPlan::none(), AdapterPlan::none())
         .with_context(|| format!("reloading {}", out.display()))?;
+    p.guidance_rescale = a.guidance_rescale;
     let (ok, pct) = evaluate(&a, &p, &out)?;
     let card = format!(
         "# tiny-sd\n\nA pixel-space (32x32 RGB) text-to-image pipeline in the diffusers folder layout (unet/, text_encoder/, tokenizer/, scheduler/, model_index.json), trained from scratch by postforge on procedurally generated captioned shapes (3 shapes x 6 colours x 5 positions x 3 backgrounds).\n\n- Command: `postforge pretrain tiny-sd --max-steps {} --batch-size {} --learning-rate {} --images {} --seed {}{}`\n- Steps: {} (loss {:.4} -> {:.4}, {:.0} s on this machine)\n- Prompt adherence: {ok}/{} = {pct:.1}% of sampled images show the prompted shape, colour and position (procedural detector, DDIM {} steps, CFG {})\n- Samples: samples.png\n",

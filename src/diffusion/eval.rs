@@ -57,6 +57,9 @@ pub struct EvalConfig {
     /// Classifier-free guidance.
     #[serde(default = "d_cfg")]
     pub cfg: f64,
+    /// diffusers' `guidance_rescale` φ (0 = off).
+    #[serde(default)]
+    pub guidance_rescale: f64,
     /// Sampler.
     #[serde(default = "d_sampler")]
     pub sampler: String,
@@ -138,6 +141,7 @@ pub fn evaluate(
         .transpose()?;
     let kind = SamplerKind::parse(&cfg.sampler)?;
     let mut p = load_with_lora(model, lora)?;
+    p.guidance_rescale = cfg.guidance_rescale;
     let size = p.unet.config().sample_size;
     let defaults = Cell {
         prompt: cfg.prompts[0].clone(),

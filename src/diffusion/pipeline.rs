@@ -3,7 +3,7 @@
 //! `vae/` (latent pipelines; the embedded tiny-sd works in pixel space and has none).
 //! Safetensors only; a missing or mismatched tensor is an error naming it.
 
-use super::sampler::{guide, Sampler, SamplerKind};
+use super::sampler::{guide, rescale_guidance, Sampler, SamplerKind};
 use super::schedule::SchedulerConfig;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
@@ -106,6 +106,9 @@ pub struct Pipeline {
     pub tokenizer_2: Option<PromptTokenizer>,
     /// An empty negative prompt means zero conditioning (SDXL's default).
     pub force_zeros_for_empty_prompt: bool,
+    /// diffusers' `guidance_rescale` φ applied when sampling with guidance (0 = off, the default;
+    /// 0.7 is the paper's choice for zero-terminal-SNR models).
+    pub guidance_rescale: f64,
 }
 
 /// What a prompt batch conditions the U-Net with.
@@ -210,6 +213,7 @@ impl Pipeline {
             scheduler,
             vae,
             force_zeros_for_empty_prompt,
+            guidance_rescale: 0.0,
         })
     }
 
@@ -357,7 +361,7 @@ impl Pipeline {
                 if guidance == 1.0 {
                     Ok(k)
                 } else {
-                    guide(&u, &k, guidance)
+                    rescale_guidance(&guide(&u, &k, guidance)?, &k, self.guidance_rescale)
                 }
             },
         )?;
