@@ -85,6 +85,12 @@ pub struct Args {
     /// tiny-sd: share of the timesteps biased by earlier / later.
     #[arg(long = "timestep-bias-portion", default_value_t = 0.25)]
     timestep_bias_portion: f64,
+    /// tiny-sd: first timestep biased by `range`.
+    #[arg(long = "timestep-bias-begin", default_value_t = 0)]
+    timestep_bias_begin: usize,
+    /// tiny-sd: one past the last timestep biased by `range`.
+    #[arg(long = "timestep-bias-end", default_value_t = 1000)]
+    timestep_bias_end: usize,
     /// tiny-sd: keep an exponential moving average of the weights and write the pipeline with it
     /// (diffusers' `--use_ema`).
     #[arg(long = "use-ema")]
@@ -133,6 +139,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             bias_strategy: a.timestep_bias_strategy.clone(),
             bias_multiplier: a.timestep_bias_multiplier,
             bias_portion: a.timestep_bias_portion,
+            bias_begin: a.timestep_bias_begin,
+            bias_end: a.timestep_bias_end,
             ..Default::default()
         })?
         .with_ema(a.use_ema.then(|| EmaConfig {
@@ -169,7 +177,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             + if a.v_parameterization { " --v-parameterization" } else { "" }
             + if a.zero_terminal_snr { " --zero-terminal-snr" } else { "" }
             + &if a.use_ema { format!(" --use-ema --ema-decay {}", a.ema_decay) } else { String::new() }
-            + &if a.timestep_bias_strategy != "none" { format!(" --timestep-bias-strategy {} --timestep-bias-multiplier {} --timestep-bias-portion {}", a.timestep_bias_strategy, a.timestep_bias_multiplier, a.timestep_bias_portion) } else { String::new() }, s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
+            + &if a.timestep_bias_strategy != "none" { format!(" --timestep-bias-strategy {} --timestep-bias-multiplier {} --timestep-bias-portion {} --timestep-bias-begin {} --timestep-bias-end {}", a.timestep_bias_strategy, a.timestep_bias_multiplier, a.timestep_bias_portion, a.timestep_bias_begin, a.timestep_bias_end) } else { String::new() }, s.steps, s.first_loss, s.last_loss, s.seconds, a.eval_prompts, a.sample_steps, a.guidance
     );
     postforge::util::write_atomic(&out.join("MODEL_CARD.md"), card.as_bytes())?;
     println!("wrote {} (MODEL_CARD.md, samples.png)", out.display());
