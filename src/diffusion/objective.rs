@@ -34,6 +34,18 @@ impl Prediction {
             ))),
         }
     }
+
+    /// Whether a model predicting this can be trained on a zero-terminal-SNR schedule: ε is
+    /// undefined at SNR 0, so ε-prediction is refused.
+    pub fn check_zero_terminal_snr(self) -> Result<()> {
+        if self == Self::Epsilon {
+            return Err(Error::Config(
+                "zero terminal SNR needs v-prediction (v_parameterization): ε is undefined at SNR 0"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The loss settings of a diffusion training run.

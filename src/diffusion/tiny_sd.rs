@@ -310,11 +310,8 @@ impl PretrainTask {
     /// 2024): the last training timestep is pure noise, as at the start of sampling, so the model
     /// learns to draw the whole layout from the prompt. Needs v-prediction.
     pub fn with_zero_terminal_snr(mut self, on: bool) -> Result<Self> {
-        if on && self.objective.prediction == Prediction::Epsilon {
-            return Err(Error::Config(
-                "zero terminal SNR needs v-prediction (--v-parameterization): ε is undefined at SNR 0"
-                    .into(),
-            ));
+        if on {
+            self.objective.prediction.check_zero_terminal_snr()?;
         }
         self.zero_snr = on;
         self.schedule = NoiseSchedule::new(&self.scheduler())?;

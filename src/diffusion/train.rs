@@ -86,16 +86,16 @@ fn d_out_name() -> String {
     "last".into()
 }
 fn d_bias() -> String {
-    "none".into()
+    TimestepSampling::default().bias_strategy
 }
 fn d_bias_mult() -> f64 {
-    1.0
+    TimestepSampling::default().bias_multiplier
 }
 fn d_bias_portion() -> f64 {
-    0.25
+    TimestepSampling::default().bias_portion
 }
 fn d_bias_end() -> usize {
-    1000
+    TimestepSampling::default().bias_end
 }
 fn d_sampler() -> String {
     "ddim".into()
@@ -588,12 +588,7 @@ impl LoraTrainTask {
         };
         let mut train_sched = pipe.scheduler.clone();
         if cfg.zero_terminal_snr {
-            if prediction == Prediction::Epsilon {
-                return Err(Error::Config(
-                    "zero_terminal_snr needs v-prediction (v_parameterization): ε is undefined at SNR 0"
-                        .into(),
-                ));
-            }
+            prediction.check_zero_terminal_snr()?;
             train_sched.rescale_betas_zero_snr = true;
         }
         let schedule = NoiseSchedule::new(&train_sched)?;

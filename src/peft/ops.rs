@@ -851,21 +851,17 @@ pub fn add_channel_bias(y: &Tensor, b: &Tensor, dim: usize) -> Result<Tensor> {
     }
     // The bias covers dims [first, dim] of y: a (C) bias starts at `dim`, a (B, C) one at dim - 1.
     let first = match b.rank() {
-        1 => dim,
-        2 if dim >= 1 => dim - 1,
-        _ => candle_core::bail!(
-            "add_channel_bias: bias {:?} does not fit {:?} at dim {dim}",
-            b.dims(),
-            dims
-        ),
+        1 => Some(dim),
+        2 => dim.checked_sub(1),
+        _ => None,
     };
-    if b.dims() != &dims[first..=dim] {
+    let Some(first) = first.filter(|&f| b.dims() == &dims[f..=dim]) else {
         candle_core::bail!(
             "add_channel_bias: bias {:?} does not fit {:?} at dim {dim}",
             b.dims(),
             dims
         );
-    }
+    };
     if !y.device().is_cpu() || y.dtype() != candle_core::DType::F32 || b.dtype() != y.dtype() {
         let mut shape = vec![1usize; dims.len()];
         shape[first..=dim].copy_from_slice(b.dims());
@@ -882,7 +878,6 @@ pub fn add_channel_bias(y: &Tensor, b: &Tensor, dim: usize) -> Result<Tensor> {
     y.contiguous()?.apply_op2(&b.contiguous()?, op)
 }
 
-#[derive(Clone, Copy)]
 struct ChannelBias {
     inner: usize,
 }
