@@ -5,7 +5,9 @@
 //! POSTFORGE_BENCH_QUANT=nf4 puts the base's linear layers in NF4 (QLoRA), POSTFORGE_BENCH_DORA=1
 //! trains DoRA instead of LoRA (QDoRA with both). The peak RSS is also given for the training
 //! steps alone (the high-water mark is reset after the model is built, which frees the f32
-//! weights it was quantized from).
+//! weights it was quantized from). POSTFORGE_BENCH_LOSS=logits computes the loss from full logits
+//! (`forward` + `next_token_loss`) instead of `LlamaForCausalLM::next_token_loss`, which never
+//! materialises them.
 
 use candle_core::{Device, Tensor};
 use postforge::models::llama::{
@@ -26,6 +28,8 @@ fn main() {
     let quant = std::env::var("POSTFORGE_BENCH_QUANT").unwrap_or_else(|_| "none".into());
     let quant = postforge::peft::quant::QuantSpec::parse(&quant).unwrap();
     let dora = std::env::var("POSTFORGE_BENCH_DORA").is_ok_and(|v| v == "1");
+    // POSTFORGE_BENCH_LOSS=logits: the unfused loss (full logits, then the fused token log-probs).
+    let unfused = std::env::var("POSTFORGE_BENCH_LOSS").is_ok_and(|v| v == "logits");
     let mut lora = AdapterConfig::lora(16, 32.0, &[]);
     lora.target_modules = Some(ModuleSpec::Regex("all-linear".into()));
     lora.use_dora = dora;
@@ -71,10 +75,15 @@ fn main() {
     let mut times = vec![];
     for round in 0..4 {
         let t0 = Instant::now();
-        let logits = m
-            .forward(&ids, &Inputs::default(), &ForwardCtx::train(0, round))
-            .unwrap();
-        let loss = next_token_loss(&logits, &ids, &w).unwrap();
+        let loss = if unfused {
+            let logits = m
+                .forward(&ids, &Inputs::default(), &ForwardCtx::train(0, round))
+                .unwrap();
+            next_token_loss(&logits, &ids, &w).unwrap()
+        } else {
+            m.next_token_loss(&ids, &Inputs::default(), &w, &ForwardCtx::train(0, round))
+                .unwrap()
+        };
         let _ = loss.backward().unwrap();
         if round > 0 {
             times.push(t0.elapsed().as_secs_f64());

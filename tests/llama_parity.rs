@@ -131,6 +131,45 @@ fn lora_logits_and_gradients_match_peft() {
                 l.path()
             );
         }
+        // The fused loss (no logits tensor: lm_head is frozen) gives the same loss and gradients.
+        assert!(
+            m.lm_head_is_fused_in_the_loss(),
+            "{name}: lm_head is a frozen plain linear"
+        );
+        let fused = m
+            .next_token_loss(
+                &ids,
+                &Inputs {
+                    attention_mask: Some(&mask),
+                    ..Default::default()
+                },
+                &mask,
+                &ForwardCtx::train(0, 0),
+            )
+            .unwrap();
+        let fv = fused.to_scalar::<f32>().unwrap();
+        assert!(
+            (fv - lw).abs() < 1e-4 * lw.abs(),
+            "{name}: fused loss {fv} vs {lw}"
+        );
+        let fg = fused.backward().unwrap();
+        for l in m.layers() {
+            if let Some(ad) = l.adapters().get("default") {
+                for (which, v) in [("lora_A", &ad.a), ("lora_B", &ad.b)] {
+                    let key = format!("grad.{}.{which}.weight", l.path());
+                    let g = fg
+                        .get(v.as_tensor())
+                        .unwrap_or_else(|| panic!("fused: no gradient for {key}"));
+                    let e = rel_err(g, &io.get(&key).unwrap());
+                    assert!(e < 1e-4, "{name}: fused {key} relative error {e:e}");
+                }
+            }
+            assert!(
+                fg.get(&l.weight().unwrap()).is_none(),
+                "{name}: fused: {} got a gradient",
+                l.path()
+            );
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use crate::data::pref::{read_pairs, tokenize_pc, Seq};
 use crate::data::sft::{tokenize, unpacked, SftOptions};
 use crate::data::tasks::{corpus, TaskKind};
 use crate::data::text::TextTokenizer;
-use crate::models::llama::{next_token_loss, Inputs, LlamaForCausalLM};
+use crate::models::llama::{Inputs, LlamaForCausalLM};
 use crate::peft::{Adapted, AdapterPlan, ForwardCtx};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -135,15 +135,17 @@ pub fn figures(
     for chunk in s.reference.chunks(16) {
         let rows: Vec<&crate::data::sft::Row> = chunk.iter().collect();
         let b = crate::data::sft::collate(&rows, tok.pad_id)?;
-        let logits = m.forward(
-            &b.ids,
-            &Inputs {
-                attention_mask: Some(&b.attention_mask),
-                ..Default::default()
-            },
-            &ForwardCtx::eval(),
-        )?;
-        let l = next_token_loss(&logits, &b.ids, &b.weights)?.to_scalar::<f32>()? as f64;
+        let l = m
+            .next_token_loss(
+                &b.ids,
+                &Inputs {
+                    attention_mask: Some(&b.attention_mask),
+                    ..Default::default()
+                },
+                &b.weights,
+                &ForwardCtx::eval(),
+            )?
+            .to_scalar::<f32>()? as f64;
         sum += l * b.num_tokens as f64;
         n += b.num_tokens;
     }

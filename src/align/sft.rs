@@ -4,7 +4,7 @@
 //! general reference set, warning (or stopping) when the reference perplexity rises too far.
 
 use crate::data::sft::{collate, Row};
-use crate::models::llama::{next_token_loss, Inputs, LlamaForCausalLM};
+use crate::models::llama::{Inputs, LlamaForCausalLM};
 use crate::peft::formats::peft::{save, SaveOptions};
 use crate::peft::init::rng_for;
 use crate::peft::{Adapted, AdapterConfig, ForwardCtx};
@@ -188,16 +188,16 @@ impl SftTask {
     }
 
     fn batch_loss(&self, b: &crate::data::sft::Batch, ctx: &ForwardCtx) -> Result<Tensor> {
-        let logits = self.model.forward(
+        self.model.next_token_loss(
             &b.ids,
             &Inputs {
                 attention_mask: Some(&b.attention_mask),
                 position_ids: Some(&b.positions),
                 segment_ids: Some(&b.segments),
             },
+            &b.weights,
             ctx,
-        )?;
-        next_token_loss(&logits, &b.ids, &b.weights)
+        )
     }
 
     fn evaluate(&mut self, step: usize, out: &Path) -> Result<()> {

@@ -660,6 +660,65 @@ impl LlamaForCausalLM {
         self.lm_head.forward(&h, ctx)
     }
 
+    /// Whether [`Self::next_token_loss`] skips the logits (a frozen plain `lm_head` in f32 on the CPU).
+    pub fn lm_head_is_fused_in_the_loss(&self) -> bool {
+        self.fused_lm_head().is_some()
+    }
+
+    fn fused_lm_head(&self) -> Option<Tensor> {
+        self.lm_head
+            .0
+            .frozen_plain_weight()
+            .filter(|w| w.device().is_cpu() && w.dtype() == DType::F32)
+            .cloned()
+    }
+
+    /// Mean next-token cross-entropy of `ids` (B, T) with per-token `weights` (B, T; the weight of
+    /// token t + 1 counts the prediction made at t), as [`next_token_loss`] of [`Self::forward`].
+    /// When `lm_head` is a frozen plain linear layer (LoRA training leaves it so) on the CPU in f32,
+    /// the logits are never materialised: [`super::nn::linear_cross_entropy`] takes the final
+    /// hidden states, skips positions of weight 0 and keeps no (B, T, V) tensor in either pass.
+    pub fn next_token_loss(
+        &self,
+        ids: &Tensor,
+        inputs: &Inputs,
+        weights: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let Some(w) = self.fused_lm_head() else {
+            let logits = self.forward(ids, inputs, ctx)?;
+            return next_token_loss(&logits, ids, weights);
+        };
+        let (b, t) = ids.dims2()?;
+        if t < 2 {
+            return Err(Error::Msg(
+                "next-token loss needs at least two tokens".into(),
+            ));
+        }
+        if weights.dims() != [b, t] {
+            return Err(Error::Msg(format!(
+                "loss weights {:?} do not match input ids ({b}, {t})",
+                weights.dims()
+            )));
+        }
+        let h = self.hidden(ids, inputs, None, ctx)?;
+        if h.dtype() != DType::F32 {
+            let logits = self.lm_head.forward(&h, ctx)?;
+            return next_token_loss(&logits, ids, weights);
+        }
+        let idv = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let wv = weights.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let (mut targets, mut coefs) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        for (row, wr) in idv.iter().zip(&wv) {
+            targets.extend_from_slice(&row[1..]);
+            targets.push(0);
+            coefs.extend_from_slice(&wr[1..]);
+            coefs.push(0.0);
+        }
+        let d = h.dim(2)?;
+        super::nn::linear_cross_entropy(&h.reshape((b * t, d))?, &w, &targets, &coefs)
+    }
+
     /// The additive attention mask (B, 1, T, past + T): causal, padding and packing.
     fn mask(&self, b: usize, t: usize, past: usize, inp: &Inputs, dev: &Device) -> Result<Tensor> {
         let s = past + t;

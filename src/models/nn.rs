@@ -1523,3 +1523,232 @@ impl candle_core::CustomOp1 for BlockSumOp {
         ))
     }
 }
+
+/// Logits that [`linear_cross_entropy`] holds at once: 8M values (32 MB in f32; 256 rows of a
+/// 32K vocabulary). Smaller chunks make the output-layer matmuls repack the weight too often.
+const LCE_CHUNK_VALUES: usize = 1 << 23;
+
+/// Weighted mean cross-entropy of a frozen, bias-free output layer, straight from its input:
+/// `−Σᵢ cᵢ · log_softmax(hᵢ · Wᵀ)[targetᵢ] / Σᵢ cᵢ` over the rows of `h` (N, D) with `W` (V, D),
+/// targets and non-negative coefficients `c` (one per row). The same value as the output layer
+/// followed by [`token_logprobs`], but the (N, V) logits are never held: rows go through in chunks
+/// of [`LCE_CHUNK_VALUES`] logits, rows with `c = 0` are skipped (they cost no matmul), and when `h`
+/// needs a gradient each chunk's `dL/dh = (c/Σc)·(softmax − onehot) · W` is computed while its
+/// logits are at hand, so the backward is one scale of a stored (N, D) tensor: no second pass over
+/// the vocabulary and no logits-sized gradient. `W` gets no gradient (it must be frozen). CPU f32.
+pub fn linear_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    coefs: &[f32],
+) -> Result<Tensor> {
+    linear_cross_entropy_chunked(h, w, targets, coefs, LCE_CHUNK_VALUES)
+}
+
+fn linear_cross_entropy_chunked(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    coefs: &[f32],
+    chunk_values: usize,
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (n, d) = h.dims2()?;
+    let (v, dw) = w.dims2()?;
+    if dw != d || targets.len() != n || coefs.len() != n {
+        return Err(crate::Error::Msg(format!(
+            "linear cross-entropy: hidden {:?}, output weight {:?}, {} targets and {} weights do not fit",
+            h.dims(),
+            w.dims(),
+            targets.len(),
+            coefs.len()
+        )));
+    }
+    if !h.device().is_cpu() || h.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return Err(crate::Error::Msg(
+            "linear cross-entropy: CPU f32 only".into(),
+        ));
+    }
+    if let Some((i, t)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= v) {
+        return Err(crate::Error::Msg(format!(
+            "target token {t} (row {i}) is outside the vocabulary of {v} logits"
+        )));
+    }
+    if let Some((i, c)) = coefs
+        .iter()
+        .enumerate()
+        .find(|(_, c)| !(c.is_finite() && **c >= 0.0))
+    {
+        return Err(crate::Error::Msg(format!(
+            "linear cross-entropy: weight {c} of row {i} is not a finite non-negative number"
+        )));
+    }
+    let total: f64 = coefs.iter().map(|&c| c as f64).sum();
+    if total <= 0.0 {
+        return Err(crate::Error::Msg(format!(
+            "no target token carries weight among {n} rows"
+        )));
+    }
+    let rows: Vec<u32> = (0..n as u32).filter(|&i| coefs[i as usize] > 0.0).collect();
+    let grad = h.track_op();
+    let hd = h.detach();
+    let wt = w.t()?;
+    let chunk = (chunk_values / v.max(1)).max(1);
+    let mut loss = 0f64;
+    let mut gh: Vec<f32> = if grad { vec![0f32; n * d] } else { vec![] };
+    for sel in rows.chunks(chunk) {
+        let idx = Tensor::from_slice(sel, sel.len(), h.device())?;
+        let hc = hd.index_select(&idx, 0)?;
+        let z = hc.matmul(&wt)?.contiguous()?;
+        let (zs, zl) = z.storage_and_layout();
+        let candle_core::Storage::Cpu(zc) = &*zs else {
+            return Err(crate::Error::Msg("linear cross-entropy: CPU only".into()));
+        };
+        let zv = f32_slice(zc, zl, "linear-cross-entropy")?;
+        let scale: Vec<f32> = sel
+            .iter()
+            .map(|&i| (coefs[i as usize] as f64 / total) as f32)
+            .collect();
+        let tgt: Vec<usize> = sel.iter().map(|&i| targets[i as usize] as usize).collect();
+        if grad {
+            // dz = s · (softmax − onehot), written row by row; the row's log-prob comes with it.
+            let mut dz = vec![0f32; sel.len() * v];
+            let lp: Vec<f32> = dz
+                .par_chunks_mut(v)
+                .zip(zv.par_chunks(v))
+                .enumerate()
+                .map(|(r, (o, row))| {
+                    let lse = row_lse(row);
+                    let s = scale[r];
+                    for (oo, &x) in o.iter_mut().zip(row) {
+                        *oo = s * fast_exp(x - lse);
+                    }
+                    o[tgt[r]] -= s;
+                    row[tgt[r]] - lse
+                })
+                .collect();
+            drop(zs);
+            drop(z);
+            let g = Tensor::from_vec(dz, (sel.len(), v), h.device())?.matmul(w)?;
+            let g = g.flatten_all()?.to_vec1::<f32>()?;
+            for (k, &i) in sel.iter().enumerate() {
+                gh[i as usize * d..(i as usize + 1) * d].copy_from_slice(&g[k * d..(k + 1) * d]);
+            }
+            loss -= lp
+                .iter()
+                .zip(sel)
+                .map(|(&l, &i)| l as f64 * coefs[i as usize] as f64)
+                .sum::<f64>();
+        } else {
+            let lp: Vec<f32> = zv
+                .par_chunks(v)
+                .enumerate()
+                .map(|(r, row)| row[tgt[r]] - row_lse(row))
+                .collect();
+            loss -= lp
+                .iter()
+                .zip(sel)
+                .map(|(&l, &i)| l as f64 * coefs[i as usize] as f64)
+                .sum::<f64>();
+        }
+    }
+    let y = Tensor::new((loss / total) as f32, h.device())?;
+    if !grad {
+        return Ok(y);
+    }
+    let gh = Tensor::from_vec(gh, (n, d), h.device())?;
+    Ok(crate::peft::ops::attach(
+        h,
+        y,
+        "linear-cross-entropy",
+        move |g| gh.broadcast_mul(g),
+    )?)
+}
+
+#[cfg(test)]
+mod linear_cross_entropy_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn composite(h: &Tensor, w: &Tensor, t: &[u32], c: &[f32]) -> Tensor {
+        let lp = token_logprobs(&h.matmul(&w.t().unwrap()).unwrap(), t).unwrap();
+        let cw = Tensor::new(c, &Device::Cpu).unwrap();
+        let n: f32 = c.iter().sum();
+        ((lp * cw).unwrap().sum_all().unwrap() * (-1.0 / n as f64)).unwrap()
+    }
+
+    #[test]
+    fn chunked_loss_and_input_gradient_equal_logits_then_log_softmax() {
+        let dev = Device::Cpu;
+        let (n, d, v) = (10, 6, 50);
+        let hv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap()).unwrap();
+        let w = (Tensor::randn(0f32, 1.0, (v, d), &dev).unwrap() * 0.7).unwrap();
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % v as u32).collect();
+        // Zero-weight rows (prompt tokens, padding) are skipped; weights need not be 0/1.
+        let c = [1.0f32, 0.0, 2.0, 1.0, 0.0, 0.5, 1.0, 1.0, 0.0, 1.0];
+        let want = composite(hv.as_tensor(), &w, &t, &c);
+        let gw = want.backward().unwrap();
+        let gw = gw.get(hv.as_tensor()).unwrap();
+        for chunk_values in [3 * v, v, 1 << 22] {
+            let got =
+                linear_cross_entropy_chunked(hv.as_tensor(), &w, &t, &c, chunk_values).unwrap();
+            let (a, b) = (
+                got.to_scalar::<f32>().unwrap(),
+                want.to_scalar::<f32>().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-5 * b.abs(), "loss {a} vs {b}");
+            let scaled = (got * 3.0).unwrap();
+            let gg = scaled.backward().unwrap();
+            let gg = (gg.get(hv.as_tensor()).unwrap() / 3.0).unwrap();
+            let e = (&gg - gw)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(e < 1e-6, "chunk {chunk_values}: gradient differs by {e}");
+            // Rows of weight 0 get exactly no gradient.
+            let g4 = gg.get(4).unwrap().abs().unwrap().sum_all().unwrap();
+            assert_eq!(g4.to_scalar::<f32>().unwrap(), 0.0);
+            assert!(
+                gg.get(0)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            );
+        }
+        // Without a gradient the value is the same.
+        let plain = linear_cross_entropy(&hv.as_tensor().detach(), &w, &t, &c).unwrap();
+        let (a, b) = (
+            plain.to_scalar::<f32>().unwrap(),
+            want.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5 * b.abs());
+    }
+
+    #[test]
+    fn linear_cross_entropy_refuses_bad_input() {
+        let dev = Device::Cpu;
+        let h = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((5, 4), DType::F32, &dev).unwrap();
+        let e = linear_cross_entropy(&h, &w, &[0, 1, 7], &[1.0; 3]).unwrap_err();
+        assert!(e.to_string().contains("target token 7"), "{e}");
+        let e = linear_cross_entropy(&h, &w, &[0, 1, 2], &[0.0; 3]).unwrap_err();
+        assert!(
+            e.to_string().contains("no target token carries weight"),
+            "{e}"
+        );
+        let e = linear_cross_entropy(&h, &w, &[0, 1, 2], &[1.0, f32::NAN, 1.0]).unwrap_err();
+        assert!(e.to_string().contains("row 1"), "{e}");
+        let w3 = Tensor::zeros((5, 3), DType::F32, &dev).unwrap();
+        let e = linear_cross_entropy(&h, &w3, &[0, 1, 2], &[1.0; 3]).unwrap_err();
+        assert!(e.to_string().contains("[5, 3]"), "{e}");
+    }
+}

@@ -898,6 +898,27 @@ impl AdaptedLayer {
         Ok(ops::add_channel_bias(&y, b, dim)?)
     }
 
+    /// The weight `W` when this layer's forward is exactly `x · Wᵀ` with `W` frozen: a dense linear
+    /// layer without bias, trainable copy or any unmerged active adapter. Fused consumers (the
+    /// language-model loss) use it to skip the layer's output; `None` means run [`Self::forward`].
+    pub fn frozen_plain_weight(&self) -> Option<&Tensor> {
+        if self.kind != BaseKind::Linear || self.bias.is_some() {
+            return None;
+        }
+        if self.saved.is_some() && self.enabled {
+            return None;
+        }
+        let live = self.enabled
+            && self.active.iter().any(|n| {
+                !self.merged.iter().any(|m| &m.name == n)
+                    && (self.adapters.contains_key(n) || self.others.contains_key(n))
+            });
+        match &self.weight {
+            BaseWeight::Dense(w) if !live => Some(w),
+            _ => None,
+        }
+    }
+
     /// Forward. Linear: x (..., in); conv: x (b, c, h, w); embedding: ids (...) as u32/i64.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         if let (Some(s), true) = (&self.saved, self.enabled) {

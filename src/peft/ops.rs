@@ -65,7 +65,7 @@ impl<F: Fn(&Tensor) -> Result<Tensor> + Send + Sync> candle_core::CustomOp1 for 
     }
 }
 
-fn attach<F>(x: &Tensor, y: Tensor, name: &'static str, input_grad: F) -> Result<Tensor>
+pub(crate) fn attach<F>(x: &Tensor, y: Tensor, name: &'static str, input_grad: F) -> Result<Tensor>
 where
     F: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {
