@@ -373,3 +373,50 @@ fn merged_save_pretrained_reloads_to_the_same_logits() {
     assert!(!names.contains_key("lm_head.weight"));
     assert!(names.contains_key("model.layers.1.self_attn.q_proj.bias"));
 }
+
+#[test]
+fn an_adapted_lm_head_takes_the_logits_path_with_the_same_loss_and_gradients() {
+    // LoRA on lm_head too: the loss cannot skip the logits, and must equal forward + loss.
+    let io = SafeTensors::read(dir("llama").join("io.safetensors")).unwrap();
+    let mut cfg = AdapterConfig::lora(4, 8.0, &["q_proj", "lm_head"]);
+    cfg.init_lora_weights = InitSpec::Bool(false);
+    let m = LlamaForCausalLM::load(&dir("llama"), AdapterPlan::single(cfg, 0).unwrap()).unwrap();
+    assert!(!m.lm_head_is_fused_in_the_loss());
+    let plain = LlamaForCausalLM::load(&dir("llama"), AdapterPlan::none()).unwrap();
+    assert!(plain.lm_head_is_fused_in_the_loss());
+    let (ids, mask) = (
+        io.get("input_ids").unwrap(),
+        io.get("attention_mask").unwrap(),
+    );
+    let inputs = Inputs {
+        attention_mask: Some(&mask),
+        ..Default::default()
+    };
+    let ctx = ForwardCtx::train(0, 0);
+    let a = m.next_token_loss(&ids, &inputs, &mask, &ctx).unwrap();
+    let b = next_token_loss(&m.forward(&ids, &inputs, &ctx).unwrap(), &ids, &mask).unwrap();
+    let (av, bv) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+    assert!((av - bv).abs() <= 1e-6 * bv.abs(), "{av} vs {bv}");
+    let (ga, gb) = (a.backward().unwrap(), b.backward().unwrap());
+    let head = m
+        .layers()
+        .into_iter()
+        .find(|l| l.path() == "lm_head")
+        .unwrap();
+    let ad = head.adapters().get("default").unwrap();
+    for v in [&ad.a, &ad.b] {
+        let e = rel_err(
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+        );
+        assert!(e < 1e-6, "lm_head LoRA gradient {e:e}");
+    }
+    // Zero loss weight everywhere is refused on both paths.
+    let zero = mask.zeros_like().unwrap();
+    for model in [&m, &plain] {
+        let e = model
+            .next_token_loss(&ids, &inputs, &zero, &ForwardCtx::eval())
+            .unwrap_err();
+        assert!(e.to_string().contains("carries weight"), "{e}");
+    }
+}
