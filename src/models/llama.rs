@@ -706,15 +706,8 @@ impl LlamaForCausalLM {
             let logits = self.lm_head.forward(&h, ctx)?;
             return next_token_loss(&logits, ids, weights);
         }
-        let idv = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-        let wv = weights.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let (mut targets, mut coefs) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
-        for (row, wr) in idv.iter().zip(&wv) {
-            targets.extend_from_slice(&row[1..]);
-            targets.push(0);
-            coefs.extend_from_slice(&wr[1..]);
-            coefs.push(0.0);
-        }
+        let targets = shift_left(&ids.to_dtype(DType::U32)?.to_vec2::<u32>()?, 0);
+        let coefs = shift_left(&weights.to_dtype(DType::F32)?.to_vec2::<f32>()?, 0.0);
         let d = h.dim(2)?;
         super::nn::linear_cross_entropy(&h.reshape((b * t, d))?, &w, &targets, &coefs)
     }
@@ -831,13 +824,19 @@ pub fn shifted_logprobs(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
             ids.dims()
         )));
     }
-    let ids = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-    let mut targets = Vec::with_capacity(b * t);
-    for row in &ids {
-        targets.extend_from_slice(&row[1..]);
-        targets.push(0);
-    }
+    let targets = shift_left(&ids.to_dtype(DType::U32)?.to_vec2::<u32>()?, 0);
     Ok(crate::models::nn::token_logprobs(logits, &targets)?.narrow(1, 0, t - 1)?)
+}
+
+/// The rows of `rows` moved one place to the left and flattened, each row's last place set to
+/// `fill`: what position t predicts (the value at t + 1), per position.
+fn shift_left<T: Copy>(rows: &[Vec<T>], fill: T) -> Vec<T> {
+    let mut out = Vec::with_capacity(rows.iter().map(Vec::len).sum());
+    for row in rows {
+        out.extend_from_slice(row.get(1..).unwrap_or_default());
+        out.push(fill);
+    }
+    out
 }
 
 /// Mean next-token cross-entropy of `logits` (B, T, V) for `ids` (B, T), counting the targets whose

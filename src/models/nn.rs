@@ -1605,15 +1605,15 @@ fn linear_cross_entropy_chunked(
             return Err(crate::Error::Msg("linear cross-entropy: CPU only".into()));
         };
         let zv = f32_slice(zc, zl, "linear-cross-entropy")?;
-        let scale: Vec<f32> = sel
-            .iter()
-            .map(|&i| (coefs[i as usize] as f64 / total) as f32)
-            .collect();
         let tgt: Vec<usize> = sel.iter().map(|&i| targets[i as usize] as usize).collect();
-        if grad {
+        let lp: Vec<f32> = if grad {
             // dz = s · (softmax − onehot), written row by row; the row's log-prob comes with it.
+            let scale: Vec<f32> = sel
+                .iter()
+                .map(|&i| (coefs[i as usize] as f64 / total) as f32)
+                .collect();
             let mut dz = vec![0f32; sel.len() * v];
-            let lp: Vec<f32> = dz
+            let lp = dz
                 .par_chunks_mut(v)
                 .zip(zv.par_chunks(v))
                 .enumerate()
@@ -1634,23 +1634,18 @@ fn linear_cross_entropy_chunked(
             for (k, &i) in sel.iter().enumerate() {
                 gh[i as usize * d..(i as usize + 1) * d].copy_from_slice(&g[k * d..(k + 1) * d]);
             }
-            loss -= lp
-                .iter()
-                .zip(sel)
-                .map(|(&l, &i)| l as f64 * coefs[i as usize] as f64)
-                .sum::<f64>();
+            lp
         } else {
-            let lp: Vec<f32> = zv
-                .par_chunks(v)
+            zv.par_chunks(v)
                 .enumerate()
                 .map(|(r, row)| row[tgt[r]] - row_lse(row))
-                .collect();
-            loss -= lp
-                .iter()
-                .zip(sel)
-                .map(|(&l, &i)| l as f64 * coefs[i as usize] as f64)
-                .sum::<f64>();
-        }
+                .collect()
+        };
+        loss -= lp
+            .iter()
+            .zip(sel)
+            .map(|(&l, &i)| l as f64 * coefs[i as usize] as f64)
+            .sum::<f64>();
     }
     let y = Tensor::new((loss / total) as f32, h.device())?;
     if !grad {

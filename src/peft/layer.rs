@@ -898,6 +898,14 @@ impl AdaptedLayer {
         Ok(ops::add_channel_bias(&y, b, dim)?)
     }
 
+    /// The names of the active adapters that still act at forward time (none while disabled;
+    /// merged ones live in the weight).
+    fn unmerged_active(&self) -> impl Iterator<Item = &String> {
+        self.active
+            .iter()
+            .filter(|n| self.enabled && !self.merged.iter().any(|m| &m.name == *n))
+    }
+
     /// The weight `W` when this layer's forward is exactly `x · Wᵀ` with `W` frozen: a dense linear
     /// layer without bias, trainable copy or any unmerged active adapter. Fused consumers (the
     /// language-model loss) use it to skip the layer's output; `None` means run [`Self::forward`].
@@ -908,11 +916,9 @@ impl AdaptedLayer {
         if self.saved.is_some() && self.enabled {
             return None;
         }
-        let live = self.enabled
-            && self.active.iter().any(|n| {
-                !self.merged.iter().any(|m| &m.name == n)
-                    && (self.adapters.contains_key(n) || self.others.contains_key(n))
-            });
+        let live = self
+            .unmerged_active()
+            .any(|n| self.adapters.contains_key(n) || self.others.contains_key(n));
         match &self.weight {
             BaseWeight::Dense(w) if !live => Some(w),
             _ => None,
@@ -933,24 +939,14 @@ impl AdaptedLayer {
             };
             return self.add_bias(y, s.bias.as_ref().map(|v| v.as_tensor()));
         }
-        let live: Vec<&LoraAdapter> = if self.enabled {
-            self.active
-                .iter()
-                .filter(|n| !self.merged.iter().any(|m| &m.name == *n))
-                .filter_map(|n| self.adapters.get(n))
-                .collect()
-        } else {
-            vec![]
-        };
-        let others: Vec<(&String, &OtherAdapter)> = if self.enabled {
-            self.active
-                .iter()
-                .filter(|n| !self.merged.iter().any(|m| &m.name == *n))
-                .filter_map(|n| self.others.get(n).map(|o| (n, o)))
-                .collect()
-        } else {
-            vec![]
-        };
+        let live: Vec<&LoraAdapter> = self
+            .unmerged_active()
+            .filter_map(|n| self.adapters.get(n))
+            .collect();
+        let others: Vec<(&String, &OtherAdapter)> = self
+            .unmerged_active()
+            .filter_map(|n| self.others.get(n).map(|o| (n, o)))
+            .collect();
         if !others.is_empty() {
             return self.forward_with_others(x, ctx, &others, &live);
         }
@@ -981,42 +977,34 @@ impl AdaptedLayer {
         }
         let base = self.base_path(x)?;
         let mut y = base.clone();
-        if self.enabled {
-            for name in &self.active {
-                if self.merged.iter().any(|m| &m.name == name) {
-                    continue;
+        for ad in live {
+            let use_dropout = ctx.train && ad.dropout > 0.0 && self.kind != BaseKind::Embedding;
+            let xd = if use_dropout {
+                let mask = ctx.dropout_mask(&self.path, x.dims(), ad.dropout, x.device())?;
+                x.mul(&mask.to_dtype(x.dtype())?)?
+            } else {
+                x.clone()
+            };
+            let lora = self.lora_path(ad, &xd)?;
+            let contrib = match &ad.magnitude {
+                None => lora,
+                Some(m) => {
+                    let g =
+                        self.feature_view(&m.as_tensor().div(&self.dora_norm(ad)?)?, y.rank())?;
+                    let base_d = if use_dropout {
+                        self.base_path(&xd)?
+                    } else {
+                        base.clone()
+                    };
+                    let gm1 = (&g - 1.0)?;
+                    (base_d.broadcast_mul(&gm1)? + lora.broadcast_mul(&g)?)?
                 }
-                let Some(ad) = self.adapters.get(name) else {
-                    continue;
-                };
-                let use_dropout = ctx.train && ad.dropout > 0.0 && self.kind != BaseKind::Embedding;
-                let xd = if use_dropout {
-                    let mask = ctx.dropout_mask(&self.path, x.dims(), ad.dropout, x.device())?;
-                    x.mul(&mask.to_dtype(x.dtype())?)?
-                } else {
-                    x.clone()
-                };
-                let lora = self.lora_path(ad, &xd)?;
-                let contrib = match &ad.magnitude {
-                    None => lora,
-                    Some(m) => {
-                        let g =
-                            self.feature_view(&m.as_tensor().div(&self.dora_norm(ad)?)?, y.rank())?;
-                        let base_d = if use_dropout {
-                            self.base_path(&xd)?
-                        } else {
-                            base.clone()
-                        };
-                        let gm1 = (&g - 1.0)?;
-                        (base_d.broadcast_mul(&gm1)? + lora.broadcast_mul(&g)?)?
-                    }
-                };
-                y = if ad.multiplier == 1.0 {
-                    (y + contrib)?
-                } else {
-                    (y + (contrib * ad.multiplier)?)?
-                };
-            }
+            };
+            y = if ad.multiplier == 1.0 {
+                (y + contrib)?
+            } else {
+                (y + (contrib * ad.multiplier)?)?
+            };
         }
         self.add_bias(y, self.bias.as_ref())
     }
