@@ -59,6 +59,15 @@ pub enum Error {
         /// The last checkpoint kept on disk.
         checkpoint: String,
     },
+    /// An adapted layer refused an operation or met bad adapter state; names the layer's module
+    /// path (and, in the message, the adapter).
+    #[error("{path}: {msg}")]
+    Layer {
+        /// The module path (`model.layers.0.self_attn.q_proj`).
+        path: String,
+        /// What went wrong.
+        msg: String,
+    },
     /// Any other failure, described in words.
     #[error("{0}")]
     Msg(String),
@@ -73,6 +82,13 @@ impl Error {
         Error::Io {
             path: path.into(),
             cause: source,
+        }
+    }
+    /// An error of the adapted layer at module path `path`.
+    pub fn layer(path: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Layer {
+            path: path.into(),
+            msg: msg.into(),
         }
     }
     /// A format error on `path`.

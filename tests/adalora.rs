@@ -190,7 +190,7 @@ fn adalora_schedule_matches_peft() {
         .linear("lin2", g("base.lin2.weight"), Some(g("base.lin2.bias")))
         .unwrap();
     peft_format::load(&dir().join("saved"), &mut [&mut l1.0, &mut l2.0], "default").unwrap();
-    let ctx = ForwardCtx::eval();
+    let ctx = ForwardCtx::eval_with_grad();
     let want = lin2
         .forward(&lin1.forward(&x, &ctx).unwrap(), &ctx)
         .unwrap();

@@ -81,7 +81,7 @@ fn adapted(k: Kind, m: Method) -> AdaptedLayer {
 }
 
 fn fwd(l: &AdaptedLayer, x: &Tensor) -> Tensor {
-    l.forward(x, &ForwardCtx::eval()).unwrap()
+    l.forward(x, &ForwardCtx::eval_with_grad()).unwrap()
 }
 
 #[test]
@@ -158,17 +158,17 @@ fn multiplier_scales_the_adapter_contribution() {
             let x = input(k);
             let yb = fwd(&base(k), &x);
             let y1 = fwd(&l, &x);
-            l.adapter_mut("default").unwrap().multiplier = 0.5;
+            l.set_gain("default", 0.5).unwrap();
             let yh = fwd(&l, &x);
             let expect = ((&yb + &y1).unwrap() * 0.5).unwrap();
             assert!(max_abs_diff(&yh, &expect) < 1e-5, "{k:?} {m:?}");
-            l.adapter_mut("default").unwrap().multiplier = 0.0;
+            l.set_gain("default", 0.0).unwrap();
             assert!(
                 max_abs_diff(&fwd(&l, &x), &yb) < 1e-6,
                 "{k:?} {m:?}: multiplier 0 is not the base"
             );
             // Merging respects the multiplier too.
-            l.adapter_mut("default").unwrap().multiplier = 0.5;
+            l.set_gain("default", 0.5).unwrap();
             l.merge(None).unwrap();
             assert!(
                 max_abs_diff(&fwd(&l, &x), &expect) < 1e-5,
@@ -464,8 +464,8 @@ fn dropout_is_training_only_and_reproducible() {
         .apply(base(Kind::Linear))
         .unwrap();
     let x = input(Kind::Linear);
-    let e1 = l.forward(&x, &ForwardCtx::eval()).unwrap();
-    let e2 = l.forward(&x, &ForwardCtx::eval()).unwrap();
+    let e1 = l.forward(&x, &ForwardCtx::eval_with_grad()).unwrap();
+    let e2 = l.forward(&x, &ForwardCtx::eval_with_grad()).unwrap();
     assert_eq!(max_abs_diff(&e1, &e2), 0.0);
     let t1 = l.forward(&x, &ForwardCtx::train(3, 10)).unwrap();
     let t2 = l.forward(&x, &ForwardCtx::train(3, 10)).unwrap();
@@ -519,7 +519,9 @@ fn default_init_is_a_no_op_and_gaussian_too() {
         .unwrap()
         .apply(base(Kind::Linear))
         .unwrap();
-    let a = l.adapters()["default"]
+    let a = l
+        .lora("default")
+        .unwrap()
         .a
         .as_tensor()
         .abs()
@@ -537,7 +539,7 @@ fn fused_lora_and_dora_match_the_composite_reference() {
     // The fast single-node path against the obviously correct composition of candle ops.
     for m in [Method::Lora, Method::Dora] {
         let l = adapted(Kind::Linear, m);
-        let ad = &l.adapters()["default"];
+        let ad = &l.lora("default").unwrap();
         let xv = candle_core::Var::from_tensor(&input(Kind::Linear)).unwrap();
         let x = xv.as_tensor();
         let g = randn(&[3, 5, 24], 1.0, "g");
@@ -593,11 +595,11 @@ fn unmerge_restores_the_base_even_if_the_adapter_changed_since() {
     for m in METHODS {
         let mut l = adapted(Kind::Linear, m);
         let w0 = l.weight().unwrap();
-        l.adapter_mut("default").unwrap().multiplier = 0.7;
+        l.set_gain("default", 0.7).unwrap();
         l.merge(None).unwrap();
         // The multiplier and the factors change while merged (a sweep, an optimizer step).
-        l.adapter_mut("default").unwrap().multiplier = 0.2;
-        let b = &l.adapters()["default"].b;
+        l.set_gain("default", 0.2).unwrap();
+        let b = &l.lora("default").unwrap().b;
         b.set(&(b.as_tensor() * 3.0).unwrap()).unwrap();
         l.unmerge().unwrap();
         assert!(
@@ -640,7 +642,7 @@ fn dora_merge_mixes_and_disabled_merges_are_refused() {
         .flatten()
         .all(|v| v.is_finite()));
     assert!(
-        l.insert_adapter("lora", l.adapters()["lora"].clone_detached().unwrap())
+        l.insert_adapter("lora", l.lora("lora").unwrap().clone_detached().unwrap())
             .is_err(),
         "inserting over an adapter is refused"
     );

@@ -24,7 +24,7 @@ fn clip_text_encoder_matches_transformers_and_peft() {
             &Weights::from_files(&[dir.join("model.safetensors")], AdapterPlan::none()).unwrap(),
         )
         .unwrap();
-        let out = base.forward(&ids, &ForwardCtx::eval()).unwrap();
+        let out = base.forward(&ids, &ForwardCtx::eval_with_grad()).unwrap();
         assert!(
             rel_err(
                 &out.last_hidden_state,
@@ -58,7 +58,7 @@ fn clip_text_encoder_matches_transformers_and_peft() {
         )
         .unwrap();
         for l in model.layers() {
-            let Some(ad) = l.adapters().get("default") else {
+            let Some(ad) = l.lora("default") else {
                 continue;
             };
             ad.a.set(&io.get(&format!("lora.{}.lora_A.weight", l.path())).unwrap())
@@ -67,7 +67,7 @@ fn clip_text_encoder_matches_transformers_and_peft() {
                 .unwrap();
         }
         let y = model
-            .forward(&ids, &ForwardCtx::eval())
+            .forward(&ids, &ForwardCtx::eval_with_grad())
             .unwrap()
             .last_hidden_state;
         assert!(
@@ -81,7 +81,7 @@ fn clip_text_encoder_matches_transformers_and_peft() {
             .backward()
             .unwrap();
         for l in model.layers() {
-            let Some(ad) = l.adapters().get("default") else {
+            let Some(ad) = l.lora("default") else {
                 continue;
             };
             for (w, v) in [("lora_A", &ad.a), ("lora_B", &ad.b)] {

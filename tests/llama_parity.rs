@@ -29,7 +29,7 @@ fn logits_match_transformers_with_padding_and_packing() {
                     attention_mask: Some(&mask),
                     ..Default::default()
                 },
-                &ForwardCtx::eval(),
+                &ForwardCtx::eval_with_grad(),
             )
             .unwrap();
         let want = io.get("logits").unwrap();
@@ -52,7 +52,7 @@ fn logits_match_transformers_with_padding_and_packing() {
                     segment_ids: Some(&seg),
                     ..Default::default()
                 },
-                &ForwardCtx::eval(),
+                &ForwardCtx::eval_with_grad(),
             )
             .unwrap();
         let e = rel_err(&packed, &io.get("packed_logits").unwrap());
@@ -72,7 +72,7 @@ fn lora_logits_and_gradients_match_peft() {
         let m = LlamaForCausalLM::load(&dir(name), AdapterPlan::single(cfg, 0).unwrap()).unwrap();
         let mut n = 0;
         for l in m.layers() {
-            if let Some(ad) = l.adapters().get("default") {
+            if let Some(ad) = l.lora("default") {
                 ad.a.set(
                     &io.get(&format!("factor.{}.lora_A.weight", l.path()))
                         .unwrap(),
@@ -111,7 +111,7 @@ fn lora_logits_and_gradients_match_peft() {
         );
         let grads = loss.backward().unwrap();
         for l in m.layers() {
-            let Some(ad) = l.adapters().get("default") else {
+            let Some(ad) = l.lora("default") else {
                 continue;
             };
             for (which, v) in [("lora_A", &ad.a), ("lora_B", &ad.b)] {
@@ -154,7 +154,7 @@ fn lora_logits_and_gradients_match_peft() {
         );
         let fg = fused.backward().unwrap();
         for l in m.layers() {
-            if let Some(ad) = l.adapters().get("default") {
+            if let Some(ad) = l.lora("default") {
                 for (which, v) in [("lora_A", &ad.a), ("lora_B", &ad.b)] {
                     let key = format!("grad.{}.{which}.weight", l.path());
                     let g = fg
@@ -185,7 +185,7 @@ fn kv_cache_generation_equals_the_full_forward() {
         .unsqueeze(0)
         .unwrap();
     let full = m
-        .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+        .forward(&ids, &Inputs::default(), &ForwardCtx::eval_with_grad())
         .unwrap();
     let mut cache = m.cache();
     let first = m
@@ -193,7 +193,7 @@ fn kv_cache_generation_equals_the_full_forward() {
             &ids.narrow(1, 0, 6).unwrap(),
             &Inputs::default(),
             Some(&mut cache),
-            &ForwardCtx::eval(),
+            &ForwardCtx::eval_with_grad(),
         )
         .unwrap();
     let mut parts = vec![first];
@@ -203,7 +203,7 @@ fn kv_cache_generation_equals_the_full_forward() {
                 &ids.narrow(1, t, 1).unwrap(),
                 &Inputs::default(),
                 Some(&mut cache),
-                &ForwardCtx::eval(),
+                &ForwardCtx::eval_with_grad(),
             )
             .unwrap(),
         );
@@ -280,7 +280,7 @@ fn greedy_generation_follows_the_argmax_and_sampling_is_seeded() {
             candle_core::Tensor::from_vec(seq.clone(), (1, seq.len()), &candle_core::Device::Cpu)
                 .unwrap();
         let l = m
-            .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+            .forward(&ids, &Inputs::default(), &ForwardCtx::eval_with_grad())
             .unwrap();
         let last = l
             .get(0)
@@ -339,7 +339,7 @@ fn merged_save_pretrained_reloads_to_the_same_logits() {
     cfg.init_lora_weights = InitSpec::Bool(false);
     let m = LlamaForCausalLM::load(&dir("qwen2"), AdapterPlan::single(cfg, 0).unwrap()).unwrap();
     for l in m.layers() {
-        if let Some(ad) = l.adapters().get("default") {
+        if let Some(ad) = l.lora("default") {
             ad.a.set(
                 &io.get(&format!("factor.{}.lora_A.weight", l.path()))
                     .unwrap(),
@@ -354,7 +354,7 @@ fn merged_save_pretrained_reloads_to_the_same_logits() {
     }
     let ids = io.get("input_ids").unwrap();
     let want = m
-        .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+        .forward(&ids, &Inputs::default(), &ForwardCtx::eval_with_grad())
         .unwrap();
     let d = tempfile::tempdir().unwrap();
     m.save_pretrained(d.path()).unwrap();
@@ -364,7 +364,7 @@ fn merged_save_pretrained_reloads_to_the_same_logits() {
         "no adapter on the embedding: still tied"
     );
     let got = back
-        .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+        .forward(&ids, &Inputs::default(), &ForwardCtx::eval_with_grad())
         .unwrap();
     assert!(rel_err(&got, &want) < 1e-5);
     let names = SafeTensors::read(d.path().join("model.safetensors"))
@@ -403,7 +403,7 @@ fn an_adapted_lm_head_takes_the_logits_path_with_the_same_loss_and_gradients() {
         .into_iter()
         .find(|l| l.path() == "lm_head")
         .unwrap();
-    let ad = head.adapters().get("default").unwrap();
+    let ad = head.lora("default").unwrap();
     for v in [&ad.a, &ad.b] {
         let e = rel_err(
             ga.get(v.as_tensor()).unwrap(),
@@ -415,7 +415,7 @@ fn an_adapted_lm_head_takes_the_logits_path_with_the_same_loss_and_gradients() {
     let zero = mask.zeros_like().unwrap();
     for model in [&m, &plain] {
         let e = model
-            .next_token_loss(&ids, &inputs, &zero, &ForwardCtx::eval())
+            .next_token_loss(&ids, &inputs, &zero, &ForwardCtx::eval_with_grad())
             .unwrap_err();
         assert!(e.to_string().contains("carries weight"), "{e}");
     }

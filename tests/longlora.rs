@@ -140,7 +140,7 @@ fn longlora_trains_through_s2_attn_and_keeps_full_attention_at_inference() {
     let mut m = LlamaForCausalLM::load(&dir, AdapterPlan::single(cfg, 2).unwrap()).unwrap();
     let ids = ids(&[2, 16], 60);
     let eval = m
-        .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+        .forward(&ids, &Inputs::default(), &ForwardCtx::eval_with_grad())
         .unwrap();
     let train_full = m
         .forward(&ids, &Inputs::default(), &ForwardCtx::train(0, 0))
@@ -148,7 +148,7 @@ fn longlora_trains_through_s2_attn_and_keeps_full_attention_at_inference() {
     m.set_shifted_sparse_attention(Some(0.25));
     // Inference still attends in full.
     let eval2 = m
-        .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+        .forward(&ids, &Inputs::default(), &ForwardCtx::eval_with_grad())
         .unwrap();
     assert!(rel_err(&eval, &eval2) < 1e-6);
     let out = m
@@ -200,7 +200,7 @@ fn longlora_trains_through_s2_attn_and_keeps_full_attention_at_inference() {
     // Position interpolation: linear RoPE scaling, context × 4, in the saved config.
     m.set_position_interpolation(4.0).unwrap();
     let scaled = m
-        .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+        .forward(&ids, &Inputs::default(), &ForwardCtx::eval_with_grad())
         .unwrap();
     assert!(rel_err(&scaled, &eval) > 1e-4);
     let tmp = tempfile::tempdir().unwrap();

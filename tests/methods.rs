@@ -114,7 +114,7 @@ fn ia3_loha_lokr_match_peft() {
         for l in net.layers() {
             l.merge(None).unwrap();
         }
-        let (m2, mc) = net.forward(&x, &img, &ForwardCtx::eval());
+        let (m2, mc) = net.forward(&x, &img, &ForwardCtx::eval_with_grad());
         let e = rel_err(&m2, &io.get("merged.y2").unwrap())
             .max(rel_err(&mc, &io.get("merged.c1").unwrap()));
         assert!(e < 1e-5, "{case}: merged outputs relative error {e:e}");
@@ -169,7 +169,7 @@ fn fresh_adapters_start_as_no_ops_and_every_tensor_trains_on_llama() {
     let ids = ids(&[2, 7], 60);
     let base = LlamaForCausalLM::load(&model, AdapterPlan::none()).unwrap();
     let want = base
-        .forward(&ids, &Inputs::default(), &ForwardCtx::eval())
+        .forward(&ids, &Inputs::default(), &ForwardCtx::eval_with_grad())
         .unwrap();
     for peft_type in ["IA3", "LOHA", "LOKR", "VERA"] {
         for init in [true, false] {
@@ -187,7 +187,7 @@ fn fresh_adapters_start_as_no_ops_and_every_tensor_trains_on_llama() {
             cfg.extra.insert(key.into(), serde_json::json!(init));
             cfg.validate().unwrap();
             let m = LlamaForCausalLM::load(&model, AdapterPlan::single(cfg, 3).unwrap()).unwrap();
-            let n_adapted = m.layers().iter().filter(|l| !l.others().is_empty()).count();
+            let n_adapted = m.layers().iter().filter(|l| !l.is_plain()).count();
             assert_eq!(n_adapted, 6, "{peft_type}: 3 modules in each of 2 layers");
             let out = m
                 .forward(&ids, &Inputs::default(), &ForwardCtx::train(0, 0))
@@ -266,7 +266,7 @@ fn loha_and_lokr_travel_in_lycoris_kohya_files() {
             .unwrap();
         assert_eq!(n, 4);
         let (x, img) = (io.get("x").unwrap(), io.get("img").unwrap());
-        let (y2, c1) = fresh.forward(&x, &img, &ForwardCtx::eval());
+        let (y2, c1) = fresh.forward(&x, &img, &ForwardCtx::eval_with_grad());
         let e = rel_err(&y2, &io.get("y2").unwrap()).max(rel_err(&c1, &io.get("c1").unwrap()));
         assert!(e < 1e-5, "{case}: LyCORIS round trip {e:e}");
     }
@@ -311,7 +311,7 @@ fn every_method_merges_into_a_plain_checkpoint() {
         let (y2, c1) = net.forward(
             &io.get("x").unwrap(),
             &io.get("img").unwrap(),
-            &ForwardCtx::eval(),
+            &ForwardCtx::eval_with_grad(),
         );
         let e = rel_err(&y2, &io.get("merged.y2").unwrap())
             .max(rel_err(&c1, &io.get("merged.c1").unwrap()));

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor, Var};
 use common::*;
 use postforge::peft::config::{AdapterConfig, ModuleKind};
 use postforge::peft::formats::peft as files;
-use postforge::peft::{AdaptedLayer, BaseKind, ConvCfg, ForwardCtx, LoraAdapter};
+use postforge::peft::{AdaptedLayer, BaseKind, ConvCfg, ForwardCtx, Lora};
 use postforge::util::SafeTensors;
 use std::path::Path;
 
@@ -43,7 +43,7 @@ fn layer_from(st: &SafeTensors) -> (AdaptedLayer, Tensor) {
         .map(|m| Var::from_tensor(&m.flatten_all().unwrap()).unwrap());
     let alpha: f64 = meta["lora_alpha"].parse().unwrap();
     let scale: f64 = meta["scaling"].parse().unwrap();
-    let ad = LoraAdapter {
+    let ad = Lora {
         r,
         alpha,
         scale,
@@ -51,7 +51,6 @@ fn layer_from(st: &SafeTensors) -> (AdaptedLayer, Tensor) {
         a: Var::from_tensor(&a).unwrap(),
         b: Var::from_tensor(&st.get("lora_B").unwrap()).unwrap(),
         magnitude,
-        multiplier: 1.0,
         initial: None,
     };
     l.insert_adapter("default", ad).unwrap();
@@ -80,7 +79,7 @@ fn layers_match_peft_forward_gradients_merge_and_disable() {
                 .as_ref()
                 .map(|v| v.as_tensor().clone())
                 .unwrap_or(x.clone());
-            let y = l.forward(&xin, &ForwardCtx::eval()).unwrap();
+            let y = l.forward(&xin, &ForwardCtx::eval_with_grad()).unwrap();
             check(&format!("{name} y"), &y, &st.get("y").unwrap());
             let grads = (&y * st.get("g").unwrap())
                 .unwrap()
@@ -88,7 +87,7 @@ fn layers_match_peft_forward_gradients_merge_and_disable() {
                 .unwrap()
                 .backward()
                 .unwrap();
-            let ad = &l.adapters()["default"];
+            let ad = &l.lora("default").unwrap();
             check(
                 &format!("{name} grad A"),
                 grads.get(ad.a.as_tensor()).unwrap(),
@@ -129,7 +128,7 @@ fn layers_match_peft_forward_gradients_merge_and_disable() {
             l.set_enabled(false).unwrap();
             check(
                 &format!("{name} disabled"),
-                &l.forward(&x, &ForwardCtx::eval()).unwrap(),
+                &l.forward(&x, &ForwardCtx::eval_with_grad()).unwrap(),
                 &st.get("disabled.y").unwrap(),
             );
         }
@@ -168,7 +167,7 @@ fn pissa_and_olora_match_peft_factors_and_residuals() {
             &l.weight().unwrap(),
             &st.get("residual").unwrap(),
         );
-        let ad = &l.adapters()["default"];
+        let ad = &l.lora("default").unwrap();
         let (a, b) = sign_aligned(
             ad.a.as_tensor(),
             ad.b.as_tensor(),
@@ -178,7 +177,7 @@ fn pissa_and_olora_match_peft_factors_and_residuals() {
         check(&format!("{init} B"), &b, &st.get("lora_B").unwrap());
         // The adapted layer still computes the original W.
         let x = randn(&[5, 16], 1.0, "px");
-        let y = l.forward(&x, &ForwardCtx::eval()).unwrap();
+        let y = l.forward(&x, &ForwardCtx::eval_with_grad()).unwrap();
         check(
             &format!("{init} output = original"),
             &y,
@@ -196,7 +195,7 @@ fn fast_pissa_approximates_exact_pissa_like_peft() {
     cfg.init_lora_weights = postforge::peft::InitSpec::Method("pissa_niter_4".into());
     let mut l = AdaptedLayer::new("layer", BaseKind::Linear, w.clone(), None).unwrap();
     l.add_adapter("default", &cfg, 0).unwrap();
-    let ad = &l.adapters()["default"];
+    let ad = &l.lora("default").unwrap();
     let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
     // Structure PEFT's randomized PiSSA has too: residual + s·B·A = W, and BᵀB = A·Aᵀ = S/s (diagonal).
     let recon = (&l.weight().unwrap() + (b.matmul(a).unwrap() * 2.0).unwrap()).unwrap();
@@ -276,7 +275,7 @@ impl Net {
         net
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        let c = ForwardCtx::eval();
+        let c = ForwardCtx::eval_with_grad();
         let mut h = x.clone();
         for (q, v) in &self.layers {
             let u = q.forward(&h, &c).unwrap().tanh().unwrap();
@@ -297,8 +296,8 @@ fn folders_saved_by_peft_load_and_give_peft_outputs() {
     );
     let lora = Net::load(Some("lora"));
     // rank_pattern {"v_proj": 2} and alpha_pattern {"layers.1.q_proj": 16} were honoured.
-    assert_eq!(lora.layers[0].1.adapters()["default"].r, 2);
-    assert_eq!(lora.layers[1].0.adapters()["default"].scale, 4.0);
+    assert_eq!(lora.layers[0].1.lora("default").unwrap().r, 2);
+    assert_eq!(lora.layers[1].0.lora("default").unwrap().scale, 4.0);
     assert!(lora.head.trainable_copy().is_some(), "modules_to_save head");
     check("lora net", &lora.forward(&x), &io.get("y_lora").unwrap());
     check(

@@ -39,7 +39,7 @@ fn four_bit_checkpoint_and_quantize_on_load_match_transformers() {
         .filter(|l| l.base_weight().nf4().is_some())
         .count();
     assert_eq!(quantized, 14, "every linear but lm_head is 4-bit");
-    let e = rel_err(&logits(&m, &ids, &ForwardCtx::eval()), &want);
+    let e = rel_err(&logits(&m, &ids, &ForwardCtx::eval_with_grad()), &want);
     assert!(e < 1e-4, "4-bit checkpoint logits: relative error {e:e}");
     // The f32 folder quantized on load (--quantize nf4): the same 4-bit codes byte for byte. Of
     // the 1152 double-quantized block scales, bitsandbytes' 8-bit kernel sends 2 near-ties to the
@@ -67,17 +67,17 @@ fn four_bit_checkpoint_and_quantize_on_load_match_transformers() {
         }
     }
     assert!(code_diffs <= 2, "{code_diffs} absmax codes differ");
-    let e = rel_err(&logits(&q, &ids, &ForwardCtx::eval()), &want);
+    let e = rel_err(&logits(&q, &ids, &ForwardCtx::eval_with_grad()), &want);
     assert!(e < 1e-2, "quantized-on-load logits: relative error {e:e}");
     // And the f32 model itself is far from both (the test can tell them apart).
     let f = LlamaForCausalLM::load(&dir("base"), AdapterPlan::none()).unwrap();
-    let e32 = rel_err(&logits(&f, &ids, &ForwardCtx::eval()), &want);
+    let e32 = rel_err(&logits(&f, &ids, &ForwardCtx::eval_with_grad()), &want);
     assert!(
         e32 > 1e-2,
         "f32 logits too close to the 4-bit ones: {e32:e}"
     );
     let e = rel_err(
-        &logits(&f, &ids, &ForwardCtx::eval()),
+        &logits(&f, &ids, &ForwardCtx::eval_with_grad()),
         &io.get("logits_f32").unwrap(),
     );
     assert!(e < 1e-4, "f32 logits: {e:e}");
@@ -108,7 +108,7 @@ fn qlora_and_qdora_match_peft() {
         let m = LlamaForCausalLM::load(&dir("nf4"), AdapterPlan::single(cfg, 0).unwrap()).unwrap();
         let mut n = 0;
         for l in m.layers() {
-            let Some(ad) = l.adapters().get("default") else {
+            let Some(ad) = l.lora("default") else {
                 continue;
             };
             let p = |w: &str| io.get(&format!("{tag}.param.{}.{w}", l.path())).unwrap();
@@ -199,7 +199,7 @@ fn loftq_matches_peft() {
 
 fn recon_err(w: &Tensor, l: &AdaptedLayer) -> f64 {
     let mut approx = l.weight().unwrap();
-    if let Some(ad) = l.adapters().get("default") {
+    if let Some(ad) = l.lora("default") {
         let ba = ad.b.as_tensor().matmul(ad.a.as_tensor()).unwrap();
         approx = (approx + (ba * ad.scale).unwrap()).unwrap();
     }
@@ -263,7 +263,7 @@ fn merging_into_an_nf4_base_requantizes_and_reports_the_error() {
         let first = l.rounding_error().expect("quantizing records the error");
         assert!(first.max_abs > 0.0 && first.rel_fro < 0.2, "{first:?}");
         let x = Tensor::randn(0f32, 1.0, (5, 128), &Device::Cpu).unwrap();
-        let y0 = l.forward(&x, &ForwardCtx::eval()).unwrap();
+        let y0 = l.forward(&x, &ForwardCtx::eval_with_grad()).unwrap();
         let exact = {
             let (wm, _) = l.merged_tensors().unwrap();
             x.matmul(&wm.t().unwrap()).unwrap()
@@ -276,7 +276,7 @@ fn merging_into_an_nf4_base_requantizes_and_reports_the_error() {
         );
         let err = l.rounding_error().unwrap();
         assert!(err.max_abs > 0.0 && err.rel_fro < 0.2, "{err:?}");
-        let y1 = l.forward(&x, &ForwardCtx::eval()).unwrap();
+        let y1 = l.forward(&x, &ForwardCtx::eval_with_grad()).unwrap();
         // The merged layer differs from the exact merge by the re-quantization only.
         let e = rel_err(&y1, &y0);
         assert!(
@@ -331,13 +331,13 @@ fn merged_qlora_folders_are_written_in_four_bits() {
     let m =
         LlamaForCausalLM::load(&dir("nf4"), AdapterPlan::single(cfg.clone(), 0).unwrap()).unwrap();
     for l in m.layers() {
-        if let Some(ad) = l.adapters().get("default") {
+        if let Some(ad) = l.lora("default") {
             let p = |w: &str| io.get(&format!("qlora.param.{}.{w}", l.path())).unwrap();
             ad.a.set(&p("lora_A.weight")).unwrap();
             ad.b.set(&p("lora_B.weight")).unwrap();
         }
     }
-    let want = logits(&m, &ids, &ForwardCtx::eval());
+    let want = logits(&m, &ids, &ForwardCtx::eval_with_grad());
     let tmp = tempfile::tempdir().unwrap();
     let adapter = tmp.path().join("adapter");
     cfg.init_lora_weights = InitSpec::Bool(true);
@@ -359,7 +359,7 @@ fn merged_qlora_folders_are_written_in_four_bits() {
             .count(),
         14
     );
-    let got = logits(&back, &ids, &ForwardCtx::eval());
+    let got = logits(&back, &ids, &ForwardCtx::eval_with_grad());
     // Re-quantization moves the output (this random model is very sensitive to it: its f32 and
     // 4-bit logits differ by tens of percent too); the folder holds exactly the in-memory merge.
     assert!(rel_err(&got, &want) > 1e-6);
@@ -373,7 +373,10 @@ fn merged_qlora_folders_are_written_in_four_bits() {
             .count()
             == 14
     );
-    let e = rel_err(&got, &logits(&in_memory, &ids, &ForwardCtx::eval()));
+    let e = rel_err(
+        &got,
+        &logits(&in_memory, &ids, &ForwardCtx::eval_with_grad()),
+    );
     assert!(
         e < 1e-5,
         "saved 4-bit merge differs from the in-memory one by {e:e}"

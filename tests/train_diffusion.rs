@@ -477,7 +477,7 @@ fn an_sdxl_pipeline_with_two_text_encoders_samples_and_trains() {
     let p = Pipeline::load(&m, AdapterPlan::none(), AdapterPlan::none()).unwrap();
     assert!(p.text_time() && p.force_zeros_for_empty_prompt);
     let c = p
-        .encode_cond(&["a red circle".into()], &ForwardCtx::eval())
+        .encode_cond(&["a red circle".into()], &ForwardCtx::eval_with_grad())
         .unwrap();
     assert_eq!(c.context.dims(), &[1, 16, 32]);
     assert_eq!(c.pooled.as_ref().unwrap().dims(), &[1, 16]);

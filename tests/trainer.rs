@@ -343,8 +343,8 @@ fn pissa_exported_as_plain_lora_reproduces_the_model_on_the_original_base() {
     files::load(d.path(), &mut plain.layers_mut(), "default").unwrap();
     let x = randn(&[5, 16], 1.0, "px");
     let e = max_abs_diff(
-        &plain.forward(&x, &ForwardCtx::eval()).unwrap(),
-        &model.forward(&x, &ForwardCtx::eval()).unwrap(),
+        &plain.forward(&x, &ForwardCtx::eval_with_grad()).unwrap(),
+        &model.forward(&x, &ForwardCtx::eval_with_grad()).unwrap(),
     );
     assert!(e < 1e-5, "{e}");
     // A PiSSA adapter that lost its initial factors cannot be converted, and says so.

@@ -54,7 +54,7 @@ fn run(model: &UNet2DConditionModel, io: &SafeTensors) -> Tensor {
             &io.get("timestep").unwrap(),
             &io.get("encoder_hidden_states").unwrap(),
             added.as_ref(),
-            &ForwardCtx::eval(),
+            &ForwardCtx::eval_with_grad(),
         )
         .unwrap()
 }
@@ -80,7 +80,7 @@ fn unet_lora_output_and_gradients_match_peft() {
         let model = load(name, AdapterPlan::single(cfg, 0).unwrap());
         let mut n = 0;
         for l in model.layers() {
-            if let Some(ad) = l.adapters().get("default") {
+            if let Some(ad) = l.lora("default") {
                 ad.a.set(&lora.get(&format!("{}.lora_A.weight", l.path())).unwrap())
                     .unwrap();
                 ad.b.set(&lora.get(&format!("{}.lora_B.weight", l.path())).unwrap())
@@ -103,7 +103,7 @@ fn unet_lora_output_and_gradients_match_peft() {
             .backward()
             .unwrap();
         for l in model.layers() {
-            let Some(ad) = l.adapters().get("default") else {
+            let Some(ad) = l.lora("default") else {
                 continue;
             };
             for (which, v) in [("lora_A", &ad.a), ("lora_B", &ad.b)] {

@@ -545,7 +545,7 @@ pub fn add_adapter(
         ));
     }
     if cfg.peft_type == "VERA" {
-        crate::peft::methods::share_vera_projections(&mut m.layers_mut(), name, seed, None)?;
+        crate::peft::vera::share_vera_projections(&mut m.layers_mut(), name, seed, None)?;
     }
     Ok(n)
 }
@@ -583,7 +583,7 @@ pub fn merge_into_folder_as(
     let modules = m
         .layers()
         .iter()
-        .filter(|l| l.adapters().contains_key("default") || l.others().contains_key("default"))
+        .filter(|l| l.has_adapter("default"))
         .count();
     let four_bit = m.layers().iter().any(|l| l.base_weight().nf4().is_some());
     m.merge_adapters()?;

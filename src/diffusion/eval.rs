@@ -174,11 +174,7 @@ pub fn evaluate(
         progress
             .set_length(progress.length().unwrap_or(0) + (cfg.scales.len() * scenes.len()) as u64);
         for &scale in &cfg.scales {
-            p.unet.set_multiplier("lora", scale)?;
-            p.text_encoder.set_multiplier("lora", scale).ok();
-            if let Some(te2) = &mut p.text_encoder_2 {
-                te2.set_multiplier("lora", scale).ok();
-            }
+            p.set_adapter_scale("lora", scale)?;
             let (mut st, mut ok) = (0f64, 0usize);
             for chunk in (0..scenes.len()).collect::<Vec<_>>().chunks(8) {
                 let prompts: Vec<String> = chunk.iter().map(|&i| scenes[i].caption()).collect();

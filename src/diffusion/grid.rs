@@ -6,7 +6,6 @@ use super::pipeline::Pipeline;
 use super::sampler::SamplerKind;
 use crate::media::grid::{render, side_by_side, GridLabels};
 use crate::media::image::tensor_to_image;
-use crate::peft::Adapted;
 use crate::{Error, Result};
 use image::RgbImage;
 
@@ -159,11 +158,7 @@ pub fn run(
                 }
                 x.apply(xi, &mut c);
                 for a in adapters {
-                    p.unet.set_multiplier(a, c.scale).ok();
-                    p.text_encoder.set_multiplier(a, c.scale).ok();
-                    if let Some(te2) = &mut p.text_encoder_2 {
-                        te2.set_multiplier(a, c.scale).ok();
-                    }
+                    p.set_adapter_scale(a, c.scale)?;
                 }
                 let img = p.sample(
                     &[c.prompt.clone()],

@@ -9,7 +9,7 @@ use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::AutoencoderKL;
 use crate::models::Weights;
-use crate::peft::{AdapterPlan, ForwardCtx};
+use crate::peft::{Adapted, AdapterPlan, ForwardCtx};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -293,6 +293,29 @@ impl Pipeline {
             (rows.len(), 6),
             &Device::Cpu,
         )?)
+    }
+
+    /// Sets the output multiplier (gain) of adapter `name` on every component that carries it
+    /// (U-Net, text encoders), whatever its method; an error if no component carries it.
+    pub fn set_adapter_scale(&mut self, name: &str, scale: f64) -> Result<()> {
+        let mut found = false;
+        let mut comps: Vec<&mut dyn Adapted> = vec![&mut self.unet, &mut self.text_encoder];
+        if let Some(te2) = &mut self.text_encoder_2 {
+            comps.push(te2);
+        }
+        for c in comps {
+            if c.layers().iter().any(|l| l.has_adapter(name)) {
+                c.set_multiplier(name, scale)?;
+                found = true;
+            }
+        }
+        if !found {
+            return Err(Error::Msg(format!(
+                "no component of the pipeline at {} carries adapter `{name}`",
+                self.dir.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Samples one image per prompt (with its own seed), as tensors (B, C, H, W) in [-1, 1].

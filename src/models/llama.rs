@@ -593,7 +593,7 @@ impl LlamaForCausalLM {
         let eps = self.cfg.rms_norm_eps;
         let mut h = self.embed.forward(&ids, ctx)?;
         for (li, l) in self.layers.iter().enumerate() {
-            let x = rms_norm(&h, &l.input_norm.effective_weight()?, eps)?;
+            let x = rms_norm(&h, &l.input_norm.effective_weight(ctx)?, eps)?;
             let heads = |y: Tensor, n: usize| -> Result<Tensor> {
                 Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
             };
@@ -638,14 +638,14 @@ impl LlamaForCausalLM {
                 }
             };
             h = (h + l.o.forward(&a, ctx)?)?;
-            let x = rms_norm(&h, &l.post_norm.effective_weight()?, eps)?;
+            let x = rms_norm(&h, &l.post_norm.effective_weight(ctx)?, eps)?;
             let m = swiglu(&l.gate.forward(&x, ctx)?, &l.up.forward(&x, ctx)?)?;
             h = (h + l.down.forward(&m, ctx)?)?;
         }
         if let Some(c) = cache {
             c.len += t;
         }
-        rms_norm(&h, &self.norm.effective_weight()?, eps)
+        rms_norm(&h, &self.norm.effective_weight(ctx)?, eps)
     }
 
     /// Logits, extending `cache` (generation) when given.

@@ -14,11 +14,122 @@
 //! re-applied at every later step. [`orth_regularizer`] is the loss term
 //! `mean(‖AAᵀ − I‖_F, ‖BᵀB − I‖_F)` weighted by `orth_reg_weight`.
 
-use super::methods::OtherAdapter;
+use super::adapter::{Adapter, BaseOut, BuildSpec};
+use super::base::{var, Base, BaseKind};
+use super::config::Method;
+use super::ctx::ForwardCtx;
+use super::ops;
 use super::AdaptedLayer;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use std::collections::BTreeMap;
+
+/// One AdaLoRA adapter: `δ(x) = x (A ⊙ E)ᵀ Bᵀ · α / (ranknum + 1e-5)`.
+/// Keys: `lora_A` (r, in), `lora_B` (out, r), `lora_E` (r, 1).
+pub struct Adalora {
+    /// lora_A (r, in).
+    pub a: Var,
+    /// lora_B (out, r).
+    pub b: Var,
+    /// lora_E (r, 1).
+    pub e: Var,
+    /// α / (ranknum + 1e-5).
+    pub scale: f64,
+    /// lora_dropout.
+    pub dropout: f64,
+}
+
+impl Adalora {
+    /// Builds the adapter per `spec` on `base`, at `init_r` (or at the kept ranks of the config's
+    /// `adalora_rank_pattern`, for a trained adapter).
+    pub fn build(spec: &BuildSpec, base: &mut Base) -> Result<Self> {
+        let cfg = spec.cfg;
+        if base.kind() != BaseKind::Linear {
+            return Err(base.err("AdaLoRA adapts linear layers only here"));
+        }
+        let (out, inn) = base.dims2()?;
+        let init_r = AdaloraSettings::from_config(cfg)?.init_r;
+        let r = match cfg
+            .extra
+            .get("adalora_rank_pattern")
+            .and_then(|p| p.get(format!("{}.lora_E", base.path())))
+        {
+            Some(serde_json::Value::Array(mask)) => {
+                mask.iter().filter(|m| m.as_bool() == Some(true)).count()
+            }
+            _ => init_r,
+        };
+        let mut rng = spec.rng(base.path());
+        let dev = Device::Cpu;
+        let normal = super::init::normal;
+        let (e, a, b) = if super::adapter::extra_bool(cfg, "init_weights", true) {
+            (
+                Tensor::zeros((r, 1), DType::F32, &dev)?,
+                normal(&[r, inn], 0.02, &mut rng)?,
+                normal(&[out, r], 0.02, &mut rng)?,
+            )
+        } else {
+            (
+                normal(&[r, 1], 1.0, &mut rng)?,
+                normal(&[r, inn], 1.0, &mut rng)?,
+                normal(&[out, r], 1.0, &mut rng)?,
+            )
+        };
+        Ok(Self {
+            a: var(a)?,
+            b: var(b)?,
+            e: var(e)?,
+            scale: spec.alpha / (init_r as f64 + 1e-5),
+            dropout: cfg.lora_dropout,
+        })
+    }
+}
+
+impl Adapter for Adalora {
+    fn method(&self) -> Method {
+        Method::Adalora
+    }
+
+    fn params(&self) -> Vec<(&'static str, &Var)> {
+        vec![
+            ("lora_A", &self.a),
+            ("lora_B", &self.b),
+            ("lora_E", &self.e),
+        ]
+    }
+
+    fn check(&self, base: &Base) -> Result<()> {
+        let (out, inn) = base.dims2()?;
+        let r = self.a.dims()[0];
+        if self.a.dims() != [r, inn] || self.b.dims() != [out, r] || self.e.dims() != [r, 1] {
+            return Err(base.err(format!(
+                "AdaLoRA A {:?}, B {:?}, E {:?} do not fit weight {:?}",
+                self.a.dims(),
+                self.b.dims(),
+                self.e.dims(),
+                base.dims()
+            )));
+        }
+        Ok(())
+    }
+
+    fn input_dropout(&self) -> f64 {
+        self.dropout
+    }
+
+    fn delta(&self, _base: &Base, x: &Tensor, _out: &BaseOut, ctx: &ForwardCtx) -> Result<Tensor> {
+        let ae = ctx.read(&self.a).broadcast_mul(&ctx.read(&self.e))?;
+        let h = ops::plain_linear(x, &ae)?;
+        Ok((ops::plain_linear(&h, &ctx.read(&self.b))? * self.scale)?)
+    }
+
+    fn delta_weight(&self, base: &Base) -> Result<Tensor> {
+        let ae = self.a.as_tensor().broadcast_mul(self.e.as_tensor())?;
+        Ok((self.b.as_tensor().matmul(&ae)? * self.scale)?
+            .detach()
+            .reshape(base.dims())?)
+    }
+}
 
 /// AdaLoRA's schedule settings (`AdaLoraConfig`).
 #[derive(Debug, Clone, PartialEq)]
@@ -102,7 +213,7 @@ fn adalora_layers<'a>(layers: &'a [&'a AdaptedLayer], name: &str) -> Vec<&'a Ada
     layers
         .iter()
         .copied()
-        .filter(|l| matches!(l.others().get(name), Some(OtherAdapter::Adalora { .. })))
+        .filter(|l| l.adapter_as::<Adalora>(name).is_some())
         .collect()
 }
 
@@ -111,8 +222,8 @@ fn adalora_layers<'a>(layers: &'a [&'a AdaptedLayer], name: &str) -> Vec<&'a Ada
 pub fn orth_regularizer(layers: &[&AdaptedLayer], name: &str) -> Result<Option<Tensor>> {
     let mut terms = vec![];
     for l in adalora_layers(layers, name) {
-        if let Some(OtherAdapter::Adalora { a, b, .. }) = l.others().get(name) {
-            for (m, left) in [(a.as_tensor(), true), (b.as_tensor(), false)] {
+        if let Some(ad) = l.adapter_as::<Adalora>(name) {
+            for (m, left) in [(ad.a.as_tensor(), true), (ad.b.as_tensor(), false)] {
                 if m.elem_count() == 0 {
                     continue;
                 }
@@ -160,10 +271,7 @@ impl RankAllocator {
         }
         let init_bgt = ls
             .iter()
-            .map(|l| match l.others().get(name) {
-                Some(OtherAdapter::Adalora { a, .. }) => a.dims()[0],
-                _ => 0,
-            })
+            .map(|l| l.adapter_as::<Adalora>(name).map_or(0, |ad| ad.a.dims()[0]))
             .sum();
         Ok(Self {
             target_bgt: settings.target_r * ls.len(),
@@ -240,7 +348,7 @@ impl RankAllocator {
         let name = &self.name;
         let mut triplet: BTreeMap<String, Vec<f32>> = BTreeMap::new();
         for l in layers.iter() {
-            if !matches!(l.others().get(name), Some(OtherAdapter::Adalora { .. })) {
+            if l.adapter_as::<Adalora>(name).is_none() {
                 continue;
             }
             let p = format!("base_model.model.{}", l.path());
@@ -272,8 +380,8 @@ impl RankAllocator {
                 continue;
             };
             let keep: Vec<bool> = scores.iter().map(|s| *s > threshold).collect();
-            if let Some(OtherAdapter::Adalora { e, .. }) = l.others_mut().get_mut(name) {
-                mask_e(e, &keep)?;
+            if let Some(ad) = l.adapter_as_mut::<Adalora>(name) {
+                mask_e(&ad.e, &keep)?;
             }
             pattern.insert(l.path().to_string(), keep);
         }
@@ -310,8 +418,8 @@ impl RankAllocator {
                 let Some(keep) = p.get(l.path()).cloned() else {
                     continue;
                 };
-                if let Some(OtherAdapter::Adalora { e, .. }) = l.others_mut().get_mut(&self.name) {
-                    mask_e(e, &keep)?;
+                if let Some(ad) = l.adapter_as_mut::<Adalora>(&self.name) {
+                    mask_e(&ad.e, &keep)?;
                 }
             }
         }

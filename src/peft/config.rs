@@ -144,6 +144,58 @@ fn default_init() -> InitSpec {
     InitSpec::Bool(true)
 }
 
+/// The adapter family of a configuration (`peft_type`); each has its own file and
+/// [`super::adapter::Adapter`] implementation, registered in [`Method::build`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// LoRA, rsLoRA, DoRA, PiSSA, OLoRA, LoftQ ([`super::lora`]).
+    Lora,
+    /// IA3 ([`super::ia3`]).
+    Ia3,
+    /// LoHa ([`super::loha`]).
+    Loha,
+    /// LoKr ([`super::lokr`]).
+    Lokr,
+    /// VeRA ([`super::vera`]).
+    Vera,
+    /// AdaLoRA ([`super::adalora`]).
+    Adalora,
+}
+
+impl Method {
+    /// Every method.
+    pub const ALL: [Method; 6] = [
+        Method::Lora,
+        Method::Ia3,
+        Method::Loha,
+        Method::Lokr,
+        Method::Vera,
+        Method::Adalora,
+    ];
+    /// The method of `peft_type`.
+    pub fn of(peft_type: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.peft_type() == peft_type)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "peft_type {peft_type} is not supported (LORA, ADALORA, IA3, LOHA, LOKR, VERA)"
+                ))
+            })
+    }
+    /// The `peft_type` string.
+    pub fn peft_type(self) -> &'static str {
+        match self {
+            Self::Lora => "LORA",
+            Self::Ia3 => "IA3",
+            Self::Loha => "LOHA",
+            Self::Lokr => "LOKR",
+            Self::Vera => "VERA",
+            Self::Adalora => "ADALORA",
+        }
+    }
+}
+
 /// A LoRA-family adapter configuration with PEFT's field names and defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdapterConfig {
@@ -308,9 +360,7 @@ impl AdapterConfig {
         peft_type: &str,
         feedforward_modules: Option<&str>,
     ) -> Result<Self> {
-        self.peft_type = super::methods::Method::of(&peft_type.to_uppercase())?
-            .peft_type()
-            .into();
+        self.peft_type = Method::of(&peft_type.to_uppercase())?.peft_type().into();
         if let Some(ff) = feedforward_modules {
             if self.peft_type != "IA3" {
                 return Err(Error::Config(
@@ -338,8 +388,8 @@ impl AdapterConfig {
 
     /// Checks field values; unknown `peft_type` or values are errors naming the field.
     pub fn validate(&self) -> Result<()> {
-        let method = super::methods::Method::of(&self.peft_type)?;
-        if method != super::methods::Method::Lora
+        let method = Method::of(&self.peft_type)?;
+        if method != Method::Lora
             && (self.use_dora
                 || self.use_rslora
                 || self.init_lora_weights.parse()? != Init::Default)
@@ -387,15 +437,15 @@ impl AdapterConfig {
             self.loftq_iter()?;
         }
         let method_fields: &[&str] = match method {
-            super::methods::Method::Lora => &[],
-            super::methods::Method::Ia3 => &["feedforward_modules", "init_ia3_weights"],
-            super::methods::Method::Loha => &[
+            Method::Lora => &[],
+            Method::Ia3 => &["feedforward_modules", "init_ia3_weights"],
+            Method::Loha => &[
                 "rank_dropout",
                 "module_dropout",
                 "use_effective_conv2d",
                 "init_weights",
             ],
-            super::methods::Method::Lokr => &[
+            Method::Lokr => &[
                 "rank_dropout",
                 "module_dropout",
                 "use_effective_conv2d",
@@ -404,7 +454,7 @@ impl AdapterConfig {
                 "decompose_factor",
                 "rank_dropout_scale",
             ],
-            super::methods::Method::Adalora => &[
+            Method::Adalora => &[
                 "target_r",
                 "init_r",
                 "tinit",
@@ -416,7 +466,7 @@ impl AdapterConfig {
                 "total_step",
                 "adalora_rank_pattern",
             ],
-            super::methods::Method::Vera => &[
+            Method::Vera => &[
                 "projection_prng_key",
                 "save_projection",
                 "vera_dropout",

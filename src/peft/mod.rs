@@ -15,8 +15,8 @@
 //! let w = Tensor::randn(0f32, 0.1, (32, 16), &Device::Cpu)?;
 //! let mut q = plan.linear("model.layers.0.self_attn.q_proj", w, None)?;
 //! let k = plan.linear("model.layers.0.self_attn.k_proj", Tensor::zeros((32, 16), candle_core::DType::F32, &Device::Cpu)?, None)?;
-//! assert_eq!(q.adapters().len(), 1); // targeted
-//! assert!(k.adapters().is_empty()); // not targeted: a plain frozen layer
+//! assert!(q.lora("default").is_some()); // targeted
+//! assert!(k.is_plain()); // not targeted: a plain frozen layer
 //!
 //! let x = Tensor::randn(0f32, 1.0, (2, 5, 16), &Device::Cpu)?;
 //! let y = q.forward(&x, &ForwardCtx::eval())?;
@@ -29,21 +29,29 @@
 //! ```
 
 pub mod adalora;
+pub mod adapter;
+pub mod base;
 pub mod combine;
 pub mod config;
+pub mod ctx;
 pub mod formats;
+pub mod ia3;
 pub mod init;
 pub mod layer;
+pub mod loha;
+pub mod lokr;
+pub mod lora;
 pub mod merge;
-pub mod methods;
 pub mod ops;
 pub mod quant;
+pub mod vera;
 
-pub use config::{AdapterConfig, Init, InitSpec, ModuleKind, ModuleSpec};
-pub use layer::{
-    AdaptedConv2d, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, BaseKind, BaseWeight, ForwardCtx,
-    LoraAdapter,
-};
+pub use adapter::Adapter;
+pub use base::{Base, BaseKind, BaseWeight};
+pub use config::{AdapterConfig, Init, InitSpec, Method, ModuleKind, ModuleSpec};
+pub use ctx::{Blend, ForwardCtx, Layout, Routing};
+pub use layer::{AdaptedConv2d, AdaptedEmbedding, AdaptedLayer, AdaptedLinear};
+pub use lora::Lora;
 pub use ops::ConvCfg;
 
 use crate::{Error, Result};
@@ -162,7 +170,7 @@ impl AdapterPlan {
                     .get("projection_prng_key")
                     .and_then(|v| v.as_u64())
                     .unwrap_or(0);
-                methods::share_vera_projections(layers, name, self.seed ^ key, None)?;
+                vera::share_vera_projections(layers, name, self.seed ^ key, None)?;
             }
         }
         Ok(())
@@ -216,21 +224,17 @@ pub trait Adapted {
     /// Sets the active adapters on every layer that has them.
     fn set_active_adapters(&mut self, names: &[&str]) -> Result<()> {
         for l in self.layers_mut() {
-            let have: Vec<&str> = names
-                .iter()
-                .copied()
-                .filter(|n| l.adapters().contains_key(*n) || l.others().contains_key(*n))
-                .collect();
+            let have: Vec<&str> = names.iter().copied().filter(|n| l.has_adapter(n)).collect();
             l.set_active(&have)?;
         }
         Ok(())
     }
-    /// Sets one adapter's output multiplier everywhere.
+    /// Sets one adapter's output multiplier (gain) everywhere, whatever its method.
     fn set_multiplier(&mut self, name: &str, multiplier: f64) -> Result<()> {
         let mut found = false;
         for l in self.layers_mut() {
-            if let Some(a) = l.adapter_mut(name) {
-                a.multiplier = multiplier;
+            if l.has_adapter(name) {
+                l.set_gain(name, multiplier)?;
                 found = true;
             }
         }

@@ -9,7 +9,9 @@
 //! Components: `unet` ↔ `lora_unet`, `text_encoder` ↔ `lora_te` (`lora_te1` beside a second encoder),
 //! `text_encoder_2` ↔ `lora_te2`, `transformer` ↔ `lora_unet`.
 
-use crate::peft::{AdaptedLayer, LoraAdapter};
+use crate::peft::loha::Loha;
+use crate::peft::lokr::{Factor, Lokr};
+use crate::peft::{AdaptedLayer, Adapter, Lora};
 use crate::util::{save_safetensors, SafeTensors};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -72,12 +74,7 @@ impl LycorisModule {
     }
 
     /// The adapter for a layer.
-    pub fn to_adapter(
-        &self,
-        module: &str,
-        file: &Path,
-    ) -> Result<crate::peft::methods::OtherAdapter> {
-        use crate::peft::methods::{Factor, OtherAdapter};
+    pub fn to_adapter(&self, module: &str, file: &Path) -> Result<Box<dyn Adapter>> {
         let get = |k: &str| -> Result<Var> {
             let t = self.tensors.get(k).ok_or_else(|| Error::Missing {
                 path: file.into(),
@@ -87,7 +84,7 @@ impl LycorisModule {
         };
         let has = |k: &str| self.tensors.contains_key(k);
         Ok(if self.is_loha() {
-            OtherAdapter::Loha {
+            Box::new(Loha {
                 w: [
                     get("hada_w1_a")?,
                     get("hada_w1_b")?,
@@ -96,7 +93,7 @@ impl LycorisModule {
                 ],
                 scale: self.scale(),
                 module_dropout: 0.0,
-            }
+            })
         } else {
             let w1 = if has("lokr_w1") {
                 Factor::Full(get("lokr_w1")?)
@@ -108,12 +105,12 @@ impl LycorisModule {
             } else {
                 Factor::Product(get("lokr_w2_a")?, get("lokr_w2_b")?)
             };
-            OtherAdapter::Lokr {
+            Box::new(Lokr {
                 w1,
                 w2,
                 scale: self.scale(),
                 module_dropout: 0.0,
-            }
+            })
         })
     }
 }
@@ -267,17 +264,22 @@ impl LoraFile {
         name: &str,
     ) -> Result<()> {
         for l in layers {
-            if let Some(o) = l.others().get(name) {
-                use crate::peft::methods::OtherAdapter;
-                let (scale, r) = match o {
-                    OtherAdapter::Loha { w, scale, .. } => (*scale, Some(w[1].dims()[0])),
-                    OtherAdapter::Lokr { scale, .. } => (*scale, None),
-                    _ => {
-                        return Err(Error::Msg(format!(
-                            "{}: only LoRA, LoHa and LoKr adapters have a kohya/LyCORIS layout",
-                            l.path()
-                        )))
-                    }
+            let Some(o) = l.adapter(name) else {
+                continue;
+            };
+            if l.lora(name).is_none() {
+                let (scale, r) = if let Some(h) = l.adapter_as::<Loha>(name) {
+                    (h.scale, Some(h.rank()))
+                } else if let Some(k) = l.adapter_as::<Lokr>(name) {
+                    (k.scale, None)
+                } else {
+                    return Err(Error::layer(
+                        l.path(),
+                        format!(
+                            "adapter `{name}` is {:?}: only LoRA, LoHa and LoKr adapters have a kohya/LyCORIS layout",
+                            o.method()
+                        ),
+                    ));
                 };
                 let tensors: BTreeMap<String, Tensor> = o
                     .params()
@@ -302,7 +304,7 @@ impl LoraFile {
                 self.lycoris.insert(format!("{component}.{}", l.path()), m);
                 continue;
             }
-            let Some(ad) = l.adapters().get(name) else {
+            let Some(ad) = l.lora(name) else {
                 continue;
             };
             self.modules.insert(
@@ -373,7 +375,7 @@ impl LoraFile {
                 }
                 None => None,
             };
-            let adapter = LoraAdapter {
+            let adapter = Lora {
                 r,
                 alpha: m.alpha,
                 scale: m.alpha / r as f64,
@@ -381,7 +383,6 @@ impl LoraFile {
                 a: Var::from_tensor(&m.down.to_dtype(DType::F32)?)?,
                 b: Var::from_tensor(&m.up.to_dtype(DType::F32)?)?,
                 magnitude,
-                multiplier: 1.0,
                 initial: None,
             };
             l.insert_adapter(name, adapter)?;
@@ -399,13 +400,13 @@ impl LoraFile {
             let key = format!("{component}.{}", l.path());
             let ad = m.to_adapter(&key, file)?;
             let dims = l.base_weight().dims().to_vec();
-            ad.delta(&dims).map_err(|e| {
+            ad.check(l.base()).map_err(|e| {
                 Error::format(
                     file,
                     format!("`{key}`: the LoHa/LoKr factors do not make a {dims:?} weight ({e})"),
                 )
             })?;
-            l.insert_other(name, ad)?;
+            l.insert_boxed(name, ad)?;
             n += 1;
         }
         if let Some(k) = by_path.keys().chain(ly.keys()).next() {

@@ -3,7 +3,8 @@
 //! `.lora_magnitude_vector` (DoRA), `.lora_embedding_A` / `.lora_embedding_B` (embeddings), and
 //! `base_model.model.<path>.weight` for `modules_to_save`.
 
-use crate::peft::{AdaptedLayer, AdapterConfig, BaseKind, InitSpec, LoraAdapter};
+use crate::peft::vera::{share_vera_projections, Vera};
+use crate::peft::{AdaptedLayer, AdapterConfig, BaseKind, InitSpec, Lora};
 use crate::util::{save_safetensors, write_atomic, SafeTensors};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -59,11 +60,14 @@ pub fn save(
                 tensors.insert(format!("{p}.bias"), b.as_tensor().clone());
             }
         }
-        if let Some(o) = l.others().get(name) {
-            if let crate::peft::methods::OtherAdapter::Vera {
+        let Some(o) = l.adapter(name) else {
+            continue;
+        };
+        if l.lora(name).is_none() {
+            if let Some(Vera {
                 proj: Some((va, vb)),
                 ..
-            } = o
+            }) = l.adapter_as::<Vera>(name)
             {
                 tensors.insert("base_model.vera_A".into(), va.clone());
                 tensors.insert("base_model.vera_B".into(), vb.clone());
@@ -98,7 +102,7 @@ pub fn save(
             }
             continue;
         }
-        let Some(ad) = l.adapters().get(name) else {
+        let Some(ad) = l.lora(name) else {
             continue;
         };
         let (ka, kb, km) = keys_for(l.kind(), l.path());
@@ -220,9 +224,8 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
             }
             l.add_adapter(name, &cfg, 0)?;
             let o = l
-                .others()
-                .get(name)
-                .ok_or_else(|| Error::Msg(format!("{path}: adapter `{name}` was not created")))?;
+                .adapter(name)
+                .ok_or_else(|| Error::layer(&path, format!("adapter `{name}` was not created")))?;
             for (param, v) in o.params() {
                 let key = format!("base_model.model.{path}.{param}");
                 let k = find(&st, &key, name).ok_or_else(|| Error::Missing {
@@ -293,7 +296,7 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
         };
         used.insert(ka);
         used.insert(kb);
-        let adapter = LoraAdapter {
+        let adapter = Lora {
             r,
             alpha: settings.alpha,
             scale: cfg.scale(r, settings.alpha),
@@ -301,7 +304,6 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             magnitude,
-            multiplier: 1.0,
             initial: None,
         };
         l.insert_adapter(name, adapter)?;
@@ -317,7 +319,7 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
         };
         let (ka, a) = get("base_model.vera_A")?;
         let (kb, b) = get("base_model.vera_B")?;
-        crate::peft::methods::share_vera_projections(layers, name, 0, Some((a, b)))
+        share_vera_projections(layers, name, 0, Some((a, b)))
             .map_err(|e| Error::format(&wpath, e.to_string()))?;
         used.insert(ka);
         used.insert(kb);

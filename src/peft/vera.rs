@@ -1,0 +1,206 @@
+//! VeRA (Kopiczko et al. 2024), PEFT 0.21 semantics (`peft_type = "VERA"`):
+//!
+//! `δ(x) = λ_b ⊙ (B_s (λ_d ⊙ (A_s x)))`, with frozen random projections shared by every layer and
+//! sliced to this one (`A_s = vera_A[:, :in]`, `B_s = vera_B[:out, :]`).
+//!
+//! Keys: `vera_lambda_d` (r), `vera_lambda_b` (out); the shared `base_model.vera_A` (r, max in) and
+//! `base_model.vera_B` (max out, r). λ_d starts at `d_initial` (0.1), λ_b at 0. Options:
+//! `vera_dropout`, `d_initial`, `projection_prng_key`, `save_projection` (must stay true),
+//! `init_weights`.
+
+use super::adapter::{extra_bool, extra_f64, Adapter, BaseOut, BuildSpec};
+use super::base::{var, Base, BaseKind};
+use super::config::Method;
+use super::ctx::ForwardCtx;
+use super::init::rng_for;
+use super::ops;
+use super::AdaptedLayer;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+/// One VeRA adapter.
+pub struct Vera {
+    /// The shared (vera_A (r, max_in), vera_B (max_out, r)); `None` until
+    /// [`share_vera_projections`] has seen every layer.
+    pub proj: Option<(Tensor, Tensor)>,
+    /// vera_lambda_d (r).
+    pub lambda_d: Var,
+    /// vera_lambda_b (out).
+    pub lambda_b: Var,
+    /// vera_dropout.
+    pub dropout: f64,
+    /// (out, in) of the layer.
+    pub dims: (usize, usize),
+}
+
+impl Vera {
+    /// Builds the adapter per `spec` on `base` (the projections come later, shared).
+    pub fn build(spec: &BuildSpec, base: &mut Base) -> Result<Self> {
+        let cfg = spec.cfg;
+        if base.kind() != BaseKind::Linear {
+            return Err(base.err("VeRA adapts linear layers only"));
+        }
+        if spec.r == 0 {
+            return Err(Error::Config(format!(
+                "{}: r must be positive",
+                base.path()
+            )));
+        }
+        if !extra_bool(cfg, "save_projection", true) {
+            return Err(Error::Config(
+                "VeRA with save_projection = false is not supported: the projections come from torch's generator, which postforge cannot replay; keep them in the file".into(),
+            ));
+        }
+        let dropout = extra_f64(cfg, "vera_dropout", 0.0);
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(Error::Config(format!(
+                "vera_dropout {dropout} must be in [0, 1)"
+            )));
+        }
+        let (out, inn) = base.dims2()?;
+        let dev = Device::Cpu;
+        let (ld, lb) = if extra_bool(cfg, "init_weights", true) {
+            (
+                Tensor::full(extra_f64(cfg, "d_initial", 0.1) as f32, spec.r, &dev)?,
+                Tensor::zeros(out, DType::F32, &dev)?,
+            )
+        } else {
+            let mut rng = spec.rng(base.path());
+            (
+                super::init::normal(&[spec.r], 1.0, &mut rng)?,
+                Tensor::ones(out, DType::F32, &dev)?,
+            )
+        };
+        Ok(Self {
+            proj: None,
+            lambda_d: var(ld)?,
+            lambda_b: var(lb)?,
+            dropout,
+            dims: (out, inn),
+        })
+    }
+
+    /// The projections sliced to this layer: (A_s (r, in), B_s (out, r)).
+    pub fn slices(&self) -> Result<(Tensor, Tensor)> {
+        let (out, inn) = self.dims;
+        match &self.proj {
+            Some((a, b)) => Ok((a.narrow(1, 0, inn)?, b.narrow(0, 0, out)?)),
+            None => Err(Error::Msg(
+                "VeRA projections are not set (share_vera_projections was not called)".into(),
+            )),
+        }
+    }
+
+    /// The rank.
+    pub fn rank(&self) -> usize {
+        self.lambda_d.dims()[0]
+    }
+}
+
+impl Adapter for Vera {
+    fn method(&self) -> Method {
+        Method::Vera
+    }
+
+    fn params(&self) -> Vec<(&'static str, &Var)> {
+        vec![
+            ("vera_lambda_b", &self.lambda_b),
+            ("vera_lambda_d", &self.lambda_d),
+        ]
+    }
+
+    fn check(&self, base: &Base) -> Result<()> {
+        if base.kind() != BaseKind::Linear || base.dims2()? != self.dims {
+            return Err(base.err(format!(
+                "a VeRA adapter for {:?} does not fit weight {:?}",
+                self.dims,
+                base.dims()
+            )));
+        }
+        Ok(())
+    }
+
+    fn input_dropout(&self) -> f64 {
+        self.dropout
+    }
+
+    fn delta(&self, base: &Base, x: &Tensor, _out: &BaseOut, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (a, b) = self.slices().map_err(|e| base.err(e.to_string()))?;
+        let h = ops::plain_linear(x, &a)?.broadcast_mul(&ctx.read(&self.lambda_d))?;
+        Ok(ops::plain_linear(&h, &b)?.broadcast_mul(&ctx.read(&self.lambda_b))?)
+    }
+
+    fn delta_weight(&self, base: &Base) -> Result<Tensor> {
+        let (a, b) = self.slices().map_err(|e| base.err(e.to_string()))?;
+        let bl = b.broadcast_mul(&self.lambda_b.as_tensor().detach().unsqueeze(1)?)?;
+        let al = a.broadcast_mul(&self.lambda_d.as_tensor().detach().unsqueeze(1)?)?;
+        Ok(bl.matmul(&al)?.reshape(base.dims())?)
+    }
+}
+
+/// Gives every VeRA adapter `name` in `layers` the shared projections: `given` (read from a file),
+/// or fresh ones drawn from `seed` with PEFT's shapes and init (kaiming-uniform, gain √2:
+/// vera_A (r, max in) with bound √6/√max_in, vera_B (max out, r) with bound √6/√r), sized to the
+/// largest targeted layer. Returns the projections (for saving), if any layer has the adapter.
+pub fn share_vera_projections(
+    layers: &mut [&mut AdaptedLayer],
+    name: &str,
+    seed: u64,
+    given: Option<(Tensor, Tensor)>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let mut max = None::<(usize, usize, usize)>;
+    for l in layers.iter() {
+        if let Some(v) = l.adapter_as::<Vera>(name) {
+            let ((o, i), r) = (v.dims, v.rank());
+            max = Some(match max {
+                None => (o, i, r),
+                Some((mo, mi, mr)) => {
+                    if mr != r {
+                        return Err(Error::Config(format!(
+                            "VeRA adapter `{name}`: every layer needs the same r ({mr} vs {r})"
+                        )));
+                    }
+                    (mo.max(o), mi.max(i), r)
+                }
+            });
+        }
+    }
+    let Some((mo, mi, r)) = max else {
+        return Ok(None);
+    };
+    let (a, b) = match given {
+        Some((a, b)) => {
+            if a.dims() != [r, a.dim(1)?]
+                || a.dim(1)? < mi
+                || b.dims() != [b.dim(0)?, r]
+                || b.dim(0)? < mo
+            {
+                return Err(Error::Msg(format!(
+                    "VeRA projections vera_A {:?} / vera_B {:?} do not cover rank {r}, in {mi}, out {mo}",
+                    a.dims(),
+                    b.dims()
+                )));
+            }
+            (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?)
+        }
+        None => {
+            let mut rng = rng_for(seed, &format!("vera.{name}"));
+            let uni = |shape: &[usize], fan: usize, rng: &mut rand_chacha::ChaCha8Rng| {
+                use rand::Rng;
+                let bound = (6.0 / fan as f64).sqrt();
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n)
+                    .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+                    .collect();
+                Tensor::from_vec(v, shape, &Device::Cpu)
+            };
+            (uni(&[r, mi], mi, &mut rng)?, uni(&[mo, r], r, &mut rng)?)
+        }
+    };
+    for l in layers.iter_mut() {
+        if let Some(v) = l.adapter_as_mut::<Vera>(name) {
+            v.proj = Some((a.clone(), b.clone()));
+        }
+    }
+    Ok(Some((a, b)))
+}
