@@ -9,7 +9,8 @@
 //! multiplicative input/output scaling) are taken only when they equal the equation: nothing is
 //! routed, and for IA3, PEFT's product `l₁ ⊙ l₂` of several active vectors is kept.
 //!
-//! Adding a method is one new file implementing the trait and one arm in [`Method::build`].
+//! Adding a method is one new file implementing the trait and one arm in
+//! [`super::registry`]'s `Method::build`.
 
 use super::base::{Base, BaseKind};
 use super::config::{AdapterConfig, Method};
@@ -134,39 +135,6 @@ pub trait Adapter: Any + Send + Sync {
     /// with other adapters.
     fn rescales_weight(&self) -> bool {
         false
-    }
-}
-
-impl Method {
-    /// Builds adapter `name` of `cfg` (rank `r`, alpha `alpha` after patterns) on `base`, drawing
-    /// its initial values from `seed`. Inits that rewrite the base (PiSSA, OLoRA, LoftQ) do it here;
-    /// `merged` says whether the layer has merged adapters (such inits are refused then).
-    pub fn build(
-        self,
-        cfg: &AdapterConfig,
-        base: &mut Base,
-        name: &str,
-        r: usize,
-        alpha: f64,
-        seed: u64,
-        merged: bool,
-    ) -> Result<Box<dyn Adapter>> {
-        let spec = BuildSpec {
-            cfg,
-            name,
-            r,
-            alpha,
-            seed,
-            merged,
-        };
-        Ok(match self {
-            Method::Lora => Box::new(super::lora::Lora::build(&spec, base)?),
-            Method::Ia3 => Box::new(super::ia3::Ia3::build(&spec, base)?),
-            Method::Loha => Box::new(super::loha::Loha::build(&spec, base)?),
-            Method::Lokr => Box::new(super::lokr::Lokr::build(&spec, base)?),
-            Method::Vera => Box::new(super::vera::Vera::build(&spec, base)?),
-            Method::Adalora => Box::new(super::adalora::Adalora::build(&spec, base)?),
-        })
     }
 }
 

@@ -11,7 +11,6 @@
 
 use super::adapter::{Adapter, BaseOut, Rescale, Unmerge};
 use super::base::{var, Base, BaseKind, BaseWeight, Nf4Snapshot};
-use super::config::{AdapterConfig, Method};
 use super::ctx::ForwardCtx;
 use super::lora::Lora;
 use super::ops::{self, ConvCfg};
@@ -88,6 +87,9 @@ impl AdaptedLayer {
     /// The frozen base.
     pub fn base(&self) -> &Base {
         &self.base
+    }
+    pub(crate) fn base_mut(&mut self) -> &mut Base {
+        &mut self.base
     }
     /// The module path (`model.layers.0.self_attn.q_proj`).
     pub fn path(&self) -> &str {
@@ -190,7 +192,7 @@ impl AdaptedLayer {
         super::lora::factor_shapes(&self.base, r)
     }
 
-    fn check_new(&self, name: &str) -> Result<()> {
+    pub(crate) fn check_new(&self, name: &str) -> Result<()> {
         if self.slots.contains_key(name) {
             return Err(self.err(format!("adapter `{name}` already exists")));
         }
@@ -200,31 +202,12 @@ impl AdaptedLayer {
         Ok(())
     }
 
-    fn push(&mut self, name: &str, adapter: Box<dyn Adapter>) {
+    pub(crate) fn push(&mut self, name: &str, adapter: Box<dyn Adapter>) {
         self.slots
             .insert(name.to_string(), Slot { adapter, gain: 1.0 });
         if !self.active.iter().any(|a| a == name) {
             self.active.push(name.to_string());
         }
-    }
-
-    /// Adds adapter `name` per `cfg` (rank/alpha after patterns), initialised from `seed`.
-    /// PiSSA/OLoRA/LoftQ rewrite the base weight into the residual, as PEFT does.
-    pub fn add_adapter(&mut self, name: &str, cfg: &AdapterConfig, seed: u64) -> Result<()> {
-        self.check_new(name)?;
-        let st = cfg.settings_for(self.path())?;
-        let merged = !self.merged.is_empty();
-        let adapter = Method::of(&cfg.peft_type)?.build(
-            cfg,
-            &mut self.base,
-            name,
-            st.r,
-            st.alpha,
-            seed,
-            merged,
-        )?;
-        self.push(name, adapter);
-        Ok(())
     }
 
     /// Inserts an adapter built elsewhere (a loaded file); its shapes are checked against the base.
@@ -353,6 +336,14 @@ impl AdaptedLayer {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         if let (Some(s), true) = (&self.saved, self.enabled) {
             return self.saved_forward(s, x, ctx);
+        }
+        if self.enabled && ctx.routing().is_some() {
+            if let Some(m) = self.merged.iter().find(|m| ctx.is_routed(&m.name)) {
+                return Err(self.err(format!(
+                    "adapter `{}` is merged into the weight and cannot be routed by a mask; unmerge it first",
+                    m.name
+                )));
+            }
         }
         let live = self.live();
         let routed = live.iter().any(|(n, _)| ctx.is_routed(n));

@@ -44,6 +44,7 @@ pub mod lora;
 pub mod merge;
 pub mod ops;
 pub mod quant;
+pub mod registry;
 pub mod vera;
 
 pub use adapter::Adapter;

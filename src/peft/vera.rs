@@ -13,8 +13,8 @@ use super::base::{var, Base, BaseKind};
 use super::config::Method;
 use super::ctx::ForwardCtx;
 use super::init::rng_for;
+use super::layer::AdaptedLayer;
 use super::ops;
-use super::AdaptedLayer;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
