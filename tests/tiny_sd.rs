@@ -2,7 +2,7 @@
 //! the diffusers layout loader, and sampling with CFG produces images of the right size.
 
 use candle_core::Tensor;
-use postforge::diffusion::pipeline::Pipeline;
+use postforge::diffusion::pipeline::{Pipeline, SampleRequest};
 use postforge::diffusion::sampler::SamplerKind;
 use postforge::diffusion::tiny_sd::{self, PretrainTask};
 use postforge::peft::{AdapterPlan, ForwardCtx};
@@ -70,25 +70,31 @@ fn pretraining_steps_write_a_loadable_pipeline() {
     );
     let img = p
         .sample(
-            &prompts,
-            "",
-            &[5],
-            3,
-            3.0,
-            SamplerKind::Ddim { eta: 0.0 },
-            (tiny_sd::SIZE, tiny_sd::SIZE),
+            &SampleRequest {
+                prompts: prompts.to_vec(),
+                negative: String::new(),
+                seeds: vec![5],
+                steps: 3,
+                guidance: 3.0,
+                sampler: SamplerKind::Ddim { eta: 0.0 },
+                size: (tiny_sd::SIZE, tiny_sd::SIZE),
+            },
+            &ForwardCtx::eval(),
         )
         .unwrap();
     assert_eq!(img.dims(), &[1, 3, 32, 32]);
     let again = p
         .sample(
-            &prompts,
-            "",
-            &[5],
-            3,
-            3.0,
-            SamplerKind::Ddim { eta: 0.0 },
-            (tiny_sd::SIZE, tiny_sd::SIZE),
+            &SampleRequest {
+                prompts: prompts.to_vec(),
+                negative: String::new(),
+                seeds: vec![5],
+                steps: 3,
+                guidance: 3.0,
+                sampler: SamplerKind::Ddim { eta: 0.0 },
+                size: (tiny_sd::SIZE, tiny_sd::SIZE),
+            },
+            &ForwardCtx::eval(),
         )
         .unwrap();
     assert_eq!(
@@ -164,16 +170,28 @@ fn tokenizer_knows_every_caption_word() {
 }
 
 #[test]
-fn grid_samples_every_cell_and_a_zero_lora_scale_is_the_base() {
+fn grid_samples_every_cell_and_a_zero_scale_is_the_base_for_lora_and_lycoris_files() {
+    for method in ["LORA", "LOHA", "LOKR"] {
+        grid_scale_axis(method);
+    }
+}
+
+fn grid_scale_axis(method: &str) {
     use postforge::diffusion::grid::{run, Axis, Cell};
     use postforge::peft::formats::lora_file::{LoraFile, LoraFormat};
     use postforge::peft::{Adapted, AdapterConfig, InitSpec};
+    eprintln!("grid scale axis with a {method} file");
     let d = tempfile::tempdir().unwrap();
     let task = PretrainTask::new(4, 2, 9).unwrap();
     task.write_pipeline(d.path()).unwrap();
     // A LoRA that changes the output: random A and B on the attention projections.
     let mut cfg = AdapterConfig::lora(2, 2.0, &["to_q", "to_v", "to_out.0"]);
-    cfg.init_lora_weights = InitSpec::Bool(false);
+    if method == "LORA" {
+        cfg.init_lora_weights = InitSpec::Bool(false);
+    } else {
+        cfg.peft_type = method.into();
+        cfg.extra.insert("init_weights".into(), false.into());
+    }
     let adapted = Pipeline::load(
         d.path(),
         AdapterPlan::single(cfg, 1).unwrap(),
@@ -189,13 +207,16 @@ fn grid_samples_every_cell_and_a_zero_lora_scale_is_the_base() {
     let mut p = Pipeline::load(d.path(), AdapterPlan::none(), AdapterPlan::none()).unwrap();
     let base_img = p
         .sample(
-            &["a red circle in the center, gray background".into()],
-            "",
-            &[4],
-            2,
-            2.0,
-            SamplerKind::Ddim { eta: 0.0 },
-            (32, 32),
+            &SampleRequest {
+                prompts: vec!["a red circle in the center, gray background".into()],
+                negative: String::new(),
+                seeds: vec![4],
+                steps: 2,
+                guidance: 2.0,
+                sampler: SamplerKind::Ddim { eta: 0.0 },
+                size: (32, 32),
+            },
+            &ForwardCtx::eval(),
         )
         .unwrap();
     let (lf, _) = LoraFile::read(&lora, None).unwrap();
@@ -224,17 +245,46 @@ fn grid_samples_every_cell_and_a_zero_lora_scale_is_the_base() {
     )
     .unwrap();
     assert!(img.width() > 2 * 96 && img.height() > 2 * 96);
+    // The scale axis reached every adapted layer (LyCORIS ones included), and an axis over an
+    // adapter the pipeline does not carry is an error, not a silent no-op.
+    let adapted_layers = p
+        .unet
+        .layers()
+        .iter()
+        .filter(|l| l.has_adapter("lora0"))
+        .count();
+    assert!(adapted_layers > 0, "{method}: no layer carries the file");
+    assert!(p
+        .unet
+        .layers()
+        .iter()
+        .filter(|l| l.has_adapter("lora0"))
+        .all(|l| l.gain("lora0") == Some(1.0)));
+    assert!(run(
+        &mut p,
+        &["missing".into()],
+        &defaults,
+        &x,
+        None,
+        None,
+        (32, 32),
+        &indicatif::ProgressBar::hidden(),
+    )
+    .is_err());
     // The scale-0 cell of the ddim row is the base model's image, the scale-1 cell is not.
-    p.unet.set_multiplier("lora0", 0.0).unwrap();
+    p.set_adapter_scale("lora0", 0.0).unwrap();
     let zero = p
         .sample(
-            std::slice::from_ref(&defaults.prompt),
-            "",
-            &[4],
-            2,
-            2.0,
-            SamplerKind::Ddim { eta: 0.0 },
-            (32, 32),
+            &SampleRequest {
+                prompts: vec![defaults.prompt.clone()],
+                negative: String::new(),
+                seeds: vec![4],
+                steps: 2,
+                guidance: 2.0,
+                sampler: SamplerKind::Ddim { eta: 0.0 },
+                size: (32, 32),
+            },
+            &ForwardCtx::eval(),
         )
         .unwrap();
     assert_eq!(
@@ -246,18 +296,22 @@ fn grid_samples_every_cell_and_a_zero_lora_scale_is_the_base() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap(),
-        0.0
+        0.0,
+        "{method}: scale 0 is not the base"
     );
-    p.unet.set_multiplier("lora0", 1.0).unwrap();
+    p.set_adapter_scale("lora0", 1.0).unwrap();
     let one = p
         .sample(
-            std::slice::from_ref(&defaults.prompt),
-            "",
-            &[4],
-            2,
-            2.0,
-            SamplerKind::Ddim { eta: 0.0 },
-            (32, 32),
+            &SampleRequest {
+                prompts: vec![defaults.prompt.clone()],
+                negative: String::new(),
+                seeds: vec![4],
+                steps: 2,
+                guidance: 2.0,
+                sampler: SamplerKind::Ddim { eta: 0.0 },
+                size: (32, 32),
+            },
+            &ForwardCtx::eval(),
         )
         .unwrap();
     assert!(
@@ -269,7 +323,8 @@ fn grid_samples_every_cell_and_a_zero_lora_scale_is_the_base() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
-            > 0.0
+            > 0.0,
+        "{method}: scale 1 is the base"
     );
     assert!(Axis::parse("colour=red").is_err() && Axis::parse("seed=a").is_err());
 }

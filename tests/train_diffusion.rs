@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 use postforge::data::image_folder::write_kohya;
 use postforge::data::shapes::{dataset, Style};
+use postforge::diffusion::pipeline::SampleRequest;
 use postforge::diffusion::tiny_sd::PretrainTask;
 use postforge::diffusion::train::{train_lora, LoraTrainConfig, LoraTrainTask};
 use postforge::peft::formats::lora_file::{LoraFile, LoraFormat};
@@ -395,13 +396,16 @@ fn a_latent_pipeline_with_a_vae_trains_on_latents_and_samples_images() {
     assert_eq!(p.vae_factor(), 2);
     let img = p
         .sample(
-            &["a red circle".into()],
-            "",
-            &[1],
-            2,
-            2.0,
-            SamplerKind::Euler,
-            (32, 32),
+            &SampleRequest {
+                prompts: vec!["a red circle".into()],
+                negative: String::new(),
+                seeds: vec![1],
+                steps: 2,
+                guidance: 2.0,
+                sampler: SamplerKind::Euler,
+                size: (32, 32),
+            },
+            &ForwardCtx::eval(),
         )
         .unwrap();
     assert_eq!(img.dims(), &[1, 3, 32, 32]);
@@ -483,13 +487,16 @@ fn an_sdxl_pipeline_with_two_text_encoders_samples_and_trains() {
     assert_eq!(c.pooled.as_ref().unwrap().dims(), &[1, 16]);
     let img = p
         .sample(
-            &["a red circle".into()],
-            "",
-            &[1],
-            2,
-            3.0,
-            SamplerKind::Euler,
-            (16, 24),
+            &SampleRequest {
+                prompts: vec!["a red circle".into()],
+                negative: String::new(),
+                seeds: vec![1],
+                steps: 2,
+                guidance: 3.0,
+                sampler: SamplerKind::Euler,
+                size: (16, 24),
+            },
+            &ForwardCtx::eval(),
         )
         .unwrap();
     assert_eq!(img.dims(), &[1, 3, 16, 24]);

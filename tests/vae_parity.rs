@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use postforge::models::vae::{AutoencoderKL, VaeConfig};
 use postforge::models::Weights;
-use postforge::peft::AdapterPlan;
+use postforge::peft::{AdapterPlan, ForwardCtx};
 use postforge::util::SafeTensors;
 use std::path::{Path, PathBuf};
 
@@ -24,16 +24,22 @@ fn encoder_posterior_and_decoder_output_match_diffusers() {
             &Weights::from_files(&[dir().join(file)], AdapterPlan::none()).unwrap(),
         )
         .unwrap();
-        let (mean, logvar) = vae.encode(&io.get("x").unwrap()).unwrap();
+        let (mean, logvar) = vae
+            .encode(&io.get("x").unwrap(), &ForwardCtx::eval())
+            .unwrap();
         let e = rel_err(&mean, &io.get("mean").unwrap());
         assert!(e < 1e-4, "{file}: posterior mean {e}");
         let e = rel_err(&logvar, &io.get("logvar").unwrap());
         assert!(e < 1e-4, "{file}: posterior logvar {e}");
-        let dec = vae.decode(&io.get("z").unwrap()).unwrap();
+        let dec = vae
+            .decode(&io.get("z").unwrap(), &ForwardCtx::eval())
+            .unwrap();
         let e = rel_err(&dec, &io.get("decoded").unwrap());
         assert!(e < 1e-4, "{file}: decoded {e}");
         // Scaling: decode_scaled(encode_scaled(x)) goes through the same latents.
-        let z = vae.encode_scaled(&io.get("x").unwrap(), None).unwrap();
+        let z = vae
+            .encode_scaled(&io.get("x").unwrap(), None, &ForwardCtx::eval())
+            .unwrap();
         assert!(rel_err(&(z / 0.5).unwrap(), &io.get("mean").unwrap()) < 1e-5);
     }
     let vae = AutoencoderKL::load(&dir()).unwrap();
@@ -43,6 +49,9 @@ fn encoder_posterior_and_decoder_output_match_diffusers() {
         &mut postforge::peft::init::rng_for(0, "x"),
     )
     .unwrap();
-    let e = vae.encode(&bad).unwrap_err().to_string();
+    let e = vae
+        .encode(&bad, &ForwardCtx::eval())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("15x16"), "{e}");
 }

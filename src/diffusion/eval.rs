@@ -3,12 +3,13 @@
 //! [`Style`] and prompt adherence (does the content survive the style), at every scale.
 
 use super::grid::{run as run_grid, Axis, Cell};
-use super::pipeline::Pipeline;
+use super::pipeline::{Pipeline, SampleRequest};
 use super::sampler::SamplerKind;
 use crate::data::shapes::{adheres, style_score, Scene, Style};
 use crate::media::image::{tensor_to_image, write_png};
 use crate::peft::formats::lora_file::{kohya_names, LoraFile};
 use crate::peft::init::rng_for;
+use crate::peft::ForwardCtx;
 use crate::peft::{Adapted, AdapterPlan};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -179,8 +180,18 @@ pub fn evaluate(
             for chunk in (0..scenes.len()).collect::<Vec<_>>().chunks(8) {
                 let prompts: Vec<String> = chunk.iter().map(|&i| scenes[i].caption()).collect();
                 let seeds: Vec<u64> = chunk.iter().map(|&i| cfg.seed + i as u64).collect();
-                let imgs =
-                    p.sample(&prompts, "", &seeds, cfg.steps, cfg.cfg, kind, (size, size))?;
+                let imgs = p.sample(
+                    &SampleRequest {
+                        prompts: prompts.to_vec(),
+                        negative: String::new(),
+                        seeds: seeds.to_vec(),
+                        steps: cfg.steps,
+                        guidance: cfg.cfg,
+                        sampler: kind,
+                        size: (size, size),
+                    },
+                    &ForwardCtx::eval(),
+                )?;
                 for (k, &i) in chunk.iter().enumerate() {
                     let im = tensor_to_image(&imgs.get(k)?)?;
                     st += style_score(&im, style) as f64;

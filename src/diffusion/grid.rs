@@ -2,10 +2,11 @@
 //! seed, LoRA scale, CFG scale, steps or sampler; every cell is sampled with the other settings at
 //! their defaults, and the picture carries `axis: value` labels.
 
-use super::pipeline::Pipeline;
+use super::pipeline::{Pipeline, SampleRequest};
 use super::sampler::SamplerKind;
 use crate::media::grid::{render, side_by_side, GridLabels};
 use crate::media::image::tensor_to_image;
+use crate::peft::ForwardCtx;
 use crate::{Error, Result};
 use image::RgbImage;
 
@@ -161,13 +162,16 @@ pub fn run(
                     p.set_adapter_scale(a, c.scale)?;
                 }
                 let img = p.sample(
-                    &[c.prompt.clone()],
-                    &c.negative,
-                    &[c.seed],
-                    c.steps,
-                    c.cfg,
-                    SamplerKind::parse(&c.sampler)?,
-                    size,
+                    &SampleRequest {
+                        prompts: vec![c.prompt.clone()],
+                        negative: c.negative.clone(),
+                        seeds: vec![c.seed],
+                        steps: c.steps,
+                        guidance: c.cfg,
+                        sampler: SamplerKind::parse(&c.sampler)?,
+                        size,
+                    },
+                    &ForwardCtx::eval(),
                 )?;
                 row.push(tensor_to_image(&img.get(0)?)?);
                 progress.inc(1);

@@ -86,6 +86,25 @@ impl PromptTokenizer {
     }
 }
 
+/// What to sample: one image per prompt, each with its own seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRequest {
+    /// Prompts, one image each.
+    pub prompts: Vec<String>,
+    /// The negative prompt (empty: the unconditional branch, zeros where the pipeline says so).
+    pub negative: String,
+    /// One noise seed per prompt.
+    pub seeds: Vec<u64>,
+    /// Sampler steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale (1 = none).
+    pub guidance: f64,
+    /// The sampler.
+    pub sampler: SamplerKind,
+    /// Image size (height, width) in pixels.
+    pub size: (usize, usize),
+}
+
 /// A loaded pipeline.
 pub struct Pipeline {
     /// The folder.
@@ -245,7 +264,8 @@ impl Pipeline {
                     }
                     None => None,
                 };
-                v.encode_scaled(images, noise.as_ref())
+                // Data preparation: the VAE is frozen and nothing needs its graph.
+                v.encode_scaled(images, noise.as_ref(), &ForwardCtx::eval())
             }
         }
     }
@@ -318,18 +338,20 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Samples one image per prompt (with its own seed), as tensors (B, C, H, W) in [-1, 1].
-    #[allow(clippy::too_many_arguments)]
-    pub fn sample(
-        &self,
-        prompts: &[String],
-        negative: &str,
-        seeds: &[u64],
-        steps: usize,
-        guidance: f64,
-        kind: SamplerKind,
-        size: (usize, usize),
-    ) -> Result<Tensor> {
+    /// Samples one image per prompt (with its own seed), as tensors (B, C, H, W) in [-1, 1]. Every
+    /// model runs under `ctx`: [`ForwardCtx::eval`] records no graph; a routed context carries
+    /// masks to the adapters; a training context lets gradients flow through sampling.
+    pub fn sample(&self, req: &SampleRequest, ctx: &ForwardCtx) -> Result<Tensor> {
+        let SampleRequest {
+            prompts,
+            negative,
+            seeds,
+            steps,
+            guidance,
+            sampler: kind,
+            size,
+        } = req;
+        let (steps, guidance, kind, size) = (*steps, *guidance, *kind, *size);
         if prompts.len() != seeds.len() {
             return Err(Error::Msg(format!(
                 "{} prompts but {} seeds",
@@ -337,15 +359,14 @@ impl Pipeline {
                 seeds.len()
             )));
         }
-        let ctx = ForwardCtx::eval();
-        let cond = self.encode_cond(prompts, &ctx)?;
+        let cond = self.encode_cond(prompts, ctx)?;
         let uncond = if negative.is_empty() && self.force_zeros_for_empty_prompt {
             Conditioning {
                 context: cond.context.zeros_like()?,
                 pooled: cond.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
             }
         } else {
-            self.encode_cond(&vec![negative.to_string(); prompts.len()], &ctx)?
+            self.encode_cond(&vec![negative.to_string(); prompts.len()], ctx)?
         };
         let both = Tensor::cat(&[&uncond.context, &cond.context], 0)?;
         let b = prompts.len();
@@ -379,7 +400,7 @@ impl Pipeline {
             |x_in, t| {
                 let t = Tensor::from_vec(vec![t as f32; 2 * b], 2 * b, &Device::Cpu)?;
                 let xx = Tensor::cat(&[x_in, x_in], 0)?;
-                let out = self.unet.forward(&xx, &t, &both, added.as_ref(), &ctx)?;
+                let out = self.unet.forward(&xx, &t, &both, added.as_ref(), ctx)?;
                 let (u, k) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
                 if guidance == 1.0 {
                     Ok(k)
@@ -389,7 +410,7 @@ impl Pipeline {
             },
         )?;
         let x = match &self.vae {
-            Some(v) => v.decode_scaled(&x.to_dtype(DType::F32)?)?,
+            Some(v) => v.decode_scaled(&x.to_dtype(DType::F32)?, ctx)?,
             None => x,
         };
         Ok(x.to_dtype(DType::F32)?.clamp(-1f32, 1f32)?)

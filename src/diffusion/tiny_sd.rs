@@ -3,7 +3,7 @@
 //! layout, and evaluated with the procedural detector (prompt adherence).
 
 use super::objective::{Objective, Prediction, TimestepSampler, TimestepSampling};
-use super::pipeline::Pipeline;
+use super::pipeline::{Pipeline, SampleRequest};
 use super::sampler::SamplerKind;
 use super::schedule::{NoiseSchedule, SchedulerConfig};
 use crate::data::shapes::{self, adheres, Scene, Style};
@@ -510,13 +510,16 @@ pub fn adherence(
         let ps: Vec<String> = chunk.iter().map(|&i| prompts[i].clone()).collect();
         let seeds: Vec<u64> = chunk.iter().map(|&i| seed + i as u64).collect();
         let imgs = p.sample(
-            &ps,
-            "",
-            &seeds,
-            steps,
-            guidance,
-            SamplerKind::Ddim { eta: 0.0 },
-            (SIZE, SIZE),
+            &SampleRequest {
+                prompts: ps.to_vec(),
+                negative: String::new(),
+                seeds: seeds.to_vec(),
+                steps,
+                guidance,
+                sampler: SamplerKind::Ddim { eta: 0.0 },
+                size: (SIZE, SIZE),
+            },
+            &ForwardCtx::eval(),
         )?;
         for (k, &i) in chunk.iter().enumerate() {
             let img = tensor_to_image(&imgs.get(k)?)?;

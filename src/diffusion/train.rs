@@ -4,7 +4,7 @@
 //! lines, and a kohya (or diffusers) LoRA file as the result. Field names follow kohya's flags.
 
 use super::objective::{Objective, Prediction, TimestepSampler, TimestepSampling};
-use super::pipeline::{Conditioning, Pipeline};
+use super::pipeline::{Conditioning, Pipeline, SampleRequest};
 use super::sampler::SamplerKind;
 use super::schedule::NoiseSchedule;
 use crate::data::buckets::{cover_crop_at, BucketConfig};
@@ -711,13 +711,16 @@ impl LoraTrainTask {
                 p.width.unwrap_or(w0 as usize),
             );
             let img = self.pipe.sample(
-                std::slice::from_ref(&p.prompt),
-                &p.negative,
-                &[seed],
-                p.steps,
-                p.cfg,
-                kind,
-                size,
+                &SampleRequest {
+                    prompts: vec![p.prompt.clone()],
+                    negative: p.negative.clone(),
+                    seeds: vec![seed],
+                    steps: p.steps,
+                    guidance: p.cfg,
+                    sampler: kind,
+                    size,
+                },
+                &ForwardCtx::eval(),
             )?;
             let file = dir.join(format!(
                 "{}_{step:06}_{i:02}_{seed}.png",

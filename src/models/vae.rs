@@ -358,8 +358,7 @@ impl AutoencoderKL {
     }
 
     /// The posterior of images `x` (B, C, H, W) in [−1, 1]: (mean, logvar), each (B, latent, H/f, W/f).
-    pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let ctx = ForwardCtx::eval();
+    pub fn encode(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<(Tensor, Tensor)> {
         let f = self.cfg.factor();
         let (_, _, h, w) = x.dims4()?;
         if h % f != 0 || w % f != 0 {
@@ -367,19 +366,19 @@ impl AutoencoderKL {
                 "VAE input {h}x{w} is not a multiple of the VAE's downsampling factor {f}"
             )));
         }
-        let mut h = self.enc_in.forward(x, &ctx)?;
+        let mut h = self.enc_in.forward(x, ctx)?;
         for l in &self.enc_levels {
             for r in &l.resnets {
-                h = r.forward(&h, None, &ctx)?;
+                h = r.forward(&h, None, ctx)?;
             }
             if let Some(s) = &l.sampler {
-                h = s.forward(&h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?, &ctx)?;
+                h = s.forward(&h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?, ctx)?;
             }
         }
-        h = self.enc_mid.forward(&h, &ctx)?;
-        h = self.enc_out.forward(&self.enc_norm.apply_silu(&h)?, &ctx)?;
+        h = self.enc_mid.forward(&h, ctx)?;
+        h = self.enc_out.forward(&self.enc_norm.apply_silu(&h)?, ctx)?;
         if let Some(q) = &self.quant {
-            h = q.forward(&h, &ctx)?;
+            h = q.forward(&h, ctx)?;
         }
         let lat = self.cfg.latent_channels;
         let mean = h.narrow(1, 0, lat)?;
@@ -388,29 +387,33 @@ impl AutoencoderKL {
     }
 
     /// Images (B, C, H·f, W·f) from unscaled latents `z`.
-    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let ctx = ForwardCtx::eval();
+    pub fn decode(&self, z: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let mut h = match &self.post_quant {
-            Some(p) => p.forward(z, &ctx)?,
+            Some(p) => p.forward(z, ctx)?,
             None => z.clone(),
         };
-        h = self.dec_in.forward(&h, &ctx)?;
-        h = self.dec_mid.forward(&h, &ctx)?;
+        h = self.dec_in.forward(&h, ctx)?;
+        h = self.dec_mid.forward(&h, ctx)?;
         for l in &self.dec_levels {
             for r in &l.resnets {
-                h = r.forward(&h, None, &ctx)?;
+                h = r.forward(&h, None, ctx)?;
             }
             if let Some(s) = &l.sampler {
-                h = s.forward(&crate::models::nn::upsample_nearest(&h, 2)?, &ctx)?;
+                h = s.forward(&crate::models::nn::upsample_nearest(&h, 2)?, ctx)?;
             }
         }
-        self.dec_out.forward(&self.dec_norm.apply_silu(&h)?, &ctx)
+        self.dec_out.forward(&self.dec_norm.apply_silu(&h)?, ctx)
     }
 
     /// Denoiser-space latents of images: a posterior sample (`noise` of the latent shape, or the
     /// mean without it), shifted and scaled.
-    pub fn encode_scaled(&self, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
-        let (mean, logvar) = self.encode(x)?;
+    pub fn encode_scaled(
+        &self,
+        x: &Tensor,
+        noise: Option<&Tensor>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (mean, logvar) = self.encode(x, ctx)?;
         let z = match noise {
             Some(n) => (mean + (logvar * 0.5)?.exp()?.mul(n)?)?,
             None => mean,
@@ -419,8 +422,8 @@ impl AutoencoderKL {
     }
 
     /// Images from denoiser-space latents.
-    pub fn decode_scaled(&self, z: &Tensor) -> Result<Tensor> {
+    pub fn decode_scaled(&self, z: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let z = ((z / self.cfg.scaling_factor)? + self.cfg.shift_factor.unwrap_or(0.0))?;
-        self.decode(&z)
+        self.decode(&z, ctx)
     }
 }
