@@ -450,3 +450,96 @@ fn ema_v_prediction_zero_snr_pretraining_resumes_exactly_and_saves_the_average()
         .with_zero_terminal_snr(true)
         .is_err());
 }
+
+/// Routing reaches the U-Net's layers through the layouts its blocks declare: a zero mask is the
+/// base U-Net, a one mask the unrouted adapter, a half mask changes only the half it covers (up to
+/// the receptive field), and a spatial mask on cross-attention keys is refused by name.
+#[test]
+fn a_routed_unet_follows_its_mask_through_every_block() {
+    use candle_core::{DType, Device};
+    use postforge::peft::{AdapterConfig, InitSpec, Layout, Routing};
+    use std::sync::Arc;
+    let d = tempfile::tempdir().unwrap();
+    PretrainTask::new(4, 2, 9)
+        .unwrap()
+        .write_pipeline(d.path())
+        .unwrap();
+    let targets = ["to_q", "to_out.0", "ff.net.2", "proj_in", "conv1", "conv2"];
+    let mut cfg = AdapterConfig::lora(2, 2.0, &targets);
+    cfg.init_lora_weights = InitSpec::Bool(false);
+    let p = Pipeline::load(
+        d.path(),
+        AdapterPlan::single(cfg, 1).unwrap(),
+        AdapterPlan::none(),
+    )
+    .unwrap();
+    let base = Pipeline::load(d.path(), AdapterPlan::none(), AdapterPlan::none()).unwrap();
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 32, 32), &dev).unwrap();
+    let t = Tensor::new(&[500f32], &dev).unwrap();
+    let c = base
+        .encode(&["a red circle".into()], &ForwardCtx::eval())
+        .unwrap();
+    let run = |pipe: &Pipeline, ctx: &ForwardCtx| pipe.unet.forward(&x, &t, &c, None, ctx).unwrap();
+    let routed = |m: &Tensor| {
+        let r = Routing::new().with_mask("default", m).unwrap();
+        run(&p, &ForwardCtx::eval().routed(Arc::new(r)))
+    };
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (yb, y) = (
+        run(&base, &ForwardCtx::eval()),
+        run(&p, &ForwardCtx::eval()),
+    );
+    assert!(diff(&y, &yb) > 1e-3, "the adapter is a no-op");
+    let zeros = Tensor::zeros((1, 32, 32), DType::F32, &dev).unwrap();
+    assert!(diff(&routed(&zeros), &yb) < 1e-5, "zero mask != base");
+    let ones = Tensor::ones((1, 32, 32), DType::F32, &dev).unwrap();
+    assert!(diff(&routed(&ones), &y) < 1e-4, "one mask != unrouted");
+    // The adapter routed to the right half: the far-left columns stay (nearly) the base's, the
+    // right half moves towards the adapted output.
+    let half = Tensor::cat(
+        &[
+            Tensor::zeros((1, 32, 16), DType::F32, &dev).unwrap(),
+            Tensor::ones((1, 32, 16), DType::F32, &dev).unwrap(),
+        ],
+        2,
+    )
+    .unwrap();
+    let h = routed(&half);
+    let left = |a: &Tensor| a.narrow(3, 0, 4).unwrap();
+    let right = |a: &Tensor| a.narrow(3, 28, 4).unwrap();
+    assert!(
+        diff(&left(&h), &left(&yb)) < 0.5 * diff(&left(&y), &left(&yb)),
+        "the left edge moved with the adapter"
+    );
+    assert!(diff(&right(&h), &right(&yb)) > 0.5 * diff(&right(&y), &right(&yb)));
+    // Keys of cross-attention are text tokens: a spatial mask there is refused with the layer path.
+    let mut kcfg = AdapterConfig::lora(2, 2.0, &["to_k"]);
+    kcfg.init_lora_weights = InitSpec::Bool(false);
+    let pk = Pipeline::load(
+        d.path(),
+        AdapterPlan::single(kcfg, 1).unwrap(),
+        AdapterPlan::none(),
+    )
+    .unwrap();
+    let r = Arc::new(Routing::new().with_mask("default", &ones).unwrap());
+    let err = pk
+        .unet
+        .forward(&x, &t, &c, None, &ForwardCtx::eval().routed(r))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("attn2.to_k") && err.contains("cross-attention"),
+        "{err}"
+    );
+    let _ = Layout::Image;
+}

@@ -9,7 +9,7 @@
 
 use crate::models::nn::{layer_norm, softmax_last};
 use crate::models::Weights;
-use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx};
+use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx, Layout};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -198,6 +198,8 @@ impl ClipTextModel {
 
     /// Encodes token ids (B, T) (u32 or i64).
     pub fn forward(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<ClipOutput> {
+        // Every layer of a text encoder sees the token sequence.
+        let ctx = &ctx.at(Layout::Sequence);
         let (b, t) = ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             return Err(Error::Msg(format!(

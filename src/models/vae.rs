@@ -7,7 +7,7 @@
 use super::nn::softmax_last;
 use super::unet::blocks::{conv3x3, groupnorm, GroupNorm, ResnetBlock2D};
 use super::Weights;
-use crate::peft::{AdaptedConv2d, AdaptedLinear, ConvCfg, ForwardCtx};
+use crate::peft::{AdaptedConv2d, AdaptedLinear, ConvCfg, ForwardCtx, Layout};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -165,6 +165,7 @@ impl SpatialAttention {
             .reshape((b, c, h * wd))?
             .transpose(1, 2)?
             .contiguous()?;
+        let ctx = &ctx.at(Layout::Tokens { h, w: wd });
         let q = self.q.forward(&t, ctx)?;
         let k = self.k.forward(&t, ctx)?;
         let v = self.v.forward(&t, ctx)?;
@@ -359,6 +360,7 @@ impl AutoencoderKL {
 
     /// The posterior of images `x` (B, C, H, W) in [−1, 1]: (mean, logvar), each (B, latent, H/f, W/f).
     pub fn encode(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<(Tensor, Tensor)> {
+        let ctx = &ctx.at(Layout::Image);
         let f = self.cfg.factor();
         let (_, _, h, w) = x.dims4()?;
         if h % f != 0 || w % f != 0 {
@@ -388,6 +390,7 @@ impl AutoencoderKL {
 
     /// Images (B, C, H·f, W·f) from unscaled latents `z`.
     pub fn decode(&self, z: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let ctx = &ctx.at(Layout::Image);
         let mut h = match &self.post_quant {
             Some(p) => p.forward(z, ctx)?,
             None => z.clone(),

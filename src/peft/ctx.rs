@@ -48,6 +48,9 @@ pub enum Layout {
     },
     /// A token sequence (b, t, c) with a per-token mask (b, t).
     Sequence,
+    /// Keys and values of cross-attention over a conditioning sequence: not the routed grid, so
+    /// a spatial gate cannot apply (routing them is decided per attention output, not here).
+    Context,
 }
 
 /// Per-forward context: training mode, dropout seeds, graph recording, layout and routing.
@@ -208,7 +211,7 @@ pub struct Routing {
     /// Adapter name → mask in [0, 1]: (b, H, W), (b, f, H, W) or, for text, (b, t).
     masks: BTreeMap<String, Tensor>,
     blend: Blend,
-    cache: Mutex<HashMap<(String, Vec<usize>), Tensor>>,
+    cache: Mutex<HashMap<(String, Vec<usize>, Vec<usize>), Tensor>>,
 }
 
 impl Routing {
@@ -275,6 +278,11 @@ impl Routing {
                 (vec![bhw / (h * w), f, h, w], vec![bhw, f, 1])
             }
             (Layout::Sequence, &[b, t, _]) => (vec![b, t], vec![b, t, 1]),
+            (Layout::Context, _) => {
+                return Err(err(
+                    "cross-attention keys/values see the conditioning tokens, not the image grid, so a spatial mask cannot gate them; leave to_k/to_v out of the routed adapter".into(),
+                ))
+            }
             (Layout::Unknown, d) => {
                 return Err(err(format!(
                     "the block of this layer declared no layout (output {d:?})"
@@ -282,7 +290,7 @@ impl Routing {
             }
             (l, d) => return Err(err(format!("output {d:?} does not fit layout {l:?}"))),
         };
-        let key = (name.to_string(), grid.clone());
+        let key = (name.to_string(), grid.clone(), view.clone());
         if let Some(g) = self
             .cache
             .lock()
@@ -337,7 +345,7 @@ impl Routing {
             if n == name {
                 out = Some(g.clone());
             }
-            cache.insert((n, grid.clone()), g);
+            cache.insert((n, grid.clone(), view.clone()), g);
         }
         out.ok_or_else(|| err("no mask".into()))
     }

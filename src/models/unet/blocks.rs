@@ -5,7 +5,7 @@ use crate::models::nn::{
     geglu, group_norm_fused, group_norm_silu, layer_norm, scaled_masked_softmax,
 };
 use crate::models::Weights;
-use crate::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx};
+use crate::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx, Layout};
 use crate::Result;
 use candle_core::{Tensor, D};
 
@@ -187,10 +187,15 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, context: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
+        // Cross-attention keys and values are text tokens, not the image grid.
+        let kv_ctx = match context {
+            Some(_) => ctx.at(Layout::Context),
+            None => ctx.clone(),
+        };
         let context = context.unwrap_or(x);
         let q = self.split(&self.to_q.forward(x, ctx)?)?;
-        let k = self.split(&self.to_k.forward(context, ctx)?)?;
-        let v = self.split(&self.to_v.forward(context, ctx)?)?;
+        let k = self.split(&self.to_k.forward(context, &kv_ctx)?)?;
+        let v = self.split(&self.to_v.forward(context, &kv_ctx)?)?;
         let hd = q.dim(D::Minus1)?;
         let scores = q.matmul(&k.t()?)?;
         let probs = scaled_masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), None)?;
@@ -341,16 +346,18 @@ impl Transformer2D {
                 .permute((0, 3, 1, 2))?
                 .contiguous()?)
         };
+        // Layers here see image feature maps (conv projections) or tokens of the h×w grid.
+        let (img, tok) = (ctx.at(Layout::Image), ctx.at(Layout::Tokens { h, w: wd }));
         let mut t = match &self.proj_in {
-            Proj::Conv(p) => to_tokens(&p.forward(&n, ctx)?)?,
-            Proj::Linear(p) => p.forward(&to_tokens(&n)?, ctx)?,
+            Proj::Conv(p) => to_tokens(&p.forward(&n, &img)?)?,
+            Proj::Linear(p) => p.forward(&to_tokens(&n)?, &tok)?,
         };
         for blk in &self.blocks {
-            t = blk.forward(&t, context, ctx)?;
+            t = blk.forward(&t, context, &tok)?;
         }
         let out = match &self.proj_out {
-            Proj::Conv(p) => p.forward(&to_image(&t)?, ctx)?,
-            Proj::Linear(p) => to_image(&p.forward(&t, ctx)?)?,
+            Proj::Conv(p) => p.forward(&to_image(&t)?, &img)?,
+            Proj::Linear(p) => to_image(&p.forward(&t, &tok)?)?,
         };
         Ok((out + x)?)
     }

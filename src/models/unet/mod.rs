@@ -12,7 +12,7 @@ pub use config::UNetConfig;
 
 use crate::models::nn::timestep_embedding;
 use crate::models::Weights;
-use crate::peft::{Adapted, AdaptedConv2d, AdaptedLayer, AdaptedLinear, ForwardCtx};
+use crate::peft::{Adapted, AdaptedConv2d, AdaptedLayer, AdaptedLinear, ForwardCtx, Layout};
 use crate::{Error, Result};
 use blocks::{conv3x3, groupnorm, Block, GroupNorm, ResnetBlock2D, Transformer2D};
 use candle_core::Tensor;
@@ -296,6 +296,8 @@ impl UNet2DConditionModel {
         added: Option<&AddedCond>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
+        // Convolutions see image feature maps; transformer blocks declare their token grids.
+        let ctx = &ctx.at(Layout::Image);
         let (_, _, h, w) = sample.dims4()?;
         let factor = 1 << (self.cfg.block_out_channels.len() - 1);
         if h % factor != 0 || w % factor != 0 {
