@@ -79,7 +79,7 @@ fn step(s: &Setup) -> usize {
         Variant::FullGrad => s.x.as_tensor().matmul(&s.w.t().unwrap()).unwrap(),
         _ => s
             .layer
-            .forward(s.x.as_tensor(), &ForwardCtx::eval())
+            .forward(s.x.as_tensor(), &ForwardCtx::eval_with_grad())
             .unwrap(),
     };
     let g = y.sum_all().unwrap().backward().unwrap();
