@@ -8,6 +8,7 @@ use super::schedule::SchedulerConfig;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::AutoencoderKL;
+use crate::models::weights::{read_json, weight_files};
 use crate::models::Weights;
 use crate::peft::{AdapterPlan, ForwardCtx};
 use crate::{Error, Result};
@@ -118,44 +119,6 @@ pub struct Conditioning {
     pub context: Tensor,
     /// SDXL's pooled text embeddings (B, P).
     pub pooled: Option<Tensor>,
-}
-
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))
-}
-
-/// The safetensors weights file of a model folder (`diffusion_pytorch_model.safetensors` or
-/// `model.safetensors`, possibly sharded with an index).
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    for name in ["diffusion_pytorch_model", "model"] {
-        let single = dir.join(format!("{name}.safetensors"));
-        if single.exists() {
-            return Ok(vec![single]);
-        }
-        let index = dir.join(format!("{name}.safetensors.index.json"));
-        if index.exists() {
-            let v = read_json(&index)?;
-            let map = v["weight_map"]
-                .as_object()
-                .ok_or_else(|| Error::format(&index, "no weight_map"))?;
-            let mut files: Vec<PathBuf> = map
-                .values()
-                .filter_map(|f| f.as_str())
-                .map(|f| dir.join(f))
-                .collect();
-            files.sort();
-            files.dedup();
-            return Ok(files);
-        }
-    }
-    if dir.join("diffusion_pytorch_model.bin").exists() || dir.join("pytorch_model.bin").exists() {
-        return Err(Error::format(
-            dir,
-            "only pickle (.bin) weights found; postforge reads safetensors only",
-        ));
-    }
-    Err(Error::format(dir, "no safetensors weights found"))
 }
 
 impl Pipeline {

@@ -232,11 +232,11 @@ impl PretrainTask {
             ),
             Some(dir) => (
                 Weights::from_files(
-                    &super::pipeline::weight_files(&dir.join("unet"))?,
+                    &crate::models::weights::weight_files(&dir.join("unet"))?,
                     full.clone(),
                 )?,
                 Weights::from_files(
-                    &super::pipeline::weight_files(&dir.join("text_encoder"))?,
+                    &crate::models::weights::weight_files(&dir.join("text_encoder"))?,
                     full,
                 )?,
             ),

@@ -11,7 +11,7 @@ use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, Forwar
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn d_eps() -> f64 {
     1e-6
@@ -393,12 +393,6 @@ pub fn shifted_sparse_attention(
     Ok(a.narrow(1, 0, t)?.contiguous()?.reshape((b, t, nh * hd))?)
 }
 
-/// The safetensors files of a model folder (`model.safetensors` or the shards named in
-/// `model.safetensors.index.json`).
-pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    crate::diffusion::pipeline::weight_files(dir)
-}
-
 impl LlamaForCausalLM {
     /// Builds the model from `w` (layers through `w.plan`).
     pub fn new(cfg: &LlamaConfig, w: &Weights) -> Result<Self> {
@@ -502,7 +496,7 @@ impl LlamaForCausalLM {
     /// Loads a Hugging Face model folder.
     pub fn load(dir: &Path, plan: crate::peft::AdapterPlan) -> Result<Self> {
         let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let w = Weights::from_files(&model_files(dir)?, plan)?;
+        let w = Weights::from_files(&super::weights::weight_files(dir)?, plan)?;
         Self::new(&cfg, &w)
     }
 

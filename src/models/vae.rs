@@ -345,7 +345,7 @@ impl AutoencoderKL {
     /// Loads `dir/config.json` and the safetensors weights of a `vae/` folder.
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
-        let files = crate::diffusion::pipeline::weight_files(dir)?;
+        let files = super::weights::weight_files(dir)?;
         Self::new(
             &cfg,
             &Weights::from_files(&files, crate::peft::AdapterPlan::none())?,
