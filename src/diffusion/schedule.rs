@@ -5,6 +5,7 @@
 //! Arithmetic follows torch's: betas in f32 (`linspace` evaluated from both ends), the cumulative
 //! product accumulated in f64 and stored as f32, so that values match diffusers to the last bits.
 
+use crate::util::linspace_f32;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -96,24 +97,6 @@ impl SchedulerConfig {
     pub fn prediction(&self) -> Result<super::Prediction> {
         super::Prediction::parse(&self.prediction_type)
     }
-}
-
-/// torch.linspace(start, end, n) in f32, evaluated from the nearer end as torch's CPU kernel does.
-pub(crate) fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
-    if n == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (n - 1) as f32;
-    let half = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (n - i - 1) as f32
-            }
-        })
-        .collect()
 }
 
 /// β_t, ᾱ_t and derived quantities of one schedule.

@@ -48,7 +48,7 @@ pub fn dynamic_map() -> Vec<f32> {
     for i in 0..max_exp {
         let items = (1usize << (i + non_sign - max_exp)) + 1;
         // torch.linspace(0.1, 1, items) in f32, then the f32 midpoints.
-        let b: Vec<f32> = crate::diffusion::schedule::linspace_f32(0.1, 1.0, items);
+        let b: Vec<f32> = crate::util::linspace_f32(0.1, 1.0, items);
         let scale = 10f64.powi(-(max_exp - 1) + i);
         for k in 0..items - 1 {
             let m = (b[k] + b[k + 1]) / 2.0;
