@@ -12,6 +12,7 @@ pub mod media;
 pub mod models;
 pub mod peft;
 pub mod recipe;
+pub mod rng;
 pub mod train;
 pub mod util;
 

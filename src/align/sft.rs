@@ -6,8 +6,8 @@
 use crate::data::sft::{collate, Row};
 use crate::models::llama::{Inputs, LlamaForCausalLM};
 use crate::peft::formats::peft::{save, SaveOptions};
-use crate::peft::init::rng_for;
 use crate::peft::{Adapted, AdapterConfig, ForwardCtx};
+use crate::rng::rng_for;
 use crate::train::Task;
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};

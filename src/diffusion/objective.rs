@@ -6,7 +6,7 @@
 //!   then averaged over channels and pixels, weighted per sample, and averaged over the batch.
 
 use super::schedule::NoiseSchedule;
-use crate::peft::init::normal;
+use crate::rng::normal;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use rand_chacha::ChaCha8Rng;

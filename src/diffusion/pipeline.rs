@@ -200,10 +200,10 @@ impl Pipeline {
                     Some(s) => {
                         let (b, _, h, w) = images.dims4()?;
                         let f = v.config().factor();
-                        Some(crate::peft::init::normal(
+                        Some(crate::rng::normal(
                             &[b, v.config().latent_channels, h / f, w / f],
                             1.0,
-                            &mut crate::peft::init::rng_for(s, "vae-posterior"),
+                            &mut crate::rng::rng_for(s, "vae-posterior"),
                         )?)
                     }
                     None => None,

@@ -8,7 +8,7 @@
 
 use super::objective::Prediction;
 use super::schedule::{NoiseSchedule, SchedulerConfig};
-use crate::peft::init::{normal, rng_for};
+use crate::rng::{normal, rng_for};
 use crate::{Error, Result};
 use candle_core::Tensor;
 

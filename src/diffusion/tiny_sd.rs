@@ -11,8 +11,8 @@ use crate::media::image::{image_to_tensor, tensor_to_image};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::Weights;
-use crate::peft::init::rng_for;
 use crate::peft::{Adapted, AdapterPlan, ForwardCtx};
+use crate::rng::rng_for;
 use crate::train::ema::{Ema, EmaConfig};
 use crate::train::Task;
 use crate::util::{save_safetensors, write_atomic};
@@ -181,7 +181,7 @@ pub fn fresh_text_tensors(
     if let Some(p) = projection {
         t.insert(
             "text_projection.weight".into(),
-            crate::peft::init::normal(
+            crate::rng::normal(
                 &[p, cfg.hidden_size],
                 0.1,
                 &mut rng_for(seed, "text_projection"),

@@ -953,7 +953,7 @@ impl LlamaForCausalLM {
         if prompt.is_empty() {
             return Err(Error::Msg("generation needs a non-empty prompt".into()));
         }
-        let mut rng = crate::peft::init::rng_for(cfg.seed, "generate");
+        let mut rng = crate::rng::rng_for(cfg.seed, "generate");
         let mut cache = self.cache();
         let ctx = ForwardCtx::eval();
         let mut input = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &Device::Cpu)?;

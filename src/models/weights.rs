@@ -81,10 +81,10 @@ impl Weights {
             Tensor::ones(shape, DType::F32, &dev)?
         } else {
             let fan_in: usize = shape[1..].iter().product();
-            crate::peft::init::normal(
+            crate::rng::normal(
                 shape,
                 1.0 / (fan_in.max(1) as f64).sqrt(),
-                &mut crate::peft::init::rng_for(seed, key),
+                &mut crate::rng::rng_for(seed, key),
             )?
         };
         if let Some((_, m)) = &self.fresh {
