@@ -10,10 +10,9 @@
 //! materialises them.
 
 use candle_core::{Device, Tensor};
-use postforge::models::llama::{
-    next_token_loss, GenerationConfig, Inputs, LlamaConfig, LlamaForCausalLM,
-};
+use postforge::models::llama::{GenerationConfig, Inputs, LlamaConfig, LlamaForCausalLM};
 use postforge::models::Weights;
+use postforge::nn::loss::next_token_loss;
 use postforge::peft::{AdapterConfig, AdapterPlan, ForwardCtx, ModuleSpec};
 use std::time::Instant;
 

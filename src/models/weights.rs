@@ -1,7 +1,7 @@
 //! Named base weights for model constructors: shape-checked access with errors naming the file, the
 //! key and both shapes, and builders for adapted layers through an [`AdapterPlan`].
 
-use crate::peft::quant::Nf4Tensor;
+use crate::nn::nf4::Nf4Tensor;
 use crate::peft::{AdaptedConv2d, AdaptedLinear, AdapterPlan, ConvCfg};
 use crate::util::SafeTensors;
 use crate::{Error, Result};

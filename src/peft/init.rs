@@ -118,7 +118,7 @@ pub fn pissa(
 /// (A = R, B = L, Q dequantized). As in PEFT the factors are not divided by the LoRA scale, so
 /// `Q + s·B A ≈ W` holds for `s = 1` (`lora_alpha = r`).
 pub fn loftq(w: &Tensor, r: usize, iters: usize) -> Result<(Tensor, Tensor, Tensor)> {
-    use super::quant::{Nf4Tensor, BLOCKSIZE};
+    use crate::nn::nf4::{Nf4Tensor, BLOCKSIZE};
     let dev = w.device().clone();
     let w = w.to_dtype(DType::F32)?;
     let mut res = w.clone();
