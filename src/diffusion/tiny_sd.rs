@@ -2,10 +2,10 @@
 //! scratch on the procedural shape corpus ([`crate::data::shapes`]), written in the diffusers folder
 //! layout, and evaluated with the procedural detector (prompt adherence).
 
-use super::objective::{Objective, Prediction, TimestepSampler, TimestepSampling};
+use super::objective::{Objective, TimestepSampler, TimestepSampling};
 use super::pipeline::Pipeline;
 use super::sampler::SamplerKind;
-use super::schedule::{NoiseSchedule, SchedulerConfig};
+use super::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
 use crate::data::shapes::{self, adheres, Scene, Style};
 use crate::media::image::{image_to_tensor, tensor_to_image};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};

@@ -3,10 +3,10 @@
 //! shuffling and dropout, min-SNR-γ, noise offset, sample images every N steps from kohya prompt
 //! lines, and a kohya (or diffusers) LoRA file as the result. Field names follow kohya's flags.
 
-use super::objective::{Objective, Prediction, TimestepSampler, TimestepSampling};
+use super::objective::{Objective, TimestepSampler, TimestepSampling};
 use super::pipeline::{Conditioning, Pipeline};
 use super::sampler::SamplerKind;
-use super::schedule::NoiseSchedule;
+use super::schedule::{NoiseSchedule, Prediction};
 use crate::data::buckets::{cover_crop_at, BucketConfig};
 use crate::data::image_folder::scan;
 use crate::media::image::{image_to_tensor, tensor_to_image, write_png};
