@@ -15,6 +15,7 @@ pub mod nn;
 pub mod peft;
 pub mod recipe;
 pub mod rng;
+pub mod text;
 pub mod train;
 pub mod util;
 

@@ -320,8 +320,8 @@ fn every_adapter_tensor_trains_on_an_nf4_base() {
 
 #[test]
 fn merged_qlora_folders_are_written_in_four_bits() {
-    use postforge::align::run::merge_into_folder_as;
     use postforge::peft::formats::peft as peft_format;
+    use postforge::text::align_run::merge_into_folder_as;
     let io = SafeTensors::read(dir("io.safetensors")).unwrap();
     let ids = io.get("input_ids").unwrap();
     // A QLoRA adapter on the 4-bit checkpoint (the parity test's factors), saved as PEFT does.

@@ -1,9 +1,9 @@
 use super::pretrain::Args;
-use postforge::align::sft::{MonitorConfig, SftTask};
-use postforge::align::tiny_chat::{self as tc, accuracy, pretraining_data, rows, train_tokenizer};
 use postforge::models::llama::LlamaForCausalLM;
 use postforge::models::Weights;
 use postforge::peft::{Adapted, AdapterPlan};
+use postforge::text::sft::{MonitorConfig, SftTask};
+use postforge::text::tiny_chat::{self as tc, accuracy, pretraining_data, rows, train_tokenizer};
 use postforge::train::{ScheduleKind, TrainConfig, Trainer};
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -583,7 +583,7 @@ pub struct SftRunConfig {
     pub output_dir: std::path::PathBuf,
     /// In a pipeline: how the previous stage's adapter enters (`merge` only for SFT).
     #[serde(default)]
-    pub previous: Option<super::run::Previous>,
+    pub previous: Option<super::align_run::Previous>,
 }
 
 /// What an SFT run produced.
