@@ -50,10 +50,10 @@ struct Setup {
 }
 
 fn setup(d: usize, r: usize, variant: Variant) -> Setup {
-    let mut rng = postforge::peft::init::rng_for(1, "bench");
-    let w = postforge::peft::init::normal(&[d, d], 0.02, &mut rng).unwrap();
-    let x = Var::from_tensor(&postforge::peft::init::normal(&[TOKENS, d], 1.0, &mut rng).unwrap())
-        .unwrap();
+    let mut rng = postforge::rng::rng_for(1, "bench");
+    let w = postforge::rng::normal(&[d, d], 0.02, &mut rng).unwrap();
+    let x =
+        Var::from_tensor(&postforge::rng::normal(&[TOKENS, d], 1.0, &mut rng).unwrap()).unwrap();
     let mut cfg = AdapterConfig::lora(r, r as f64, &["proj"]);
     cfg.init_lora_weights = InitSpec::Bool(false);
     cfg.use_dora = matches!(variant, Variant::Dora);
@@ -140,13 +140,12 @@ fn bench_adamw(c: &mut Criterion) {
     // 4.2M parameters in LoRA-like tensors (the figure DESIGN.md quotes for candle's AdamW).
     let n_tensors = 64;
     let per = 4_200_000 / n_tensors;
-    let mut rng = postforge::peft::init::rng_for(2, "adam");
+    let mut rng = postforge::rng::rng_for(2, "adam");
     let params: Vec<(String, Var)> = (0..n_tensors)
         .map(|i| {
             (
                 format!("p{i}"),
-                Var::from_tensor(&postforge::peft::init::normal(&[per], 0.1, &mut rng).unwrap())
-                    .unwrap(),
+                Var::from_tensor(&postforge::rng::normal(&[per], 0.1, &mut rng).unwrap()).unwrap(),
             )
         })
         .collect();
@@ -155,7 +154,7 @@ fn bench_adamw(c: &mut Criterion) {
         .map(|(n, _)| {
             (
                 n.clone(),
-                postforge::peft::init::normal(&[per], 0.1, &mut rng).unwrap(),
+                postforge::rng::normal(&[per], 0.1, &mut rng).unwrap(),
             )
         })
         .collect();

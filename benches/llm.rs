@@ -10,10 +10,9 @@
 //! materialises them.
 
 use candle_core::{Device, Tensor};
-use postforge::models::llama::{
-    next_token_loss, GenerationConfig, Inputs, LlamaConfig, LlamaForCausalLM,
-};
+use postforge::models::llama::{GenerationConfig, Inputs, LlamaConfig, LlamaForCausalLM};
 use postforge::models::Weights;
+use postforge::nn::loss::next_token_loss;
 use postforge::peft::{AdapterConfig, AdapterPlan, ForwardCtx, ModuleSpec};
 use std::time::Instant;
 
@@ -67,7 +66,7 @@ fn main() {
     let load_peak = hwm();
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let (b, t) = (4usize, 256usize);
-    let mut rng = postforge::peft::init::rng_for(2, "llm-bench");
+    let mut rng = postforge::rng::rng_for(2, "llm-bench");
     use rand::Rng;
     let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(3..32000)).collect();
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();

@@ -102,10 +102,9 @@ fn main() {
                 )
             })
             .collect();
-        let mut rng = postforge::peft::init::rng_for(2, "unet-bench");
-        let x = postforge::peft::init::normal(&[batch, cfg.in_channels, hw, hw], 1.0, &mut rng)
-            .unwrap();
-        let c = postforge::peft::init::normal(&[batch, 8, cross_dim(&cfg)], 1.0, &mut rng).unwrap();
+        let mut rng = postforge::rng::rng_for(2, "unet-bench");
+        let x = postforge::rng::normal(&[batch, cfg.in_channels, hw, hw], 1.0, &mut rng).unwrap();
+        let c = postforge::rng::normal(&[batch, 8, cross_dim(&cfg)], 1.0, &mut rng).unwrap();
         let t = Tensor::from_vec(vec![500f32; batch], batch, &Device::Cpu).unwrap();
         let mut times = vec![vec![]; models.len()];
         let mut fwd = vec![];
@@ -160,13 +159,13 @@ fn main() {
         return;
     }
     // candle's conv backward: one 3x3 conv, 64->64 channels at 32x32, batch 8.
-    let mut rng = postforge::peft::init::rng_for(3, "conv");
+    let mut rng = postforge::rng::rng_for(3, "conv");
     let w = candle_core::Var::from_tensor(
-        &postforge::peft::init::normal(&[64, 64, 3, 3], 0.05, &mut rng).unwrap(),
+        &postforge::rng::normal(&[64, 64, 3, 3], 0.05, &mut rng).unwrap(),
     )
     .unwrap();
     let xv = candle_core::Var::from_tensor(
-        &postforge::peft::init::normal(&[8, 64, 32, 32], 1.0, &mut rng).unwrap(),
+        &postforge::rng::normal(&[8, 64, 32, 32], 1.0, &mut rng).unwrap(),
     )
     .unwrap();
     let (mut f, mut fb) = (vec![], vec![]);

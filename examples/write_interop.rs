@@ -78,10 +78,10 @@ fn main() -> anyhow::Result<()> {
         // Move every factor away from its initial value, as training would.
         for l in &mut net.layers {
             for (i, (_, v)) in l.named_vars().into_iter().enumerate() {
-                let noise = postforge::peft::init::normal(
+                let noise = postforge::rng::normal(
                     v.dims(),
                     0.05,
-                    &mut postforge::peft::init::rng_for(i as u64, l.path()),
+                    &mut postforge::rng::rng_for(i as u64, l.path()),
                 )?;
                 v.set(&(v.as_tensor() + noise)?)?;
             }

@@ -51,9 +51,9 @@ fn main() -> anyhow::Result<()> {
             &ucfg,
             &Weights::from_files(std::slice::from_ref(&wfile), AdapterPlan::single(cfg, 4)?)?,
         )?;
-        let mut rng = postforge::peft::init::rng_for(5, name);
-        let x = postforge::peft::init::normal(&[2, 4, 8, 8], 1.0, &mut rng)?;
-        let c = postforge::peft::init::normal(&[2, 5, 32], 1.0, &mut rng)?;
+        let mut rng = postforge::rng::rng_for(5, name);
+        let x = postforge::rng::normal(&[2, 4, 8, 8], 1.0, &mut rng)?;
+        let c = postforge::rng::normal(&[2, 5, 32], 1.0, &mut rng)?;
         let t = Tensor::new(&[50f32, 800.], &candle_core::Device::Cpu)?;
         let y = model.forward(&x, &t, &c, None, &ForwardCtx::eval())?;
         let mut f = LoraFile::default();

@@ -2,11 +2,11 @@
 //! tables, each with a `kind` and that stage's settings. A stage may leave out what the stage before
 //! it produced (an evaluation takes the model and LoRA file of the preceding training stage).
 
-use crate::align::run::{merge_into_folder, AlignReport, AlignRunConfig, Previous};
-use crate::align::sft::{SftReport, SftRunConfig};
-use crate::align::tiny_chat::{task_eval, TaskEvalConfig, TaskEvalReport};
 use crate::diffusion::eval::{evaluate, EvalConfig, EvalReport};
 use crate::diffusion::train::{train_lora, LoraTrainConfig};
+use crate::text::align_run::{merge_into_folder, AlignReport, AlignRunConfig, Previous};
+use crate::text::sft::{SftReport, SftRunConfig};
+use crate::text::tiny_chat::{task_eval, TaskEvalConfig, TaskEvalReport};
 use crate::train::TrainSummary;
 use crate::{Error, Result};
 use serde::Deserialize;

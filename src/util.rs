@@ -1,4 +1,4 @@
-//! Small shared helpers: atomic file writes, safetensors reading with clear errors.
+//! Small shared helpers: atomic file writes, safetensors reading with clear errors, torch's f32 linspace.
 
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -156,4 +156,22 @@ impl SafeTensors {
     pub fn into_tensors(self) -> BTreeMap<String, Tensor> {
         self.tensors
     }
+}
+
+/// torch.linspace(start, end, n) in f32, evaluated from the nearer end as torch's CPU kernel does.
+pub(crate) fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - i - 1) as f32
+            }
+        })
+        .collect()
 }

@@ -295,7 +295,7 @@ fn frozen_linear_allocates_no_weight_gradient() {
     let w2 = randn(&[8, 32], 0.2, "w2");
     let x = randn(&[4, 16], 1.0, "x");
     let h = x.matmul(&w1.as_tensor().t().unwrap()).unwrap();
-    let y = postforge::peft::ops::frozen_linear(&h, &w2).unwrap();
+    let y = postforge::nn::frozen::frozen_linear(&h, &w2).unwrap();
     let grads = y.sum_all().unwrap().backward().unwrap();
     // Compare with the plain (full-gradient) path.
     let y2 = h.matmul(&w2.t().unwrap()).unwrap();
@@ -333,7 +333,7 @@ fn channel_bias_matches_broadcast_add_in_value_and_gradients() {
         let b = candle_core::Var::from_tensor(&randn(bs, 1.0, &format!("b{k}"))).unwrap();
         let g = randn(ys, 1.0, &format!("g{k}"));
         let ours =
-            postforge::peft::ops::add_channel_bias(y.as_tensor(), b.as_tensor(), dim).unwrap();
+            postforge::nn::conv::add_channel_bias(y.as_tensor(), b.as_tensor(), dim).unwrap();
         let reference = y
             .as_tensor()
             .broadcast_add(&b.as_tensor().reshape(view).unwrap())
@@ -356,11 +356,11 @@ fn channel_bias_matches_broadcast_add_in_value_and_gradients() {
         }
         // A frozen bias gets no gradient; a wrong-sized one is an error naming both shapes.
         let frozen = randn(bs, 1.0, "frozen");
-        let out = postforge::peft::ops::add_channel_bias(y.as_tensor(), &frozen, dim).unwrap();
+        let out = postforge::nn::conv::add_channel_bias(y.as_tensor(), &frozen, dim).unwrap();
         let gs = out.sum_all().unwrap().backward().unwrap();
         assert!(gs.get(&frozen).is_none());
         let bad = randn(&[bs[bs.len() - 1] + 1], 1.0, "bad");
-        let err = postforge::peft::ops::add_channel_bias(y.as_tensor(), &bad, dim)
+        let err = postforge::nn::conv::add_channel_bias(y.as_tensor(), &bad, dim)
             .unwrap_err()
             .to_string();
         assert!(err.contains(&format!("{:?}", bad.dims())), "{err}");
@@ -371,7 +371,7 @@ fn channel_bias_matches_broadcast_add_in_value_and_gradients() {
 fn upsample_nearest_matches_candle_in_value_and_gradient() {
     for (shape, k) in [([2usize, 3, 4, 5], 2usize), ([1, 2, 3, 3], 3)] {
         let x = candle_core::Var::from_tensor(&randn(&shape, 1.0, "up-x")).unwrap();
-        let ours = postforge::models::nn::upsample_nearest(x.as_tensor(), k).unwrap();
+        let ours = postforge::nn::resample::upsample_nearest(x.as_tensor(), k).unwrap();
         let theirs = x
             .as_tensor()
             .upsample_nearest2d(shape[2] * k, shape[3] * k)
@@ -404,7 +404,7 @@ fn frozen_conv2d_input_gradient_is_the_exact_adjoint() {
                 dilation: 1,
                 groups: 1,
             };
-            let y = postforge::peft::ops::frozen_conv2d(xv.as_tensor(), &w, cfg).unwrap();
+            let y = postforge::nn::conv::frozen_conv2d(xv.as_tensor(), &w, cfg).unwrap();
             // Our GEMM conv sums in another order than candle's: equal to rounding.
             assert!(
                 max_abs_diff(
@@ -667,7 +667,7 @@ fn gemm_conv_backward_matches_candle_and_is_the_adjoint() {
             dilation,
             groups: 1,
         };
-        let y = postforge::peft::ops::conv2d(xv.as_tensor(), kv.as_tensor(), cfg, true).unwrap();
+        let y = postforge::nn::conv::conv2d(xv.as_tensor(), kv.as_tensor(), cfg, true).unwrap();
         let y_ref = xv
             .as_tensor()
             .conv2d(kv.as_tensor(), padding, stride, dilation, 1)
@@ -739,7 +739,7 @@ fn gemm_conv_backward_matches_candle_and_is_the_adjoint() {
 
 #[test]
 fn fused_group_norm_matches_the_composite_in_value_and_gradients() {
-    use postforge::models::nn::{group_norm, group_norm_fused};
+    use postforge::nn::norm::{group_norm, group_norm_fused};
     for (shape, groups) in [
         (vec![2usize, 8, 5, 6], 4usize),
         (vec![3, 6, 7], 3),
@@ -756,7 +756,7 @@ fn fused_group_norm_matches_the_composite_in_value_and_gradients() {
         let y2 = group_norm(xv.as_tensor(), groups, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
         assert!(rel_err(&y1, &y2) < 1e-5, "forward {shape:?}");
         // GroupNorm + SiLU fused, against the composite.
-        let s1 = postforge::models::nn::group_norm_silu(
+        let s1 = postforge::nn::norm::group_norm_silu(
             xv.as_tensor(),
             groups,
             wv.as_tensor(),
@@ -789,9 +789,8 @@ fn fused_group_norm_matches_the_composite_in_value_and_gradients() {
 
 #[test]
 fn fused_layer_norm_and_softmax_match_the_composites_in_value_and_gradients() {
-    use postforge::models::nn::{
-        layer_norm, layer_norm_composite, softmax_composite, softmax_last,
-    };
+    use postforge::nn::norm::{layer_norm, layer_norm_composite};
+    use postforge::nn::softmax::{softmax_composite, softmax_last};
     for shape in [vec![2usize, 5, 8], vec![3, 64], vec![1, 1, 7]] {
         let d = *shape.last().unwrap();
         let xv =
@@ -828,7 +827,7 @@ fn fused_layer_norm_and_softmax_match_the_composites_in_value_and_gradients() {
     let pv = candle_core::Var::from_tensor(&randn(&[2, 3, 10], 1.5, "geglu")).unwrap();
     let g = randn(&[2, 3, 5], 1.0, "geglu-g");
     let p = pv.as_tensor();
-    let y1 = postforge::models::nn::geglu(p).unwrap();
+    let y1 = postforge::nn::act::geglu(p).unwrap();
     let y2 = (p.narrow(2, 0, 5).unwrap() * p.narrow(2, 5, 5).unwrap().gelu_erf().unwrap()).unwrap();
     assert!(rel_err(&y1, &y2) < 1e-5, "geglu forward");
     let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -842,7 +841,7 @@ fn fused_layer_norm_and_softmax_match_the_composites_in_value_and_gradients() {
     let gv = candle_core::Var::from_tensor(&randn(&[3, 7, 1000], 2.0, "swg")).unwrap();
     let uv = candle_core::Var::from_tensor(&randn(&[3, 7, 1000], 1.0, "swu")).unwrap();
     let g = randn(&[3, 7, 1000], 1.0, "swgrad");
-    let y1 = postforge::models::nn::swiglu(gv.as_tensor(), uv.as_tensor()).unwrap();
+    let y1 = postforge::nn::act::swiglu(gv.as_tensor(), uv.as_tensor()).unwrap();
     let y2 = (gv.as_tensor().silu().unwrap() * uv.as_tensor()).unwrap();
     assert!(rel_err(&y1, &y2) < 1e-5, "swiglu forward");
     let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -858,8 +857,7 @@ fn fused_layer_norm_and_softmax_match_the_composites_in_value_and_gradients() {
 
 #[test]
 fn fused_token_logprobs_match_log_softmax_and_gather_in_value_and_gradient() {
-    use postforge::models::llama::log_softmax;
-    use postforge::models::nn::token_logprobs;
+    use postforge::nn::loss::{log_softmax, token_logprobs};
     for (shape, seed) in [(vec![2usize, 5, 11], "tl1"), (vec![7, 300], "tl2")] {
         let v = *shape.last().unwrap();
         let rows: usize = shape[..shape.len() - 1].iter().product();
@@ -912,7 +910,7 @@ fn fused_token_logprobs_match_log_softmax_and_gather_in_value_and_gradient() {
 
 #[test]
 fn fused_scaled_masked_softmax_matches_the_composite_in_value_and_gradient() {
-    use postforge::models::nn::{scaled_masked_softmax, softmax_composite};
+    use postforge::nn::softmax::{scaled_masked_softmax, softmax_composite};
     let shape = [2usize, 3, 5, 7];
     let xv = candle_core::Var::from_tensor(&randn(&shape, 2.0, "msx")).unwrap();
     let g = randn(&shape, 1.0, "msg");

@@ -7,13 +7,15 @@ use postforge::align::cpo::{CpoConfig, CpoLossType};
 use postforge::align::dpo::DpoConfig;
 use postforge::align::kto::KtoConfig;
 use postforge::align::orpo::OrpoConfig;
-use postforge::align::task::{kto_examples, reference_cache_path, AlignData, AlignTask, Objective};
-use postforge::align::tiny_chat::{preference_pairs, pretraining_data, train_tokenizer};
 use postforge::data::pref::{tokenize_pc, Seg, Seq};
 use postforge::data::text::TextTokenizer;
 use postforge::models::llama::{LlamaConfig, LlamaForCausalLM};
 use postforge::models::Weights;
 use postforge::peft::{AdapterConfig, AdapterPlan, ForwardCtx, ModuleSpec};
+use postforge::text::align_task::{
+    kto_examples, reference_cache_path, AlignData, AlignTask, Objective,
+};
+use postforge::text::tiny_chat::{preference_pairs, pretraining_data, train_tokenizer};
 use postforge::train::{Task, TrainConfig, Trainer};
 
 fn setup() -> (TextTokenizer, Vec<(Seq, Seq)>) {

@@ -2,11 +2,11 @@
 //! weights): `pretraining_data` + tokenizer files, a pipeline file with an `sft` stage and a
 //! `task-eval` stage, the merged model folder, and the shipped chat-sft pipeline parses.
 
-use postforge::align::tiny_chat::{self as tc, pretraining_data, train_tokenizer};
 use postforge::models::llama::LlamaForCausalLM;
 use postforge::models::Weights;
 use postforge::peft::AdapterPlan;
 use postforge::recipe::{Recipe, StageReport};
+use postforge::text::tiny_chat::{self as tc, pretraining_data, train_tokenizer};
 use std::path::Path;
 
 fn tiny_model(dir: &Path) {

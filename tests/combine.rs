@@ -224,8 +224,8 @@ fn image_lora_files_combine_and_dare_is_seeded() {
     let mk = |seed: u64| -> PathBuf {
         let mut f = LoraFile::default();
         let r = |shape: &[usize], k: u64| {
-            let mut rng = postforge::peft::init::rng_for(seed * 10 + k, "lora");
-            postforge::peft::init::normal(shape, 0.3, &mut rng).unwrap()
+            let mut rng = postforge::rng::rng_for(seed * 10 + k, "lora");
+            postforge::rng::normal(shape, 0.3, &mut rng).unwrap()
         };
         f.modules.insert(
             "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q".into(),

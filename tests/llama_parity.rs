@@ -5,7 +5,8 @@
 
 mod common;
 use common::*;
-use postforge::models::llama::{next_token_loss, Inputs, LlamaForCausalLM};
+use postforge::models::llama::{Inputs, LlamaForCausalLM};
+use postforge::nn::loss::next_token_loss;
 use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec};
 use postforge::util::SafeTensors;
 use std::path::{Path, PathBuf};
@@ -215,7 +216,8 @@ fn kv_cache_generation_equals_the_full_forward() {
 
 #[test]
 fn fused_rms_norm_and_rope_match_the_composites() {
-    use postforge::models::nn::{rms_norm, rms_norm_composite, rope};
+    use postforge::nn::norm::{rms_norm, rms_norm_composite};
+    use postforge::nn::rope::rope;
     let xv = candle_core::Var::from_tensor(&randn(&[2, 3, 8], 1.5, "rx")).unwrap();
     let wv = candle_core::Var::from_tensor(&(randn(&[8], 0.2, "rw") + 1.0).unwrap()).unwrap();
     let g = randn(&[2, 3, 8], 1.0, "rg");

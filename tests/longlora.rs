@@ -6,9 +6,8 @@
 mod common;
 use candle_core::{DType, Device, Tensor, D};
 use common::*;
-use postforge::models::llama::{
-    next_token_loss, shifted_sparse_attention, Inputs, LlamaForCausalLM,
-};
+use postforge::models::llama::{shifted_sparse_attention, Inputs, LlamaForCausalLM};
+use postforge::nn::loss::next_token_loss;
 use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec};
 use std::path::Path;
 

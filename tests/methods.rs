@@ -163,7 +163,8 @@ fn ia3_loha_lokr_match_peft() {
 
 #[test]
 fn fresh_adapters_start_as_no_ops_and_every_tensor_trains_on_llama() {
-    use postforge::models::llama::{next_token_loss, Inputs, LlamaForCausalLM};
+    use postforge::models::llama::{Inputs, LlamaForCausalLM};
+    use postforge::nn::loss::next_token_loss;
     use postforge::peft::{Adapted, AdapterConfig, AdapterPlan};
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/llama");
     let ids = ids(&[2, 7], 60);

@@ -3,7 +3,7 @@
 //! transformers saves read back; bad state dicts are refused with the key named.
 
 use candle_core::{DType, Device, Tensor};
-use postforge::peft::quant::{dynamic_map, Absmax, Nf4Tensor, NF4_CODE};
+use postforge::nn::nf4::{dynamic_map, Absmax, Nf4Tensor, NF4_CODE};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -207,7 +207,7 @@ fn bad_state_dicts_are_refused_with_the_key_named() {
 
 #[test]
 fn nf4_linear_matches_the_dense_dequantized_layer_and_trains_a_lora_on_top() {
-    use postforge::peft::ops::{frozen_linear, nf4_linear, plain_linear};
+    use postforge::nn::frozen::{frozen_linear, nf4_linear, plain_linear};
     use std::sync::Arc;
     let dev = Device::Cpu;
     // 300 output rows: several row blocks and a short last one (in = 320 → 204 rows a block).

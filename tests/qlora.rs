@@ -8,8 +8,10 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use postforge::models::llama::{next_token_loss, Inputs, LlamaForCausalLM};
-use postforge::peft::quant::{Absmax, Nf4Tensor, QuantSpec};
+use postforge::models::llama::{Inputs, LlamaForCausalLM};
+use postforge::nn::loss::next_token_loss;
+use postforge::nn::nf4::{Absmax, Nf4Tensor};
+use postforge::peft::quant::QuantSpec;
 use postforge::peft::{
     init, Adapted, AdaptedLayer, AdaptedLinear, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec,
 };
@@ -237,7 +239,7 @@ fn loftq_and_qpissa_reconstruct_better_than_plain_nf4() {
     // LoftQ needs the full-precision weight: on a 4-bit base it is refused with the reason.
     let mut cfg = AdapterConfig::lora(8, 8.0, &["proj"]);
     cfg.set_loftq(1);
-    let q = postforge::peft::quant::Nf4Tensor::quantize(&w, 64, true).unwrap();
+    let q = postforge::nn::nf4::Nf4Tensor::quantize(&w, 64, true).unwrap();
     let err = AdapterPlan::single(cfg, 1)
         .unwrap()
         .linear_nf4("proj", q, None)
@@ -318,8 +320,8 @@ fn every_adapter_tensor_trains_on_an_nf4_base() {
 
 #[test]
 fn merged_qlora_folders_are_written_in_four_bits() {
-    use postforge::align::run::merge_into_folder_as;
     use postforge::peft::formats::peft as peft_format;
+    use postforge::text::align_run::merge_into_folder_as;
     let io = SafeTensors::read(dir("io.safetensors")).unwrap();
     let ids = io.get("input_ids").unwrap();
     // A QLoRA adapter on the 4-bit checkpoint (the parity test's factors), saved as PEFT does.

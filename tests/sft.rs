@@ -2,13 +2,13 @@
 //! forgetting monitor records reference perplexity (and can stop a run), replay mixes data in, and
 //! a resumed run equals an unbroken one.
 
-use postforge::align::sft::{MonitorConfig, SftTask};
 use postforge::data::chat::CHATML;
 use postforge::data::sft::{pack_bfd, tokenize, unpacked, SftExample, SftOptions};
 use postforge::data::text::{train_bpe, TextTokenizer};
 use postforge::models::llama::{LlamaConfig, LlamaForCausalLM};
 use postforge::models::Weights;
 use postforge::peft::{AdapterConfig, AdapterPlan};
+use postforge::text::sft::{MonitorConfig, SftTask};
 use postforge::train::{Task, TrainConfig, Trainer};
 
 fn tokenizer() -> TextTokenizer {

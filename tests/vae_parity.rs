@@ -43,12 +43,8 @@ fn encoder_posterior_and_decoder_output_match_diffusers() {
         assert!(rel_err(&(z / 0.5).unwrap(), &io.get("mean").unwrap()) < 1e-5);
     }
     let vae = AutoencoderKL::load(&dir()).unwrap();
-    let bad = postforge::peft::init::normal(
-        &[1, 3, 15, 16],
-        1.0,
-        &mut postforge::peft::init::rng_for(0, "x"),
-    )
-    .unwrap();
+    let bad =
+        postforge::rng::normal(&[1, 3, 15, 16], 1.0, &mut postforge::rng::rng_for(0, "x")).unwrap();
     let e = vae
         .encode(&bad, &ForwardCtx::eval())
         .unwrap_err()

@@ -42,7 +42,7 @@ pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .to_dtype(DType::U32)?
         .flatten_all()?
         .to_vec1::<u32>()?;
-    crate::models::nn::token_logprobs(logits, &t)
+    crate::nn::loss::token_logprobs(logits, &t)
 }
 
 /// Sequence log-probs of the completion tokens: for ids (B, T) and the completion mask (B, T;
@@ -91,7 +91,7 @@ pub fn sequence_logps(logits: &Tensor, ids: &Tensor, completion_mask: &Tensor) -
         )));
     }
     let m = completion_mask.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?;
-    let lp = crate::models::llama::shifted_logprobs(logits, ids)?;
+    let lp = crate::nn::loss::shifted_logprobs(logits, ids)?;
     let sum = (&lp * &m)?.sum(1)?;
     let tokens = m.sum(1)?;
     let n = m.sum_all()?.to_scalar::<f32>()?;

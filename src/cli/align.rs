@@ -1,6 +1,6 @@
 use anyhow::Context;
 use clap::Args as ClapArgs;
-use postforge::align::run::AlignRunConfig;
+use postforge::text::align_run::AlignRunConfig;
 use std::path::PathBuf;
 
 /// TRL's flag names and defaults (`--beta 0.1`, `--loss-type sigmoid`, `--learning-rate 1e-6`, ...)

@@ -91,8 +91,8 @@ struct DemoTask {
 }
 
 fn inputs(seed: u64, cursor: u64, batch: usize) -> postforge::Result<Tensor> {
-    let mut rng = postforge::peft::init::rng_for(seed, &format!("demo-batch-{cursor}"));
-    postforge::peft::init::normal(&[batch, MODEL.hidden_size], 1.0, &mut rng)
+    let mut rng = postforge::rng::rng_for(seed, &format!("demo-batch-{cursor}"));
+    postforge::rng::normal(&[batch, MODEL.hidden_size], 1.0, &mut rng)
 }
 
 impl Task for DemoTask {
@@ -128,9 +128,9 @@ fn teacher_weights(
     for (k, w) in base {
         if k.ends_with(".weight") && k.starts_with("layers.") {
             let (o, i) = w.dims2()?;
-            let mut rng = postforge::peft::init::rng_for(seed, &format!("teacher.{k}"));
-            let u = postforge::peft::init::normal(&[o, HIDDEN_RANK], 1.0, &mut rng)?;
-            let v = postforge::peft::init::normal(&[HIDDEN_RANK, i], 1.0, &mut rng)?;
+            let mut rng = postforge::rng::rng_for(seed, &format!("teacher.{k}"));
+            let u = postforge::rng::normal(&[o, HIDDEN_RANK], 1.0, &mut rng)?;
+            let v = postforge::rng::normal(&[HIDDEN_RANK, i], 1.0, &mut rng)?;
             let delta = (u.matmul(&v)? * (0.6 / ((HIDDEN_RANK * i) as f64).sqrt()))?;
             out.insert(k.clone(), (w + delta)?);
         }

@@ -1,7 +1,7 @@
 use clap::Args as ClapArgs;
-use postforge::align::eval::{evaluate_run, sets, table};
 use postforge::data::tasks::TaskKind;
 use postforge::data::text::TextTokenizer;
+use postforge::text::eval::{evaluate_run, sets, table};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 

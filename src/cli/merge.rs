@@ -25,7 +25,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Some(s) => postforge::peft::quant::QuantSpec::parse(s)?,
             None => None,
         };
-        let r = postforge::align::run::merge_into_folder_as(&a.base, &a.adapter, &a.out, q)?;
+        let r = postforge::text::align_run::merge_into_folder_as(&a.base, &a.adapter, &a.out, q)?;
         println!(
             "merged {} modules into the model folder {}",
             r.modules,

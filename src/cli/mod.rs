@@ -9,7 +9,6 @@ mod generate;
 mod grid;
 mod merge;
 mod pretrain;
-mod pretrain_chat;
 mod run;
 mod sft;
 mod styles;

@@ -1,5 +1,5 @@
 use clap::Args as ClapArgs;
-use postforge::align::sft::SftRunConfig;
+use postforge::text::sft::SftRunConfig;
 use postforge::train::ScheduleKind;
 use std::path::PathBuf;
 

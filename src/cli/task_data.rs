@@ -1,6 +1,6 @@
 use clap::Args as ClapArgs;
-use postforge::align::tiny_chat::world;
 use postforge::data::tasks::{corpus, TaskKind};
+use postforge::text::tiny_chat::world;
 use std::path::PathBuf;
 
 #[derive(ClapArgs, Debug)]
@@ -38,9 +38,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     if a.preferences {
         let v = if a.near_miss {
-            postforge::align::tiny_chat::near_miss_set(&kinds, a.n, a.seed)
+            postforge::text::tiny_chat::near_miss_set(&kinds, a.n, a.seed)
         } else {
-            postforge::align::tiny_chat::preference_set(a.n, a.seed)
+            postforge::text::tiny_chat::preference_set(a.n, a.seed)
         };
         let body: String = v
             .iter()

@@ -11,6 +11,6 @@ pub mod schedule;
 pub mod tiny_sd;
 pub mod train;
 
-pub use objective::{Objective, Prediction};
+pub use objective::Objective;
 pub use sampler::{Sampler, SamplerKind};
-pub use schedule::{NoiseSchedule, SchedulerConfig};
+pub use schedule::{NoiseSchedule, Prediction, SchedulerConfig};

@@ -5,48 +5,11 @@
 //! - masked loss: the mask (area-resized to the latent grid) multiplies the per-pixel loss, which is
 //!   then averaged over channels and pixels, weighted per sample, and averaged over the batch.
 
-use super::schedule::NoiseSchedule;
-use crate::peft::init::normal;
+use super::schedule::{NoiseSchedule, Prediction};
+use crate::rng::normal;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use rand_chacha::ChaCha8Rng;
-
-/// What the denoiser predicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prediction {
-    /// ε (`epsilon`).
-    Epsilon,
-    /// v = √ᾱ·ε − √(1−ᾱ)·x₀ (`v_prediction`).
-    V,
-    /// x₀ (`sample`).
-    Sample,
-}
-
-impl Prediction {
-    /// Parses diffusers' `prediction_type`.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "epsilon" => Ok(Self::Epsilon),
-            "v_prediction" => Ok(Self::V),
-            "sample" => Ok(Self::Sample),
-            s => Err(Error::Config(format!(
-                "prediction_type `{s}` is not one of epsilon, v_prediction, sample"
-            ))),
-        }
-    }
-
-    /// Whether a model predicting this can be trained on a zero-terminal-SNR schedule: ε is
-    /// undefined at SNR 0, so ε-prediction is refused.
-    pub fn check_zero_terminal_snr(self) -> Result<()> {
-        if self == Self::Epsilon {
-            return Err(Error::Config(
-                "zero terminal SNR needs v-prediction (v_parameterization): ε is undefined at SNR 0"
-                    .into(),
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// The loss settings of a diffusion training run.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -8,6 +8,7 @@ use super::schedule::SchedulerConfig;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::AutoencoderKL;
+use crate::models::weights::{read_json, weight_files};
 use crate::models::Weights;
 use crate::peft::{Adapted, AdapterPlan, ForwardCtx};
 use crate::{Error, Result};
@@ -35,7 +36,9 @@ impl PromptTokenizer {
         // tokenizer_config.json is optional; one that exists must parse.
         let cfg_file = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_file) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| Error::format(&cfg_file, e.to_string()))?,
+            Ok(t) => {
+                serde_json::from_str(&t).map_err(|e| Error::format(&cfg_file, e.to_string()))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
             Err(e) => return Err(Error::io(&cfg_file, e)),
         };
@@ -142,44 +145,6 @@ pub struct Conditioning {
     pub pooled: Option<Tensor>,
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))
-}
-
-/// The safetensors weights file of a model folder (`diffusion_pytorch_model.safetensors` or
-/// `model.safetensors`, possibly sharded with an index).
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    for name in ["diffusion_pytorch_model", "model"] {
-        let single = dir.join(format!("{name}.safetensors"));
-        if single.exists() {
-            return Ok(vec![single]);
-        }
-        let index = dir.join(format!("{name}.safetensors.index.json"));
-        if index.exists() {
-            let v = read_json(&index)?;
-            let map = v["weight_map"]
-                .as_object()
-                .ok_or_else(|| Error::format(&index, "no weight_map"))?;
-            let mut files: Vec<PathBuf> = map
-                .values()
-                .filter_map(|f| f.as_str())
-                .map(|f| dir.join(f))
-                .collect();
-            files.sort();
-            files.dedup();
-            return Ok(files);
-        }
-    }
-    if dir.join("diffusion_pytorch_model.bin").exists() || dir.join("pytorch_model.bin").exists() {
-        return Err(Error::format(
-            dir,
-            "only pickle (.bin) weights found; postforge reads safetensors only",
-        ));
-    }
-    Err(Error::format(dir, "no safetensors weights found"))
-}
-
 impl Pipeline {
     /// Loads a pipeline folder; `unet_plan` / `text_plan` choose the adapters of each component.
     pub fn load(dir: &Path, unet_plan: AdapterPlan, text_plan: AdapterPlan) -> Result<Self> {
@@ -259,10 +224,10 @@ impl Pipeline {
                     Some(s) => {
                         let (b, _, h, w) = images.dims4()?;
                         let f = v.config().factor();
-                        Some(crate::peft::init::normal(
+                        Some(crate::rng::normal(
                             &[b, v.config().latent_channels, h / f, w / f],
                             1.0,
-                            &mut crate::peft::init::rng_for(s, "vae-posterior"),
+                            &mut crate::rng::rng_for(s, "vae-posterior"),
                         )?)
                     }
                     None => None,

@@ -6,9 +6,8 @@
 //! Euler: σ_t = √((1 − ᾱ)/ᾱ) interpolated at the (possibly fractional) timesteps; the model sees
 //! x/√(σ² + 1); x ← x + (x − x̂₀)/σ·(σ_next − σ). Ancestral: step to σ_down, add z·σ_up.
 
-use super::objective::Prediction;
-use super::schedule::{NoiseSchedule, SchedulerConfig};
-use crate::peft::init::{normal, rng_for};
+use super::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
+use crate::rng::{normal, rng_for};
 use crate::{Error, Result};
 use candle_core::Tensor;
 

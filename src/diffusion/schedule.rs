@@ -1,10 +1,11 @@
 //! Noise schedules from a diffusers `scheduler_config.json`: betas (`linear`, `scaled_linear`,
 //! `squaredcos_cap_v2`, or `trained_betas`), ᾱ = Π(1 − β), and the forward process
-//! x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε.
+//! x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε, and what the denoiser predicts (`prediction_type`).
 //!
 //! Arithmetic follows torch's: betas in f32 (`linspace` evaluated from both ends), the cumulative
 //! product accumulated in f64 and stored as f32, so that values match diffusers to the last bits.
 
+use crate::util::linspace_f32;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -93,27 +94,46 @@ impl SchedulerConfig {
         Ok(c)
     }
     /// Parsed `prediction_type`.
-    pub fn prediction(&self) -> Result<super::Prediction> {
-        super::Prediction::parse(&self.prediction_type)
+    pub fn prediction(&self) -> Result<Prediction> {
+        Prediction::parse(&self.prediction_type)
     }
 }
 
-/// torch.linspace(start, end, n) in f32, evaluated from the nearer end as torch's CPU kernel does.
-pub(crate) fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
-    if n == 1 {
-        return vec![start];
+/// What the denoiser predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prediction {
+    /// ε (`epsilon`).
+    Epsilon,
+    /// v = √ᾱ·ε − √(1−ᾱ)·x₀ (`v_prediction`).
+    V,
+    /// x₀ (`sample`).
+    Sample,
+}
+
+impl Prediction {
+    /// Parses diffusers' `prediction_type`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "epsilon" => Ok(Self::Epsilon),
+            "v_prediction" => Ok(Self::V),
+            "sample" => Ok(Self::Sample),
+            s => Err(Error::Config(format!(
+                "prediction_type `{s}` is not one of epsilon, v_prediction, sample"
+            ))),
+        }
     }
-    let step = (end - start) / (n - 1) as f32;
-    let half = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (n - i - 1) as f32
-            }
-        })
-        .collect()
+
+    /// Whether a model predicting this can be trained on a zero-terminal-SNR schedule: ε is
+    /// undefined at SNR 0, so ε-prediction is refused.
+    pub fn check_zero_terminal_snr(self) -> Result<()> {
+        if self == Self::Epsilon {
+            return Err(Error::Config(
+                "zero terminal SNR needs v-prediction (v_parameterization): ε is undefined at SNR 0"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// β_t, ᾱ_t and derived quantities of one schedule.

@@ -2,17 +2,17 @@
 //! scratch on the procedural shape corpus ([`crate::data::shapes`]), written in the diffusers folder
 //! layout, and evaluated with the procedural detector (prompt adherence).
 
-use super::objective::{Objective, Prediction, TimestepSampler, TimestepSampling};
+use super::objective::{Objective, TimestepSampler, TimestepSampling};
 use super::pipeline::{Pipeline, SampleRequest};
 use super::sampler::SamplerKind;
-use super::schedule::{NoiseSchedule, SchedulerConfig};
+use super::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
 use crate::data::shapes::{self, adheres, Scene, Style};
 use crate::media::image::{image_to_tensor, tensor_to_image};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::Weights;
-use crate::peft::init::rng_for;
 use crate::peft::{Adapted, AdapterPlan, ForwardCtx};
+use crate::rng::rng_for;
 use crate::train::ema::{Ema, EmaConfig};
 use crate::train::Task;
 use crate::util::{save_safetensors, write_atomic};
@@ -181,7 +181,7 @@ pub fn fresh_text_tensors(
     if let Some(p) = projection {
         t.insert(
             "text_projection.weight".into(),
-            crate::peft::init::normal(
+            crate::rng::normal(
                 &[p, cfg.hidden_size],
                 0.1,
                 &mut rng_for(seed, "text_projection"),
@@ -232,11 +232,11 @@ impl PretrainTask {
             ),
             Some(dir) => (
                 Weights::from_files(
-                    &super::pipeline::weight_files(&dir.join("unet"))?,
+                    &crate::models::weights::weight_files(&dir.join("unet"))?,
                     full.clone(),
                 )?,
                 Weights::from_files(
-                    &super::pipeline::weight_files(&dir.join("text_encoder"))?,
+                    &crate::models::weights::weight_files(&dir.join("text_encoder"))?,
                     full,
                 )?,
             ),

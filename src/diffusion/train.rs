@@ -3,16 +3,16 @@
 //! shuffling and dropout, min-SNR-γ, noise offset, sample images every N steps from kohya prompt
 //! lines, and a kohya (or diffusers) LoRA file as the result. Field names follow kohya's flags.
 
-use super::objective::{Objective, Prediction, TimestepSampler, TimestepSampling};
+use super::objective::{Objective, TimestepSampler, TimestepSampling};
 use super::pipeline::{Conditioning, Pipeline, SampleRequest};
 use super::sampler::SamplerKind;
-use super::schedule::NoiseSchedule;
+use super::schedule::{NoiseSchedule, Prediction};
 use crate::data::buckets::{cover_crop_at, BucketConfig};
 use crate::data::image_folder::scan;
 use crate::media::image::{image_to_tensor, tensor_to_image, write_png};
 use crate::peft::formats::lora_file::{LoraFile, LoraFormat};
-use crate::peft::init::rng_for;
 use crate::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx};
+use crate::rng::rng_for;
 use crate::train::{ScheduleKind, Task, TrainConfig};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};

@@ -7,8 +7,9 @@
 //! position of the largest token id, as transformers does). Every linear goes through the adapter
 //! core (`q_proj`, `k_proj`, `v_proj`, `out_proj`, `fc1`, `fc2`).
 
-use crate::models::nn::{layer_norm, softmax_last};
 use crate::models::Weights;
+use crate::nn::norm::layer_norm;
+use crate::nn::softmax::softmax_last;
 use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx, Layout};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};

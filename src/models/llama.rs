@@ -5,13 +5,17 @@
 //! tied embeddings, RMSNorm, softmax and RoPE as fused nodes with a real backward, padding masks,
 //! packed sequences (positions restart, no attention across sequences) and a KV cache.
 
-use super::nn::{rms_norm, rope, scaled_masked_softmax, swiglu};
 use super::Weights;
+use crate::nn::act::swiglu;
+use crate::nn::loss::{linear_cross_entropy, next_token_loss, shift_left};
+use crate::nn::norm::rms_norm;
+use crate::nn::rope::rope;
+use crate::nn::softmax::scaled_masked_softmax;
 use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn d_eps() -> f64 {
     1e-6
@@ -393,12 +397,6 @@ pub fn shifted_sparse_attention(
     Ok(a.narrow(1, 0, t)?.contiguous()?.reshape((b, t, nh * hd))?)
 }
 
-/// The safetensors files of a model folder (`model.safetensors` or the shards named in
-/// `model.safetensors.index.json`).
-pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    crate::diffusion::pipeline::weight_files(dir)
-}
-
 impl LlamaForCausalLM {
     /// Builds the model from `w` (layers through `w.plan`).
     pub fn new(cfg: &LlamaConfig, w: &Weights) -> Result<Self> {
@@ -502,7 +500,7 @@ impl LlamaForCausalLM {
     /// Loads a Hugging Face model folder.
     pub fn load(dir: &Path, plan: crate::peft::AdapterPlan) -> Result<Self> {
         let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let w = Weights::from_files(&model_files(dir)?, plan)?;
+        let w = Weights::from_files(&super::weights::weight_files(dir)?, plan)?;
         Self::new(&cfg, &w)
     }
 
@@ -676,7 +674,7 @@ impl LlamaForCausalLM {
     /// Mean next-token cross-entropy of `ids` (B, T) with per-token `weights` (B, T; the weight of
     /// token t + 1 counts the prediction made at t), as [`next_token_loss`] of [`Self::forward`].
     /// When `lm_head` is a frozen plain linear layer (LoRA training leaves it so) on the CPU in f32,
-    /// the logits are never materialised: [`super::nn::linear_cross_entropy`] takes the final
+    /// the logits are never materialised: [`linear_cross_entropy`] takes the final
     /// hidden states, skips positions of weight 0 and keeps no (B, T, V) tensor in either pass.
     pub fn next_token_loss(
         &self,
@@ -709,7 +707,7 @@ impl LlamaForCausalLM {
         let targets = shift_left(&ids.to_dtype(DType::U32)?.to_vec2::<u32>()?, 0);
         let coefs = shift_left(&weights.to_dtype(DType::F32)?.to_vec2::<f32>()?, 0.0);
         let d = h.dim(2)?;
-        super::nn::linear_cross_entropy(&h.reshape((b * t, d))?, &w, &targets, &coefs)
+        linear_cross_entropy(&h.reshape((b * t, d))?, &w, &targets, &coefs)
     }
 
     /// The additive attention mask (B, 1, T, past + T): causal, padding and packing.
@@ -802,61 +800,6 @@ impl Adapted for LlamaForCausalLM {
         v.push(&mut self.lm_head);
         v
     }
-}
-
-/// Log-softmax over the last dimension (differentiable).
-pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-    let m = logits.max_keepdim(D::Minus1)?.detach();
-    let z = logits.broadcast_sub(&m)?;
-    let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(z.broadcast_sub(&lse)?)
-}
-
-/// Next-token log-probs: for logits (B, T, V) and ids (B, T), `log p(ids[:, t + 1] | logits[:, t])`
-/// for t < T − 1, shaped (B, T − 1), through the fused [`crate::models::nn::token_logprobs`] (no
-/// copy of the logits, no log-softmax kept for the backward).
-pub fn shifted_logprobs(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let (b, t, _) = logits.dims3()?;
-    if ids.dims() != [b, t] || t < 2 {
-        return Err(Error::Msg(format!(
-            "logits {:?} and ids {:?} do not fit (or fewer than two tokens)",
-            logits.dims(),
-            ids.dims()
-        )));
-    }
-    let targets = shift_left(&ids.to_dtype(DType::U32)?.to_vec2::<u32>()?, 0);
-    Ok(crate::models::nn::token_logprobs(logits, &targets)?.narrow(1, 0, t - 1)?)
-}
-
-/// The rows of `rows` moved one place to the left and flattened, each row's last place set to
-/// `fill`: what position t predicts (the value at t + 1), per position.
-fn shift_left<T: Copy>(rows: &[Vec<T>], fill: T) -> Vec<T> {
-    let mut out = Vec::with_capacity(rows.iter().map(Vec::len).sum());
-    for row in rows {
-        out.extend_from_slice(row.get(1..).unwrap_or_default());
-        out.push(fill);
-    }
-    out
-}
-
-/// Mean next-token cross-entropy of `logits` (B, T, V) for `ids` (B, T), counting the targets whose
-/// `weights` (B, T; 1 = counted) are nonzero: position t predicts token t + 1.
-pub fn next_token_loss(logits: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let (b, t, _) = logits.dims3()?;
-    if t < 2 {
-        return Err(Error::Msg(
-            "next-token loss needs at least two tokens".into(),
-        ));
-    }
-    let picked = shifted_logprobs(logits, ids)?;
-    let w = weights.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?;
-    let n = w.sum_all()?.to_scalar::<f32>()?;
-    if n <= 0.0 {
-        return Err(Error::Msg(format!(
-            "no target token carries weight in a batch of {b}x{t}"
-        )));
-    }
-    Ok(((picked * w)?.sum_all()? * (-1.0 / n as f64))?)
 }
 
 /// Decoding settings (transformers' `generation_config.json` names).
@@ -959,7 +902,7 @@ impl LlamaForCausalLM {
         if prompt.is_empty() {
             return Err(Error::Msg("generation needs a non-empty prompt".into()));
         }
-        let mut rng = crate::peft::init::rng_for(cfg.seed, "generate");
+        let mut rng = crate::rng::rng_for(cfg.seed, "generate");
         let mut cache = self.cache();
         let ctx = ForwardCtx::eval();
         let mut input = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &Device::Cpu)?;
@@ -1044,10 +987,7 @@ impl LlamaForCausalLM {
                 let key = format!("{}.weight", l.path());
                 t.remove(&key);
                 t.extend(q.to_state_dict(&key)?);
-                quantized = Some(matches!(
-                    q.absmax,
-                    crate::peft::quant::Absmax::Double { .. }
-                ));
+                quantized = Some(matches!(q.absmax, crate::nn::nf4::Absmax::Double { .. }));
             }
         }
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);

@@ -40,14 +40,14 @@ impl MlpConfig {
     pub fn random_weights(&self, seed: u64) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         let mut add = |name: &str, o: usize, i: usize| -> Result<()> {
-            let mut rng = crate::peft::init::rng_for(seed, name);
+            let mut rng = crate::rng::rng_for(seed, name);
             out.insert(
                 format!("{name}.weight"),
-                crate::peft::init::normal(&[o, i], 1.0 / (i as f64).sqrt(), &mut rng)?,
+                crate::rng::normal(&[o, i], 1.0 / (i as f64).sqrt(), &mut rng)?,
             );
             out.insert(
                 format!("{name}.bias"),
-                crate::peft::init::normal(&[o], 0.1, &mut rng)?,
+                crate::rng::normal(&[o], 0.1, &mut rng)?,
             );
             Ok(())
         };

@@ -3,7 +3,6 @@
 pub mod clip;
 pub mod llama;
 pub mod mlp;
-pub mod nn;
 pub mod unet;
 pub mod vae;
 pub mod weights;

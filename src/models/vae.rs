@@ -4,9 +4,9 @@
 //! latents. Latents are scaled as pipelines do: `(z − shift_factor) · scaling_factor` for the
 //! denoiser, and back before decoding.
 
-use super::nn::softmax_last;
 use super::unet::blocks::{conv3x3, groupnorm, GroupNorm, ResnetBlock2D};
 use super::Weights;
+use crate::nn::softmax::softmax_last;
 use crate::peft::{AdaptedConv2d, AdaptedLinear, ConvCfg, ForwardCtx, Layout};
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -346,7 +346,7 @@ impl AutoencoderKL {
     /// Loads `dir/config.json` and the safetensors weights of a `vae/` folder.
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
-        let files = crate::diffusion::pipeline::weight_files(dir)?;
+        let files = super::weights::weight_files(dir)?;
         Self::new(
             &cfg,
             &Weights::from_files(&files, crate::peft::AdapterPlan::none())?,
@@ -402,7 +402,7 @@ impl AutoencoderKL {
                 h = r.forward(&h, None, ctx)?;
             }
             if let Some(s) = &l.sampler {
-                h = s.forward(&crate::models::nn::upsample_nearest(&h, 2)?, ctx)?;
+                h = s.forward(&crate::nn::resample::upsample_nearest(&h, 2)?, ctx)?;
             }
         }
         self.dec_out.forward(&self.dec_norm.apply_silu(&h)?, ctx)

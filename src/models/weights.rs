@@ -1,7 +1,7 @@
 //! Named base weights for model constructors: shape-checked access with errors naming the file, the
 //! key and both shapes, and builders for adapted layers through an [`AdapterPlan`].
 
-use crate::peft::quant::Nf4Tensor;
+use crate::nn::nf4::Nf4Tensor;
 use crate::peft::{AdaptedConv2d, AdaptedLinear, AdapterPlan, ConvCfg};
 use crate::util::SafeTensors;
 use crate::{Error, Result};
@@ -81,10 +81,10 @@ impl Weights {
             Tensor::ones(shape, DType::F32, &dev)?
         } else {
             let fan_in: usize = shape[1..].iter().product();
-            crate::peft::init::normal(
+            crate::rng::normal(
                 shape,
                 1.0 / (fan_in.max(1) as f64).sqrt(),
-                &mut crate::peft::init::rng_for(seed, key),
+                &mut crate::rng::rng_for(seed, key),
             )?
         };
         if let Some((_, m)) = &self.fresh {
@@ -179,4 +179,43 @@ impl Weights {
         })?;
         Ok(t.to_dtype(self.dtype)?)
     }
+}
+
+/// A JSON file, with errors naming it.
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))
+}
+
+/// The safetensors weights file of a model folder (`diffusion_pytorch_model.safetensors` or
+/// `model.safetensors`, possibly sharded with an index).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    for name in ["diffusion_pytorch_model", "model"] {
+        let single = dir.join(format!("{name}.safetensors"));
+        if single.exists() {
+            return Ok(vec![single]);
+        }
+        let index = dir.join(format!("{name}.safetensors.index.json"));
+        if index.exists() {
+            let v = read_json(&index)?;
+            let map = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| Error::format(&index, "no weight_map"))?;
+            let mut files: Vec<PathBuf> = map
+                .values()
+                .filter_map(|f| f.as_str())
+                .map(|f| dir.join(f))
+                .collect();
+            files.sort();
+            files.dedup();
+            return Ok(files);
+        }
+    }
+    if dir.join("diffusion_pytorch_model.bin").exists() || dir.join("pytorch_model.bin").exists() {
+        return Err(Error::format(
+            dir,
+            "only pickle (.bin) weights found; postforge reads safetensors only",
+        ));
+    }
+    Err(Error::format(dir, "no safetensors weights found"))
 }

@@ -19,7 +19,7 @@ use super::base::{var, Base, BaseKind};
 use super::config::Method;
 use super::ctx::ForwardCtx;
 use super::layer::AdaptedLayer;
-use super::ops;
+use crate::nn::frozen;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::BTreeMap;
@@ -61,7 +61,7 @@ impl Adalora {
         };
         let mut rng = spec.rng(base.path());
         let dev = Device::Cpu;
-        let normal = super::init::normal;
+        let normal = crate::rng::normal;
         let (e, a, b) = if super::adapter::extra_bool(cfg, "init_weights", true) {
             (
                 Tensor::zeros((r, 1), DType::F32, &dev)?,
@@ -119,8 +119,8 @@ impl Adapter for Adalora {
 
     fn delta(&self, _base: &Base, x: &Tensor, _out: &BaseOut, ctx: &ForwardCtx) -> Result<Tensor> {
         let ae = ctx.read(&self.a).broadcast_mul(&ctx.read(&self.e))?;
-        let h = ops::plain_linear(x, &ae)?;
-        Ok((ops::plain_linear(&h, &ctx.read(&self.b))? * self.scale)?)
+        let h = frozen::plain_linear(x, &ae)?;
+        Ok((frozen::plain_linear(&h, &ctx.read(&self.b))? * self.scale)?)
     }
 
     fn delta_weight(&self, base: &Base) -> Result<Tensor> {

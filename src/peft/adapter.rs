@@ -157,7 +157,7 @@ pub struct BuildSpec<'a> {
 impl BuildSpec<'_> {
     /// The seeded generator for this adapter on the layer at `path`.
     pub fn rng(&self, path: &str) -> rand_chacha::ChaCha8Rng {
-        super::init::rng_for(self.seed, &format!("{path}.{}", self.name))
+        crate::rng::rng_for(self.seed, &format!("{path}.{}", self.name))
     }
 }
 

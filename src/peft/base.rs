@@ -3,8 +3,10 @@
 //! and the inits that rewrite the weight (PiSSA, OLoRA, LoftQ) change it.
 
 use super::config::ModuleKind;
-use super::ops::{self, ConvCfg};
-use super::quant::{Absmax, Nf4Tensor, QuantSpec, RoundingError};
+use super::quant::QuantSpec;
+use crate::nn::conv::ConvCfg;
+use crate::nn::nf4::{Absmax, Nf4Tensor, RoundingError};
+use crate::nn::{conv, frozen};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::sync::Arc;
@@ -295,12 +297,12 @@ impl Base {
     /// The frozen path without bias: `W x` (linear), `conv(x, W)`, or the embedding lookup.
     pub fn forward_nobias(&self, x: &Tensor) -> Result<Tensor> {
         let w = match &self.weight {
-            BaseWeight::Nf4(q) => return Ok(ops::nf4_linear(x, q)?),
+            BaseWeight::Nf4(q) => return Ok(frozen::nf4_linear(x, q)?),
             BaseWeight::Dense(w) => w,
         };
         Ok(match self.kind {
-            BaseKind::Linear => ops::frozen_linear(x, w)?,
-            BaseKind::Conv2d(c) => ops::frozen_conv2d(x, w, c)?,
+            BaseKind::Linear => frozen::frozen_linear(x, w)?,
+            BaseKind::Conv2d(c) => conv::frozen_conv2d(x, w, c)?,
             BaseKind::Embedding => embed(w, x).map_err(|e| self.err(e.to_string()))?,
             BaseKind::Norm => return Err(self.norm_err()),
         })
@@ -313,15 +315,15 @@ impl Base {
             BaseKind::Conv2d(_) => 1,
             _ => y.rank() - 1,
         };
-        Ok(ops::add_channel_bias(&y, b, dim)?)
+        Ok(conv::add_channel_bias(&y, b, dim)?)
     }
 
     /// The activations of a weight-shaped `w` on `x` with this layer's geometry (a linear map, or
     /// a convolution with the base's stride and padding); gradients flow into `w` and `x`.
     pub fn apply_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         Ok(match self.kind {
-            BaseKind::Linear => ops::plain_linear(x, w)?,
-            BaseKind::Conv2d(c) => ops::conv2d(x, w, c, true)?,
+            BaseKind::Linear => frozen::plain_linear(x, w)?,
+            BaseKind::Conv2d(c) => conv::conv2d(x, w, c, true)?,
             BaseKind::Embedding => embed(w, x).map_err(|e| self.err(e.to_string()))?,
             BaseKind::Norm => return Err(self.norm_err()),
         })

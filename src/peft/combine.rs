@@ -24,7 +24,8 @@
 use super::config::{AdapterConfig, InitSpec, ModuleSpec};
 use super::formats::lora_file::{LoraFile, LoraFormat, ModuleLora};
 use super::formats::peft::{CONFIG_FILE, WEIGHTS_FILE};
-use super::init::{from_matrix, rng_for, svd_top};
+use super::init::{from_matrix, svd_top};
+use crate::rng::rng_for;
 use crate::util::{save_safetensors, write_atomic, SafeTensors};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};

@@ -14,7 +14,6 @@
 //!   its gate, which is the mask area-averaged to the layer's grid (soft masks stay soft), cached
 //!   per (adapter, grid), and optionally normalised across adapters (`M_c / (Σ_u M_u + ε)`).
 
-use super::init;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
@@ -150,7 +149,7 @@ impl ForwardCtx {
 
     fn rng(&self, path: &str) -> rand_chacha::ChaCha8Rng {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        init::rng_for(
+        crate::rng::rng_for(
             self.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ call,
             path,
         )

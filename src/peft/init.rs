@@ -8,20 +8,9 @@
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use nalgebra::DMatrix;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
-
-/// A deterministic generator for one adapter tensor: the same (seed, name) always gives the same numbers.
-pub fn rng_for(seed: u64, name: &str) -> ChaCha8Rng {
-    // FNV-1a of the name, mixed with the seed: stable across platforms and Rust versions.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in name.as_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    ChaCha8Rng::seed_from_u64(seed ^ h.rotate_left(17))
-}
 
 /// U(−bound, bound) with bound = 1/√fan_in: torch's `kaiming_uniform_(a=√5)`.
 pub fn kaiming_uniform(shape: &[usize], fan_in: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> {
@@ -29,18 +18,6 @@ pub fn kaiming_uniform(shape: &[usize], fan_in: usize, rng: &mut ChaCha8Rng) -> 
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n)
         .map(|_| rng.random_range(-bound..bound) as f32)
-        .collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
-}
-
-/// N(0, std²).
-pub fn normal(shape: &[usize], std: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let z: f64 = StandardNormal.sample(rng);
-            (z * std) as f32
-        })
         .collect();
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
@@ -139,7 +116,7 @@ pub fn pissa(
 /// (A = R, B = L, Q dequantized). As in PEFT the factors are not divided by the LoRA scale, so
 /// `Q + s·B A ≈ W` holds for `s = 1` (`lora_alpha = r`).
 pub fn loftq(w: &Tensor, r: usize, iters: usize) -> Result<(Tensor, Tensor, Tensor)> {
-    use super::quant::{Nf4Tensor, BLOCKSIZE};
+    use crate::nn::nf4::{Nf4Tensor, BLOCKSIZE};
     let dev = w.device().clone();
     let w = w.to_dtype(DType::F32)?;
     let mut res = w.clone();

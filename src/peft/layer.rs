@@ -13,8 +13,10 @@ use super::adapter::{Adapter, BaseOut, Rescale, Unmerge};
 use super::base::{var, Base, BaseKind, BaseWeight, Nf4Snapshot};
 use super::ctx::ForwardCtx;
 use super::lora::Lora;
-use super::ops::{self, ConvCfg};
-use super::quant::{Nf4Tensor, QuantSpec, RoundingError};
+use super::quant::QuantSpec;
+use crate::nn::conv::ConvCfg;
+use crate::nn::nf4::{Nf4Tensor, RoundingError};
+use crate::nn::{conv, frozen};
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use std::collections::BTreeMap;
@@ -321,8 +323,8 @@ impl AdaptedLayer {
     fn saved_forward(&self, s: &SavedCopy, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let w = ctx.read(&s.weight);
         let y = match self.kind() {
-            BaseKind::Linear => ops::plain_linear(x, &w)?,
-            BaseKind::Conv2d(c) => ops::conv2d(x, &w, c, true)?,
+            BaseKind::Linear => frozen::plain_linear(x, &w)?,
+            BaseKind::Conv2d(c) => conv::conv2d(x, &w, c, true)?,
             BaseKind::Embedding => {
                 super::base::embed(&w, x).map_err(|e| self.err(e.to_string()))?
             }

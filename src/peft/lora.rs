@@ -15,7 +15,8 @@ use super::base::{embed, var, Base, BaseKind, BaseWeight};
 use super::config::{Init, Method};
 use super::ctx::ForwardCtx;
 use super::init;
-use super::ops::{self, ConvCfg};
+use crate::nn::conv::ConvCfg;
+use crate::nn::{conv, frozen, lora_op};
 use crate::Result;
 use candle_core::{DType, Tensor, Var};
 
@@ -81,16 +82,20 @@ impl Lora {
         let mut initial = None;
         let (a, b) = match (cfg.init_lora_weights.parse()?, base.kind()) {
             (Init::Default, BaseKind::Embedding) => {
-                (zeros(&sa)?, init::normal(&sb, 1.0, &mut rng)?)
+                (zeros(&sa)?, crate::rng::normal(&sb, 1.0, &mut rng)?)
             }
             (Init::Default, _) => (init::kaiming_uniform(&sa, fan_in, &mut rng)?, zeros(&sb)?),
-            (Init::Gaussian, BaseKind::Embedding) => {
-                (zeros(&sa)?, init::normal(&sb, 1.0 / r as f64, &mut rng)?)
-            }
-            (Init::Gaussian, _) => (init::normal(&sa, 1.0 / r as f64, &mut rng)?, zeros(&sb)?),
+            (Init::Gaussian, BaseKind::Embedding) => (
+                zeros(&sa)?,
+                crate::rng::normal(&sb, 1.0 / r as f64, &mut rng)?,
+            ),
+            (Init::Gaussian, _) => (
+                crate::rng::normal(&sa, 1.0 / r as f64, &mut rng)?,
+                zeros(&sb)?,
+            ),
             (Init::Random, BaseKind::Embedding) => (
-                init::normal(&sa, 1.0, &mut rng)?,
-                init::normal(&sb, 1.0, &mut rng)?,
+                crate::rng::normal(&sa, 1.0, &mut rng)?,
+                crate::rng::normal(&sb, 1.0, &mut rng)?,
             ),
             (Init::Random, _) => {
                 let a = init::kaiming_uniform(&sa, fan_in, &mut rng)?;
@@ -170,7 +175,7 @@ impl Lora {
     fn path(&self, base: &Base, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let (a, b) = (ctx.read(&self.a), ctx.read(&self.b));
         let y = match base.kind() {
-            BaseKind::Linear => ops::plain_linear(&ops::plain_linear(x, &a)?, &b)?,
+            BaseKind::Linear => frozen::plain_linear(&frozen::plain_linear(x, &a)?, &b)?,
             BaseKind::Conv2d(c) => {
                 // PEFT builds lora_A with the base's kernel, stride and padding, but dilation 1.
                 let a_cfg = ConvCfg {
@@ -178,13 +183,13 @@ impl Lora {
                     groups: 1,
                     ..c
                 };
-                let h = ops::conv2d(x, &a, a_cfg, true)?;
-                ops::conv2d(&h, &b, ConvCfg::default(), true)?
+                let h = conv::conv2d(x, &a, a_cfg, true)?;
+                conv::conv2d(&h, &b, ConvCfg::default(), true)?
             }
             BaseKind::Embedding => {
                 // lookup rows of Aᵀ (num, r), then · Bᵀ
                 let h = embed(&a.t()?.contiguous()?, x)?;
-                ops::plain_linear(&h, &b)?
+                frozen::plain_linear(&h, &b)?
             }
             BaseKind::Norm => return Err(base.norm_err()),
         };
@@ -222,7 +227,7 @@ pub(crate) fn dora_norm(base: &Base, a: &Var, b: &Var, s: f64) -> Result<Tensor>
     let (a, b, wa) = match (base.weight(), base.kind()) {
         (BaseWeight::Nf4(q), _) => {
             // W Aᵀ = (A Wᵀ)ᵀ, with the NF4 weight dequantized block by block.
-            let wa = ops::nf4_linear(&a, q)?.t()?; // (out, r)
+            let wa = frozen::nf4_linear(&a, q)?.t()?; // (out, r)
             (a, b, wa)
         }
         (BaseWeight::Dense(w), BaseKind::Embedding) => {
@@ -341,8 +346,8 @@ impl Adapter for Lora {
         let (a, b) = (ctx.read(&self.a), ctx.read(&self.b));
         let fused = |s: f64| -> Result<Tensor> {
             Ok(match base.weight() {
-                BaseWeight::Dense(w) => ops::lora_linear(x, w, &a, &b, s)?,
-                BaseWeight::Nf4(q) => ops::qlora_linear(x, q, &a, &b, s)?,
+                BaseWeight::Dense(w) => lora_op::lora_linear(x, w, &a, &b, s)?,
+                BaseWeight::Nf4(q) => lora_op::qlora_linear(x, q, &a, &b, s)?,
             })
         };
         Ok(match &self.magnitude {
@@ -350,7 +355,7 @@ impl Adapter for Lora {
             // y = g ⊙ (W x + s·B A x) with g = m / ‖W + s·B A‖ (detached norm).
             Some(m) if gain == 1.0 => {
                 let u = fused(self.scale)?;
-                Some(ops::scale_columns(&u, &self.dora_gain(base, m, ctx)?)?)
+                Some(lora_op::scale_columns(&u, &self.dora_gain(base, m, ctx)?)?)
             }
             Some(_) => None,
         })

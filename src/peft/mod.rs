@@ -42,18 +42,18 @@ pub mod loha;
 pub mod lokr;
 pub mod lora;
 pub mod merge;
-pub mod ops;
+
 pub mod quant;
 pub mod registry;
 pub mod vera;
 
+pub use crate::nn::conv::ConvCfg;
 pub use adapter::Adapter;
 pub use base::{Base, BaseKind, BaseWeight};
 pub use config::{AdapterConfig, Init, InitSpec, Method, ModuleKind, ModuleSpec};
 pub use ctx::{Blend, ForwardCtx, Layout, Routing};
 pub use layer::{AdaptedConv2d, AdaptedEmbedding, AdaptedLayer, AdaptedLinear};
 pub use lora::Lora;
-pub use ops::ConvCfg;
 
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};

@@ -12,9 +12,9 @@ use super::adapter::{extra_bool, extra_f64, Adapter, BaseOut, BuildSpec};
 use super::base::{var, Base, BaseKind};
 use super::config::Method;
 use super::ctx::ForwardCtx;
-use super::init::rng_for;
 use super::layer::AdaptedLayer;
-use super::ops;
+use crate::nn::frozen;
+use crate::rng::rng_for;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -67,7 +67,7 @@ impl Vera {
         } else {
             let mut rng = spec.rng(base.path());
             (
-                super::init::normal(&[spec.r], 1.0, &mut rng)?,
+                crate::rng::normal(&[spec.r], 1.0, &mut rng)?,
                 Tensor::ones(out, DType::F32, &dev)?,
             )
         };
@@ -126,8 +126,8 @@ impl Adapter for Vera {
 
     fn delta(&self, base: &Base, x: &Tensor, _out: &BaseOut, ctx: &ForwardCtx) -> Result<Tensor> {
         let (a, b) = self.slices().map_err(|e| base.err(e.to_string()))?;
-        let h = ops::plain_linear(x, &a)?.broadcast_mul(&ctx.read(&self.lambda_d))?;
-        Ok(ops::plain_linear(&h, &b)?.broadcast_mul(&ctx.read(&self.lambda_b))?)
+        let h = frozen::plain_linear(x, &a)?.broadcast_mul(&ctx.read(&self.lambda_d))?;
+        Ok(frozen::plain_linear(&h, &b)?.broadcast_mul(&ctx.read(&self.lambda_b))?)
     }
 
     fn delta_weight(&self, base: &Base) -> Result<Tensor> {

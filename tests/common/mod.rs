@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use candle_core::{backprop::GradStore, Device, Tensor, Var};
-use postforge::peft::init::{normal, rng_for};
+use postforge::rng::{normal, rng_for};
 
 pub fn randn(shape: &[usize], std: f64, name: &str) -> Tensor {
     normal(shape, std, &mut rng_for(7, name)).unwrap()

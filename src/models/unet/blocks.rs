@@ -1,10 +1,10 @@
 //! U-Net building blocks with diffusers names: ResnetBlock2D, Transformer2DModel (with
 //! BasicTransformerBlock, Attention, GEGLU feed-forward), Downsample2D, Upsample2D.
 
-use crate::models::nn::{
-    geglu, group_norm_fused, group_norm_silu, layer_norm, scaled_masked_softmax,
-};
 use crate::models::Weights;
+use crate::nn::act::geglu;
+use crate::nn::norm::{group_norm_fused, group_norm_silu, layer_norm};
+use crate::nn::softmax::scaled_masked_softmax;
 use crate::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx, Layout};
 use crate::Result;
 use candle_core::{Tensor, D};
@@ -118,7 +118,7 @@ impl ResnetBlock2D {
         let h = match (&self.time_emb_proj, temb) {
             (Some(p), Some(temb)) => {
                 let t = p.forward(&temb.silu()?, ctx)?;
-                crate::peft::ops::add_channel_bias(&h, &t, 1)?
+                crate::nn::conv::add_channel_bias(&h, &t, 1)?
             }
             _ => h,
         };

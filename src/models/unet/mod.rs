@@ -10,8 +10,8 @@ pub mod config;
 
 pub use config::UNetConfig;
 
-use crate::models::nn::timestep_embedding;
 use crate::models::Weights;
+use crate::nn::rope::timestep_embedding;
 use crate::peft::{Adapted, AdaptedConv2d, AdaptedLayer, AdaptedLinear, ForwardCtx, Layout};
 use crate::{Error, Result};
 use blocks::{conv3x3, groupnorm, Block, GroupNorm, ResnetBlock2D, Transformer2D};
@@ -342,7 +342,7 @@ impl UNet2DConditionModel {
                 }
             }
             if let Some(s) = &blk.sampler {
-                x = s.forward(&crate::models::nn::upsample_nearest(&x, 2)?, ctx)?;
+                x = s.forward(&crate::nn::resample::upsample_nearest(&x, 2)?, ctx)?;
             }
         }
         let x = self.norm_out.apply_silu(&x)?;

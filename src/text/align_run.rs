@@ -3,11 +3,11 @@
 //! adapter enters: merged into the base, stacked (frozen) under the new adapter, or as the starting
 //! point of the policy with a frozen copy as the reference (`ref_adapter`).
 
-use super::cpo::{CpoConfig, CpoLossType};
-use super::dpo::{DpoConfig, DpoLossType, FDivergence};
-use super::kto::{weight_advice, KtoConfig, KtoLossType};
-use super::orpo::OrpoConfig;
-use super::task::{kto_examples, reference_cache_path, AlignData, AlignTask, Objective};
+use super::align_task::{kto_examples, reference_cache_path, AlignData, AlignTask, Objective};
+use crate::align::cpo::{CpoConfig, CpoLossType};
+use crate::align::dpo::{DpoConfig, DpoLossType, FDivergence};
+use crate::align::kto::{weight_advice, KtoConfig, KtoLossType};
+use crate::align::orpo::OrpoConfig;
 use crate::data::pref::{read_pairs, read_unpaired, tokenize_pc, Seq};
 use crate::data::text::TextTokenizer;
 use crate::models::llama::LlamaForCausalLM;

@@ -98,7 +98,7 @@ pub fn sets(
 }
 
 fn mean_logp(m: &LlamaForCausalLM, seqs: &[&Seq], pad: u32) -> Result<Vec<f32>> {
-    let (ids, cm, am) = super::task::collate(seqs, pad)?;
+    let (ids, cm, am) = super::align_task::collate(seqs, pad)?;
     let logits = m.forward(
         &ids,
         &Inputs {
@@ -107,7 +107,7 @@ fn mean_logp(m: &LlamaForCausalLM, seqs: &[&Seq], pad: u32) -> Result<Vec<f32>> 
         },
         &ForwardCtx::eval(),
     )?;
-    Ok(super::logps::sequence_logps(&logits, &ids, &cm)?
+    Ok(crate::align::logps::sequence_logps(&logits, &ids, &cm)?
         .mean()?
         .to_vec1::<f32>()?)
 }

@@ -3,16 +3,16 @@
 //! (or with a frozen reference adapter active): no second copy in memory. Reference log-probs can be
 //! computed once and cached on disk under a hash of the data, the model and the settings.
 
-use super::cpo::CpoConfig;
-use super::dpo::{DpoConfig, PairLogps};
-use super::kto::{KtoConfig, KtoLogps};
-use super::logps::{sequence_logps, SeqLogps};
-use super::orpo::OrpoConfig;
+use crate::align::cpo::CpoConfig;
+use crate::align::dpo::{DpoConfig, PairLogps};
+use crate::align::kto::{KtoConfig, KtoLogps};
+use crate::align::logps::{sequence_logps, SeqLogps};
+use crate::align::orpo::OrpoConfig;
 use crate::data::pref::Seq;
 use crate::models::llama::{Inputs, LlamaForCausalLM};
 use crate::peft::formats::peft::{save, SaveOptions};
-use crate::peft::init::rng_for;
 use crate::peft::{Adapted, AdapterConfig, ForwardCtx};
+use crate::rng::rng_for;
 use crate::train::Task;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};

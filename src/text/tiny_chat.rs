@@ -334,7 +334,7 @@ pub fn near_miss(e: &TaskExample, rng: &mut rand_chacha::ChaCha8Rng) -> String {
 /// A harder procedural preference set: questions of `tasks`, the right answer chosen and a
 /// [`near_miss`] rejected (TRL conversational JSON lines, explicit prompt, `kind = "near-miss"`).
 pub fn near_miss_set(tasks: &[TaskKind], n: usize, seed: u64) -> Vec<serde_json::Value> {
-    let mut rng = crate::peft::init::rng_for(seed, "near-miss-set");
+    let mut rng = crate::rng::rng_for(seed, "near-miss-set");
     corpus(tasks, n, &world(), seed)
         .iter()
         .map(|e| {
@@ -353,7 +353,7 @@ pub fn near_miss_set(tasks: &[TaskKind], n: usize, seed: u64) -> Vec<serde_json:
 /// (conversational, explicit prompt).
 pub fn preference_pairs(examples: &[TaskExample], seed: u64) -> Vec<crate::data::pref::Pair> {
     use crate::data::pref::{Pair, Seg};
-    let mut rng = crate::peft::init::rng_for(seed, "preference-pairs");
+    let mut rng = crate::rng::rng_for(seed, "preference-pairs");
     examples
         .iter()
         .map(|e| Pair {
@@ -370,7 +370,7 @@ pub fn preference_pairs(examples: &[TaskExample], seed: u64) -> Vec<crate::data:
 pub fn preference_set(n: usize, seed: u64) -> Vec<serde_json::Value> {
     use rand::Rng;
     let w = world();
-    let mut rng = crate::peft::init::rng_for(seed, "preference-set");
+    let mut rng = crate::rng::rng_for(seed, "preference-set");
     let tasks = corpus(&TaskKind::PRETRAIN, n, &w, seed);
     tasks
         .iter()
@@ -433,7 +433,7 @@ mod tests {
             TaskKind::Fact,
         ];
         let ex = corpus(&kinds, 200, &w, 11);
-        let mut rng = crate::peft::init::rng_for(3, "t");
+        let mut rng = crate::rng::rng_for(3, "t");
         for e in &ex {
             let m = near_miss(e, &mut rng);
             assert!(!e.check(&m), "{:?}: near miss {m:?} passes", e);

@@ -6,8 +6,8 @@
 use crate::data::sft::{collate, Row};
 use crate::models::llama::{Inputs, LlamaForCausalLM};
 use crate::peft::formats::peft::{save, SaveOptions};
-use crate::peft::init::rng_for;
 use crate::peft::{Adapted, AdapterConfig, ForwardCtx};
+use crate::rng::rng_for;
 use crate::train::Task;
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
@@ -583,7 +583,7 @@ pub struct SftRunConfig {
     pub output_dir: std::path::PathBuf,
     /// In a pipeline: how the previous stage's adapter enters (`merge` only for SFT).
     #[serde(default)]
-    pub previous: Option<super::run::Previous>,
+    pub previous: Option<super::align_run::Previous>,
 }
 
 /// What an SFT run produced.

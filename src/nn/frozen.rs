@@ -1,0 +1,276 @@
+//! Linear layers over frozen base weights, dense or NF4.
+//!
+//! candle's matmul backward always computes the weight gradient, even when the weight is a plain
+//! (frozen) tensor: a weight-sized buffer per layer per step, for nothing. The ops here compute the
+//! forward with ordinary candle kernels on a detached input, then attach a node (`attach`) whose
+//! backward returns only the input gradient (`g · W` for a linear layer). No weight-sized gradient
+//! is ever allocated. Each has a composite reference in the tests.
+
+use super::kernels::check_rank;
+use super::nf4::Nf4Tensor;
+use candle_core::{backend::BackendStorage, CpuStorage, Layout, Result, Shape, Tensor};
+
+/// Re-attaches a detached forward result `y` to the graph of the input `x`, with a backward that
+/// only knows how to map the output gradient to the input gradient. `y` is taken out when the node
+/// copies it, so the graph does not keep a second output-sized tensor alive.
+struct Attach<F: Fn(&Tensor) -> Result<Tensor> + Send + Sync> {
+    name: &'static str,
+    y: std::sync::Mutex<Option<Tensor>>,
+    input_grad: F,
+}
+
+fn copy_contiguous(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    macro_rules! copy {
+        ($v:expr, $variant:ident) => {{
+            let v = match l.contiguous_offsets() {
+                Some((a, b)) => $v[a..b].to_vec(),
+                // The forward results we attach are fresh matmul/conv outputs, always contiguous.
+                None => candle_core::bail!("frozen op: non-contiguous forward result"),
+            };
+            CpuStorage::$variant(v)
+        }};
+    }
+    Ok(match s {
+        CpuStorage::F32(v) => copy!(v, F32),
+        CpuStorage::F64(v) => copy!(v, F64),
+        CpuStorage::F16(v) => copy!(v, F16),
+        CpuStorage::BF16(v) => copy!(v, BF16),
+        other => candle_core::bail!("frozen op: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// Moves the precomputed result out of its slot into fresh storage.
+pub(super) fn take_result(
+    slot: &std::sync::Mutex<Option<Tensor>>,
+    name: &str,
+) -> Result<(CpuStorage, Shape)> {
+    let y = slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{name}: poisoned")))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: forward ran twice")))?;
+    let (s, l) = y.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(c) => Ok((copy_contiguous(c, l)?, l.shape().clone())),
+        _ => candle_core::bail!("{name}: CPU only"),
+    }
+}
+
+impl<F: Fn(&Tensor) -> Result<Tensor> + Send + Sync> candle_core::CustomOp1 for Attach<F> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _x: &CpuStorage, _xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        take_result(&self.y, self.name)
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.input_grad)(grad)?))
+    }
+}
+
+pub(crate) fn attach<F>(x: &Tensor, y: Tensor, name: &'static str, input_grad: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    if !x.track_op() {
+        // Nothing upstream needs a gradient: the plain result is enough.
+        return Ok(y);
+    }
+    x.apply_op1_arc(std::sync::Arc::new(Box::new(Attach {
+        name,
+        y: std::sync::Mutex::new(Some(y)),
+        input_grad,
+    })))
+}
+
+/// `x · Wᵀ` for a frozen weight `w` of shape (out, in); `x` is (..., in). Backward gives only dL/dx.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    check_rank(x, "frozen_linear")?;
+    if x.track_op() && !x.device().is_cpu() {
+        return plain_linear(x, &w.detach());
+    }
+    let y = plain_linear(&x.detach(), w)?;
+    let w2 = w.clone();
+    attach(x, y, "frozen-linear", move |g| {
+        // g: (..., out) · W (out, in) -> (..., in)
+        let dims = g.dims().to_vec();
+        let out = dims[dims.len() - 1];
+        let lead: usize = dims[..dims.len() - 1].iter().product();
+        let gx = g.reshape((lead, out))?.matmul(&w2)?;
+        let mut xd = dims.clone();
+        let last = xd.len() - 1;
+        xd[last] = w2.dim(1)?;
+        gx.reshape(xd)
+    })
+}
+
+/// `x · Wᵀ` for a frozen NF4 weight (out, in) (QLoRA's base layer): the weight is dequantized a
+/// block of output rows at a time (about 64K values, in parallel) and multiplied, in the forward
+/// and again in the backward, which gives only dL/dx. No dense copy of the weight is ever alive.
+pub fn nf4_linear(x: &Tensor, w: &std::sync::Arc<Nf4Tensor>) -> Result<Tensor> {
+    check_rank(x, "nf4_linear")?;
+    let base = Frozen::nf4(w)?;
+    let (out, inn) = base.out_in()?;
+    let dims = x.dims().to_vec();
+    if dims[dims.len() - 1] != inn {
+        candle_core::bail!(
+            "nf4_linear: input {:?} does not fit weight {:?}",
+            dims,
+            w.shape
+        );
+    }
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let x2 = x
+        .detach()
+        .to_dtype(candle_core::DType::F32)?
+        .reshape((lead, inn))?;
+    let mut yd = dims.clone();
+    let last = yd.len() - 1;
+    yd[last] = out;
+    let y = base.forward(&x2)?.reshape(yd)?;
+    attach(x, y, "nf4-linear", move |g| {
+        let gx = base.input_grad(&g.reshape((lead, out))?)?;
+        let mut xd = dims.clone();
+        let last = xd.len() - 1;
+        xd[last] = inn;
+        gx.reshape(xd)
+    })
+}
+
+/// A frozen linear weight (out, in) as the fused ops use it: dense, or NF4 with its absmax
+/// values unpacked once per call.
+#[derive(Clone)]
+pub(super) enum Frozen {
+    Dense(Tensor),
+    Nf4 {
+        w: std::sync::Arc<Nf4Tensor>,
+        absmax: std::sync::Arc<Vec<f32>>,
+    },
+}
+
+impl Frozen {
+    pub(super) fn nf4(w: &std::sync::Arc<Nf4Tensor>) -> Result<Self> {
+        if w.shape.len() != 2 {
+            candle_core::bail!("NF4 linear: weight shape {:?} is not (out, in)", w.shape);
+        }
+        Ok(Frozen::Nf4 {
+            w: w.clone(),
+            absmax: std::sync::Arc::new(w.absmax_f32()),
+        })
+    }
+    pub(super) fn out_in(&self) -> Result<(usize, usize)> {
+        match self {
+            Frozen::Dense(w) => w.dims2(),
+            Frozen::Nf4 { w, .. } => Ok((w.shape[0], w.shape[1])),
+        }
+    }
+    /// Output rows dequantized per block (about 64K values).
+    fn rows_per_block(inn: usize, out: usize) -> usize {
+        (65536 / inn.max(1)).clamp(1, out.max(1))
+    }
+    /// `x2 · Wᵀ` for x2 (tokens, in): a fresh contiguous (tokens, out) tensor.
+    pub(super) fn forward(&self, x2: &Tensor) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => x2.matmul(&w.t()?),
+            Frozen::Nf4 { w, absmax } => {
+                let (out, inn) = (w.shape[0], w.shape[1]);
+                let rows = Self::rows_per_block(inn, out);
+                let mut parts = vec![];
+                for r0 in (0..out).step_by(rows) {
+                    let wc = nf4_rows(w, absmax, r0, rows.min(out - r0))?;
+                    parts.push(x2.matmul(&wc.t()?)?);
+                }
+                Tensor::cat(&parts, 1)
+            }
+        }
+    }
+    /// `g2 · W` for g2 (tokens, out): a fresh contiguous (tokens, in) tensor.
+    pub(super) fn input_grad(&self, g2: &Tensor) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => g2.matmul(w),
+            Frozen::Nf4 { w, absmax } => {
+                let (out, inn) = (w.shape[0], w.shape[1]);
+                let rows = Self::rows_per_block(inn, out);
+                let mut gx: Option<Tensor> = None;
+                for r0 in (0..out).step_by(rows) {
+                    let n = rows.min(out - r0);
+                    let wc = nf4_rows(w, absmax, r0, n)?;
+                    let part = g2.narrow(1, r0, n)?.contiguous()?.matmul(&wc)?;
+                    gx = Some(match gx {
+                        None => part,
+                        Some(acc) => {
+                            add_assign(&acc, &part)?;
+                            acc
+                        }
+                    });
+                }
+                match gx {
+                    Some(t) => Ok(t),
+                    None => Tensor::zeros(
+                        (g2.dim(0)?, inn),
+                        candle_core::DType::F32,
+                        &candle_core::Device::Cpu,
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// Rows `r0..r0 + n` of an NF4 weight (out, in), dequantized (n, in).
+fn nf4_rows(w: &Nf4Tensor, absmax: &[f32], r0: usize, n: usize) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let inn = w.shape[1];
+    let mut buf = vec![0f32; n * inn];
+    buf.par_chunks_mut(inn)
+        .enumerate()
+        .for_each(|(i, row)| w.dequantize_into(absmax, (r0 + i) * inn, row));
+    Tensor::from_vec(buf, (n, inn), &candle_core::Device::Cpu)
+}
+
+/// `x · Wᵀ` through a 2-D matmul (the fast path for contiguous inputs of any rank).
+pub fn plain_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    check_rank(x, "linear")?;
+    let dims = x.dims().to_vec();
+    let inn = dims[dims.len() - 1];
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((lead, inn))?.matmul(&w.t()?)?;
+    let mut yd = dims;
+    let last = yd.len() - 1;
+    yd[last] = w.dim(0)?;
+    y.reshape(yd)
+}
+
+/// `dst += src` in place, over all cores (candle's elementwise ops run on one thread and allocate).
+/// `dst` must be a fresh tensor owned by the caller (not part of any graph); CPU f32, contiguous.
+pub fn add_assign(dst: &Tensor, src: &Tensor) -> Result<()> {
+    dst.inplace_op2(src, &AddAssign)
+}
+
+struct AddAssign;
+
+impl candle_core::InplaceOp2 for AddAssign {
+    fn name(&self) -> &'static str {
+        "add-assign"
+    }
+    fn cpu_fwd(&self, d: &mut CpuStorage, dl: &Layout, s: &CpuStorage, sl: &Layout) -> Result<()> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(d), CpuStorage::F32(s)) = (d, s) else {
+            candle_core::bail!("add-assign: f32 only")
+        };
+        let (Some((da, db)), Some((sa, sb))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
+            candle_core::bail!("add-assign: contiguous tensors only")
+        };
+        if db - da != sb - sa {
+            candle_core::bail!("add-assign: sizes differ ({} vs {})", db - da, sb - sa)
+        }
+        d[da..db]
+            .par_chunks_mut(1 << 15)
+            .zip(s[sa..sb].par_chunks(1 << 15))
+            .for_each(|(d, s)| {
+                d.iter_mut().zip(s).for_each(|(d, s)| *d += *s);
+            });
+        Ok(())
+    }
+}

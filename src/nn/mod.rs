@@ -1,0 +1,20 @@
+//! Differentiable ops: the lowest room of the crate, below the adapter core and the model families,
+//! above candle only.
+//!
+//! candle's fused `layer_norm`, `rms_norm` and `softmax_last_dim` record no backward, and its matmul
+//! and conv2d backward always compute the weight gradient, even for a frozen weight. The ops here are
+//! single nodes with a CPU forward and backward (mostly f32), each next to its backward op and the
+//! differentiable composition it falls back to elsewhere (the `*_composite` references the tests
+//! compare against).
+
+pub mod act;
+pub mod conv;
+pub mod frozen;
+pub mod kernels;
+pub mod lora_op;
+pub mod loss;
+pub mod nf4;
+pub mod norm;
+pub mod resample;
+pub mod rope;
+pub mod softmax;
