@@ -4,9 +4,8 @@
 //! schedule), the final factors and the final rank pattern match; saving cuts the tensors to the
 //! kept ranks and writes `rank_pattern` as PEFT does, and the saved folder loads back.
 
-mod common;
+use crate::common::*;
 use candle_core::Tensor;
-use common::*;
 use postforge::peft::adalora::{orth_regularizer, AdaloraSettings, RankAllocator};
 use postforge::peft::formats::peft as peft_format;
 use postforge::peft::{AdaptedLayer, AdapterConfig, AdapterPlan, ForwardCtx, ModuleSpec};

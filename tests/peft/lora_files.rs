@@ -1,9 +1,8 @@
 //! kohya / diffusers single-file LoRAs: lossless round trips, exact re-application to a U-Net
 //! (LoRA, LoCon convs, DoRA), name mapping without a model, and clear errors.
 
-mod common;
+use crate::common::*;
 use candle_core::Tensor;
-use common::*;
 use postforge::models::unet::{UNet2DConditionModel, UNetConfig};
 use postforge::models::Weights;
 use postforge::peft::formats::lora_file::{kohya_to_path, LoraFile, LoraFormat};

@@ -2,8 +2,7 @@
 //! `scripts/fixtures/make_clip_fixtures.py`): hidden states, pooled output, penultimate layer, LoRA
 //! gradients, for quick_gelu (SD1) and gelu (SD2) variants.
 
-mod common;
-use common::*;
+use crate::common::*;
 use postforge::models::clip::{ClipTextConfig, ClipTextModel};
 use postforge::models::Weights;
 use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec};

@@ -5,9 +5,8 @@
 //! factor; `cat` is checked to be exact, the SVD clamp by its bound, and image-model LoRA files
 //! (kohya) combine like PEFT folders.
 
-mod common;
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use postforge::peft::combine::{combine, AdapterSet, Combination, CombineOptions, SignMethod};
 use postforge::peft::formats::lora_file::{LoraFile, LoraFormat, ModuleLora};
 use postforge::util::SafeTensors;

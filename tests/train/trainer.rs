@@ -1,9 +1,8 @@
 //! The training core: resume equals an unbroken run (bit-identical on CPU), NaN stops the run and
 //! keeps the last good checkpoint, checkpoints are complete, metrics and the loss curve exist.
 
-mod common;
+use crate::common::*;
 use candle_core::{Tensor, Var};
-use common::*;
 use postforge::models::mlp::{Mlp, MlpConfig};
 use postforge::peft::formats::peft::{self as files, SaveOptions};
 use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx};

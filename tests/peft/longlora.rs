@@ -3,9 +3,8 @@
 //! does not divide into the groups), gradients through it to every LoRA factor, full attention at
 //! inference, trainable embeddings and norms, and position interpolation (linear RoPE scaling written into the config).
 
-mod common;
+use crate::common::*;
 use candle_core::{DType, Device, Tensor, D};
-use common::*;
 use postforge::models::llama::{shifted_sparse_attention, Inputs, LlamaForCausalLM};
 use postforge::nn::loss::next_token_loss;
 use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec};

@@ -3,9 +3,8 @@
 //! two transformer layers, text_time conditioning) UNet2DConditionModel. Noise prediction and LoRA
 //! gradients within 1e-4 relative.
 
-mod common;
+use crate::common::*;
 use candle_core::Tensor;
-use common::*;
 use postforge::models::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 use postforge::models::Weights;
 use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec};

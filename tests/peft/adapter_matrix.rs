@@ -1,9 +1,8 @@
 //! PEFT-style test matrix: methods × layer kinds × behaviours (merge, unmerge, disable, save/load,
 //! gradients, optimizer step touches only adapters).
 
-mod common;
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use postforge::peft::formats::peft::{self as files, SaveOptions};
 use postforge::peft::{
     AdaptedLayer, AdapterConfig, AdapterPlan, BaseKind, ConvCfg, ForwardCtx, InitSpec,

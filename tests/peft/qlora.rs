@@ -5,9 +5,8 @@
 //! and factors match PEFT's `loftq_init`; merging into an NF4 base re-quantizes and reports the
 //! rounding error; QPiSSA and LoftQ beat plain NF4 on reconstruction error.
 
-mod common;
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use postforge::models::llama::{Inputs, LlamaForCausalLM};
 use postforge::nn::loss::next_token_loss;
 use postforge::nn::nf4::{Absmax, Nf4Tensor};

@@ -3,8 +3,7 @@
 //! (q/k/v biases, tied embeddings). Logits with padding and with packed sequences, LoRA logits and
 //! LoRA gradients of the next-token loss within 1e-4 relative.
 
-mod common;
-use common::*;
+use crate::common::*;
 use postforge::models::llama::{Inputs, LlamaForCausalLM};
 use postforge::nn::loss::next_token_loss;
 use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec};

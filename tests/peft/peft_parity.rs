@@ -1,9 +1,8 @@
 //! Parity with Hugging Face PEFT 0.21.2 (torch 2.15.0): fixtures written by
 //! `scripts/fixtures/make_peft_fixtures.py` into `tests/fixtures/`. Tolerance: 1e-5 relative (f32).
 
-mod common;
+use crate::common::*;
 use candle_core::{DType, Tensor, Var};
-use common::*;
 use postforge::peft::config::{AdapterConfig, ModuleKind};
 use postforge::peft::formats::peft as files;
 use postforge::peft::{AdaptedLayer, BaseKind, ConvCfg, ForwardCtx, Lora};

@@ -3,9 +3,8 @@
 //! CPO (sigmoid, hinge, ipo, simpo, AlphaPO), ORPO and KTO — loss values, reward metrics and the
 //! gradients with respect to the sequence log-probs.
 
-mod common;
+use crate::common::max_abs_diff;
 use candle_core::{DType, Tensor, Var};
-use common::max_abs_diff;
 use postforge::align::cpo::{CpoConfig, CpoLossType};
 use postforge::align::dpo::{DpoConfig, DpoLossType, FDivergence, PairLogps};
 use postforge::align::kto::{KtoConfig, KtoLogps, KtoLossType};

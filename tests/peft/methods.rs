@@ -3,9 +3,8 @@
 //! gradient of every adapter tensor match within 1e-5 relative, merging matches PEFT's
 //! `merge_and_unload` and unmerging restores the base; saving writes PEFT's keys and config class.
 
-mod common;
+use crate::common::*;
 use candle_core::{Tensor, Var};
-use common::*;
 use postforge::peft::formats::peft as peft_format;
 use postforge::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx};
 use postforge::util::SafeTensors;

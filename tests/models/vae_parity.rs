@@ -2,8 +2,7 @@
 //! the encoder's posterior and the decoder's output on a tiny random VAE, within 1e-4 relative, for
 //! the current and the legacy attention tensor names.
 
-mod common;
-use common::*;
+use crate::common::*;
 use postforge::models::vae::{AutoencoderKL, VaeConfig};
 use postforge::models::Weights;
 use postforge::peft::{AdapterPlan, ForwardCtx};

@@ -1,9 +1,8 @@
 //! Parity with diffusers 0.42.1 schedulers (fixtures from `scripts/fixtures/make_diffusion_fixtures.py`):
 //! schedules, timesteps, sigmas, scaled inputs and every step's outputs; training targets and min-SNR.
 
-mod common;
+use crate::common::*;
 use candle_core::{DType, Tensor};
-use common::*;
 use postforge::diffusion::objective::Objective;
 use postforge::diffusion::sampler::{Sampler, SamplerKind};
 use postforge::diffusion::{NoiseSchedule, Prediction, SchedulerConfig};

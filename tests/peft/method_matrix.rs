@@ -5,9 +5,8 @@
 //! gate is the base, an all-one gate is the ungated adapter (so the fused and multiplicative fast
 //! paths equal the one equation), and a checkerboard keeps the base outside its mask.
 
-mod common;
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use postforge::peft::formats::peft::{self as files, SaveOptions};
 use postforge::peft::{
     AdaptedLayer, AdapterConfig, AdapterPlan, BaseKind, ConvCfg, ForwardCtx, InitSpec, Layout,

@@ -1,7 +1,6 @@
 //! Bad input gets a clear error that names the file, the key and the shapes, never a panic.
 
-mod common;
-use common::*;
+use crate::common::*;
 use postforge::peft::formats::peft::{self as files, SaveOptions};
 use postforge::peft::{AdaptedLayer, AdapterConfig, AdapterPlan, BaseKind};
 use std::path::Path;
