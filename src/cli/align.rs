@@ -66,6 +66,15 @@ pub struct Args {
     /// Adapter method: lora, ia3, loha, lokr or vera.
     #[arg(long)]
     peft_type: Option<String>,
+    /// IA3: modules whose input is scaled (comma-separated or a regex).
+    #[arg(long)]
+    feedforward_modules: Option<String>,
+    /// Modules trained in full beside the adapter (comma-separated).
+    #[arg(long)]
+    modules_to_save: Option<String>,
+    /// LoftQ rounds (with --init-lora-weights loftq).
+    #[arg(long)]
+    loftq_iter: Option<usize>,
     /// Quantize the base's linear layers to NF4 (QLoRA/QDoRA alignment): nf4, nf4-no-dq, none.
     #[arg(long)]
     quantize: Option<String>,
@@ -138,6 +147,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         target_modules,
         init_lora_weights,
         peft_type,
+        feedforward_modules,
+        modules_to_save,
+        loftq_iter,
         quantize,
         chat_template,
         max_length,

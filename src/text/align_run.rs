@@ -172,6 +172,12 @@ pub struct AlignRunConfig {
     /// IA3's feed-forward modules (their input is scaled rather than their output).
     #[serde(default)]
     pub feedforward_modules: Option<String>,
+    /// LoftQ rounds (with `init_lora_weights = "loftq"`).
+    #[serde(default = "d_one")]
+    pub loftq_iter: usize,
+    /// Modules trained in full beside the adapter (comma-separated).
+    #[serde(default)]
+    pub modules_to_save: Option<String>,
     /// Built-in chat template for models without one.
     #[serde(default)]
     pub chat_template: Option<String>,
@@ -306,19 +312,20 @@ impl AlignRunConfig {
 
     /// The new adapter's configuration.
     pub fn adapter(&self) -> Result<AdapterConfig> {
-        AdapterConfig {
+        crate::peft::config::AdapterSpec {
+            peft_type: &self.peft_type,
             r: self.r,
             lora_alpha: self.lora_alpha,
             lora_dropout: self.lora_dropout,
-            target_modules: Some(crate::peft::ModuleSpec::parse_cli(&self.target_modules)),
+            target_modules: &self.target_modules,
             use_dora: self.use_dora,
             use_rslora: self.use_rslora,
-            init_lora_weights: crate::peft::InitSpec::parse_cli(&self.init_lora_weights),
-            base_model_name_or_path: Some(self.model.display().to_string()),
-            task_type: Some("CAUSAL_LM".into()),
-            ..Default::default()
+            init_lora_weights: &self.init_lora_weights,
+            loftq_iter: self.loftq_iter,
+            feedforward_modules: self.feedforward_modules.as_deref(),
+            modules_to_save: self.modules_to_save.as_deref(),
         }
-        .with_method(&self.peft_type, self.feedforward_modules.as_deref())
+        .config(&self.model, "CAUSAL_LM")
     }
 
     /// The tokenizer.
@@ -628,4 +635,26 @@ pub fn merge_into_folder_as(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `align` and `sft` build their adapter through the same `AdapterSpec`: LoftQ and
+    /// `modules_to_save` reach the configuration (they used to be dropped by `align`).
+    #[test]
+    fn align_takes_every_adapter_setting_sft_takes() {
+        let cfg: AlignRunConfig = serde_json::from_value(serde_json::json!({
+            "model": "m", "data": "d.jsonl", "loss": "dpo", "output_dir": "runs/x",
+            "init_lora_weights": "loftq", "loftq_iter": 3, "modules_to_save": "embed_tokens, lm_head"
+        }))
+        .unwrap();
+        let a = cfg.adapter().unwrap();
+        assert_eq!(a.loftq_iter().unwrap(), 3);
+        assert_eq!(
+            a.modules_to_save,
+            Some(vec!["embed_tokens".to_string(), "lm_head".to_string()])
+        );
+    }
 }

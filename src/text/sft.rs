@@ -602,30 +602,20 @@ pub struct SftReport {
 impl SftRunConfig {
     /// The adapter configuration.
     pub fn adapter(&self) -> Result<AdapterConfig> {
-        let mut cfg = AdapterConfig {
+        crate::peft::config::AdapterSpec {
+            peft_type: &self.peft_type,
             r: self.r,
             lora_alpha: self.lora_alpha,
             lora_dropout: self.lora_dropout,
-            target_modules: Some(crate::peft::ModuleSpec::parse_cli(&self.target_modules)),
+            target_modules: &self.target_modules,
             use_dora: self.use_dora,
             use_rslora: self.use_rslora,
-            init_lora_weights: crate::peft::InitSpec::parse_cli(&self.init_lora_weights),
-            base_model_name_or_path: Some(self.model.display().to_string()),
-            task_type: Some("CAUSAL_LM".into()),
-            ..Default::default()
-        };
-        if self.init_lora_weights == "loftq" {
-            cfg.set_loftq(self.loftq_iter);
+            init_lora_weights: &self.init_lora_weights,
+            loftq_iter: self.loftq_iter,
+            feedforward_modules: self.feedforward_modules.as_deref(),
+            modules_to_save: self.modules_to_save.as_deref(),
         }
-        if let Some(m) = &self.modules_to_save {
-            cfg.modules_to_save = Some(
-                m.split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect(),
-            );
-        }
-        cfg.with_method(&self.peft_type, self.feedforward_modules.as_deref())
+        .config(&self.model, "CAUSAL_LM")
     }
 
     /// The tokenizer of the model (with the built-in template if asked for).
