@@ -34,14 +34,9 @@ impl PromptTokenizer {
         }
         let json = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         // tokenizer_config.json is optional; one that exists must parse.
-        let cfg_file = dir.join("tokenizer_config.json");
-        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_file) {
-            Ok(t) => {
-                serde_json::from_str(&t).map_err(|e| Error::format(&cfg_file, e.to_string()))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
-            Err(e) => return Err(Error::io(&cfg_file, e)),
-        };
+        let cfg: serde_json::Value =
+            crate::util::read_optional_json(&dir.join("tokenizer_config.json"))?
+                .unwrap_or_default();
         Self::from_json(&json, &cfg, max_positions).map_err(|e| Error::format(&file, e.to_string()))
     }
 

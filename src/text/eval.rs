@@ -168,10 +168,8 @@ pub fn evaluate_run(
     s: &EvalSets,
     progress: &indicatif::ProgressBar,
 ) -> Result<EvalRow> {
-    let report: serde_json::Value = std::fs::read_to_string(run.join("run_report.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let report: serde_json::Value =
+        crate::util::read_optional_json(&run.join("run_report.json"))?.unwrap_or_default();
     let base = if run.join("base-merged/config.json").exists() {
         run.join("base-merged")
     } else {

@@ -381,12 +381,25 @@ impl Task for SftTask {
         // A fresh run starts a fresh eval.jsonl; a resumed one keeps the evaluations up to its
         // step and the starting perplexity as the forgetting baseline.
         let path = out.join("eval.jsonl");
-        let kept: Vec<EvalPointRead> = std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<EvalPointRead>(l).ok())
-            .filter(|p| step > 0 && p.step < step)
-            .collect();
+        let mut kept: Vec<EvalPointRead> = vec![];
+        if step > 0 {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(Error::io(&path, e)),
+            };
+            for (i, l) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let p: EvalPointRead = serde_json::from_str(l)
+                    .map_err(|e| Error::format(&path, format!("line {}: {e}", i + 1)))?;
+                if p.step < step {
+                    kept.push(p);
+                }
+            }
+        }
         self.base_ppl = kept.first().map(|p| p.reference_ppl);
         let body: String = kept.iter().map(|p| format!("{}\n", p.line)).collect();
         crate::util::write_atomic(&path, body.as_bytes())?;
