@@ -1,5 +1,6 @@
-//! PEFT-style test matrix: methods × layer kinds × behaviours (merge, unmerge, disable, save/load,
-//! gradients, optimizer step touches only adapters).
+//! LoRA-family specifics on a strided conv and the fused ops: save/load, gradients, optimizer steps
+//! touch only adapters, dropout, fused = composite, merge records; and the fused-op reference tests.
+//! The generic properties of every method live in `method_matrix.rs`.
 
 use crate::common::*;
 use candle_core::{DType, Device, Tensor};
@@ -83,99 +84,7 @@ fn fwd(l: &AdaptedLayer, x: &Tensor) -> Tensor {
     l.forward(x, &ForwardCtx::eval_with_grad()).unwrap()
 }
 
-#[test]
-fn merged_equals_unmerged_forward() {
-    for k in KINDS {
-        for m in METHODS {
-            let mut l = adapted(k, m);
-            let x = input(k);
-            let y = fwd(&l, &x);
-            l.merge(None).unwrap();
-            let ym = fwd(&l, &x);
-            assert!(
-                rel_err(&ym, &y) < 1e-5,
-                "{k:?} {m:?}: merged differs by {}",
-                rel_err(&ym, &y)
-            );
-            // Merging twice is idempotent.
-            l.merge(None).unwrap();
-            assert!(
-                rel_err(&fwd(&l, &x), &y) < 1e-5,
-                "{k:?} {m:?}: second merge changed the output"
-            );
-        }
-    }
-}
-
-#[test]
-fn unmerge_restores_base_weight() {
-    for k in KINDS {
-        for m in METHODS {
-            let mut l = adapted(k, m);
-            let w0 = l.weight().unwrap();
-            l.merge(None).unwrap();
-            assert!(
-                rel_err(&l.weight().unwrap(), &w0) > 1e-3,
-                "{k:?} {m:?}: merge did not change the weight"
-            );
-            l.unmerge().unwrap();
-            assert!(
-                rel_err(&l.weight().unwrap(), &w0) < 1e-6,
-                "{k:?} {m:?}: unmerge error {}",
-                rel_err(&l.weight().unwrap(), &w0)
-            );
-        }
-    }
-}
-
-#[test]
-fn disabled_equals_base() {
-    for k in KINDS {
-        for m in METHODS {
-            let mut l = adapted(k, m);
-            let x = input(k);
-            let yb = fwd(&base(k), &x);
-            assert!(
-                max_abs_diff(&fwd(&l, &x), &yb) > 1e-3,
-                "{k:?} {m:?}: adapter is a no-op"
-            );
-            l.merge(None).unwrap();
-            l.set_enabled(false).unwrap();
-            assert!(
-                max_abs_diff(&fwd(&l, &x), &yb) < 1e-6,
-                "{k:?} {m:?}: disabled differs from base"
-            );
-        }
-    }
-}
-
-#[test]
-fn multiplier_scales_the_adapter_contribution() {
-    for k in KINDS {
-        for m in METHODS {
-            let mut l = adapted(k, m);
-            let x = input(k);
-            let yb = fwd(&base(k), &x);
-            let y1 = fwd(&l, &x);
-            l.set_gain("default", 0.5).unwrap();
-            let yh = fwd(&l, &x);
-            let expect = ((&yb + &y1).unwrap() * 0.5).unwrap();
-            assert!(max_abs_diff(&yh, &expect) < 1e-5, "{k:?} {m:?}");
-            l.set_gain("default", 0.0).unwrap();
-            assert!(
-                max_abs_diff(&fwd(&l, &x), &yb) < 1e-6,
-                "{k:?} {m:?}: multiplier 0 is not the base"
-            );
-            // Merging respects the multiplier too.
-            l.set_gain("default", 0.5).unwrap();
-            l.merge(None).unwrap();
-            assert!(
-                max_abs_diff(&fwd(&l, &x), &expect) < 1e-5,
-                "{k:?} {m:?}: merged multiplier"
-            );
-        }
-    }
-}
+// Merge/unmerge, disable and gain for every method and kind: `method_matrix.rs`.
 
 #[test]
 fn save_load_round_trip() {

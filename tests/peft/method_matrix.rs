@@ -191,8 +191,18 @@ fn merged_equals_unmerged_and_unmerge_restores() {
         let x = input(k);
         let (w0, y) = (l.weight().unwrap(), fwd(&l, &x));
         l.merge(None).unwrap();
+        assert!(
+            rel_err(&l.weight().unwrap(), &w0) > 1e-4,
+            "{m:?} {k:?}: merge left W as it was"
+        );
         let e = rel_err(&fwd(&l, &x), &y);
         assert!(e < 1e-5, "{m:?} {k:?}: merged differs by {e}");
+        // Merging twice is idempotent.
+        l.merge(None).unwrap();
+        assert!(
+            rel_err(&fwd(&l, &x), &y) < 1e-5,
+            "{m:?} {k:?}: second merge"
+        );
         l.unmerge().unwrap();
         let e = rel_err(&l.weight().unwrap(), &w0);
         assert!(e < 1e-6, "{m:?} {k:?}: unmerge error {e}");
