@@ -30,6 +30,7 @@
 
 pub mod adalora;
 pub mod adapter;
+pub mod args;
 pub mod base;
 pub mod combine;
 pub mod config;

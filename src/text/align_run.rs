@@ -312,7 +312,7 @@ impl AlignRunConfig {
 
     /// The new adapter's configuration.
     pub fn adapter(&self) -> Result<AdapterConfig> {
-        crate::peft::config::AdapterSpec {
+        crate::peft::args::AdapterSpec {
             peft_type: &self.peft_type,
             r: self.r,
             lora_alpha: self.lora_alpha,

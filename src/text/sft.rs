@@ -615,7 +615,7 @@ pub struct SftReport {
 impl SftRunConfig {
     /// The adapter configuration.
     pub fn adapter(&self) -> Result<AdapterConfig> {
-        crate::peft::config::AdapterSpec {
+        crate::peft::args::AdapterSpec {
             peft_type: &self.peft_type,
             r: self.r,
             lora_alpha: self.lora_alpha,
