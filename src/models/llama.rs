@@ -11,7 +11,7 @@ use crate::nn::loss::{linear_cross_entropy, next_token_loss, shift_left};
 use crate::nn::norm::rms_norm;
 use crate::nn::rope::rope;
 use crate::nn::softmax::scaled_masked_softmax;
-use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx};
+use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx, Layout};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -530,6 +530,8 @@ impl LlamaForCausalLM {
         mut cache: Option<&mut KvCache>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
+        // Every layer of a decoder sees the token sequence (routing masks are per token).
+        let ctx = &ctx.at(Layout::Sequence);
         let (b, t) = ids.dims2()?;
         let dev = ids.device().clone();
         let ids = ids.to_dtype(DType::U32)?;
@@ -655,7 +657,7 @@ impl LlamaForCausalLM {
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let h = self.hidden(ids, inputs, cache, ctx)?;
-        self.lm_head.forward(&h, ctx)
+        self.lm_head.forward(&h, &ctx.at(Layout::Sequence))
     }
 
     /// Whether [`Self::next_token_loss`] skips the logits (a frozen plain `lm_head` in f32 on the CPU).
@@ -701,7 +703,7 @@ impl LlamaForCausalLM {
         }
         let h = self.hidden(ids, inputs, None, ctx)?;
         if h.dtype() != DType::F32 {
-            let logits = self.lm_head.forward(&h, ctx)?;
+            let logits = self.lm_head.forward(&h, &ctx.at(Layout::Sequence))?;
             return next_token_loss(&logits, ids, weights);
         }
         let targets = shift_left(&ids.to_dtype(DType::U32)?.to_vec2::<u32>()?, 0);

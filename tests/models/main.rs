@@ -7,5 +7,6 @@ mod common;
 
 mod clip_parity;
 mod llama_parity;
+mod routing;
 mod unet_parity;
 mod vae_parity;
