@@ -299,18 +299,16 @@ impl Routing {
             return Ok(g.clone());
         }
         let mut gates = BTreeMap::new();
-        let names: Vec<&String> = match self.blend {
-            Blend::Additive => vec![self
-                .masks
-                .keys()
-                .find(|k| *k == name)
-                .ok_or_else(|| err("no mask".into()))?],
-            Blend::Normalized { .. } => self.masks.keys().collect(),
+        // Additive: this adapter's mask only; normalised: every mask (they share the denominator).
+        let names: Vec<&str> = match self.blend {
+            Blend::Additive => vec![name],
+            Blend::Normalized { .. } => self.names().collect(),
         };
         for n in names {
+            let m = self.masks.get(n).ok_or_else(|| err("no mask".into()))?;
             gates.insert(
-                n.clone(),
-                resize_to(&self.masks[n], &grid).map_err(|e| err(e.to_string()))?,
+                n.to_string(),
+                resize_to(m, &grid).map_err(|e| err(e.to_string()))?,
             );
         }
         if let Blend::Normalized { eps } = self.blend {

@@ -166,12 +166,12 @@ impl Adapter for Ia3 {
             (Some(b), false) => Some((b.to_dtype(DType::F32)? * &v)?),
             (b, _) => b.cloned(),
         };
-        let wf = w.to_dtype(DType::F32)?;
+        let view = self.weight_view(base, &v)?;
         Ok(Merged {
-            weight: wf.broadcast_mul(&self.weight_view(base, &v)?)?,
+            weight: w.to_dtype(DType::F32)?.broadcast_mul(&view)?,
             bias,
             undo: Box::new(Ia3Undo {
-                view: self.weight_view(base, &v)?,
+                view,
                 l: v,
                 feedforward: self.feedforward,
             }),
