@@ -2,7 +2,7 @@
 
 mod cli;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() {
     // kohya writes flags with underscores (`--network_dim`); accept them beside `--network-dim`.
@@ -17,8 +17,9 @@ fn main() {
         }
         _ => a,
     });
-    let args = cli::Cli::parse_from(argv);
-    if let Err(e) = cli::run(args) {
+    let matches = cli::Cli::command().get_matches_from(argv);
+    let args = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Err(e) = cli::run(args, &matches) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -2,36 +2,22 @@ use anyhow::Context;
 use candle_core::Tensor;
 use clap::Args as ClapArgs;
 use postforge::models::mlp::{Mlp, MlpConfig};
+use postforge::peft::args::AdapterArgs;
 use postforge::peft::formats::peft::{self as peft_files, SaveOptions};
-use postforge::peft::{
-    Adapted, AdaptedLayer, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec, ModuleSpec,
-};
+use postforge::peft::{Adapted, AdaptedLayer, AdapterConfig, AdapterPlan, ForwardCtx};
 use postforge::train::{ScheduleKind, Task, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
 
+/// PEFT's adapter flags (as `sft` and `align` take them), with this model's defaults: alpha 16 on
+/// fc1 and fc2.
 #[derive(ClapArgs, Debug)]
+#[command(
+    mut_arg("lora_alpha", |a| a.default_value("16")),
+    mut_arg("target_modules", |a| a.default_value("fc1,fc2"))
+)]
 pub struct Args {
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    r: usize,
-    /// LoRA alpha.
-    #[arg(long = "lora-alpha", default_value_t = 16.0)]
-    lora_alpha: f64,
-    /// Adapter dropout (training only).
-    #[arg(long = "lora-dropout", default_value_t = 0.0)]
-    lora_dropout: f64,
-    /// Comma-separated module names, or a regex (full match).
-    #[arg(long = "target-modules", default_value = "fc1,fc2")]
-    target_modules: String,
-    /// DoRA.
-    #[arg(long = "use-dora")]
-    use_dora: bool,
-    /// rsLoRA scaling alpha/sqrt(r).
-    #[arg(long = "use-rslora")]
-    use_rslora: bool,
-    /// true | false | gaussian | pissa | pissa_niter_K | olora.
-    #[arg(long = "init-lora-weights", default_value = "true")]
-    init_lora_weights: String,
+    #[command(flatten)]
+    adapter: AdapterArgs,
     /// Save PiSSA/OLoRA adapters as plain LoRA against the original base.
     #[arg(long = "export-plain-lora")]
     export_plain_lora: bool,
@@ -162,19 +148,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Path::new("<teacher>"),
     )?;
 
-    let targets = ModuleSpec::parse_cli(&a.target_modules);
-    let init = InitSpec::parse_cli(&a.init_lora_weights);
-    let cfg = AdapterConfig {
-        r: a.r,
-        lora_alpha: a.lora_alpha,
-        lora_dropout: a.lora_dropout,
-        target_modules: Some(targets),
-        use_dora: a.use_dora,
-        use_rslora: a.use_rslora,
-        init_lora_weights: init,
-        base_model_name_or_path: Some(base_file.display().to_string()),
-        ..Default::default()
-    };
+    let cfg = a.adapter.config(&base_file, None)?;
     let plan = AdapterPlan::single(cfg.clone(), a.seed)?;
     let model = Mlp::new(&MODEL, &base_w, &plan, &base_file)?;
     let n_train: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();

@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod grid;
 mod merge;
+mod overlay;
 mod pretrain;
 mod run;
 mod sft;
@@ -60,8 +61,14 @@ enum Command {
     Plot(merge::PlotArgs),
 }
 
-/// Runs the parsed command.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the parsed command; `matches` tells which flags were given (for `--config-file` overlays).
+pub fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let given = |name: &str| {
+        matches
+            .subcommand_matches(name)
+            .cloned()
+            .unwrap_or_default()
+    };
     match cli.cmd {
         Command::Demo(a) => demo::run(a),
         Command::Merge(a) => merge::run(a),
@@ -71,11 +78,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(a) => pretrain::run(a),
         Command::Grid(a) => grid::run(a),
         Command::Run(a) => run::run(a),
-        Command::Sft(a) => sft::run(*a),
-        Command::Align(a) => align::run(*a),
+        Command::Sft(a) => sft::run(*a, &given("sft")),
+        Command::Align(a) => align::run(*a, &given("align")),
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
-        Command::TrainDiffusion(a) => train_diffusion::run(*a),
+        Command::TrainDiffusion(a) => train_diffusion::run(*a, &given("train-diffusion")),
         Command::MakeStyleSet(a) => styles::run(a),
         Command::MakeTaskData(a) => task_data::run(a),
     }

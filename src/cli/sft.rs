@@ -1,17 +1,25 @@
-use clap::Args as ClapArgs;
+use anyhow::Context;
+use clap::{ArgMatches, Args as ClapArgs};
+use postforge::peft::args::AdapterArgs;
 use postforge::text::sft::SftRunConfig;
 use postforge::train::ScheduleKind;
+use serde::Serialize;
 use std::path::PathBuf;
 
-/// Adapter flags carry PEFT's names and defaults; training flags TRL's `SFTConfig` names.
-#[derive(ClapArgs, Debug)]
+/// Adapter flags carry PEFT's names and defaults (shared with `align` and pipeline stages);
+/// training flags TRL's `SFTConfig` names; `--config-file` reads the same keys from TOML.
+#[derive(ClapArgs, Debug, Serialize)]
 pub struct Args {
+    /// TOML file with the same keys as a pipeline's `sft` stage; flags given here override it.
+    #[arg(long)]
+    #[serde(skip)]
+    config_file: Option<PathBuf>,
     /// Model folder (Hugging Face layout: config.json, safetensors, tokenizer.json).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Training data (JSONL: text, prompt/completion, or messages).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
     /// Held-out task data for the evaluation loss.
     #[arg(long)]
     eval_data: Option<PathBuf>,
@@ -33,45 +41,15 @@ pub struct Args {
     /// Stop instead of warning when --max-forgetting is exceeded.
     #[arg(long)]
     stop_on_forgetting: bool,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    r: usize,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 8.0)]
-    lora_alpha: f64,
-    /// Adapter dropout.
-    #[arg(long, default_value_t = 0.0)]
-    lora_dropout: f64,
-    /// Comma-separated module names, a regex, or all-linear.
-    #[arg(long, default_value = "all-linear")]
-    target_modules: String,
-    /// DoRA.
-    #[arg(long)]
-    use_dora: bool,
-    /// rsLoRA scaling.
-    #[arg(long)]
-    use_rslora: bool,
-    /// true | false | gaussian | pissa | pissa_niter_K | olora | loftq.
-    #[arg(long, default_value = "true")]
-    init_lora_weights: String,
-    /// Adapter method: lora, ia3, loha, lokr or vera (--lora-alpha is LoHa/LoKr's alpha).
-    #[arg(long, default_value = "lora")]
-    peft_type: String,
-    /// IA3: modules whose input is scaled (comma-separated or a regex), e.g. down_proj.
-    #[arg(long)]
-    feedforward_modules: Option<String>,
-    /// Modules trained in full beside the adapter (comma-separated, e.g. embed_tokens).
-    #[arg(long)]
-    modules_to_save: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    adapter: AdapterArgs,
     /// LongLoRA: shifted sparse attention in training, groups of this share of the sequence (0.25).
     #[arg(long)]
     s2_attn_group_ratio: Option<f64>,
     /// LongLoRA: position interpolation (linear RoPE scaling) by this factor.
     #[arg(long)]
     position_interpolation: Option<f64>,
-    /// LoftQ rounds (with --init-lora-weights loftq).
-    #[arg(long, default_value_t = 1)]
-    loftq_iter: usize,
     /// Quantize the base's linear layers to 4 bits: nf4 (QLoRA/QDoRA, double quantization),
     /// nf4-no-dq, or none. 4-bit checkpoints are read as NF4 regardless.
     #[arg(long, default_value = "none")]
@@ -121,62 +99,31 @@ pub struct Args {
     output_dir: PathBuf,
     /// Continue from the newest checkpoint.
     #[arg(long)]
+    #[serde(skip)]
     resume: bool,
     /// Start afresh even if the output folder holds checkpoints.
     #[arg(long)]
+    #[serde(skip)]
     overwrite_output_dir: bool,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let cfg = SftRunConfig {
-        model: a.model,
-        data: a.data.clone(),
-        eval_data: a.eval_data,
-        reference: a.reference,
-        replay: a.replay,
-        replay_ratio: a.replay_ratio,
-        eval_steps: a.eval_steps,
-        max_forgetting: a.max_forgetting,
-        stop_on_forgetting: a.stop_on_forgetting,
-        r: a.r,
-        lora_alpha: a.lora_alpha,
-        lora_dropout: a.lora_dropout,
-        target_modules: a.target_modules,
-        use_dora: a.use_dora,
-        use_rslora: a.use_rslora,
-        init_lora_weights: a.init_lora_weights,
-        loftq_iter: a.loftq_iter,
-        peft_type: a.peft_type,
-        feedforward_modules: a.feedforward_modules,
-        modules_to_save: a.modules_to_save,
-        s2_attn_group_ratio: a.s2_attn_group_ratio,
-        position_interpolation: a.position_interpolation,
-        quantize: a.quantize,
-        full_finetune: a.full_finetune,
-        chat_template: a.chat_template,
-        max_length: a.max_length,
-        packing: a.packing,
-        completion_only_loss: a.completion_only_loss,
-        assistant_only_loss: a.assistant_only_loss,
-        learning_rate: a.learning_rate,
-        lr_scheduler_type: a.lr_scheduler_type,
-        warmup_steps: a.warmup_steps,
-        max_steps: a.max_steps,
-        num_train_epochs: a.num_train_epochs,
-        per_device_train_batch_size: a.per_device_train_batch_size,
-        gradient_accumulation_steps: a.gradient_accumulation_steps,
-        max_grad_norm: a.max_grad_norm,
-        weight_decay: a.weight_decay,
-        save_steps: a.save_steps,
-        seed: a.seed,
-        output_dir: a.output_dir,
-        previous: None,
-    };
+pub fn run(a: Args, given: &ArgMatches) -> anyhow::Result<()> {
+    let file = a.config_file.as_deref();
+    let v = super::overlay::settings(
+        file,
+        &a,
+        given,
+        &[("output_dir", "runs/sft".into())],
+        &["model", "data"],
+    )?;
+    let cfg: SftRunConfig =
+        serde_json::from_value(v).with_context(|| super::overlay::context(file, "SFT settings"))?;
+    let data = cfg.data.clone();
     let r = cfg.run(a.resume, a.overwrite_output_dir)?;
     let s = &r.summary;
     println!(
         "{}: {} rows, {} trainable parameters; trained {} steps in {:.0}s: loss {:.4} -> {:.4}; adapter in {}",
-        a.data.display(),
+        data.display(),
         r.rows,
         r.trainable,
         s.steps,
@@ -196,4 +143,78 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: Args,
+    }
+
+    /// The defaults `sft --help` shows are the ones a pipeline stage gets: parsing no flags and
+    /// serializing every field gives the same configuration as the bare table.
+    #[test]
+    fn flag_defaults_are_the_stage_defaults() {
+        let m = Cli::command().get_matches_from(["sft", "--model", "m", "--data", "d"]);
+        let a = Cli::from_arg_matches(&m).unwrap().a;
+        let mut all = serde_json::to_value(&a).unwrap();
+        all.as_object_mut().unwrap().retain(|_, v| !v.is_null());
+        let from_flags: SftRunConfig = serde_json::from_value(all).unwrap();
+        let bare = super::super::overlay::settings(
+            None,
+            &a,
+            &m,
+            &[("output_dir", "runs/sft".into())],
+            &[],
+        )
+        .unwrap();
+        let from_table: SftRunConfig = serde_json::from_value(bare).unwrap();
+        assert_eq!(format!("{from_flags:?}"), format!("{from_table:?}"));
+    }
+
+    /// A flag overrides the file; a flag left at its default does not.
+    #[test]
+    fn flags_override_the_config_file_and_defaults_do_not() {
+        let dir = std::env::temp_dir().join(format!("pf-sft-overlay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(
+            &f,
+            "model = \"m\"\ndata = \"d\"\nr = 16\nlora_alpha = 32\nlearning_rate = 0.001\n",
+        )
+        .unwrap();
+        let f_s = f.to_str().unwrap();
+        let m = Cli::command().get_matches_from(["sft", "--config-file", f_s, "--r", "4"]);
+        let a = Cli::from_arg_matches(&m).unwrap().a;
+        let v = super::super::overlay::settings(
+            Some(&f),
+            &a,
+            &m,
+            &[("output_dir", "o".into())],
+            &["model"],
+        )
+        .unwrap();
+        let c: SftRunConfig = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (c.adapter.r, c.adapter.lora_alpha, c.learning_rate),
+            (4, 32.0, 0.001)
+        );
+        std::fs::write(&f, "model = \"m\"\ndata = \"d\"\nrank = 16\n").unwrap();
+        let v =
+            super::super::overlay::settings(Some(&f), &a, &m, &[("output_dir", "o".into())], &[])
+                .unwrap();
+        let e = serde_json::from_value::<SftRunConfig>(v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rank"), "{e}");
+        let m = Cli::command().get_matches_from(["sft"]);
+        let e = super::super::overlay::settings(None, &a, &m, &[], &["model"]).unwrap_err();
+        assert!(e.to_string().contains("--model"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

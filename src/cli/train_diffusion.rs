@@ -1,14 +1,16 @@
 use anyhow::Context;
-use clap::Args as ClapArgs;
+use clap::{ArgMatches, Args as ClapArgs};
 use postforge::diffusion::train::{train_lora, LoraTrainConfig};
+use serde::Serialize;
 use std::path::PathBuf;
 
 /// Flags mirror kohya's `train_network.py` (`--network_dim` and `--network-dim` both work). Flags
 /// given on the command line override the `--config-file` TOML; unset ones take kohya's defaults.
-#[derive(ClapArgs, Debug, Default)]
+#[derive(ClapArgs, Debug, Default, Serialize)]
 pub struct Args {
     /// TOML file with the same keys (kohya's `--config_file`).
     #[arg(long)]
+    #[serde(skip)]
     config_file: Option<PathBuf>,
     /// Pipeline folder (diffusers layout).
     #[arg(long)]
@@ -47,6 +49,7 @@ pub struct Args {
     network_alpha: Option<f64>,
     /// `key=value` network arguments: conv_dim, conv_alpha (LoCon), dora_wd.
     #[arg(long, num_args = 1..)]
+    #[serde(skip)]
     network_args: Vec<String>,
     #[arg(long)]
     network_dropout: Option<f64>,
@@ -126,88 +129,32 @@ pub struct Args {
     sample_sampler: Option<String>,
     /// Continue from the newest checkpoint in the output folder.
     #[arg(long)]
+    #[serde(skip)]
     resume: bool,
     /// Start afresh even if the output folder holds checkpoints.
     #[arg(long)]
+    #[serde(skip)]
     overwrite: bool,
 }
 
 /// The configuration: the TOML file (if any), then the flags that were given.
-pub fn config(a: &Args) -> anyhow::Result<LoraTrainConfig> {
-    let mut v = match &a.config_file {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let t: toml::Table =
-                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
-            serde_json::to_value(t)?
-        }
-        None => serde_json::json!({}),
-    };
-    let o = v
-        .as_object_mut()
-        .context("the config file must be a table of keys")?;
+pub fn config(a: &Args, given: &ArgMatches) -> anyhow::Result<LoraTrainConfig> {
+    let file = a.config_file.as_deref();
+    let mut v = super::overlay::settings(
+        file,
+        a,
+        given,
+        &[],
+        &[
+            "pretrained_model_name_or_path",
+            "train_data_dir",
+            "output_dir",
+        ],
+    )?;
+    let o = v.as_object_mut().context("settings are a table")?;
     let mut set = |k: &str, x: serde_json::Value| {
         o.insert(k.to_string(), x);
     };
-    macro_rules! opt {
-        ($($f:ident),*) => {$(
-            if let Some(x) = &a.$f { set(stringify!($f), serde_json::to_value(x)?); }
-        )*};
-    }
-    macro_rules! flag {
-        ($($f:ident),*) => {$(
-            if a.$f { set(stringify!($f), serde_json::Value::Bool(true)); }
-        )*};
-    }
-    opt!(
-        pretrained_model_name_or_path,
-        train_data_dir,
-        output_dir,
-        output_name,
-        caption_extension,
-        resolution,
-        min_bucket_reso,
-        max_bucket_reso,
-        bucket_reso_steps,
-        network_dim,
-        network_alpha,
-        network_dropout,
-        learning_rate,
-        lr_scheduler,
-        lr_warmup_steps,
-        max_train_steps,
-        train_batch_size,
-        gradient_accumulation_steps,
-        max_grad_norm,
-        seed,
-        min_snr_gamma,
-        noise_offset,
-        min_timestep,
-        max_timestep,
-        timestep_bias_strategy,
-        timestep_bias_multiplier,
-        timestep_bias_portion,
-        timestep_bias_begin,
-        timestep_bias_end,
-        caption_dropout_rate,
-        keep_tokens,
-        lora_format,
-        save_every_n_steps,
-        sample_every_n_steps,
-        sample_prompts,
-        sample_sampler
-    );
-    flag!(
-        enable_bucket,
-        bucket_no_upscale,
-        network_train_unet_only,
-        v_parameterization,
-        zero_terminal_snr,
-        shuffle_caption,
-        flip_aug,
-        sample_at_first
-    );
     for kv in &a.network_args {
         let (k, val) = kv
             .split_once('=')
@@ -228,23 +175,11 @@ pub fn config(a: &Args) -> anyhow::Result<LoraTrainConfig> {
             ),
         }
     }
-    for need in [
-        "pretrained_model_name_or_path",
-        "train_data_dir",
-        "output_dir",
-    ] {
-        if !o.contains_key(need) {
-            anyhow::bail!(
-                "--{} is required (on the command line or in --config-file)",
-                need
-            );
-        }
-    }
-    Ok(serde_json::from_value(v).context("invalid training configuration")?)
+    serde_json::from_value(v)
+        .with_context(|| super::overlay::context(file, "training configuration"))
 }
-
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let cfg = config(&a)?;
+pub fn run(a: Args, given: &ArgMatches) -> anyhow::Result<()> {
+    let cfg = config(&a, given)?;
     let (s, file, task) = train_lora(&cfg, a.resume, a.overwrite)?;
     println!(
         "trained {} steps ({} images, {} micro-batches per epoch) in {:.0}s: loss {:.4} -> {:.4}",

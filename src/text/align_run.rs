@@ -11,6 +11,7 @@ use crate::align::orpo::OrpoConfig;
 use crate::data::pref::{read_pairs, read_unpaired, tokenize_pc, Seq};
 use crate::data::text::TextTokenizer;
 use crate::models::llama::LlamaForCausalLM;
+use crate::peft::args::AdapterArgs;
 use crate::peft::{Adapted, AdapterConfig, AdapterPlan};
 use crate::train::{ScheduleKind, TrainConfig, TrainSummary, Trainer};
 use crate::{Error, Result};
@@ -33,23 +34,8 @@ fn d_loss() -> String {
 fn d_beta() -> f64 {
     0.1
 }
-fn d_r() -> usize {
-    8
-}
-fn d_alpha() -> f64 {
-    8.0
-}
-fn d_targets() -> String {
-    "all-linear".into()
-}
 fn d_quant() -> String {
     "none".into()
-}
-fn d_peft_type() -> String {
-    "lora".into()
-}
-fn d_init() -> String {
-    "true".into()
 }
 fn d_maxlen() -> usize {
     1024
@@ -142,42 +128,13 @@ pub struct AlignRunConfig {
     /// `merge` or `stack`.
     #[serde(default)]
     pub previous: Option<Previous>,
-    /// LoRA rank.
-    #[serde(default = "d_r")]
-    pub r: usize,
-    /// LoRA alpha.
-    #[serde(default = "d_alpha")]
-    pub lora_alpha: f64,
-    /// Adapter dropout (TRL disables model dropout in preference trainers; adapter dropout stays).
-    #[serde(default)]
-    pub lora_dropout: f64,
-    /// Target modules.
-    #[serde(default = "d_targets")]
-    pub target_modules: String,
-    /// DoRA.
-    #[serde(default)]
-    pub use_dora: bool,
-    /// rsLoRA.
-    #[serde(default)]
-    pub use_rslora: bool,
-    /// Adapter initialisation.
-    #[serde(default = "d_init")]
-    pub init_lora_weights: String,
-    /// Adapter method: lora (default), ia3, loha, lokr or vera (PEFT's `peft_type`).
-    #[serde(default = "d_peft_type")]
-    pub peft_type: String,
+    /// The adapter: PEFT's keys (`peft_type`, `r`, `lora_alpha`, `target_modules`, ...), shared
+    /// with every training command and stage.
+    #[serde(flatten)]
+    pub adapter: AdapterArgs,
     /// Quantize the base's linear layers: `nf4` (QLoRA / QDoRA alignment), `nf4-no-dq`, `none`.
     #[serde(default = "d_quant")]
     pub quantize: String,
-    /// IA3's feed-forward modules (their input is scaled rather than their output).
-    #[serde(default)]
-    pub feedforward_modules: Option<String>,
-    /// LoftQ rounds (with `init_lora_weights = "loftq"`).
-    #[serde(default = "d_one")]
-    pub loftq_iter: usize,
-    /// Modules trained in full beside the adapter (comma-separated).
-    #[serde(default)]
-    pub modules_to_save: Option<String>,
     /// Built-in chat template for models without one.
     #[serde(default)]
     pub chat_template: Option<String>,
@@ -312,20 +269,7 @@ impl AlignRunConfig {
 
     /// The new adapter's configuration.
     pub fn adapter(&self) -> Result<AdapterConfig> {
-        crate::peft::args::AdapterSpec {
-            peft_type: &self.peft_type,
-            r: self.r,
-            lora_alpha: self.lora_alpha,
-            lora_dropout: self.lora_dropout,
-            target_modules: &self.target_modules,
-            use_dora: self.use_dora,
-            use_rslora: self.use_rslora,
-            init_lora_weights: &self.init_lora_weights,
-            loftq_iter: self.loftq_iter,
-            feedforward_modules: self.feedforward_modules.as_deref(),
-            modules_to_save: self.modules_to_save.as_deref(),
-        }
-        .config(&self.model, "CAUSAL_LM")
+        self.adapter.config(&self.model, Some("CAUSAL_LM"))
     }
 
     /// The tokenizer.
@@ -424,6 +368,8 @@ impl AlignRunConfig {
     /// Runs the training.
     pub fn run(&self, resume: bool, overwrite: bool) -> Result<AlignReport> {
         let obj = self.objective()?;
+        // The adapter settings are checked before anything is read.
+        self.adapter()?;
         let tok = self.tokenizer()?;
         let (data, warning) = self.data(&tok, &obj)?;
         if let Some(w) = &warning {
@@ -641,7 +587,7 @@ pub fn merge_into_folder_as(
 mod tests {
     use super::*;
 
-    /// `align` and `sft` build their adapter through the same `AdapterSpec`: LoftQ and
+    /// `align` and `sft` build their adapter through the same `AdapterArgs`: LoftQ and
     /// `modules_to_save` reach the configuration (they used to be dropped by `align`).
     #[test]
     fn align_takes_every_adapter_setting_sft_takes() {

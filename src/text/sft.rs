@@ -5,6 +5,7 @@
 
 use crate::data::sft::{collate, Row};
 use crate::models::llama::{Inputs, LlamaForCausalLM};
+use crate::peft::args::AdapterArgs;
 use crate::peft::formats::peft::{save, SaveOptions};
 use crate::peft::{Adapted, AdapterConfig, ForwardCtx};
 use crate::rng::rng_for;
@@ -422,21 +423,6 @@ fn d_ratio() -> f64 {
 fn d_eval_steps() -> usize {
     50
 }
-fn d_r() -> usize {
-    8
-}
-fn d_alpha() -> f64 {
-    8.0
-}
-fn d_targets() -> String {
-    "all-linear".into()
-}
-fn d_peft_type() -> String {
-    "lora".into()
-}
-fn d_init() -> String {
-    "true".into()
-}
 fn d_quant() -> String {
     "none".into()
 }
@@ -495,37 +481,10 @@ pub struct SftRunConfig {
     /// Stop instead of warning.
     #[serde(default)]
     pub stop_on_forgetting: bool,
-    /// LoRA rank.
-    #[serde(default = "d_r")]
-    pub r: usize,
-    /// LoRA alpha.
-    #[serde(default = "d_alpha")]
-    pub lora_alpha: f64,
-    /// Adapter dropout.
-    #[serde(default)]
-    pub lora_dropout: f64,
-    /// Target modules (list, regex or all-linear).
-    #[serde(default = "d_targets")]
-    pub target_modules: String,
-    /// DoRA.
-    #[serde(default)]
-    pub use_dora: bool,
-    /// rsLoRA.
-    #[serde(default)]
-    pub use_rslora: bool,
-    /// Adapter initialisation.
-    #[serde(default = "d_init")]
-    pub init_lora_weights: String,
-    /// Adapter method: lora (default), ia3, loha, lokr or vera (PEFT's `peft_type`).
-    #[serde(default = "d_peft_type")]
-    pub peft_type: String,
-    /// IA3's feed-forward modules (their input is scaled rather than their output).
-    #[serde(default)]
-    pub feedforward_modules: Option<String>,
-    /// Modules trained in full beside the adapter (comma-separated names, e.g. `embed_tokens`,
-    /// as LongLoRA trains the embeddings).
-    #[serde(default)]
-    pub modules_to_save: Option<String>,
+    /// The adapter: PEFT's keys (`peft_type`, `r`, `lora_alpha`, `target_modules`, ...), shared
+    /// with every training command and stage.
+    #[serde(flatten)]
+    pub adapter: AdapterArgs,
     /// LongLoRA: shifted sparse attention in training with groups of this share of the sequence
     /// (the paper's 0.25). Packing must be off.
     #[serde(default)]
@@ -533,9 +492,6 @@ pub struct SftRunConfig {
     /// LongLoRA: position interpolation, linear RoPE scaling by this factor (context × factor).
     #[serde(default)]
     pub position_interpolation: Option<f64>,
-    /// LoftQ rounds (`loftq_config.loftq_iter`) when `init_lora_weights = "loftq"`.
-    #[serde(default = "d_one")]
-    pub loftq_iter: usize,
     /// Quantize the base's linear layers: `nf4` (QLoRA / QDoRA, double quantization), `nf4-no-dq`
     /// or `none`. A checkpoint saved in 4 bits is read as NF4 whatever this says.
     #[serde(default = "d_quant")]
@@ -615,20 +571,7 @@ pub struct SftReport {
 impl SftRunConfig {
     /// The adapter configuration.
     pub fn adapter(&self) -> Result<AdapterConfig> {
-        crate::peft::args::AdapterSpec {
-            peft_type: &self.peft_type,
-            r: self.r,
-            lora_alpha: self.lora_alpha,
-            lora_dropout: self.lora_dropout,
-            target_modules: &self.target_modules,
-            use_dora: self.use_dora,
-            use_rslora: self.use_rslora,
-            init_lora_weights: &self.init_lora_weights,
-            loftq_iter: self.loftq_iter,
-            feedforward_modules: self.feedforward_modules.as_deref(),
-            modules_to_save: self.modules_to_save.as_deref(),
-        }
-        .config(&self.model, "CAUSAL_LM")
+        self.adapter.config(&self.model, Some("CAUSAL_LM"))
     }
 
     /// The tokenizer of the model (with the built-in template if asked for).
@@ -669,9 +612,10 @@ impl SftRunConfig {
 
     /// Runs the training; `overwrite` starts afresh over an earlier run's checkpoints.
     pub fn run(&self, resume: bool, overwrite: bool) -> Result<SftReport> {
+        // Settings are checked before anything is read.
+        let mut adapter = self.adapter()?;
         let tok = self.tokenizer()?;
         let train = self.rows(&self.data, &tok, self.packing)?;
-        let mut adapter = self.adapter()?;
         let bs = self.per_device_train_batch_size;
         let n_rows = train.len();
         let steps = self.max_steps.unwrap_or(
@@ -754,7 +698,7 @@ impl SftRunConfig {
         if task.monitor.is_some() && task.history.last().map(|p| p.step) != Some(summary.steps) {
             task.evaluate(summary.steps, &self.output_dir)?;
         }
-        let method = match (self.use_dora, quantized) {
+        let method = match (self.adapter.use_dora, quantized) {
             _ if self.full_finetune => "sft (full)",
             (false, false) => "sft",
             (true, false) => "sft (DoRA)",
