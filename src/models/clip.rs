@@ -8,11 +8,11 @@
 //! core (`q_proj`, `k_proj`, `v_proj`, `out_proj`, `fc1`, `fc2`).
 
 use crate::models::Weights;
+use crate::nn::attention::{attention, causal_mask, merge_heads, split_heads};
 use crate::nn::norm::layer_norm;
-use crate::nn::softmax::softmax_last;
 use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx, Layout};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 fn d_act() -> String {
@@ -228,28 +228,16 @@ impl ClipTextModel {
                 .forward(&positions, ctx)?
                 .unsqueeze(0)?,
         )?;
-        let mask = causal_mask(t, h.device())?;
+        let mask = causal_mask(t, 0, h.device())?;
         let (heads, d) = (self.cfg.num_attention_heads, self.cfg.hidden_size);
-        let hd = d / heads;
         let eps = self.cfg.layer_norm_eps;
         let mut hidden_states = vec![h.clone()];
         for l in &self.layers {
             let x = layer_norm(&h, &l.ln1.0, &l.ln1.1, eps)?;
-            let split = |y: Tensor| -> Result<Tensor> {
-                Ok(y.reshape((b, t, heads, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            }; // (b, h, t, hd)
-            let q = split(l.q.forward(&x, ctx)?)?;
-            let k = split(l.k.forward(&x, ctx)?)?;
-            let v = split(l.v.forward(&x, ctx)?)?;
-            let s = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?
-                .broadcast_add(&mask)?;
-            let a = softmax_last(&s)?
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, t, d))?;
+            let q = split_heads(&l.q.forward(&x, ctx)?, heads)?;
+            let k = split_heads(&l.k.forward(&x, ctx)?, heads)?;
+            let v = split_heads(&l.v.forward(&x, ctx)?, heads)?;
+            let a = merge_heads(&attention(&q, &k, &v, Some(&mask))?)?;
             h = (h + l.o.forward(&a, ctx)?)?;
             let x = layer_norm(&h, &l.ln2.0, &l.ln2.1, eps)?;
             h = (&h + l.fc2.forward(&self.act(&l.fc1.forward(&x, ctx)?)?, ctx)?)?;
@@ -313,13 +301,6 @@ impl ClipTextModel {
             self.cfg.layer_norm_eps,
         )
     }
-}
-
-fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(v, (1, 1, t, t), device)?)
 }
 
 impl Adapted for ClipTextModel {

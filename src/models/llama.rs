@@ -7,10 +7,12 @@
 
 use super::Weights;
 use crate::nn::act::swiglu;
+use crate::nn::attention::{
+    attention, merge_heads, repeat_kv, shifted_sparse_attention, split_heads,
+};
 use crate::nn::loss::{linear_cross_entropy, next_token_loss, shift_left};
 use crate::nn::norm::rms_norm;
 use crate::nn::rope::rope;
-use crate::nn::softmax::scaled_masked_softmax;
 use crate::peft::{Adapted, AdaptedEmbedding, AdaptedLayer, AdaptedLinear, ForwardCtx, Layout};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -307,96 +309,6 @@ pub struct LlamaForCausalLM {
     s2_attn: Option<f64>,
 }
 
-/// `torch.roll(x, shift, dim)`: element i moves to (i + shift) mod n.
-fn roll(x: &Tensor, shift: i64, dim: usize) -> Result<Tensor> {
-    let n = x.dim(dim)? as i64;
-    let s = shift.rem_euclid(n.max(1)) as usize;
-    if s == 0 {
-        return Ok(x.clone());
-    }
-    let n = n as usize;
-    Ok(Tensor::cat(
-        &[x.narrow(dim, n - s, s)?, x.narrow(dim, 0, n - s)?],
-        dim,
-    )?)
-}
-
-/// LongLoRA's shifted sparse attention (S²-Attn, Chen et al. 2024) over q, k, v (B, H, T, D):
-/// the sequence is cut into `round(1/ratio)` groups that attend causally within themselves; the
-/// second half of the heads works on the sequence rolled back by half a group (so information
-/// flows between neighbouring groups), and its output is rolled forward again. As in the
-/// official code the causal order is the order inside the group. A length that does not divide
-/// into the groups is padded internally (padded keys are masked); `valid` (B·T, 1 = real token)
-/// masks padding keys. Returns (B, T, H·D).
-pub fn shifted_sparse_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    ratio: f64,
-    valid: Option<&[u32]>,
-) -> Result<Tensor> {
-    let (b, nh, t, hd) = q.dims4()?;
-    if !(ratio > 0.0 && ratio <= 1.0) {
-        return Err(Error::Config(format!(
-            "S²-Attn group size ratio {ratio} must be in (0, 1]"
-        )));
-    }
-    let ng = ((1.0 / ratio).round() as usize).clamp(1, t.max(1));
-    let g = t.div_ceil(ng);
-    let tp = g * ng;
-    let padt = |x: &Tensor| -> Result<Tensor> {
-        Ok(if tp > t {
-            x.pad_with_zeros(2, 0, tp - t)?
-        } else {
-            x.clone()
-        })
-    };
-    let (q, k, v) = (padt(q)?, padt(k)?, padt(v)?);
-    let half = nh / 2;
-    let mut outs = vec![];
-    for (h0, h1, shift) in [(0, half, 0usize), (half, nh, g / 2)] {
-        if h0 == h1 {
-            continue;
-        }
-        let nhh = h1 - h0;
-        let sel = |x: &Tensor| -> Result<Tensor> {
-            let x = x.narrow(1, h0, nhh)?;
-            let x = roll(&x, -(shift as i64), 2)?;
-            // (B, h, Tp, D) -> (B·groups, h, g, D)
-            Ok(x.transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * ng, g, nhh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let (qg, kg, vg) = (sel(&q)?, sel(&k)?, sel(&v)?);
-        const NEG: f32 = -1e30;
-        let mut m = vec![0f32; b * ng * g * g];
-        for bi in 0..b {
-            for gi in 0..ng {
-                for i in 0..g {
-                    for j in 0..g {
-                        let orig = (gi * g + j + shift) % tp;
-                        let ok = j <= i && orig < t && valid.is_none_or(|v| v[bi * t + orig] != 0);
-                        if !ok {
-                            m[((bi * ng + gi) * g + i) * g + j] = NEG;
-                        }
-                    }
-                }
-            }
-        }
-        let mask = Tensor::from_vec(m, (b * ng, 1, g, g), q.device())?;
-        let scores = qg.matmul(&kg.t()?.contiguous()?)?;
-        let a =
-            scaled_masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), Some(&mask))?.matmul(&vg)?;
-        // (B·groups, h, g, D) -> (B, Tp, h, D), rolled back.
-        let a = a.transpose(1, 2)?.contiguous()?.reshape((b, tp, nhh, hd))?;
-        outs.push(roll(&a, shift as i64, 1)?);
-    }
-    let a = Tensor::cat(&outs, 2)?;
-    Ok(a.narrow(1, 0, t)?.contiguous()?.reshape((b, t, nh * hd))?)
-}
-
 impl LlamaForCausalLM {
     /// Builds the model from `w` (layers through `w.plan`).
     pub fn new(cfg: &LlamaConfig, w: &Weights) -> Result<Self> {
@@ -585,21 +497,22 @@ impl LlamaForCausalLM {
             }
             _ => false,
         };
-        let (nh, kvh, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.kv_heads(),
-            self.cfg.head_dim(),
-        );
+        let (nh, kvh) = (self.cfg.num_attention_heads, self.cfg.kv_heads());
         let eps = self.cfg.rms_norm_eps;
         let mut h = self.embed.forward(&ids, ctx)?;
         for (li, l) in self.layers.iter().enumerate() {
             let x = rms_norm(&h, &l.input_norm.effective_weight(ctx)?, eps)?;
-            let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-                Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let q = rope(&heads(l.q.forward(&x, ctx)?, nh)?, &pos, &self.inv_freq)?;
-            let mut k = rope(&heads(l.k.forward(&x, ctx)?, kvh)?, &pos, &self.inv_freq)?;
-            let mut v = heads(l.v.forward(&x, ctx)?, kvh)?;
+            let q = rope(
+                &split_heads(&l.q.forward(&x, ctx)?, nh)?,
+                &pos,
+                &self.inv_freq,
+            )?;
+            let mut k = rope(
+                &split_heads(&l.k.forward(&x, ctx)?, kvh)?,
+                &pos,
+                &self.inv_freq,
+            )?;
+            let mut v = split_heads(&l.v.forward(&x, ctx)?, kvh)?;
             if let Some(c) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = &c.kv[li] {
                     k = Tensor::cat(&[pk, &k], 2)?;
@@ -607,18 +520,7 @@ impl LlamaForCausalLM {
                 }
                 c.kv[li] = Some((k.clone(), v.clone()));
             }
-            let rep = nh / kvh;
-            let (k, v) = if rep > 1 {
-                let s = k.dim(2)?;
-                let r = |x: &Tensor| -> Result<Tensor> {
-                    Ok(x.unsqueeze(2)?
-                        .broadcast_as((b, kvh, rep, s, hd))?
-                        .reshape((b, nh, s, hd))?)
-                };
-                (r(&k)?, r(&v)?)
-            } else {
-                (k, v)
-            };
+            let (k, v) = (repeat_kv(&k, nh / kvh)?, repeat_kv(&v, nh / kvh)?);
             let a = match (self.s2_attn, ctx.train, past) {
                 (Some(ratio), true, 0) => {
                     if packed {
@@ -628,14 +530,7 @@ impl LlamaForCausalLM {
                     }
                     shifted_sparse_attention(&q, &k, &v, ratio, valid.as_deref())?
                 }
-                _ => {
-                    let scores = q.matmul(&k.t()?.contiguous()?)?;
-                    scaled_masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), Some(&mask))?
-                        .matmul(&v.contiguous()?)?
-                        .transpose(1, 2)?
-                        .contiguous()?
-                        .reshape((b, t, nh * hd))?
-                }
+                _ => merge_heads(&attention(&q, &k, &v, Some(&mask))?)?,
             };
             h = (h + l.o.forward(&a, ctx)?)?;
             let x = rms_norm(&h, &l.post_norm.effective_weight(ctx)?, eps)?;

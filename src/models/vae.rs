@@ -6,7 +6,7 @@
 
 use super::unet::blocks::{conv3x3, groupnorm, GroupNorm, ResnetBlock2D};
 use super::Weights;
-use crate::nn::softmax::softmax_last;
+use crate::nn::attention::attention;
 use crate::peft::{AdaptedConv2d, AdaptedLinear, ConvCfg, ForwardCtx, Layout};
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -169,8 +169,10 @@ impl SpatialAttention {
         let q = self.q.forward(&t, ctx)?;
         let k = self.k.forward(&t, ctx)?;
         let v = self.v.forward(&t, ctx)?;
-        let s = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (c as f64).sqrt()))?;
-        let o = self.out.forward(&softmax_last(&s)?.matmul(&v)?, ctx)?;
+        // One head over the channels.
+        let one = |x: Tensor| x.unsqueeze(1);
+        let a = attention(&one(q)?, &one(k)?, &one(v)?, None)?.squeeze(1)?;
+        let o = self.out.forward(&a, ctx)?;
         let o = o.transpose(1, 2)?.contiguous()?.reshape((b, c, h, wd))?;
         Ok((o + x)?)
     }

@@ -8,6 +8,7 @@
 //! compare against).
 
 pub mod act;
+pub mod attention;
 pub mod conv;
 pub mod frozen;
 pub mod kernels;

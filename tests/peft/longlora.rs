@@ -5,7 +5,8 @@
 
 use crate::common::*;
 use candle_core::{DType, Device, Tensor, D};
-use postforge::models::llama::{shifted_sparse_attention, Inputs, LlamaForCausalLM};
+use postforge::models::llama::{Inputs, LlamaForCausalLM};
+use postforge::nn::attention::shifted_sparse_attention;
 use postforge::nn::loss::next_token_loss;
 use postforge::peft::{Adapted, AdapterConfig, AdapterPlan, ForwardCtx, InitSpec};
 use std::path::Path;

@@ -3,11 +3,11 @@
 
 use crate::models::Weights;
 use crate::nn::act::geglu;
+use crate::nn::attention::{attention, merge_heads, split_heads};
 use crate::nn::norm::{group_norm_fused, group_norm_silu, layer_norm};
-use crate::nn::softmax::scaled_masked_softmax;
 use crate::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx, Layout};
 use crate::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 /// GroupNorm parameters.
 pub struct GroupNorm {
@@ -178,14 +178,6 @@ impl Attention {
         })
     }
 
-    fn split(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        // (b, n, c) -> (b, heads, n, c/heads)
-        Ok(x.reshape((b, n, self.heads, c / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-
     fn forward(&self, x: &Tensor, context: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
         // Cross-attention keys and values are text tokens, not the image grid.
         let kv_ctx = match context {
@@ -193,18 +185,10 @@ impl Attention {
             None => ctx.clone(),
         };
         let context = context.unwrap_or(x);
-        let q = self.split(&self.to_q.forward(x, ctx)?)?;
-        let k = self.split(&self.to_k.forward(context, &kv_ctx)?)?;
-        let v = self.split(&self.to_v.forward(context, &kv_ctx)?)?;
-        let hd = q.dim(D::Minus1)?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = scaled_masked_softmax(&scores, 1.0 / (hd as f64).sqrt(), None)?;
-        let o = probs.matmul(&v)?; // (b, heads, n, hd)
-        let (b, _, n, _) = o.dims4()?;
-        let o = o
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, n, self.heads * hd))?;
+        let q = split_heads(&self.to_q.forward(x, ctx)?, self.heads)?;
+        let k = split_heads(&self.to_k.forward(context, &kv_ctx)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(context, &kv_ctx)?, self.heads)?;
+        let o = merge_heads(&attention(&q, &k, &v, None)?)?;
         self.to_out.forward(&o, ctx)
     }
 
