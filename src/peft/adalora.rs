@@ -62,7 +62,7 @@ impl Adalora {
         let mut rng = spec.rng(base.path());
         let dev = Device::Cpu;
         let normal = crate::rng::normal;
-        let (e, a, b) = if super::adapter::extra_bool(cfg, "init_weights", true) {
+        let (e, a, b) = if super::adapter::extra_bool(cfg, "init_weights", true)? {
             (
                 Tensor::zeros((r, 1), DType::F32, &dev)?,
                 normal(&[r, inn], 0.02, &mut rng)?,
@@ -166,7 +166,7 @@ impl AdaloraSettings {
                 }),
             }
         };
-        let f = |k: &str, d: f64| cfg.extra.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+        let f = |k: &str, d: f64| super::adapter::extra_f64(cfg, k, d);
         let total_step = u("total_step", 0)?;
         let s = Self {
             target_r: u("target_r", 8)?,
@@ -174,9 +174,9 @@ impl AdaloraSettings {
             tinit: u("tinit", 0)?,
             tfinal: u("tfinal", 0)?,
             delta_t: u("deltaT", 1)?.max(1),
-            beta1: f("beta1", 0.85),
-            beta2: f("beta2", 0.85),
-            orth_reg_weight: f("orth_reg_weight", 0.5),
+            beta1: f("beta1", 0.85)?,
+            beta2: f("beta2", 0.85)?,
+            orth_reg_weight: f("orth_reg_weight", 0.5)?,
             total_step,
         };
         if s.init_r == 0 || s.target_r == 0 || s.target_r > s.init_r {

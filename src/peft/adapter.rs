@@ -167,18 +167,42 @@ pub(crate) fn kaiming(shape: &[usize], rng: &mut rand_chacha::ChaCha8Rng) -> Res
     super::init::kaiming_uniform(shape, fan_in.max(1), rng)
 }
 
-/// A boolean method option from the config's extra fields.
-pub(crate) fn extra_bool(cfg: &AdapterConfig, key: &str, default: bool) -> bool {
-    cfg.extra
-        .get(key)
-        .and_then(|v| v.as_bool())
-        .unwrap_or(default)
+/// A boolean method option from the config's extra fields (absent or null: `default`); any other
+/// type is an error naming the key.
+pub(crate) fn extra_bool(cfg: &AdapterConfig, key: &str, default: bool) -> Result<bool> {
+    match cfg.extra.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(serde_json::Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(crate::Error::Config(format!(
+            "{} setting `{key}` must be true or false, got {v}",
+            cfg.peft_type
+        ))),
+    }
 }
 
-/// A numeric method option from the config's extra fields.
-pub(crate) fn extra_f64(cfg: &AdapterConfig, key: &str, default: f64) -> f64 {
-    cfg.extra
-        .get(key)
-        .and_then(|v| v.as_f64())
-        .unwrap_or(default)
+/// A numeric method option from the config's extra fields (absent or null: `default`); a
+/// non-number or a non-finite number is an error naming the key.
+pub(crate) fn extra_f64(cfg: &AdapterConfig, key: &str, default: f64) -> Result<f64> {
+    match cfg.extra.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(v) => v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+            crate::Error::Config(format!(
+                "{} setting `{key}` must be a finite number, got {v}",
+                cfg.peft_type
+            ))
+        }),
+    }
+}
+
+/// An integer method option from the config's extra fields (absent or null: `default`).
+pub(crate) fn extra_i64(cfg: &AdapterConfig, key: &str, default: i64) -> Result<i64> {
+    match cfg.extra.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(v) => v.as_i64().ok_or_else(|| {
+            crate::Error::Config(format!(
+                "{} setting `{key}` must be an integer, got {v}",
+                cfg.peft_type
+            ))
+        }),
+    }
 }

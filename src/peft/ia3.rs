@@ -39,7 +39,7 @@ impl Ia3Settings {
         };
         Ok(Self {
             feedforward_modules,
-            init_ia3_weights: super::adapter::extra_bool(cfg, "init_ia3_weights", true),
+            init_ia3_weights: super::adapter::extra_bool(cfg, "init_ia3_weights", true)?,
         })
     }
 }

@@ -28,26 +28,26 @@ impl LycorisSettings {
     /// Reads and checks the options for the layer at `path` whose weight has `dims`.
     pub fn from_config(cfg: &AdapterConfig, path: &str, dims: &[usize]) -> Result<Self> {
         use super::adapter::{extra_bool, extra_f64};
-        let module_dropout = extra_f64(cfg, "module_dropout", 0.0);
+        let module_dropout = extra_f64(cfg, "module_dropout", 0.0)?;
         if !(0.0..1.0).contains(&module_dropout) {
             return Err(Error::Config(format!(
                 "module_dropout {module_dropout} must be in [0, 1)"
             )));
         }
-        if extra_f64(cfg, "rank_dropout", 0.0) != 0.0 {
+        if extra_f64(cfg, "rank_dropout", 0.0)? != 0.0 {
             return Err(Error::Config(format!(
                 "{path}: rank_dropout is not supported yet (module_dropout is)"
             )));
         }
         let k: usize = dims[2..].iter().product();
-        if extra_bool(cfg, "use_effective_conv2d", false) && dims.len() == 4 && k > 1 {
+        if extra_bool(cfg, "use_effective_conv2d", false)? && dims.len() == 4 && k > 1 {
             return Err(Error::Config(format!(
                 "{path}: use_effective_conv2d (the CP decomposition of conv kernels) is not supported yet"
             )));
         }
         Ok(Self {
             module_dropout,
-            init_weights: extra_bool(cfg, "init_weights", true),
+            init_weights: extra_bool(cfg, "init_weights", true)?,
         })
     }
 }

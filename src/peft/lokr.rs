@@ -9,7 +9,7 @@
 //! r < max(k, n)/2. `W1` (or `w1_a`) starts at 0, the rest kaiming-uniform. Options: those of
 //! [`super::loha::LycorisSettings`] plus `decompose_both` and `decompose_factor`.
 
-use super::adapter::{extra_bool, kaiming, Adapter, BaseOut, BuildSpec};
+use super::adapter::{extra_bool, extra_i64, kaiming, Adapter, BaseOut, BuildSpec};
 use super::base::{var, Base};
 use super::config::Method;
 use super::ctx::ForwardCtx;
@@ -112,12 +112,13 @@ impl Lokr {
         let (out, inn, k) = (dims[0], dims[1], dims[2..].iter().product::<usize>());
         let mut rng = spec.rng(base.path());
         let dev = Device::Cpu;
-        let factor = cfg
-            .extra
-            .get("decompose_factor")
-            .and_then(|v| v.as_i64())
-            .unwrap_or(-1);
-        let decompose_both = extra_bool(cfg, "decompose_both", false);
+        let factor = extra_i64(cfg, "decompose_factor", -1)?;
+        if factor == 0 || factor < -1 {
+            return Err(Error::Config(format!(
+                "LOKR setting `decompose_factor` {factor} must be -1 (balanced) or positive"
+            )));
+        }
+        let decompose_both = extra_bool(cfg, "decompose_both", false)?;
         let (in_m, in_n) = factorization(inn, factor);
         let (out_l, out_k) = factorization(out, factor);
         let use_w1 = !(decompose_both && (r as f64) < out_l.max(in_m) as f64 / 2.0);

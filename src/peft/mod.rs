@@ -167,11 +167,7 @@ impl AdapterPlan {
     pub fn finish(&self, layers: &mut [&mut AdaptedLayer]) -> Result<()> {
         for (name, cfg) in &self.adapters {
             if cfg.peft_type == "VERA" {
-                let key = cfg
-                    .extra
-                    .get("projection_prng_key")
-                    .and_then(|v| v.as_u64())
-                    .unwrap_or(0);
+                let key = vera::VeraSettings::from_config(cfg)?.projection_prng_key;
                 vera::share_vera_projections(layers, name, self.seed ^ key, None)?;
             }
         }

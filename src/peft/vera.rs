@@ -8,8 +8,9 @@
 //! `vera_dropout`, `d_initial`, `projection_prng_key`, `save_projection` (must stay true),
 //! `init_weights`.
 
-use super::adapter::{extra_bool, extra_f64, Adapter, BaseOut, BuildSpec};
+use super::adapter::{extra_bool, extra_f64, extra_i64, Adapter, BaseOut, BuildSpec};
 use super::base::{var, Base, BaseKind};
+use super::config::AdapterConfig;
 use super::config::Method;
 use super::ctx::ForwardCtx;
 use super::layer::AdaptedLayer;
@@ -17,6 +18,48 @@ use crate::nn::frozen;
 use crate::rng::rng_for;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
+
+/// VeRA's options, typed (they stay in the config's fields, so `adapter_config.json` round-trips
+/// unchanged).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VeraSettings {
+    /// Seed of the shared projections (PEFT: `projection_prng_key`, 0).
+    pub projection_prng_key: u64,
+    /// Dropout on the layer input, in [0, 1).
+    pub vera_dropout: f64,
+    /// λ_d's starting value (0.1).
+    pub d_initial: f64,
+    /// λ_b = 0 at the start (`true`), or random λ_d and λ_b = 1 (PEFT's test setting).
+    pub init_weights: bool,
+}
+
+impl VeraSettings {
+    /// Reads and checks the options; a wrong type or value names its key.
+    pub fn from_config(cfg: &AdapterConfig) -> Result<Self> {
+        if !extra_bool(cfg, "save_projection", true)? {
+            return Err(Error::Config(
+                "VeRA with save_projection = false is not supported: the projections come from torch's generator, which postforge cannot replay; keep them in the file".into(),
+            ));
+        }
+        let key = extra_i64(cfg, "projection_prng_key", 0)?;
+        let vera_dropout = extra_f64(cfg, "vera_dropout", 0.0)?;
+        if !(0.0..1.0).contains(&vera_dropout) {
+            return Err(Error::Config(format!(
+                "VERA setting `vera_dropout` {vera_dropout} must be in [0, 1)"
+            )));
+        }
+        Ok(Self {
+            projection_prng_key: u64::try_from(key).map_err(|_| {
+                Error::Config(format!(
+                    "VERA setting `projection_prng_key` {key} must not be negative"
+                ))
+            })?,
+            vera_dropout,
+            d_initial: extra_f64(cfg, "d_initial", 0.1)?,
+            init_weights: extra_bool(cfg, "init_weights", true)?,
+        })
+    }
+}
 
 /// One VeRA adapter.
 pub struct Vera {
@@ -46,22 +89,13 @@ impl Vera {
                 base.path()
             )));
         }
-        if !extra_bool(cfg, "save_projection", true) {
-            return Err(Error::Config(
-                "VeRA with save_projection = false is not supported: the projections come from torch's generator, which postforge cannot replay; keep them in the file".into(),
-            ));
-        }
-        let dropout = extra_f64(cfg, "vera_dropout", 0.0);
-        if !(0.0..1.0).contains(&dropout) {
-            return Err(Error::Config(format!(
-                "vera_dropout {dropout} must be in [0, 1)"
-            )));
-        }
+        let st = VeraSettings::from_config(cfg)?;
+        let dropout = st.vera_dropout;
         let (out, inn) = base.dims2()?;
         let dev = Device::Cpu;
-        let (ld, lb) = if extra_bool(cfg, "init_weights", true) {
+        let (ld, lb) = if st.init_weights {
             (
-                Tensor::full(extra_f64(cfg, "d_initial", 0.1) as f32, spec.r, &dev)?,
+                Tensor::full(st.d_initial as f32, spec.r, &dev)?,
                 Tensor::zeros(out, DType::F32, &dev)?,
             )
         } else {
@@ -203,4 +237,32 @@ pub fn share_vera_projections(
         }
     }
     Ok(Some((a, b)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A setting of the wrong type or out of range is refused with its key named, not replaced by
+    /// the default.
+    #[test]
+    fn bad_settings_name_their_key() {
+        let base = AdapterConfig {
+            peft_type: "VERA".into(),
+            ..Default::default()
+        };
+        assert_eq!(VeraSettings::from_config(&base).unwrap().d_initial, 0.1);
+        for (key, v) in [
+            ("vera_dropout", serde_json::json!("0.1")),
+            ("vera_dropout", serde_json::json!(1.0)),
+            ("d_initial", serde_json::json!([1])),
+            ("init_weights", serde_json::json!("yes")),
+            ("projection_prng_key", serde_json::json!(-3)),
+        ] {
+            let mut cfg = base.clone();
+            cfg.extra.insert(key.into(), v);
+            let e = VeraSettings::from_config(&cfg).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+    }
 }
