@@ -10,7 +10,8 @@
 //! materialises them.
 
 use candle_core::{Device, Tensor};
-use postforge::models::llama::{GenerationConfig, Inputs, LlamaConfig, LlamaForCausalLM};
+use postforge::models::generate::GenerationConfig;
+use postforge::models::llama::{Inputs, LlamaConfig, LlamaForCausalLM};
 use postforge::models::Weights;
 use postforge::nn::loss::next_token_loss;
 use postforge::peft::{AdapterConfig, AdapterPlan, ForwardCtx, ModuleSpec};

@@ -1,7 +1,8 @@
 use clap::Args as ClapArgs;
 use postforge::data::chat::message;
 use postforge::data::text::TextTokenizer;
-use postforge::models::llama::{GenerationConfig, LlamaForCausalLM};
+use postforge::models::generate::GenerationConfig;
+use postforge::models::llama::LlamaForCausalLM;
 use postforge::peft::{Adapted, AdapterPlan};
 use std::path::PathBuf;
 

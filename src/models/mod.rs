@@ -1,6 +1,7 @@
 //! Model families, each built through the adapter core ([`crate::peft::AdapterPlan`]).
 
 pub mod clip;
+pub mod generate;
 pub mod llama;
 pub mod mlp;
 pub mod unet;

@@ -265,7 +265,7 @@ fn fused_rms_norm_and_rope_match_the_composites() {
 
 #[test]
 fn greedy_generation_follows_the_argmax_and_sampling_is_seeded() {
-    use postforge::models::llama::GenerationConfig;
+    use postforge::models::generate::GenerationConfig;
     let m = LlamaForCausalLM::load(&dir("qwen2"), AdapterPlan::none()).unwrap();
     let prompt = [5u32, 9, 14, 3];
     let g = GenerationConfig {
