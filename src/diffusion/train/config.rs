@@ -1,0 +1,495 @@
+//! The training settings under kohya's `train_network.py` names (with kohya's defaults), what
+//! they turn into (adapter configs, buckets, timestep sampling, the trainer's settings), and
+//! kohya's sample-prompt lines.
+
+use crate::data::buckets::BucketConfig;
+use crate::diffusion::objective::TimestepSampling;
+use crate::peft::AdapterConfig;
+use crate::train::{ScheduleKind, TrainConfig};
+use crate::{Error, Result};
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The U-Net modules kohya's LoRA adapts (the linears of every Transformer2DModel).
+pub const UNET_TARGETS: [&str; 8] = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+];
+/// The U-Net convolutions LoCon adds with `conv_dim` (resnets, down- and upsamplers).
+pub const UNET_CONV_PATTERN: &str =
+    r"(resnets\.\d+\.(conv1|conv2|conv_shortcut)|downsamplers\.0\.conv|upsamplers\.0\.conv)";
+/// The text-encoder modules kohya's LoRA adapts (CLIPAttention and CLIPMLP linears).
+pub const TEXT_TARGETS: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
+
+fn d_txt() -> String {
+    ".txt".into()
+}
+fn d_res() -> String {
+    "512".into()
+}
+fn d_min_bucket() -> u32 {
+    256
+}
+fn d_max_bucket() -> u32 {
+    1024
+}
+fn d_bucket_steps() -> u32 {
+    64
+}
+fn d_dim() -> usize {
+    4
+}
+fn d_alpha() -> f64 {
+    1.0
+}
+fn d_lr() -> f64 {
+    1e-4
+}
+fn d_sched() -> String {
+    "constant".into()
+}
+fn d_steps() -> usize {
+    1600
+}
+fn d_one() -> usize {
+    1
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_sep() -> String {
+    ",".into()
+}
+fn d_out_name() -> String {
+    "last".into()
+}
+fn d_bias() -> String {
+    TimestepSampling::default().bias_strategy
+}
+fn d_bias_mult() -> f64 {
+    TimestepSampling::default().bias_multiplier
+}
+fn d_bias_portion() -> f64 {
+    TimestepSampling::default().bias_portion
+}
+fn d_bias_end() -> usize {
+    TimestepSampling::default().bias_end
+}
+fn d_sampler() -> String {
+    "ddim".into()
+}
+fn d_format() -> String {
+    "kohya".into()
+}
+
+/// Settings of a LoRA training run (kohya's flag names in snake_case; TOML and CLI use them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraTrainConfig {
+    /// Pipeline folder (diffusers layout).
+    pub pretrained_model_name_or_path: PathBuf,
+    /// Image folder: kohya `<repeats>_<name>/` subfolders with caption files, or `metadata.jsonl`.
+    pub train_data_dir: PathBuf,
+    /// Caption file extension.
+    #[serde(default = "d_txt")]
+    pub caption_extension: String,
+    /// Training resolution, `W,H` or one side.
+    #[serde(default = "d_res")]
+    pub resolution: String,
+    /// Aspect-ratio buckets.
+    #[serde(default)]
+    pub enable_bucket: bool,
+    /// Smallest bucket side.
+    #[serde(default = "d_min_bucket")]
+    pub min_bucket_reso: u32,
+    /// Largest bucket side.
+    #[serde(default = "d_max_bucket")]
+    pub max_bucket_reso: u32,
+    /// Bucket side step.
+    #[serde(default = "d_bucket_steps")]
+    pub bucket_reso_steps: u32,
+    /// Do not upscale small images into a bucket.
+    #[serde(default)]
+    pub bucket_no_upscale: bool,
+    /// LoRA rank.
+    #[serde(default = "d_dim")]
+    pub network_dim: usize,
+    /// LoRA alpha (scale = alpha / dim).
+    #[serde(default = "d_alpha")]
+    pub network_alpha: f64,
+    /// LoCon: rank of the conv adapters (resnets, samplers); none = linears only.
+    #[serde(default)]
+    pub conv_dim: Option<usize>,
+    /// LoCon alpha (default: `network_alpha`).
+    #[serde(default)]
+    pub conv_alpha: Option<f64>,
+    /// Dropout on the adapter input (PEFT's `lora_dropout`).
+    #[serde(default)]
+    pub network_dropout: f64,
+    /// DoRA (weight-decomposed LoRA; kohya/LyCORIS `dora_wd`).
+    #[serde(default)]
+    pub dora_wd: bool,
+    /// Train the U-Net only (no text-encoder LoRA).
+    #[serde(default)]
+    pub network_train_unet_only: bool,
+    /// Peak learning rate.
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    /// `constant`, `linear`, `cosine` (with warmup: `constant_with_warmup` is `constant`).
+    #[serde(default = "d_sched")]
+    pub lr_scheduler: String,
+    /// Warmup steps.
+    #[serde(default)]
+    pub lr_warmup_steps: usize,
+    /// Optimizer steps.
+    #[serde(default = "d_steps")]
+    pub max_train_steps: usize,
+    /// Images per micro-batch.
+    #[serde(default = "d_one")]
+    pub train_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "d_one")]
+    pub gradient_accumulation_steps: usize,
+    /// Gradient clipping (0 = off).
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    /// Seed of everything random in the run.
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// min-SNR-γ loss weighting.
+    #[serde(default)]
+    pub min_snr_gamma: Option<f64>,
+    /// Noise offset.
+    #[serde(default)]
+    pub noise_offset: f64,
+    /// Train with v-prediction whatever the scheduler says.
+    #[serde(default)]
+    pub v_parameterization: bool,
+    /// Rescale the training betas to zero terminal SNR (kohya `--zero_terminal_snr`; use with
+    /// v-prediction).
+    #[serde(default)]
+    pub zero_terminal_snr: bool,
+    /// Smallest training timestep (kohya `--min_timestep`, default 0).
+    #[serde(default)]
+    pub min_timestep: Option<usize>,
+    /// One past the largest training timestep (kohya `--max_timestep`, default T).
+    #[serde(default)]
+    pub max_timestep: Option<usize>,
+    /// diffusers' `--timestep_bias_strategy`: `none`, `earlier`, `later`, `range`.
+    #[serde(default = "d_bias")]
+    pub timestep_bias_strategy: String,
+    /// diffusers' `--timestep_bias_multiplier`.
+    #[serde(default = "d_bias_mult")]
+    pub timestep_bias_multiplier: f64,
+    /// diffusers' `--timestep_bias_portion`.
+    #[serde(default = "d_bias_portion")]
+    pub timestep_bias_portion: f64,
+    /// diffusers' `--timestep_bias_begin`.
+    #[serde(default)]
+    pub timestep_bias_begin: usize,
+    /// diffusers' `--timestep_bias_end`.
+    #[serde(default = "d_bias_end")]
+    pub timestep_bias_end: usize,
+    /// Probability of training a sample with an empty caption.
+    #[serde(default)]
+    pub caption_dropout_rate: f64,
+    /// Shuffle the caption's tags (split at `caption_separator`).
+    #[serde(default)]
+    pub shuffle_caption: bool,
+    /// Tags kept in front when shuffling.
+    #[serde(default)]
+    pub keep_tokens: usize,
+    /// Tag separator.
+    #[serde(default = "d_sep")]
+    pub caption_separator: String,
+    /// Random horizontal flips.
+    #[serde(default)]
+    pub flip_aug: bool,
+    /// Run folder (checkpoints, metrics, samples, the LoRA file).
+    pub output_dir: PathBuf,
+    /// Name of the LoRA file (`<output_dir>/<output_name>.safetensors`).
+    #[serde(default = "d_out_name")]
+    pub output_name: String,
+    /// `kohya` (A1111/ComfyUI) or `diffusers`.
+    #[serde(default = "d_format")]
+    pub lora_format: String,
+    /// Checkpoint every N steps (0 = at the end only).
+    #[serde(default)]
+    pub save_every_n_steps: usize,
+    /// Sample the prompts every N steps (0 = never).
+    #[serde(default)]
+    pub sample_every_n_steps: usize,
+    /// Also sample before training.
+    #[serde(default)]
+    pub sample_at_first: bool,
+    /// File of kohya prompt lines (`prompt --n neg --w 512 --h 512 --d seed --s steps --l cfg`).
+    #[serde(default)]
+    pub sample_prompts: Option<PathBuf>,
+    /// Sampler for the samples (`ddim`, `euler`, `euler_a`).
+    #[serde(default = "d_sampler")]
+    pub sample_sampler: String,
+}
+
+impl LoraTrainConfig {
+    /// A configuration with kohya's defaults for the given model, data and output.
+    pub fn new(model: &Path, data: &Path, output_dir: &Path) -> Self {
+        let v = serde_json::json!({
+            "pretrained_model_name_or_path": model, "train_data_dir": data, "output_dir": output_dir
+        });
+        serde_json::from_value(v).expect("defaults deserialize")
+    }
+
+    /// Which training timesteps are drawn.
+    pub fn timestep_sampling(&self) -> TimestepSampling {
+        TimestepSampling {
+            min_timestep: self.min_timestep,
+            max_timestep: self.max_timestep,
+            bias_strategy: self.timestep_bias_strategy.clone(),
+            bias_multiplier: self.timestep_bias_multiplier,
+            bias_portion: self.timestep_bias_portion,
+            bias_begin: self.timestep_bias_begin,
+            bias_end: self.timestep_bias_end,
+        }
+    }
+
+    /// `(width, height)` from `resolution`.
+    pub fn resolution(&self) -> Result<(u32, u32)> {
+        let parts: Vec<&str> = self.resolution.split(',').map(|s| s.trim()).collect();
+        let num = |s: &str| {
+            s.parse::<u32>().map_err(|_| {
+                Error::Config(format!(
+                    "resolution `{}` is not `W,H` or one number",
+                    self.resolution
+                ))
+            })
+        };
+        match parts.as_slice() {
+            [s] => {
+                let s = num(s)?;
+                Ok((s, s))
+            }
+            [w, h] => Ok((num(w)?, num(h)?)),
+            _ => Err(Error::Config(format!(
+                "resolution `{}` is not `W,H` or one number",
+                self.resolution
+            ))),
+        }
+    }
+
+    /// The bucket settings.
+    pub fn buckets(&self) -> Result<BucketConfig> {
+        Ok(BucketConfig {
+            resolution: self.resolution()?,
+            enabled: self.enable_bucket,
+            min_reso: self.min_bucket_reso,
+            max_reso: self.max_bucket_reso,
+            reso_steps: self.bucket_reso_steps,
+            no_upscale: self.bucket_no_upscale,
+        })
+    }
+
+    /// The adapter configuration of the U-Net (LoRA on the attention linears; LoCon convs with
+    /// `conv_dim`; DoRA with `dora_wd`).
+    pub fn unet_adapter(&self) -> Result<AdapterConfig> {
+        let mut cfg = AdapterConfig::lora(self.network_dim, self.network_alpha, &UNET_TARGETS);
+        cfg.lora_dropout = self.network_dropout;
+        cfg.use_dora = self.dora_wd;
+        if let Some(cd) = self.conv_dim {
+            let linear = UNET_TARGETS
+                .iter()
+                .map(|t| regex::escape(t))
+                .collect::<Vec<_>>()
+                .join("|");
+            cfg.target_modules = Some(crate::peft::config::ModuleSpec::Regex(format!(
+                r".*\.({linear}|{UNET_CONV_PATTERN})"
+            )));
+            let mut rp = IndexMap::new();
+            rp.insert(UNET_CONV_PATTERN.to_string(), cd);
+            cfg.rank_pattern = rp;
+            let mut ap = IndexMap::new();
+            ap.insert(
+                UNET_CONV_PATTERN.to_string(),
+                self.conv_alpha.unwrap_or(self.network_alpha),
+            );
+            cfg.alpha_pattern = ap;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The adapter configuration of the text encoder, if it is trained.
+    pub fn text_adapter(&self) -> Result<Option<AdapterConfig>> {
+        if self.network_train_unet_only {
+            return Ok(None);
+        }
+        let mut cfg = AdapterConfig::lora(self.network_dim, self.network_alpha, &TEXT_TARGETS);
+        cfg.lora_dropout = self.network_dropout;
+        cfg.use_dora = self.dora_wd;
+        cfg.validate()?;
+        Ok(Some(cfg))
+    }
+
+    /// The trainer settings.
+    pub fn trainer(&self, overwrite: bool) -> Result<TrainConfig> {
+        let kind = match self.lr_scheduler.as_str() {
+            "constant" | "constant_with_warmup" => ScheduleKind::Constant,
+            "linear" => ScheduleKind::Linear,
+            "cosine" => ScheduleKind::Cosine,
+            s => {
+                return Err(Error::Config(format!(
+                "lr_scheduler `{s}` is not one of constant, constant_with_warmup, linear, cosine"
+            )))
+            }
+        };
+        if self.train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return Err(Error::Config(
+                "train_batch_size and gradient_accumulation_steps must be positive".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.caption_dropout_rate) {
+            return Err(Error::Config(format!(
+                "caption_dropout_rate {} is not in [0, 1]",
+                self.caption_dropout_rate
+            )));
+        }
+        Ok(TrainConfig {
+            learning_rate: self.learning_rate,
+            lr_scheduler: kind,
+            warmup_steps: self.lr_warmup_steps,
+            max_steps: self.max_train_steps,
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            save_steps: self.save_every_n_steps,
+            seed: self.seed,
+            output_dir: self.output_dir.clone(),
+            overwrite_output_dir: overwrite,
+            ..TrainConfig::default()
+        })
+    }
+}
+
+/// One kohya sample-prompt line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplePrompt {
+    /// Prompt.
+    pub prompt: String,
+    /// Negative prompt (`--n`).
+    pub negative: String,
+    /// Width (`--w`).
+    pub width: Option<usize>,
+    /// Height (`--h`).
+    pub height: Option<usize>,
+    /// Seed (`--d`).
+    pub seed: Option<u64>,
+    /// Steps (`--s`, default 30).
+    pub steps: usize,
+    /// CFG scale (`--l`, default 7.5).
+    pub cfg: f64,
+    /// Sampler (`--ss`).
+    pub sampler: Option<String>,
+}
+
+impl SamplePrompt {
+    /// Parses a line; `None` for blank lines and `#` comments. Unknown options are ignored, as
+    /// kohya does.
+    pub fn parse(line: &str) -> Result<Option<Self>> {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            return Ok(None);
+        }
+        let mut parts = line.split(" --");
+        let prompt = parts.next().unwrap_or_default().trim().to_string();
+        let mut p = SamplePrompt {
+            prompt,
+            negative: String::new(),
+            width: None,
+            height: None,
+            seed: None,
+            steps: 30,
+            cfg: 7.5,
+            sampler: None,
+        };
+        for opt in parts {
+            let (k, v) = opt.split_once(' ').unwrap_or((opt, ""));
+            let v = v.trim();
+            let bad = |what: &str| {
+                Error::Config(format!("sample prompt `{line}`: --{k} `{v}` is not {what}"))
+            };
+            match k {
+                "n" => p.negative = v.to_string(),
+                "w" => p.width = Some(v.parse().map_err(|_| bad("a width"))?),
+                "h" => p.height = Some(v.parse().map_err(|_| bad("a height"))?),
+                "d" => p.seed = Some(v.parse().map_err(|_| bad("a seed"))?),
+                "s" => p.steps = v.parse().map_err(|_| bad("a step count"))?,
+                "l" => p.cfg = v.parse().map_err(|_| bad("a CFG scale"))?,
+                "ss" => p.sampler = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        Ok(Some(p))
+    }
+
+    /// Reads a prompt file.
+    pub fn read_file(path: &Path) -> Result<Vec<Self>> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut v = vec![];
+        for l in text.lines() {
+            if let Some(p) = Self::parse(l).map_err(|e| Error::format(path, e.to_string()))? {
+                v.push(p);
+            }
+        }
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kohya_prompt_lines() {
+        let p = SamplePrompt::parse(
+            "a red circle on the left, black background --n blurry, ugly --w 32 --h 48 --d 7 --s 12 --l 4.5 --ss euler_a --am 1",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(p.prompt, "a red circle on the left, black background");
+        assert_eq!(p.negative, "blurry, ugly");
+        assert_eq!((p.width, p.height, p.seed), (Some(32), Some(48), Some(7)));
+        assert_eq!((p.steps, p.cfg), (12, 4.5));
+        assert_eq!(p.sampler.as_deref(), Some("euler_a"));
+        assert!(SamplePrompt::parse("# comment").unwrap().is_none());
+        assert!(SamplePrompt::parse("   ").unwrap().is_none());
+        assert!(SamplePrompt::parse("x --w wide").is_err());
+        let d = SamplePrompt::parse("just a prompt").unwrap().unwrap();
+        assert_eq!((d.steps, d.cfg, d.seed), (30, 7.5, None));
+    }
+
+    #[test]
+    fn config_defaults_are_kohyas_and_unknown_fields_are_refused() {
+        let c = LoraTrainConfig::new(Path::new("m"), Path::new("d"), Path::new("o"));
+        assert_eq!((c.network_dim, c.network_alpha), (4, 1.0));
+        assert_eq!(c.lr_scheduler, "constant");
+        assert_eq!(c.resolution().unwrap(), (512, 512));
+        let bad = serde_json::json!({"pretrained_model_name_or_path": "m", "train_data_dir": "d",
+            "output_dir": "o", "network_dimm": 8});
+        let e = serde_json::from_value::<LoraTrainConfig>(bad).unwrap_err();
+        assert!(e.to_string().contains("network_dimm"), "{e}");
+        let mut c2 = c.clone();
+        c2.conv_dim = Some(2);
+        let a = c2.unet_adapter().unwrap();
+        assert_eq!(a.rank_pattern.values().next(), Some(&2));
+        c2.resolution = "32,a".into();
+        assert!(c2.resolution().is_err());
+    }
+}
