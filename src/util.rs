@@ -18,6 +18,21 @@ pub fn read_optional_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result
     }
 }
 
+/// Reads a JSON configuration file (`config.json`, `scheduler_config.json`, ...) and checks it
+/// with `check`: every error, from reading, parsing or checking, names the file.
+pub fn read_json_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    check: impl FnOnce(&T) -> Result<()>,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let c: T = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+    check(&c).map_err(|e| match e {
+        Error::Format { .. } => e,
+        e => Error::format(path, e.to_string()),
+    })?;
+    Ok(c)
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path

@@ -87,11 +87,7 @@ impl Default for SchedulerConfig {
 impl SchedulerConfig {
     /// Reads a `scheduler_config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: Self =
-            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
-        c.prediction()?;
-        Ok(c)
+        crate::util::read_json_config(path, |c: &Self| c.prediction().map(|_| ()))
     }
     /// Parsed `prediction_type`.
     pub fn prediction(&self) -> Result<Prediction> {

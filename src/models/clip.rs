@@ -57,25 +57,26 @@ pub struct ClipTextConfig {
 impl ClipTextConfig {
     /// Reads `config.json`.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: Self =
-            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
-        if !matches!(c.hidden_act.as_str(), "quick_gelu" | "gelu") {
-            return Err(Error::format(
-                path,
-                format!(
-                    "hidden_act `{}` is not supported (quick_gelu, gelu)",
-                    c.hidden_act
-                ),
-            ));
+        crate::util::read_json_config(path, Self::validate)
+    }
+
+    /// Rejects settings this implementation does not cover, by name.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.hidden_act.as_str(), "quick_gelu" | "gelu") {
+            return Err(Error::Config(format!(
+                "hidden_act `{}` is not supported (quick_gelu, gelu)",
+                self.hidden_act
+            )));
         }
-        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
-            return Err(Error::format(
-                path,
-                "hidden_size must be a multiple of num_attention_heads",
-            ));
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return Err(Error::Config(format!(
+                "hidden_size {} must be a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
         }
-        Ok(c)
+        Ok(())
     }
 }
 

@@ -84,12 +84,7 @@ pub struct VaeConfig {
 impl VaeConfig {
     /// Reads `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: Self =
-            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
-        c.validate()
-            .map_err(|e| Error::format(path, e.to_string()))?;
-        Ok(c)
+        crate::util::read_json_config(path, Self::validate)
     }
 
     fn validate(&self) -> Result<()> {
