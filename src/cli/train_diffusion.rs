@@ -47,7 +47,9 @@ pub struct Args {
     /// LoRA alpha [default: 1].
     #[arg(long)]
     network_alpha: Option<f64>,
-    /// `key=value` network arguments: conv_dim, conv_alpha (LoCon), dora_wd.
+    /// `key=value` network arguments: conv_dim, conv_alpha (LoCon), dora_wd, LyCORIS's preset,
+    /// kohya's block_dims, block_alphas, conv_block_dims, conv_block_alphas, down_lr_weight,
+    /// mid_lr_weight, up_lr_weight, block_lr_zero_threshold.
     #[arg(long, num_args = 1..)]
     #[serde(skip)]
     network_args: Vec<String>,
@@ -59,6 +61,12 @@ pub struct Args {
     /// [default: 1e-4]
     #[arg(long)]
     learning_rate: Option<f64>,
+    /// Learning rate of the U-Net adapters [default: --learning_rate].
+    #[arg(long)]
+    unet_lr: Option<f64>,
+    /// Learning rate of the text-encoder adapters [default: --learning_rate].
+    #[arg(long)]
+    text_encoder_lr: Option<f64>,
     /// constant, constant_with_warmup, linear, cosine [default: constant].
     #[arg(long)]
     lr_scheduler: Option<String>,
@@ -170,8 +178,16 @@ pub fn config(a: &Args, given: &ArgMatches) -> anyhow::Result<LoraTrainConfig> {
                 "dora_wd",
                 matches!(val.to_lowercase().as_str(), "true" | "1").into(),
             ),
+            "preset" | "block_dims" | "block_alphas" | "conv_block_dims" | "conv_block_alphas"
+            | "down_lr_weight" | "up_lr_weight" => set(k, val.into()),
+            "mid_lr_weight" | "block_lr_zero_threshold" => set(
+                k,
+                val.parse::<f64>()
+                    .with_context(|| format!("--network_args {k}={val}: not a number"))?
+                    .into(),
+            ),
             _ => anyhow::bail!(
-                "--network_args `{k}` is not supported (conv_dim, conv_alpha, dora_wd)"
+                "--network_args `{k}` is not supported (conv_dim, conv_alpha, dora_wd, preset, block_dims, block_alphas, conv_block_dims, conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold)"
             ),
         }
     }

@@ -43,6 +43,11 @@ pub trait Task {
     fn after_step(&mut self, _step: usize, _output_dir: &Path) -> Result<()> {
         Ok(())
     }
+    /// Learning-rate multipliers by trainable name (parameter groups); unnamed ones keep 1.
+    /// Default: none.
+    fn lr_scales(&self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
     /// Called right after optimizer step `step` (from 1), before any checkpoint, with the
     /// step's gradients and the clipping factor the update applied to them (the applied gradient
     /// is `grad_scale · grads`), e.g. AdaLoRA's rank allocation. Default: nothing.
@@ -362,6 +367,7 @@ impl Trainer {
             weight_decay: c.weight_decay,
         };
         let mut opt = AdamW::new(params.clone(), adam)?;
+        opt.set_lr_scales(&task.lr_scales())?;
         let sched = Schedule {
             kind: c.lr_scheduler,
             base_lr: c.learning_rate,

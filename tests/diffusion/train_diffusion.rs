@@ -524,3 +524,72 @@ fn an_sdxl_pipeline_with_two_text_encoders_samples_and_trains() {
             && raw.keys().any(|k| k.starts_with("lora_te2_"))
     );
 }
+
+/// kohya's per-block ranks and lr weights reach the layers of their blocks (IN04 = down_blocks.1's
+/// resnet and attention, MID = mid_block, OUT = up_blocks), blocks of rank 0 get no adapter, and
+/// `unet_lr` / `text_encoder_lr` scale their groups.
+#[test]
+fn block_dims_and_lr_weights_reach_the_right_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    let mut cfg = config(dir, "blocks");
+    let mut dims = vec!["4"; 25];
+    dims[4] = "3";
+    dims[12] = "5";
+    for d in dims.iter_mut().skip(13) {
+        *d = "0";
+    }
+    cfg.block_dims = Some(postforge::diffusion::train::blocks::NumList::Text(
+        dims.join(","),
+    ));
+    let mut conv = vec![2.0; 25];
+    conv[13..].fill(0.0);
+    cfg.conv_block_dims = Some(postforge::diffusion::train::blocks::NumList::List(conv));
+    cfg.down_lr_weight = Some(postforge::diffusion::train::blocks::NumList::Text(
+        "zeros+0.5".into(),
+    ));
+    cfg.mid_lr_weight = Some(2.0);
+    cfg.unet_lr = Some(3e-3);
+    cfg.text_encoder_lr = Some(5e-4);
+    let task = LoraTrainTask::new(cfg).unwrap();
+    let rank = |path: &str| -> Option<usize> {
+        let layers = task.pipe.unet.layers();
+        let l = layers
+            .iter()
+            .find(|l| l.path() == path)
+            .unwrap_or_else(|| panic!("no layer {path}"));
+        l.lora("default").map(|a| a.r)
+    };
+    assert_eq!(
+        rank("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+        Some(3)
+    );
+    assert_eq!(rank("down_blocks.1.resnets.0.conv_shortcut"), Some(3));
+    assert_eq!(rank("down_blocks.1.resnets.0.conv1"), Some(2));
+    assert_eq!(rank("down_blocks.0.resnets.0.conv2"), Some(2));
+    assert_eq!(
+        rank("mid_block.attentions.0.transformer_blocks.0.ff.net.2"),
+        Some(5)
+    );
+    assert_eq!(rank("conv_in"), None);
+    for l in task.pipe.unet.layers() {
+        if l.path().starts_with("up_blocks.") {
+            assert!(!l.has_adapter("default"), "{} has an adapter", l.path());
+        }
+    }
+    let scales = task.lr_scales();
+    let params = task.trainable();
+    for (n, _) in &params {
+        let want = if n.starts_with("unet.") && n.contains(".down_blocks.") {
+            1.5
+        } else if n.starts_with("unet.") && n.contains(".mid_block.") {
+            6.0
+        } else if n.starts_with("text_encoder.") {
+            0.5
+        } else {
+            3.0
+        };
+        assert_eq!(scales.get(n).copied().unwrap_or(1.0), want, "{n}");
+    }
+}

@@ -2,31 +2,16 @@
 //! they turn into (adapter configs, buckets, timestep sampling, the trainer's settings), and
 //! kohya's sample-prompt lines.
 
+use super::blocks::{self, Blocks, NumList, Preset, TEXT_TARGETS, UNET_CONV_PATTERN, UNET_TARGETS};
 use crate::data::buckets::BucketConfig;
 use crate::diffusion::objective::TimestepSampling;
+use crate::peft::config::ModuleSpec;
 use crate::peft::AdapterConfig;
 use crate::train::{ScheduleKind, TrainConfig};
 use crate::{Error, Result};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// The U-Net modules kohya's LoRA adapts (the linears of every Transformer2DModel).
-pub const UNET_TARGETS: [&str; 8] = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "proj_in",
-    "proj_out",
-];
-/// The U-Net convolutions LoCon adds with `conv_dim` (resnets, down- and upsamplers).
-pub const UNET_CONV_PATTERN: &str =
-    r"(resnets\.\d+\.(conv1|conv2|conv_shortcut)|downsamplers\.0\.conv|upsamplers\.0\.conv)";
-/// The text-encoder modules kohya's LoRA adapts (CLIPAttention and CLIPMLP linears).
-pub const TEXT_TARGETS: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
 
 fn d_txt() -> String {
     ".txt".into()
@@ -136,6 +121,41 @@ pub struct LoraTrainConfig {
     /// Dropout on the adapter input (PEFT's `lora_dropout`).
     #[serde(default)]
     pub network_dropout: f64,
+    /// LyCORIS module preset: full, full-lin, attn-mlp (kohya's default set), attn-only,
+    /// unet-transformer-only, unet-convblock-only.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// kohya: 25 ranks of the linear adapters per block (IN00..IN11, MID, OUT00..OUT11; 0 = none).
+    #[serde(default)]
+    pub block_dims: Option<NumList>,
+    /// kohya: 25 alphas per block (default: `network_alpha`).
+    #[serde(default)]
+    pub block_alphas: Option<NumList>,
+    /// kohya: 25 ranks of the 3×3 conv adapters per block (LoCon; default: `conv_dim`).
+    #[serde(default)]
+    pub conv_block_dims: Option<NumList>,
+    /// kohya: 25 conv alphas per block (default: `conv_alpha`).
+    #[serde(default)]
+    pub conv_block_alphas: Option<NumList>,
+    /// kohya: 12 lr multipliers of IN00..IN11, or a preset (cosine, sine, linear,
+    /// reverse_linear, zeros, with an optional `+x`).
+    #[serde(default)]
+    pub down_lr_weight: Option<NumList>,
+    /// kohya: the lr multiplier of the mid block.
+    #[serde(default)]
+    pub mid_lr_weight: Option<f64>,
+    /// kohya: 12 lr multipliers of OUT00..OUT11, or a preset.
+    #[serde(default)]
+    pub up_lr_weight: Option<NumList>,
+    /// kohya: blocks whose lr multiplier is at most this get no adapter.
+    #[serde(default)]
+    pub block_lr_zero_threshold: f64,
+    /// kohya: learning rate of the U-Net adapters (default: `learning_rate`).
+    #[serde(default)]
+    pub unet_lr: Option<f64>,
+    /// kohya: learning rate of the text-encoder adapters (default: `learning_rate`).
+    #[serde(default)]
+    pub text_encoder_lr: Option<f64>,
     /// DoRA (weight-decomposed LoRA; kohya/LyCORIS `dora_wd`).
     #[serde(default)]
     pub dora_wd: bool,
@@ -298,33 +318,182 @@ impl LoraTrainConfig {
         })
     }
 
-    /// The adapter configuration of the U-Net (LoRA on the attention linears; LoCon convs with
-    /// `conv_dim`; DoRA with `dora_wd`).
+    /// The adapter configuration of the U-Net: kohya's LoRA (the transformer blocks' linears),
+    /// LoCon with `conv_dim`, a LyCORIS `preset`, and per-block ranks (`block_dims`, ...).
     pub fn unet_adapter(&self) -> Result<AdapterConfig> {
         let mut cfg = AdapterConfig::lora(self.network_dim, self.network_alpha, &UNET_TARGETS);
         cfg.lora_dropout = self.network_dropout;
         cfg.use_dora = self.dora_wd;
-        if let Some(cd) = self.conv_dim {
-            let linear = UNET_TARGETS
-                .iter()
-                .map(|t| regex::escape(t))
-                .collect::<Vec<_>>()
-                .join("|");
-            cfg.target_modules = Some(crate::peft::config::ModuleSpec::Regex(format!(
-                r".*\.({linear}|{UNET_CONV_PATTERN})"
-            )));
-            let mut rp = IndexMap::new();
-            rp.insert(UNET_CONV_PATTERN.to_string(), cd);
-            cfg.rank_pattern = rp;
-            let mut ap = IndexMap::new();
-            ap.insert(
-                UNET_CONV_PATTERN.to_string(),
-                self.conv_alpha.unwrap_or(self.network_alpha),
-            );
-            cfg.alpha_pattern = ap;
+        match (self.preset()?, self.blocks()?) {
+            (None, None) => {
+                if let Some(cd) = self.conv_dim {
+                    let linear = UNET_TARGETS
+                        .iter()
+                        .map(|t| regex::escape(t))
+                        .collect::<Vec<_>>()
+                        .join("|");
+                    cfg.target_modules = Some(ModuleSpec::Regex(format!(
+                        r".*\.({linear}|{UNET_CONV_PATTERN})"
+                    )));
+                    let mut rp = IndexMap::new();
+                    rp.insert(UNET_CONV_PATTERN.to_string(), cd);
+                    cfg.rank_pattern = rp;
+                    let mut ap = IndexMap::new();
+                    ap.insert(
+                        UNET_CONV_PATTERN.to_string(),
+                        self.conv_alpha.unwrap_or(self.network_alpha),
+                    );
+                    cfg.alpha_pattern = ap;
+                }
+            }
+            (preset, blocks) => {
+                let preset = match preset {
+                    Some(p) => p,
+                    None => Preset {
+                        conv: self.conv_dim.is_some() || self.conv_block_dims.is_some(),
+                        ..Preset::named("attn-mlp")?
+                    },
+                };
+                let blocks = match blocks {
+                    Some(b) => b,
+                    None => self.uniform_blocks(),
+                };
+                let t = blocks::targets(&preset, &blocks, (self.network_dim, self.network_alpha))?;
+                cfg.target_modules = Some(ModuleSpec::Regex(format!(r"(?:.*\.)?{}", t.target)));
+                cfg.rank_pattern = t.patterns.iter().map(|(k, r, _)| (k.clone(), *r)).collect();
+                cfg.alpha_pattern = t.patterns.iter().map(|(k, _, a)| (k.clone(), *a)).collect();
+            }
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The LyCORIS preset, if one is set.
+    pub fn preset(&self) -> Result<Option<Preset>> {
+        self.preset.as_deref().map(Preset::named).transpose()
+    }
+
+    fn conv_dims(&self) -> Option<(usize, f64)> {
+        let alpha = self.conv_alpha.unwrap_or(self.network_alpha);
+        match self.conv_dim {
+            Some(d) => Some((d, alpha)),
+            // A preset with convs and no conv_dim: LyCORIS's default, the linear rank.
+            None => Some((self.network_dim, alpha)),
+        }
+    }
+
+    fn uniform_blocks(&self) -> Blocks {
+        let n = blocks::TOTAL_BLOCKS;
+        Blocks {
+            dims: vec![(self.network_dim, self.network_alpha); n],
+            conv: self.conv_dims().map(|c| vec![c; n]),
+            lr: vec![1.0; n],
+        }
+    }
+
+    /// kohya's per-block ranks, alphas and lr weights, if any is set.
+    pub fn blocks(&self) -> Result<Option<Blocks>> {
+        let any = self.block_dims.is_some()
+            || self.block_alphas.is_some()
+            || self.conv_block_dims.is_some()
+            || self.conv_block_alphas.is_some()
+            || self.down_lr_weight.is_some()
+            || self.mid_lr_weight.is_some()
+            || self.up_lr_weight.is_some();
+        if !any {
+            return Ok(None);
+        }
+        let mut b = self.uniform_blocks();
+        if let Some(d) = &self.block_dims {
+            for (slot, r) in b.dims.iter_mut().zip(d.ranks("block_dims")?) {
+                slot.0 = r;
+            }
+        }
+        if let Some(a) = &self.block_alphas {
+            let v = a.values("block_alphas", blocks::TOTAL_BLOCKS)?;
+            for (slot, a) in b.dims.iter_mut().zip(v) {
+                slot.1 = a;
+            }
+        }
+        if let Some(d) = &self.conv_block_dims {
+            let conv = b.conv.get_or_insert_with(Vec::new);
+            let alpha = self.conv_alpha.unwrap_or(self.network_alpha);
+            *conv = d
+                .ranks("conv_block_dims")?
+                .into_iter()
+                .map(|r| (r, alpha))
+                .collect();
+        }
+        if let Some(a) = &self.conv_block_alphas {
+            let Some(conv) = b.conv.as_mut() else {
+                return Err(Error::Config(
+                    "conv_block_alphas needs conv_block_dims or conv_dim".into(),
+                ));
+            };
+            for (slot, a) in conv
+                .iter_mut()
+                .zip(a.values("conv_block_alphas", blocks::TOTAL_BLOCKS)?)
+            {
+                slot.1 = a;
+            }
+        }
+        let n = blocks::NUM_BLOCKS;
+        if let Some(w) = &self.down_lr_weight {
+            b.lr[..n].copy_from_slice(&blocks::lr_weights(w, "down_lr_weight")?);
+        }
+        if let Some(w) = self.mid_lr_weight {
+            if !w.is_finite() || w < 0.0 {
+                return Err(Error::Config(format!(
+                    "mid_lr_weight {w} is not a finite number >= 0"
+                )));
+            }
+            b.lr[n] = w;
+        }
+        if let Some(w) = &self.up_lr_weight {
+            b.lr[n + 1..].copy_from_slice(&blocks::lr_weights(w, "up_lr_weight")?);
+        }
+        // kohya: a block at or below the threshold gets no adapter at all.
+        for (i, &w) in b.lr.iter().enumerate() {
+            if w <= self.block_lr_zero_threshold {
+                b.dims[i].0 = 0;
+                if let Some(c) = b.conv.as_mut() {
+                    c[i].0 = 0;
+                }
+            }
+        }
+        Ok(Some(b))
+    }
+
+    /// Learning-rate multipliers of the trainable tensors named `names` (`unet.<path>...`,
+    /// `text_encoder.<path>...`): `unet_lr` / `text_encoder_lr` over `learning_rate`, times the
+    /// block's lr weight.
+    pub fn lr_scales(&self, names: &[String]) -> Result<std::collections::BTreeMap<String, f64>> {
+        let lr = self.learning_rate;
+        let rel = |x: Option<f64>, key: &str| -> Result<f64> {
+            match x {
+                None => Ok(1.0),
+                Some(v) if v.is_finite() && v >= 0.0 && lr > 0.0 => Ok(v / lr),
+                Some(v) => Err(Error::Config(format!(
+                    "{key} {v} must be a finite number >= 0 (with learning_rate > 0)"
+                ))),
+            }
+        };
+        let (unet, text) = (
+            rel(self.unet_lr, "unet_lr")?,
+            rel(self.text_encoder_lr, "text_encoder_lr")?,
+        );
+        let blocks = self.blocks()?;
+        let mut out = std::collections::BTreeMap::new();
+        for n in names {
+            let s = match n.strip_prefix("unet.") {
+                Some(path) => unet * blocks.as_ref().map_or(1.0, |b| b.lr_weight(path)),
+                None => text,
+            };
+            if s != 1.0 {
+                out.insert(n.clone(), s);
+            }
+        }
+        Ok(out)
     }
 
     /// The adapter configuration of the text encoder, if it is trained.
@@ -332,7 +501,12 @@ impl LoraTrainConfig {
         if self.network_train_unet_only {
             return Ok(None);
         }
-        let mut cfg = AdapterConfig::lora(self.network_dim, self.network_alpha, &TEXT_TARGETS);
+        let targets = match self.preset()? {
+            Some(p) if p.text.is_empty() => return Ok(None),
+            Some(p) => p.text,
+            None => TEXT_TARGETS.to_vec(),
+        };
+        let mut cfg = AdapterConfig::lora(self.network_dim, self.network_alpha, &targets);
         cfg.lora_dropout = self.network_dropout;
         cfg.use_dora = self.dora_wd;
         cfg.validate()?;
@@ -491,5 +665,42 @@ mod tests {
         assert_eq!(a.rank_pattern.values().next(), Some(&2));
         c2.resolution = "32,a".into();
         assert!(c2.resolution().is_err());
+    }
+
+    #[test]
+    fn lycoris_presets_choose_the_modules() {
+        use crate::peft::config::ModuleKind;
+        let base = LoraTrainConfig::new(Path::new("m"), Path::new("d"), Path::new("o"));
+        let hits = |c: &LoraTrainConfig, path: &str, kind| {
+            c.unet_adapter()
+                .unwrap()
+                .targets(path, kind, false)
+                .unwrap()
+        };
+        let (q, ff, conv) = (
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            "mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+            "up_blocks.0.resnets.1.conv2",
+        );
+        let mut c = base.clone();
+        c.preset = Some("unet-convblock-only".into());
+        assert!(hits(&c, conv, ModuleKind::Conv2d) && !hits(&c, q, ModuleKind::Linear));
+        assert!(c.text_adapter().unwrap().is_none());
+        c.preset = Some("attn-only".into());
+        assert!(hits(&c, q, ModuleKind::Linear) && !hits(&c, ff, ModuleKind::Linear));
+        assert!(!hits(&c, conv, ModuleKind::Conv2d));
+        c.preset = Some("full".into());
+        assert!(hits(&c, "conv_in", ModuleKind::Conv2d) && hits(&c, ff, ModuleKind::Linear));
+        c.preset = Some("everything".into());
+        assert!(c
+            .unet_adapter()
+            .unwrap_err()
+            .to_string()
+            .contains("everything"));
+        // No preset and no block settings: the configuration is the one kohya's LoRA has always had.
+        assert_eq!(
+            base.unet_adapter().unwrap().target_modules,
+            AdapterConfig::lora(4, 1.0, &UNET_TARGETS).target_modules
+        );
     }
 }

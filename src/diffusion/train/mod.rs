@@ -3,8 +3,10 @@
 //! shuffling and dropout, min-SNR-γ, noise offset, sample images every N steps from kohya prompt
 //! lines, and a kohya (or diffusers) LoRA file as the result. Field names follow kohya's flags.
 
+pub mod blocks;
 mod config;
 mod task;
 
-pub use config::{LoraTrainConfig, SamplePrompt, TEXT_TARGETS, UNET_CONV_PATTERN, UNET_TARGETS};
+pub use blocks::{TEXT_TARGETS, UNET_CONV_PATTERN, UNET_TARGETS};
+pub use config::{LoraTrainConfig, SamplePrompt};
 pub use task::{train_lora, LoraTrainTask};

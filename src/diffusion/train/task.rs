@@ -50,6 +50,8 @@ pub struct LoraTrainTask {
     prompts: Vec<SamplePrompt>,
     /// Whether samples are written (off in the middle of tests).
     pub sampling: bool,
+    /// Learning-rate multipliers (block lr weights, `unet_lr`, `text_encoder_lr`).
+    lr_scales: BTreeMap<String, f64>,
 }
 
 /// The pipeline's total spatial downsampling in pixels (U-Net levels and VAE).
@@ -155,7 +157,7 @@ impl LoraTrainTask {
             None => vec![],
         };
         SamplerKind::parse(&cfg.sample_sampler)?;
-        Ok(Self {
+        let mut task = Self {
             pipe,
             objective: Objective {
                 prediction,
@@ -173,7 +175,11 @@ impl LoraTrainTask {
             train_text,
             prompts,
             sampling: true,
-        })
+            lr_scales: BTreeMap::new(),
+        };
+        let names: Vec<String> = task.trainable().into_iter().map(|(n, _)| n).collect();
+        task.lr_scales = task.cfg.lr_scales(&names)?;
+        Ok(task)
     }
 
     /// Images in the data set (before repeats).
@@ -421,6 +427,10 @@ impl Task for LoraTrainTask {
             }
         }
         v
+    }
+
+    fn lr_scales(&self) -> BTreeMap<String, f64> {
+        self.lr_scales.clone()
     }
 
     fn loss(&mut self, cursor: u64, ctx: &ForwardCtx) -> Result<Tensor> {
