@@ -135,6 +135,18 @@ pub struct Args {
     /// ddim, euler, euler_a [default: ddim].
     #[arg(long)]
     sample_sampler: Option<String>,
+    /// Share of the images held out for the validation loss, in [0, 1).
+    #[arg(long)]
+    validation_split: Option<f64>,
+    /// Seed of the split and of the validation noise [default: --seed].
+    #[arg(long)]
+    validation_seed: Option<u64>,
+    /// Validation loss every N steps [default: a tenth of the run] and at the end.
+    #[arg(long)]
+    validate_every_n_steps: Option<usize>,
+    /// At most this many validation batches per evaluation.
+    #[arg(long)]
+    max_validation_steps: Option<usize>,
     /// Continue from the newest checkpoint in the output folder.
     #[arg(long)]
     #[serde(skip)]

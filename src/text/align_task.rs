@@ -493,11 +493,11 @@ impl Task for AlignTask {
         )
     }
 
-    fn step_metrics(&mut self) -> BTreeMap<String, f64> {
-        std::mem::take(&mut self.acc)
+    fn step_metrics(&mut self, _step: usize) -> Result<BTreeMap<String, f64>> {
+        Ok(std::mem::take(&mut self.acc)
             .into_iter()
             .map(|(k, (s, n))| (k, s / n.max(1) as f64))
-            .collect()
+            .collect())
     }
 }
 

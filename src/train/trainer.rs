@@ -33,10 +33,11 @@ pub trait Task {
     fn on_start(&mut self, _step: usize, _output_dir: &Path) -> Result<()> {
         Ok(())
     }
-    /// Extra metrics of the step just taken (averaged over its micro-batches by the task), merged
-    /// into its `metrics.jsonl` line. Default: none.
-    fn step_metrics(&mut self) -> BTreeMap<String, f64> {
-        BTreeMap::new()
+    /// Extra metrics of step `step` (from 1), just taken: averages over its micro-batches, or
+    /// an evaluation such as a validation loss; merged into its `metrics.jsonl` line.
+    /// Default: none.
+    fn step_metrics(&mut self, _step: usize) -> Result<BTreeMap<String, f64>> {
+        Ok(BTreeMap::new())
     }
     /// Called after each optimizer step (`step` counts from 1) and any checkpoint it wrote, e.g.
     /// to sample images every N steps. Default: nothing.
@@ -506,7 +507,7 @@ impl Trainer {
                 "step": state.step, "loss": loss, "lr": lr, "grad_norm": norm,
                 "step_time_s": dt, "elapsed_s": start.elapsed().as_secs_f64(),
             });
-            for (k, v) in task.step_metrics() {
+            for (k, v) in task.step_metrics(state.step)? {
                 line[k] = v.into();
             }
             writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
@@ -551,12 +552,15 @@ impl Trainer {
 /// Draws `metrics.jsonl` (loss per step, and its moving average) as a PNG.
 pub fn plot_metrics(metrics: &Path, png: &Path) -> Result<()> {
     let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
-    let mut pts = vec![];
-    for l in text.lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(l).map_err(|e| Error::format(metrics, e.to_string()))?;
+    let (mut pts, mut val) = (vec![], vec![]);
+    for (i, l) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(l)
+            .map_err(|e| Error::format(metrics, format!("line {}: {e}", i + 1)))?;
         if let (Some(s), Some(loss)) = (v["step"].as_f64(), v["loss"].as_f64()) {
             pts.push((s, loss));
+        }
+        if let (Some(s), Some(loss)) = (v["step"].as_f64(), v["val_loss"].as_f64()) {
+            val.push((s, loss));
         }
     }
     let mut ema = vec![];
@@ -570,7 +574,7 @@ pub fn plot_metrics(metrics: &Path, png: &Path) -> Result<()> {
         (lo.min(*l), hi.max(*l))
     });
     let log_y = lo > 0.0 && hi / lo > 30.0;
-    let series = vec![
+    let mut series = vec![
         Series {
             label: "loss".into(),
             points: pts,
@@ -580,6 +584,12 @@ pub fn plot_metrics(metrics: &Path, png: &Path) -> Result<()> {
             points: ema,
         },
     ];
+    if !val.is_empty() {
+        series.push(Series {
+            label: "validation loss".into(),
+            points: val,
+        });
+    }
     line_plot(
         png,
         "training loss",

@@ -258,6 +258,18 @@ pub struct LoraTrainConfig {
     /// Sampler for the samples (`ddim`, `euler`, `euler_a`).
     #[serde(default = "d_sampler")]
     pub sample_sampler: String,
+    /// kohya: share of the images held out for the validation loss (0 = none), in [0, 1).
+    #[serde(default)]
+    pub validation_split: f64,
+    /// kohya: seed of the split and of the validation noise (default: `seed`).
+    #[serde(default)]
+    pub validation_seed: Option<u64>,
+    /// kohya: validation loss every N steps (default: a tenth of the run), and at the last step.
+    #[serde(default)]
+    pub validate_every_n_steps: Option<usize>,
+    /// kohya: at most this many validation batches per evaluation (default: all).
+    #[serde(default)]
+    pub max_validation_steps: Option<usize>,
 }
 
 impl LoraTrainConfig {
@@ -267,6 +279,17 @@ impl LoraTrainConfig {
             "pretrained_model_name_or_path": model, "train_data_dir": data, "output_dir": output_dir
         });
         serde_json::from_value(v).expect("defaults deserialize")
+    }
+
+    /// The steps after which the validation loss is measured (none without a validation split).
+    pub fn validates_at(&self, step: usize) -> bool {
+        if self.validation_split <= 0.0 {
+            return false;
+        }
+        let every = self
+            .validate_every_n_steps
+            .unwrap_or((self.max_train_steps / 10).max(1));
+        step == self.max_train_steps || (every > 0 && step.is_multiple_of(every))
     }
 
     /// Which training timesteps are drawn.
@@ -529,6 +552,12 @@ impl LoraTrainConfig {
             return Err(Error::Config(
                 "train_batch_size and gradient_accumulation_steps must be positive".into(),
             ));
+        }
+        if !(0.0..1.0).contains(&self.validation_split) {
+            return Err(Error::Config(format!(
+                "validation_split {} is not in [0, 1)",
+                self.validation_split
+            )));
         }
         if !(0.0..=1.0).contains(&self.caption_dropout_rate) {
             return Err(Error::Config(format!(

@@ -52,6 +52,47 @@ pub struct LoraTrainTask {
     pub sampling: bool,
     /// Learning-rate multipliers (block lr weights, `unet_lr`, `text_encoder_lr`).
     lr_scales: BTreeMap<String, f64>,
+    /// Held-out images (`validation_split`), by bucket.
+    val_items: Vec<Item>,
+}
+
+/// Timesteps of the validation loss: the middles of `n` equal slices of `[lo, hi)`.
+fn validation_timesteps(lo: usize, hi: usize, n: usize) -> Vec<usize> {
+    (0..n)
+        .map(|k| lo + ((hi - lo) as f64 * (k as f64 + 0.5) / n as f64) as usize)
+        .collect()
+}
+
+/// Splits off `ceil(split · n)` images (at least one when `split > 0`, never all) for validation,
+/// chosen by `seed`.
+fn split_validation(items: Vec<Item>, split: f64, seed: u64) -> Result<(Vec<Item>, Vec<Item>)> {
+    if !(0.0..1.0).contains(&split) {
+        return Err(Error::Config(format!(
+            "validation_split {split} is not in [0, 1)"
+        )));
+    }
+    if split == 0.0 {
+        return Ok((items, vec![]));
+    }
+    let n = items.len();
+    let k = ((split * n as f64).ceil() as usize).max(1);
+    if k >= n {
+        return Err(Error::Config(format!(
+            "validation_split {split} of {n} images leaves none to train on"
+        )));
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut rng_for(seed, "validation-split"));
+    let held: std::collections::BTreeSet<usize> = idx[..k].iter().copied().collect();
+    let (mut train, mut val) = (vec![], vec![]);
+    for (i, it) in items.into_iter().enumerate() {
+        if held.contains(&i) {
+            val.push(it);
+        } else {
+            train.push(it);
+        }
+    }
+    Ok((train, val))
 }
 
 /// The pipeline's total spatial downsampling in pixels (U-Net levels and VAE).
@@ -134,6 +175,8 @@ impl LoraTrainTask {
                 repeats: ex.repeats.max(1),
             });
         }
+        let val_seed = cfg.validation_seed.unwrap_or(cfg.seed);
+        let (items, val_items) = split_validation(items, cfg.validation_split, val_seed)?;
         let bs = cfg.train_batch_size.max(1);
         let mut per_bucket = vec![0usize; buckets.len()];
         for it in &items {
@@ -176,6 +219,7 @@ impl LoraTrainTask {
             prompts,
             sampling: true,
             lr_scales: BTreeMap::new(),
+            val_items,
         };
         let names: Vec<String> = task.trainable().into_iter().map(|(n, _)| n).collect();
         task.lr_scales = task.cfg.lr_scales(&names)?;
@@ -401,6 +445,102 @@ impl LoraTrainTask {
     }
 }
 
+impl LoraTrainTask {
+    /// The loss of denoising `xs` (model space) captioned `caps` from timesteps `ts` with `noise`,
+    /// each sample weighted by `weights`.
+    #[allow(clippy::too_many_arguments)]
+    fn denoising_loss(
+        &mut self,
+        xs: &[Tensor],
+        time_ids: &[[f32; 6]],
+        caps: &[String],
+        ts: &[usize],
+        noise: &Tensor,
+        weights: &[f32],
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let x0 = Tensor::stack(xs, 0)?;
+        let b = xs.len();
+        let xt = self.schedule.add_noise(&x0, noise, ts)?;
+        let cond = self.condition(caps, ctx)?;
+        let t = Tensor::from_vec(
+            ts.iter().map(|t| *t as f32).collect::<Vec<_>>(),
+            b,
+            &Device::Cpu,
+        )?;
+        let time_ids = Pipeline::time_ids(time_ids)?;
+        let added = match &cond.pooled {
+            Some(p) if self.pipe.text_time() => Some(crate::models::unet::AddedCond {
+                text_embeds: p,
+                time_ids: &time_ids,
+            }),
+            _ => None,
+        };
+        let pred = self
+            .pipe
+            .unet
+            .forward(&xt, &t, &cond.context, added.as_ref(), ctx)?;
+        let target = self.objective.target(&self.schedule, &x0, noise, ts)?;
+        self.objective.loss(&pred, &target, weights, None)
+    }
+
+    /// Images held out for the validation loss.
+    pub fn num_validation_images(&self) -> usize {
+        self.val_items.len()
+    }
+
+    /// The validation loss: the unweighted denoising MSE of every held-out image (its caption as
+    /// is, no flip) at 4 fixed timesteps spread over the training range, with noise fixed by
+    /// `validation_seed`, so that values from different steps (and runs) compare. No graph is
+    /// recorded. `None` without held-out images.
+    pub fn validation_loss(&mut self) -> Result<Option<f64>> {
+        if self.val_items.is_empty() {
+            return Ok(None);
+        }
+        let seed = self.cfg.validation_seed.unwrap_or(self.cfg.seed);
+        let n_t = self.schedule.len();
+        let lo = self.cfg.min_timestep.unwrap_or(0).min(n_t - 1);
+        let hi = self.cfg.max_timestep.unwrap_or(n_t).clamp(lo + 1, n_t);
+        let steps = validation_timesteps(lo, hi, 4);
+        let bs = self.cfg.train_batch_size.max(1);
+        let mut batches: Vec<Vec<usize>> = vec![];
+        for b in 0..self.buckets.len() {
+            let members: Vec<usize> = (0..self.val_items.len())
+                .filter(|&i| self.val_items[i].bucket == b)
+                .collect();
+            batches.extend(members.chunks(bs).map(|c| c.to_vec()));
+        }
+        if let Some(m) = self.cfg.max_validation_steps {
+            batches.truncate(m.max(1));
+        }
+        let ctx = ForwardCtx::eval();
+        let (mut sum, mut n) = (0f64, 0usize);
+        for (bi, batch) in batches.iter().enumerate() {
+            let xs: Vec<Tensor> = batch
+                .iter()
+                .map(|&i| self.val_items[i].image.clone())
+                .collect();
+            let time_ids: Vec<[f32; 6]> =
+                batch.iter().map(|&i| self.val_items[i].time_ids).collect();
+            let caps: Vec<String> = batch
+                .iter()
+                .map(|&i| self.val_items[i].caption.clone())
+                .collect();
+            for (k, &t) in steps.iter().enumerate() {
+                let mut rng = rng_for(seed, &format!("validation-noise-{bi}-{k}"));
+                let shape = [&[batch.len()], xs[0].dims()].concat();
+                let noise = crate::rng::normal(&shape, 1.0, &mut rng)?;
+                let ts = vec![t; batch.len()];
+                let w = vec![1.0f32; batch.len()];
+                let l = self.denoising_loss(&xs, &time_ids, &caps, &ts, &noise, &w, &ctx)?;
+                sum += l.to_scalar::<f32>()? as f64 * batch.len() as f64;
+                n += batch.len();
+            }
+        }
+        Ok(Some(sum / n.max(1) as f64))
+    }
+}
+
 impl Task for LoraTrainTask {
     fn trainable(&self) -> Vec<(String, Var)> {
         let mut v: Vec<(String, Var)> = self
@@ -457,41 +597,13 @@ impl Task for LoraTrainTask {
             let raw = self.items[i].caption.clone();
             caps.push(self.caption(&raw, &mut rng));
         }
-        let x0 = Tensor::stack(&xs, 0)?;
         let b = batch.len();
         let ts: Vec<usize> = (0..b).map(|_| self.timesteps.draw(&mut rng)).collect();
-        let noise = self.objective.noise(x0.dims(), &mut rng)?;
-        let xt = self.schedule.add_noise(&x0, &noise, &ts)?;
-        let cond = self.condition(&caps, ctx)?;
-        let t = Tensor::from_vec(
-            ts.iter().map(|t| *t as f32).collect::<Vec<_>>(),
-            b,
-            &Device::Cpu,
-        )?;
-        let time_ids = Pipeline::time_ids(
-            &batch
-                .iter()
-                .map(|&i| self.items[i].time_ids)
-                .collect::<Vec<_>>(),
-        )?;
-        let added = match &cond.pooled {
-            Some(p) if self.pipe.text_time() => Some(crate::models::unet::AddedCond {
-                text_embeds: p,
-                time_ids: &time_ids,
-            }),
-            _ => None,
-        };
-        let pred = self
-            .pipe
-            .unet
-            .forward(&xt, &t, &cond.context, added.as_ref(), ctx)?;
-        let target = self.objective.target(&self.schedule, &x0, &noise, &ts)?;
-        self.objective.loss(
-            &pred,
-            &target,
-            &self.objective.weights(&self.schedule, &ts),
-            None,
-        )
+        let shape = [&[b], xs[0].dims()].concat();
+        let noise = self.objective.noise(&shape, &mut rng)?;
+        let time_ids: Vec<[f32; 6]> = batch.iter().map(|&i| self.items[i].time_ids).collect();
+        let weights = self.objective.weights(&self.schedule, &ts);
+        self.denoising_loss(&xs, &time_ids, &caps, &ts, &noise, &weights, ctx)
     }
 
     fn save_adapter(&self, dir: &Path) -> Result<()> {
@@ -500,6 +612,16 @@ impl Task for LoraTrainTask {
             &dir.join(format!("{}.safetensors", self.cfg.output_name)),
             self.format()?,
         )
+    }
+
+    fn step_metrics(&mut self, step: usize) -> Result<BTreeMap<String, f64>> {
+        let mut m = BTreeMap::new();
+        if self.cfg.validates_at(step) {
+            if let Some(v) = self.validation_loss()? {
+                m.insert("val_loss".to_string(), v);
+            }
+        }
+        Ok(m)
     }
 
     fn on_start(&mut self, step: usize, out: &Path) -> Result<()> {
