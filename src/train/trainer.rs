@@ -549,7 +549,22 @@ impl Trainer {
     }
 }
 
-/// Draws `metrics.jsonl` (loss per step, and its moving average) as a PNG.
+/// The (step, value) pairs of `key` in a `metrics.jsonl` file (lines without it are skipped); a
+/// line that is not JSON is an error naming the file and line.
+pub fn read_metric(metrics: &Path, key: &str) -> Result<Vec<(usize, f64)>> {
+    let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
+    let mut out = vec![];
+    for (i, l) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(l)
+            .map_err(|e| Error::format(metrics, format!("line {}: {e}", i + 1)))?;
+        if let (Some(s), Some(x)) = (v["step"].as_u64(), v[key].as_f64()) {
+            out.push((s as usize, x));
+        }
+    }
+    Ok(out)
+}
+
+/// Draws `metrics.jsonl` (loss per step, its moving average, and the validation loss) as a PNG.
 pub fn plot_metrics(metrics: &Path, png: &Path) -> Result<()> {
     let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
     let (mut pts, mut val) = (vec![], vec![]);
