@@ -135,6 +135,36 @@ pub struct Args {
     /// ddim, euler, euler_a [default: ddim].
     #[arg(long)]
     sample_sampler: Option<String>,
+    /// kohya: regularisation images (`<repeats>_<class>` folders).
+    #[arg(long)]
+    reg_data_dir: Option<PathBuf>,
+    /// Weight of the regularisation (prior) loss [default: 1].
+    #[arg(long)]
+    prior_loss_weight: Option<f64>,
+    /// diffusers DreamBooth: prior preservation with class images (generated when missing).
+    #[arg(long)]
+    with_prior_preservation: bool,
+    /// diffusers: the class-image folder.
+    #[arg(long)]
+    class_data_dir: Option<PathBuf>,
+    /// diffusers: the caption of the class images.
+    #[arg(long)]
+    class_prompt: Option<String>,
+    /// diffusers: class images to use (and generate when missing) [default: 100].
+    #[arg(long)]
+    num_class_images: Option<usize>,
+    /// diffusers: images per batch when generating class images [default: 4].
+    #[arg(long)]
+    sample_batch_size: Option<usize>,
+    /// Sampler steps of the class images [default: 25].
+    #[arg(long)]
+    class_inference_steps: Option<usize>,
+    /// Guidance scale of the class images [default: 7.5].
+    #[arg(long)]
+    class_guidance_scale: Option<f64>,
+    /// guidance_rescale of the class images [default: 0].
+    #[arg(long)]
+    class_guidance_rescale: Option<f64>,
     /// Share of the images held out for the validation loss, in [0, 1).
     #[arg(long)]
     validation_split: Option<f64>,
@@ -210,18 +240,17 @@ pub fn run(a: Args, given: &ArgMatches) -> anyhow::Result<()> {
     let cfg = config(&a, given)?;
     let (s, file, task) = train_lora(&cfg, a.resume, a.overwrite)?;
     println!(
-        "trained {} steps ({} images, {} micro-batches per epoch) in {:.0}s: loss {:.4} -> {:.4}",
+        "trained {} steps ({} images, {} regularisation images, {} micro-batches per epoch) in {:.0}s: loss {:.4} -> {:.4}",
         s.steps,
         task.num_images(),
+        task.num_reg_images(),
         task.batches_per_epoch(),
         s.seconds,
         s.first_loss,
         s.last_loss
     );
-    let val = postforge::train::trainer::read_metric(
-        &cfg.output_dir.join("metrics.jsonl"),
-        "val_loss",
-    )?;
+    let val =
+        postforge::train::trainer::read_metric(&cfg.output_dir.join("metrics.jsonl"), "val_loss")?;
     if let (Some(a), Some(b)) = (val.first(), val.last()) {
         println!(
             "validation loss ({} held-out images): {:.4} at step {} -> {:.4} at step {}",

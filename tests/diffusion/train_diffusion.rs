@@ -640,3 +640,82 @@ fn validation_split_is_deterministic_and_logged() {
     let e = LoraTrainTask::new(bad).err().unwrap().to_string();
     assert!(e.contains("validation_split"), "{e}");
 }
+
+/// kohya's regularisation folders: each epoch has as many regularisation samples as training
+/// samples (repeats counted), and `prior_loss_weight` scales their loss (0 = the same loss as
+/// training on the training images alone for a batch of regularisation images).
+#[test]
+fn reg_folders_with_repeats_join_every_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    let reg: Vec<_> = dataset(2, 32, Style::Filled, 9)
+        .into_iter()
+        .map(|(i, c, _)| (i, c))
+        .collect();
+    write_kohya(&dir.join("reg"), 3, "shape", &reg, ".txt").unwrap();
+    let mut cfg = config(dir, "reg");
+    cfg.enable_bucket = false;
+    cfg.flip_aug = false;
+    cfg.caption_dropout_rate = 0.0;
+    cfg.shuffle_caption = false;
+    let plain = LoraTrainTask::new(cfg.clone()).unwrap();
+    cfg.reg_data_dir = Some(dir.join("reg"));
+    let task = LoraTrainTask::new(cfg.clone()).unwrap();
+    assert_eq!((task.num_images(), task.num_reg_images()), (9, 2));
+    // 6 × 2 + 3 × 1 = 15 training samples and 15 regularisation samples, batches of 2.
+    assert_eq!(plain.batches_per_epoch(), 8);
+    assert_eq!(task.batches_per_epoch(), 15);
+    // With prior_loss_weight 0 a batch of regularisation images has zero loss.
+    cfg.prior_loss_weight = 0.0;
+    let mut zero = LoraTrainTask::new(cfg.clone()).unwrap();
+    let losses: Vec<f32> = (0..15)
+        .map(|c| {
+            zero.loss(c, &ForwardCtx::eval())
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .collect();
+    assert!(losses.iter().any(|l| *l == 0.0), "{losses:?}");
+    assert!(losses.iter().any(|l| *l > 0.0), "{losses:?}");
+    cfg.prior_loss_weight = f64::NAN;
+    let e = LoraTrainTask::new(cfg).err().unwrap().to_string();
+    assert!(e.contains("prior_loss_weight"), "{e}");
+}
+
+/// diffusers' prior preservation: the missing class images are drawn by the base model into
+/// class_data_dir (and not again on a second run), then train as regularisation images.
+#[test]
+fn missing_class_images_are_generated_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    let mut cfg = config(dir, "prior");
+    cfg.with_prior_preservation = true;
+    cfg.class_data_dir = Some(dir.join("class"));
+    cfg.class_prompt = Some("a red circle on the left, black background".into());
+    cfg.num_class_images = 3;
+    cfg.sample_batch_size = 2;
+    cfg.class_inference_steps = 2;
+    let task = LoraTrainTask::new(cfg.clone()).unwrap();
+    assert_eq!(task.num_reg_images(), 3);
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("class"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["class-00000.png", "class-00001.png", "class-00002.png"]
+    );
+    let before = std::fs::read(dir.join("class").join("class-00001.png")).unwrap();
+    LoraTrainTask::new(cfg.clone()).unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("class").join("class-00001.png")).unwrap(),
+        before
+    );
+    cfg.class_prompt = None;
+    let e = LoraTrainTask::new(cfg).err().unwrap().to_string();
+    assert!(e.contains("class_prompt"), "{e}");
+}

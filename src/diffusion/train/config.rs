@@ -70,6 +70,21 @@ fn d_bias_portion() -> f64 {
 fn d_bias_end() -> usize {
     TimestepSampling::default().bias_end
 }
+fn d_prior_weight() -> f64 {
+    1.0
+}
+fn d_class_images() -> usize {
+    100
+}
+fn d_sample_bs() -> usize {
+    4
+}
+fn d_class_steps() -> usize {
+    25
+}
+fn d_class_cfg() -> f64 {
+    7.5
+}
 fn d_sampler() -> String {
     "ddim".into()
 }
@@ -258,6 +273,39 @@ pub struct LoraTrainConfig {
     /// Sampler for the samples (`ddim`, `euler`, `euler_a`).
     #[serde(default = "d_sampler")]
     pub sample_sampler: String,
+    /// kohya: regularisation images, a folder of `<repeats>_<class>` subfolders like
+    /// `train_data_dir` (captions from caption files or the class name). Each epoch uses as many
+    /// regularisation samples as training samples.
+    #[serde(default)]
+    pub reg_data_dir: Option<PathBuf>,
+    /// kohya / diffusers: weight of the loss on regularisation (class) images.
+    #[serde(default = "d_prior_weight")]
+    pub prior_loss_weight: f64,
+    /// diffusers DreamBooth: regularise with class images from `class_data_dir` captioned
+    /// `class_prompt`, generating the missing ones (up to `num_class_images`) with the base model.
+    #[serde(default)]
+    pub with_prior_preservation: bool,
+    /// diffusers: the class-image folder (created when missing).
+    #[serde(default)]
+    pub class_data_dir: Option<PathBuf>,
+    /// diffusers: the class prompt (the caption of every class image).
+    #[serde(default)]
+    pub class_prompt: Option<String>,
+    /// diffusers: how many class images prior preservation uses (generated when missing).
+    #[serde(default = "d_class_images")]
+    pub num_class_images: usize,
+    /// diffusers: images per batch when generating class images.
+    #[serde(default = "d_sample_bs")]
+    pub sample_batch_size: usize,
+    /// Sampler steps of the class-image generation.
+    #[serde(default = "d_class_steps")]
+    pub class_inference_steps: usize,
+    /// Guidance scale of the class-image generation (diffusers' pipeline default 7.5).
+    #[serde(default = "d_class_cfg")]
+    pub class_guidance_scale: f64,
+    /// diffusers' `guidance_rescale` of the class-image generation (0 = off).
+    #[serde(default)]
+    pub class_guidance_rescale: f64,
     /// kohya: share of the images held out for the validation loss (0 = none), in [0, 1).
     #[serde(default)]
     pub validation_split: f64,
@@ -279,6 +327,51 @@ impl LoraTrainConfig {
             "pretrained_model_name_or_path": model, "train_data_dir": data, "output_dir": output_dir
         });
         serde_json::from_value(v).expect("defaults deserialize")
+    }
+
+    /// Checks the regularisation settings: kohya's folder or diffusers' class images, not both;
+    /// diffusers' needs a folder and a prompt; weights and counts in range.
+    pub fn check_prior(&self) -> Result<()> {
+        if !self.prior_loss_weight.is_finite() || self.prior_loss_weight < 0.0 {
+            return Err(Error::Config(format!(
+                "prior_loss_weight {} is not a finite number >= 0",
+                self.prior_loss_weight
+            )));
+        }
+        if self.with_prior_preservation {
+            if self.reg_data_dir.is_some() {
+                return Err(Error::Config(
+                    "reg_data_dir (kohya) and with_prior_preservation (diffusers) both set: use one".into(),
+                ));
+            }
+            if self.class_data_dir.is_none()
+                || self
+                    .class_prompt
+                    .as_deref()
+                    .is_none_or(|p| p.trim().is_empty())
+            {
+                return Err(Error::Config(
+                    "with_prior_preservation needs class_data_dir and class_prompt".into(),
+                ));
+            }
+            if self.num_class_images == 0
+                || self.sample_batch_size == 0
+                || self.class_inference_steps == 0
+            {
+                return Err(Error::Config(
+                    "num_class_images, sample_batch_size and class_inference_steps must be positive".into(),
+                ));
+            }
+            if !self.class_guidance_scale.is_finite()
+                || !(0.0..=1.0).contains(&self.class_guidance_rescale)
+            {
+                return Err(Error::Config(format!(
+                    "class_guidance_scale {} must be finite and class_guidance_rescale {} in [0, 1]",
+                    self.class_guidance_scale, self.class_guidance_rescale
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The steps after which the validation loss is measured (none without a validation split).

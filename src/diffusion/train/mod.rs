@@ -5,6 +5,7 @@
 
 pub mod blocks;
 mod config;
+pub mod prior;
 mod task;
 
 pub use blocks::{TEXT_TARGETS, UNET_CONV_PATTERN, UNET_TARGETS};

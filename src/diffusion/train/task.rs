@@ -30,6 +30,8 @@ struct Item {
     caption: String,
     bucket: usize,
     repeats: usize,
+    /// A regularisation (prior-preservation) image: its loss is weighted by `prior_loss_weight`.
+    reg: bool,
 }
 
 /// The training task: the pipeline with adapters, the bucketed data set in memory, and the
@@ -54,6 +56,8 @@ pub struct LoraTrainTask {
     lr_scales: BTreeMap<String, f64>,
     /// Held-out images (`validation_split`), by bucket.
     val_items: Vec<Item>,
+    /// The regularisation samples of every epoch (indices into `items`).
+    reg_picks: Vec<usize>,
 }
 
 /// Timesteps of the validation loss: the middles of `n` equal slices of `[lo, hi)`.
@@ -117,7 +121,7 @@ impl LoraTrainTask {
             Some(c) => AdapterPlan::single(c, cfg.seed ^ 0x7e)?,
             None => AdapterPlan::none(),
         };
-        let pipe = Pipeline::load(&cfg.pretrained_model_name_or_path, unet_plan, text_plan)?;
+        let mut pipe = Pipeline::load(&cfg.pretrained_model_name_or_path, unet_plan, text_plan)?;
         if pipe.unet.trainable().is_empty() {
             return Err(Error::Config(format!(
                 "no U-Net module of {} matched the LoRA targets",
@@ -127,9 +131,18 @@ impl LoraTrainTask {
         let bc = cfg.buckets()?;
         bc.validate(unet_divisor(&pipe))?;
         let buckets = bc.resolutions();
+        cfg.check_prior()?;
+        if cfg.with_prior_preservation {
+            let made = super::prior::generate_class_images(&cfg, &mut pipe)?;
+            if made > 0 {
+                eprintln!("generated {made} class images");
+            }
+        }
         let examples = scan(&cfg.train_data_dir, &cfg.caption_extension)?;
+        let n_train = examples.len();
+        let reg_examples = super::prior::reg_examples(&cfg)?;
         let mut items = vec![];
-        for ex in examples {
+        for (k, ex) in examples.into_iter().chain(reg_examples).enumerate() {
             let img = image::open(&ex.path)
                 .map_err(|e| Error::format(&ex.path, format!("not a readable image: {e}")))?
                 .to_rgb8();
@@ -173,14 +186,27 @@ impl LoraTrainTask {
                 caption: ex.caption,
                 bucket,
                 repeats: ex.repeats.max(1),
+                reg: k >= n_train,
             });
         }
+        let reg_items = items.split_off(n_train);
         let val_seed = cfg.validation_seed.unwrap_or(cfg.seed);
-        let (items, val_items) = split_validation(items, cfg.validation_split, val_seed)?;
+        let (mut items, val_items) = split_validation(items, cfg.validation_split, val_seed)?;
+        // kohya: each epoch takes as many regularisation samples as training samples.
+        let train_samples: usize = items.iter().map(|it| it.repeats).sum();
+        let picks = super::prior::reg_picks(
+            &reg_items.iter().map(|it| it.repeats).collect::<Vec<_>>(),
+            train_samples,
+        );
+        let reg_picks: Vec<usize> = picks.iter().map(|&i| items.len() + i).collect();
+        items.extend(reg_items);
         let bs = cfg.train_batch_size.max(1);
         let mut per_bucket = vec![0usize; buckets.len()];
-        for it in &items {
+        for it in items.iter().filter(|it| !it.reg) {
             per_bucket[it.bucket] += it.repeats;
+        }
+        for &i in &reg_picks {
+            per_bucket[items[i].bucket] += 1;
         }
         let batches_per_epoch = per_bucket.iter().map(|n| n.div_ceil(bs) as u64).sum();
         let prediction = if cfg.v_parameterization {
@@ -220,15 +246,21 @@ impl LoraTrainTask {
             sampling: true,
             lr_scales: BTreeMap::new(),
             val_items,
+            reg_picks,
         };
         let names: Vec<String> = task.trainable().into_iter().map(|(n, _)| n).collect();
         task.lr_scales = task.cfg.lr_scales(&names)?;
         Ok(task)
     }
 
-    /// Images in the data set (before repeats).
+    /// Training images (before repeats; regularisation and held-out images not counted).
     pub fn num_images(&self) -> usize {
-        self.items.len()
+        self.items.iter().filter(|it| !it.reg).count()
+    }
+
+    /// Regularisation (class) images.
+    pub fn num_reg_images(&self) -> usize {
+        self.items.iter().filter(|it| it.reg).count()
     }
 
     /// Micro-batches per epoch (repeats included).
@@ -243,10 +275,16 @@ impl LoraTrainTask {
         for b in 0..self.buckets.len() {
             let mut members: Vec<usize> = vec![];
             for (i, it) in self.items.iter().enumerate() {
-                if it.bucket == b {
+                if it.bucket == b && !it.reg {
                     members.extend(std::iter::repeat_n(i, it.repeats));
                 }
             }
+            members.extend(
+                self.reg_picks
+                    .iter()
+                    .copied()
+                    .filter(|&i| self.items[i].bucket == b),
+            );
             let mut rng = rng_for(self.cfg.seed, &format!("epoch-{epoch}-bucket-{b}"));
             members.shuffle(&mut rng);
             batches.extend(members.chunks(bs).map(|c| c.to_vec()));
@@ -602,7 +640,12 @@ impl Task for LoraTrainTask {
         let shape = [&[b], xs[0].dims()].concat();
         let noise = self.objective.noise(&shape, &mut rng)?;
         let time_ids: Vec<[f32; 6]> = batch.iter().map(|&i| self.items[i].time_ids).collect();
-        let weights = self.objective.weights(&self.schedule, &ts);
+        let mut weights = self.objective.weights(&self.schedule, &ts);
+        for (w, &i) in weights.iter_mut().zip(&batch) {
+            if self.items[i].reg {
+                *w *= self.cfg.prior_loss_weight as f32;
+            }
+        }
         self.denoising_loss(&xs, &time_ids, &caps, &ts, &noise, &weights, ctx)
     }
 
