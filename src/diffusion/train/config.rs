@@ -329,51 +329,6 @@ impl LoraTrainConfig {
         serde_json::from_value(v).expect("defaults deserialize")
     }
 
-    /// Checks the regularisation settings: kohya's folder or diffusers' class images, not both;
-    /// diffusers' needs a folder and a prompt; weights and counts in range.
-    pub fn check_prior(&self) -> Result<()> {
-        if !self.prior_loss_weight.is_finite() || self.prior_loss_weight < 0.0 {
-            return Err(Error::Config(format!(
-                "prior_loss_weight {} is not a finite number >= 0",
-                self.prior_loss_weight
-            )));
-        }
-        if self.with_prior_preservation {
-            if self.reg_data_dir.is_some() {
-                return Err(Error::Config(
-                    "reg_data_dir (kohya) and with_prior_preservation (diffusers) both set: use one".into(),
-                ));
-            }
-            if self.class_data_dir.is_none()
-                || self
-                    .class_prompt
-                    .as_deref()
-                    .is_none_or(|p| p.trim().is_empty())
-            {
-                return Err(Error::Config(
-                    "with_prior_preservation needs class_data_dir and class_prompt".into(),
-                ));
-            }
-            if self.num_class_images == 0
-                || self.sample_batch_size == 0
-                || self.class_inference_steps == 0
-            {
-                return Err(Error::Config(
-                    "num_class_images, sample_batch_size and class_inference_steps must be positive".into(),
-                ));
-            }
-            if !self.class_guidance_scale.is_finite()
-                || !(0.0..=1.0).contains(&self.class_guidance_rescale)
-            {
-                return Err(Error::Config(format!(
-                    "class_guidance_scale {} must be finite and class_guidance_rescale {} in [0, 1]",
-                    self.class_guidance_scale, self.class_guidance_rescale
-                )));
-            }
-        }
-        Ok(())
-    }
-
     /// The steps after which the validation loss is measured (none without a validation split).
     pub fn validates_at(&self, step: usize) -> bool {
         if self.validation_split <= 0.0 {
@@ -578,38 +533,6 @@ impl LoraTrainConfig {
             }
         }
         Ok(Some(b))
-    }
-
-    /// Learning-rate multipliers of the trainable tensors named `names` (`unet.<path>...`,
-    /// `text_encoder.<path>...`): `unet_lr` / `text_encoder_lr` over `learning_rate`, times the
-    /// block's lr weight.
-    pub fn lr_scales(&self, names: &[String]) -> Result<std::collections::BTreeMap<String, f64>> {
-        let lr = self.learning_rate;
-        let rel = |x: Option<f64>, key: &str| -> Result<f64> {
-            match x {
-                None => Ok(1.0),
-                Some(v) if v.is_finite() && v >= 0.0 && lr > 0.0 => Ok(v / lr),
-                Some(v) => Err(Error::Config(format!(
-                    "{key} {v} must be a finite number >= 0 (with learning_rate > 0)"
-                ))),
-            }
-        };
-        let (unet, text) = (
-            rel(self.unet_lr, "unet_lr")?,
-            rel(self.text_encoder_lr, "text_encoder_lr")?,
-        );
-        let blocks = self.blocks()?;
-        let mut out = std::collections::BTreeMap::new();
-        for n in names {
-            let s = match n.strip_prefix("unet.") {
-                Some(path) => unet * blocks.as_ref().map_or(1.0, |b| b.lr_weight(path)),
-                None => text,
-            };
-            if s != 1.0 {
-                out.insert(n.clone(), s);
-            }
-        }
-        Ok(out)
     }
 
     /// The adapter configuration of the text encoder, if it is trained.

@@ -60,6 +60,38 @@ pub struct LoraTrainTask {
     reg_picks: Vec<usize>,
 }
 
+/// Learning-rate multipliers of the trainable tensors named `names` (`unet.<path>...`,
+/// `text_encoder.<path>...`): `unet_lr` / `text_encoder_lr` over `learning_rate`, times the
+/// block's lr weight.
+fn lr_scales(cfg: &LoraTrainConfig, names: &[String]) -> Result<BTreeMap<String, f64>> {
+    let lr = cfg.learning_rate;
+    let rel = |x: Option<f64>, key: &str| -> Result<f64> {
+        match x {
+            None => Ok(1.0),
+            Some(v) if v.is_finite() && v >= 0.0 && lr > 0.0 => Ok(v / lr),
+            Some(v) => Err(Error::Config(format!(
+                "{key} {v} must be a finite number >= 0 (with learning_rate > 0)"
+            ))),
+        }
+    };
+    let (unet, text) = (
+        rel(cfg.unet_lr, "unet_lr")?,
+        rel(cfg.text_encoder_lr, "text_encoder_lr")?,
+    );
+    let blocks = cfg.blocks()?;
+    let mut out = BTreeMap::new();
+    for n in names {
+        let s = match n.strip_prefix("unet.") {
+            Some(path) => unet * blocks.as_ref().map_or(1.0, |b| b.lr_weight(path)),
+            None => text,
+        };
+        if s != 1.0 {
+            out.insert(n.clone(), s);
+        }
+    }
+    Ok(out)
+}
+
 /// Timesteps of the validation loss: the middles of `n` equal slices of `[lo, hi)`.
 fn validation_timesteps(lo: usize, hi: usize, n: usize) -> Vec<usize> {
     (0..n)
@@ -131,7 +163,7 @@ impl LoraTrainTask {
         let bc = cfg.buckets()?;
         bc.validate(unet_divisor(&pipe))?;
         let buckets = bc.resolutions();
-        cfg.check_prior()?;
+        super::prior::check(&cfg)?;
         if cfg.with_prior_preservation {
             let made = super::prior::generate_class_images(&cfg, &mut pipe)?;
             if made > 0 {
@@ -249,7 +281,7 @@ impl LoraTrainTask {
             reg_picks,
         };
         let names: Vec<String> = task.trainable().into_iter().map(|(n, _)| n).collect();
-        task.lr_scales = task.cfg.lr_scales(&names)?;
+        task.lr_scales = lr_scales(&task.cfg, &names)?;
         Ok(task)
     }
 
