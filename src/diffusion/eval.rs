@@ -176,6 +176,13 @@ pub fn evaluate(
             .set_length(progress.length().unwrap_or(0) + (cfg.scales.len() * scenes.len()) as u64);
         for &scale in &cfg.scales {
             p.set_adapter_scale("lora", scale)?;
+            // The LoRA is merged into the weights at this scale while the scores are sampled, so
+            // each step costs what the base model costs (scale 0 skips the adapter altogether).
+            let merged = scale != 0.0;
+            if merged {
+                p.unet.merge_adapters()?;
+                p.text_encoder.merge_adapters()?;
+            }
             let (mut st, mut ok) = (0f64, 0usize);
             for chunk in (0..scenes.len()).collect::<Vec<_>>().chunks(8) {
                 let prompts: Vec<String> = chunk.iter().map(|&i| scenes[i].caption()).collect();
@@ -198,6 +205,10 @@ pub fn evaluate(
                     ok += adheres(&im, &scenes[i]) as usize;
                 }
                 progress.inc(chunk.len() as u64);
+            }
+            if merged {
+                p.unet.unmerge_adapters()?;
+                p.text_encoder.unmerge_adapters()?;
             }
             let n = scenes.len().max(1) as f64;
             scores.push(ScaleScore {

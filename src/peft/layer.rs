@@ -296,10 +296,13 @@ impl AdaptedLayer {
         if !self.enabled {
             return vec![];
         }
+        // An adapter at gain 0 adds exactly nothing (every method interpolates from the base), so
+        // it is not computed at all: a scale-0 column of a grid runs at the base model's speed.
         self.active
             .iter()
             .filter(|n| !self.merged.iter().any(|m| &m.name == *n))
             .filter_map(|n| self.slots.get(n).map(|s| (n.as_str(), s)))
+            .filter(|(_, s)| s.gain != 0.0)
             .collect()
     }
 
