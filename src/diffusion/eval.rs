@@ -70,6 +70,9 @@ pub struct EvalConfig {
     /// Random corpus prompts sampled per scale for the scores.
     #[serde(default = "d_samples")]
     pub score_samples: usize,
+    /// The scales that are scored (default: every grid scale); each must be a grid scale.
+    #[serde(default)]
+    pub score_scales: Option<Vec<f64>>,
 }
 
 /// Scores at one LoRA scale.
@@ -131,6 +134,12 @@ pub fn evaluate(
             "diffusion-eval needs at least one prompt and one scale".into(),
         ));
     }
+    let scored = cfg.score_scales.clone().unwrap_or_else(|| cfg.scales.clone());
+    if let Some(s) = scored.iter().chain(&cfg.scales).find(|s| !s.is_finite()) {
+        return Err(Error::Config(format!(
+            "diffusion-eval: scale {s} is not a finite number"
+        )));
+    }
     let style = cfg
         .style
         .as_deref()
@@ -173,8 +182,8 @@ pub fn evaluate(
             .map(|_| Scene::random(&mut rng))
             .collect();
         progress
-            .set_length(progress.length().unwrap_or(0) + (cfg.scales.len() * scenes.len()) as u64);
-        for &scale in &cfg.scales {
+            .set_length(progress.length().unwrap_or(0) + (scored.len() * scenes.len()) as u64);
+        for &scale in &scored {
             p.set_adapter_scale("lora", scale)?;
             // The LoRA is merged into the weights at this scale while the scores are sampled, so
             // each step costs what the base model costs (scale 0 skips the adapter altogether).
