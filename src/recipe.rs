@@ -107,19 +107,8 @@ impl Recipe {
                         summary.last_loss,
                         file.display()
                     ));
-                    let val = crate::train::trainer::read_metric(
-                        &cfg.output_dir.join("metrics.jsonl"),
-                        "val_loss",
-                    )?;
-                    if let (Some(a), Some(b)) = (val.first(), val.last()) {
-                        log(&format!(
-                            "  validation loss ({} held-out images): {:.4} at step {} -> {:.4} at step {}",
-                            task.num_validation_images(),
-                            a.1,
-                            a.0,
-                            b.1,
-                            b.0
-                        ));
+                    if let Some(line) = task.validation_summary(&cfg.output_dir)? {
+                        log(&format!("  {line}"));
                     }
                     last_model = Some(cfg.pretrained_model_name_or_path.clone());
                     last_lora = Some(file.clone());

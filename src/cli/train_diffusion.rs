@@ -249,17 +249,8 @@ pub fn run(a: Args, given: &ArgMatches) -> anyhow::Result<()> {
         s.first_loss,
         s.last_loss
     );
-    let val =
-        postforge::train::trainer::read_metric(&cfg.output_dir.join("metrics.jsonl"), "val_loss")?;
-    if let (Some(a), Some(b)) = (val.first(), val.last()) {
-        println!(
-            "validation loss ({} held-out images): {:.4} at step {} -> {:.4} at step {}",
-            task.num_validation_images(),
-            a.1,
-            a.0,
-            b.1,
-            b.0
-        );
+    if let Some(line) = task.validation_summary(&cfg.output_dir)? {
+        println!("{line}");
     }
     println!(
         "wrote {} (metrics.jsonl, loss_curve.png in {})",

@@ -20,6 +20,21 @@ pub struct Example {
 
 const IMAGE_EXT: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
+/// The image files (png, jpg, jpeg, webp) directly in `dir`, sorted by name.
+pub fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| IMAGE_EXT.contains(&e.to_string_lossy().to_lowercase().as_str()))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// Lists a kohya training folder (subfolders `<repeats>_<name>`) or a `metadata.jsonl` folder.
 /// Images without a caption file use the subfolder's class name (kohya's rule).
 pub fn scan(dir: &Path, caption_extension: &str) -> Result<Vec<Example>> {
@@ -67,18 +82,7 @@ pub fn scan(dir: &Path, caption_extension: &str) -> Result<Vec<Example>> {
             let Ok(repeats) = rep.parse::<usize>() else {
                 continue;
             };
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&sub)
-                .map_err(|e| Error::io(&sub, e))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.extension().is_some_and(|e| {
-                        IMAGE_EXT.contains(&e.to_string_lossy().to_lowercase().as_str())
-                    })
-                })
-                .collect();
-            files.sort();
-            for f in files {
+            for f in images_in(&sub)? {
                 let cap_path = f.with_extension(caption_extension.trim_start_matches('.'));
                 let caption = match std::fs::read_to_string(&cap_path) {
                     Ok(t) => t.lines().next().unwrap_or_default().trim().to_string(),

@@ -12,8 +12,6 @@ use crate::{Error, Result};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-const IMAGE_EXT: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
-
 /// Checks the regularisation settings: kohya's folder or diffusers' class images, not both;
 /// diffusers' needs a folder and a prompt; weights and counts in range.
 pub fn check(cfg: &LoraTrainConfig) -> Result<()> {
@@ -59,23 +57,13 @@ pub fn check(cfg: &LoraTrainConfig) -> Result<()> {
     Ok(())
 }
 
-/// The images directly in `dir`, sorted by name.
+/// The images directly in `dir` (none when it does not exist yet).
 fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    if !dir.exists() {
-        return Ok(vec![]);
+    if dir.exists() {
+        crate::data::image_folder::images_in(dir)
+    } else {
+        Ok(vec![])
     }
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXT.contains(&e.to_lowercase().as_str()))
-        })
-        .collect();
-    v.sort();
-    Ok(v)
 }
 
 /// Generates the class images `class_data_dir` lacks (diffusers: up to `num_class_images`, with

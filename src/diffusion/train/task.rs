@@ -559,6 +559,24 @@ impl LoraTrainTask {
         self.val_items.len()
     }
 
+    /// The validation loss of a finished run in `output_dir`, first and last, as one line; `None`
+    /// when the run measured none.
+    pub fn validation_summary(&self, output_dir: &Path) -> Result<Option<String>> {
+        let val =
+            crate::train::trainer::read_metric(&output_dir.join("metrics.jsonl"), "val_loss")?;
+        Ok(match (val.first(), val.last()) {
+            (Some(a), Some(b)) => Some(format!(
+                "validation loss ({} held-out images): {:.4} at step {} -> {:.4} at step {}",
+                self.num_validation_images(),
+                a.1,
+                a.0,
+                b.1,
+                b.0
+            )),
+            _ => None,
+        })
+    }
+
     /// The validation loss: the unweighted denoising MSE of every held-out image (its caption as
     /// is, no flip) at 4 fixed timesteps spread over the training range, with noise fixed by
     /// `validation_seed`, so that values from different steps (and runs) compare. No graph is
