@@ -41,6 +41,7 @@ TIERS = {
     "nn": 1,
     "media": 0,
     "util": 0,
+    "check": 0,
     "rng": 0,
     "error": 0,
 }

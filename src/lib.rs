@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod align;
+pub mod check;
 pub mod data;
 pub mod diffusion;
 pub mod error;

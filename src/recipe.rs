@@ -141,15 +141,18 @@ impl Recipe {
                     log(&format!("  wrote {}", rep.grid.display()));
                     if !rep.scores.is_empty() {
                         log(&format!(
-                            "  {:>10}  {:>11}  {:>9}",
-                            "LoRA scale", "style score", "adherence"
+                            "  {:>10}  {:>11}  {:>9}  {:>6}  {:>6}  {:>8}",
+                            "LoRA scale", "style score", "adherence", "shape", "colour", "position"
                         ));
                         for s in &rep.scores {
                             log(&format!(
-                                "  {:>10.2}  {:>11.3}  {:>8.0}%",
+                                "  {:>10.2}  {:>11.3}  {:>8.0}%  {:>5.0}%  {:>5.0}%  {:>7.0}%",
                                 s.scale,
                                 s.style_score,
-                                100.0 * s.adherence
+                                100.0 * s.adherence,
+                                100.0 * s.shape,
+                                100.0 * s.color,
+                                100.0 * s.position
                             ));
                         }
                     }

@@ -5,7 +5,7 @@
 use super::grid::{run as run_grid, Axis, Cell};
 use super::pipeline::{Pipeline, SampleRequest};
 use super::sampler::SamplerKind;
-use crate::data::shapes::{adheres, style_score, Scene, Style};
+use crate::data::shapes::{detect, style_score, Scene, Style};
 use crate::media::image::{tensor_to_image, write_png};
 use crate::peft::formats::lora_file::{kohya_names, LoraFile};
 use crate::peft::ForwardCtx;
@@ -76,7 +76,7 @@ pub struct EvalConfig {
 }
 
 /// Scores at one LoRA scale.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScaleScore {
     /// LoRA multiplier.
     pub scale: f64,
@@ -84,6 +84,18 @@ pub struct ScaleScore {
     pub style_score: f64,
     /// Share of samples showing the prompted shape, colour and position.
     pub adherence: f64,
+    /// Share with the prompted shape (what adherence loses first when a style bends the form).
+    #[serde(default)]
+    pub shape: f64,
+    /// Share with the prompted colour.
+    #[serde(default)]
+    pub color: f64,
+    /// Share with the prompted position.
+    #[serde(default)]
+    pub position: f64,
+    /// The scored samples as one sheet (8 per row, prompt order).
+    #[serde(default)]
+    pub sheet: Option<PathBuf>,
 }
 
 /// What an evaluation produced.
@@ -119,6 +131,25 @@ pub fn load_with_lora(model: &Path, lora: &Path) -> Result<Pipeline> {
         }
     }
     Ok(p)
+}
+
+/// Tiles equally sized images `per_row` to a row with a 1-pixel gray gap.
+fn contact_sheet(images: &[image::RgbImage], per_row: usize) -> image::RgbImage {
+    let (w, h) = images.first().map_or((1, 1), |i| i.dimensions());
+    let cols = per_row.clamp(1, images.len().max(1)) as u32;
+    let rows = images.len().div_ceil(per_row.max(1)).max(1) as u32;
+    let mut sheet =
+        image::RgbImage::from_pixel(cols * (w + 1) + 1, rows * (h + 1) + 1, image::Rgb([128; 3]));
+    for (k, im) in images.iter().enumerate() {
+        let (c, r) = ((k as u32) % cols, (k as u32) / cols);
+        image::imageops::replace(
+            &mut sheet,
+            im,
+            (1 + c * (w + 1)) as i64,
+            (1 + r * (h + 1)) as i64,
+        );
+    }
+    sheet
 }
 
 /// Runs the evaluation: writes `<out>/before_after.png` and `<out>/eval.json`.
@@ -194,7 +225,8 @@ pub fn evaluate(
                 p.unet.merge_adapters()?;
                 p.text_encoder.merge_adapters()?;
             }
-            let (mut st, mut ok) = (0f64, 0usize);
+            let (mut st, mut ok, mut parts) = (0f64, 0usize, [0usize; 3]);
+            let mut images = vec![];
             for chunk in (0..scenes.len()).collect::<Vec<_>>().chunks(8) {
                 let prompts: Vec<String> = chunk.iter().map(|&i| scenes[i].caption()).collect();
                 let seeds: Vec<u64> = chunk.iter().map(|&i| cfg.seed + i as u64).collect();
@@ -213,7 +245,19 @@ pub fn evaluate(
                 for (k, &i) in chunk.iter().enumerate() {
                     let im = tensor_to_image(&imgs.get(k)?)?;
                     st += style_score(&im, style) as f64;
-                    ok += adheres(&im, &scenes[i]) as usize;
+                    let want = &scenes[i];
+                    if let Some(got) = detect(&im).scene {
+                        let hit = [
+                            got.shape == want.shape,
+                            got.color == want.color,
+                            got.position == want.position,
+                        ];
+                        ok += hit.iter().all(|h| *h) as usize;
+                        for (n, h) in parts.iter_mut().zip(hit) {
+                            *n += h as usize;
+                        }
+                    }
+                    images.push(im);
                 }
                 progress.inc(chunk.len() as u64);
             }
@@ -222,10 +266,16 @@ pub fn evaluate(
                 p.text_encoder.unmerge_adapters()?;
             }
             let n = scenes.len().max(1) as f64;
+            let sheet = out.join(format!("scored_scale_{scale}.png"));
+            write_png(&sheet, &contact_sheet(&images, 8))?;
             scores.push(ScaleScore {
                 scale,
                 style_score: st / n,
                 adherence: ok as f64 / n,
+                shape: parts[0] as f64 / n,
+                color: parts[1] as f64 / n,
+                position: parts[2] as f64 / n,
+                sheet: Some(sheet),
             });
         }
     }

@@ -363,6 +363,18 @@ impl PretrainTask {
     }
 
     fn write_pipeline_now(&self, dir: &Path) -> Result<()> {
+        // The library versions the files are written for, as diffusers / transformers write them.
+        fn versioned(
+            v: impl serde::Serialize,
+            key: &str,
+            version: &str,
+        ) -> Result<serde_json::Value> {
+            let mut v = serde_json::to_value(v).map_err(|e| Error::Msg(e.to_string()))?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert(key.into(), version.into());
+            }
+            Ok(v)
+        }
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         let pretty = |v: &serde_json::Value| {
             serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))
@@ -374,8 +386,7 @@ impl PretrainTask {
         )?;
         write_atomic(
             &dir.join("unet/config.json"),
-            pretty(&serde_json::to_value(unet_config()).map_err(|e| Error::Msg(e.to_string()))?)?
-                .as_bytes(),
+            pretty(&versioned(unet_config(), "_diffusers_version", "0.42.1")?)?.as_bytes(),
         )?;
         save_safetensors(
             &dir.join("text_encoder/model.safetensors"),
@@ -384,16 +395,17 @@ impl PretrainTask {
         )?;
         write_atomic(
             &dir.join("text_encoder/config.json"),
-            pretty(&serde_json::to_value(text_config()).map_err(|e| Error::Msg(e.to_string()))?)?
-                .as_bytes(),
+            pretty(&versioned(text_config(), "transformers_version", "5.24.0")?)?.as_bytes(),
         )?;
         std::fs::create_dir_all(dir.join("tokenizer")).map_err(|e| Error::io(dir, e))?;
         write_tokenizer(&dir.join("tokenizer"))?;
         write_atomic(
             &dir.join("scheduler/scheduler_config.json"),
-            pretty(
-                &serde_json::to_value(self.scheduler()).map_err(|e| Error::Msg(e.to_string()))?,
-            )?
+            pretty(&versioned(
+                self.scheduler(),
+                "_diffusers_version",
+                "0.42.1",
+            )?)?
             .as_bytes(),
         )?;
         let index = serde_json::json!({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",

@@ -426,3 +426,53 @@ fn adamw_and_schedules_match_torch_and_transformers() {
         }
     }
 }
+
+#[test]
+fn saved_configs_carry_only_the_fields_of_their_peft_class() {
+    // PEFT warns about keys its config class does not declare (IA3Config has no layers_pattern /
+    // layers_to_transform, VeraConfig no exclude_modules), and fills peft_version.
+    let ia3: AdapterConfig = serde_json::from_value(serde_json::json!({
+        "peft_type": "IA3", "target_modules": ["k_proj", "down_proj"],
+        "feedforward_modules": ["down_proj"]
+    }))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ia3.to_json().unwrap()).unwrap();
+    let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+    for k in [
+        "layers_pattern",
+        "layers_to_transform",
+        "r",
+        "lora_alpha",
+        "rank_pattern",
+    ] {
+        assert!(
+            !keys.iter().any(|x| *x == k),
+            "IA3 config carries `{k}`: {keys:?}"
+        );
+    }
+    assert_eq!(v["peft_version"], "0.21.2");
+    assert_eq!(v["feedforward_modules"], serde_json::json!(["down_proj"]));
+    // A setting the class cannot carry is refused, not dropped.
+    let mut bad = ia3.clone();
+    bad.layers_to_transform = serde_json::from_value(serde_json::json!([0])).unwrap();
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("layers_to_transform") && e.contains("IA3"),
+        "{e}"
+    );
+    let vera: AdapterConfig = serde_json::from_value(serde_json::json!({
+        "peft_type": "VERA", "target_modules": ["q_proj"], "exclude_modules": ["x"]
+    }))
+    .unwrap();
+    let e = vera.to_json().unwrap_err().to_string();
+    assert!(e.contains("exclude_modules"), "{e}");
+    // A LoRA config keeps its LoRA fields and a version read from a file.
+    let lora: AdapterConfig = serde_json::from_value(serde_json::json!({
+        "peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "layers_to_transform": [1],
+        "layers_pattern": "layers", "peft_version": "0.17.0"
+    }))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&lora.to_json().unwrap()).unwrap();
+    assert_eq!(v["layers_to_transform"], serde_json::json!([1]));
+    assert_eq!(v["peft_version"], "0.17.0");
+}

@@ -85,6 +85,22 @@ fn d_tlpb() -> PerBlock<usize> {
 fn d_head() -> PerBlock<usize> {
     PerBlock::One(8)
 }
+fn d_positional() -> String {
+    "positional".into()
+}
+fn d_default() -> String {
+    "default".into()
+}
+fn null_is_default_positional<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(d_positional))
+}
+fn null_is_default_shift<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(d_default))
+}
 fn d_k() -> usize {
     3
 }
@@ -167,12 +183,15 @@ pub struct UNetConfig {
     /// Class embedding (unsupported unless null).
     #[serde(default)]
     pub class_embed_type: Option<String>,
-    /// Time embedding type (`positional`).
-    #[serde(default)]
-    pub time_embedding_type: Option<String>,
-    /// `default` only.
-    #[serde(default)]
-    pub resnet_time_scale_shift: Option<String>,
+    /// Time embedding type (`positional`; a `null` read from an old file means the default).
+    #[serde(
+        default = "d_positional",
+        deserialize_with = "null_is_default_positional"
+    )]
+    pub time_embedding_type: String,
+    /// `default` only (a `null` read from an old file means the default).
+    #[serde(default = "d_default", deserialize_with = "null_is_default_shift")]
+    pub resnet_time_scale_shift: String,
     /// Conv kernel of conv_in.
     #[serde(default = "d_k")]
     pub conv_in_kernel: usize,
@@ -218,20 +237,12 @@ impl UNetConfig {
                 "addition_embed_type `{t}` is not supported (text_time only)"
             )));
         }
-        if self
-            .time_embedding_type
-            .as_deref()
-            .is_some_and(|t| t != "positional")
-        {
+        if self.time_embedding_type != "positional" {
             return Err(Error::Config(
                 "only positional time embeddings are supported".into(),
             ));
         }
-        if self
-            .resnet_time_scale_shift
-            .as_deref()
-            .is_some_and(|t| t != "default")
-        {
+        if self.resnet_time_scale_shift != "default" {
             return Err(Error::Config(
                 "resnet_time_scale_shift other than `default` is not supported".into(),
             ));
