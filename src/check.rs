@@ -205,6 +205,19 @@ pub fn count(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+static ALLOW_NONFINITE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets adapter files with NaN/inf weights load (the CLI's global `--allow-nonfinite`); off by
+/// default, so a non-finite tensor is an error that names the file and key.
+pub fn set_allow_nonfinite(allow: bool) {
+    ALLOW_NONFINITE.store(allow, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether non-finite adapter weights are let through (see [`set_allow_nonfinite`]).
+pub fn allow_nonfinite() -> bool {
+    ALLOW_NONFINITE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A config whose numeric keys have documented ranges. `check` is called once, right after the
 /// config is parsed (pipeline stage, `--config-file`, merged flags), before anything is loaded.
 pub trait Ranged {

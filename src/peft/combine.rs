@@ -499,13 +499,26 @@ impl AdapterSet {
                     format!("`{k}` is not a LoRA factor (modules_to_save and biases cannot be combined)"),
                 ));
             };
-            parts
-                .entry(module.to_string())
-                .or_default()
-                .insert(field, st.get(k)?);
+            parts.entry(module.to_string()).or_default().insert(
+                field,
+                crate::peft::formats::checked(&wpath, k, &st.get(k)?)?,
+            );
         }
         let mut modules = BTreeMap::new();
+        let mut excluded = vec![];
         for (module, mut p) in parts {
+            let kind = if embeddings.contains(&module) {
+                crate::peft::config::ModuleKind::Embedding
+            } else if p.get("a").is_some_and(|a| a.rank() == 4) {
+                crate::peft::config::ModuleKind::Conv2d
+            } else {
+                crate::peft::config::ModuleKind::Linear
+            };
+            if !cfg.targets(&module, kind, module.ends_with("lm_head"))? {
+                // Not an adapted module by the config's own rules: PEFT would not load it.
+                excluded.push(module);
+                continue;
+            }
             let missing = |f: &str| Error::Missing {
                 path: wpath.clone(),
                 key: format!("base_model.model.{module}.lora_{f}"),
@@ -525,14 +538,21 @@ impl AdapterSet {
             }
             // alpha such that alpha / r is the adapter's scale (rsLoRA: alpha / √r).
             let alpha = cfg.scale(set.r, set.alpha) * set.r as f64;
-            modules.insert(
-                module,
-                ModuleLora {
-                    down: down.to_dtype(DType::F32)?,
-                    up: up.to_dtype(DType::F32)?,
-                    alpha,
-                    magnitude: p.remove("m"),
-                },
+            let m = ModuleLora {
+                down: down.to_dtype(DType::F32)?,
+                up: up.to_dtype(DType::F32)?,
+                alpha,
+                magnitude: p.remove("m"),
+            };
+            m.check(&wpath, &module, ("lora_A", "lora_B"))?;
+            modules.insert(module, m);
+        }
+        if let Some(first) = excluded.first() {
+            eprintln!(
+                "warning: {}: {} module(s) have tensors but are not targeted by {CONFIG_FILE} \
+                 and were left out, as PEFT does; the first is `{first}`",
+                wpath.display(),
+                excluded.len()
             );
         }
         Ok(Self {
@@ -549,6 +569,13 @@ impl AdapterSet {
 /// `add_weighted_adapter` over adapters on disk: combines `inputs` (adapter, weight) and returns the
 /// result in the first adapter's kind (a PEFT folder or a single file).
 pub fn combine(inputs: &[(AdapterSet, f64)], opts: &CombineOptions) -> Result<AdapterSet> {
+    for (a, w) in inputs {
+        crate::check::f64_in(
+            &format!("the weight of {}", a.source.display()),
+            *w,
+            crate::check::FINITE,
+        )?;
+    }
     let first = &inputs
         .first()
         .ok_or_else(|| Error::Config("combine: no adapters given".into()))?

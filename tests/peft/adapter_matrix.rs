@@ -855,3 +855,29 @@ fn fused_scaled_masked_softmax_matches_the_composite_in_value_and_gradient() {
     let bad = Tensor::zeros((2, 1, 5, 6), DType::F32, &Device::Cpu).unwrap();
     assert!(scaled_masked_softmax(xv.as_tensor(), 1.0, Some(&bad)).is_err());
 }
+
+#[test]
+fn modules_the_config_does_not_target_are_not_loaded() {
+    // A folder whose weights file carries tensors for a module that adapter_config.json excludes
+    // (PEFT creates no adapter there and leaves those tensors out): the module stays the base.
+    let dir = tempfile::tempdir().unwrap();
+    let k = Kind::Linear;
+    let m = Method::Lora;
+    let l = adapted(k, m);
+    let x = input(k);
+    let d = dir.path().join("excluded");
+    files::save(&d, &[&l], "default", &config(m), SaveOptions::default()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join(files::CONFIG_FILE)).unwrap())
+            .unwrap();
+    cfg["exclude_modules"] = serde_json::json!([l.path()]);
+    std::fs::write(d.join(files::CONFIG_FILE), cfg.to_string()).unwrap();
+    let mut fresh = base(k);
+    files::load(&d, &mut [&mut fresh], "default").unwrap();
+    assert!(
+        fresh.adapter("default").is_none(),
+        "an excluded module got an adapter"
+    );
+    assert_eq!(max_abs_diff(&fwd(&fresh, &x), &fwd(&base(k), &x)), 0.0);
+    assert!(max_abs_diff(&fwd(&l, &x), &fwd(&base(k), &x)) > 0.0);
+}

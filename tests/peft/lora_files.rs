@@ -172,3 +172,84 @@ fn bad_lora_files_are_named_errors() {
         .to_string();
     assert!(msg.contains("lora_mid"), "{msg}");
 }
+
+/// Rewrites tensor `key` of the safetensors file `src` with `f` and saves it as `dst`.
+fn tamper(src: &Path, dst: &Path, key: &str, f: impl Fn(&Tensor) -> Tensor) {
+    let mut t = postforge::util::SafeTensors::read(src)
+        .unwrap()
+        .into_tensors();
+    let v = f(&t[key]);
+    t.insert(key.to_string(), v);
+    postforge::util::save_safetensors(dst, &t, None).unwrap();
+}
+
+#[test]
+fn damaged_adapter_tensors_are_refused_on_load() {
+    let d = tempfile::tempdir().unwrap();
+    let model = adapted(false);
+    let mut f = LoraFile::default();
+    f.add_layers("unet", &model.layers(), "default").unwrap();
+    let k = d.path().join("k.safetensors");
+    f.write(&k, LoraFormat::Kohya).unwrap();
+    let diff = d.path().join("d.safetensors");
+    f.write(&diff, LoraFormat::Diffusers).unwrap();
+    let keys: Vec<String> = postforge::util::SafeTensors::read(&k)
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let down = keys
+        .iter()
+        .find(|k| k.ends_with("lora_down.weight") && k.contains("to_q"))
+        .unwrap()
+        .clone();
+    let up = down.replace("lora_down", "lora_up");
+    let alpha = down.replace("lora_down.weight", "alpha");
+    let nan_first = |t: &Tensor| {
+        let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[0] = f32::NAN;
+        Tensor::from_vec(v, t.dims(), t.device()).unwrap()
+    };
+    let bad = d.path().join("bad.safetensors");
+    let read_err = |p: &Path| LoraFile::read(p, None).unwrap_err().to_string();
+    // A NaN weight: named, with the override named.
+    tamper(&k, &bad, &down, nan_first);
+    let e = read_err(&bad);
+    assert!(
+        e.contains(&down) && e.contains("non-finite") && e.contains("--allow-nonfinite"),
+        "{e}"
+    );
+    // A NaN alpha.
+    tamper(&k, &bad, &alpha, |t| (t * f64::NAN).unwrap());
+    let e = read_err(&bad);
+    assert!(e.contains(&alpha) && e.contains("non-finite"), "{e}");
+    // An integer factor.
+    tamper(&k, &bad, &down, |t| {
+        t.to_dtype(candle_core::DType::I64).unwrap()
+    });
+    let e = read_err(&bad);
+    assert!(e.contains(&down) && e.contains("dtype"), "{e}");
+    // Factors whose ranks disagree, and swapped (transposed) factors.
+    tamper(&k, &bad, &up, |t| t.narrow(1, 0, 2).unwrap());
+    let e = read_err(&bad);
+    assert!(e.contains("rank") && e.contains("lora_up"), "{e}");
+    tamper(&k, &bad, &down, |t| t.t().unwrap().contiguous().unwrap());
+    let e = read_err(&bad);
+    assert!(e.contains("rank") && e.contains("lora_down"), "{e}");
+    // The diffusers layout gets the same checks.
+    let dkeys: Vec<String> = postforge::util::SafeTensors::read(&diff)
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let a = dkeys.iter().find(|k| k.ends_with("lora_A.weight")).unwrap();
+    tamper(&diff, &bad, a, nan_first);
+    let e = read_err(&bad);
+    assert!(e.contains(a.as_str()) && e.contains("non-finite"), "{e}");
+    // With the override, the file loads (the value is the user's responsibility).
+    tamper(&k, &bad, &down, nan_first);
+    postforge::check::set_allow_nonfinite(true);
+    let r = LoraFile::read(&bad, None);
+    postforge::check::set_allow_nonfinite(false);
+    assert!(r.is_ok());
+}

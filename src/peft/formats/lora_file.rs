@@ -36,6 +36,89 @@ impl ModuleLora {
     pub fn rank(&self) -> usize {
         self.down.dims()[0]
     }
+
+    /// The factors agree with each other: down (r, in[, kh, kw]) and up (out, r[, 1, 1]) share
+    /// the rank, a conv's up is 1×1, the DoRA magnitude has one value per output and alpha is
+    /// finite. `names` are the file's field names of down and up, for the message.
+    pub fn check(&self, file: &Path, module: &str, names: (&str, &str)) -> Result<()> {
+        let (d, u) = (self.down.dims(), self.up.dims());
+        let bad = |msg: String| Err(Error::format(file, format!("`{module}`: {msg}")));
+        if !matches!(d.len(), 2 | 4) || u.len() != d.len() {
+            return bad(format!(
+                "{} has shape {d:?} and {} {u:?}; LoRA factors are both matrices (linear) or \
+                 both 4-d kernels (conv)",
+                names.0, names.1
+            ));
+        }
+        if d[0] == 0 || u[1] != d[0] {
+            return bad(format!(
+                "{} {d:?} has rank {} but {} {u:?} has rank {} (swapped or mismatched factors)",
+                names.0, d[0], names.1, u[1]
+            ));
+        }
+        if u.len() == 4 && u[2..] != [1, 1] {
+            return bad(format!(
+                "{} {u:?} of a conv LoRA must have a 1×1 kernel",
+                names.1
+            ));
+        }
+        if let Some(m) = &self.magnitude {
+            if m.elem_count() != u[0] {
+                return bad(format!(
+                    "the DoRA magnitude has {} values, but {} {u:?} has {} outputs",
+                    m.elem_count(),
+                    names.1,
+                    u[0]
+                ));
+            }
+        }
+        if !self.alpha.is_finite() && !crate::check::allow_nonfinite() {
+            return bad(format!("alpha = {} is not finite", self.alpha));
+        }
+        Ok(())
+    }
+}
+
+/// LoHa: hada_w{1,2}_a (out, r) · hada_w{1,2}_b (r, in) with equal outs and ins; LoKr: each
+/// factor given as a product has matching inner dimensions.
+fn check_lycoris_factors(file: &Path, module: &str, p: &HashMap<&str, Tensor>) -> Result<()> {
+    let dims = |k: &str| p.get(k).map(|t| t.dims().to_vec());
+    let pair = |a: &str, b: &str| -> Result<()> {
+        if let (Some(da), Some(db)) = (dims(a), dims(b)) {
+            if da.len() < 2 || db.is_empty() || da[1] != db[0] {
+                return Err(Error::format(
+                    file,
+                    format!("`{module}`: {a} {da:?} and {b} {db:?} do not multiply (inner dimensions differ)"),
+                ));
+            }
+        }
+        Ok(())
+    };
+    for (a, b) in [
+        ("hada_w1_a", "hada_w1_b"),
+        ("hada_w2_a", "hada_w2_b"),
+        ("lokr_w1_a", "lokr_w1_b"),
+        ("lokr_w2_a", "lokr_w2_b"),
+    ] {
+        pair(a, b)?;
+    }
+    if let (Some(a1), Some(a2), Some(b1), Some(b2)) = (
+        dims("hada_w1_a"),
+        dims("hada_w2_a"),
+        dims("hada_w1_b"),
+        dims("hada_w2_b"),
+    ) {
+        if a1[0] != a2[0] || b1.get(1) != b2.get(1) {
+            return Err(Error::format(
+                file,
+                format!(
+                    "`{module}`: the two Hadamard factors have different shapes \
+                     ({a1:?}·{b1:?} against {a2:?}·{b2:?})"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A LyCORIS LoHa or LoKr module (kohya layout only): its tensors by LyCORIS name (`hada_w1_a`,
@@ -482,7 +565,7 @@ impl LoraFile {
                 parts
                     .entry(module.to_string())
                     .or_default()
-                    .insert(field, st.get(k)?);
+                    .insert(field, super::checked(path, k, &st.get(k)?)?);
             }
             for (module, mut p) in parts {
                 let (prefix, component) = COMPONENTS
@@ -515,6 +598,7 @@ impl LoraFile {
                             ),
                         ));
                     }
+                    check_lycoris_factors(path, &module, &p)?;
                     let tensors = p.into_iter().map(|(f, t)| (f.to_string(), t)).collect();
                     out.lycoris.insert(
                         format!("{component}.{dotted}"),
@@ -536,15 +620,14 @@ impl LoraFile {
                     Some(a) => Some(scalar(&a)?).filter(|a| *a != 0.0).unwrap_or(r as f64),
                     None => r as f64,
                 };
-                out.modules.insert(
-                    format!("{component}.{dotted}"),
-                    ModuleLora {
-                        down,
-                        up,
-                        alpha,
-                        magnitude: p.remove("dora").map(|t| t.flatten_all()).transpose()?,
-                    },
-                );
+                let m = ModuleLora {
+                    down,
+                    up,
+                    alpha,
+                    magnitude: p.remove("dora").map(|t| t.flatten_all()).transpose()?,
+                };
+                m.check(path, &module, ("lora_down.weight", "lora_up.weight"))?;
+                out.modules.insert(format!("{component}.{dotted}"), m);
             }
             Ok((out, LoraFormat::Kohya))
         } else {
@@ -571,7 +654,7 @@ impl LoraFile {
                 parts
                     .entry(module.to_string())
                     .or_default()
-                    .insert(field, st.get(k)?);
+                    .insert(field, super::checked(path, k, &st.get(k)?)?);
             }
             for (module, mut p) in parts {
                 let component = module.split('.').next().unwrap_or_default().to_string();
@@ -588,15 +671,14 @@ impl LoraFile {
                 })?;
                 let r = down.dims()[0];
                 let alpha = component_alpha(&cfg, &component, &sub, r)?;
-                out.modules.insert(
-                    module.clone(),
-                    ModuleLora {
-                        down,
-                        up,
-                        alpha,
-                        magnitude: p.remove("dora").map(|t| t.flatten_all()).transpose()?,
-                    },
-                );
+                let m = ModuleLora {
+                    down,
+                    up,
+                    alpha,
+                    magnitude: p.remove("dora").map(|t| t.flatten_all()).transpose()?,
+                };
+                m.check(path, &module, ("lora_A.weight", "lora_B.weight"))?;
+                out.modules.insert(module.clone(), m);
             }
             Ok((out, LoraFormat::Diffusers))
         }

@@ -7,7 +7,7 @@ use crate::peft::vera::{share_vera_projections, Vera};
 use crate::peft::{AdaptedLayer, AdapterConfig, BaseKind, InitSpec, Lora};
 use crate::util::{save_safetensors, write_atomic, SafeTensors};
 use crate::{Error, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
@@ -178,7 +178,7 @@ fn check_shape(st: &SafeTensors, key: &str, t: &Tensor, want: &[usize]) -> Resul
             found: t.dims().to_vec(),
         });
     }
-    Ok(t.to_dtype(DType::F32)?)
+    super::checked(st.path(), key, t)
 }
 
 /// Loads a PEFT folder into `layers` as adapter `name`. Every tensor in the file must land on a layer,
@@ -189,6 +189,7 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
     let wpath = dir.join(WEIGHTS_FILE);
     let st = SafeTensors::read(&wpath)?;
     let mut used = BTreeSet::new();
+    let mut excluded: Vec<String> = vec![];
     for l in layers.iter_mut() {
         let path = l.path().to_string();
         let kind = l.kind();
@@ -238,6 +239,17 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
             continue;
         }
         let (ka, kb, km) = keys_for(kind, &path);
+        if !cfg.targets(&path, kind.module_kind(), path.ends_with("lm_head"))? {
+            // PEFT creates no adapter where the config's target_modules / exclude_modules /
+            // layers_to_transform say no, so tensors stored for such a module are not loaded.
+            for k in [&ka, &kb, &km] {
+                if let Some(k) = find(&st, k, name) {
+                    used.insert(k.clone());
+                    excluded.push(k);
+                }
+            }
+            continue;
+        }
         let (ka, kb) = match (find(&st, &ka, name), find(&st, &kb, name)) {
             (Some(a), Some(b)) => (a, b),
             (Some(_), None) => {
@@ -253,13 +265,10 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
                 })
             }
             (None, None) => {
-                if cfg.targets(&path, kind.module_kind(), path.ends_with("lm_head"))? {
-                    return Err(Error::Missing {
-                        path: wpath.clone(),
-                        key: ka,
-                    });
-                }
-                continue;
+                return Err(Error::Missing {
+                    path: wpath.clone(),
+                    key: ka,
+                });
             }
         };
         let a = st.get(&ka)?;
@@ -314,7 +323,7 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
                 path: wpath.clone(),
                 key: k.into(),
             })?;
-            let t = st.get(&key)?;
+            let t = super::checked(&wpath, &key, &st.get(&key)?)?;
             Ok((key, t))
         };
         let (ka, a) = get("base_model.vera_A")?;
@@ -329,6 +338,15 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
             &wpath,
             format!("tensor `{k}` does not match any module of the model"),
         ));
+    }
+    if let Some(first) = excluded.first() {
+        eprintln!(
+            "warning: {}: {} tensor(s) belong to modules that {CONFIG_FILE} does not target \
+             (target_modules / exclude_modules / layers_to_transform) and were not loaded, as in \
+             PEFT; the first is `{first}`",
+            wpath.display(),
+            excluded.len()
+        );
     }
     Ok(cfg)
 }
