@@ -40,6 +40,8 @@ pub fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn scan(dir: &Path, caption_extension: &str) -> Result<Vec<Example>> {
     let meta = dir.join("metadata.jsonl");
     let mut out = vec![];
+    let ext = caption_extension.trim_start_matches('.');
+    let mut uncaptioned: Vec<PathBuf> = vec![];
     if meta.exists() {
         let text = std::fs::read_to_string(&meta).map_err(|e| Error::io(&meta, e))?;
         for (i, line) in text
@@ -55,7 +57,12 @@ pub fn scan(dir: &Path, caption_extension: &str) -> Result<Vec<Example>> {
             let caption = v["text"]
                 .as_str()
                 .or(v["caption"].as_str())
-                .unwrap_or_default()
+                .ok_or_else(|| {
+                    Error::format(
+                        &meta,
+                        format!("line {}: `{file}` has no `text` or `caption` string", i + 1),
+                    )
+                })?
                 .to_string();
             out.push(Example {
                 path: dir.join(file),
@@ -76,17 +83,46 @@ pub fn scan(dir: &Path, caption_extension: &str) -> Result<Vec<Example>> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let Some((rep, class)) = name.split_once('_') else {
+            let parsed = name
+                .split_once('_')
+                .and_then(|(rep, class)| Some((rep.parse::<usize>().ok()?, class)));
+            let Some((repeats, class)) = parsed else {
+                // kohya ignores such folders too, and says so.
+                eprintln!(
+                    "warning: {}: not a <repeats>_<name> folder; its images are not used",
+                    sub.display()
+                );
                 continue;
             };
-            let Ok(repeats) = rep.parse::<usize>() else {
-                continue;
-            };
+            if repeats == 0 {
+                return Err(Error::Config(format!(
+                    "{}: 0 repeats: none of its images would be trained on (use 1_{class})",
+                    sub.display()
+                )));
+            }
             for f in images_in(&sub)? {
-                let cap_path = f.with_extension(caption_extension.trim_start_matches('.'));
+                let cap_path = f.with_extension(ext);
                 let caption = match std::fs::read_to_string(&cap_path) {
                     Ok(t) => t.lines().next().unwrap_or_default().trim().to_string(),
-                    Err(_) => class.to_string(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        if let Some(other) = ["txt", "caption"]
+                            .iter()
+                            .map(|x| f.with_extension(x))
+                            .find(|p| *p != cap_path && p.exists())
+                        {
+                            return Err(Error::Config(format!(
+                                "{}: no caption file {} but {} exists: the caption extension is \
+                                 `.{ext}`; pass --caption_extension .{}",
+                                f.display(),
+                                cap_path.display(),
+                                other.display(),
+                                other.extension().unwrap_or_default().to_string_lossy()
+                            )));
+                        }
+                        uncaptioned.push(f.clone());
+                        class.to_string()
+                    }
+                    Err(e) => return Err(Error::io(&cap_path, e)),
                 };
                 out.push(Example {
                     path: f,
@@ -95,6 +131,15 @@ pub fn scan(dir: &Path, caption_extension: &str) -> Result<Vec<Example>> {
                 });
             }
         }
+    }
+    if let Some(first) = uncaptioned.first() {
+        eprintln!(
+            "warning: {} of {} images have no `.{ext}` caption file and are captioned with their \
+             folder's class name (kohya's rule); the first is {}",
+            uncaptioned.len(),
+            out.len(),
+            first.display()
+        );
     }
     if out.is_empty() {
         return Err(Error::Msg(format!(
@@ -109,6 +154,17 @@ pub fn scan(dir: &Path, caption_extension: &str) -> Result<Vec<Example>> {
 pub fn load_square(path: &Path, size: u32) -> Result<RgbImage> {
     let img = read_rgb(path)?;
     let (w, h) = img.dimensions();
+    // More than 8× upscaling (or a side under 8 pixels) leaves nothing to learn from but blur.
+    let min_side = (size / 8).max(8);
+    if w.min(h) < min_side {
+        return Err(Error::format(
+            path,
+            format!(
+                "the image is {w}×{h}: too small to train at resolution {size} (a side under \
+                 {min_side} pixels would be upscaled more than 8×); remove it or lower the resolution"
+            ),
+        ));
+    }
     let scale = size as f32 / w.min(h) as f32;
     let (nw, nh) = (
         (w as f32 * scale).round().max(size as f32) as u32,

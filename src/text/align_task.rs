@@ -245,11 +245,16 @@ impl AlignTask {
     pub fn precompute_reference(&mut self, cache: Option<&Path>) -> Result<()> {
         if let Some(p) = cache {
             if let Ok(t) = std::fs::read_to_string(p) {
-                let v: Vec<[f32; 2]> =
-                    serde_json::from_str(&t).map_err(|e| Error::format(p, e.to_string()))?;
-                if v.len() == self.data.len() {
-                    self.ref_cache = Some(v);
-                    return Ok(());
+                match read_reference_cache(&t, self.data.len()) {
+                    Some(v) => {
+                        self.ref_cache = Some(v);
+                        return Ok(());
+                    }
+                    None => eprintln!(
+                        "warning: {}: the reference log-prob cache does not match its checksum \
+                         or the data; it is rebuilt",
+                        p.display()
+                    ),
                 }
             }
         }
@@ -263,8 +268,8 @@ impl AlignTask {
             if let Some(d) = p.parent() {
                 std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
             }
-            let json = serde_json::to_string(&all).map_err(|e| Error::Msg(e.to_string()))?;
-            crate::util::write_atomic(p, json.as_bytes())?;
+            let json = serde_json::json!({"sha256": cache_checksum(&all), "logps": all});
+            crate::util::write_atomic(p, json.to_string().as_bytes())?;
         }
         self.ref_cache = Some(all);
         Ok(())
@@ -499,6 +504,32 @@ impl Task for AlignTask {
             .map(|(k, (s, n))| (k, s / n.max(1) as f64))
             .collect())
     }
+}
+
+/// SHA-256 (hex) of the cached values' bits.
+fn cache_checksum(v: &[[f32; 2]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for [a, b] in v {
+        h.update(a.to_le_bytes());
+        h.update(b.to_le_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The cached log-probs if the file's checksum matches its values, every value is finite and
+/// there is one pair per example; `None` means "rebuild".
+fn read_reference_cache(text: &str, n: usize) -> Option<Vec<[f32; 2]>> {
+    #[derive(serde::Deserialize)]
+    struct Cache {
+        sha256: String,
+        logps: Vec<[f32; 2]>,
+    }
+    let c: Cache = serde_json::from_str(text).ok()?;
+    let ok = c.logps.len() == n
+        && c.logps.iter().flatten().all(|x| x.is_finite())
+        && cache_checksum(&c.logps) == c.sha256;
+    ok.then_some(c.logps)
 }
 
 /// The reference-cache file for a run: a hash of the data file, the model weights, the reference

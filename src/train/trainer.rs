@@ -258,19 +258,9 @@ impl Trainer {
         }
         let json = serde_json::to_string_pretty(state).map_err(|e| Error::Msg(e.to_string()))?;
         write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
-        // Move an existing checkpoint of the same step aside before replacing it, so that one
-        // complete copy exists at every moment.
-        let old = out.join(format!(".checkpoint-{}.old", state.step));
-        if final_dir.exists() {
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-            }
-            std::fs::rename(&final_dir, &old).map_err(|e| Error::io(&final_dir, e))?;
-        }
-        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        }
+        // An existing checkpoint of the same step is moved aside before it is replaced, so that
+        // one complete copy exists at every moment.
+        crate::util::outdir::swap_dir_in(&tmp, &final_dir)?;
         let all = checkpoint_dirs(out);
         if all.len() > self.cfg.save_total_limit.max(1) {
             for (_, p) in &all[..all.len() - self.cfg.save_total_limit.max(1)] {
@@ -353,7 +343,14 @@ impl Trainer {
     pub fn train(&self, task: &mut dyn Task, resume: bool) -> Result<TrainSummary> {
         let c = &self.cfg;
         let out = c.output_dir.clone();
-        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        if out.exists() && !out.is_dir() {
+            return Err(Error::Config(format!(
+                "output_dir {} is a file, not a folder",
+                out.display()
+            )));
+        }
+        // One run per output folder; what killed runs left there is cleaned up.
+        let _lock = crate::util::outdir::DirLock::acquire(&out)?;
         let params = task.trainable();
         if params.is_empty() {
             return Err(Error::Config(
@@ -388,8 +385,24 @@ impl Trainer {
         match (resume, self.latest_checkpoint()) {
             (true, Some(dir)) => {
                 state = self.load_checkpoint(&dir, task, &mut opt)?;
+                if state.step >= c.max_steps {
+                    return Err(Error::Config(format!(
+                        "--resume: {} is at step {} and max_train_steps is {}: the run is \
+                         finished (its results are kept); raise max_train_steps to train further",
+                        dir.display(),
+                        state.step,
+                        c.max_steps
+                    )));
+                }
                 resumed_from = Some(state.step);
                 last_ckpt = dir.display().to_string();
+            }
+            (true, None) => {
+                return Err(Error::Config(format!(
+                    "--resume: {} holds no checkpoint-<step> folder to resume from; run without \
+                     --resume to start a new run",
+                    out.display()
+                )))
             }
                         (false, Some(_)) if c.overwrite_output_dir => {
                 for (_, p) in checkpoint_dirs(&out) {
@@ -533,10 +546,7 @@ impl Trainer {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         task.save_adapter(&tmp)?;
-        if adapter_dir.exists() {
-            std::fs::remove_dir_all(&adapter_dir).map_err(|e| Error::io(&adapter_dir, e))?;
-        }
-        std::fs::rename(&tmp, &adapter_dir).map_err(|e| Error::io(&adapter_dir, e))?;
+        crate::util::outdir::swap_dir_in(&tmp, &adapter_dir)?;
         plot_metrics(&metrics_path, &out.join("loss_curve.png"))?;
         Ok(TrainSummary {
             steps: state.step,

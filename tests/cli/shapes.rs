@@ -54,11 +54,41 @@ fn kohya_folders_scan_back_with_captions_and_repeats() {
     assert_eq!(ex.len(), 4);
     assert!(ex.iter().all(|e| e.repeats == 10));
     assert_eq!(ex[0].caption, items[0].1);
-    // Without caption files, the class name from the folder is the caption (kohya's rule).
-    let ex = postforge::data::image_folder::scan(d.path(), ".caption").unwrap();
+    // A caption extension that misses the captions next to the images is named, not replaced.
+    let e = postforge::data::image_folder::scan(d.path(), ".caption")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--caption_extension .txt"), "{e}");
+    // Without a caption file, the class name from the folder is the caption (kohya's rule).
+    std::fs::remove_file(ex[0].path.with_extension("txt")).unwrap();
+    let ex = postforge::data::image_folder::scan(d.path(), ".txt").unwrap();
     assert_eq!(ex[0].caption, "outlined");
+    assert_eq!(ex[1].caption, items[1].1);
     let img = postforge::data::image_folder::load_square(&ex[0].path, 16).unwrap();
     assert_eq!(img.dimensions(), (16, 16));
+    // Far too small to train at this resolution: named with both sizes.
+    let e = postforge::data::image_folder::load_square(&ex[0].path, 512)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("32×32") && e.contains("512"), "{e}");
+    // 0 repeats would train on nothing.
+    let sub = d.path().join("10_outlined");
+    std::fs::rename(&sub, d.path().join("0_outlined")).unwrap();
+    let e = postforge::data::image_folder::scan(d.path(), ".txt")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("0 repeats"), "{e}");
+    // metadata.jsonl rows need a caption.
+    let m = tempfile::tempdir().unwrap();
+    std::fs::write(
+        m.path().join("metadata.jsonl"),
+        "{\"file_name\": \"a.png\"}\n",
+    )
+    .unwrap();
+    let e = postforge::data::image_folder::scan(m.path(), ".txt")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 1") && e.contains("a.png"), "{e}");
     let empty = tempfile::tempdir().unwrap();
     assert!(postforge::data::image_folder::scan(empty.path(), ".txt")
         .unwrap_err()

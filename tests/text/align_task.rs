@@ -78,6 +78,16 @@ fn dpo_learns_the_preferences_with_the_adapter_free_model_as_reference() {
     let (l_pre, _) = task.loss_of(&idx, &ctx).unwrap();
     let diff = (l_fly.to_scalar::<f32>().unwrap() - l_pre.to_scalar::<f32>().unwrap()).abs();
     assert!(diff < 1e-6, "precomputed reference differs by {diff}");
+    // A tampered cache is not trusted: its checksum fails and it is rebuilt.
+    let good = std::fs::read_to_string(&cache).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    v["logps"][0][0] = serde_json::json!(-1.0e3);
+    std::fs::write(&cache, v.to_string()).unwrap();
+    task.precompute_reference(Some(&cache)).unwrap();
+    let (l_re, _) = task.loss_of(&idx, &ctx).unwrap();
+    let diff = (l_re.to_scalar::<f32>().unwrap() - l_pre.to_scalar::<f32>().unwrap()).abs();
+    assert!(diff < 1e-6, "the tampered cache was used: {diff}");
+    assert_eq!(std::fs::read_to_string(&cache).unwrap(), good);
     let cfg = TrainConfig {
         learning_rate: 5e-3,
         max_steps: 24,

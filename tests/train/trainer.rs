@@ -408,3 +408,36 @@ fn modules_to_save_can_name_a_container() {
         "inside modules_to_save: no adapter"
     );
 }
+
+#[test]
+fn resume_without_a_checkpoint_or_of_a_finished_run_is_refused_and_keeps_the_results() {
+    let d = tempfile::tempdir().unwrap();
+    let msg = Trainer::new(config(d.path(), 3))
+        .unwrap()
+        .train(&mut task(None), true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("no checkpoint") && msg.contains("--resume"),
+        "{msg}"
+    );
+    Trainer::new(config(d.path(), 3))
+        .unwrap()
+        .train(&mut task(None), false)
+        .unwrap();
+    let metrics = std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap();
+    let msg = Trainer::new(config(d.path(), 3))
+        .unwrap()
+        .train(&mut task(None), true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("finished") && msg.contains("max_train_steps"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap(),
+        metrics,
+        "the finished run's metrics were rewritten"
+    );
+}
