@@ -116,6 +116,8 @@ pub const DROPOUT: Range = Range::closed_open(0.0, 1.0);
 pub const FRACTION: Range = Range::open_closed(0.0, 1.0);
 /// [0, 0.5): label smoothing of a binary preference (0.5 and above flips it).
 pub const LABEL_SMOOTHING: Range = Range::closed_open(0.0, 0.5);
+/// A finite number ≥ 1 (stretch factors such as linear RoPE scaling).
+pub const AT_LEAST_ONE: Range = Range::closed(1.0, f64::INFINITY);
 
 /// `v` if it lies in `range`, else an error naming `key`, the value and the range.
 pub fn f64_in(key: &str, v: f64, range: Range) -> Result<f64> {
@@ -152,7 +154,30 @@ pub fn count_at_least(key: &str, v: usize, min: usize) -> Result<usize> {
     }
 }
 
-fn parse_in(s: &str, range: Range) -> std::result::Result<f64, String> {
+/// A `max_grad_norm` as the trainer takes it: `None` (no clipping) for 0, the norm for a finite
+/// positive value, an error naming `key` for a negative or non-finite one (which once turned
+/// clipping off without a word).
+pub fn grad_clip(key: &str, v: f64) -> Result<Option<f64>> {
+    f64_in(key, v, NON_NEGATIVE).map(|v| (v > 0.0).then_some(v))
+}
+
+/// [`count_at_least`] for an optional count (`None` passes).
+pub fn opt_count_at_least(key: &str, v: Option<usize>, min: usize) -> Result<Option<usize>> {
+    v.map(|v| count_at_least(key, v, min)).transpose()
+}
+
+/// PEFT's `init_lora_weights` spelled `pissa_niter_K`: K must be a whole number ≥ 0 (the subspace
+/// iterations of torch's `svd_lowrank`); every other spelling passes (the adapter config names the
+/// unknown ones).
+pub fn init_lora_weights(key: &str, s: &str) -> Result<()> {
+    init_lora_weights_flag(s)
+        .map(drop)
+        .map_err(|e| Error::Config(format!("{key}: {e}")))
+}
+
+/// A finite number in `range` from text (a clap value, a grid axis, a `key=value` argument); the
+/// error says what the text is and the range, for the caller to name the flag or key.
+pub fn parse_in(s: &str, range: Range) -> std::result::Result<f64, String> {
     let v: f64 = s
         .trim()
         .parse()
@@ -192,16 +217,42 @@ pub fn fraction(s: &str) -> std::result::Result<f64, String> {
 pub fn label_smoothing(s: &str) -> std::result::Result<f64, String> {
     parse_in(s, LABEL_SMOOTHING)
 }
+/// clap value parser: a number ≥ 1.
+pub fn at_least_one(s: &str) -> std::result::Result<f64, String> {
+    parse_in(s, AT_LEAST_ONE)
+}
 /// clap value parser: a count ≥ 1.
 pub fn count(s: &str) -> std::result::Result<usize, String> {
+    count_from(s, 1)
+}
+/// clap value parser: a whole number ≥ 1 that fits 32 bits (pixel sizes).
+pub fn count_u32(s: &str) -> std::result::Result<u32, String> {
+    let v = count_from(s, 1)?;
+    u32::try_from(v).map_err(|_| format!("{v} is out of range: it must be at most {}", u32::MAX))
+}
+/// clap value parser: a count ≥ 2 (sequence lengths: a prompt token and a target).
+pub fn count_2(s: &str) -> std::result::Result<usize, String> {
+    count_from(s, 2)
+}
+/// A whole number ≥ `min` from text (clap values, grid axes, prompt-file options).
+pub fn count_from(s: &str, min: usize) -> std::result::Result<usize, String> {
     let v: usize = s
         .trim()
         .parse()
-        .map_err(|_| format!("`{s}` is not a whole number ≥ 1"))?;
-    if v == 0 {
-        Err("0 is out of range: it must be at least 1".into())
+        .map_err(|_| format!("`{s}` is not a whole number ≥ {min}"))?;
+    if v < min {
+        Err(format!("{v} is out of range: it must be at least {min}"))
     } else {
         Ok(v)
+    }
+}
+/// clap value parser for `--init-lora-weights`: [`init_lora_weights`]'s check.
+pub fn init_lora_weights_flag(s: &str) -> std::result::Result<String, String> {
+    match s.strip_prefix("pissa_niter_") {
+        Some(k) if k.parse::<usize>().is_err() => Err(format!(
+            "the iteration count `{k}` of `{s}` is out of range: it must be a whole number ≥ 0"
+        )),
+        _ => Ok(s.to_string()),
     }
 }
 
@@ -299,6 +350,37 @@ mod tests {
         assert!(non_negative("-5").unwrap_err().contains("≥ 0"));
         assert!(unit("abc").unwrap_err().contains("not a number"));
         assert!(count("0").is_err() && count("3") == Ok(3));
+        assert!(count("2.5").unwrap_err().contains("not a whole number ≥ 1"));
+        assert_eq!(
+            count_2("1"),
+            Err("1 is out of range: it must be at least 2".into())
+        );
+        assert!(count_u32("0").is_err() && count_u32("4294967296").is_err());
+        assert_eq!(count_u32("32"), Ok(32));
+        assert!(at_least_one("0.5").unwrap_err().contains("≥ 1"));
+        assert_eq!(
+            init_lora_weights_flag("pissa_niter_4"),
+            Ok("pissa_niter_4".into())
+        );
+        assert!(init_lora_weights_flag("pissa_niter_-1")
+            .unwrap_err()
+            .contains("whole number ≥ 0"));
+        assert_eq!(init_lora_weights_flag("olora"), Ok("olora".into()));
+    }
+
+    #[test]
+    fn config_helpers_name_the_key() {
+        assert_eq!(grad_clip("max_grad_norm", 0.0).unwrap(), None);
+        assert_eq!(grad_clip("max_grad_norm", 0.5).unwrap(), Some(0.5));
+        for bad in [f64::NAN, -1.0, f64::INFINITY] {
+            let e = grad_clip("max_grad_norm", bad).unwrap_err().to_string();
+            assert!(e.contains("max_grad_norm") && e.contains("≥ 0"), "{e}");
+        }
+        assert!(opt_count_at_least("max_steps", None, 1).is_ok());
+        let e = opt_count_at_least("max_steps", Some(0), 1).unwrap_err();
+        assert!(e.to_string().contains("max_steps = 0"), "{e}");
+        let e = init_lora_weights("init_lora_weights", "pissa_niter_x").unwrap_err();
+        assert!(e.to_string().contains("init_lora_weights"), "{e}");
     }
 
     #[test]

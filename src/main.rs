@@ -2,7 +2,7 @@
 
 mod cli;
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::FromArgMatches;
 
 fn main() {
     // kohya writes flags with underscores (`--network_dim`); accept them beside `--network-dim`.
@@ -17,7 +17,7 @@ fn main() {
         }
         _ => a,
     });
-    let matches = cli::Cli::command().get_matches_from(argv);
+    let matches = cli::command().get_matches_from(argv);
     let args = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Err(e) = cli::run(args, &matches) {
         eprintln!("error: {e:#}");

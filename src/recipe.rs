@@ -2,6 +2,7 @@
 //! tables, each with a `kind` and that stage's settings. A stage may leave out what the stage before
 //! it produced (an evaluation takes the model and LoRA file of the preceding training stage).
 
+use crate::check::Ranged;
 use crate::diffusion::eval::{evaluate, EvalConfig, EvalReport};
 use crate::diffusion::train::{train_lora, LoraTrainConfig};
 use crate::text::align_run::{merge_into_folder, AlignReport, AlignRunConfig, Previous};
@@ -42,6 +43,32 @@ pub enum Stage {
     Align(Box<AlignRunConfig>),
 }
 
+impl Stage {
+    /// The `kind` key of the stage.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Stage::TrainDiffusion(_) => "train-diffusion",
+            Stage::DiffusionEval(_) => "diffusion-eval",
+            Stage::Sft(_) => "sft",
+            Stage::TaskEval(_) => "task-eval",
+            Stage::Align(_) => "align",
+        }
+    }
+}
+
+impl Ranged for Stage {
+    /// The stage's settings, each in its documented range.
+    fn check(&self) -> Result<()> {
+        match self {
+            Stage::TrainDiffusion(c) => c.check(),
+            Stage::DiffusionEval(c) => c.check(),
+            Stage::Sft(c) => c.check(),
+            Stage::TaskEval(c) => c.check(),
+            Stage::Align(c) => c.check(),
+        }
+    }
+}
+
 /// What a stage produced.
 #[derive(Debug, Clone)]
 pub enum StageReport {
@@ -71,6 +98,17 @@ impl Recipe {
         let r: Recipe = toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
         if r.stage.is_empty() {
             return Err(Error::format(path, "no [[stage]] tables"));
+        }
+        // Every stage's values are checked before stage 1 starts: a bad key in stage 3 is not
+        // found after stages 1 and 2 have trained.
+        for (i, st) in r.stage.iter().enumerate() {
+            st.check().map_err(|e| {
+                let e = match e {
+                    Error::Config(m) => m,
+                    e => e.to_string(),
+                };
+                Error::format(path, format!("stage {} ({}): {e}", i + 1, st.kind()))
+            })?;
         }
         Ok(r)
     }
@@ -324,5 +362,46 @@ impl Recipe {
             }
         }
         Ok(reports)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every stage is checked at load, before stage 1 runs: the error names the file, the stage
+    /// (number and kind), the key, the value and the range.
+    #[test]
+    fn a_bad_value_in_any_stage_is_found_at_load() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("p.toml");
+        let stages = "[[stage]]\nkind = \"task-eval\"\ntasks = [\"add\"]\n\n[[stage]]\nkind = \"align\"\nmodel = \"m\"\ndata = \"d\"\noutput_dir = \"o\"\n";
+        std::fs::write(&p, format!("{stages}beta = 0.2\n")).unwrap();
+        Recipe::load(&p).unwrap();
+        for (line, needle) in [
+            (
+                "beta = nan",
+                "stage 2 (align): beta = NaN is out of range: it must be a finite number > 0",
+            ),
+            (
+                "max_grad_norm = -1",
+                "stage 2 (align): max_grad_norm = -1 is out of range",
+            ),
+            (
+                "label_smoothing = inf",
+                "stage 2 (align): label_smoothing = inf is out of range",
+            ),
+        ] {
+            std::fs::write(&p, format!("{stages}{line}\n")).unwrap();
+            let e = Recipe::load(&p).unwrap_err().to_string();
+            assert!(e.contains(needle) && e.contains("p.toml"), "{line}: {e}");
+        }
+        std::fs::write(
+            &p,
+            "[[stage]]\nkind = \"diffusion-eval\"\nprompts = [\"a\"]\ncfg = nan\n",
+        )
+        .unwrap();
+        let e = Recipe::load(&p).unwrap_err().to_string();
+        assert!(e.contains("stage 1 (diffusion-eval): cfg = NaN"), "{e}");
     }
 }

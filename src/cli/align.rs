@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::{ArgMatches, Args as ClapArgs};
+use postforge::check::{self, Ranged};
 use postforge::peft::args::AdapterArgs;
 use postforge::text::align_run::AlignRunConfig;
 use serde::Serialize;
@@ -8,6 +9,7 @@ use std::path::PathBuf;
 /// TRL's flag names and defaults (`--beta 0.1`, `--loss-type sigmoid`, `--learning-rate 1e-6`, ...)
 /// and PEFT's adapter flags; `--config-file` reads the same keys from TOML.
 #[derive(ClapArgs, Debug, Serialize)]
+#[command(mut_args(super::adapter_ranges))]
 pub struct Args {
     /// TOML file with the same keys as a pipeline's `align` stage; flags given here override it.
     #[arg(long)]
@@ -30,22 +32,30 @@ pub struct Args {
     /// KTO: kto, apo_zero_unpaired.
     #[arg(long, num_args = 1..)]
     loss_type: Vec<String>,
-    #[arg(long, num_args = 1..)]
+    /// Weights of several DPO loss types, one per --loss-type, each ≥ 0.
+    #[arg(long, num_args = 1.., value_parser = check::non_negative)]
     loss_weights: Vec<f64>,
-    #[arg(long)]
+    /// β, > 0 (ORPO's λ: ≥ 0) [default: 0.1].
+    #[arg(long, value_parser = check::non_negative)]
     beta: Option<f64>,
-    #[arg(long)]
+    /// Label smoothing ε (conservative DPO, robust, exo_pair, CPO, SimPO), in [0, 0.5)
+    /// [default: 0].
+    #[arg(long, value_parser = check::label_smoothing)]
     label_smoothing: Option<f64>,
     /// reverse_kl | forward_kl | js_divergence | alpha_divergence.
     #[arg(long)]
     f_divergence_type: Option<String>,
-    #[arg(long)]
+    /// SimPO's target reward margin γ, ≥ 0 [default: 0.5].
+    #[arg(long, value_parser = check::non_negative)]
     simpo_gamma: Option<f64>,
-    #[arg(long)]
+    /// Weight of CPO's NLL term, ≥ 0 [default: 1].
+    #[arg(long, value_parser = check::non_negative)]
     cpo_alpha: Option<f64>,
-    #[arg(long)]
+    /// KTO's weight of the desirable examples, > 0 [default: 1].
+    #[arg(long, value_parser = check::positive)]
     desirable_weight: Option<f64>,
-    #[arg(long)]
+    /// KTO's weight of the undesirable examples, > 0 [default: 1].
+    #[arg(long, value_parser = check::positive)]
     undesirable_weight: Option<f64>,
     /// Compute reference log-probs once and cache them on disk.
     #[arg(long)]
@@ -62,23 +72,32 @@ pub struct Args {
     quantize: Option<String>,
     #[arg(long)]
     chat_template: Option<String>,
-    #[arg(long)]
+    /// Longest prompt + completion, ≥ 2 [default: 1024].
+    #[arg(long, value_parser = check::count_2)]
     max_length: Option<usize>,
-    #[arg(long)]
+    /// Peak learning rate, > 0 [default: 1e-6].
+    #[arg(long, value_parser = check::positive)]
     learning_rate: Option<f64>,
     /// linear (TRL's default), cosine, constant.
     #[arg(long, value_enum)]
     lr_scheduler_type: Option<postforge::train::ScheduleKind>,
     #[arg(long)]
     warmup_steps: Option<usize>,
-    #[arg(long)]
+    /// Optimizer steps, ≥ 1 [default: the epochs].
+    #[arg(long, value_parser = check::count)]
     max_steps: Option<usize>,
-    #[arg(long)]
+    /// Epochs when --max-steps is not given, ≥ 1 [default: 3].
+    #[arg(long, value_parser = check::count)]
     num_train_epochs: Option<usize>,
-    #[arg(long)]
+    /// Pairs (or unpaired examples) per micro-batch, ≥ 1 [default: 8].
+    #[arg(long, value_parser = check::count)]
     per_device_train_batch_size: Option<usize>,
-    #[arg(long)]
+    /// Micro-batches per optimizer step, ≥ 1 [default: 1].
+    #[arg(long, value_parser = check::count)]
     gradient_accumulation_steps: Option<usize>,
+    /// Gradient clipping: the largest global gradient norm, ≥ 0 (0 = off) [default: 1].
+    #[arg(long, value_parser = check::non_negative)]
+    max_grad_norm: Option<f64>,
     #[arg(long)]
     save_steps: Option<usize>,
     #[arg(long)]
@@ -105,6 +124,8 @@ pub fn run(a: Args, given: &ArgMatches) -> anyhow::Result<()> {
         &["model", "data"],
     )?;
     let cfg: AlignRunConfig = serde_json::from_value(v)
+        .with_context(|| super::overlay::context(file, "alignment settings"))?;
+    cfg.check()
         .with_context(|| super::overlay::context(file, "alignment settings"))?;
     let r = cfg.run(a.resume, a.overwrite_output_dir)?;
     let s = &r.summary;

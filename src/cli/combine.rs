@@ -1,4 +1,5 @@
 use clap::Args as ClapArgs;
+use postforge::check;
 use postforge::peft::combine::{combine, AdapterSet, Combination, CombineOptions, SignMethod};
 use postforge::peft::formats::lora_file::LoraFormat;
 use std::path::PathBuf;
@@ -10,21 +11,23 @@ pub struct Args {
     /// Adapters: PEFT folders or LoRA files, all of one kind.
     #[arg(required = true, num_args = 1..)]
     adapters: Vec<PathBuf>,
-    /// One weight per adapter (default: 1 each).
-    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    /// One finite weight per adapter, comma-separated; negative weights subtract an adapter
+    /// (PEFT's task negation) [default: 1 each].
+    #[arg(long, num_args = 1.., value_delimiter = ',', value_parser = check::finite)]
     weights: Vec<f64>,
     /// cat (exact), svd, linear, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd,
     /// dare_ties_svd, magnitude_prune, magnitude_prune_svd.
     #[arg(long, value_enum, default_value_t = Combination::Svd)]
     combination_type: Combination,
-    /// Rank of the SVD variants (default: the largest input rank).
-    #[arg(long)]
+    /// Rank of the SVD variants, ≥ 1 (default: the largest input rank).
+    #[arg(long, value_parser = check::count)]
     svd_rank: Option<usize>,
-    /// Clamp SVD factors at this quantile of their entries.
-    #[arg(long)]
+    /// Clamp SVD factors at this quantile of their entries, in (0.5, 1] (below the median the
+    /// clamp bound would be negative).
+    #[arg(long, value_parser = |s: &str| check::parse_in(s, SVD_CLAMP))]
     svd_clamp: Option<f64>,
-    /// Share of entries kept by TIES, DARE and magnitude pruning.
-    #[arg(long)]
+    /// Share of entries kept by TIES, DARE and magnitude pruning, in (0, 1] (0 would keep nothing).
+    #[arg(long, value_parser = check::fraction)]
     density: Option<f64>,
     /// TIES' majority sign: total or frequency.
     #[arg(long, value_enum, default_value_t = SignMethod::Total)]
@@ -39,6 +42,9 @@ pub struct Args {
     #[arg(long, value_enum)]
     to: Option<LoraFormat>,
 }
+
+/// `--svd-clamp`: a quantile above the median, so that the clamp bound is positive.
+const SVD_CLAMP: check::Range = check::Range::open_closed(0.5, 1.0);
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let weights = if a.weights.is_empty() {

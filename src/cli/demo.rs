@@ -1,6 +1,7 @@
 use anyhow::Context;
 use candle_core::Tensor;
 use clap::Args as ClapArgs;
+use postforge::check;
 use postforge::models::mlp::{Mlp, MlpConfig};
 use postforge::peft::args::AdapterArgs;
 use postforge::peft::formats::peft::{self as peft_files, SaveOptions};
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 /// fc1 and fc2.
 #[derive(ClapArgs, Debug)]
 #[command(
+    mut_args(super::adapter_ranges),
     mut_arg("lora_alpha", |a| a.default_value("16")),
     mut_arg("target_modules", |a| a.default_value("fc1,fc2"))
 )]
@@ -21,11 +23,11 @@ pub struct Args {
     /// Save PiSSA/OLoRA adapters as plain LoRA against the original base.
     #[arg(long = "export-plain-lora")]
     export_plain_lora: bool,
-    /// Optimizer steps.
-    #[arg(long = "max-steps", default_value_t = 1000)]
+    /// Optimizer steps, ≥ 1.
+    #[arg(long = "max-steps", default_value_t = 1000, value_parser = check::count)]
     max_steps: usize,
-    /// Peak learning rate.
-    #[arg(long = "learning-rate", default_value_t = 1e-2)]
+    /// Peak learning rate, > 0.
+    #[arg(long = "learning-rate", default_value_t = 1e-2, value_parser = check::positive)]
     learning_rate: f64,
     /// Learning-rate schedule.
     #[arg(long = "lr-scheduler", value_enum, default_value_t = ScheduleKind::Cosine)]
@@ -33,20 +35,20 @@ pub struct Args {
     /// Warmup steps.
     #[arg(long = "warmup-steps", default_value_t = 20)]
     warmup_steps: usize,
-    /// Micro-batches per step.
-    #[arg(long = "gradient-accumulation-steps", default_value_t = 1)]
+    /// Micro-batches per step, ≥ 1.
+    #[arg(long = "gradient-accumulation-steps", default_value_t = 1, value_parser = check::count)]
     gradient_accumulation_steps: usize,
-    /// Gradient clipping (0 = off).
-    #[arg(long = "max-grad-norm", default_value_t = 1.0)]
+    /// Gradient clipping: the largest global gradient norm, ≥ 0 (0 = off).
+    #[arg(long = "max-grad-norm", default_value_t = 1.0, value_parser = check::non_negative)]
     max_grad_norm: f64,
-    /// AdamW weight decay.
-    #[arg(long = "weight-decay", default_value_t = 0.0)]
+    /// AdamW weight decay, ≥ 0.
+    #[arg(long = "weight-decay", default_value_t = 0.0, value_parser = check::non_negative)]
     weight_decay: f64,
     /// Checkpoint every N steps (0 = at the end only).
     #[arg(long = "save-steps", default_value_t = 100)]
     save_steps: usize,
-    /// Examples per micro-batch.
-    #[arg(long = "batch-size", default_value_t = 64)]
+    /// Examples per micro-batch, ≥ 1.
+    #[arg(long = "batch-size", default_value_t = 64, value_parser = check::count)]
     batch_size: usize,
     /// Seed.
     #[arg(long, default_value_t = 42)]
@@ -174,7 +176,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         warmup_steps: a.warmup_steps,
         max_steps: a.max_steps,
         gradient_accumulation_steps: a.gradient_accumulation_steps,
-        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        max_grad_norm: postforge::check::grad_clip("--max-grad-norm", a.max_grad_norm)?,
         weight_decay: a.weight_decay,
         save_steps: a.save_steps,
         seed: a.seed,

@@ -1,4 +1,5 @@
 use clap::Args as ClapArgs;
+use postforge::check;
 use postforge::data::tasks::TaskKind;
 use postforge::data::text::TextTokenizer;
 use postforge::text::eval::{evaluate_run, sets, table};
@@ -19,7 +20,8 @@ pub struct Args {
     /// Tasks asked for the generation accuracy.
     #[arg(long, default_value = "add,copy,sort,reverse,fact")]
     tasks: String,
-    #[arg(long, default_value_t = 20)]
+    /// Questions per task, ≥ 1.
+    #[arg(long, default_value_t = 20, value_parser = check::count)]
     per_task: usize,
     /// General reference text for perplexity.
     #[arg(long, default_value = "assets/data/chat/general.jsonl")]

@@ -1,4 +1,5 @@
 use clap::Args as ClapArgs;
+use postforge::check;
 use postforge::data::chat::message;
 use postforge::data::text::TextTokenizer;
 use postforge::models::generate::GenerationConfig;
@@ -23,15 +24,19 @@ pub struct Args {
     /// Built-in chat template (chatml, llama3, vicuna) for models without one.
     #[arg(long)]
     chat_template: Option<String>,
-    #[arg(long, default_value_t = 128)]
+    /// Tokens to generate, ≥ 1.
+    #[arg(long, default_value_t = 128, value_parser = check::count)]
     max_new_tokens: usize,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, ≥ 0 (0 = greedy).
+    #[arg(long, default_value_t = 0.0, value_parser = check::non_negative)]
     temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling: the smallest set of tokens with this much probability, in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = check::fraction)]
     top_p: f64,
+    /// Sample among the k most likely tokens (0 = no limit).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Seed of the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Quantize the base's linear layers on load: nf4, nf4-no-dq or none (4-bit checkpoints are

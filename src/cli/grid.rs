@@ -1,4 +1,6 @@
+use anyhow::Context;
 use clap::Args as ClapArgs;
+use postforge::check;
 use postforge::diffusion::grid::{run as run_grid, Axis, Cell};
 use postforge::diffusion::pipeline::Pipeline;
 use postforge::media::image::write_png;
@@ -21,7 +23,8 @@ pub struct Args {
     /// Negative prompt.
     #[arg(long, default_value = "")]
     negative: String,
-    /// Columns: `axis=v1|v2|...` with axis one of prompt, seed, scale, cfg, steps, sampler.
+    /// Columns: `axis=v1|v2|...` with axis one of prompt, seed (whole numbers), scale (finite),
+    /// cfg (≥ 0), steps (≥ 1), sampler.
     #[arg(long)]
     x: String,
     /// Rows.
@@ -33,20 +36,20 @@ pub struct Args {
     /// Default seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Default CFG scale.
-    #[arg(long, default_value_t = 3.0)]
+    /// Default CFG scale, ≥ 0 (1 = no guidance; 0 samples unconditionally).
+    #[arg(long, default_value_t = 3.0, value_parser = check::non_negative)]
     cfg: f64,
-    /// Default sampling steps.
-    #[arg(long, default_value_t = 20)]
+    /// Default sampling steps, ≥ 1.
+    #[arg(long, default_value_t = 20, value_parser = check::count)]
     steps: usize,
     /// Default sampler.
     #[arg(long, default_value = "ddim")]
     sampler: String,
-    /// Default LoRA scale.
-    #[arg(long, default_value_t = 1.0)]
+    /// Default LoRA scale (any finite number; negative inverts the LoRA).
+    #[arg(long, default_value_t = 1.0, value_parser = check::finite)]
     scale: f64,
-    /// diffusers' guidance_rescale φ (0.7 suits zero-terminal-SNR models) [default: 0].
-    #[arg(long = "guidance-rescale", default_value_t = 0.0)]
+    /// diffusers' guidance_rescale φ, in [0, 1] (0.7 suits zero-terminal-SNR models) [default: 0].
+    #[arg(long = "guidance-rescale", default_value_t = 0.0, value_parser = check::unit)]
     guidance_rescale: f64,
     /// Output PNG.
     #[arg(long, default_value = "grid.png")]
@@ -54,6 +57,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    // The axes are checked before the pipeline is loaded.
+    let x = Axis::parse(&a.x).context("--x")?;
+    let y = a.y.as_deref().map(Axis::parse).transpose().context("--y")?;
+    let z = a.z.as_deref().map(Axis::parse).transpose().context("--z")?;
+    postforge::diffusion::sampler::SamplerKind::parse(&a.sampler).context("--sampler")?;
     let mut p = Pipeline::load(&a.model, AdapterPlan::none(), AdapterPlan::none())?;
     p.guidance_rescale = a.guidance_rescale;
     let mut names = vec![];
@@ -86,9 +94,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         steps: a.steps,
         sampler: a.sampler,
     };
-    let x = Axis::parse(&a.x)?;
-    let y = a.y.as_deref().map(Axis::parse).transpose()?;
-    let z = a.z.as_deref().map(Axis::parse).transpose()?;
     let size = p.unet.config().sample_size;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(0)

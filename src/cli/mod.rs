@@ -16,7 +16,8 @@ mod styles;
 mod task_data;
 mod train_diffusion;
 
-use clap::{Parser, Subcommand};
+use clap::{Arg, CommandFactory, Parser, Subcommand};
+use postforge::check;
 
 /// postforge: adapt pre-trained models (LoRA family, preference alignment) in one binary.
 #[derive(Parser, Debug)]
@@ -59,6 +60,42 @@ enum Command {
     MakeTaskData(task_data::Args),
     /// Draw a loss-curve PNG from a metrics.jsonl file.
     Plot(merge::PlotArgs),
+}
+
+/// The command line: [`Cli`] with negative numbers allowed as flag values (`--weights -1,1`,
+/// `--weight-decay -5`), so that a value out of range reaches its parser and is refused with the
+/// flag, the value and the range named instead of being taken for a short flag.
+pub fn command() -> clap::Command {
+    Cli::command().mut_subcommands(|sc| {
+        sc.mut_args(|a| {
+            if a.get_action().takes_values() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+    })
+}
+
+/// The ranges of the flattened adapter flags (PEFT's `AdapterArgs`, shared with the pipeline
+/// keys): `#[command(mut_args(super::adapter_ranges))]` on a command that flattens them.
+fn adapter_ranges(a: Arg) -> Arg {
+    match a.get_id().as_str() {
+        "r" => a
+            .value_parser(check::count)
+            .help("Rank, ≥ 1."),
+        "lora_alpha" => a.value_parser(check::positive).help(
+            "Alpha, > 0 (the scale is alpha/r, or alpha/sqrt(r) with rsLoRA; LoHa/LoKr's alpha too).",
+        ),
+        "lora_dropout" => a
+            .value_parser(check::dropout)
+            .help("Adapter dropout, in [0, 1)."),
+        "loftq_iter" => a
+            .value_parser(check::count)
+            .help("LoftQ rounds (with --init-lora-weights loftq), ≥ 1."),
+        "init_lora_weights" => a.value_parser(check::init_lora_weights_flag),
+        _ => a,
+    }
 }
 
 /// Runs the parsed command; `matches` tells which flags were given (for `--config-file` overlays).

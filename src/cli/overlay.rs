@@ -26,6 +26,16 @@ pub fn settings<T: Serialize>(
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             let t: toml::Table =
                 toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+            // JSON has no NaN or infinity: they would turn into `null` (an error or, for an
+            // optional key, silently the default), so they are refused here, by name.
+            let bad = postforge::check::non_finite_in_toml(&t);
+            if !bad.is_empty() {
+                anyhow::bail!(
+                    "{}: {} is out of range: every number must be finite",
+                    p.display(),
+                    bad.join(", ")
+                );
+            }
             serde_json::to_value(t)?
         }
         None => serde_json::json!({}),
@@ -39,6 +49,13 @@ pub fn settings<T: Serialize>(
         let id = id.as_str();
         if given.value_source(id) == Some(ValueSource::CommandLine) {
             if let Some(v) = parsed.get(id) {
+                // A non-finite flag value serializes to `null`; the flags' parsers refuse them,
+                // and this keeps one from ever reaching the settings as "unset".
+                let null =
+                    v.is_null() || v.as_array().is_some_and(|a| a.iter().any(|x| x.is_null()));
+                if null {
+                    anyhow::bail!("--{}: every number must be finite", id.replace('_', "-"));
+                }
                 obj.insert(id.to_string(), v.clone());
             }
         }

@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::{Args as ClapArgs, ValueEnum};
+use postforge::check;
 use postforge::diffusion::objective::TimestepSampling;
 use postforge::diffusion::pipeline::Pipeline;
 use postforge::diffusion::tiny_sd::{self, PretrainTask};
@@ -28,26 +29,27 @@ pub struct Args {
     /// Which embedded model.
     #[arg(value_enum)]
     which: Which,
-    /// Optimizer steps [tiny-sd: 1500, tiny-chat: 1200].
-    #[arg(long = "max-steps")]
+    /// Optimizer steps, ≥ 1 [tiny-sd: 1500, tiny-chat: 1200].
+    #[arg(long = "max-steps", value_parser = check::count)]
     pub max_steps: Option<usize>,
-    /// Images (tiny-sd) or packed rows (tiny-chat) per step [16].
-    #[arg(long = "batch-size")]
+    /// Images (tiny-sd) or packed rows (tiny-chat) per step, ≥ 1 [16].
+    #[arg(long = "batch-size", value_parser = check::count)]
     pub batch_size: Option<usize>,
-    /// Peak learning rate [tiny-sd: 1e-3, tiny-chat: 2e-3].
-    #[arg(long = "learning-rate")]
+    /// Peak learning rate, > 0 [tiny-sd: 1e-3, tiny-chat: 2e-3].
+    #[arg(long = "learning-rate", value_parser = check::positive)]
     pub learning_rate: Option<f64>,
-    /// tiny-chat: training examples.
-    #[arg(long, default_value_t = 40000)]
+    /// tiny-chat: training examples, ≥ 1.
+    #[arg(long, default_value_t = 40000, value_parser = check::count)]
     pub examples: usize,
-    /// tiny-chat: tokenizer vocabulary.
-    #[arg(long = "vocab-size", default_value_t = 768)]
+    /// tiny-chat: tokenizer vocabulary, ≥ 1 (at least the 256 bytes and the special tokens are
+    /// always kept).
+    #[arg(long = "vocab-size", default_value_t = 768, value_parser = check::count)]
     pub vocab_size: usize,
-    /// tiny-chat: held-out questions for the accuracy figure.
-    #[arg(long = "eval-examples", default_value_t = 250)]
+    /// tiny-chat: held-out questions for the accuracy figure, ≥ 1.
+    #[arg(long = "eval-examples", default_value_t = 250, value_parser = check::count)]
     pub eval_examples: usize,
-    /// Size of the procedural corpus.
-    #[arg(long, default_value_t = 4000)]
+    /// Size of the procedural corpus, ≥ 1.
+    #[arg(long, default_value_t = 4000, value_parser = check::count)]
     images: usize,
     /// Seed.
     #[arg(long, default_value_t = 0)]
@@ -61,18 +63,19 @@ pub struct Args {
     /// Continue from the latest checkpoint.
     #[arg(long)]
     pub resume: bool,
-    /// Prompts sampled for the adherence figure.
-    #[arg(long = "eval-prompts", default_value_t = 100)]
+    /// Prompts sampled for the adherence figure, ≥ 1.
+    #[arg(long = "eval-prompts", default_value_t = 100, value_parser = check::count)]
     eval_prompts: usize,
-    /// Sampling steps for the evaluation.
-    #[arg(long = "sample-steps", default_value_t = 25)]
+    /// Sampling steps for the evaluation, ≥ 1 (at most the training timesteps).
+    #[arg(long = "sample-steps", default_value_t = 25, value_parser = check::count)]
     sample_steps: usize,
     /// Start from this tiny-sd pipeline folder instead of fresh weights (continued pretraining).
     #[arg(long = "init-from")]
     init_from: Option<PathBuf>,
     /// tiny-sd: min-SNR-γ loss weighting (off by default: with ε-prediction it gives the low-noise
-    /// timesteps almost no weight, which leaves residual grain in samples of a model trained from scratch).
-    #[arg(long = "min-snr-gamma")]
+    /// timesteps almost no weight, which leaves residual grain in samples of a model trained from scratch);
+    /// γ > 0 (5 is the usual choice).
+    #[arg(long = "min-snr-gamma", value_parser = check::positive)]
     min_snr_gamma: Option<f64>,
     /// tiny-sd: train v-prediction (written into the scheduler config) instead of ε.
     #[arg(long = "v-parameterization")]
@@ -84,11 +87,11 @@ pub struct Args {
     /// tiny-sd: diffusers' timestep bias (none, earlier, later, range).
     #[arg(long = "timestep-bias-strategy", default_value = "none")]
     timestep_bias_strategy: String,
-    /// tiny-sd: weight factor of the biased timesteps.
-    #[arg(long = "timestep-bias-multiplier", default_value_t = 1.0)]
+    /// tiny-sd: weight factor of the biased timesteps, > 0.
+    #[arg(long = "timestep-bias-multiplier", default_value_t = 1.0, value_parser = check::positive)]
     timestep_bias_multiplier: f64,
-    /// tiny-sd: share of the timesteps biased by earlier / later.
-    #[arg(long = "timestep-bias-portion", default_value_t = 0.25)]
+    /// tiny-sd: share of the timesteps biased by earlier / later, in [0, 1].
+    #[arg(long = "timestep-bias-portion", default_value_t = 0.25, value_parser = check::unit)]
     timestep_bias_portion: f64,
     /// tiny-sd: first timestep biased by `range`.
     #[arg(long = "timestep-bias-begin", default_value_t = 0)]
@@ -100,17 +103,18 @@ pub struct Args {
     /// (diffusers' `--use_ema`).
     #[arg(long = "use-ema")]
     use_ema: bool,
-    /// tiny-sd: largest EMA decay (diffusers' default 0.9999; the decay warms up as (1+k)/(10+k)).
-    #[arg(long = "ema-decay", default_value_t = 0.9999)]
+    /// tiny-sd: largest EMA decay, in [0, 1] (diffusers' default 0.9999; the decay warms up as
+    /// (1+k)/(10+k)).
+    #[arg(long = "ema-decay", default_value_t = 0.9999, value_parser = check::unit)]
     ema_decay: f64,
     /// tiny-sd: only evaluate the pipeline in --out (adherence, samples.png), no training.
     #[arg(long = "eval-only")]
     eval_only: bool,
-    /// Classifier-free guidance for the evaluation.
-    #[arg(long, default_value_t = 3.0)]
+    /// Classifier-free guidance for the evaluation, ≥ 0 (1 = no guidance).
+    #[arg(long, default_value_t = 3.0, value_parser = check::non_negative)]
     guidance: f64,
-    /// diffusers' guidance_rescale φ for the evaluation (0 = off).
-    #[arg(long = "guidance-rescale", default_value_t = 0.0)]
+    /// diffusers' guidance_rescale φ for the evaluation, in [0, 1] (0 = off).
+    #[arg(long = "guidance-rescale", default_value_t = 0.0, value_parser = check::unit)]
     guidance_rescale: f64,
 }
 
@@ -191,8 +195,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// Samples the adherence prompts, prints the figures and writes `samples.png` into `out`.
 fn evaluate(a: &Args, p: &Pipeline, out: &std::path::Path) -> anyhow::Result<(usize, f64)> {
-    let (ok, hits, samples) =
-        tiny_sd::adherence(p, a.eval_prompts, a.seed + 1000, a.sample_steps, a.guidance)?;
+    let (ok, hits, samples) = tiny_sd::adherence(
+        p,
+        a.eval_prompts,
+        a.seed.wrapping_add(1000),
+        a.sample_steps,
+        a.guidance,
+    )?;
     let pct = 100.0 * ok as f64 / a.eval_prompts.max(1) as f64;
     println!(
         "prompt adherence (shape, colour and position detected as prompted): {ok}/{} = {pct:.1}%",

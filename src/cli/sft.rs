@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::{ArgMatches, Args as ClapArgs};
+use postforge::check::{self, Ranged};
 use postforge::peft::args::AdapterArgs;
 use postforge::text::sft::SftRunConfig;
 use postforge::train::ScheduleKind;
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 /// Adapter flags carry PEFT's names and defaults (shared with `align` and pipeline stages);
 /// training flags TRL's `SFTConfig` names; `--config-file` reads the same keys from TOML.
 #[derive(ClapArgs, Debug, Serialize)]
+#[command(mut_args(super::adapter_ranges))]
 pub struct Args {
     /// TOML file with the same keys as a pipeline's `sft` stage; flags given here override it.
     #[arg(long)]
@@ -29,14 +31,14 @@ pub struct Args {
     /// General data mixed into training batches (replay buffer).
     #[arg(long)]
     replay: Option<PathBuf>,
-    /// Share of batch slots given to replay data.
-    #[arg(long, default_value_t = 0.05)]
+    /// Share of batch slots given to replay data, in [0, 1].
+    #[arg(long, default_value_t = 0.05, value_parser = check::unit)]
     replay_ratio: f64,
     /// Evaluate every N steps.
     #[arg(long, default_value_t = 50)]
     eval_steps: usize,
-    /// Warn when reference perplexity rises by more than this fraction (e.g. 0.1).
-    #[arg(long)]
+    /// Warn when reference perplexity rises by more than this fraction (e.g. 0.1), ≥ 0.
+    #[arg(long, value_parser = check::non_negative)]
     max_forgetting: Option<f64>,
     /// Stop instead of warning when --max-forgetting is exceeded.
     #[arg(long)]
@@ -44,11 +46,12 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     adapter: AdapterArgs,
-    /// LongLoRA: shifted sparse attention in training, groups of this share of the sequence (0.25).
-    #[arg(long)]
+    /// LongLoRA: shifted sparse attention in training, groups of this share of the sequence (0.25),
+    /// in (0, 1].
+    #[arg(long, value_parser = check::fraction)]
     s2_attn_group_ratio: Option<f64>,
-    /// LongLoRA: position interpolation (linear RoPE scaling) by this factor.
-    #[arg(long)]
+    /// LongLoRA: position interpolation (linear RoPE scaling) by this factor, ≥ 1.
+    #[arg(long, value_parser = check::at_least_one)]
     position_interpolation: Option<f64>,
     /// Quantize the base's linear layers to 4 bits: nf4 (QLoRA/QDoRA, double quantization),
     /// nf4-no-dq, or none. 4-bit checkpoints are read as NF4 regardless.
@@ -60,8 +63,8 @@ pub struct Args {
     /// Built-in chat template (chatml, llama3, vicuna) for models without one.
     #[arg(long)]
     chat_template: Option<String>,
-    /// Longest sequence.
-    #[arg(long, default_value_t = 1024)]
+    /// Longest sequence, ≥ 2.
+    #[arg(long, default_value_t = 1024, value_parser = check::count_2)]
     max_length: usize,
     /// Pack sequences (best-fit decreasing, no cross-attention).
     #[arg(long)]
@@ -72,24 +75,30 @@ pub struct Args {
     /// Loss on assistant turns only.
     #[arg(long)]
     assistant_only_loss: bool,
-    #[arg(long, default_value_t = 2e-5)]
+    /// Peak learning rate, > 0.
+    #[arg(long, default_value_t = 2e-5, value_parser = check::positive)]
     learning_rate: f64,
     #[arg(long, value_enum, default_value_t = ScheduleKind::Linear)]
     lr_scheduler_type: ScheduleKind,
     #[arg(long, default_value_t = 0)]
     warmup_steps: usize,
-    /// Optimizer steps (default: 3 epochs).
-    #[arg(long)]
+    /// Optimizer steps, ≥ 1 (default: the epochs).
+    #[arg(long, value_parser = check::count)]
     max_steps: Option<usize>,
-    #[arg(long, default_value_t = 3)]
+    /// Epochs when --max-steps is not given, ≥ 1.
+    #[arg(long, default_value_t = 3, value_parser = check::count)]
     num_train_epochs: usize,
-    #[arg(long, default_value_t = 8)]
+    /// Rows per micro-batch, ≥ 1.
+    #[arg(long, default_value_t = 8, value_parser = check::count)]
     per_device_train_batch_size: usize,
-    #[arg(long, default_value_t = 1)]
+    /// Micro-batches per optimizer step, ≥ 1.
+    #[arg(long, default_value_t = 1, value_parser = check::count)]
     gradient_accumulation_steps: usize,
-    #[arg(long, default_value_t = 1.0)]
+    /// Gradient clipping: the largest global gradient norm, ≥ 0 (0 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = check::non_negative)]
     max_grad_norm: f64,
-    #[arg(long, default_value_t = 0.0)]
+    /// AdamW weight decay, ≥ 0.
+    #[arg(long, default_value_t = 0.0, value_parser = check::non_negative)]
     weight_decay: f64,
     #[arg(long, default_value_t = 0)]
     save_steps: usize,
@@ -118,6 +127,8 @@ pub fn run(a: Args, given: &ArgMatches) -> anyhow::Result<()> {
     )?;
     let cfg: SftRunConfig =
         serde_json::from_value(v).with_context(|| super::overlay::context(file, "SFT settings"))?;
+    cfg.check()
+        .with_context(|| super::overlay::context(file, "SFT settings"))?;
     let data = cfg.data.clone();
     let r = cfg.run(a.resume, a.overwrite_output_dir)?;
     let s = &r.summary;

@@ -1,4 +1,5 @@
 use clap::Args as ClapArgs;
+use postforge::check;
 use postforge::data::image_folder::write_kohya;
 use postforge::data::shapes::{dataset, Style};
 use std::path::PathBuf;
@@ -8,14 +9,14 @@ pub struct Args {
     /// striped, outlined or filled.
     #[arg(long, default_value = "striped")]
     style: String,
-    /// Number of images.
-    #[arg(long, default_value_t = 24)]
+    /// Number of images, ≥ 1.
+    #[arg(long, default_value_t = 24, value_parser = check::count)]
     images: usize,
-    /// Image side in pixels.
-    #[arg(long, default_value_t = 32)]
+    /// Image side in pixels, ≥ 1.
+    #[arg(long, default_value_t = 32, value_parser = check::count_u32)]
     size: u32,
-    /// kohya repeats (the subfolder is `<repeats>_<style>`).
-    #[arg(long, default_value_t = 10)]
+    /// kohya repeats (the subfolder is `<repeats>_<style>`), ≥ 1.
+    #[arg(long, default_value_t = 10, value_parser = check::count)]
     repeats: usize,
     /// Seed.
     #[arg(long, default_value_t = 7)]

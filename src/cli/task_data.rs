@@ -1,4 +1,5 @@
 use clap::Args as ClapArgs;
+use postforge::check;
 use postforge::data::tasks::{corpus, TaskKind};
 use postforge::text::tiny_chat::world;
 use std::path::PathBuf;
@@ -19,8 +20,8 @@ pub struct Args {
     /// With --preferences: only the chosen completions, as SFT data.
     #[arg(long)]
     chosen_only: bool,
-    /// Examples.
-    #[arg(long, default_value_t = 1000)]
+    /// Examples, ≥ 1.
+    #[arg(long, default_value_t = 1000, value_parser = check::count)]
     n: usize,
     /// Seed.
     #[arg(long, default_value_t = 1)]

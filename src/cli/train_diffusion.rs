@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::{ArgMatches, Args as ClapArgs};
+use postforge::check::{self, Ranged};
 use postforge::diffusion::train::{train_lora, LoraTrainConfig};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -33,60 +34,72 @@ pub struct Args {
     /// Aspect-ratio buckets.
     #[arg(long)]
     enable_bucket: bool,
-    #[arg(long)]
+    /// Smallest bucket side, ≥ 1 [default: 256].
+    #[arg(long, value_parser = check::count_u32)]
     min_bucket_reso: Option<u32>,
-    #[arg(long)]
+    /// Largest bucket side, ≥ 1 [default: 1024].
+    #[arg(long, value_parser = check::count_u32)]
     max_bucket_reso: Option<u32>,
-    #[arg(long)]
+    /// Bucket side step, ≥ 1 (a multiple of the model's size step) [default: 64].
+    #[arg(long, value_parser = check::count_u32)]
     bucket_reso_steps: Option<u32>,
     #[arg(long)]
     bucket_no_upscale: bool,
-    /// LoRA rank [default: 4].
-    #[arg(long)]
+    /// LoRA rank, ≥ 1 [default: 4].
+    #[arg(long, value_parser = check::count)]
     network_dim: Option<usize>,
-    /// LoRA alpha [default: 1].
-    #[arg(long)]
+    /// LoRA alpha, > 0 (the scale is alpha/rank; kohya's 0 = "alpha = rank" is not taken: give
+    /// the rank) [default: 1].
+    #[arg(long, value_parser = check::positive)]
     network_alpha: Option<f64>,
-    /// `key=value` network arguments: conv_dim, conv_alpha (LoCon), dora_wd, LyCORIS's preset,
-    /// kohya's block_dims, block_alphas, conv_block_dims, conv_block_alphas, down_lr_weight,
-    /// mid_lr_weight, up_lr_weight, block_lr_zero_threshold.
+    /// `key=value` network arguments: conv_dim (≥ 1), conv_alpha (> 0) (LoCon), dora_wd
+    /// (true/false), LyCORIS's preset, kohya's block_dims, block_alphas (> 0), conv_block_dims,
+    /// conv_block_alphas (> 0), down_lr_weight, mid_lr_weight, up_lr_weight (each ≥ 0),
+    /// block_lr_zero_threshold (≥ 0).
     #[arg(long, num_args = 1..)]
     #[serde(skip)]
     network_args: Vec<String>,
-    #[arg(long)]
+    /// Dropout on the adapter input, in [0, 1) [default: 0].
+    #[arg(long, value_parser = check::dropout)]
     network_dropout: Option<f64>,
     /// U-Net LoRA only (no text-encoder LoRA).
     #[arg(long)]
     network_train_unet_only: bool,
-    /// [default: 1e-4]
-    #[arg(long)]
+    /// Peak learning rate, > 0 [default: 1e-4].
+    #[arg(long, value_parser = check::positive)]
     learning_rate: Option<f64>,
-    /// Learning rate of the U-Net adapters [default: --learning_rate].
-    #[arg(long)]
+    /// Learning rate of the U-Net adapters, ≥ 0 (0 = frozen) [default: --learning_rate].
+    #[arg(long, value_parser = check::non_negative)]
     unet_lr: Option<f64>,
-    /// Learning rate of the text-encoder adapters [default: --learning_rate].
-    #[arg(long)]
+    /// Learning rate of the text-encoder adapters, ≥ 0 (0 = frozen) [default: --learning_rate].
+    #[arg(long, value_parser = check::non_negative)]
     text_encoder_lr: Option<f64>,
     /// constant, constant_with_warmup, linear, cosine [default: constant].
     #[arg(long)]
     lr_scheduler: Option<String>,
+    /// Warmup steps [default: 0].
     #[arg(long)]
     lr_warmup_steps: Option<usize>,
-    /// [default: 1600]
-    #[arg(long)]
+    /// Optimizer steps, ≥ 1 [default: 1600].
+    #[arg(long, value_parser = check::count)]
     max_train_steps: Option<usize>,
-    /// [default: 1]
-    #[arg(long)]
+    /// Images per micro-batch, ≥ 1 [default: 1].
+    #[arg(long, value_parser = check::count)]
     train_batch_size: Option<usize>,
-    #[arg(long)]
+    /// Micro-batches per optimizer step, ≥ 1 [default: 1].
+    #[arg(long, value_parser = check::count)]
     gradient_accumulation_steps: Option<usize>,
-    #[arg(long)]
+    /// Gradient clipping: the largest global gradient norm, ≥ 0 (0 = off) [default: 1].
+    #[arg(long, value_parser = check::non_negative)]
     max_grad_norm: Option<f64>,
+    /// Seed of everything random in the run [default: 42].
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long)]
+    /// min-SNR-γ loss weighting, γ > 0 (5 is the usual choice) [default: off].
+    #[arg(long, value_parser = check::positive)]
     min_snr_gamma: Option<f64>,
-    #[arg(long)]
+    /// Noise offset, ≥ 0 (kohya suggests about 0.1) [default: 0].
+    #[arg(long, value_parser = check::non_negative)]
     noise_offset: Option<f64>,
     #[arg(long)]
     v_parameterization: bool,
@@ -102,20 +115,24 @@ pub struct Args {
     /// diffusers' timestep bias: none, earlier, later, range [default: none].
     #[arg(long)]
     timestep_bias_strategy: Option<String>,
-    /// Weight factor of the biased timesteps [default: 1].
-    #[arg(long)]
+    /// Weight factor of the biased timesteps, > 0 [default: 1].
+    #[arg(long, value_parser = check::positive)]
     timestep_bias_multiplier: Option<f64>,
-    /// Share of timesteps biased by earlier / later [default: 0.25].
-    #[arg(long)]
+    /// Share of timesteps biased by earlier / later, in [0, 1] [default: 0.25].
+    #[arg(long, value_parser = check::unit)]
     timestep_bias_portion: Option<f64>,
+    /// First timestep biased by `range` [default: 0].
     #[arg(long)]
     timestep_bias_begin: Option<usize>,
+    /// One past the last timestep biased by `range` [default: 1000].
     #[arg(long)]
     timestep_bias_end: Option<usize>,
-    #[arg(long)]
+    /// Probability of training a sample with an empty caption, in [0, 1] [default: 0].
+    #[arg(long, value_parser = check::unit)]
     caption_dropout_rate: Option<f64>,
     #[arg(long)]
     shuffle_caption: bool,
+    /// Tags kept in front when shuffling [default: 0].
     #[arg(long)]
     keep_tokens: Option<usize>,
     #[arg(long)]
@@ -123,8 +140,10 @@ pub struct Args {
     /// kohya or diffusers [default: kohya].
     #[arg(long)]
     lora_format: Option<String>,
+    /// Checkpoint every N steps (0 = at the end only) [default: 0].
     #[arg(long)]
     save_every_n_steps: Option<usize>,
+    /// Sample the prompts every N steps (0 = never) [default: 0].
     #[arg(long)]
     sample_every_n_steps: Option<usize>,
     #[arg(long)]
@@ -138,8 +157,8 @@ pub struct Args {
     /// kohya: regularisation images (`<repeats>_<class>` folders).
     #[arg(long)]
     reg_data_dir: Option<PathBuf>,
-    /// Weight of the regularisation (prior) loss [default: 1].
-    #[arg(long)]
+    /// Weight of the regularisation (prior) loss, ≥ 0 [default: 1].
+    #[arg(long, value_parser = check::non_negative)]
     prior_loss_weight: Option<f64>,
     /// diffusers DreamBooth: prior preservation with class images (generated when missing).
     #[arg(long)]
@@ -150,32 +169,32 @@ pub struct Args {
     /// diffusers: the caption of the class images.
     #[arg(long)]
     class_prompt: Option<String>,
-    /// diffusers: class images to use (and generate when missing) [default: 100].
-    #[arg(long)]
+    /// diffusers: class images to use (and generate when missing), ≥ 1 [default: 100].
+    #[arg(long, value_parser = check::count)]
     num_class_images: Option<usize>,
-    /// diffusers: images per batch when generating class images [default: 4].
-    #[arg(long)]
+    /// diffusers: images per batch when generating class images, ≥ 1 [default: 4].
+    #[arg(long, value_parser = check::count)]
     sample_batch_size: Option<usize>,
-    /// Sampler steps of the class images [default: 25].
-    #[arg(long)]
+    /// Sampler steps of the class images, ≥ 1 [default: 25].
+    #[arg(long, value_parser = check::count)]
     class_inference_steps: Option<usize>,
-    /// Guidance scale of the class images [default: 7.5].
-    #[arg(long)]
+    /// Guidance scale of the class images, ≥ 0 [default: 7.5].
+    #[arg(long, value_parser = check::non_negative)]
     class_guidance_scale: Option<f64>,
-    /// guidance_rescale of the class images [default: 0].
-    #[arg(long)]
+    /// guidance_rescale of the class images, in [0, 1] [default: 0].
+    #[arg(long, value_parser = check::unit)]
     class_guidance_rescale: Option<f64>,
     /// Share of the images held out for the validation loss, in [0, 1).
-    #[arg(long)]
+    #[arg(long, value_parser = check::dropout)]
     validation_split: Option<f64>,
     /// Seed of the split and of the validation noise [default: --seed].
     #[arg(long)]
     validation_seed: Option<u64>,
-    /// Validation loss every N steps [default: a tenth of the run] and at the end.
-    #[arg(long)]
+    /// Validation loss every N steps, ≥ 1 [default: a tenth of the run], and at the end.
+    #[arg(long, value_parser = check::count)]
     validate_every_n_steps: Option<usize>,
-    /// At most this many validation batches per evaluation.
-    #[arg(long)]
+    /// At most this many validation batches per evaluation, ≥ 1 [default: all].
+    #[arg(long, value_parser = check::count)]
     max_validation_steps: Option<usize>,
     /// Continue from the newest checkpoint in the output folder.
     #[arg(long)]
@@ -210,31 +229,35 @@ pub fn config(a: &Args, given: &ArgMatches) -> anyhow::Result<LoraTrainConfig> {
             .split_once('=')
             .with_context(|| format!("--network_args `{kv}` is not key=value"))?;
         let (k, val) = (k.trim(), val.trim());
+        let bad = |e: String| anyhow::anyhow!("--network_args {k}={val}: {e}");
+        let number = |range| check::parse_in(val, range).map_err(bad);
         match k {
-            "conv_dim" => set("conv_dim", val.parse::<usize>().context("conv_dim")?.into()),
-            "conv_alpha" => set(
-                "conv_alpha",
-                val.parse::<f64>().context("conv_alpha")?.into(),
-            ),
+            "conv_dim" => set(k, check::count(val).map_err(bad)?.into()),
+            "conv_alpha" => set(k, number(check::POSITIVE)?.into()),
             "dora_wd" => set(
-                "dora_wd",
-                matches!(val.to_lowercase().as_str(), "true" | "1").into(),
+                k,
+                match val.to_lowercase().as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(bad("not true, false, 1 or 0".into())),
+                }
+                .into(),
             ),
             "preset" | "block_dims" | "block_alphas" | "conv_block_dims" | "conv_block_alphas"
             | "down_lr_weight" | "up_lr_weight" => set(k, val.into()),
-            "mid_lr_weight" | "block_lr_zero_threshold" => set(
-                k,
-                val.parse::<f64>()
-                    .with_context(|| format!("--network_args {k}={val}: not a number"))?
-                    .into(),
-            ),
+            "mid_lr_weight" | "block_lr_zero_threshold" => {
+                set(k, number(check::NON_NEGATIVE)?.into())
+            }
             _ => anyhow::bail!(
                 "--network_args `{k}` is not supported (conv_dim, conv_alpha, dora_wd, preset, block_dims, block_alphas, conv_block_dims, conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold)"
             ),
         }
     }
-    serde_json::from_value(v)
-        .with_context(|| super::overlay::context(file, "training configuration"))
+    let cfg: LoraTrainConfig = serde_json::from_value(v)
+        .with_context(|| super::overlay::context(file, "training configuration"))?;
+    cfg.check()
+        .with_context(|| super::overlay::context(file, "training configuration"))?;
+    Ok(cfg)
 }
 pub fn run(a: Args, given: &ArgMatches) -> anyhow::Result<()> {
     let cfg = config(&a, given)?;

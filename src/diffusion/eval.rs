@@ -5,6 +5,7 @@
 use super::grid::{run as run_grid, Axis, Cell};
 use super::pipeline::{Pipeline, SampleRequest};
 use super::sampler::SamplerKind;
+use crate::check::{self, all_in, count_at_least, f64_in, Ranged};
 use crate::data::shapes::{detect, style_score, Scene, Style};
 use crate::media::image::{tensor_to_image, write_png};
 use crate::peft::formats::lora_file::{kohya_names, LoraFile};
@@ -73,6 +74,44 @@ pub struct EvalConfig {
     /// The scales that are scored (default: every grid scale); each must be a grid scale.
     #[serde(default)]
     pub score_scales: Option<Vec<f64>>,
+}
+
+impl Ranged for EvalConfig {
+    /// The numeric keys in their ranges (a NaN guidance once gave black images and scores of 0),
+    /// the lists non-empty, every scored scale a grid scale, and the sampler and style known.
+    fn check(&self) -> Result<()> {
+        if self.prompts.is_empty() || self.scales.is_empty() {
+            return Err(Error::Config(
+                "diffusion-eval needs at least one prompt and one scale".into(),
+            ));
+        }
+        all_in("scales", &self.scales, check::FINITE)?;
+        count_at_least("steps", self.steps, 1)?;
+        f64_in("cfg", self.cfg, check::NON_NEGATIVE)?;
+        f64_in("guidance_rescale", self.guidance_rescale, check::UNIT)?;
+        count_at_least("score_samples", self.score_samples, 1)?;
+        if let Some(s) = &self.score_scales {
+            if s.is_empty() {
+                return Err(Error::Config(
+                    "score_scales is empty (leave it out to score every grid scale)".into(),
+                ));
+            }
+            all_in("score_scales", s, check::FINITE)?;
+            if let Some(x) = s.iter().find(|x| !self.scales.contains(x)) {
+                return Err(Error::Config(format!(
+                    "score_scales: {x} is not one of the grid's scales {:?}",
+                    self.scales
+                )));
+            }
+        }
+        SamplerKind::parse(&self.sampler)?;
+        if let Some(st) = &self.style {
+            Style::parse(st).ok_or_else(|| {
+                Error::Config(format!("style `{st}` is not striped, outlined or filled"))
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Scores at one LoRA scale.
@@ -160,11 +199,7 @@ pub fn evaluate(
     out: &Path,
     progress: &indicatif::ProgressBar,
 ) -> Result<EvalReport> {
-    if cfg.prompts.is_empty() || cfg.scales.is_empty() {
-        return Err(Error::Config(
-            "diffusion-eval needs at least one prompt and one scale".into(),
-        ));
-    }
+    cfg.check()?;
     let scored = cfg
         .score_scales
         .clone()
@@ -229,7 +264,10 @@ pub fn evaluate(
             let mut images = vec![];
             for chunk in (0..scenes.len()).collect::<Vec<_>>().chunks(8) {
                 let prompts: Vec<String> = chunk.iter().map(|&i| scenes[i].caption()).collect();
-                let seeds: Vec<u64> = chunk.iter().map(|&i| cfg.seed + i as u64).collect();
+                let seeds: Vec<u64> = chunk
+                    .iter()
+                    .map(|&i| cfg.seed.wrapping_add(i as u64))
+                    .collect();
                 let imgs = p.sample(
                     &SampleRequest {
                         prompts: prompts.to_vec(),
@@ -283,4 +321,52 @@ pub fn evaluate(
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Msg(e.to_string()))?;
     crate::util::write_atomic(&out.join("eval.json"), json.as_bytes())?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each numeric key refuses NaN and a value out of its range, naming the key and the range.
+    #[test]
+    fn every_numeric_key_is_checked_by_name() {
+        let base: EvalConfig =
+            serde_json::from_value(serde_json::json!({"prompts": ["a"]})).unwrap();
+        base.check().unwrap();
+        type Set = fn(&mut EvalConfig);
+        let cases: &[(&str, Set)] = &[
+            ("scales[1] = NaN", |c| c.scales[1] = f64::NAN),
+            ("scales[0] = inf", |c| c.scales[0] = f64::INFINITY),
+            ("steps = 0 is out of range: it must be at least 1", |c| {
+                c.steps = 0
+            }),
+            ("cfg = NaN", |c| c.cfg = f64::NAN),
+            (
+                "cfg = -1 is out of range: it must be a finite number ≥ 0",
+                |c| c.cfg = -1.0,
+            ),
+            ("guidance_rescale = NaN", |c| c.guidance_rescale = f64::NAN),
+            (
+                "guidance_rescale = 1.5 is out of range: it must be a number in [0, 1]",
+                |c| c.guidance_rescale = 1.5,
+            ),
+            ("score_samples = 0", |c| c.score_samples = 0),
+            ("score_scales[0] = NaN", |c| {
+                c.score_scales = Some(vec![f64::NAN])
+            }),
+            ("score_scales: 2 is not one of the grid's scales", |c| {
+                c.score_scales = Some(vec![2.0])
+            }),
+            ("score_scales is empty", |c| c.score_scales = Some(vec![])),
+            ("at least one prompt", |c| c.prompts.clear()),
+            ("sampler `plms`", |c| c.sampler = "plms".into()),
+            ("style `wavy`", |c| c.style = Some("wavy".into())),
+        ];
+        for (needle, set) in cases {
+            let mut c = base.clone();
+            set(&mut c);
+            let e = c.check().unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
 }

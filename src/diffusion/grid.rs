@@ -4,6 +4,7 @@
 
 use super::pipeline::{Pipeline, SampleRequest};
 use super::sampler::SamplerKind;
+use crate::check;
 use crate::media::grid::{render, side_by_side, GridLabels};
 use crate::media::image::tensor_to_image;
 use crate::peft::ForwardCtx;
@@ -28,7 +29,9 @@ pub enum Axis {
 }
 
 impl Axis {
-    /// Parses `name=v1|v2|v3` (`|` separates values, so prompts may hold commas).
+    /// Parses `name=v1|v2|v3` (`|` separates values, so prompts may hold commas). Seeds are whole
+    /// numbers ≥ 0, steps whole numbers ≥ 1, scales finite, CFG scales finite and ≥ 0; an error
+    /// names the axis spec, the value and the range.
     pub fn parse(spec: &str) -> Result<Self> {
         let (name, values) = spec
             .split_once('=')
@@ -41,24 +44,31 @@ impl Axis {
         if vals.is_empty() {
             return Err(Error::Config(format!("axis `{name}` has no values")));
         }
-        let num = |v: &str| {
-            v.parse::<f64>()
-                .map_err(|_| Error::Config(format!("axis `{name}`: `{v}` is not a number")))
+        let name = name.trim();
+        let bad = |v: &str, e: String| Error::Config(format!("axis `{spec}`: {name}={v}: {e}"));
+        let nums = |range| -> Result<Vec<f64>> {
+            vals.iter()
+                .map(|v| check::parse_in(v, range).map_err(|e| bad(v, e)))
+                .collect()
         };
-        Ok(match name.trim() {
+        Ok(match name {
             "prompt" => Axis::Prompt(vals.iter().map(|v| v.to_string()).collect()),
+            // Seeds and steps are whole numbers, parsed as such (not through f64, which would
+            // truncate 1.9 to 1 and round seeds above 2^53).
             "seed" => Axis::Seed(
                 vals.iter()
-                    .map(|v| num(v).map(|x| x as u64))
+                    .map(|v| {
+                        v.parse::<u64>().map_err(|_| {
+                            bad(v, format!("`{v}` is not a seed (a whole number ≥ 0)"))
+                        })
+                    })
                     .collect::<Result<_>>()?,
             ),
-            "scale" | "lora_scale" => {
-                Axis::Scale(vals.iter().map(|v| num(v)).collect::<Result<_>>()?)
-            }
-            "cfg" => Axis::Cfg(vals.iter().map(|v| num(v)).collect::<Result<_>>()?),
+            "scale" | "lora_scale" => Axis::Scale(nums(check::FINITE)?),
+            "cfg" => Axis::Cfg(nums(check::NON_NEGATIVE)?),
             "steps" => Axis::Steps(
                 vals.iter()
-                    .map(|v| num(v).map(|x| x as usize))
+                    .map(|v| check::count_from(v, 1).map_err(|e| bad(v, e)))
                     .collect::<Result<_>>()?,
             ),
             "sampler" => {
@@ -194,4 +204,48 @@ pub fn run(
         grids.push(render(&rows, &labels, 96)?);
     }
     side_by_side(&grids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Axis values are parsed as what they are (whole seeds and steps, finite scales, CFG ≥ 0);
+    /// the error names the spec, the value and the range.
+    #[test]
+    fn axis_values_are_checked_with_the_spec_named() {
+        assert_eq!(
+            Axis::parse("seed=1|9007199254740993").unwrap(),
+            Axis::Seed(vec![1, 9007199254740993])
+        );
+        assert_eq!(Axis::parse("steps=2|30").unwrap(), Axis::Steps(vec![2, 30]));
+        assert_eq!(
+            Axis::parse("scale=-1|0.5").unwrap(),
+            Axis::Scale(vec![-1.0, 0.5])
+        );
+        assert_eq!(Axis::parse("cfg=0|7.5").unwrap(), Axis::Cfg(vec![0.0, 7.5]));
+        for (spec, needle) in [
+            (
+                "cfg=1|nan",
+                "axis `cfg=1|nan`: cfg=nan: NaN is out of range: it must be a finite number ≥ 0",
+            ),
+            ("cfg=-2", "cfg=-2: -2 is out of range"),
+            ("cfg=inf", "cfg=inf: inf is out of range"),
+            (
+                "scale=nan",
+                "scale=nan: NaN is out of range: it must be a finite number",
+            ),
+            ("steps=2.9", "steps=2.9: `2.9` is not a whole number ≥ 1"),
+            (
+                "steps=0",
+                "steps=0: 0 is out of range: it must be at least 1",
+            ),
+            ("seed=1.9", "seed=1.9: `1.9` is not a seed"),
+            ("seed=-1", "seed=-1: `-1` is not a seed"),
+            ("seed=nan", "seed=nan: `nan` is not a seed"),
+        ] {
+            let e = Axis::parse(spec).unwrap_err().to_string();
+            assert!(e.contains(needle), "{spec}: {e}");
+        }
+    }
 }

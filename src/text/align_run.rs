@@ -4,10 +4,12 @@
 //! point of the policy with a frozen copy as the reference (`ref_adapter`).
 
 use super::align_task::{kto_examples, reference_cache_path, AlignData, AlignTask, Objective};
+use super::check_adapter;
 use crate::align::cpo::{CpoConfig, CpoLossType};
 use crate::align::dpo::{DpoConfig, DpoLossType, FDivergence};
 use crate::align::kto::{weight_advice, KtoConfig, KtoLossType};
 use crate::align::orpo::OrpoConfig;
+use crate::check::{self, all_in, count_at_least, f64_in, opt_count_at_least, Ranged};
 use crate::data::pref::{read_pairs, read_unpaired, tokenize_pc, Seq};
 use crate::data::text::TextTokenizer;
 use crate::models::llama::LlamaForCausalLM;
@@ -190,6 +192,58 @@ pub struct AlignReport {
     pub eval_accuracy: Option<(f64, f64)>,
 }
 
+impl Ranged for AlignRunConfig {
+    /// Every numeric key in its range, and the objective's own rules (loss names, DPO's
+    /// `loss_weights` count and ε rules) that used to be found at the first training step, after
+    /// the model load and the reference pass.
+    fn check(&self) -> Result<()> {
+        check_adapter(&self.adapter)?;
+        let obj = self.objective()?;
+        // ORPO's λ may be 0 (plain SFT); every other β divides or scales a log-ratio.
+        let beta = match obj {
+            Objective::Orpo(_) => check::NON_NEGATIVE,
+            _ => check::POSITIVE,
+        };
+        f64_in("beta", self.beta, beta)?;
+        f64_in(
+            "label_smoothing",
+            self.label_smoothing,
+            check::LABEL_SMOOTHING,
+        )?;
+        if let Some(w) = &self.loss_weights {
+            all_in("loss_weights", w, check::NON_NEGATIVE)?;
+        }
+        f64_in("simpo_gamma", self.simpo_gamma, check::NON_NEGATIVE)?;
+        f64_in("cpo_alpha", self.cpo_alpha, check::NON_NEGATIVE)?;
+        f64_in("desirable_weight", self.desirable_weight, check::POSITIVE)?;
+        f64_in(
+            "undesirable_weight",
+            self.undesirable_weight,
+            check::POSITIVE,
+        )?;
+        if let Objective::Dpo(d) = &obj {
+            d.validate()?;
+        }
+        count_at_least("max_length", self.max_length, 2)?;
+        f64_in("learning_rate", self.learning_rate, check::POSITIVE)?;
+        opt_count_at_least("max_steps", self.max_steps, 1)?;
+        count_at_least("num_train_epochs", self.num_train_epochs, 1)?;
+        count_at_least(
+            "per_device_train_batch_size",
+            self.per_device_train_batch_size,
+            1,
+        )?;
+        count_at_least(
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            1,
+        )?;
+        check::grad_clip("max_grad_norm", self.max_grad_norm)?;
+        crate::peft::quant::QuantSpec::parse(&self.quantize)?;
+        Ok(())
+    }
+}
+
 impl AlignRunConfig {
     /// The objective from `loss` and its keys.
     pub fn objective(&self) -> Result<Objective> {
@@ -367,6 +421,7 @@ impl AlignRunConfig {
 
     /// Runs the training.
     pub fn run(&self, resume: bool, overwrite: bool) -> Result<AlignReport> {
+        self.check()?;
         let obj = self.objective()?;
         // The adapter settings are checked before anything is read.
         self.adapter()?;
@@ -420,7 +475,7 @@ impl AlignRunConfig {
             warmup_steps: self.warmup_steps,
             max_steps: steps,
             gradient_accumulation_steps: self.gradient_accumulation_steps,
-            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            max_grad_norm: crate::check::grad_clip("max_grad_norm", self.max_grad_norm)?,
             save_steps: self.save_steps,
             seed: self.seed,
             output_dir: self.output_dir.clone(),
@@ -602,5 +657,94 @@ mod tests {
             a.modules_to_save,
             Some(vec!["embed_tokens".to_string(), "lm_head".to_string()])
         );
+    }
+
+    /// Each numeric key refuses NaN and a value out of its range, naming the key and the range;
+    /// the objective's own rules (DPO's weights count, ε for exo_pair) are checked with them.
+    #[test]
+    fn every_numeric_key_is_checked_by_name() {
+        let base: AlignRunConfig = serde_json::from_value(serde_json::json!({
+            "model": "m", "data": "d.jsonl", "output_dir": "o"
+        }))
+        .unwrap();
+        base.check().unwrap();
+        type Set = fn(&mut AlignRunConfig);
+        let cases: &[(&str, Set)] = &[
+            ("beta = NaN", |c| c.beta = f64::NAN),
+            ("beta = inf", |c| c.beta = f64::INFINITY),
+            (
+                "beta = 0 is out of range: it must be a finite number > 0",
+                |c| c.beta = 0.0,
+            ),
+            (
+                "beta = -0.1 is out of range: it must be a finite number ≥ 0",
+                |c| {
+                    c.loss = "orpo".into();
+                    c.beta = -0.1
+                },
+            ),
+            ("label_smoothing = NaN", |c| c.label_smoothing = f64::NAN),
+            (
+                "label_smoothing = 2 is out of range: it must be a number in [0, 0.5)",
+                |c| c.label_smoothing = 2.0,
+            ),
+            ("label_smoothing = 0.5", |c| {
+                c.loss = "simpo".into();
+                c.label_smoothing = 0.5
+            }),
+            ("exo_pair needs label_smoothing > 0", |c| {
+                c.loss_type = vec!["exo_pair".into()]
+            }),
+            ("loss_weights[1] = NaN", |c| {
+                c.loss_type = vec!["sigmoid".into(), "sft".into()];
+                c.loss_weights = Some(vec![1.0, f64::NAN])
+            }),
+            ("loss_weights[0] = -1", |c| {
+                c.loss_type = vec!["sigmoid".into(), "sft".into()];
+                c.loss_weights = Some(vec![-1.0, 1.0])
+            }),
+            ("1 loss_weights for 2 loss types", |c| {
+                c.loss_type = vec!["sigmoid".into(), "sft".into()];
+                c.loss_weights = Some(vec![1.0])
+            }),
+            ("simpo_gamma = NaN", |c| c.simpo_gamma = f64::NAN),
+            ("simpo_gamma = -0.5", |c| c.simpo_gamma = -0.5),
+            ("cpo_alpha = NaN", |c| c.cpo_alpha = f64::NAN),
+            ("cpo_alpha = -1", |c| c.cpo_alpha = -1.0),
+            ("desirable_weight = NaN", |c| c.desirable_weight = f64::NAN),
+            ("desirable_weight = 0", |c| c.desirable_weight = 0.0),
+            ("undesirable_weight = NaN", |c| {
+                c.undesirable_weight = f64::NAN
+            }),
+            ("undesirable_weight = -1", |c| c.undesirable_weight = -1.0),
+            ("lora_alpha = NaN", |c| c.adapter.lora_alpha = f64::NAN),
+            ("lora_dropout = NaN", |c| c.adapter.lora_dropout = f64::NAN),
+            ("r = 0", |c| c.adapter.r = 0),
+            ("max_length = 1", |c| c.max_length = 1),
+            ("learning_rate = NaN", |c| c.learning_rate = f64::NAN),
+            ("learning_rate = -1", |c| c.learning_rate = -1.0),
+            ("max_steps = 0", |c| c.max_steps = Some(0)),
+            ("num_train_epochs = 0", |c| c.num_train_epochs = 0),
+            ("per_device_train_batch_size = 0", |c| {
+                c.per_device_train_batch_size = 0
+            }),
+            ("gradient_accumulation_steps = 0", |c| {
+                c.gradient_accumulation_steps = 0
+            }),
+            ("max_grad_norm = NaN", |c| c.max_grad_norm = f64::NAN),
+            ("max_grad_norm = -1", |c| c.max_grad_norm = -1.0),
+            ("loss `dpoo`", |c| c.loss = "dpoo".into()),
+        ];
+        for (needle, set) in cases {
+            let mut c = base.clone();
+            set(&mut c);
+            let e = c.check().unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        let mut c = base.clone();
+        c.loss = "orpo".into();
+        c.beta = 0.0;
+        c.max_grad_norm = 0.0;
+        c.check().unwrap();
     }
 }

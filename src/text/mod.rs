@@ -8,3 +8,16 @@ pub mod align_task;
 pub mod eval;
 pub mod sft;
 pub mod tiny_chat;
+
+use crate::check::{self, count_at_least, f64_in};
+
+/// The ranges of PEFT's adapter keys (`r`, `lora_alpha`, `lora_dropout`, `loftq_iter`,
+/// `init_lora_weights = "pissa_niter_K"`), shared by the `sft` and `align` settings; checked when
+/// the settings are parsed, before anything is loaded.
+pub(crate) fn check_adapter(a: &crate::peft::args::AdapterArgs) -> crate::Result<()> {
+    count_at_least("r", a.r, 1)?;
+    f64_in("lora_alpha", a.lora_alpha, check::POSITIVE)?;
+    f64_in("lora_dropout", a.lora_dropout, check::DROPOUT)?;
+    count_at_least("loftq_iter", a.loftq_iter, 1)?;
+    check::init_lora_weights("init_lora_weights", &a.init_lora_weights)
+}

@@ -201,6 +201,20 @@ pub struct TaskEvalConfig {
     pub seed: u64,
 }
 
+impl crate::check::Ranged for TaskEvalConfig {
+    /// At least one known task and one question per task (0 once reported 0% before and after).
+    fn check(&self) -> Result<()> {
+        if self.tasks.is_empty() {
+            return Err(Error::Config("tasks is empty".into()));
+        }
+        for t in &self.tasks {
+            TaskKind::parse(t).ok_or_else(|| Error::Config(format!("unknown task `{t}`")))?;
+        }
+        crate::check::count_at_least("per_task", self.per_task, 1)?;
+        Ok(())
+    }
+}
+
 /// Accuracy without and with the adapter.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TaskEvalReport {
@@ -218,6 +232,7 @@ pub fn task_eval(
     progress: &indicatif::ProgressBar,
 ) -> Result<TaskEvalReport> {
     use crate::peft::{Adapted, AdapterPlan};
+    crate::check::Ranged::check(cfg)?;
     let kinds = cfg
         .tasks
         .iter()
@@ -422,6 +437,26 @@ pub fn preference_set(n: usize, seed: u64) -> Vec<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_eval_settings_are_checked_by_name() {
+        use crate::check::Ranged;
+        let ok: TaskEvalConfig =
+            serde_json::from_value(serde_json::json!({"tasks": ["add"]})).unwrap();
+        ok.check().unwrap();
+        let mut c = ok.clone();
+        c.per_task = 0;
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.contains("per_task = 0 is out of range: it must be at least 1"),
+            "{e}"
+        );
+        let mut c = ok.clone();
+        c.tasks.clear();
+        assert!(c.check().unwrap_err().to_string().contains("tasks"));
+        c.tasks = vec!["divide".into()];
+        assert!(c.check().unwrap_err().to_string().contains("divide"));
+    }
 
     #[test]
     fn near_misses_are_wrong_but_close() {

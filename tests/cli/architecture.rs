@@ -1,7 +1,7 @@
 //! The house has no upward arrows: every `crate::<room>` reference in `src/` points to a room on a
 //! lower tier (or its own room), with the tiers of the architecture review:
 //! cli → recipe → {diffusion, text} → {models, align, data} → {peft, train} → nn → leaves
-//! (media, util, rng, error). The alignment core knows no model family or data reader, and the
+//! (media, util, rng, error, check). The alignment core knows no model family or data reader, and the
 //! per-modality recipe rooms do not use each other. (`scripts/check_layers.py` also checks
 //! file-level cycles through re-exports.)
 
@@ -15,7 +15,7 @@ fn tier(room: &str) -> Option<u8> {
         "models" | "align" | "data" => 3,
         "peft" | "train" => 2,
         "nn" => 1,
-        "media" | "util" | "rng" | "error" => 0,
+        "media" | "util" | "rng" | "error" | "check" => 0,
         _ => return None,
     })
 }

@@ -8,4 +8,5 @@ mod common;
 mod architecture;
 mod bad_input;
 mod media;
+mod ranges;
 mod shapes;

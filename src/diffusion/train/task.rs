@@ -146,6 +146,11 @@ fn mirror(x: &Tensor) -> Result<Tensor> {
 impl LoraTrainTask {
     /// Loads the pipeline with fresh adapters and the data set.
     pub fn new(cfg: LoraTrainConfig) -> Result<Self> {
+        // The prompt file is small: its values are checked before the pipeline is loaded.
+        let prompts = match &cfg.sample_prompts {
+            Some(p) => SamplePrompt::read_file(p)?,
+            None => vec![],
+        };
         let unet_plan = AdapterPlan::single(cfg.unet_adapter()?, cfg.seed)?;
         let text_cfg = cfg.text_adapter()?;
         let train_text = text_cfg.is_some();
@@ -253,10 +258,6 @@ impl LoraTrainTask {
         }
         let schedule = NoiseSchedule::new(&train_sched)?;
         let timesteps = cfg.timestep_sampling().sampler(schedule.len())?;
-        let prompts = match &cfg.sample_prompts {
-            Some(p) => SamplePrompt::read_file(p)?,
-            None => vec![],
-        };
         SamplerKind::parse(&cfg.sample_sampler)?;
         let mut task = Self {
             pipe,
@@ -380,7 +381,7 @@ impl LoraTrainTask {
         let mut written = vec![];
         let (w0, h0) = self.cfg.resolution()?;
         for (i, p) in self.prompts.iter().enumerate() {
-            let seed = p.seed.unwrap_or(self.cfg.seed + i as u64);
+            let seed = p.seed.unwrap_or(self.cfg.seed.wrapping_add(i as u64));
             let kind =
                 SamplerKind::parse(p.sampler.as_deref().unwrap_or(&self.cfg.sample_sampler))?;
             let size = (
@@ -740,6 +741,8 @@ pub fn train_lora(
     resume: bool,
     overwrite: bool,
 ) -> Result<(crate::train::TrainSummary, PathBuf, LoraTrainTask)> {
+    // Every setting is checked before the pipeline is loaded.
+    crate::check::Ranged::check(cfg)?;
     let mut task = LoraTrainTask::new(cfg.clone())?;
     let trainer = crate::train::Trainer::new(cfg.trainer(overwrite)?)?;
     let summary = trainer.train(&mut task, resume)?;
