@@ -369,6 +369,21 @@ impl Recipe {
 mod tests {
     use super::*;
 
+    /// The shipped pipelines stay inside every range.
+    #[test]
+    fn the_shipped_pipelines_pass_their_range_checks() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                Recipe::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "{n} pipelines in {}", dir.display());
+    }
+
     /// Every stage is checked at load, before stage 1 runs: the error names the file, the stage
     /// (number and kind), the key, the value and the range.
     #[test]
