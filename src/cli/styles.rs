@@ -32,7 +32,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let style = Style::parse(&a.style)
         .ok_or_else(|| anyhow::anyhow!("style `{}` is not striped, outlined or filled", a.style))?;
-    let items: Vec<_> = dataset(a.images, a.size, style, a.seed)
+    let items: Vec<_> = dataset(a.images, a.size, style, a.seed)?
         .into_iter()
         .map(|(img, cap, _)| {
             let cap = if a.caption_style {

@@ -154,6 +154,12 @@ pub fn scan(dir: &Path, caption_extension: &str) -> Result<Vec<Example>> {
 pub fn load_square(path: &Path, size: u32) -> Result<RgbImage> {
     let img = read_rgb(path)?;
     let (w, h) = img.dimensions();
+    crate::util::mem::ensure_fits(
+        &format!("{} resized to {size}×{size}", path.display()),
+        (w.max(size) as u128) * (h.max(size) as u128) * 3,
+        "8-bit RGB",
+        "lower the resolution",
+    )?;
     // More than 8× upscaling (or a side under 8 pixels) leaves nothing to learn from but blur.
     let min_side = (size / 8).max(8);
     if w.min(h) < min_side {

@@ -373,13 +373,24 @@ pub fn style_score(img: &RgbImage, style: Style) -> f32 {
 }
 
 /// `n` captioned images from `seed`: (image, caption, scene).
-pub fn dataset(n: usize, size: u32, style: Style, seed: u64) -> Vec<(RgbImage, String, Scene)> {
+pub fn dataset(
+    n: usize,
+    size: u32,
+    style: Style,
+    seed: u64,
+) -> crate::Result<Vec<(RgbImage, String, Scene)>> {
+    crate::util::mem::ensure_fits(
+        &format!("{n} images of {size}×{size}"),
+        n as u128 * size as u128 * size as u128 * 3,
+        "8-bit RGB, held at once",
+        "lower --size or --images",
+    )?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
+    Ok((0..n)
         .map(|_| {
             let s = Scene::random(&mut rng);
             let img = s.draw(size, style, &mut rng);
             (img, s.caption(), s)
         })
-        .collect()
+        .collect())
 }

@@ -53,6 +53,16 @@ pub fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
 /// carries no gradient.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let d = q.dim(3)?;
+    // The score matrix is the one allocation that grows with the square of the tokens (an image
+    // model at a resolution it was not made for): refuse it with the estimate, not an abort.
+    let (b, h, tq, tk) = (q.dim(0)?, q.dim(1)?, q.dim(2)?, k.dim(2)?);
+    let floats = (b * h) as u128 * tq as u128 * tk as u128;
+    crate::util::mem::ensure_fits(
+        &format!("attention over {tq}×{tk} tokens"),
+        floats * 4 * 2,
+        &format!("{b}×{h}×{tq}×{tk} scores and their softmax, f32"),
+        "lower the resolution, the batch size or the sequence length",
+    )?;
     // A contiguous k's transpose is a strided view the matmul reads as is (no copy).
     let scores = q.matmul(&k.contiguous()?.t()?)?;
     Ok(scaled_masked_softmax(&scores, 1.0 / (d as f64).sqrt(), mask)?.matmul(&v.contiguous()?)?)
@@ -246,5 +256,20 @@ mod tests {
                     .unwrap()
             );
         }
+    }
+
+    #[test]
+    fn an_attention_too_large_for_the_machine_is_refused_before_allocating() {
+        if crate::util::mem::available_bytes().is_none() {
+            return;
+        }
+        // 2^21 tokens: the scores would take 2^42 floats (16 TiB); q and k take 8 MiB each.
+        let t = 1usize << 21;
+        let q = Tensor::zeros((1, 1, t, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let e = attention(&q, &q, &q, None).unwrap_err().to_string();
+        assert!(
+            e.contains("attention over 2097152×2097152 tokens needs about"),
+            "{e}"
+        );
     }
 }

@@ -422,6 +422,7 @@ impl AlignRunConfig {
     /// Runs the training.
     pub fn run(&self, resume: bool, overwrite: bool) -> Result<AlignReport> {
         self.check()?;
+        let _lock = crate::util::outdir::DirLock::acquire(&self.output_dir)?;
         let obj = self.objective()?;
         // The adapter settings are checked before anything is read.
         self.adapter()?;

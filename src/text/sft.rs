@@ -658,6 +658,7 @@ impl SftRunConfig {
     pub fn run(&self, resume: bool, overwrite: bool) -> Result<SftReport> {
         // Settings are checked before anything is read.
         self.check()?;
+        let _lock = crate::util::outdir::DirLock::acquire(&self.output_dir)?;
         let mut adapter = self.adapter()?;
         let tok = self.tokenizer()?;
         let train = self.rows(&self.data, &tok, self.packing)?;

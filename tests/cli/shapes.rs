@@ -6,7 +6,7 @@ use postforge::data::shapes::{adheres, dataset, detect, style_score, Scene, Styl
 #[test]
 fn detector_reads_back_drawn_scenes() {
     for style in [Style::Filled, Style::Outlined, Style::Striped] {
-        let data = dataset(300, 32, style, 11);
+        let data = dataset(300, 32, style, 11).unwrap();
         let ok = data.iter().filter(|(img, _, s)| adheres(img, s)).count();
         let bg = data
             .iter()
@@ -24,13 +24,13 @@ fn detector_reads_back_drawn_scenes() {
 
 #[test]
 fn captions_round_trip_and_style_scores_separate() {
-    for (_, cap, s) in dataset(50, 32, Style::Filled, 3) {
+    for (_, cap, s) in dataset(50, 32, Style::Filled, 3).unwrap() {
         assert_eq!(Scene::parse(&cap), Some(s), "{cap}");
         assert_eq!(Scene::parse(&format!("{cap}, outlined style")), Some(s));
     }
     for target in [Style::Outlined, Style::Striped] {
         let mean = |st: Style| {
-            let d = dataset(100, 32, st, 5);
+            let d = dataset(100, 32, st, 5).unwrap();
             d.iter()
                 .map(|(img, _, _)| style_score(img, target))
                 .sum::<f32>()
@@ -46,6 +46,7 @@ fn captions_round_trip_and_style_scores_separate() {
 fn kohya_folders_scan_back_with_captions_and_repeats() {
     let d = tempfile::tempdir().unwrap();
     let items: Vec<_> = dataset(4, 32, Style::Outlined, 1)
+        .unwrap()
         .into_iter()
         .map(|(i, c, _)| (i, c))
         .collect();

@@ -154,6 +154,7 @@ fn tokenizer_knows_every_caption_word() {
         .unwrap();
     let caps: Vec<String> =
         postforge::data::shapes::dataset(40, 32, postforge::data::shapes::Style::Filled, 1)
+            .unwrap()
             .into_iter()
             .map(|(_, c, _)| format!("{c}, outlined style"))
             .collect();

@@ -21,11 +21,13 @@ fn setup(dir: &Path) {
         .write_pipeline(&dir.join("model"))
         .unwrap();
     let items: Vec<_> = dataset(6, 32, Style::Striped, 5)
+        .unwrap()
         .into_iter()
         .map(|(i, c, _)| (i, c))
         .collect();
     write_kohya(&dir.join("data"), 2, "striped", &items, ".txt").unwrap();
     let wide: Vec<_> = dataset(3, 32, Style::Striped, 6)
+        .unwrap()
         .into_iter()
         .map(|(i, c, _)| {
             (
@@ -650,6 +652,7 @@ fn reg_folders_with_repeats_join_every_epoch() {
     let dir = tmp.path();
     setup(dir);
     let reg: Vec<_> = dataset(2, 32, Style::Filled, 9)
+        .unwrap()
         .into_iter()
         .map(|(i, c, _)| (i, c))
         .collect();

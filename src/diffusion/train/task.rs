@@ -743,6 +743,8 @@ pub fn train_lora(
 ) -> Result<(crate::train::TrainSummary, PathBuf, LoraTrainTask)> {
     // Every setting is checked before the pipeline is loaded.
     crate::check::Ranged::check(cfg)?;
+    // The folder is this run's from before the class images and caches are written into it.
+    let _lock = crate::util::outdir::DirLock::acquire(&cfg.output_dir)?;
     let mut task = LoraTrainTask::new(cfg.clone())?;
     let trainer = crate::train::Trainer::new(cfg.trainer(overwrite)?)?;
     let summary = trainer.train(&mut task, resume)?;
