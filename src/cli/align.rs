@@ -9,7 +9,6 @@ use std::path::PathBuf;
 /// TRL's flag names and defaults (`--beta 0.1`, `--loss-type sigmoid`, `--learning-rate 1e-6`, ...)
 /// and PEFT's adapter flags; `--config-file` reads the same keys from TOML.
 #[derive(ClapArgs, Debug, Serialize)]
-#[command(mut_args(super::adapter_ranges))]
 pub struct Args {
     /// TOML file with the same keys as a pipeline's `align` stage; flags given here override it.
     #[arg(long)]

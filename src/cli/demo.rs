@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 /// fc1 and fc2.
 #[derive(ClapArgs, Debug)]
 #[command(
-    mut_args(super::adapter_ranges),
     mut_arg("lora_alpha", |a| a.default_value("16")),
     mut_arg("target_modules", |a| a.default_value("fc1,fc2"))
 )]

@@ -16,7 +16,7 @@ mod styles;
 mod task_data;
 mod train_diffusion;
 
-use clap::{Arg, CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use postforge::check;
 
 /// postforge: adapt pre-trained models (LoRA family, preference alignment) in one binary.
@@ -25,6 +25,10 @@ use postforge::check;
 pub struct Cli {
     #[command(subcommand)]
     cmd: Command,
+    /// Load adapter files whose weights or alphas hold NaN/inf (refused by default, naming the
+    /// file and tensor).
+    #[arg(long, global = true)]
+    allow_nonfinite: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,27 +81,6 @@ pub fn command() -> clap::Command {
     })
 }
 
-/// The ranges of the flattened adapter flags (PEFT's `AdapterArgs`, shared with the pipeline
-/// keys): `#[command(mut_args(super::adapter_ranges))]` on a command that flattens them.
-fn adapter_ranges(a: Arg) -> Arg {
-    match a.get_id().as_str() {
-        "r" => a
-            .value_parser(check::count)
-            .help("Rank, ≥ 1."),
-        "lora_alpha" => a.value_parser(check::positive).help(
-            "Alpha, > 0 (the scale is alpha/r, or alpha/sqrt(r) with rsLoRA; LoHa/LoKr's alpha too).",
-        ),
-        "lora_dropout" => a
-            .value_parser(check::dropout)
-            .help("Adapter dropout, in [0, 1)."),
-        "loftq_iter" => a
-            .value_parser(check::count)
-            .help("LoftQ rounds (with --init-lora-weights loftq), ≥ 1."),
-        "init_lora_weights" => a.value_parser(check::init_lora_weights_flag),
-        _ => a,
-    }
-}
-
 /// Runs the parsed command; `matches` tells which flags were given (for `--config-file` overlays).
 pub fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     let given = |name: &str| {
@@ -106,6 +89,7 @@ pub fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             .cloned()
             .unwrap_or_default()
     };
+    check::set_allow_nonfinite(cli.allow_nonfinite);
     match cli.cmd {
         Command::Demo(a) => demo::run(a),
         Command::Merge(a) => merge::run(a),

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 /// Adapter flags carry PEFT's names and defaults (shared with `align` and pipeline stages);
 /// training flags TRL's `SFTConfig` names; `--config-file` reads the same keys from TOML.
 #[derive(ClapArgs, Debug, Serialize)]
-#[command(mut_args(super::adapter_ranges))]
 pub struct Args {
     /// TOML file with the same keys as a pipeline's `sft` stage; flags given here override it.
     #[arg(long)]

@@ -28,14 +28,14 @@ pub struct AdapterArgs {
     /// Adapter method (PEFT's `peft_type`): lora, ia3, loha, lokr, vera or adalora.
     #[arg(long, default_value = PEFT_TYPE)]
     pub peft_type: String,
-    /// Rank.
-    #[arg(long, default_value_t = R)]
+    /// Rank, ≥ 1.
+    #[arg(long, default_value_t = R, value_parser = crate::check::count)]
     pub r: usize,
-    /// Alpha (the scale is alpha/r, or alpha/sqrt(r) with rsLoRA; LoHa/LoKr's alpha too).
-    #[arg(long, default_value_t = LORA_ALPHA)]
+    /// Alpha, > 0 (the scale is alpha/r, or alpha/sqrt(r) with rsLoRA; LoHa/LoKr's alpha too).
+    #[arg(long, default_value_t = LORA_ALPHA, value_parser = crate::check::positive)]
     pub lora_alpha: f64,
     /// Adapter dropout, in [0, 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::check::dropout)]
     pub lora_dropout: f64,
     /// Comma-separated module names, a regex (full match), or all-linear.
     #[arg(long, default_value = TARGET_MODULES)]
@@ -47,10 +47,10 @@ pub struct AdapterArgs {
     #[arg(long)]
     pub use_rslora: bool,
     /// true | false | gaussian | pissa | pissa_niter_K | olora | loftq.
-    #[arg(long, default_value = INIT_LORA_WEIGHTS)]
+    #[arg(long, default_value = INIT_LORA_WEIGHTS, value_parser = crate::check::init_lora_weights_flag)]
     pub init_lora_weights: String,
-    /// LoftQ rounds (with --init-lora-weights loftq).
-    #[arg(long, default_value_t = LOFTQ_ITER)]
+    /// LoftQ rounds (with --init-lora-weights loftq), ≥ 1.
+    #[arg(long, default_value_t = LOFTQ_ITER, value_parser = crate::check::count)]
     pub loftq_iter: usize,
     /// IA3: modules whose input is scaled rather than their output (names or a regex), e.g. down_proj.
     #[arg(long)]

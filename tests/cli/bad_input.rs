@@ -206,3 +206,50 @@ fn bad_config_values_are_rejected_at_plan_time() {
         .to_string()
         .contains("only defined for Linear"));
 }
+
+#[test]
+fn a_nan_adapter_weight_is_refused_unless_allowed() {
+    use candle_core::{Device, Tensor};
+    use postforge::peft::formats::lora_file::{LoraFile, LoraFormat, ModuleLora};
+    let d = tempfile::tempdir().unwrap();
+    let mut f = LoraFile::default();
+    let mut down = vec![0.1f32; 8];
+    down[3] = f32::NAN;
+    f.modules.insert(
+        "unet.down_blocks.0.attentions.0.proj_in".into(),
+        ModuleLora {
+            down: Tensor::from_vec(down, (2, 4), &Device::Cpu).unwrap(),
+            up: Tensor::zeros((4, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            alpha: 2.0,
+            magnitude: None,
+        },
+    );
+    let input = d.path().join("nan.safetensors");
+    f.write(&input, LoraFormat::Kohya).unwrap();
+    let out = d.path().join("out.safetensors");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_postforge"))
+            .args(extra)
+            .args(["convert", "--to", "diffusers", "--out"])
+            .arg(&out)
+            .arg(&input)
+            .output()
+            .unwrap()
+    };
+    let refused = run(&[]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && !out.exists());
+    assert!(
+        err.contains("nan.safetensors")
+            && err.contains("lora_down.weight")
+            && err.contains("--allow-nonfinite"),
+        "{err}"
+    );
+    let allowed = run(&["--allow-nonfinite"]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    assert!(out.exists());
+}
