@@ -2,7 +2,8 @@
 //! `scripts/fixtures/check_postforge_folders.py` to load with `PeftModel.from_pretrained`.
 //!
 //! `cargo run --release --example write_interop -- OUT_DIR` writes, for each of `lora`, `dora`,
-//! `pissa_as_lora` (PiSSA exported as plain LoRA against the original base), `OUT_DIR/<name>/` with
+//! `pissa_as_lora` (PiSSA exported as plain LoRA against the original base), `ia3`, `loha`, `lokr`
+//! and `vera`, `OUT_DIR/<name>/` with
 //! the PEFT folder, `postforge_io.safetensors` (x and postforge's output) and `merged.safetensors`
 //! (merge-and-unload of the original base).
 
@@ -59,9 +60,27 @@ fn main() -> anyhow::Result<()> {
     let base_file = fixtures.join("base.safetensors");
     let base = SafeTensors::read(&base_file)?.into_tensors();
     let x = SafeTensors::read(fixtures.join("io.safetensors"))?.get("x")?;
-    for name in ["lora", "dora", "pissa_as_lora"] {
+    for name in [
+        "lora",
+        "dora",
+        "pissa_as_lora",
+        "ia3",
+        "loha",
+        "lokr",
+        "vera",
+    ] {
         let mut cfg = AdapterConfig::lora(4, 8.0, &["q_proj", "v_proj"]);
         match name {
+            "ia3" | "loha" | "lokr" | "vera" => {
+                let mut v = serde_json::json!({
+                    "peft_type": name.to_uppercase(), "r": 4, "lora_alpha": 8.0,
+                    "target_modules": ["q_proj", "v_proj"],
+                });
+                if name == "ia3" {
+                    v["feedforward_modules"] = serde_json::json!(["v_proj"]);
+                }
+                cfg = serde_json::from_value(v)?;
+            }
             "lora" => {
                 cfg.init_lora_weights = InitSpec::Bool(false);
                 cfg.modules_to_save = Some(vec!["head".into()]);
@@ -75,6 +94,10 @@ fn main() -> anyhow::Result<()> {
             _ => cfg.init_lora_weights = InitSpec::Method("pissa".into()),
         }
         let mut net = Net::new(&base, &AdapterPlan::single(cfg.clone(), 3)?)?;
+        if name == "vera" {
+            let mut refs: Vec<&mut AdaptedLayer> = net.layers.iter_mut().collect();
+            postforge::peft::vera::share_vera_projections(&mut refs, "default", 3, None)?;
+        }
         // Move every factor away from its initial value, as training would.
         for l in &mut net.layers {
             for (i, (_, v)) in l.named_vars().into_iter().enumerate() {
