@@ -212,10 +212,28 @@ pub fn tokenize(ex: &SftExample, tok: &TextTokenizer, opts: &SftOptions) -> Resu
             }
         }
     }
+    let had_targets = t.mask.iter().skip(1).any(|m| *m == 1);
+    let full_len = t.ids.len();
     t.ids.truncate(opts.max_length);
     t.mask.truncate(opts.max_length);
     if t.ids.len() < 2 {
         return Err(Error::Msg("an example shorter than two tokens".into()));
+    }
+    if !t.mask.iter().skip(1).any(|m| *m == 1) {
+        // A row with nothing to learn would train on nothing (or divide by zero): say why.
+        return Err(Error::Msg(if had_targets {
+            format!(
+                "every token the loss uses lies beyond max_length {} (the example has {full_len} \
+                 tokens); raise --max-length",
+                opts.max_length
+            )
+        } else if opts.assistant_only_loss {
+            "the conversation has no assistant turn, so --assistant-only-loss leaves it no \
+             token to learn from"
+                .into()
+        } else {
+            "the example has no token to learn from (an empty completion)".into()
+        }));
     }
     Ok(t)
 }
@@ -446,6 +464,34 @@ mod tests {
         // Truncation.
         let e = tokenize(&ex[3], &t, &SftOptions { max_length: 5, ..o }).unwrap();
         assert_eq!(e.ids.len(), 5);
+        // A row left with nothing to learn says why: the learned part cut off, or no assistant turn.
+        let cut = tokenize(
+            &ex[3],
+            &t,
+            &SftOptions {
+                max_length: 5,
+                assistant_only_loss: true,
+                ..o
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(cut.contains("beyond max_length 5"), "{cut}");
+        let user_only = SftExample::from_json(
+            &serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .unwrap();
+        let none = tokenize(
+            &user_only,
+            &t,
+            &SftOptions {
+                assistant_only_loss: true,
+                ..o
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(none.contains("no assistant turn"), "{none}");
         // Bad lines name what is wrong.
         assert!(SftExample::from_json(&serde_json::json!({"prompt": "x"})).is_err());
         assert!(SftExample::from_json(&serde_json::json!({"prompt": "x", "completion": [{"role": "assistant", "content": "y"}]})).is_err());
