@@ -127,8 +127,8 @@ pub fn text_config() -> ClipTextConfig {
 pub fn scheduler_config() -> SchedulerConfig {
     serde_json::from_value(serde_json::json!({
         "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-        "prediction_type": "epsilon", "clip_sample": true, "clip_sample_range": 1.0, "set_alpha_to_one": true,
-        "steps_offset": 0, "timestep_spacing": "trailing"
+        "prediction_type": "epsilon", "clip_sample": false, "clip_sample_range": 1.0, "set_alpha_to_one": true,
+        "steps_offset": 1, "timestep_spacing": "trailing"
     }))
     .expect("static config")
 }
@@ -259,7 +259,7 @@ impl PretrainTask {
         let cfg: serde_json::Value =
             serde_json::from_str(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
         let tok = super::pipeline::PromptTokenizer::from_json(&json, &cfg, MAX_TOKENS)?;
-        let data = shapes::dataset(n, SIZE as u32, Style::Filled, seed);
+        let data = shapes::dataset(n, SIZE as u32, Style::Filled, seed)?;
         let mut images = vec![];
         let mut ids = vec![];
         for (img, cap, _) in &data {
