@@ -50,7 +50,7 @@ pub fn scan(dir: &Path, caption_extension: &str) -> Result<Vec<Example>> {
             .filter(|(_, l)| !l.trim().is_empty())
         {
             let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| Error::format(&meta, format!("line {}: {e}", i + 1)))?;
+                .map_err(|e| Error::format(&meta, crate::util::json_line_error(i + 1, &e)))?;
             let file = v["file_name"]
                 .as_str()
                 .ok_or_else(|| Error::format(&meta, format!("line {}: no file_name", i + 1)))?;

@@ -150,7 +150,7 @@ fn lines(path: &Path) -> Result<Vec<(usize, Json)>> {
         out.push((
             i + 1,
             serde_json::from_str(l)
-                .map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?,
+                .map_err(|e| Error::format(path, crate::util::json_line_error(i + 1, &e)))?,
         ));
     }
     if out.is_empty() {

@@ -78,7 +78,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<SftExample>> {
             continue;
         }
         let v: Json = serde_json::from_str(line)
-            .map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
+            .map_err(|e| Error::format(path, crate::util::json_line_error(i + 1, &e)))?;
         out.push(
             SftExample::from_json(&v)
                 .map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?,

@@ -396,7 +396,7 @@ impl Task for SftTask {
                 .filter(|(_, l)| !l.trim().is_empty())
             {
                 let p: EvalPointRead = serde_json::from_str(l)
-                    .map_err(|e| Error::format(&path, format!("line {}: {e}", i + 1)))?;
+                    .map_err(|e| Error::format(&path, crate::util::json_line_error(i + 1, &e)))?;
                 if p.step < step {
                     kept.push(p);
                 }

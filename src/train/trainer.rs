@@ -566,7 +566,7 @@ pub fn read_metric(metrics: &Path, key: &str) -> Result<Vec<(usize, f64)>> {
     let mut out = vec![];
     for (i, l) in text.lines().enumerate() {
         let v: serde_json::Value = serde_json::from_str(l)
-            .map_err(|e| Error::format(metrics, format!("line {}: {e}", i + 1)))?;
+            .map_err(|e| Error::format(metrics, crate::util::json_line_error(i + 1, &e)))?;
         if let (Some(s), Some(x)) = (v["step"].as_u64(), v[key].as_f64()) {
             out.push((s as usize, x));
         }
@@ -580,7 +580,7 @@ pub fn plot_metrics(metrics: &Path, png: &Path) -> Result<()> {
     let (mut pts, mut val) = (vec![], vec![]);
     for (i, l) in text.lines().enumerate() {
         let v: serde_json::Value = serde_json::from_str(l)
-            .map_err(|e| Error::format(metrics, format!("line {}: {e}", i + 1)))?;
+            .map_err(|e| Error::format(metrics, crate::util::json_line_error(i + 1, &e)))?;
         if let (Some(s), Some(loss)) = (v["step"].as_f64(), v["loss"].as_f64()) {
             pts.push((s, loss));
         }

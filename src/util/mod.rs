@@ -37,6 +37,17 @@ pub fn read_json_config<T: serde::de::DeserializeOwned>(
     Ok(c)
 }
 
+/// A JSON parse error of line `line` (1-based) of a JSONL file, as `line L, column C: what`
+/// (serde's own "at line 1 column C" counts within the line and would misname the line).
+pub fn json_line_error(line: usize, e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let what = msg
+        .rsplit_once(" at line ")
+        .map_or(msg.as_str(), |(w, _)| w)
+        .to_string();
+    format!("line {line}, column {}: {what}", e.column())
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path

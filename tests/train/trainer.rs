@@ -441,3 +441,21 @@ fn resume_without_a_checkpoint_or_of_a_finished_run_is_refused_and_keeps_the_res
         "the finished run's metrics were rewritten"
     );
 }
+
+#[test]
+fn a_bad_metrics_line_is_named_by_its_own_line_number() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("metrics.jsonl");
+    std::fs::write(
+        &p,
+        "{\"step\":1,\"loss\":0.5}\n{\"step\":2,\"loss\":0.4}\n{\"step\":3,\"loss\":oops}\n",
+    )
+    .unwrap();
+    let e = postforge::train::trainer::read_metric(&p, "loss")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("metrics.jsonl: line 3, column 18") && !e.contains("line 1"),
+        "{e}"
+    );
+}
