@@ -276,6 +276,47 @@ pub trait Ranged {
     fn check(&self) -> Result<()>;
 }
 
+/// The key of `table` that a failed deserialization into `T` is to blame on: the first key without
+/// which the rest deserializes (or fails differently). serde's messages for a value of the wrong
+/// type ("invalid type: string \"high\", expected f64") name no key when the value went through a
+/// buffered (flattened or tagged) table; this finds it. `None` when no single key is to blame
+/// (e.g. a required key is missing, which serde names itself).
+pub fn blame_key<T: serde::de::DeserializeOwned>(
+    table: &serde_json::Map<String, serde_json::Value>,
+    err: &str,
+) -> Option<String> {
+    for k in table.keys() {
+        let mut rest = table.clone();
+        rest.remove(k);
+        match serde_json::from_value::<T>(serde_json::Value::Object(rest)) {
+            Ok(_) => return Some(k.clone()),
+            // A different error, and not the one about `k` itself being required.
+            Err(e)
+                if e.to_string() != err
+                    && !e.to_string().starts_with(&format!("missing field `{k}`")) =>
+            {
+                return Some(k.clone())
+            }
+            Err(_) => {}
+        }
+    }
+    None
+}
+
+/// A serde error message with the key [`blame_key`] finds put in front (`key `x` = v: ...`), unless
+/// the message already names it.
+pub fn with_blamed_key<T: serde::de::DeserializeOwned>(
+    table: &serde_json::Map<String, serde_json::Value>,
+    err: &str,
+) -> String {
+    match blame_key::<T>(table, err) {
+        Some(k) if !err.contains(&format!("`{k}`")) => {
+            format!("`{k}` = {}: {err}", table[&k])
+        }
+        _ => err.to_string(),
+    }
+}
+
 /// Every non-finite float in a parsed TOML table, as `key.path = value` (a `--config-file` goes
 /// through JSON, where a NaN would silently become `null`).
 pub fn non_finite_in_toml(t: &toml::Table) -> Vec<String> {
@@ -381,6 +422,41 @@ mod tests {
         assert!(e.to_string().contains("max_steps = 0"), "{e}");
         let e = init_lora_weights("init_lora_weights", "pissa_niter_x").unwrap_err();
         assert!(e.to_string().contains("init_lora_weights"), "{e}");
+    }
+
+    #[test]
+    fn a_wrongly_typed_value_is_blamed_on_its_key_even_through_flatten() {
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Inner {
+            #[serde(default)]
+            dropout: f64,
+        }
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Outer {
+            model: String,
+            #[serde(default)]
+            beta: f64,
+            #[serde(flatten)]
+            inner: Inner,
+        }
+        let t = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let bad = t(serde_json::json!({"model": "m", "beta": 0.1, "dropout": "high"}));
+        let err = serde_json::from_value::<Outer>(serde_json::Value::Object(bad.clone()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(!err.contains("dropout"), "serde named it after all: {err}");
+        let msg = with_blamed_key::<Outer>(&bad, &err);
+        assert!(msg.starts_with("`dropout` = \"high\": "), "{msg}");
+        // A missing required key is serde's own message, blamed on nothing else.
+        let missing = t(serde_json::json!({"beta": 0.1}));
+        let err = serde_json::from_value::<Outer>(serde_json::Value::Object(missing.clone()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(with_blamed_key::<Outer>(&missing, &err), err);
     }
 
     #[test]

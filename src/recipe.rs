@@ -92,10 +92,35 @@ pub enum StageReport {
 }
 
 impl Recipe {
+    /// A parse error of a pipeline file; a value of the wrong type inside a stage (which serde
+    /// reports without its key, at the `[[stage]]` line) gets the stage and the key named.
+    fn explain(text: &str, e: toml::de::Error) -> String {
+        let msg = e.to_string();
+        let Ok(table) = toml::from_str::<toml::Table>(text) else {
+            return msg;
+        };
+        let Some(toml::Value::Array(stages)) = table.get("stage") else {
+            return msg;
+        };
+        for (i, st) in stages.iter().enumerate() {
+            let Ok(serde_json::Value::Object(obj)) = serde_json::to_value(st) else {
+                continue;
+            };
+            if let Err(se) = serde_json::from_value::<Stage>(serde_json::Value::Object(obj.clone()))
+            {
+                let kind = obj.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
+                let detail = crate::check::with_blamed_key::<Stage>(&obj, &se.to_string());
+                return format!("stage {} ({kind}): {detail}", i + 1);
+            }
+        }
+        msg
+    }
+
     /// Reads and checks a pipeline file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let r: Recipe = toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        let r: Recipe =
+            toml::from_str(&text).map_err(|e| Error::format(path, Self::explain(&text, e)))?;
         if r.stage.is_empty() {
             return Err(Error::format(path, "no [[stage]] tables"));
         }

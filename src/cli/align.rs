@@ -122,8 +122,7 @@ pub fn run(a: Args, given: &ArgMatches) -> anyhow::Result<()> {
         &[("output_dir", "runs/align".into())],
         &["model", "data"],
     )?;
-    let cfg: AlignRunConfig = serde_json::from_value(v)
-        .with_context(|| super::overlay::context(file, "alignment settings"))?;
+    let cfg: AlignRunConfig = super::overlay::deserialize(v, file, "alignment settings")?;
     cfg.check()
         .with_context(|| super::overlay::context(file, "alignment settings"))?;
     let r = cfg.run(a.resume, a.overwrite_output_dir)?;

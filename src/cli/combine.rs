@@ -54,7 +54,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     if weights.len() != a.adapters.len() {
         anyhow::bail!(
-            "{} weights for {} adapters",
+            "--weights: {} weights for {} adapters",
             weights.len(),
             a.adapters.len()
         );

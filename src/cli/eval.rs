@@ -38,7 +38,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let kinds = a
         .tasks
         .split(',')
-        .map(|t| TaskKind::parse(t.trim()).ok_or_else(|| anyhow::anyhow!("unknown task `{t}`")))
+        .map(|t| {
+            TaskKind::parse(t.trim()).ok_or_else(|| anyhow::anyhow!("--tasks: unknown task `{t}`"))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let s = sets(
         &tok,

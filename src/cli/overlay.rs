@@ -83,3 +83,19 @@ pub fn context(config_file: Option<&Path>, what: &str) -> String {
         None => format!("invalid {what}"),
     }
 }
+
+/// Deserializes the merged settings; a value of the wrong type is reported with its key (serde
+/// names none for flattened keys such as the adapter flags).
+pub fn deserialize<T: serde::de::DeserializeOwned>(
+    v: serde_json::Value,
+    config_file: Option<&Path>,
+    what: &str,
+) -> anyhow::Result<T> {
+    serde_json::from_value::<T>(v.clone()).map_err(|e| {
+        let msg = match v.as_object() {
+            Some(obj) => postforge::check::with_blamed_key::<T>(obj, &e.to_string()),
+            None => e.to_string(),
+        };
+        anyhow::anyhow!("{}: {msg}", context(config_file, what))
+    })
+}

@@ -124,8 +124,7 @@ pub fn run(a: Args, given: &ArgMatches) -> anyhow::Result<()> {
         &[("output_dir", "runs/sft".into())],
         &["model", "data"],
     )?;
-    let cfg: SftRunConfig =
-        serde_json::from_value(v).with_context(|| super::overlay::context(file, "SFT settings"))?;
+    let cfg: SftRunConfig = super::overlay::deserialize(v, file, "SFT settings")?;
     cfg.check()
         .with_context(|| super::overlay::context(file, "SFT settings"))?;
     let data = cfg.data.clone();

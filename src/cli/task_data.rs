@@ -35,7 +35,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let kinds = a
         .tasks
         .split(',')
-        .map(|t| TaskKind::parse(t.trim()).ok_or_else(|| anyhow::anyhow!("unknown task `{t}`")))
+        .map(|t| {
+            TaskKind::parse(t.trim()).ok_or_else(|| anyhow::anyhow!("--tasks: unknown task `{t}`"))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     if a.preferences {
         let v = if a.near_miss {

@@ -253,8 +253,7 @@ pub fn config(a: &Args, given: &ArgMatches) -> anyhow::Result<LoraTrainConfig> {
             ),
         }
     }
-    let cfg: LoraTrainConfig = serde_json::from_value(v)
-        .with_context(|| super::overlay::context(file, "training configuration"))?;
+    let cfg: LoraTrainConfig = super::overlay::deserialize(v, file, "training configuration")?;
     cfg.check()
         .with_context(|| super::overlay::context(file, "training configuration"))?;
     Ok(cfg)

@@ -150,27 +150,35 @@ pub fn scan(dir: &Path, caption_extension: &str) -> Result<Vec<Example>> {
     Ok(out)
 }
 
+/// Refuses an image of `size` (w, h) that would be trained at `target` (w, h) when the resize
+/// would not fit in memory, or when a side is so small (under 8 pixels, or upscaled more than 8×)
+/// that nothing but blur would be learned; the error names the file and both sizes.
+pub fn check_trainable_size(path: &Path, size: (u32, u32), target: (u32, u32)) -> Result<()> {
+    let ((w, h), (tw, th)) = (size, target);
+    let scale = (tw as f64 / w.max(1) as f64).max(th as f64 / h.max(1) as f64);
+    crate::util::mem::ensure_fits(
+        &format!("{} resized to cover {tw}×{th}", path.display()),
+        ((w as f64 * scale).ceil() as u128) * ((h as f64 * scale).ceil() as u128) * 3 * 2,
+        "8-bit RGB, the resized copy and its crop",
+        "lower the resolution",
+    )?;
+    if w.min(h) < 8 || scale > 8.0 {
+        return Err(Error::format(
+            path,
+            format!(
+                "the image is {w}×{h}: too small to train at {tw}×{th} (a side under 8 pixels, or \
+                 upscaled {scale:.1}× where at most 8× is allowed); remove it or lower the resolution"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Resizes to cover `size`×`size` and centre-crops (the square bucket).
 pub fn load_square(path: &Path, size: u32) -> Result<RgbImage> {
     let img = read_rgb(path)?;
     let (w, h) = img.dimensions();
-    crate::util::mem::ensure_fits(
-        &format!("{} resized to {size}×{size}", path.display()),
-        (w.max(size) as u128) * (h.max(size) as u128) * 3,
-        "8-bit RGB",
-        "lower the resolution",
-    )?;
-    // More than 8× upscaling (or a side under 8 pixels) leaves nothing to learn from but blur.
-    let min_side = (size / 8).max(8);
-    if w.min(h) < min_side {
-        return Err(Error::format(
-            path,
-            format!(
-                "the image is {w}×{h}: too small to train at resolution {size} (a side under \
-                 {min_side} pixels would be upscaled more than 8×); remove it or lower the resolution"
-            ),
-        ));
-    }
+    check_trainable_size(path, (w, h), (size, size))?;
     let scale = size as f32 / w.min(h) as f32;
     let (nw, nh) = (
         (w as f32 * scale).round().max(size as f32) as u32,

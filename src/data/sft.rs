@@ -71,6 +71,14 @@ impl SftExample {
 
 /// Reads a JSONL file of examples; errors name the file and line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<SftExample>> {
+    Ok(read_jsonl_lines(path)?
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect())
+}
+
+/// [`read_jsonl`] with each example's line number (1-based), for errors found later.
+pub fn read_jsonl_lines(path: &Path) -> Result<Vec<(usize, SftExample)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = vec![];
     for (i, line) in text.lines().enumerate() {
@@ -79,10 +87,11 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<SftExample>> {
         }
         let v: Json = serde_json::from_str(line)
             .map_err(|e| Error::format(path, crate::util::json_line_error(i + 1, &e)))?;
-        out.push(
+        out.push((
+            i + 1,
             SftExample::from_json(&v)
                 .map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?,
-        );
+        ));
     }
     if out.is_empty() {
         return Err(Error::format(path, "no examples"));

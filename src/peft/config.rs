@@ -402,6 +402,17 @@ impl AdapterConfig {
         if self.r == 0 {
             return Err(Error::Config("r must be at least 1".into()));
         }
+        // IA3 has no alpha; every other method scales by it, and 0 (or less) makes the adapter a
+        // no-op (or a sign flip) that trains and merges into nothing useful.
+        if method != Method::Ia3 {
+            crate::check::f64_in("lora_alpha", self.lora_alpha, crate::check::POSITIVE)?;
+            for (k, a) in &self.alpha_pattern {
+                crate::check::f64_in(&format!("alpha_pattern[{k}]"), *a, crate::check::POSITIVE)?;
+            }
+        }
+        for (k, r) in &self.rank_pattern {
+            crate::check::count_at_least(&format!("rank_pattern[{k}]"), *r, 1)?;
+        }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(Error::Config(format!(
                 "lora_dropout {} must be in [0, 1)",
@@ -492,12 +503,12 @@ impl AdapterConfig {
         }
         // A setting that PEFT's config class for this method does not have cannot be written.
         self.to_json()?;
-        for spec in [&self.target_modules, &self.exclude_modules]
-            .into_iter()
-            .flatten()
-        {
-            if let ModuleSpec::Regex(r) = spec {
-                full_regex(r)?;
+        for (key, spec) in [
+            ("target_modules", &self.target_modules),
+            ("exclude_modules", &self.exclude_modules),
+        ] {
+            if let Some(ModuleSpec::Regex(r)) = spec {
+                full_regex(r).map_err(|e| Error::Config(format!("{key}: {e}")))?;
             }
         }
         for k in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
@@ -630,8 +641,13 @@ impl AdapterConfig {
                 }
             }
         }
-        let mut cfg: Self =
-            serde_json::from_value(raw).map_err(|e| Error::format(path, e.to_string()))?;
+        let mut cfg: Self = serde_json::from_value(raw.clone()).map_err(|e| {
+            let msg = match raw.as_object() {
+                Some(obj) => crate::check::with_blamed_key::<Self>(obj, &e.to_string()),
+                None => e.to_string(),
+            };
+            Error::format(path, msg)
+        })?;
         // LoHa / LoKr call alpha `alpha`.
         if matches!(cfg.peft_type.as_str(), "LOHA" | "LOKR") {
             if let Some(a) = cfg.extra.remove("alpha") {

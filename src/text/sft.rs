@@ -633,18 +633,17 @@ impl SftRunConfig {
         tok: &crate::data::text::TextTokenizer,
         packing: bool,
     ) -> Result<Vec<Row>> {
-        use crate::data::sft::{pack_bfd, read_jsonl, tokenize, unpacked, SftOptions};
+        use crate::data::sft::{pack_bfd, read_jsonl_lines, tokenize, unpacked, SftOptions};
         let opts = SftOptions {
             max_length: self.max_length,
             completion_only_loss: self.completion_only_loss,
             assistant_only_loss: self.assistant_only_loss,
         };
-        let seqs = read_jsonl(path)?
+        let seqs = read_jsonl_lines(path)?
             .iter()
-            .enumerate()
-            .map(|(i, e)| {
+            .map(|(line, e)| {
                 tokenize(e, tok, &opts)
-                    .map_err(|err| Error::format(path, format!("example {}: {err}", i + 1)))
+                    .map_err(|err| Error::format(path, format!("line {line}: {err}")))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(if packing {

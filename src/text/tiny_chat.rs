@@ -208,7 +208,8 @@ impl crate::check::Ranged for TaskEvalConfig {
             return Err(Error::Config("tasks is empty".into()));
         }
         for t in &self.tasks {
-            TaskKind::parse(t).ok_or_else(|| Error::Config(format!("unknown task `{t}`")))?;
+            TaskKind::parse(t)
+                .ok_or_else(|| Error::Config(format!("tasks: unknown task `{t}`")))?;
         }
         crate::check::count_at_least("per_task", self.per_task, 1)?;
         Ok(())
@@ -236,7 +237,9 @@ pub fn task_eval(
     let kinds = cfg
         .tasks
         .iter()
-        .map(|t| TaskKind::parse(t).ok_or_else(|| Error::Config(format!("unknown task `{t}`"))))
+        .map(|t| {
+            TaskKind::parse(t).ok_or_else(|| Error::Config(format!("tasks: unknown task `{t}`")))
+        })
         .collect::<Result<Vec<_>>>()?;
     let qs = corpus(
         &kinds,

@@ -12,51 +12,6 @@ use crate::{Error, Result};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-/// Checks the regularisation settings: kohya's folder or diffusers' class images, not both;
-/// diffusers' needs a folder and a prompt; weights and counts in range.
-pub fn check(cfg: &LoraTrainConfig) -> Result<()> {
-    if !cfg.prior_loss_weight.is_finite() || cfg.prior_loss_weight < 0.0 {
-        return Err(Error::Config(format!(
-            "prior_loss_weight {} is not a finite number >= 0",
-            cfg.prior_loss_weight
-        )));
-    }
-    if cfg.with_prior_preservation {
-        if cfg.reg_data_dir.is_some() {
-            return Err(Error::Config(
-                "reg_data_dir (kohya) and with_prior_preservation (diffusers) both set: use one"
-                    .into(),
-            ));
-        }
-        if cfg.class_data_dir.is_none()
-            || cfg
-                .class_prompt
-                .as_deref()
-                .is_none_or(|p| p.trim().is_empty())
-        {
-            return Err(Error::Config(
-                "with_prior_preservation needs class_data_dir and class_prompt".into(),
-            ));
-        }
-        if cfg.num_class_images == 0 || cfg.sample_batch_size == 0 || cfg.class_inference_steps == 0
-        {
-            return Err(Error::Config(
-                "num_class_images, sample_batch_size and class_inference_steps must be positive"
-                    .into(),
-            ));
-        }
-        if !cfg.class_guidance_scale.is_finite()
-            || !(0.0..=1.0).contains(&cfg.class_guidance_rescale)
-        {
-            return Err(Error::Config(format!(
-                "class_guidance_scale {} must be finite and class_guidance_rescale {} in [0, 1]",
-                cfg.class_guidance_scale, cfg.class_guidance_rescale
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// The images directly in `dir` (none when it does not exist yet).
 fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
     if dir.exists() {

@@ -168,7 +168,7 @@ impl LoraTrainTask {
         let bc = cfg.buckets()?;
         bc.validate(unet_divisor(&pipe))?;
         let buckets = bc.resolutions();
-        super::prior::check(&cfg)?;
+        super::config::check_prior(&cfg)?;
         if cfg.with_prior_preservation {
             let made = super::prior::generate_class_images(&cfg, &mut pipe)?;
             if made > 0 {
@@ -196,6 +196,7 @@ impl LoraTrainTask {
                 }
             };
             let (ow, oh) = img.dimensions();
+            crate::data::image_folder::check_trainable_size(&ex.path, (ow, oh), b)?;
             let (img, (left, top)) = cover_crop_at(&img, b);
             let time_ids = [
                 oh as f32,

@@ -670,7 +670,8 @@ impl LoraFile {
                     key: format!("{module}.lora_B.weight"),
                 })?;
                 let r = down.dims()[0];
-                let alpha = component_alpha(&cfg, &component, &sub, r)?;
+                let alpha = component_alpha(&cfg, &component, &sub, r)
+                    .map_err(|e| Error::format(path, e.to_string()))?;
                 let m = ModuleLora {
                     down,
                     up,
@@ -843,16 +844,31 @@ fn component_alpha(
     sub: &str,
     r: usize,
 ) -> Result<f64> {
-    let Some(alpha) = cfg
-        .get(&format!("{component}.lora_alpha"))
-        .and_then(|v| v.as_f64())
-    else {
+    let number = |key: &str, v: &serde_json::Value| -> Result<f64> {
+        v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| {
+            Error::Config(format!(
+                "lora_adapter_metadata: `{key}` = {v} is not a finite number"
+            ))
+        })
+    };
+    let key = format!("{component}.lora_alpha");
+    let Some(alpha) = cfg.get(&key) else {
         return Ok(r as f64);
     };
-    if let Some(serde_json::Value::Object(ap)) = cfg.get(&format!("{component}.alpha_pattern")) {
-        let keys: Vec<String> = ap.keys().cloned().collect();
-        if let Some(k) = crate::peft::config::pattern_key(keys.iter(), sub)? {
-            return Ok(ap[&k].as_f64().unwrap_or(alpha));
+    let alpha = number(&key, alpha)?;
+    let pkey = format!("{component}.alpha_pattern");
+    match cfg.get(&pkey) {
+        Some(serde_json::Value::Object(ap)) => {
+            let keys: Vec<String> = ap.keys().cloned().collect();
+            if let Some(k) = crate::peft::config::pattern_key(keys.iter(), sub)? {
+                return number(&format!("{pkey}.{k}"), &ap[&k]);
+            }
+        }
+        None | Some(serde_json::Value::Null) => {}
+        Some(v) => {
+            return Err(Error::Config(format!(
+                "lora_adapter_metadata: `{pkey}` = {v} is not a table of module patterns"
+            )))
         }
     }
     Ok(alpha)
