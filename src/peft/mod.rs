@@ -34,6 +34,7 @@ pub mod args;
 pub mod base;
 pub mod combine;
 pub mod config;
+mod config_json;
 pub mod ctx;
 pub mod formats;
 pub mod ia3;

@@ -7,6 +7,7 @@ pub mod align_run;
 pub mod align_task;
 pub mod eval;
 pub mod sft;
+mod sft_ranges;
 pub mod tiny_chat;
 
 use crate::check::{self, count_at_least, f64_in};

@@ -6,6 +6,7 @@
 pub mod blocks;
 mod config;
 pub mod prior;
+mod ranges;
 mod task;
 
 pub use blocks::{TEXT_TARGETS, UNET_CONV_PATTERN, UNET_TARGETS};

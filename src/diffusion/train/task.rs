@@ -168,7 +168,7 @@ impl LoraTrainTask {
         let bc = cfg.buckets()?;
         bc.validate(unet_divisor(&pipe))?;
         let buckets = bc.resolutions();
-        super::config::check_prior(&cfg)?;
+        super::ranges::check_prior(&cfg)?;
         if cfg.with_prior_preservation {
             let made = super::prior::generate_class_images(&cfg, &mut pipe)?;
             if made > 0 {

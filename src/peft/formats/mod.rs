@@ -2,6 +2,7 @@
 //! files. Every adapter tensor read from a file goes through [`checked`]: a floating-point dtype and
 //! finite values (unless [`crate::check::allow_nonfinite`]), with the file and key named.
 
+mod lora_checks;
 pub mod lora_file;
 pub mod peft;
 
