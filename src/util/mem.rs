@@ -17,6 +17,12 @@ pub fn available_bytes() -> Option<u64> {
 /// Refuses `what` when its estimated `bytes` exceed the memory available; `how` says what the
 /// estimate counts and `fix` what to change.
 pub fn ensure_fits(what: &str, bytes: u128, how: &str, fix: &str) -> Result<()> {
+    // Below this, no machine is short of memory: skip reading /proc/meminfo, so that guards on
+    // hot paths (every attention call) cost nothing at ordinary sizes.
+    const ALWAYS_FITS: u128 = 256 << 20;
+    if bytes < ALWAYS_FITS {
+        return Ok(());
+    }
     match available_bytes() {
         Some(avail) if bytes > avail as u128 => Err(Error::Config(format!(
             "{what} needs about {} ({how}), but {} of memory is available; {fix}",
