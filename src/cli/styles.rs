@@ -1,7 +1,7 @@
 use clap::Args as ClapArgs;
 use postforge::check;
 use postforge::data::image_folder::write_kohya;
-use postforge::data::shapes::{dataset, Style};
+use postforge::data::shapes::{dataset, dataset_balanced, Style};
 use std::path::PathBuf;
 
 #[derive(ClapArgs, Debug)]
@@ -24,6 +24,10 @@ pub struct Args {
     /// Write the style word into the captions (a trigger word) instead of leaving it out.
     #[arg(long)]
     caption_style: bool,
+    /// Draw each scene at random instead of covering shapes, colours, positions and backgrounds evenly
+    /// (the sets written before 2026-12-07; an uneven set teaches its content bias along with the style).
+    #[arg(long)]
+    random_content: bool,
     /// Output folder (a kohya training folder).
     #[arg(long)]
     out: PathBuf,
@@ -32,7 +36,12 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let style = Style::parse(&a.style)
         .ok_or_else(|| anyhow::anyhow!("style `{}` is not striped, outlined or filled", a.style))?;
-    let items: Vec<_> = dataset(a.images, a.size, style, a.seed)?
+    let make = if a.random_content {
+        dataset
+    } else {
+        dataset_balanced
+    };
+    let items: Vec<_> = make(a.images, a.size, style, a.seed)?
         .into_iter()
         .map(|(img, cap, _)| {
             let cap = if a.caption_style {

@@ -135,6 +135,20 @@ pub struct ScaleScore {
     /// The scored samples as one sheet (8 per row, prompt order).
     #[serde(default)]
     pub sheet: Option<PathBuf>,
+    /// The samples that missed: their place on the sheet, the prompt and what the detector read.
+    #[serde(default)]
+    pub misses: Vec<Miss>,
+}
+
+/// One scored sample that does not show its prompt.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Miss {
+    /// Index in prompt order (row-major on the sheet, 8 per row).
+    pub index: usize,
+    /// The prompt.
+    pub prompt: String,
+    /// What the detector read (`None`: no shape stands out from the background).
+    pub read: Option<String>,
 }
 
 /// What an evaluation produced.
@@ -262,6 +276,7 @@ pub fn evaluate(
             }
             let (mut st, mut ok, mut parts) = (0f64, 0usize, [0usize; 3]);
             let mut images = vec![];
+            let mut misses = vec![];
             for chunk in (0..scenes.len()).collect::<Vec<_>>().chunks(8) {
                 let prompts: Vec<String> = chunk.iter().map(|&i| scenes[i].caption()).collect();
                 let seeds: Vec<u64> = chunk
@@ -284,16 +299,26 @@ pub fn evaluate(
                     let im = tensor_to_image(&imgs.get(k)?)?;
                     st += style_score(&im, style) as f64;
                     let want = &scenes[i];
-                    if let Some(got) = detect(&im).scene {
+                    let got = detect(&im).scene;
+                    let mut all = false;
+                    if let Some(got) = got {
                         let hit = [
                             got.shape == want.shape,
                             got.color == want.color,
                             got.position == want.position,
                         ];
-                        ok += hit.iter().all(|h| *h) as usize;
+                        all = hit.iter().all(|h| *h);
+                        ok += all as usize;
                         for (n, h) in parts.iter_mut().zip(hit) {
                             *n += h as usize;
                         }
+                    }
+                    if !all {
+                        misses.push(Miss {
+                            index: i,
+                            prompt: want.caption(),
+                            read: got.map(|g| g.caption()),
+                        });
                     }
                     images.push(im);
                 }
@@ -314,6 +339,7 @@ pub fn evaluate(
                 color: parts[1] as f64 / n,
                 position: parts[2] as f64 / n,
                 sheet: Some(sheet),
+                misses,
             });
         }
     }
