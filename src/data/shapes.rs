@@ -180,6 +180,9 @@ pub struct Detection {
     pub fill: f32,
     /// Share of the shape's box inside its convex hull (squares near 1, circles near π/4).
     pub squareness: f32,
+    /// Intersection over union of the filled shape with a circle, a square and a triangle drawn into
+    /// its box.
+    pub fits: [f32; 3],
 }
 
 /// Reads background, colour, position and shape from an image made like [`Scene::draw`] (or sampled
@@ -228,6 +231,7 @@ pub fn detect(img: &RgbImage) -> Detection {
             scene: None,
             fill: 0.0,
             squareness: 0.0,
+            fits: [0.0; 3],
         };
     }
     let color = (0..COLORS.len()).max_by_key(|&i| votes[i]).unwrap_or(0);
@@ -299,12 +303,22 @@ pub fn detect(img: &RgbImage) -> Detection {
     // Triangles: the top half of the box holds far less than the bottom half.
     let top: f32 = widths[..rows / 2].iter().sum();
     let top_share = top / solid.max(1.0);
-    // Squares fill their box up to the corners; a circle's convex hull leaves the corners empty
-    // (π/4 of the box). The hull ignores stripes and holes inside the shape.
-    let squareness = hull_area(&outline) / area;
+    // Triangles hold far less in the top half of their box. Otherwise the shape is the nearer of a
+    // circle and a square drawn into its box (no threshold to tune): the convex hull of the pixel
+    // centres ignores stripes, outlines and holes, so the style does not bend the reading.
+    let hull = convex_hull(&outline);
+    let squareness = polygon_area(&hull) / area;
+    // Pixel centres (doubled to stay integral) for the templates, so a pixelated circle stays round.
+    let centres = hull_of(
+        outline
+            .iter()
+            .map(|&(x, y)| (2 * x as i64 + 1, 2 * y as i64 + 1))
+            .collect(),
+    );
+    let fits = template_fits(&centres, (x0, y0, x1, y1));
     let shape = if top_share < 0.36 {
         2
-    } else if squareness > SQUARE_HULL {
+    } else if fits[1] > fits[0] {
         1
     } else {
         0
@@ -318,30 +332,63 @@ pub fn detect(img: &RgbImage) -> Detection {
         }),
         fill,
         squareness,
+        fits,
     }
 }
 
-/// The share of its box above which a shape's convex hull reads as a square (a pixelated circle of
-/// radius 5–7 covers 0.77–0.92 of its box, a square 0.93–1 even when blurred).
-pub const SQUARE_HULL: f32 = 0.93;
+/// How well the shape matches each shape drawn into its box: intersection over union of the convex
+/// hull of its pixel centres (`hull`, in doubled coordinates; the hull ignores stripes, outlines and
+/// holes) with the inscribed circle (ellipse), the box
+/// itself and the upward triangle, counted over pixel centres.
+fn template_fits(hull: &[(i64, i64)], (x0, y0, x1, y1): (u32, u32, u32, u32)) -> [f32; 3] {
+    let (w, h) = ((x1 - x0 + 1) as f32, (y1 - y0 + 1) as f32);
+    // Inside a convex polygon: on the inner side of every edge, or on it.
+    let inside = |px: i64, py: i64| {
+        hull.len() >= 3
+            && (0..hull.len()).all(|i| cross(hull[i], hull[(i + 1) % hull.len()], (px, py)) >= 0)
+    };
+    let mut inter = [0f32; 3];
+    let mut union = [0f32; 3];
+    for y in y0..=y1 {
+        for x in x0..=x1 {
+            let m = inside(2 * x as i64 + 1, 2 * y as i64 + 1);
+            let (px, py) = ((x - x0) as f32 + 0.5, (y - y0) as f32 + 0.5);
+            let (dx, dy) = ((px - w / 2.0) / (w / 2.0), (py - h / 2.0) / (h / 2.0));
+            let t = [
+                dx * dx + dy * dy <= 1.0,
+                true,
+                (px - w / 2.0).abs() <= py / h * w / 2.0,
+            ];
+            for k in 0..3 {
+                inter[k] += (m && t[k]) as u8 as f32;
+                union[k] += (m || t[k]) as u8 as f32;
+            }
+        }
+    }
+    [0, 1, 2].map(|k| inter[k] / union[k].max(1.0))
+}
 
-/// The area of the convex hull of a set of pixels (each pixel a unit square).
-fn hull_area(pixels: &[(u32, u32)]) -> f32 {
-    let mut pts: Vec<(i64, i64)> = pixels
-        .iter()
-        .flat_map(|&(x, y)| {
-            let (x, y) = (x as i64, y as i64);
-            [(x, y), (x + 1, y), (x, y + 1), (x + 1, y + 1)]
-        })
-        .collect();
+/// The convex hull (counter-clockwise in image coordinates, y down) of a set of pixels, each a unit
+/// square.
+fn convex_hull(pixels: &[(u32, u32)]) -> Vec<(i64, i64)> {
+    hull_of(
+        pixels
+            .iter()
+            .flat_map(|&(x, y)| {
+                let (x, y) = (x as i64, y as i64);
+                [(x, y), (x + 1, y), (x, y + 1), (x + 1, y + 1)]
+            })
+            .collect(),
+    )
+}
+
+/// The convex hull of points (Andrew's monotone chain), counter-clockwise in image coordinates.
+fn hull_of(mut pts: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     pts.sort_unstable();
     pts.dedup();
     if pts.len() < 3 {
-        return 0.0;
+        return pts;
     }
-    let cross = |o: (i64, i64), a: (i64, i64), b: (i64, i64)| {
-        (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0)
-    };
     // Andrew's monotone chain: lower then upper hull.
     let mut hull: Vec<(i64, i64)> = Vec::with_capacity(2 * pts.len());
     for pass in 0..2 {
@@ -361,9 +408,20 @@ fn hull_area(pixels: &[(u32, u32)]) -> f32 {
         }
         hull.pop();
     }
-    let twice: i64 = (0..hull.len())
+    hull
+}
+
+fn cross(o: (i64, i64), a: (i64, i64), b: (i64, i64)) -> i64 {
+    (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0)
+}
+
+fn polygon_area(poly: &[(i64, i64)]) -> f32 {
+    if poly.len() < 3 {
+        return 0.0;
+    }
+    let twice: i64 = (0..poly.len())
         .map(|i| {
-            let (a, b) = (hull[i], hull[(i + 1) % hull.len()]);
+            let (a, b) = (poly[i], poly[(i + 1) % poly.len()]);
             a.0 * b.1 - b.0 * a.1
         })
         .sum();
