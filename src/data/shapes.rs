@@ -178,8 +178,6 @@ pub struct Detection {
     pub scene: Option<Scene>,
     /// Fraction of the shape's bounding box covered by shape-coloured pixels.
     pub fill: f32,
-    /// Share of the shape's box inside its convex hull (squares near 1, circles near π/4).
-    pub squareness: f32,
     /// Intersection over union of the filled shape with a circle, a square and a triangle drawn into
     /// its box.
     pub fits: [f32; 3],
@@ -230,7 +228,6 @@ pub fn detect(img: &RgbImage) -> Detection {
         return Detection {
             scene: None,
             fill: 0.0,
-            squareness: 0.0,
             fits: [0.0; 3],
         };
     }
@@ -305,10 +302,8 @@ pub fn detect(img: &RgbImage) -> Detection {
     let top_share = top / solid.max(1.0);
     // Triangles hold far less in the top half of their box. Otherwise the shape is the nearer of a
     // circle and a square drawn into its box (no threshold to tune): the convex hull of the pixel
-    // centres ignores stripes, outlines and holes, so the style does not bend the reading.
-    let hull = convex_hull(&outline);
-    let squareness = polygon_area(&hull) / area;
-    // Pixel centres (doubled to stay integral) for the templates, so a pixelated circle stays round.
+    // centres ignores stripes, outlines and holes, so the style does not bend the reading. Centres
+    // (doubled to stay integral) rather than pixel corners, so that a pixelated circle stays round.
     let centres = hull_of(
         outline
             .iter()
@@ -331,7 +326,6 @@ pub fn detect(img: &RgbImage) -> Detection {
             background,
         }),
         fill,
-        squareness,
         fits,
     }
 }
@@ -368,20 +362,6 @@ fn template_fits(hull: &[(i64, i64)], (x0, y0, x1, y1): (u32, u32, u32, u32)) ->
     [0, 1, 2].map(|k| inter[k] / union[k].max(1.0))
 }
 
-/// The convex hull (counter-clockwise in image coordinates, y down) of a set of pixels, each a unit
-/// square.
-fn convex_hull(pixels: &[(u32, u32)]) -> Vec<(i64, i64)> {
-    hull_of(
-        pixels
-            .iter()
-            .flat_map(|&(x, y)| {
-                let (x, y) = (x as i64, y as i64);
-                [(x, y), (x + 1, y), (x, y + 1), (x + 1, y + 1)]
-            })
-            .collect(),
-    )
-}
-
 /// The convex hull of points (Andrew's monotone chain), counter-clockwise in image coordinates.
 fn hull_of(mut pts: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     pts.sort_unstable();
@@ -413,19 +393,6 @@ fn hull_of(mut pts: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
 
 fn cross(o: (i64, i64), a: (i64, i64), b: (i64, i64)) -> i64 {
     (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0)
-}
-
-fn polygon_area(poly: &[(i64, i64)]) -> f32 {
-    if poly.len() < 3 {
-        return 0.0;
-    }
-    let twice: i64 = (0..poly.len())
-        .map(|i| {
-            let (a, b) = (poly[i], poly[(i + 1) % poly.len()]);
-            a.0 * b.1 - b.0 * a.1
-        })
-        .sum();
-    twice.abs() as f32 / 2.0
 }
 
 /// Whether an image shows the shape, colour and position of `want` (the prompt adherence test).
