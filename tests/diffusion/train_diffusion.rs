@@ -321,6 +321,24 @@ score_samples = 3
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("out/eval.json")).unwrap()).unwrap();
     assert_eq!(eval["scores"].as_array().unwrap().len(), 2);
+    // Each scale lists exactly the samples that missed (3 scored), each with a parseable prompt.
+    for sc in eval["scores"].as_array().unwrap() {
+        let misses = sc["misses"].as_array().unwrap();
+        let adherence = sc["adherence"].as_f64().unwrap();
+        assert_eq!(
+            misses.len(),
+            (3.0 * (1.0 - adherence)).round() as usize,
+            "{sc}"
+        );
+        for m in misses {
+            assert!(m["index"].as_u64().unwrap() < 3, "{m}");
+            let prompt = m["prompt"].as_str().unwrap();
+            assert!(
+                postforge::data::shapes::Scene::parse(prompt).is_some(),
+                "{m}"
+            );
+        }
+    }
     assert!(lines.iter().any(|l| l.contains("style score")));
     // Running the recipe again starts afresh instead of refusing the existing run folder.
     r.run(false, &indicatif::ProgressBar::hidden(), &mut |_| {})
