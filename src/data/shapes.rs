@@ -497,6 +497,7 @@ pub fn dataset_balanced(
     style: Style,
     seed: u64,
 ) -> crate::Result<Vec<(RgbImage, String, Scene)>> {
+    fits(n, size)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let scenes = balanced_scenes(n, &mut rng);
     draw_all(scenes, size, style, &mut rng)
@@ -535,13 +536,13 @@ fn fits(n: usize, size: u32) -> crate::Result<()> {
     )
 }
 
+/// Draws each scene (the caller has checked that `scenes.len()` images of `size` fit in memory).
 fn draw_all(
     scenes: Vec<Scene>,
     size: u32,
     style: Style,
     rng: &mut ChaCha8Rng,
 ) -> crate::Result<Vec<(RgbImage, String, Scene)>> {
-    fits(scenes.len(), size)?;
     Ok(scenes
         .into_iter()
         .map(|s| {
