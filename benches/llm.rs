@@ -18,6 +18,7 @@ use postforge::peft::{AdapterConfig, AdapterPlan, ForwardCtx, ModuleSpec};
 use std::time::Instant;
 
 fn main() {
+    postforge::util::runtime::init();
     let mode = std::env::var("POSTFORGE_BENCH_MODE").unwrap_or_else(|_| "all".into());
     let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
         "model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1376,

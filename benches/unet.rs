@@ -26,6 +26,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    postforge::util::runtime::init();
     let mut low_attn = config(&[32, 64, 64], 32, 3, 64);
     low_attn.down_block_types = vec![
         "DownBlock2D".into(),
@@ -40,7 +41,7 @@ fn main() {
     let cases = [
         (
             "tiny-sd, attention at 16x16 and 8x8 only, batch 8",
-            low_attn,
+            low_attn.clone(),
             8,
             32,
         ),
@@ -56,6 +57,12 @@ fn main() {
             4,
             32,
         ),
+        (
+            "main job: tiny-sd, LoCon r16 on the resnet and sampler convs, batch 8",
+            low_attn,
+            8,
+            32,
+        ),
     ];
     // POSTFORGE_BENCH_CASE=i runs one case, POSTFORGE_BENCH_MODE=lora|full one model and no
     // sampling: the peak RSS printed at the end is then that training step's (compare it with
@@ -68,22 +75,35 @@ fn main() {
         if only_case.is_some_and(|c| c != ci) {
             continue;
         }
-        let lora = AdapterConfig::lora(
-            8,
-            8.0,
-            &[
-                "to_q",
-                "to_k",
-                "to_v",
-                "to_out.0",
-                "ff.net.0.proj",
-                "ff.net.2",
-                "proj_in",
-                "proj_out",
-            ],
-        );
+        // Case 3 is the main job's adapter (pipelines/style-lora.toml: LyCORIS's
+        // unet-convblock-only preset, LoCon dim 16, alpha 16); the others adapt attention.
+        let lora = if ci == 3 {
+            AdapterConfig::lora(16, 16.0, &["conv1", "conv2", "conv", "conv_shortcut"])
+        } else {
+            AdapterConfig::lora(
+                8,
+                8.0,
+                &[
+                    "to_q",
+                    "to_k",
+                    "to_v",
+                    "to_out.0",
+                    "ff.net.0.proj",
+                    "ff.net.2",
+                    "proj_in",
+                    "proj_out",
+                ],
+            )
+        };
         let plans = [
-            ("LoRA r8 (attention)", AdapterPlan::single(lora, 0).unwrap()),
+            (
+                if ci == 3 {
+                    "LoCon r16 (convs)"
+                } else {
+                    "LoRA r8 (attention)"
+                },
+                AdapterPlan::single(lora, 0).unwrap(),
+            ),
             (
                 "full training",
                 AdapterPlan {
@@ -94,7 +114,7 @@ fn main() {
         ];
         let models: Vec<(&str, UNet2DConditionModel)> = plans
             .into_iter()
-            .filter(|(n, _)| mode == "all" || (mode == "lora") == n.starts_with("LoRA"))
+            .filter(|(n, _)| mode == "all" || (mode == "lora") == !n.starts_with("full"))
             .map(|(n, p)| {
                 (
                     n,

@@ -5,6 +5,7 @@ mod cli;
 use clap::FromArgMatches;
 
 fn main() {
+    postforge::util::runtime::init();
     // kohya writes flags with underscores (`--network_dim`); accept them beside `--network-dim`.
     let argv = std::env::args_os().map(|a| match a.to_str() {
         Some(s) if s.starts_with("--") => {

@@ -18,7 +18,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--threads", type=int, default=2)
-ap.add_argument("--case", type=int, default=None, help="only this case (0, 1, 2)")
+ap.add_argument("--case", type=int, default=None, help="only this case (0, 1, 2, 3)")
 ap.add_argument("--mode", choices=["lora", "full", "all"], default="all")
 ap.add_argument("--rounds", type=int, default=5)
 args = ap.parse_args()
@@ -45,7 +45,11 @@ CASES = [
     ("tiny-sd, attention at 16x16 and 8x8 only, batch 8", config([32, 64, 64], 32, 3, 64, True), 8, 32, 64),
     ("tiny-sd (32,64,64) @32x32, batch 8", config([32, 64, 64], 32, 3, 64), 8, 32, 64),
     ("mid (64,128,256) @32x32, batch 4", config([64, 128, 256], 32, 4, 128), 4, 32, 128),
+    # the main job's adapter: LoCon r16 on the resnet and sampler convs (unet-convblock-only)
+    ("main job: tiny-sd, LoCon r16 on the resnet and sampler convs, batch 8",
+     config([32, 64, 64], 32, 3, 64, True), 8, 32, 64),
 ]
+CONV_TARGETS = r".*\.(conv1|conv2|conv|conv_shortcut)$"
 
 for ci, (name, cfg, batch, hw, cross) in enumerate(CASES):
     if args.case is not None and ci != args.case:
@@ -54,7 +58,9 @@ for ci, (name, cfg, batch, hw, cross) in enumerate(CASES):
     if args.mode in ("lora", "all"):
         m = UNet2DConditionModel(**cfg)
         m.requires_grad_(False)
-        m = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS), m)
+        lcfg = (LoraConfig(r=16, lora_alpha=16, target_modules=CONV_TARGETS) if ci == 3
+                else LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS))
+        m = inject_adapter_in_model(lcfg, m)
         for n_, p in m.named_parameters():
             p.requires_grad_("lora_" in n_)
         models["LoRA"] = m.train()

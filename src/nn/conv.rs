@@ -69,7 +69,7 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
 }
 
 /// Output size of a conv along one axis.
-fn conv_out_size(n: usize, k: usize, cfg: ConvCfg) -> usize {
+pub(super) fn conv_out_size(n: usize, k: usize, cfg: ConvCfg) -> usize {
     (n + 2 * cfg.padding).saturating_sub(cfg.dilation * (k - 1) + 1) / cfg.stride + 1
 }
 
@@ -91,6 +91,80 @@ fn valid_range(on: usize, n: usize, k: usize, cfg: ConvCfg) -> (usize, usize) {
         (((n as isize - 1 - off) / s) as usize + 1).min(on)
     };
     (lo.min(hi), hi)
+}
+
+/// One channel plane `src` (h·w) into its kh·kw patch rows of oh·ow values each (`dst`, every
+/// value written: zeros where the kernel reads padding).
+pub(super) fn im2col_plane(
+    src: &[f32],
+    (h, w): (usize, usize),
+    kh: usize,
+    kw: usize,
+    cfg: ConvCfg,
+    dst: &mut [f32],
+) {
+    let (oh, ow) = (conv_out_size(h, kh, cfg), conv_out_size(w, kw, cfg));
+    let ohw = oh * ow;
+    for ky in 0..kh {
+        let (y0, y1) = valid_range(oh, h, ky, cfg);
+        for kx in 0..kw {
+            let (x0, x1) = valid_range(ow, w, kx, cfg);
+            let row = &mut dst[(ky * kw + kx) * ohw..][..ohw];
+            // Padding rows and columns are zero; the rest is copied.
+            row[..y0 * ow].fill(0.0);
+            row[y1 * ow..].fill(0.0);
+            for oy in y0..y1 {
+                let line = &mut row[oy * ow..(oy + 1) * ow];
+                line[..x0].fill(0.0);
+                line[x1..].fill(0.0);
+                let iy = oy * cfg.stride + ky * cfg.dilation - cfg.padding;
+                let ix0 = x0 * cfg.stride + kx * cfg.dilation - cfg.padding;
+                let d = &mut line[x0..x1];
+                if cfg.stride == 1 {
+                    d.copy_from_slice(&src[iy * w + ix0..iy * w + ix0 + d.len()]);
+                } else {
+                    for (j, v) in d.iter_mut().enumerate() {
+                        *v = src[iy * w + ix0 + j * cfg.stride];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col_plane`]: adds the kh·kw patch rows `src` back into the plane `dst`
+/// (h·w), rows in a fixed order (reproducible).
+pub(super) fn col2im_plane(
+    src: &[f32],
+    (h, w): (usize, usize),
+    kh: usize,
+    kw: usize,
+    cfg: ConvCfg,
+    dst: &mut [f32],
+) {
+    let (oh, ow) = (conv_out_size(h, kh, cfg), conv_out_size(w, kw, cfg));
+    let ohw = oh * ow;
+    for ky in 0..kh {
+        let (y0, y1) = valid_range(oh, h, ky, cfg);
+        for kx in 0..kw {
+            let (x0, x1) = valid_range(ow, w, kx, cfg);
+            let row = &src[(ky * kw + kx) * ohw..][..ohw];
+            for oy in y0..y1 {
+                let iy = oy * cfg.stride + ky * cfg.dilation - cfg.padding;
+                let ix0 = x0 * cfg.stride + kx * cfg.dilation - cfg.padding;
+                let r = &row[oy * ow + x0..oy * ow + x1];
+                if cfg.stride == 1 {
+                    for (d, v) in dst[iy * w + ix0..iy * w + ix0 + r.len()].iter_mut().zip(r) {
+                        *d += v;
+                    }
+                } else {
+                    for (j, v) in r.iter().enumerate() {
+                        dst[iy * w + ix0 + j * cfg.stride] += v;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// im2col in the "channels × positions" layout: (b, c, h, w) → (b, c·kh·kw, oh·ow), so that
@@ -117,26 +191,14 @@ impl candle_core::CustomOp1 for Im2ColT {
         out.par_chunks_mut(kh * kw * ohw)
             .enumerate()
             .for_each(|(plane, dst)| {
-                let src = &x[plane * h * w..(plane + 1) * h * w];
-                for ky in 0..kh {
-                    let (y0, y1) = valid_range(oh, h, ky, cfg);
-                    for kx in 0..kw {
-                        let (x0, x1) = valid_range(ow, w, kx, cfg);
-                        let row = &mut dst[(ky * kw + kx) * ohw..][..ohw];
-                        for oy in y0..y1 {
-                            let iy = oy * cfg.stride + ky * cfg.dilation - cfg.padding;
-                            let ix0 = x0 * cfg.stride + kx * cfg.dilation - cfg.padding;
-                            let d = &mut row[oy * ow + x0..oy * ow + x1];
-                            if cfg.stride == 1 {
-                                d.copy_from_slice(&src[iy * w + ix0..iy * w + ix0 + d.len()]);
-                            } else {
-                                for (j, v) in d.iter_mut().enumerate() {
-                                    *v = src[iy * w + ix0 + j * cfg.stride];
-                                }
-                            }
-                        }
-                    }
-                }
+                im2col_plane(
+                    &x[plane * h * w..(plane + 1) * h * w],
+                    (h, w),
+                    kh,
+                    kw,
+                    cfg,
+                    dst,
+                )
             });
         Ok((CpuStorage::F32(out), Shape::from((b, c * kh * kw, ohw))))
     }
@@ -167,36 +229,14 @@ impl candle_core::CustomOp1 for Col2ImT {
             .enumerate()
             .for_each(|(plane, dst)| {
                 let src = &g[plane * kh * kw * ohw..(plane + 1) * kh * kw * ohw];
-                for ky in 0..kh {
-                    let (y0, y1) = valid_range(oh, h, ky, cfg);
-                    for kx in 0..kw {
-                        let (x0, x1) = valid_range(ow, w, kx, cfg);
-                        let row = &src[(ky * kw + kx) * ohw..][..ohw];
-                        for oy in y0..y1 {
-                            let iy = oy * cfg.stride + ky * cfg.dilation - cfg.padding;
-                            let ix0 = x0 * cfg.stride + kx * cfg.dilation - cfg.padding;
-                            let r = &row[oy * ow + x0..oy * ow + x1];
-                            if cfg.stride == 1 {
-                                for (d, v) in
-                                    dst[iy * w + ix0..iy * w + ix0 + r.len()].iter_mut().zip(r)
-                                {
-                                    *d += v;
-                                }
-                            } else {
-                                for (j, v) in r.iter().enumerate() {
-                                    dst[iy * w + ix0 + j * cfg.stride] += v;
-                                }
-                            }
-                        }
-                    }
-                }
+                col2im_plane(src, (h, w), kh, kw, cfg, dst)
             });
         Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
     }
 }
 
 /// Whether the conv is a plain per-pixel matmul (1×1, stride 1, no padding).
-fn pointwise(kh: usize, kw: usize, cfg: ConvCfg) -> bool {
+pub(super) fn pointwise(kh: usize, kw: usize, cfg: ConvCfg) -> bool {
     kh == 1 && kw == 1 && cfg.stride == 1 && cfg.padding == 0
 }
 

@@ -99,11 +99,12 @@ pub trait Adapter: Any + Send + Sync {
     /// the gain; `out` is what the base computed.
     fn delta(&self, base: &Base, x: &Tensor, out: &BaseOut, ctx: &ForwardCtx) -> Result<Tensor>;
 
-    /// `base(x) + gain · δ(x)` without bias, in one fused node, where the method has one and it is
+    /// `base(x) + bias + gain · δ(x)`, in one fused node where the method has one and it is
     /// exact for this call (`None`: use the equation).
     fn fused(
         &self,
         _base: &Base,
+        _bias: Option<&Tensor>,
         _x: &Tensor,
         _gain: f64,
         _ctx: &ForwardCtx,

@@ -354,8 +354,8 @@ impl AdaptedLayer {
         let routed = live.iter().any(|(n, _)| ctx.is_routed(n));
         let bias = self.base.bias.as_ref();
         if let ([(_, s)], false) = (live.as_slice(), routed) {
-            if let Some(y) = s.adapter.fused(&self.base, x, s.gain, ctx)? {
-                return self.base.add_bias(y, bias);
+            if let Some(y) = s.adapter.fused(&self.base, bias, x, s.gain, ctx)? {
+                return Ok(y);
             }
         }
         // Unrouted multiplicative adapters (IA3) compose into one input and one output factor.

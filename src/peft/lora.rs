@@ -16,7 +16,7 @@ use super::config::{Init, Method};
 use super::ctx::ForwardCtx;
 use super::init;
 use crate::nn::conv::ConvCfg;
-use crate::nn::{conv, frozen, lora_op};
+use crate::nn::{conv, frozen, lora_conv, lora_op};
 use crate::Result;
 use candle_core::{DType, Tensor, Var};
 
@@ -333,32 +333,48 @@ impl Adapter for Lora {
     fn fused(
         &self,
         base: &Base,
+        bias: Option<&Tensor>,
         x: &Tensor,
         gain: f64,
         ctx: &ForwardCtx,
     ) -> Result<Option<Tensor>> {
-        if base.kind() != BaseKind::Linear
-            || !x.device().is_cpu()
-            || (ctx.train && self.dropout > 0.0)
-        {
+        if !x.device().is_cpu() || (ctx.train && self.dropout > 0.0) {
             return Ok(None);
         }
         let (a, b) = (ctx.read(&self.a), ctx.read(&self.b));
+        if let (BaseKind::Conv2d(cfg), BaseWeight::Dense(w), None) =
+            (base.kind(), base.weight(), &self.magnitude)
+        {
+            // LoCon: base, bias and both factors in one node over one unfolding of x.
+            return Ok(lora_conv::lora_conv2d(
+                x,
+                w,
+                bias,
+                &a,
+                &b,
+                self.scale * gain,
+                cfg,
+            )?);
+        }
+        if base.kind() != BaseKind::Linear {
+            return Ok(None);
+        }
         let fused = |s: f64| -> Result<Tensor> {
             Ok(match base.weight() {
                 BaseWeight::Dense(w) => lora_op::lora_linear(x, w, &a, &b, s)?,
                 BaseWeight::Nf4(q) => lora_op::qlora_linear(x, q, &a, &b, s)?,
             })
         };
-        Ok(match &self.magnitude {
-            None => Some(fused(self.scale * gain)?),
+        let y = match &self.magnitude {
+            None => fused(self.scale * gain)?,
             // y = g ⊙ (W x + s·B A x) with g = m / ‖W + s·B A‖ (detached norm).
             Some(m) if gain == 1.0 => {
                 let u = fused(self.scale)?;
-                Some(lora_op::scale_columns(&u, &self.dora_gain(base, m, ctx)?)?)
+                lora_op::scale_columns(&u, &self.dora_gain(base, m, ctx)?)?
             }
-            Some(_) => None,
-        })
+            Some(_) => return Ok(None),
+        };
+        Ok(Some(base.add_bias(y, bias)?))
     }
 
     fn delta_weight(&self, base: &Base) -> Result<Tensor> {

@@ -2,6 +2,7 @@
 //! output folders that are locked and swapped in whole ([`outdir`]).
 
 pub mod mem;
+pub mod runtime;
 pub mod outdir;
 
 use crate::{Error, Result};

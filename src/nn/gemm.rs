@@ -1,0 +1,216 @@
+//! f32 matrix products into buffers we own, through the `gemm` crate that candle's own CPU matmul
+//! uses: `dst = [dst +] β·lhs·rhs` over strided views of slices. The fused nodes compute their
+//! forward and backward with these, so that an output is written once (no zero-fill, no copy out of
+//! a candle tensor) and a sum of products accumulates into one buffer.
+//!
+//! This is the crate's only `unsafe`: every view is checked to lie inside its slice before the call.
+
+use candle_core::Result;
+
+/// A strided `rows × cols` view of a slice: element (i, j) at `i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major `rows × cols` matrix at the start of `data`.
+    pub fn rm(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    fn check(&self, what: &str) -> Result<()> {
+        let last = if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.rs + (self.cols - 1) * self.cs + 1
+        };
+        if last > self.data.len() {
+            candle_core::bail!(
+                "gemm: {what} view {}x{} (strides {}, {}) needs {last} values, the slice has {}",
+                self.rows,
+                self.cols,
+                self.rs,
+                self.cs,
+                self.data.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How a product uses the threads: `Serial` inside a task that is itself one of many parallel
+/// tasks, `Threads(n)` for one large product.
+#[derive(Clone, Copy, Debug)]
+pub enum Par {
+    /// One thread.
+    Serial,
+    /// Split over `n` rayon threads.
+    Threads(usize),
+}
+
+impl Par {
+    /// All the current rayon pool's threads.
+    pub fn all() -> Self {
+        Par::Threads(rayon::current_num_threads().max(1))
+    }
+}
+
+/// `dst = β·lhs·rhs` (`accumulate` false) or `dst += β·lhs·rhs` (true), `dst` row-major
+/// `lhs.rows × rhs.cols`.
+pub fn gemm_into(
+    dst: &mut [f32],
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+    accumulate: bool,
+    par: Par,
+) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k || dst.len() != m * n {
+        candle_core::bail!(
+            "gemm: ({m}x{k}) · ({}x{n}) into {} values",
+            rhs.rows,
+            dst.len()
+        );
+    }
+    lhs.check("left")?;
+    rhs.check("right")?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    let parallelism = match par {
+        Par::Serial => gemm::Parallelism::None,
+        Par::Threads(t) if t > 1 => gemm::Parallelism::Rayon(t),
+        Par::Threads(_) => gemm::Parallelism::None,
+    };
+    // SAFETY: every element the product reads lies inside `lhs.data` / `rhs.data` (checked
+    // above), `dst` is an exclusive row-major m×n slice, and no view aliases `dst`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn products_views_and_accumulation_match_a_plain_loop() {
+        let (m, k, n) = (7, 13, 5);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 17 % 7) as f32 - 3.0) / 2.0)
+            .collect();
+        let want = naive(&a, &b, m, k, n);
+        for par in [Par::Serial, Par::Threads(2)] {
+            let mut c = vec![f32::NAN; m * n];
+            gemm_into(
+                &mut c,
+                Mat::rm(&a, m, k),
+                Mat::rm(&b, k, n),
+                1.0,
+                false,
+                par,
+            )
+            .unwrap();
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+            }
+            // c += 2·a·b, with b given as the transpose of its transpose.
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            gemm_into(
+                &mut c,
+                Mat::rm(&a, m, k),
+                Mat::rm(&bt, n, k).t(),
+                2.0,
+                true,
+                par,
+            )
+            .unwrap();
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - 3.0 * y).abs() < 1e-4, "{x} vs {}", 3.0 * y);
+            }
+        }
+        // A view that runs past its slice is refused, not read.
+        let mut c = vec![0f32; m * n];
+        assert!(gemm_into(
+            &mut c,
+            Mat::rm(&a[1..], m, k),
+            Mat::rm(&b, k, n),
+            1.0,
+            false,
+            Par::Serial
+        )
+        .is_err());
+        assert!(gemm_into(
+            &mut c[1..],
+            Mat::rm(&a, m, k),
+            Mat::rm(&b, k, n),
+            1.0,
+            false,
+            Par::Serial
+        )
+        .is_err());
+    }
+}

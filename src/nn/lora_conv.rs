@@ -1,0 +1,572 @@
+//! The whole LoRA conv layer (LoCon, PEFT's `Conv2d` LoRA) as one node:
+//! `y = conv(x, W) + bias + s·conv1x1(conv(x, A), B)` for a frozen kernel `W` (o, c, kh, kw) and
+//! trainable `A` (r, c, kh, kw), `B` (o, r, 1, 1).
+//!
+//! The base and `A` read the same patches, so each image is unfolded once per pass: forward
+//! `Y = W·P (+ bias) ; H = A·P ; Y += s·B·H`, backward `Ĝ = s·Bᵀ·G ; dB = s·G·Hᵀ ; dA = Ĝ·Pᵀ ;
+//! dP = Wᵀ·G + Aᵀ·Ĝ` folded back into dL/dx. Every product writes into a buffer the node owns (the
+//! `gemm` crate, as candle's matmul), images run in parallel, and nothing is copied out of a candle
+//! tensor: the composed path makes two unfoldings, a 1×1 conv, a scale, an add and a bias node per
+//! pass, each with its own output-sized buffer. CPU, f32, groups 1, dilation 1; otherwise `None`
+//! and the layer takes the composed path.
+
+use super::conv::{col2im_plane, conv_out_size, im2col_plane, pointwise, ConvCfg};
+use super::gemm::{gemm_into, Mat, Par};
+use super::kernels::f32_slice;
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+#[derive(Clone, Copy)]
+struct Geom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    r: usize,
+    kh: usize,
+    kw: usize,
+    cfg: ConvCfg,
+    /// oh·ow
+    p: usize,
+}
+
+impl Geom {
+    /// c·kh·kw
+    fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    fn point(&self) -> bool {
+        pointwise(self.kh, self.kw, self.cfg)
+    }
+    /// The patch matrix (k × p) of image `xi`: `xi` itself for a 1×1 conv, else unfolded into
+    /// `cols`.
+    fn patches<'a>(&self, xi: &'a [f32], cols: &'a mut Vec<f32>) -> &'a [f32] {
+        if self.point() {
+            return xi;
+        }
+        let (plane, rows) = (self.h * self.w, self.kh * self.kw * self.p);
+        cols.resize(self.k() * self.p, 0.0);
+        for ch in 0..self.c {
+            im2col_plane(
+                &xi[ch * plane..(ch + 1) * plane],
+                (self.h, self.w),
+                self.kh,
+                self.kw,
+                self.cfg,
+                &mut cols[ch * rows..(ch + 1) * rows],
+            );
+        }
+        cols
+    }
+    /// Images in parallel with serial products when there are enough of them for the threads,
+    /// else one image at a time with threaded products.
+    fn split(&self) -> (bool, Par) {
+        let t = rayon::current_num_threads().max(1);
+        if self.n >= t {
+            (true, Par::Serial)
+        } else {
+            (false, Par::all())
+        }
+    }
+}
+
+/// `conv(x, w) + bias + scale·conv1x1(conv(x, a), b)` as one node (see the module doc), or `None`
+/// where the node does not apply (device, dtype, groups, dilation, rank).
+pub fn lora_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    cfg: ConvCfg,
+) -> Result<Option<Tensor>> {
+    let f32s = [x, w, a, b].iter().all(|t| t.dtype() == DType::F32)
+        && bias.is_none_or(|t| t.dtype() == DType::F32);
+    if !x.device().is_cpu()
+        || !f32s
+        || cfg.groups != 1
+        || cfg.dilation != 1
+        || cfg.stride == 0
+        || x.rank() != 4
+        || w.rank() != 4
+        || a.rank() != 4
+        || b.rank() != 4
+    {
+        return Ok(None);
+    }
+    let (n, c, h, wd) = x.dims4()?;
+    let (o, wc, kh, kw) = w.dims4()?;
+    let (r, ac, akh, akw) = a.dims4()?;
+    let (bo, br, bkh, bkw) = b.dims4()?;
+    if wc != c
+        || (ac, akh, akw) != (c, kh, kw)
+        || (bo, br, bkh, bkw) != (o, r, 1, 1)
+        || bias.is_some_and(|t| t.dims() != [o])
+    {
+        candle_core::bail!(
+            "lora_conv2d: input {:?}, kernel {:?}, A {:?}, B {:?}, bias {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            a.dims(),
+            b.dims(),
+            bias.map(|t| t.dims().to_vec())
+        );
+    }
+    if h + 2 * cfg.padding < kh || wd + 2 * cfg.padding < kw {
+        candle_core::bail!(
+            "lora_conv2d: input {:?} is smaller than the kernel {:?} (padding {})",
+            x.dims(),
+            w.dims(),
+            cfg.padding
+        );
+    }
+    let p = conv_out_size(h, kh, cfg) * conv_out_size(wd, kw, cfg);
+    let op = LoraConvOp {
+        g: Geom {
+            n,
+            c,
+            h,
+            w: wd,
+            o,
+            r,
+            kh,
+            kw,
+            cfg,
+            p,
+        },
+        w: w.detach().contiguous()?,
+        bias: bias.map(|t| t.detach().contiguous()).transpose()?,
+        scale: scale as f32,
+        hidden: Mutex::new(None),
+    };
+    let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
+    Ok(Some(if x.track_op() || a.track_op() || b.track_op() {
+        x.apply_op3_arc(&a, &b, std::sync::Arc::new(Box::new(op)))?
+    } else {
+        x.apply_op3_no_bwd(&a, &b, &op)?
+    }))
+}
+
+struct LoraConvOp {
+    g: Geom,
+    w: Tensor,
+    bias: Option<Tensor>,
+    scale: f32,
+    /// H = A·P per image (n, r, p), kept from the forward for dB.
+    hidden: Mutex<Option<Vec<f32>>>,
+}
+
+fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => f32_slice(c, l, "lora_conv2d"),
+        _ => candle_core::bail!("lora_conv2d: CPU only"),
+    }
+}
+
+impl candle_core::CustomOp3 for LoraConvOp {
+    fn name(&self) -> &'static str {
+        "lora-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.g;
+        let x = f32_slice(sx, lx, "lora_conv2d")?;
+        let a = f32_slice(sa, la, "lora_conv2d")?;
+        let b = f32_slice(sb, lb, "lora_conv2d")?;
+        let (ws, wl) = self.w.storage_and_layout();
+        let w = cpu_f32(&ws, wl)?;
+        let bguard = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let bias = match &bguard {
+            Some((s, l)) => Some(cpu_f32(s, l)?),
+            None => None,
+        };
+        let (k, p, xi_len) = (g.k(), g.p, g.c * g.h * g.w);
+        let mut y = vec![0f32; g.n * g.o * p];
+        let mut hid = vec![0f32; g.n * g.r * p];
+        let image = |i: usize, yi: &mut [f32], hi: &mut [f32], cols: &mut Vec<f32>, par: Par| {
+            let pm = g.patches(&x[i * xi_len..(i + 1) * xi_len], cols);
+            if let Some(bv) = bias {
+                for (row, v) in yi.chunks_mut(p).zip(bv) {
+                    row.fill(*v);
+                }
+            }
+            gemm_into(
+                yi,
+                Mat::rm(w, g.o, k),
+                Mat::rm(pm, k, p),
+                1.0,
+                bias.is_some(),
+                par,
+            )?;
+            gemm_into(hi, Mat::rm(a, g.r, k), Mat::rm(pm, k, p), 1.0, false, par)?;
+            gemm_into(
+                yi,
+                Mat::rm(b, g.o, g.r),
+                Mat::rm(hi, g.r, p),
+                self.scale,
+                true,
+                par,
+            )
+        };
+        let chunks = y.par_chunks_mut(g.o * p).zip(hid.par_chunks_mut(g.r * p));
+        match g.split() {
+            (true, par) => chunks
+                .enumerate()
+                .try_for_each_init(Vec::new, |cols, (i, (yi, hi))| image(i, yi, hi, cols, par))?,
+            (false, par) => {
+                let mut cols = Vec::new();
+                for (i, (yi, hi)) in y
+                    .chunks_mut(g.o * p)
+                    .zip(hid.chunks_mut(g.r * p))
+                    .enumerate()
+                {
+                    image(i, yi, hi, &mut cols, par)?;
+                }
+            }
+        }
+        *self
+            .hidden
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lora_conv2d: poisoned".into()))? = Some(hid);
+        let (oh, ow) = (
+            conv_out_size(g.h, g.kh, g.cfg),
+            conv_out_size(g.w, g.kw, g.cfg),
+        );
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, oh, ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.g;
+        let (k, p, xi_len, s) = (g.k(), g.p, g.c * g.h * g.w, self.scale);
+        let want_x = x.track_op();
+        let grad = grad.contiguous()?;
+        let hidden = self
+            .hidden
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lora_conv2d: poisoned".into()))?;
+        let Some(hid) = hidden.as_ref() else {
+            candle_core::bail!("lora_conv2d: backward before forward")
+        };
+        let (gs, gl) = grad.storage_and_layout();
+        let gy = cpu_f32(&gs, gl)?;
+        let (xs, xl) = x.storage_and_layout();
+        let xv = cpu_f32(&xs, xl)?;
+        let (as_, al) = a.storage_and_layout();
+        let av = cpu_f32(&as_, al)?;
+        let (bs, bl) = b.storage_and_layout();
+        let bv = cpu_f32(&bs, bl)?;
+        let (ws, wl) = self.w.storage_and_layout();
+        let wv = cpu_f32(&ws, wl)?;
+        // Per-image shares of dA and dB, summed in image order afterwards (reproducible).
+        let mut da_parts = vec![0f32; g.n * g.r * k];
+        let mut db_parts = vec![0f32; g.n * g.o * g.r];
+        let mut dx = vec![0f32; if want_x { g.n * xi_len } else { g.n }];
+        let dx_chunk = if want_x { xi_len } else { 1 };
+        struct Scratch {
+            cols: Vec<f32>,
+            dcols: Vec<f32>,
+            gh: Vec<f32>,
+        }
+        let scratch = || Scratch {
+            cols: Vec::new(),
+            dcols: Vec::new(),
+            gh: vec![0f32; g.r * p],
+        };
+        let image = |i: usize,
+                     da: &mut [f32],
+                     db: &mut [f32],
+                     dxi: &mut [f32],
+                     sc: &mut Scratch,
+                     par: Par|
+         -> Result<()> {
+            let gi = Mat::rm(&gy[i * g.o * p..(i + 1) * g.o * p], g.o, p);
+            let hi = Mat::rm(&hid[i * g.r * p..(i + 1) * g.r * p], g.r, p);
+            let bm = Mat::rm(bv, g.o, g.r);
+            let am = Mat::rm(av, g.r, k);
+            // Ĝ = s·Bᵀ·G ; dB_i = s·G·Hᵀ
+            gemm_into(&mut sc.gh, bm.t(), gi, s, false, par)?;
+            gemm_into(db, gi, hi.t(), s, false, par)?;
+            let pm = g.patches(&xv[i * xi_len..(i + 1) * xi_len], &mut sc.cols);
+            // dA_i = Ĝ·Pᵀ
+            gemm_into(
+                da,
+                Mat::rm(&sc.gh, g.r, p),
+                Mat::rm(pm, k, p).t(),
+                1.0,
+                false,
+                par,
+            )?;
+            if want_x {
+                let wm = Mat::rm(wv, g.o, k);
+                let ghm = Mat::rm(&sc.gh, g.r, p);
+                if g.point() {
+                    gemm_into(dxi, wm.t(), gi, 1.0, false, par)?;
+                    gemm_into(dxi, am.t(), ghm, 1.0, true, par)?;
+                } else {
+                    sc.dcols.resize(k * p, 0.0);
+                    gemm_into(&mut sc.dcols, wm.t(), gi, 1.0, false, par)?;
+                    gemm_into(&mut sc.dcols, am.t(), ghm, 1.0, true, par)?;
+                    let (plane, rows) = (g.h * g.w, g.kh * g.kw * p);
+                    for ch in 0..g.c {
+                        col2im_plane(
+                            &sc.dcols[ch * rows..(ch + 1) * rows],
+                            (g.h, g.w),
+                            g.kh,
+                            g.kw,
+                            g.cfg,
+                            &mut dxi[ch * plane..(ch + 1) * plane],
+                        );
+                    }
+                }
+            }
+            Ok(())
+        };
+        match g.split() {
+            (true, par) => da_parts
+                .par_chunks_mut(g.r * k)
+                .zip(db_parts.par_chunks_mut(g.o * g.r))
+                .zip(dx.par_chunks_mut(dx_chunk))
+                .enumerate()
+                .try_for_each_init(scratch, |sc, (i, ((da, db), dxi))| {
+                    image(i, da, db, dxi, sc, par)
+                })?,
+            (false, par) => {
+                let mut sc = scratch();
+                for (i, ((da, db), dxi)) in da_parts
+                    .chunks_mut(g.r * k)
+                    .zip(db_parts.chunks_mut(g.o * g.r))
+                    .zip(dx.chunks_mut(dx_chunk))
+                    .enumerate()
+                {
+                    image(i, da, db, dxi, &mut sc, par)?;
+                }
+            }
+        }
+        let sum_parts = |parts: Vec<f32>, len: usize| -> Vec<f32> {
+            let mut it = parts.chunks(len);
+            let mut acc = it.next().map(<[f32]>::to_vec).unwrap_or_default();
+            for part in it {
+                acc.iter_mut().zip(part).for_each(|(s, v)| *s += *v);
+            }
+            acc
+        };
+        let da = Tensor::from_vec(
+            sum_parts(da_parts, g.r * k),
+            (g.r, g.c, g.kh, g.kw),
+            &Device::Cpu,
+        )?;
+        let db = Tensor::from_vec(
+            sum_parts(db_parts, g.o * g.r),
+            (g.o, g.r, 1, 1),
+            &Device::Cpu,
+        )?;
+        let dx = if want_x {
+            Some(Tensor::from_vec(dx, (g.n, g.c, g.h, g.w), &Device::Cpu)?)
+        } else {
+            None
+        };
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
+        let mut rng = crate::rng::rng_for(seed, "lora-conv-test");
+        crate::rng::normal(shape, std, &mut rng).unwrap()
+    }
+
+    /// The composed reference: candle's conv2d for the base, A and B, a broadcast bias.
+    fn composed(
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        a: &Tensor,
+        b: &Tensor,
+        s: f64,
+        cfg: ConvCfg,
+    ) -> Tensor {
+        let y = x.conv2d(w, cfg.padding, cfg.stride, 1, 1).unwrap();
+        let y = match bias {
+            Some(bb) => y
+                .broadcast_add(&bb.reshape((1, (), 1, 1)).unwrap())
+                .unwrap(),
+            None => y,
+        };
+        let hh = x.conv2d(a, cfg.padding, cfg.stride, 1, 1).unwrap();
+        (y + (hh.conv2d(b, 0, 1, 1, 1).unwrap() * s).unwrap()).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_fused_locon_node_matches_the_composed_layer_in_value_and_every_gradient() {
+        // (batch, c, o, r, h, w, k, stride, padding, bias): 3×3 same, strided downsampler,
+        // 1×1 shortcut, one image (threaded products), odd sizes.
+        let cases = [
+            (3, 4, 6, 2, 8, 8, 3, 1, 1, true),
+            (2, 5, 3, 3, 9, 7, 3, 2, 1, true),
+            (4, 6, 5, 2, 5, 6, 1, 1, 0, false),
+            (1, 3, 4, 2, 6, 6, 3, 1, 1, false),
+            (3, 2, 3, 1, 4, 5, 3, 1, 0, true),
+        ];
+        for (ci, &(n, c, o, r, h, wd, k, stride, padding, with_bias)) in cases.iter().enumerate() {
+            let cfg = ConvCfg {
+                padding,
+                stride,
+                dilation: 1,
+                groups: 1,
+            };
+            let seed = ci as u64 * 10;
+            let x = Var::from_tensor(&randn(&[n, c, h, wd], seed, 1.0)).unwrap();
+            let w = randn(&[o, c, k, k], seed + 1, 0.3);
+            let bias = with_bias.then(|| randn(&[o], seed + 2, 0.5));
+            let a = Var::from_tensor(&randn(&[r, c, k, k], seed + 3, 0.3)).unwrap();
+            let b = Var::from_tensor(&randn(&[o, r, 1, 1], seed + 4, 0.3)).unwrap();
+            let s = 0.75;
+            let fused = lora_conv2d(
+                x.as_tensor(),
+                &w,
+                bias.as_ref(),
+                a.as_tensor(),
+                b.as_tensor(),
+                s,
+                cfg,
+            )
+            .unwrap()
+            .expect("CPU f32 takes the fused node");
+            let want = composed(
+                x.as_tensor(),
+                &w,
+                bias.as_ref(),
+                a.as_tensor(),
+                b.as_tensor(),
+                s,
+                cfg,
+            );
+            assert_eq!(fused.dims(), want.dims(), "case {ci}");
+            assert!(
+                max_diff(&fused, &want) < 1e-4,
+                "case {ci}: value {}",
+                max_diff(&fused, &want)
+            );
+            // A loss that weighs every output differently, so a misplaced gradient shows.
+            let weight = randn(want.dims(), seed + 5, 1.0);
+            let gf = (&fused * &weight)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gw = (&want * &weight)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
+                let (f, r) = (
+                    gf.get(v.as_tensor()).unwrap(),
+                    gw.get(v.as_tensor()).unwrap(),
+                );
+                let scale = r
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(scale > 0.0, "case {ci}: d{name} is zero");
+                assert!(
+                    max_diff(f, r) < 1e-4 * scale.max(1.0),
+                    "case {ci}: d{name} off by {}",
+                    max_diff(f, r)
+                );
+            }
+            // The frozen kernel gets nothing.
+            assert!(gf.get(&w).is_none());
+        }
+    }
+
+    #[test]
+    fn without_gradients_it_records_no_graph_and_gives_the_same_values() {
+        let cfg = ConvCfg {
+            padding: 1,
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+        };
+        let x = randn(&[2, 3, 6, 6], 1, 1.0);
+        let w = randn(&[4, 3, 3, 3], 2, 0.3);
+        let a = randn(&[2, 3, 3, 3], 3, 0.3);
+        let b = randn(&[4, 2, 1, 1], 4, 0.3);
+        let y = lora_conv2d(&x, &w, None, &a, &b, 2.0, cfg)
+            .unwrap()
+            .unwrap();
+        assert!(!y.track_op());
+        assert!(max_diff(&y, &composed(&x, &w, None, &a, &b, 2.0, cfg)) < 1e-4);
+    }
+
+    #[test]
+    fn unsupported_calls_fall_back_and_misfits_name_the_shapes() {
+        let x = randn(&[1, 3, 6, 6], 1, 1.0);
+        let w = randn(&[4, 3, 3, 3], 2, 0.3);
+        let a = randn(&[2, 3, 3, 3], 3, 0.3);
+        let b = randn(&[4, 2, 1, 1], 4, 0.3);
+        let dil = ConvCfg {
+            padding: 2,
+            stride: 1,
+            dilation: 2,
+            groups: 1,
+        };
+        assert!(lora_conv2d(&x, &w, None, &a, &b, 1.0, dil)
+            .unwrap()
+            .is_none());
+        let x16 = x.to_dtype(DType::F16).unwrap();
+        assert!(lora_conv2d(&x16, &w, None, &a, &b, 1.0, ConvCfg::default())
+            .unwrap()
+            .is_none());
+        let bad_b = randn(&[5, 2, 1, 1], 4, 0.3);
+        let err = lora_conv2d(&x, &w, None, &a, &bad_b, 1.0, ConvCfg::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[5, 2, 1, 1]") && err.contains("[4, 3, 3, 3]"),
+            "{err}"
+        );
+    }
+}

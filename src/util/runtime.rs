@@ -1,0 +1,34 @@
+//! Process-wide settings for CPU work, applied once at the start of the binary and the benches
+//! ([`init`]), before any thread pool or large buffer exists.
+
+/// Applies the settings below; later calls do nothing.
+///
+/// - **Thread count.** candle asks for its thread count on every matmul and every elementwise op,
+///   and unless `RAYON_NUM_THREADS` is set it counts the physical cores by reading
+///   `/proc/cpuinfo` each time: about 3 % of a U-Net training step on 2 cores went to that. When
+///   the variable is unset it is set to the available parallelism (what rayon's own pool uses),
+///   so candle, rayon and our kernels agree and the count is read once. A value the user set is
+///   left as it is.
+/// - **Allocator (glibc).** A training step allocates and frees the same activation buffers
+///   every step. glibc maps buffers above a moving threshold with `mmap` and returns them on
+///   free, so every step paid page faults and zeroing for fresh pages again. The threshold is
+///   fixed at glibc's maximum (32 MiB) and freed memory is kept up to 512 MiB, so buffers are
+///   reused from the heap. Peak memory is unchanged (the same buffers are live at the peak).
+pub fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            // SAFETY: mallopt only changes allocator parameters; it is called before other
+            // threads exist (first thing in main / the bench) and takes plain integers.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+            }
+        }
+    });
+}
