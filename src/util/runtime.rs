@@ -9,6 +9,12 @@
 ///   the variable is unset it is set to the available parallelism (what rayon's own pool uses),
 ///   so candle, rayon and our kernels agree and the count is read once. A value the user set is
 ///   left as it is.
+/// - **candle's elementwise pool.** candle runs elementwise ops on its own pool, whose workers
+///   spin for a while after each op. Our kernels and the GEMMs run on rayon's pool, so on a small
+///   machine the spinning worker takes a core from them: on 2 cores, 12 % of a U-Net training
+///   step's samples were that spin, and one elementwise thread made the step 10 % faster
+///   (these ops are bound by memory bandwidth, which one core nearly fills). With at most 4
+///   threads and `CANDLE_NUM_THREADS` unset, it is set to 1; larger machines keep candle's pool.
 /// - **Allocator (glibc).** A training step allocates and frees the same activation buffers
 ///   every step. glibc maps buffers above a moving threshold with `mmap` and returns them on
 ///   free, so every step paid page faults and zeroing for fresh pages again. The threshold is
@@ -20,6 +26,13 @@ pub fn init() {
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             let n = std::thread::available_parallelism().map_or(1, |n| n.get());
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+        let threads = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1);
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() && threads <= 4 {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
         }
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         {
