@@ -73,7 +73,8 @@ impl Geom {
 }
 
 /// `conv(x, w) + bias + scale·conv1x1(conv(x, a), b)` as one node (see the module doc), or `None`
-/// where the node does not apply (device, dtype, groups, dilation, rank).
+/// where the node does not apply (device, dtype, groups, dilation, rank, or a kernel or bias
+/// that is itself trained).
 pub fn lora_conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -90,6 +91,8 @@ pub fn lora_conv2d(
         || cfg.groups != 1
         || cfg.dilation != 1
         || cfg.stride == 0
+        || w.track_op()
+        || bias.is_some_and(Tensor::track_op)
         || x.rank() != 4
         || w.rank() != 4
         || a.rank() != 4
@@ -387,6 +390,181 @@ impl candle_core::CustomOp3 for LoraConvOp {
     }
 }
 
+/// `conv(x, w) + bias` for a frozen kernel and bias as one node, with the same per-image
+/// products as [`lora_conv2d`]; its backward gives dL/dx only. `None` where the node does not
+/// apply (the caller takes the composed frozen path).
+pub fn frozen_conv2d_bias(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: ConvCfg,
+) -> Result<Option<Tensor>> {
+    let f32s = x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && bias.is_none_or(|t| t.dtype() == DType::F32);
+    if !x.device().is_cpu()
+        || !f32s
+        || cfg.groups != 1
+        || cfg.dilation != 1
+        || cfg.stride == 0
+        || w.track_op()
+        || bias.is_some_and(Tensor::track_op)
+        || x.rank() != 4
+        || w.rank() != 4
+    {
+        return Ok(None);
+    }
+    let (n, c, h, wd) = x.dims4()?;
+    let (o, wc, kh, kw) = w.dims4()?;
+    if wc != c || bias.is_some_and(|t| t.dims() != [o]) {
+        candle_core::bail!(
+            "conv2d: input {:?}, kernel {:?}, bias {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            bias.map(|t| t.dims().to_vec())
+        );
+    }
+    if h + 2 * cfg.padding < kh || wd + 2 * cfg.padding < kw {
+        candle_core::bail!(
+            "conv2d: input {:?} is smaller than the kernel {:?} (padding {})",
+            x.dims(),
+            w.dims(),
+            cfg.padding
+        );
+    }
+    let p = conv_out_size(h, kh, cfg) * conv_out_size(wd, kw, cfg);
+    let op = FrozenConvOp {
+        g: Geom {
+            n,
+            c,
+            h,
+            w: wd,
+            o,
+            r: 0,
+            kh,
+            kw,
+            cfg,
+            p,
+        },
+        w: w.detach().contiguous()?,
+        bias: bias.map(|t| t.detach().contiguous()).transpose()?,
+    };
+    let x = x.contiguous()?;
+    Ok(Some(if x.track_op() {
+        x.apply_op1_arc(std::sync::Arc::new(Box::new(op)))?
+    } else {
+        x.apply_op1_no_bwd(&op)?
+    }))
+}
+
+struct FrozenConvOp {
+    g: Geom,
+    w: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl candle_core::CustomOp1 for FrozenConvOp {
+    fn name(&self) -> &'static str {
+        "frozen-conv2d-bias"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.g;
+        let x = f32_slice(sx, lx, "conv2d")?;
+        let (ws, wl) = self.w.storage_and_layout();
+        let w = cpu_f32(&ws, wl)?;
+        let bguard = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let bias = match &bguard {
+            Some((s, l)) => Some(cpu_f32(s, l)?),
+            None => None,
+        };
+        let (k, p, xi_len) = (g.k(), g.p, g.c * g.h * g.w);
+        let mut y = vec![0f32; g.n * g.o * p];
+        let image = |i: usize, yi: &mut [f32], cols: &mut Vec<f32>, par: Par| {
+            let pm = g.patches(&x[i * xi_len..(i + 1) * xi_len], cols);
+            if let Some(bv) = bias {
+                for (row, v) in yi.chunks_mut(p).zip(bv) {
+                    row.fill(*v);
+                }
+            }
+            gemm_into(
+                yi,
+                Mat::rm(w, g.o, k),
+                Mat::rm(pm, k, p),
+                1.0,
+                bias.is_some(),
+                par,
+            )
+        };
+        match g.split() {
+            (true, par) => y
+                .par_chunks_mut(g.o * p)
+                .enumerate()
+                .try_for_each_init(Vec::new, |cols, (i, yi)| image(i, yi, cols, par))?,
+            (false, par) => {
+                let mut cols = Vec::new();
+                for (i, yi) in y.chunks_mut(g.o * p).enumerate() {
+                    image(i, yi, &mut cols, par)?;
+                }
+            }
+        }
+        let (oh, ow) = (
+            conv_out_size(g.h, g.kh, g.cfg),
+            conv_out_size(g.w, g.kw, g.cfg),
+        );
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, oh, ow))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = self.g;
+        let (k, p, xi_len) = (g.k(), g.p, g.c * g.h * g.w);
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let gy = cpu_f32(&gs, gl)?;
+        let (ws, wl) = self.w.storage_and_layout();
+        let wv = cpu_f32(&ws, wl)?;
+        let mut dx = vec![0f32; g.n * xi_len];
+        let image = |i: usize, dxi: &mut [f32], dcols: &mut Vec<f32>, par: Par| -> Result<()> {
+            let gi = Mat::rm(&gy[i * g.o * p..(i + 1) * g.o * p], g.o, p);
+            let wt = Mat::rm(wv, g.o, k).t();
+            if g.point() {
+                return gemm_into(dxi, wt, gi, 1.0, false, par);
+            }
+            dcols.resize(k * p, 0.0);
+            gemm_into(dcols, wt, gi, 1.0, false, par)?;
+            let (plane, rows) = (g.h * g.w, g.kh * g.kw * p);
+            for ch in 0..g.c {
+                col2im_plane(
+                    &dcols[ch * rows..(ch + 1) * rows],
+                    (g.h, g.w),
+                    g.kh,
+                    g.kw,
+                    g.cfg,
+                    &mut dxi[ch * plane..(ch + 1) * plane],
+                );
+            }
+            Ok(())
+        };
+        match g.split() {
+            (true, par) => dx
+                .par_chunks_mut(xi_len)
+                .enumerate()
+                .try_for_each_init(Vec::new, |dc, (i, dxi)| image(i, dxi, dc, par))?,
+            (false, par) => {
+                let mut dc = Vec::new();
+                for (i, dxi) in dx.chunks_mut(xi_len).enumerate() {
+                    image(i, dxi, &mut dc, par)?;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(
+            dx,
+            (g.n, g.c, g.h, g.w),
+            &Device::Cpu,
+        )?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,6 +697,64 @@ mod tests {
             }
             // The frozen kernel gets nothing.
             assert!(gf.get(&w).is_none());
+        }
+    }
+
+    #[test]
+    fn the_frozen_conv_node_matches_candle_in_value_and_input_gradient() {
+        for (ci, &(n, c, o, h, wd, k, stride, padding, with_bias)) in [
+            (3, 4, 6, 8, 8, 3, 1, 1, true),
+            (2, 5, 3, 9, 7, 3, 2, 1, false),
+            (4, 6, 5, 5, 6, 1, 1, 0, true),
+            (1, 3, 4, 6, 6, 3, 1, 1, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let cfg = ConvCfg {
+                padding,
+                stride,
+                dilation: 1,
+                groups: 1,
+            };
+            let seed = 100 + ci as u64 * 10;
+            let x = Var::from_tensor(&randn(&[n, c, h, wd], seed, 1.0)).unwrap();
+            let w = randn(&[o, c, k, k], seed + 1, 0.3);
+            let bias = with_bias.then(|| randn(&[o], seed + 2, 0.5));
+            let fused = frozen_conv2d_bias(x.as_tensor(), &w, bias.as_ref(), cfg)
+                .unwrap()
+                .unwrap();
+            let y = x.as_tensor().conv2d(&w, padding, stride, 1, 1).unwrap();
+            let want = match &bias {
+                Some(bb) => y
+                    .broadcast_add(&bb.reshape((1, (), 1, 1)).unwrap())
+                    .unwrap(),
+                None => y,
+            };
+            assert!(max_diff(&fused, &want) < 1e-4, "case {ci}: value");
+            let weight = randn(want.dims(), seed + 5, 1.0);
+            let gf = (&fused * &weight)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gw = (&want * &weight)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (f, r) = (
+                gf.get(x.as_tensor()).unwrap(),
+                gw.get(x.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(f, r) < 1e-4,
+                "case {ci}: dx off by {}",
+                max_diff(f, r)
+            );
+            assert!(gf.get(&w).is_none() && bias.as_ref().is_none_or(|bb| gf.get(bb).is_none()));
         }
     }
 

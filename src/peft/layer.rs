@@ -358,6 +358,14 @@ impl AdaptedLayer {
                 return Ok(y);
             }
         }
+        if let (true, BaseKind::Conv2d(cfg), BaseWeight::Dense(w)) =
+            (live.is_empty(), self.kind(), self.base.weight())
+        {
+            // A conv with no live adapter: kernel and bias in one node.
+            if let Some(y) = crate::nn::lora_conv::frozen_conv2d_bias(x, w, bias, cfg)? {
+                return Ok(y);
+            }
+        }
         // Unrouted multiplicative adapters (IA3) compose into one input and one output factor.
         let mut xin = x.clone();
         let mut rescaled = false;

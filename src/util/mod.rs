@@ -2,8 +2,8 @@
 //! output folders that are locked and swapped in whole ([`outdir`]).
 
 pub mod mem;
-pub mod runtime;
 pub mod outdir;
+pub mod runtime;
 
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
