@@ -33,12 +33,74 @@ struct Geom {
 }
 
 impl Geom {
+    /// The geometry of `conv(x, w) + bias` (r = 0), `None` where the nodes do not apply (device,
+    /// dtype, groups, dilation, rank, or a kernel or bias that is itself trained), an error naming
+    /// the shapes where they do not fit.
+    fn of(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: ConvCfg) -> Result<Option<Self>> {
+        let f32s = x.dtype() == DType::F32
+            && w.dtype() == DType::F32
+            && bias.is_none_or(|t| t.dtype() == DType::F32);
+        if !x.device().is_cpu()
+            || !f32s
+            || cfg.groups != 1
+            || cfg.dilation != 1
+            || cfg.stride == 0
+            || w.track_op()
+            || bias.is_some_and(Tensor::track_op)
+            || x.rank() != 4
+            || w.rank() != 4
+        {
+            return Ok(None);
+        }
+        let (n, c, h, wd) = x.dims4()?;
+        let (o, wc, kh, kw) = w.dims4()?;
+        if wc != c || bias.is_some_and(|t| t.dims() != [o]) {
+            candle_core::bail!(
+                "conv2d: input {:?}, kernel {:?}, bias {:?} do not fit",
+                x.dims(),
+                w.dims(),
+                bias.map(|t| t.dims().to_vec())
+            );
+        }
+        if h + 2 * cfg.padding < kh || wd + 2 * cfg.padding < kw {
+            candle_core::bail!(
+                "conv2d: input {:?} is smaller than the kernel {:?} (padding {})",
+                x.dims(),
+                w.dims(),
+                cfg.padding
+            );
+        }
+        let p = conv_out_size(h, kh, cfg) * conv_out_size(wd, kw, cfg);
+        Ok(Some(Self {
+            n,
+            c,
+            h,
+            w: wd,
+            o,
+            r: 0,
+            kh,
+            kw,
+            cfg,
+            p,
+        }))
+    }
     /// c·kh·kw
     fn k(&self) -> usize {
         self.c * self.kh * self.kw
     }
     fn point(&self) -> bool {
         pointwise(self.kh, self.kw, self.cfg)
+    }
+    fn in_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    fn out_shape(&self) -> Shape {
+        Shape::from((
+            self.n,
+            self.o,
+            conv_out_size(self.h, self.kh, self.cfg),
+            conv_out_size(self.w, self.kw, self.cfg),
+        ))
     }
     /// The patch matrix (k × p) of image `xi`: `xi` itself for a 1×1 conv, else unfolded into
     /// `cols`.
@@ -60,15 +122,109 @@ impl Geom {
         }
         cols
     }
-    /// Images in parallel with serial products when there are enough of them for the threads,
-    /// else one image at a time with threaded products.
-    fn split(&self) -> (bool, Par) {
-        let t = rayon::current_num_threads().max(1);
-        if self.n >= t {
-            (true, Par::Serial)
+    /// How each image's products use the threads: serial when the images alone fill the
+    /// threads, else threaded (images still run as parallel tasks).
+    fn par(&self) -> Par {
+        if self.n >= rayon::current_num_threads().max(1) {
+            Par::Serial
         } else {
-            (false, Par::all())
+            Par::all()
         }
+    }
+    /// `yi = W·P (+ bias)` for image `xi`; returns P for the products that follow.
+    fn base_product<'a>(
+        &self,
+        xi: &'a [f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        yi: &mut [f32],
+        cols: &'a mut Vec<f32>,
+    ) -> Result<&'a [f32]> {
+        let pm = self.patches(xi, cols);
+        if let Some(bv) = bias {
+            for (row, v) in yi.chunks_mut(self.p).zip(bv) {
+                row.fill(*v);
+            }
+        }
+        let (k, p) = (self.k(), self.p);
+        gemm_into(
+            yi,
+            Mat::rm(w, self.o, k),
+            Mat::rm(pm, k, p),
+            1.0,
+            bias.is_some(),
+            self.par(),
+        )?;
+        Ok(pm)
+    }
+    /// dL/dx of image i: `Wᵀ·G (+ Aᵀ·Ĝ)` folded back onto the input grid (`dxi` starts at zero).
+    fn input_grad(
+        &self,
+        gi: Mat,
+        w: &[f32],
+        lora: Option<(Mat, Mat)>,
+        dxi: &mut [f32],
+        dcols: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (k, p, par) = (self.k(), self.p, self.par());
+        let wt = Mat::rm(w, self.o, k).t();
+        let dst: &mut [f32] = if self.point() {
+            dxi
+        } else {
+            dcols.resize(k * p, 0.0);
+            dcols
+        };
+        gemm_into(dst, wt, gi, 1.0, false, par)?;
+        if let Some((am, ghm)) = lora {
+            gemm_into(dst, am.t(), ghm, 1.0, true, par)?;
+        }
+        if !self.point() {
+            let (plane, rows) = (self.h * self.w, self.kh * self.kw * p);
+            for ch in 0..self.c {
+                col2im_plane(
+                    &dcols[ch * rows..(ch + 1) * rows],
+                    (self.h, self.w),
+                    self.kh,
+                    self.kw,
+                    self.cfg,
+                    &mut dxi[ch * plane..(ch + 1) * plane],
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The f32 values of a CPU storage (the frozen kernel and bias the nodes hold).
+fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => f32_slice(c, l, "conv2d"),
+        _ => candle_core::bail!("conv2d: CPU only"),
+    }
+}
+
+/// The frozen kernel and bias of a node, read for one pass.
+struct Frozen {
+    w: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Frozen {
+    fn new(w: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        Ok(Self {
+            w: w.detach().contiguous()?,
+            bias: bias.map(|t| t.detach().contiguous()).transpose()?,
+        })
+    }
+    /// Runs `f` on the kernel's and the bias's values.
+    fn with<R>(&self, f: impl FnOnce(&[f32], Option<&[f32]>) -> Result<R>) -> Result<R> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let bguard = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let bias = match &bguard {
+            Some((s, l)) => Some(cpu_f32(s, l)?),
+            None => None,
+        };
+        f(cpu_f32(&ws, wl)?, bias)
     }
 }
 
@@ -84,64 +240,26 @@ pub fn lora_conv2d(
     scale: f64,
     cfg: ConvCfg,
 ) -> Result<Option<Tensor>> {
-    let f32s = [x, w, a, b].iter().all(|t| t.dtype() == DType::F32)
-        && bias.is_none_or(|t| t.dtype() == DType::F32);
-    if !x.device().is_cpu()
-        || !f32s
-        || cfg.groups != 1
-        || cfg.dilation != 1
-        || cfg.stride == 0
-        || w.track_op()
-        || bias.is_some_and(Tensor::track_op)
-        || x.rank() != 4
-        || w.rank() != 4
-        || a.rank() != 4
-        || b.rank() != 4
-    {
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 || a.rank() != 4 || b.rank() != 4 {
         return Ok(None);
     }
-    let (n, c, h, wd) = x.dims4()?;
-    let (o, wc, kh, kw) = w.dims4()?;
-    let (r, ac, akh, akw) = a.dims4()?;
-    let (bo, br, bkh, bkw) = b.dims4()?;
-    if wc != c
-        || (ac, akh, akw) != (c, kh, kw)
-        || (bo, br, bkh, bkw) != (o, r, 1, 1)
-        || bias.is_some_and(|t| t.dims() != [o])
-    {
+    let Some(mut g) = Geom::of(x, w, bias, cfg)? else {
+        return Ok(None);
+    };
+    let r = a.dim(0)?;
+    if a.dims() != [r, g.c, g.kh, g.kw] || b.dims() != [g.o, r, 1, 1] {
         candle_core::bail!(
-            "lora_conv2d: input {:?}, kernel {:?}, A {:?}, B {:?}, bias {:?} do not fit",
+            "lora_conv2d: input {:?}, kernel {:?}, A {:?}, B {:?} do not fit",
             x.dims(),
             w.dims(),
             a.dims(),
-            b.dims(),
-            bias.map(|t| t.dims().to_vec())
+            b.dims()
         );
     }
-    if h + 2 * cfg.padding < kh || wd + 2 * cfg.padding < kw {
-        candle_core::bail!(
-            "lora_conv2d: input {:?} is smaller than the kernel {:?} (padding {})",
-            x.dims(),
-            w.dims(),
-            cfg.padding
-        );
-    }
-    let p = conv_out_size(h, kh, cfg) * conv_out_size(wd, kw, cfg);
+    g.r = r;
     let op = LoraConvOp {
-        g: Geom {
-            n,
-            c,
-            h,
-            w: wd,
-            o,
-            r,
-            kh,
-            kw,
-            cfg,
-            p,
-        },
-        w: w.detach().contiguous()?,
-        bias: bias.map(|t| t.detach().contiguous()).transpose()?,
+        g,
+        frozen: Frozen::new(w, bias)?,
         scale: scale as f32,
         hidden: Mutex::new(None),
     };
@@ -155,18 +273,14 @@ pub fn lora_conv2d(
 
 struct LoraConvOp {
     g: Geom,
-    w: Tensor,
-    bias: Option<Tensor>,
+    frozen: Frozen,
     scale: f32,
     /// H = A·P per image (n, r, p), kept from the forward for dB.
     hidden: Mutex<Option<Vec<f32>>>,
 }
 
-fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => f32_slice(c, l, "lora_conv2d"),
-        _ => candle_core::bail!("lora_conv2d: CPU only"),
-    }
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("lora_conv2d: poisoned".into())
 }
 
 impl candle_core::CustomOp3 for LoraConvOp {
@@ -187,66 +301,28 @@ impl candle_core::CustomOp3 for LoraConvOp {
         let x = f32_slice(sx, lx, "lora_conv2d")?;
         let a = f32_slice(sa, la, "lora_conv2d")?;
         let b = f32_slice(sb, lb, "lora_conv2d")?;
-        let (ws, wl) = self.w.storage_and_layout();
-        let w = cpu_f32(&ws, wl)?;
-        let bguard = self.bias.as_ref().map(|t| t.storage_and_layout());
-        let bias = match &bguard {
-            Some((s, l)) => Some(cpu_f32(s, l)?),
-            None => None,
-        };
-        let (k, p, xi_len) = (g.k(), g.p, g.c * g.h * g.w);
+        let (k, p, len, par) = (g.k(), g.p, g.in_len(), g.par());
         let mut y = vec![0f32; g.n * g.o * p];
         let mut hid = vec![0f32; g.n * g.r * p];
-        let image = |i: usize, yi: &mut [f32], hi: &mut [f32], cols: &mut Vec<f32>, par: Par| {
-            let pm = g.patches(&x[i * xi_len..(i + 1) * xi_len], cols);
-            if let Some(bv) = bias {
-                for (row, v) in yi.chunks_mut(p).zip(bv) {
-                    row.fill(*v);
-                }
-            }
-            gemm_into(
-                yi,
-                Mat::rm(w, g.o, k),
-                Mat::rm(pm, k, p),
-                1.0,
-                bias.is_some(),
-                par,
-            )?;
-            gemm_into(hi, Mat::rm(a, g.r, k), Mat::rm(pm, k, p), 1.0, false, par)?;
-            gemm_into(
-                yi,
-                Mat::rm(b, g.o, g.r),
-                Mat::rm(hi, g.r, p),
-                self.scale,
-                true,
-                par,
-            )
-        };
-        let chunks = y.par_chunks_mut(g.o * p).zip(hid.par_chunks_mut(g.r * p));
-        match g.split() {
-            (true, par) => chunks
+        self.frozen.with(|w, bias| {
+            y.par_chunks_mut(g.o * p)
+                .zip(hid.par_chunks_mut(g.r * p))
                 .enumerate()
-                .try_for_each_init(Vec::new, |cols, (i, (yi, hi))| image(i, yi, hi, cols, par))?,
-            (false, par) => {
-                let mut cols = Vec::new();
-                for (i, (yi, hi)) in y
-                    .chunks_mut(g.o * p)
-                    .zip(hid.chunks_mut(g.r * p))
-                    .enumerate()
-                {
-                    image(i, yi, hi, &mut cols, par)?;
-                }
-            }
-        }
-        *self
-            .hidden
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("lora_conv2d: poisoned".into()))? = Some(hid);
-        let (oh, ow) = (
-            conv_out_size(g.h, g.kh, g.cfg),
-            conv_out_size(g.w, g.kw, g.cfg),
-        );
-        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, oh, ow))))
+                .try_for_each_init(Vec::new, |cols, (i, (yi, hi))| {
+                    let pm = g.base_product(&x[i * len..(i + 1) * len], w, bias, yi, cols)?;
+                    gemm_into(hi, Mat::rm(a, g.r, k), Mat::rm(pm, k, p), 1.0, false, par)?;
+                    gemm_into(
+                        yi,
+                        Mat::rm(b, g.o, g.r),
+                        Mat::rm(hi, g.r, p),
+                        self.scale,
+                        true,
+                        par,
+                    )
+                })
+        })?;
+        *self.hidden.lock().map_err(|_| poisoned())? = Some(hid);
+        Ok((CpuStorage::F32(y), g.out_shape()))
     }
 
     fn bwd(
@@ -258,13 +334,10 @@ impl candle_core::CustomOp3 for LoraConvOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = self.g;
-        let (k, p, xi_len, s) = (g.k(), g.p, g.c * g.h * g.w, self.scale);
+        let (k, p, len, s, par) = (g.k(), g.p, g.in_len(), self.scale, g.par());
         let want_x = x.track_op();
         let grad = grad.contiguous()?;
-        let hidden = self
-            .hidden
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("lora_conv2d: poisoned".into()))?;
+        let hidden = self.hidden.lock().map_err(|_| poisoned())?;
         let Some(hid) = hidden.as_ref() else {
             candle_core::bail!("lora_conv2d: backward before forward")
         };
@@ -273,96 +346,38 @@ impl candle_core::CustomOp3 for LoraConvOp {
         let (xs, xl) = x.storage_and_layout();
         let xv = cpu_f32(&xs, xl)?;
         let (as_, al) = a.storage_and_layout();
-        let av = cpu_f32(&as_, al)?;
+        let am = Mat::rm(cpu_f32(&as_, al)?, g.r, k);
         let (bs, bl) = b.storage_and_layout();
-        let bv = cpu_f32(&bs, bl)?;
-        let (ws, wl) = self.w.storage_and_layout();
-        let wv = cpu_f32(&ws, wl)?;
+        let bm = Mat::rm(cpu_f32(&bs, bl)?, g.o, g.r);
         // Per-image shares of dA and dB, summed in image order afterwards (reproducible).
         let mut da_parts = vec![0f32; g.n * g.r * k];
         let mut db_parts = vec![0f32; g.n * g.o * g.r];
-        let mut dx = vec![0f32; if want_x { g.n * xi_len } else { g.n }];
-        let dx_chunk = if want_x { xi_len } else { 1 };
-        struct Scratch {
-            cols: Vec<f32>,
-            dcols: Vec<f32>,
-            gh: Vec<f32>,
-        }
-        let scratch = || Scratch {
-            cols: Vec::new(),
-            dcols: Vec::new(),
-            gh: vec![0f32; g.r * p],
-        };
-        let image = |i: usize,
-                     da: &mut [f32],
-                     db: &mut [f32],
-                     dxi: &mut [f32],
-                     sc: &mut Scratch,
-                     par: Par|
-         -> Result<()> {
-            let gi = Mat::rm(&gy[i * g.o * p..(i + 1) * g.o * p], g.o, p);
-            let hi = Mat::rm(&hid[i * g.r * p..(i + 1) * g.r * p], g.r, p);
-            let bm = Mat::rm(bv, g.o, g.r);
-            let am = Mat::rm(av, g.r, k);
-            // Ĝ = s·Bᵀ·G ; dB_i = s·G·Hᵀ
-            gemm_into(&mut sc.gh, bm.t(), gi, s, false, par)?;
-            gemm_into(db, gi, hi.t(), s, false, par)?;
-            let pm = g.patches(&xv[i * xi_len..(i + 1) * xi_len], &mut sc.cols);
-            // dA_i = Ĝ·Pᵀ
-            gemm_into(
-                da,
-                Mat::rm(&sc.gh, g.r, p),
-                Mat::rm(pm, k, p).t(),
-                1.0,
-                false,
-                par,
-            )?;
-            if want_x {
-                let wm = Mat::rm(wv, g.o, k);
-                let ghm = Mat::rm(&sc.gh, g.r, p);
-                if g.point() {
-                    gemm_into(dxi, wm.t(), gi, 1.0, false, par)?;
-                    gemm_into(dxi, am.t(), ghm, 1.0, true, par)?;
-                } else {
-                    sc.dcols.resize(k * p, 0.0);
-                    gemm_into(&mut sc.dcols, wm.t(), gi, 1.0, false, par)?;
-                    gemm_into(&mut sc.dcols, am.t(), ghm, 1.0, true, par)?;
-                    let (plane, rows) = (g.h * g.w, g.kh * g.kw * p);
-                    for ch in 0..g.c {
-                        col2im_plane(
-                            &sc.dcols[ch * rows..(ch + 1) * rows],
-                            (g.h, g.w),
-                            g.kh,
-                            g.kw,
-                            g.cfg,
-                            &mut dxi[ch * plane..(ch + 1) * plane],
-                        );
-                    }
-                }
-            }
-            Ok(())
-        };
-        match g.split() {
-            (true, par) => da_parts
+        let dx_len = if want_x { len } else { 1 };
+        let mut dx = vec![0f32; g.n * dx_len];
+        self.frozen.with(|w, _| {
+            da_parts
                 .par_chunks_mut(g.r * k)
                 .zip(db_parts.par_chunks_mut(g.o * g.r))
-                .zip(dx.par_chunks_mut(dx_chunk))
+                .zip(dx.par_chunks_mut(dx_len))
                 .enumerate()
-                .try_for_each_init(scratch, |sc, (i, ((da, db), dxi))| {
-                    image(i, da, db, dxi, sc, par)
-                })?,
-            (false, par) => {
-                let mut sc = scratch();
-                for (i, ((da, db), dxi)) in da_parts
-                    .chunks_mut(g.r * k)
-                    .zip(db_parts.chunks_mut(g.o * g.r))
-                    .zip(dx.chunks_mut(dx_chunk))
-                    .enumerate()
-                {
-                    image(i, da, db, dxi, &mut sc, par)?;
-                }
-            }
-        }
+                .try_for_each_init(
+                    || (Vec::new(), Vec::new(), vec![0f32; g.r * p]),
+                    |(cols, dcols, gh), (i, ((da, db), dxi))| {
+                        let gi = Mat::rm(&gy[i * g.o * p..(i + 1) * g.o * p], g.o, p);
+                        let hi = Mat::rm(&hid[i * g.r * p..(i + 1) * g.r * p], g.r, p);
+                        // Ĝ = s·Bᵀ·G ; dB_i = s·G·Hᵀ ; dA_i = Ĝ·Pᵀ
+                        gemm_into(gh, bm.t(), gi, s, false, par)?;
+                        gemm_into(db, gi, hi.t(), s, false, par)?;
+                        let pm = g.patches(&xv[i * len..(i + 1) * len], cols);
+                        let ghm = Mat::rm(gh, g.r, p);
+                        gemm_into(da, ghm, Mat::rm(pm, k, p).t(), 1.0, false, par)?;
+                        if want_x {
+                            g.input_grad(gi, w, Some((am, ghm)), dxi, dcols)?;
+                        }
+                        Ok(())
+                    },
+                )
+        })?;
         let sum_parts = |parts: Vec<f32>, len: usize| -> Vec<f32> {
             let mut it = parts.chunks(len);
             let mut acc = it.next().map(<[f32]>::to_vec).unwrap_or_default();
@@ -399,55 +414,12 @@ pub fn frozen_conv2d_bias(
     bias: Option<&Tensor>,
     cfg: ConvCfg,
 ) -> Result<Option<Tensor>> {
-    let f32s = x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && bias.is_none_or(|t| t.dtype() == DType::F32);
-    if !x.device().is_cpu()
-        || !f32s
-        || cfg.groups != 1
-        || cfg.dilation != 1
-        || cfg.stride == 0
-        || w.track_op()
-        || bias.is_some_and(Tensor::track_op)
-        || x.rank() != 4
-        || w.rank() != 4
-    {
+    let Some(g) = Geom::of(x, w, bias, cfg)? else {
         return Ok(None);
-    }
-    let (n, c, h, wd) = x.dims4()?;
-    let (o, wc, kh, kw) = w.dims4()?;
-    if wc != c || bias.is_some_and(|t| t.dims() != [o]) {
-        candle_core::bail!(
-            "conv2d: input {:?}, kernel {:?}, bias {:?} do not fit",
-            x.dims(),
-            w.dims(),
-            bias.map(|t| t.dims().to_vec())
-        );
-    }
-    if h + 2 * cfg.padding < kh || wd + 2 * cfg.padding < kw {
-        candle_core::bail!(
-            "conv2d: input {:?} is smaller than the kernel {:?} (padding {})",
-            x.dims(),
-            w.dims(),
-            cfg.padding
-        );
-    }
-    let p = conv_out_size(h, kh, cfg) * conv_out_size(wd, kw, cfg);
+    };
     let op = FrozenConvOp {
-        g: Geom {
-            n,
-            c,
-            h,
-            w: wd,
-            o,
-            r: 0,
-            kh,
-            kw,
-            cfg,
-            p,
-        },
-        w: w.detach().contiguous()?,
-        bias: bias.map(|t| t.detach().contiguous()).transpose()?,
+        g,
+        frozen: Frozen::new(w, bias)?,
     };
     let x = x.contiguous()?;
     Ok(Some(if x.track_op() {
@@ -459,8 +431,7 @@ pub fn frozen_conv2d_bias(
 
 struct FrozenConvOp {
     g: Geom,
-    w: Tensor,
-    bias: Option<Tensor>,
+    frozen: Frozen,
 }
 
 impl candle_core::CustomOp1 for FrozenConvOp {
@@ -471,92 +442,34 @@ impl candle_core::CustomOp1 for FrozenConvOp {
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.g;
         let x = f32_slice(sx, lx, "conv2d")?;
-        let (ws, wl) = self.w.storage_and_layout();
-        let w = cpu_f32(&ws, wl)?;
-        let bguard = self.bias.as_ref().map(|t| t.storage_and_layout());
-        let bias = match &bguard {
-            Some((s, l)) => Some(cpu_f32(s, l)?),
-            None => None,
-        };
-        let (k, p, xi_len) = (g.k(), g.p, g.c * g.h * g.w);
-        let mut y = vec![0f32; g.n * g.o * p];
-        let image = |i: usize, yi: &mut [f32], cols: &mut Vec<f32>, par: Par| {
-            let pm = g.patches(&x[i * xi_len..(i + 1) * xi_len], cols);
-            if let Some(bv) = bias {
-                for (row, v) in yi.chunks_mut(p).zip(bv) {
-                    row.fill(*v);
-                }
-            }
-            gemm_into(
-                yi,
-                Mat::rm(w, g.o, k),
-                Mat::rm(pm, k, p),
-                1.0,
-                bias.is_some(),
-                par,
-            )
-        };
-        match g.split() {
-            (true, par) => y
-                .par_chunks_mut(g.o * p)
+        let len = g.in_len();
+        let mut y = vec![0f32; g.n * g.o * g.p];
+        self.frozen.with(|w, bias| {
+            y.par_chunks_mut(g.o * g.p)
                 .enumerate()
-                .try_for_each_init(Vec::new, |cols, (i, yi)| image(i, yi, cols, par))?,
-            (false, par) => {
-                let mut cols = Vec::new();
-                for (i, yi) in y.chunks_mut(g.o * p).enumerate() {
-                    image(i, yi, &mut cols, par)?;
-                }
-            }
-        }
-        let (oh, ow) = (
-            conv_out_size(g.h, g.kh, g.cfg),
-            conv_out_size(g.w, g.kw, g.cfg),
-        );
-        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, oh, ow))))
+                .try_for_each_init(Vec::new, |cols, (i, yi)| {
+                    g.base_product(&x[i * len..(i + 1) * len], w, bias, yi, cols)
+                        .map(|_| ())
+                })
+        })?;
+        Ok((CpuStorage::F32(y), g.out_shape()))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = self.g;
-        let (k, p, xi_len) = (g.k(), g.p, g.c * g.h * g.w);
+        let (p, len) = (g.p, g.in_len());
         let grad = grad.contiguous()?;
         let (gs, gl) = grad.storage_and_layout();
         let gy = cpu_f32(&gs, gl)?;
-        let (ws, wl) = self.w.storage_and_layout();
-        let wv = cpu_f32(&ws, wl)?;
-        let mut dx = vec![0f32; g.n * xi_len];
-        let image = |i: usize, dxi: &mut [f32], dcols: &mut Vec<f32>, par: Par| -> Result<()> {
-            let gi = Mat::rm(&gy[i * g.o * p..(i + 1) * g.o * p], g.o, p);
-            let wt = Mat::rm(wv, g.o, k).t();
-            if g.point() {
-                return gemm_into(dxi, wt, gi, 1.0, false, par);
-            }
-            dcols.resize(k * p, 0.0);
-            gemm_into(dcols, wt, gi, 1.0, false, par)?;
-            let (plane, rows) = (g.h * g.w, g.kh * g.kw * p);
-            for ch in 0..g.c {
-                col2im_plane(
-                    &dcols[ch * rows..(ch + 1) * rows],
-                    (g.h, g.w),
-                    g.kh,
-                    g.kw,
-                    g.cfg,
-                    &mut dxi[ch * plane..(ch + 1) * plane],
-                );
-            }
-            Ok(())
-        };
-        match g.split() {
-            (true, par) => dx
-                .par_chunks_mut(xi_len)
+        let mut dx = vec![0f32; g.n * len];
+        self.frozen.with(|w, _| {
+            dx.par_chunks_mut(len)
                 .enumerate()
-                .try_for_each_init(Vec::new, |dc, (i, dxi)| image(i, dxi, dc, par))?,
-            (false, par) => {
-                let mut dc = Vec::new();
-                for (i, dxi) in dx.chunks_mut(xi_len).enumerate() {
-                    image(i, dxi, &mut dc, par)?;
-                }
-            }
-        }
+                .try_for_each_init(Vec::new, |dcols, (i, dxi)| {
+                    let gi = Mat::rm(&gy[i * g.o * p..(i + 1) * g.o * p], g.o, p);
+                    g.input_grad(gi, w, None, dxi, dcols)
+                })
+        })?;
         Ok(Some(Tensor::from_vec(
             dx,
             (g.n, g.c, g.h, g.w),
