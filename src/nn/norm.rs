@@ -121,12 +121,47 @@ struct GroupNormOp {
     silu: bool,
 }
 
-/// (mean, 1/std) of one group's values, in f64.
+/// Σ v in 16 f32 lanes, the lanes added in f64 (vectorizes; one group is at most a few
+/// thousand values per lane pass).
+fn lane_sum(v: &[f32]) -> f64 {
+    let mut acc = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().map(|a| *a as f64).sum::<f64>() + rem.iter().map(|a| *a as f64).sum::<f64>()
+}
+
+/// Σ (v − m)² in 16 f32 lanes, the lanes added in f64.
+fn lane_sq_dev(v: &[f32], m: f32) -> f64 {
+    let mut acc = [0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            let d = c[i] - m;
+            acc[i] += d * d;
+        }
+    }
+    acc.iter().map(|a| *a as f64).sum::<f64>()
+        + rem.iter().map(|a| ((*a - m) as f64).powi(2)).sum::<f64>()
+}
+
+/// (mean, 1/std) of one group's values (two passes, f64 lane totals).
 fn stats(v: &[f32], eps: f64) -> (f64, f64) {
     let n = v.len() as f64;
-    let mean = v.iter().map(|x| *x as f64).sum::<f64>() / n;
-    let var = v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / n;
+    let mean = lane_sum(v) / n;
+    let var = lane_sq_dev(v, mean as f32) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Per channel of a group: `y = x·scale + shift` with `scale = γ·inv`, `shift = β − mean·scale`.
+fn channel_affine(mean: f64, inv: f64, w: f32, b: f32) -> (f32, f32) {
+    let scale = w as f64 * inv;
+    (scale as f32, (b as f64 - mean * scale) as f32)
 }
 
 impl candle_core::CustomOp3 for GroupNormOp {
@@ -159,10 +194,18 @@ impl candle_core::CustomOp3 for GroupNormOp {
             .for_each(|(gi, (o, xs))| {
                 let (mean, inv) = stats(xs, self.eps);
                 let c0 = (gi % self.groups) * cpg;
-                for (k, (oo, xx)) in o.iter_mut().zip(xs).enumerate() {
-                    let ch = c0 + k / hw;
-                    let y = ((*xx as f64 - mean) * inv) as f32 * w[ch] + b[ch];
-                    *oo = if self.silu { y * sigmoid(y) } else { y };
+                for (k, (oc, xc)) in o.chunks_mut(hw).zip(xs.chunks(hw)).enumerate() {
+                    let (scale, shift) = channel_affine(mean, inv, w[c0 + k], b[c0 + k]);
+                    if self.silu {
+                        for (oo, xx) in oc.iter_mut().zip(xc) {
+                            let y = *xx * scale + shift;
+                            *oo = y * sigmoid(y);
+                        }
+                    } else {
+                        for (oo, xx) in oc.iter_mut().zip(xc) {
+                            *oo = *xx * scale + shift;
+                        }
+                    }
                 }
             });
         Ok((candle_core::CpuStorage::F32(out), lx.shape().clone()))
@@ -171,25 +214,27 @@ impl candle_core::CustomOp3 for GroupNormOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = x.dim(1)?;
+        // Frozen norms (every norm of a LoRA run) get no γ/β gradient, so none is computed.
+        let affine = w.track_op() || b.track_op();
         let packed = grad.contiguous()?.apply_op3_no_bwd(
-            x,
-            w,
+            &x.contiguous()?,
+            &w.contiguous()?,
             &GroupNormBwd {
                 groups: self.groups,
                 eps: self.eps,
                 silu: self.silu,
-                bias: if self.silu {
-                    Some(_b.contiguous()?)
-                } else {
-                    None
-                },
+                bias: b.contiguous()?,
+                affine,
             },
         )?;
+        if !affine {
+            return Ok((Some(packed.reshape(x.shape())?), None, None));
+        }
         let n = x.elem_count();
         let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let gw = packed.narrow(0, n, c)?;
@@ -203,7 +248,9 @@ struct GroupNormBwd {
     eps: f64,
     silu: bool,
     /// The affine bias (needed to recompute the pre-activation when `silu`).
-    bias: Option<Tensor>,
+    bias: Tensor,
+    /// Also compute dγ and dβ (appended after dx).
+    affine: bool,
 }
 
 impl candle_core::CustomOp3 for GroupNormBwd {
@@ -229,78 +276,94 @@ impl candle_core::CustomOp3 for GroupNormBwd {
         let (c, hw) = (dims[1], dims[2..].iter().product::<usize>());
         let cpg = c / self.groups;
         let glen = cpg * hw;
-        let bias_t = match &self.bias {
-            Some(b) => Some(b.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        // With SiLU after the norm, the gradient reaching the norm's output is g·silu'(y), where
-        // y = x̂·γ + β is recomputed here: silu'(y) = σ(y)·(1 + y·(1 − σ(y))).
-        let geff: Option<Vec<f32>> = if self.silu {
-            let bv = bias_t.as_deref().unwrap_or(&[]);
-            let mut ge = vec![0f32; x.len()];
-            ge.par_chunks_mut(glen)
-                .zip(x.par_chunks(glen))
-                .zip(g.par_chunks(glen))
-                .enumerate()
-                .for_each(|(gi, ((o, xs), gs))| {
-                    let (mean, inv) = stats(xs, self.eps);
-                    let c0 = (gi % self.groups) * cpg;
-                    for k in 0..glen {
-                        let ch = c0 + k / hw;
-                        let y = ((xs[k] as f64 - mean) * inv) as f32 * w[ch] + bv[ch];
-                        let sg = sigmoid(y);
-                        o[k] = gs[k] * sg * (1.0 + y * (1.0 - sg));
-                    }
-                });
-            Some(ge)
-        } else {
-            None
-        };
-        let g: &[f32] = geff.as_deref().unwrap_or(g);
-        let mut gx = vec![0f32; x.len()];
-        // Per group: dx, and the per-channel partial sums for dγ and dβ.
-        let partial: Vec<(Vec<f64>, Vec<f64>)> = gx
+        let bv = self.bias.flatten_all()?.to_vec1::<f32>()?;
+        let extra = if self.affine { 2 * c } else { 0 };
+        let mut out = vec![0f32; x.len() + extra];
+        // Per group, two passes over its values:
+        // 1. the gradient reaching the norm's output, ĝ = g (or g·silu'(y) with y = x̂·γ + β
+        //    recomputed, silu'(y) = σ(y)·(1 + y·(1 − σ(y)))), kept in a scratch row, and the sums
+        //    s1 = Σ ĝ·γ, s2 = Σ ĝ·γ·x̂ (and per channel Σ ĝ·x̂, Σ ĝ for dγ, dβ);
+        // 2. dx = inv·(ĝ·γ − s1/n − x̂·s2/n).
+        let partial: Vec<(Vec<f64>, Vec<f64>)> = out[..x.len()]
             .par_chunks_mut(glen)
             .zip(x.par_chunks(glen))
             .zip(g.par_chunks(glen))
             .enumerate()
-            .map(|(gi, ((dx, xs), gs))| {
-                let (mean, inv) = stats(xs, self.eps);
-                let c0 = (gi % self.groups) * cpg;
-                let n = glen as f64;
-                let (mut s1, mut s2) = (0f64, 0f64);
-                let mut dgam = vec![0f64; cpg];
-                let mut dbet = vec![0f64; cpg];
-                for k in 0..glen {
-                    let ch = k / hw;
-                    let xh = (xs[k] as f64 - mean) * inv;
-                    let dxh = gs[k] as f64 * w[c0 + ch] as f64;
-                    s1 += dxh;
-                    s2 += dxh * xh;
-                    dgam[ch] += gs[k] as f64 * xh;
-                    dbet[ch] += gs[k] as f64;
-                }
-                for k in 0..glen {
-                    let ch = k / hw;
-                    let xh = (xs[k] as f64 - mean) * inv;
-                    let dxh = gs[k] as f64 * w[c0 + ch] as f64;
-                    dx[k] = (inv / n * (n * dxh - s1 - xh * s2)) as f32;
-                }
-                (dgam, dbet)
-            })
+            .map_init(
+                || vec![0f32; glen],
+                |ge, (gi, ((dx, xs), gs))| {
+                    let (mean, inv) = stats(xs, self.eps);
+                    let c0 = (gi % self.groups) * cpg;
+                    let n = glen as f64;
+                    let (mut s1, mut s2) = (0f64, 0f64);
+                    let mut dgam = vec![0f64; if self.affine { cpg } else { 0 }];
+                    let mut dbet = vec![0f64; if self.affine { cpg } else { 0 }];
+                    let (meanf, invf) = (mean as f32, inv as f32);
+                    for k in 0..cpg {
+                        let ch = c0 + k;
+                        let range = k * hw..(k + 1) * hw;
+                        let (xc, gc, ec) = (&xs[range.clone()], &gs[range.clone()], &mut ge[range]);
+                        if self.silu {
+                            let (scale, shift) = channel_affine(mean, inv, w[ch], bv[ch]);
+                            for ((e, xx), gg) in ec.iter_mut().zip(xc).zip(gc) {
+                                let y = *xx * scale + shift;
+                                let sg = sigmoid(y);
+                                *e = *gg * sg * (1.0 + y * (1.0 - sg));
+                            }
+                        } else {
+                            ec.copy_from_slice(gc);
+                        }
+                        // Σ ĝ and Σ ĝ·x̂ over the channel (x̂ = (x − mean)·inv).
+                        let (mut a1, mut a2) = ([0f32; 16], [0f32; 16]);
+                        let n16 = hw - hw % 16;
+                        for (ee, xx) in ec[..n16].chunks_exact(16).zip(xc[..n16].chunks_exact(16)) {
+                            for i in 0..16 {
+                                a1[i] += ee[i];
+                                a2[i] += ee[i] * ((xx[i] - meanf) * invf);
+                            }
+                        }
+                        let mut sum_g = a1.iter().map(|v| *v as f64).sum::<f64>();
+                        let mut sum_gx = a2.iter().map(|v| *v as f64).sum::<f64>();
+                        for (ee, xx) in ec[n16..].iter().zip(&xc[n16..]) {
+                            sum_g += *ee as f64;
+                            sum_gx += (*ee * ((*xx - meanf) * invf)) as f64;
+                        }
+                        s1 += sum_g * w[ch] as f64;
+                        s2 += sum_gx * w[ch] as f64;
+                        if self.affine {
+                            dgam[k] = sum_gx;
+                            dbet[k] = sum_g;
+                        }
+                    }
+                    let (a, b1) = ((inv * s1 / n) as f32, (inv * s2 / n) as f32);
+                    for k in 0..cpg {
+                        let wi = w[c0 + k] * invf;
+                        let range = k * hw..(k + 1) * hw;
+                        for ((d, ee), xx) in dx[range.clone()]
+                            .iter_mut()
+                            .zip(&ge[range.clone()])
+                            .zip(&xs[range])
+                        {
+                            *d = *ee * wi - a - (*xx - meanf) * invf * b1;
+                        }
+                    }
+                    (dgam, dbet)
+                },
+            )
             .collect();
-        let mut dw = vec![0f64; c];
-        let mut db = vec![0f64; c];
-        for (gi, (dg, dbp)) in partial.iter().enumerate() {
-            let c0 = (gi % self.groups) * cpg;
-            for k in 0..cpg {
-                dw[c0 + k] += dg[k];
-                db[c0 + k] += dbp[k];
+        if self.affine {
+            let (mut dw, mut db) = (vec![0f64; c], vec![0f64; c]);
+            for (gi, (dg, dbp)) in partial.iter().enumerate() {
+                let c0 = (gi % self.groups) * cpg;
+                for k in 0..cpg {
+                    dw[c0 + k] += dg[k];
+                    db[c0 + k] += dbp[k];
+                }
+            }
+            for (o, v) in out[x.len()..].iter_mut().zip(dw.iter().chain(&db)) {
+                *o = *v as f32;
             }
         }
-        let mut out = gx;
-        out.extend(dw.iter().map(|v| *v as f32));
-        out.extend(db.iter().map(|v| *v as f32));
         let len = out.len();
         Ok((
             candle_core::CpuStorage::F32(out),

@@ -650,6 +650,7 @@ fn fused_group_norm_matches_the_composite_in_value_and_gradients() {
     use postforge::nn::norm::{group_norm, group_norm_fused};
     for (shape, groups) in [
         (vec![2usize, 8, 5, 6], 4usize),
+        (vec![2, 8, 9, 7], 2),
         (vec![3, 6, 7], 3),
         (vec![1, 4, 2, 2], 1),
     ] {
@@ -691,6 +692,32 @@ fn fused_group_norm_matches_the_composite_in_value_and_gradients() {
                 g2.get(v.as_tensor()).unwrap(),
             );
             assert!(e < 1e-4, "{shape:?} d{name}: {e}");
+        }
+        // Frozen γ and β (a LoRA run's norms): the same dx, and no gradient for them.
+        let (wf, bf) = (wv.as_tensor().detach(), bv.as_tensor().detach());
+        for silu in [false, true] {
+            let (f, r) = if silu {
+                let f =
+                    postforge::nn::norm::group_norm_silu(xv.as_tensor(), groups, &wf, &bf, 1e-5);
+                let r = group_norm(xv.as_tensor(), groups, &wf, &bf, 1e-5)
+                    .unwrap()
+                    .silu();
+                (f.unwrap(), r.unwrap())
+            } else {
+                let f = group_norm_fused(xv.as_tensor(), groups, &wf, &bf, 1e-5);
+                (
+                    f.unwrap(),
+                    group_norm(xv.as_tensor(), groups, &wf, &bf, 1e-5).unwrap(),
+                )
+            };
+            let gf = (&f * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (&r * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let e = rel_err(
+                gf.get(xv.as_tensor()).unwrap(),
+                gr.get(xv.as_tensor()).unwrap(),
+            );
+            assert!(e < 1e-4, "{shape:?} frozen affine, silu {silu}: dx {e}");
+            assert!(gf.get(&wf).is_none() && gf.get(&bf).is_none());
         }
     }
 }
