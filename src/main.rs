@@ -20,7 +20,9 @@ fn main() {
     });
     let matches = cli::command().get_matches_from(argv);
     let args = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    if let Err(e) = cli::run(args, &matches) {
+    // The command runs on a worker of the CPU thread pool (see `run_on_pool`).
+    let result = postforge::util::runtime::run_on_pool(|| cli::run(args, &matches));
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

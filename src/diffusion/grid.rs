@@ -154,11 +154,10 @@ pub fn run(
     let z_axis = z;
     let nz = z_axis.map(|a| a.len()).unwrap_or(1);
     progress.set_length((x.len() * y_axis.len() * nz) as u64);
-    let mut grids = vec![];
+    // Every cell's settings, in (z, y, x) order.
+    let mut cells = Vec::with_capacity(nz * y_axis.len() * x.len());
     for zi in 0..nz {
-        let mut rows = vec![];
         for yi in 0..y_axis.len() {
-            let mut row = vec![];
             for xi in 0..x.len() {
                 let mut c = defaults.clone();
                 if let Some(za) = z_axis {
@@ -168,23 +167,71 @@ pub fn run(
                     y_axis.apply(yi, &mut c);
                 }
                 x.apply(xi, &mut c);
-                for a in adapters {
-                    p.set_adapter_scale(a, c.scale)?;
-                }
-                let img = p.sample(
-                    &SampleRequest {
-                        prompts: vec![c.prompt.clone()],
-                        negative: c.negative.clone(),
-                        seeds: vec![c.seed],
-                        steps: c.steps,
-                        guidance: c.cfg,
-                        sampler: SamplerKind::parse(&c.sampler)?,
-                        size,
-                    },
-                    &ForwardCtx::eval(),
-                )?;
-                row.push(tensor_to_image(&img.get(0)?)?);
-                progress.inc(1);
+                cells.push(c);
+            }
+        }
+    }
+    // Cells that differ only in prompt and seed are sampled together, up to 8 at a time. Each
+    // image's noise comes from its own seed, so an image does not depend on its batch.
+    let mut groups: Vec<(&Cell, Vec<usize>)> = vec![];
+    for (i, c) in cells.iter().enumerate() {
+        let same = |g: &Cell| {
+            (
+                &g.negative,
+                g.scale.to_bits(),
+                g.cfg.to_bits(),
+                g.steps,
+                &g.sampler,
+            ) == (
+                &c.negative,
+                c.scale.to_bits(),
+                c.cfg.to_bits(),
+                c.steps,
+                &c.sampler,
+            )
+        };
+        match groups.iter_mut().find(|(g, _)| same(g)) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((c, vec![i])),
+        }
+    }
+    let mut images: Vec<Option<RgbImage>> = vec![None; cells.len()];
+    for (c, members) in &groups {
+        for a in adapters {
+            p.set_adapter_scale(a, c.scale)?;
+        }
+        for chunk in members.chunks(8) {
+            let imgs = p.sample(
+                &SampleRequest {
+                    prompts: chunk.iter().map(|&i| cells[i].prompt.clone()).collect(),
+                    negative: c.negative.clone(),
+                    seeds: chunk.iter().map(|&i| cells[i].seed).collect(),
+                    steps: c.steps,
+                    guidance: c.cfg,
+                    sampler: SamplerKind::parse(&c.sampler)?,
+                    size,
+                },
+                &ForwardCtx::eval(),
+            )?;
+            for (k, &i) in chunk.iter().enumerate() {
+                images[i] = Some(tensor_to_image(&imgs.get(k)?)?);
+            }
+            progress.inc(chunk.len() as u64);
+        }
+    }
+    let mut images = images.into_iter();
+    let mut grids = vec![];
+    for zi in 0..nz {
+        let mut rows = vec![];
+        for _ in 0..y_axis.len() {
+            let mut row = vec![];
+            for _ in 0..x.len() {
+                row.push(
+                    images
+                        .next()
+                        .flatten()
+                        .ok_or_else(|| Error::Msg("grid: a cell was not sampled".into()))?,
+                );
             }
             rows.push(row);
         }

@@ -45,3 +45,26 @@ pub fn init() {
         }
     });
 }
+
+/// Runs `f` on a worker of a rayon pool with one thread per core (`RAYON_NUM_THREADS`), which our
+/// kernels and candle's GEMMs then use: the thread that drives the model takes part in every
+/// parallel section instead of waiting beside the pool's threads, so a 2-core machine runs 2 busy
+/// threads, not 3 (the driving thread's idle spins took CPU from the workers). The workers get
+/// the main thread's stack size of 8 MiB or more (64 MiB), since candle's backward walks the graph
+/// recursively. Falls back to running `f` here if the pool cannot be built.
+pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .stack_size(64 << 20)
+        .thread_name(|i| format!("postforge-{i}"))
+        .build()
+    {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
+}
