@@ -36,7 +36,11 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, cfg: ConvCfg) -> Result<Tensor> {
         && x.dtype() == candle_core::DType::F32
         && x.rank() == 4
     {
-        // GEMM backward over im2col patches (see [`conv2d`]), input gradient only.
+        // One node over owned buffers (`lora_conv`), else GEMMs over im2col patches (see
+        // [`conv2d`]); input gradient only either way.
+        if let Some(y) = super::lora_conv::frozen_conv2d_bias(x, &w.detach(), None, cfg)? {
+            return Ok(y);
+        }
         return conv2d(x, &w.detach(), cfg, false);
     }
     if x.track_op() && (!x.device().is_cpu() || cfg.groups != 1) {
@@ -93,6 +97,30 @@ fn valid_range(on: usize, n: usize, k: usize, cfg: ConvCfg) -> (usize, usize) {
     (lo.min(hi), hi)
 }
 
+/// The kernel taps of a conv over an h×w plane: for tap `ky·kw + kx`, calls `f(tap, y0..y1, x0..x1,
+/// start)` with the output rows and columns whose input lies inside the plane, where `start(oy)` is
+/// the input index of output (oy, x0) and consecutive outputs step `cfg.stride` in the input.
+fn for_each_tap(
+    (h, w): (usize, usize),
+    kh: usize,
+    kw: usize,
+    cfg: ConvCfg,
+    mut f: impl FnMut(usize, std::ops::Range<usize>, std::ops::Range<usize>, &dyn Fn(usize) -> usize),
+) {
+    let (oh, ow) = (conv_out_size(h, kh, cfg), conv_out_size(w, kw, cfg));
+    for ky in 0..kh {
+        let (y0, y1) = valid_range(oh, h, ky, cfg);
+        for kx in 0..kw {
+            let (x0, x1) = valid_range(ow, w, kx, cfg);
+            let start = |oy: usize| {
+                (oy * cfg.stride + ky * cfg.dilation - cfg.padding) * w
+                    + (x0 * cfg.stride + kx * cfg.dilation - cfg.padding)
+            };
+            f(ky * kw + kx, y0..y1, x0..x1, &start);
+        }
+    }
+}
+
 /// One channel plane `src` (h·w) into its kh·kw patch rows of oh·ow values each (`dst`, every
 /// value written: zeros where the kernel reads padding).
 pub(super) fn im2col_plane(
@@ -104,32 +132,26 @@ pub(super) fn im2col_plane(
     dst: &mut [f32],
 ) {
     let (oh, ow) = (conv_out_size(h, kh, cfg), conv_out_size(w, kw, cfg));
-    let ohw = oh * ow;
-    for ky in 0..kh {
-        let (y0, y1) = valid_range(oh, h, ky, cfg);
-        for kx in 0..kw {
-            let (x0, x1) = valid_range(ow, w, kx, cfg);
-            let row = &mut dst[(ky * kw + kx) * ohw..][..ohw];
-            // Padding rows and columns are zero; the rest is copied.
-            row[..y0 * ow].fill(0.0);
-            row[y1 * ow..].fill(0.0);
-            for oy in y0..y1 {
-                let line = &mut row[oy * ow..(oy + 1) * ow];
-                line[..x0].fill(0.0);
-                line[x1..].fill(0.0);
-                let iy = oy * cfg.stride + ky * cfg.dilation - cfg.padding;
-                let ix0 = x0 * cfg.stride + kx * cfg.dilation - cfg.padding;
-                let d = &mut line[x0..x1];
-                if cfg.stride == 1 {
-                    d.copy_from_slice(&src[iy * w + ix0..iy * w + ix0 + d.len()]);
-                } else {
-                    for (j, v) in d.iter_mut().enumerate() {
-                        *v = src[iy * w + ix0 + j * cfg.stride];
-                    }
-                }
+    let s = cfg.stride;
+    for_each_tap((h, w), kh, kw, cfg, |tap, ys, xs, start| {
+        let row = &mut dst[tap * oh * ow..(tap + 1) * oh * ow];
+        // Padding rows and columns are zero; the rest is copied.
+        row[..ys.start * ow].fill(0.0);
+        row[ys.end * ow..].fill(0.0);
+        for oy in ys {
+            let line = &mut row[oy * ow..(oy + 1) * ow];
+            line[..xs.start].fill(0.0);
+            line[xs.end..].fill(0.0);
+            let (d, i0) = (&mut line[xs.clone()], start(oy));
+            if s == 1 {
+                d.copy_from_slice(&src[i0..i0 + d.len()]);
+            } else {
+                d.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, v)| *v = src[i0 + j * s]);
             }
         }
-    }
+    });
 }
 
 /// The adjoint of [`im2col_plane`]: adds the kh·kw patch rows `src` back into the plane `dst`
@@ -143,28 +165,21 @@ pub(super) fn col2im_plane(
     dst: &mut [f32],
 ) {
     let (oh, ow) = (conv_out_size(h, kh, cfg), conv_out_size(w, kw, cfg));
-    let ohw = oh * ow;
-    for ky in 0..kh {
-        let (y0, y1) = valid_range(oh, h, ky, cfg);
-        for kx in 0..kw {
-            let (x0, x1) = valid_range(ow, w, kx, cfg);
-            let row = &src[(ky * kw + kx) * ohw..][..ohw];
-            for oy in y0..y1 {
-                let iy = oy * cfg.stride + ky * cfg.dilation - cfg.padding;
-                let ix0 = x0 * cfg.stride + kx * cfg.dilation - cfg.padding;
-                let r = &row[oy * ow + x0..oy * ow + x1];
-                if cfg.stride == 1 {
-                    for (d, v) in dst[iy * w + ix0..iy * w + ix0 + r.len()].iter_mut().zip(r) {
-                        *d += v;
-                    }
-                } else {
-                    for (j, v) in r.iter().enumerate() {
-                        dst[iy * w + ix0 + j * cfg.stride] += v;
-                    }
-                }
+    let s = cfg.stride;
+    for_each_tap((h, w), kh, kw, cfg, |tap, ys, xs, start| {
+        let row = &src[tap * oh * ow..(tap + 1) * oh * ow];
+        for oy in ys {
+            let (r, i0) = (&row[oy * ow + xs.start..oy * ow + xs.end], start(oy));
+            if s == 1 {
+                dst[i0..i0 + r.len()]
+                    .iter_mut()
+                    .zip(r)
+                    .for_each(|(d, v)| *d += v);
+            } else {
+                r.iter().enumerate().for_each(|(j, v)| dst[i0 + j * s] += v);
             }
         }
-    }
+    });
 }
 
 /// im2col in the "channels × positions" layout: (b, c, h, w) → (b, c·kh·kw, oh·ow), so that

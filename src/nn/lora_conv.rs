@@ -509,6 +509,12 @@ mod tests {
         (y + (hh.conv2d(b, 0, 1, 1, 1).unwrap() * s).unwrap()).unwrap()
     }
 
+    /// The gradients of Σ y ⊙ weight: a loss that weighs every output differently, so a misplaced
+    /// gradient shows.
+    fn weighted_grads(y: &Tensor, weight: &Tensor) -> candle_core::backprop::GradStore {
+        (y * weight).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -575,18 +581,10 @@ mod tests {
             );
             // A loss that weighs every output differently, so a misplaced gradient shows.
             let weight = randn(want.dims(), seed + 5, 1.0);
-            let gf = (&fused * &weight)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gw = (&want * &weight)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (gf, gw) = (
+                weighted_grads(&fused, &weight),
+                weighted_grads(&want, &weight),
+            );
             for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
                 let (f, r) = (
                     gf.get(v.as_tensor()).unwrap(),
@@ -646,18 +644,10 @@ mod tests {
             };
             assert!(max_diff(&fused, &want) < 1e-4, "case {ci}: value");
             let weight = randn(want.dims(), seed + 5, 1.0);
-            let gf = (&fused * &weight)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gw = (&want * &weight)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (gf, gw) = (
+                weighted_grads(&fused, &weight),
+                weighted_grads(&want, &weight),
+            );
             let (f, r) = (
                 gf.get(x.as_tensor()).unwrap(),
                 gw.get(x.as_tensor()).unwrap(),
