@@ -454,9 +454,9 @@ impl CustomOp2 for ChannelBias {
             out.par_chunks_mut(c * ROWS)
                 .zip(y.par_chunks(c * ROWS))
                 .for_each(|(o, y)| {
-                    for (orow, yrow) in o.chunks_mut(c).zip(y.chunks(c)) {
-                        for j in 0..c {
-                            orow[j] = yrow[j] + b[j];
+                    for (orow, yrow) in o.chunks_exact_mut(c).zip(y.chunks_exact(c)) {
+                        for ((o, y), b) in orow.iter_mut().zip(yrow).zip(b) {
+                            *o = *y + *b;
                         }
                     }
                 });

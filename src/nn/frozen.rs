@@ -86,6 +86,9 @@ where
 /// `x · Wᵀ` for a frozen weight `w` of shape (out, in); `x` is (..., in). Backward gives only dL/dx.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     check_rank(x, "frozen_linear")?;
+    if let Some(y) = frozen_linear_bias(x, w, None)? {
+        return Ok(y);
+    }
     if x.track_op() && !x.device().is_cpu() {
         return plain_linear(x, &w.detach());
     }
@@ -102,6 +105,111 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         xd[last] = w2.dim(1)?;
         gx.reshape(xd)
     })
+}
+
+/// `x · Wᵀ + b` for a frozen dense weight `w` (out, in) and an optional frozen bias `b` (out), as one
+/// node: the output rows start as the bias and the product accumulates into them (no zero-filled
+/// output, no second pass for the bias, no copy out of a candle tensor), and the backward writes
+/// only dL/dx, straight into its buffer. `None` where the node does not apply: not CPU, not f32, or
+/// a weight or bias that is itself trained (those take the composed path).
+pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    check_rank(x, "frozen_linear")?;
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !f32_cpu(x)
+        || !f32_cpu(w)
+        || w.track_op()
+        || bias.is_some_and(|b| !f32_cpu(b) || b.track_op())
+    {
+        return Ok(None);
+    }
+    let (out, inn) = w.dims2()?;
+    let dims = x.dims();
+    if dims[dims.len() - 1] != inn || bias.is_some_and(|b| b.dims() != [out]) {
+        candle_core::bail!(
+            "linear: input {:?} does not fit weight ({out}, {inn}){}",
+            dims,
+            bias.map(|b| format!(" and bias {:?}", b.dims()))
+                .unwrap_or_default()
+        );
+    }
+    let op = FrozenLinearOp {
+        w: w.detach().contiguous()?,
+        bias: bias.map(|b| b.detach().contiguous()).transpose()?,
+        out,
+        inn,
+    };
+    let x = x.contiguous()?;
+    Ok(Some(if x.track_op() {
+        x.apply_op1_arc(std::sync::Arc::new(Box::new(op)))?
+    } else {
+        x.apply_op1_no_bwd(&op)?
+    }))
+}
+
+struct FrozenLinearOp {
+    w: Tensor,
+    bias: Option<Tensor>,
+    out: usize,
+    inn: usize,
+}
+
+impl FrozenLinearOp {
+    fn with<R>(&self, f: impl FnOnce(&[f32], Option<&[f32]>) -> Result<R>) -> Result<R> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let bguard = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let bias = match &bguard {
+            Some((s, l)) => Some(storage_f32(s, l)?),
+            None => None,
+        };
+        f(storage_f32(&ws, wl)?, bias)
+    }
+}
+
+fn storage_f32<'a>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => super::kernels::f32_slice(c, l, "linear"),
+        _ => candle_core::bail!("linear: CPU only"),
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenLinearOp {
+    fn name(&self) -> &'static str {
+        "frozen-linear-bias"
+    }
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        use super::gemm::{gemm_into, Mat, Par};
+        let x = super::kernels::f32_slice(sx, lx, "linear")?;
+        let (out, inn) = (self.out, self.inn);
+        let lead = x.len() / inn.max(1);
+        let y = self.with(|w, bias| {
+            let mut y = Vec::with_capacity(lead * out);
+            match bias {
+                Some(b) => (0..lead).for_each(|_| y.extend_from_slice(b)),
+                None => y.resize(lead * out, 0.0),
+            }
+            let (lhs, rhs) = (Mat::rm(x, lead, inn), Mat::rm(w, out, inn).t());
+            gemm_into(&mut y, lhs, rhs, 1.0, bias.is_some(), Par::all())?;
+            Ok(y)
+        })?;
+        let mut dims = lx.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use super::gemm::{gemm_into, Mat, Par};
+        let (out, inn) = (self.out, self.inn);
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let gy = storage_f32(&gs, gl)?;
+        let lead = gy.len() / out.max(1);
+        let mut dx = vec![0f32; lead * inn];
+        self.with(|w, _| {
+            gemm_into(&mut dx, Mat::rm(gy, lead, out), Mat::rm(w, out, inn), 1.0, false, Par::all())
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
 }
 
 /// `x · Wᵀ` for a frozen NF4 weight (out, in) (QLoRA's base layer): the weight is dequantized a

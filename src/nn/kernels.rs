@@ -64,6 +64,26 @@ pub(super) fn exp_shifted_into(x: &[f32], m: f32, o: &mut [f32]) -> f32 {
     s
 }
 
+/// `v_k = exp(v_k − m)` in place, returning Σ v_k (16 running sums, so it vectorizes: a single
+/// running sum would keep `exp` scalar).
+pub(super) fn exp_shifted_in_place(v: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = v.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            let e = fast_exp(c[i] - m);
+            c[i] = e;
+            acc[i] += e;
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = fast_exp(*x - m);
+        s += *x;
+    }
+    s
+}
+
 /// Rows per parallel task for row-wise kernels (enough work per task to amortise scheduling).
 pub(super) fn rows_per_task(rows: usize, d: usize) -> usize {
     (16384 / d.max(1)).clamp(1, rows.max(1))

@@ -401,10 +401,11 @@ impl candle_core::CustomOp3 for LayerNormOp {
         out.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
             .for_each(|(o, xs)| {
-                for (orow, xrow) in o.chunks_mut(d).zip(xs.chunks(d)) {
+                for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
                     let (mean, inv) = stats(xrow, self.eps);
-                    for k in 0..d {
-                        orow[k] = ((xrow[k] as f64 - mean) * inv) as f32 * w[k] + b[k];
+                    let (mean, inv) = (mean as f32, inv as f32);
+                    for (((o, x), w), b) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
+                        *o = (*x - mean) * inv * *w + *b;
                     }
                 }
             });
@@ -552,10 +553,10 @@ impl candle_core::CustomOp2 for RmsNormOp {
         out.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
             .for_each(|(o, xs)| {
-                for (orow, xrow) in o.chunks_mut(d).zip(xs.chunks(d)) {
+                for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
                     let inv = rms_inv(xrow, self.eps) as f32;
-                    for k in 0..d {
-                        orow[k] = xrow[k] * inv * w[k];
+                    for ((o, x), w) in orow.iter_mut().zip(xrow).zip(w) {
+                        *o = *x * inv * *w;
                     }
                 }
             });

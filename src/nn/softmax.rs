@@ -1,7 +1,7 @@
 //! Softmax over the last dimension (plain, and attention's scaled + masked form) as one node with a
 //! CPU backward, next to the differentiable composition.
 
-use super::kernels::{exp_shifted_into, f32_slice, fast_exp, row_max, rows_per_task};
+use super::kernels::{exp_shifted_in_place, exp_shifted_into, f32_slice, row_max, rows_per_task};
 use crate::Result;
 use candle_core::{DType, Tensor, D};
 
@@ -83,23 +83,18 @@ impl candle_core::CustomOp1 for MaskedSoftmaxOp {
                 });
                 match m {
                     Some(m) => {
-                        for k in 0..tk {
-                            o[k] = xr[k] * scale + m[k];
+                        for ((o, x), m) in o.iter_mut().zip(xr).zip(m) {
+                            *o = *x * scale + *m;
                         }
                     }
                     None => {
-                        for k in 0..tk {
-                            o[k] = xr[k] * scale;
+                        for (o, x) in o.iter_mut().zip(xr) {
+                            *o = *x * scale;
                         }
                     }
                 }
                 let mx = row_max(o);
-                let mut sum = 0f32;
-                for v in o.iter_mut() {
-                    *v = fast_exp(*v - mx);
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
+                let inv = 1.0 / exp_shifted_in_place(o, mx);
                 o.iter_mut().for_each(|v| *v *= inv);
             });
         Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
@@ -189,10 +184,14 @@ impl candle_core::CustomOp2 for SoftmaxBwd {
         out.par_chunks_mut(chunk)
             .zip(g.par_chunks(chunk).zip(y.par_chunks(chunk)))
             .for_each(|(o, (gs, ys))| {
-                for ((orow, grow), yrow) in o.chunks_mut(d).zip(gs.chunks(d)).zip(ys.chunks(d)) {
+                for ((orow, grow), yrow) in o
+                    .chunks_exact_mut(d)
+                    .zip(gs.chunks_exact(d))
+                    .zip(ys.chunks_exact(d))
+                {
                     let dot: f32 = grow.iter().zip(yrow).map(|(a, b)| a * b).sum();
-                    for k in 0..d {
-                        orow[k] = self.scale * yrow[k] * (grow[k] - dot);
+                    for ((o, g), y) in orow.iter_mut().zip(grow).zip(yrow) {
+                        *o = self.scale * *y * (*g - dot);
                     }
                 }
             });

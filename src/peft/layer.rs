@@ -358,11 +358,14 @@ impl AdaptedLayer {
                 return Ok(y);
             }
         }
-        if let (true, BaseKind::Conv2d(cfg), BaseWeight::Dense(w)) =
-            (live.is_empty(), self.kind(), self.base.weight())
-        {
-            // A conv with no live adapter: kernel and bias in one node.
-            if let Some(y) = crate::nn::lora_conv::frozen_conv2d_bias(x, w, bias, cfg)? {
+        if let (true, BaseWeight::Dense(w)) = (live.is_empty(), self.base.weight()) {
+            // No live adapter: kernel (or weight) and bias in one node.
+            let y = match self.kind() {
+                BaseKind::Conv2d(cfg) => crate::nn::lora_conv::frozen_conv2d_bias(x, w, bias, cfg)?,
+                BaseKind::Linear => crate::nn::frozen::frozen_linear_bias(x, w, bias)?,
+                _ => None,
+            };
+            if let Some(y) = y {
                 return Ok(y);
             }
         }
