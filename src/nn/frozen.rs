@@ -133,8 +133,7 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resu
         );
     }
     let op = FrozenLinearOp {
-        w: w.detach().contiguous()?,
-        bias: bias.map(|b| b.detach().contiguous()).transpose()?,
+        frozen: super::kernels::FrozenParams::new(w, bias)?,
         out,
         inn,
     };
@@ -147,29 +146,9 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resu
 }
 
 struct FrozenLinearOp {
-    w: Tensor,
-    bias: Option<Tensor>,
+    frozen: super::kernels::FrozenParams,
     out: usize,
     inn: usize,
-}
-
-impl FrozenLinearOp {
-    fn with<R>(&self, f: impl FnOnce(&[f32], Option<&[f32]>) -> Result<R>) -> Result<R> {
-        let (ws, wl) = self.w.storage_and_layout();
-        let bguard = self.bias.as_ref().map(|t| t.storage_and_layout());
-        let bias = match &bguard {
-            Some((s, l)) => Some(storage_f32(s, l)?),
-            None => None,
-        };
-        f(storage_f32(&ws, wl)?, bias)
-    }
-}
-
-fn storage_f32<'a>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        candle_core::Storage::Cpu(c) => super::kernels::f32_slice(c, l, "linear"),
-        _ => candle_core::bail!("linear: CPU only"),
-    }
 }
 
 impl candle_core::CustomOp1 for FrozenLinearOp {
@@ -181,7 +160,7 @@ impl candle_core::CustomOp1 for FrozenLinearOp {
         let x = super::kernels::f32_slice(sx, lx, "linear")?;
         let (out, inn) = (self.out, self.inn);
         let lead = x.len() / inn.max(1);
-        let y = self.with(|w, bias| {
+        let y = self.frozen.with(|w, bias| {
             let mut y = Vec::with_capacity(lead * out);
             match bias {
                 Some(b) => (0..lead).for_each(|_| y.extend_from_slice(b)),
@@ -202,11 +181,18 @@ impl candle_core::CustomOp1 for FrozenLinearOp {
         let (out, inn) = (self.out, self.inn);
         let grad = grad.contiguous()?;
         let (gs, gl) = grad.storage_and_layout();
-        let gy = storage_f32(&gs, gl)?;
+        let gy = super::kernels::cpu_f32(&gs, gl)?;
         let lead = gy.len() / out.max(1);
         let mut dx = vec![0f32; lead * inn];
-        self.with(|w, _| {
-            gemm_into(&mut dx, Mat::rm(gy, lead, out), Mat::rm(w, out, inn), 1.0, false, Par::all())
+        self.frozen.with(|w, _| {
+            gemm_into(
+                &mut dx,
+                Mat::rm(gy, lead, out),
+                Mat::rm(w, out, inn),
+                1.0,
+                false,
+                Par::all(),
+            )
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }

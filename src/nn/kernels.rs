@@ -152,6 +152,39 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
     }
 }
 
+/// The f32 values of a contiguous CPU tensor's storage.
+pub(super) fn cpu_f32<'a>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32_slice(c, l, "frozen op"),
+        _ => candle_core::bail!("frozen op: CPU only"),
+    }
+}
+
+/// The frozen weight (or kernel) and bias of a node, read for one pass.
+pub(super) struct FrozenParams {
+    w: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl FrozenParams {
+    pub(super) fn new(w: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        Ok(Self {
+            w: w.detach().contiguous()?,
+            bias: bias.map(|t| t.detach().contiguous()).transpose()?,
+        })
+    }
+    /// Runs `f` on the kernel's and the bias's values.
+    pub(super) fn with<R>(&self, f: impl FnOnce(&[f32], Option<&[f32]>) -> Result<R>) -> Result<R> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let bguard = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let bias = match &bguard {
+            Some((s, l)) => Some(cpu_f32(s, l)?),
+            None => None,
+        };
+        f(cpu_f32(&ws, wl)?, bias)
+    }
+}
+
 pub(super) fn check_rank(x: &Tensor, what: &str) -> Result<()> {
     if x.rank() == 0 {
         candle_core::bail!("{what}: the input must have at least one dimension (features last)");

@@ -12,8 +12,8 @@
 
 use super::conv::{col2im_plane, conv_out_size, im2col_plane, pointwise, ConvCfg};
 use super::gemm::{gemm_into, Mat, Par};
-use super::kernels::f32_slice;
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use super::kernels::{cpu_f32, f32_slice, FrozenParams};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -196,38 +196,6 @@ impl Geom {
 }
 
 /// The f32 values of a CPU storage (the frozen kernel and bias the nodes hold).
-fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => f32_slice(c, l, "conv2d"),
-        _ => candle_core::bail!("conv2d: CPU only"),
-    }
-}
-
-/// The frozen kernel and bias of a node, read for one pass.
-struct Frozen {
-    w: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Frozen {
-    fn new(w: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        Ok(Self {
-            w: w.detach().contiguous()?,
-            bias: bias.map(|t| t.detach().contiguous()).transpose()?,
-        })
-    }
-    /// Runs `f` on the kernel's and the bias's values.
-    fn with<R>(&self, f: impl FnOnce(&[f32], Option<&[f32]>) -> Result<R>) -> Result<R> {
-        let (ws, wl) = self.w.storage_and_layout();
-        let bguard = self.bias.as_ref().map(|t| t.storage_and_layout());
-        let bias = match &bguard {
-            Some((s, l)) => Some(cpu_f32(s, l)?),
-            None => None,
-        };
-        f(cpu_f32(&ws, wl)?, bias)
-    }
-}
-
 /// `conv(x, w) + bias + scale·conv1x1(conv(x, a), b)` as one node (see the module doc), or `None`
 /// where the node does not apply (device, dtype, groups, dilation, rank, or a kernel or bias
 /// that is itself trained).
@@ -259,7 +227,7 @@ pub fn lora_conv2d(
     g.r = r;
     let op = LoraConvOp {
         g,
-        frozen: Frozen::new(w, bias)?,
+        frozen: FrozenParams::new(w, bias)?,
         scale: scale as f32,
         hidden: Mutex::new(None),
     };
@@ -273,7 +241,7 @@ pub fn lora_conv2d(
 
 struct LoraConvOp {
     g: Geom,
-    frozen: Frozen,
+    frozen: FrozenParams,
     scale: f32,
     /// H = A·P per image (n, r, p), kept from the forward for dB.
     hidden: Mutex<Option<Vec<f32>>>,
@@ -419,7 +387,7 @@ pub fn frozen_conv2d_bias(
     };
     let op = FrozenConvOp {
         g,
-        frozen: Frozen::new(w, bias)?,
+        frozen: FrozenParams::new(w, bias)?,
     };
     let x = x.contiguous()?;
     Ok(Some(if x.track_op() {
@@ -431,7 +399,7 @@ pub fn frozen_conv2d_bias(
 
 struct FrozenConvOp {
     g: Geom,
-    frozen: Frozen,
+    frozen: FrozenParams,
 }
 
 impl candle_core::CustomOp1 for FrozenConvOp {

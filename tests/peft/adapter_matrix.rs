@@ -231,9 +231,13 @@ fn frozen_linear_allocates_no_weight_gradient() {
 fn frozen_linear_bias_node_matches_the_composite_and_falls_back_where_it_must() {
     use postforge::nn::frozen::frozen_linear_bias;
     // (input shape, with bias): a 3-D token batch, a 2-D batch, a single row.
-    for (k, (xs, with_bias)) in [(&[2usize, 5, 12][..], true), (&[7, 12][..], false), (&[1, 12][..], true)]
-        .into_iter()
-        .enumerate()
+    for (k, (xs, with_bias)) in [
+        (&[2usize, 5, 12][..], true),
+        (&[7, 12][..], false),
+        (&[1, 12][..], true),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let w = randn(&[9, 12], 0.3, &format!("w{k}"));
         let b = with_bias.then(|| randn(&[9], 0.5, &format!("b{k}")));
@@ -251,27 +255,47 @@ fn frozen_linear_bias_node_matches_the_composite_and_falls_back_where_it_must() 
         let wts = randn(yc.dims(), 1.0, &format!("g{k}"));
         let g = (y * &wts).unwrap().sum_all().unwrap().backward().unwrap();
         let gc = (yc * &wts).unwrap().sum_all().unwrap().backward().unwrap();
-        let (dx, dxc) = (g.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap());
+        let (dx, dxc) = (
+            g.get(x.as_tensor()).unwrap(),
+            gc.get(x.as_tensor()).unwrap(),
+        );
         assert!(rel_err(dx, dxc) < 1e-6, "case {k}: input gradient");
-        assert!(g.get(&w).is_none(), "case {k}: the frozen weight gets no gradient");
+        assert!(
+            g.get(&w).is_none(),
+            "case {k}: the frozen weight gets no gradient"
+        );
         // No graph without a tracked input.
-        let y = frozen_linear_bias(&x.as_tensor().detach(), &w, b.as_ref()).unwrap().unwrap();
+        let y = frozen_linear_bias(&x.as_tensor().detach(), &w, b.as_ref())
+            .unwrap()
+            .unwrap();
         assert!(!y.track_op());
     }
     let x = randn(&[3, 12], 1.0, "xf");
     let w = randn(&[9, 12], 0.3, "wf");
     // A trained bias or weight takes the composed path.
     let bv = candle_core::Var::from_tensor(&randn(&[9], 0.5, "bf")).unwrap();
-    assert!(frozen_linear_bias(&x, &w, Some(bv.as_tensor())).unwrap().is_none());
+    assert!(frozen_linear_bias(&x, &w, Some(bv.as_tensor()))
+        .unwrap()
+        .is_none());
     let wv = candle_core::Var::from_tensor(&w).unwrap();
-    assert!(frozen_linear_bias(&x, wv.as_tensor(), None).unwrap().is_none());
+    assert!(frozen_linear_bias(&x, wv.as_tensor(), None)
+        .unwrap()
+        .is_none());
     // Another dtype as well.
     let x64 = x.to_dtype(DType::F64).unwrap();
-    assert!(frozen_linear_bias(&x64, &w.to_dtype(DType::F64).unwrap(), None).unwrap().is_none());
+    assert!(
+        frozen_linear_bias(&x64, &w.to_dtype(DType::F64).unwrap(), None)
+            .unwrap()
+            .is_none()
+    );
     // Misfit shapes are named.
-    let e = frozen_linear_bias(&randn(&[3, 11], 1.0, "xm"), &w, None).unwrap_err().to_string();
+    let e = frozen_linear_bias(&randn(&[3, 11], 1.0, "xm"), &w, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("[3, 11]") && e.contains("(9, 12)"), "{e}");
-    let e = frozen_linear_bias(&x, &w, Some(&randn(&[8], 1.0, "bm"))).unwrap_err().to_string();
+    let e = frozen_linear_bias(&x, &w, Some(&randn(&[8], 1.0, "bm")))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("[8]"), "{e}");
 }
 
