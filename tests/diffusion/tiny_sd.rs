@@ -195,14 +195,7 @@ fn an_image_does_not_depend_on_its_batch() {
     let batch = p.sample(&request(&[0, 1, 2]), &ForwardCtx::eval()).unwrap();
     for i in 0..3 {
         let alone = p.sample(&request(&[i]), &ForwardCtx::eval()).unwrap();
-        let diff = (batch.get(i).unwrap() - alone.get(0).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::common::max_abs_diff(&batch.get(i).unwrap(), &alone.get(0).unwrap());
         assert!(
             diff < 1e-5,
             "image {i} differs by {diff} between batch and alone"
@@ -435,14 +428,7 @@ fn ema_v_prediction_zero_snr_pretraining_resumes_exactly_and_saves_the_average()
         read(&d.path().join("split/adapter")),
     );
     for (k, t) in &a {
-        let diff = (t - &b[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::common::max_abs_diff(t, &b[k]);
         assert_eq!(diff, 0.0, "{k} differs after resuming");
     }
     // The written pipeline holds the average, not the last weights, and says v-prediction with
