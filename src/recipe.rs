@@ -4,6 +4,7 @@
 
 use crate::check::Ranged;
 use crate::diffusion::eval::{evaluate, EvalConfig, EvalReport};
+use crate::diffusion::masked_edit::{self, MaskedEditConfig, MaskedEditReport};
 use crate::diffusion::train::{train_lora, LoraTrainConfig};
 use crate::text::align_run::{merge_into_folder, AlignReport, AlignRunConfig, Previous};
 use crate::text::sft::{SftReport, SftRunConfig};
@@ -35,6 +36,8 @@ pub enum Stage {
     TrainDiffusion(LoraTrainConfig),
     /// Before/after grid and style/adherence scores of an image LoRA.
     DiffusionEval(EvalConfig),
+    /// Masked edits with an image LoRA in every mode, a comparison grid and figures.
+    MaskedEdit(MaskedEditConfig),
     /// Supervised fine-tuning of a causal LM with an adapter (PEFT / TRL keys).
     Sft(Box<SftRunConfig>),
     /// Task accuracy of a chat model without and with the adapter.
@@ -49,6 +52,7 @@ impl Stage {
         match self {
             Stage::TrainDiffusion(_) => "train-diffusion",
             Stage::DiffusionEval(_) => "diffusion-eval",
+            Stage::MaskedEdit(_) => "masked-edit",
             Stage::Sft(_) => "sft",
             Stage::TaskEval(_) => "task-eval",
             Stage::Align(_) => "align",
@@ -62,6 +66,7 @@ impl Ranged for Stage {
         match self {
             Stage::TrainDiffusion(c) => c.check(),
             Stage::DiffusionEval(c) => c.check(),
+            Stage::MaskedEdit(c) => c.check(),
             Stage::Sft(c) => c.check(),
             Stage::TaskEval(c) => c.check(),
             Stage::Align(c) => c.check(),
@@ -83,6 +88,8 @@ pub enum StageReport {
     },
     /// An evaluation.
     Evaluated(EvalReport),
+    /// A masked-edit study.
+    Edited(MaskedEditReport),
     /// An SFT run.
     FineTuned(Box<SftReport>),
     /// A task evaluation.
@@ -220,6 +227,32 @@ impl Recipe {
                         }
                     }
                     reports.push(StageReport::Evaluated(rep));
+                }
+                Stage::MaskedEdit(cfg) => {
+                    let need = |v: Option<PathBuf>, what: &str| {
+                        v.ok_or_else(|| {
+                            Error::Config(format!(
+                                "stage {}: masked-edit has no `{what}` and no training stage before it",
+                                i + 1
+                            ))
+                        })
+                    };
+                    let model = need(cfg.model.clone().or(last_model.clone()), "model")?;
+                    let lora = need(cfg.lora.clone().or(last_lora.clone()), "lora")?;
+                    let out = need(cfg.output_dir.clone().or(last_out.clone()), "output_dir")?;
+                    log(&format!(
+                        "stage {}: masked-edit: {} with {} on {} scenes",
+                        i + 1,
+                        model.display(),
+                        lora.display(),
+                        cfg.scenes
+                    ));
+                    let rep = masked_edit::run(cfg, &model, &lora, &out, progress)?;
+                    log(&format!("  wrote {}", rep.grid.display()));
+                    for line in masked_edit::table(&rep) {
+                        log(&format!("  {line}"));
+                    }
+                    reports.push(StageReport::Edited(rep));
                 }
                 Stage::Sft(cfg) => {
                     let mut cfg = cfg.clone();

@@ -4,8 +4,7 @@ use postforge::check;
 use postforge::diffusion::grid::{run as run_grid, Axis, Cell};
 use postforge::diffusion::pipeline::Pipeline;
 use postforge::media::image::write_png;
-use postforge::peft::formats::lora_file::{kohya_names, LoraFile};
-use postforge::peft::{Adapted, AdapterPlan};
+use postforge::peft::AdapterPlan;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -67,21 +66,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut names = vec![];
     for (i, f) in a.lora.iter().enumerate() {
         let name = format!("lora{i}");
-        let known = kohya_names(&p.unet.layers());
-        let (file, _) = LoraFile::read(f, Some(&known))?;
-        let mut n = file.apply("unet", &mut p.unet.layers_mut(), &name, f)?;
-        if file.modules.keys().any(|k| k.starts_with("text_encoder.")) {
-            n += file.apply("text_encoder", &mut p.text_encoder.layers_mut(), &name, f)?;
-        }
-        if let Some(te2) = &mut p.text_encoder_2 {
-            if file
-                .modules
-                .keys()
-                .any(|k| k.starts_with("text_encoder_2."))
-            {
-                n += file.apply("text_encoder_2", &mut te2.layers_mut(), &name, f)?;
-            }
-        }
+        let n = p.apply_lora_file(f, &name)?;
         println!("{}: {n} modules as `{name}`", f.display());
         names.push(name);
     }

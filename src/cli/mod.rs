@@ -4,9 +4,11 @@ mod align;
 mod combine;
 mod convert;
 mod demo;
+mod edit;
 mod eval;
 mod generate;
 mod grid;
+mod mask;
 mod merge;
 mod overlay;
 mod pretrain;
@@ -38,6 +40,10 @@ enum Command {
     Demo(demo::Args),
     /// Sample a labeled X/Y/Z evaluation grid (prompt, seed, LoRA scale, CFG, steps, sampler) from a pipeline.
     Grid(grid::Args),
+    /// Masked image edit: SDEdit-style partial noising, LoRAs routed to their masks, background blending.
+    Edit(Box<edit::Args>),
+    /// Build a mask PNG (box, colour key, shape detector, file) and transform it (invert, dilate, erode, feather, combine).
+    Mask(mask::Args),
     /// Merge a PEFT adapter folder into a safetensors checkpoint (merge-and-unload), keeping tensor names.
     Merge(merge::Args),
     /// Convert an image-model LoRA file between kohya/A1111/ComfyUI and diffusers/PEFT layouts.
@@ -92,6 +98,8 @@ pub fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     check::set_allow_nonfinite(cli.allow_nonfinite);
     match cli.cmd {
         Command::Demo(a) => demo::run(a),
+        Command::Edit(a) => edit::run(*a),
+        Command::Mask(a) => mask::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Plot(a) => merge::plot(a),
         Command::Convert(a) => convert::run(a),

@@ -4,6 +4,7 @@
 pub mod buckets;
 pub mod chat;
 pub mod image_folder;
+pub mod masks;
 pub mod pref;
 pub mod sft;
 pub mod shapes;

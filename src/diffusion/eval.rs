@@ -8,7 +8,6 @@ use super::sampler::SamplerKind;
 use crate::check::{self, all_in, count_at_least, f64_in, Ranged};
 use crate::data::shapes::{detect, style_score, Scene, Style};
 use crate::media::image::{tensor_to_image, write_png};
-use crate::peft::formats::lora_file::{kohya_names, LoraFile};
 use crate::peft::ForwardCtx;
 use crate::peft::{Adapted, AdapterPlan};
 use crate::rng::rng_for;
@@ -163,26 +162,7 @@ pub struct EvalReport {
 /// Loads `model` with the LoRA file as adapter `lora`.
 pub fn load_with_lora(model: &Path, lora: &Path) -> Result<Pipeline> {
     let mut p = Pipeline::load(model, AdapterPlan::none(), AdapterPlan::none())?;
-    let known = kohya_names(&p.unet.layers());
-    let (file, _) = LoraFile::read(lora, Some(&known))?;
-    file.apply("unet", &mut p.unet.layers_mut(), "lora", lora)?;
-    if file.modules.keys().any(|k| k.starts_with("text_encoder.")) {
-        file.apply(
-            "text_encoder",
-            &mut p.text_encoder.layers_mut(),
-            "lora",
-            lora,
-        )?;
-    }
-    if let Some(te2) = &mut p.text_encoder_2 {
-        if file
-            .modules
-            .keys()
-            .any(|k| k.starts_with("text_encoder_2."))
-        {
-            file.apply("text_encoder_2", &mut te2.layers_mut(), "lora", lora)?;
-        }
-    }
+    p.apply_lora_file(lora, "lora")?;
     Ok(p)
 }
 

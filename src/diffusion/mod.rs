@@ -2,7 +2,10 @@
 //! samplers (DDIM, Euler, Euler ancestral) with classifier-free guidance and per-image seeds, with
 //! diffusers' semantics and `scheduler_config.json` fields.
 
+pub mod attn_mask;
+pub mod edit;
 pub mod eval;
+pub mod masked_edit;
 pub mod grid;
 pub mod objective;
 pub mod pipeline;

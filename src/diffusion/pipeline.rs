@@ -62,6 +62,36 @@ impl PromptTokenizer {
         })
     }
 
+    /// The positions of `word`'s tokens in `prompt` as [`Self::encode`] lays it out (every
+    /// occurrence); an error names the word and the prompt when it is not there.
+    pub fn positions(&self, prompt: &str, word: &str) -> Result<Vec<usize>> {
+        let ids = |s: &str, special: bool| -> Result<Vec<u32>> {
+            Ok(self
+                .tok
+                .encode(s, special)
+                .map_err(|e| Error::Msg(format!("tokenizing `{s}`: {e}")))?
+                .get_ids()
+                .to_vec())
+        };
+        let full = ids(prompt, true)?;
+        let full = &full[..full.len().min(self.max_len)];
+        let w = ids(word.trim(), false)?;
+        let mut out = vec![];
+        if !w.is_empty() {
+            for i in 0..full.len().saturating_sub(w.len() - 1) {
+                if full[i..i + w.len()] == w[..] {
+                    out.extend(i..i + w.len());
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(Error::Config(format!(
+                "the word `{word}` is not among the tokens of the prompt `{prompt}`"
+            )));
+        }
+        Ok(out)
+    }
+
     /// Token ids (B, max_len), truncated and padded.
     pub fn encode(&self, prompts: &[String], device: &Device) -> Result<Tensor> {
         let mut rows = vec![];
@@ -278,6 +308,29 @@ impl Pipeline {
         )?)
     }
 
+    /// Applies an image LoRA file (kohya, diffusers/PEFT or LyCORIS keys) as adapter `name` to the
+    /// U-Net and to the text encoders it has modules for; returns the number of modules.
+    pub fn apply_lora_file(&mut self, path: &Path, name: &str) -> Result<usize> {
+        use crate::peft::formats::lora_file::{kohya_names, LoraFile};
+        let known = kohya_names(&self.unet.layers());
+        let (file, _) = LoraFile::read(path, Some(&known))?;
+        let has = |prefix: &str| {
+            file.modules
+                .keys()
+                .any(|k| k.starts_with(&format!("{prefix}.")))
+        };
+        let mut n = file.apply("unet", &mut self.unet.layers_mut(), name, path)?;
+        if has("text_encoder") {
+            n += file.apply("text_encoder", &mut self.text_encoder.layers_mut(), name, path)?;
+        }
+        if let Some(te2) = &mut self.text_encoder_2 {
+            if has("text_encoder_2") {
+                n += file.apply("text_encoder_2", &mut te2.layers_mut(), name, path)?;
+            }
+        }
+        Ok(n)
+    }
+
     /// Sets the output multiplier (gain) of adapter `name` on every component that carries it
     /// (U-Net, text encoders), whatever its method; an error if no component carries it.
     pub fn set_adapter_scale(&mut self, name: &str, scale: f64) -> Result<()> {
@@ -301,6 +354,42 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The classifier-free-guided denoiser for `prompts` (one image each) against `negative`.
+    pub fn guided(
+        &self,
+        prompts: &[String],
+        negative: &str,
+        guidance: f64,
+        size: (usize, usize),
+        ctx: &ForwardCtx,
+    ) -> Result<Guided> {
+        let cond = self.encode_cond(prompts, ctx)?;
+        let uncond = if negative.is_empty() && self.force_zeros_for_empty_prompt {
+            Conditioning {
+                context: cond.context.zeros_like()?,
+                pooled: cond.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
+            }
+        } else {
+            self.encode_cond(&vec![negative.to_string(); prompts.len()], ctx)?
+        };
+        let both = Tensor::cat(&[&uncond.context, &cond.context], 0)?;
+        let b = prompts.len();
+        let pooled = match (&uncond.pooled, &cond.pooled) {
+            (Some(u), Some(c)) if self.text_time() => Some(Tensor::cat(&[u, c], 0)?),
+            _ => None,
+        };
+        let (h, w) = (size.0 as f32, size.1 as f32);
+        let time_ids = Self::time_ids(&vec![[h, w, 0.0, 0.0, h, w]; 2 * b])?;
+        Ok(Guided {
+            both,
+            pooled,
+            time_ids,
+            b,
+            guidance,
+            rescale: self.guidance_rescale,
+        })
+    }
+
     /// Samples one image per prompt (with its own seed), as tensors (B, C, H, W) in [-1, 1]. Every
     /// model runs under `ctx`: [`ForwardCtx::eval`] records no graph; a routed context carries
     /// masks to the adapters; a training context lets gradients flow through sampling.
@@ -322,30 +411,7 @@ impl Pipeline {
                 seeds.len()
             )));
         }
-        let cond = self.encode_cond(prompts, ctx)?;
-        let uncond = if negative.is_empty() && self.force_zeros_for_empty_prompt {
-            Conditioning {
-                context: cond.context.zeros_like()?,
-                pooled: cond.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
-            }
-        } else {
-            self.encode_cond(&vec![negative.to_string(); prompts.len()], ctx)?
-        };
-        let both = Tensor::cat(&[&uncond.context, &cond.context], 0)?;
-        let b = prompts.len();
-        let pooled = match (&uncond.pooled, &cond.pooled) {
-            (Some(u), Some(c)) => Some(Tensor::cat(&[u, c], 0)?),
-            _ => None,
-        };
-        let (h, w) = (size.0 as f32, size.1 as f32);
-        let time_ids = Self::time_ids(&vec![[h, w, 0.0, 0.0, h, w]; 2 * b])?;
-        let added = match &pooled {
-            Some(p) if self.text_time() => Some(AddedCond {
-                text_embeds: p,
-                time_ids: &time_ids,
-            }),
-            _ => None,
-        };
+        let guided = self.guided(prompts, negative, guidance, size, ctx)?;
         let sampler = Sampler::new(kind, &self.scheduler, steps)?;
         let c = self.unet.config().in_channels;
         let f = self.vae_factor();
@@ -360,22 +426,43 @@ impl Pipeline {
             &[c, size.0 / f, size.1 / f],
             seeds,
             &Device::Cpu,
-            |x_in, t| {
-                let t = Tensor::from_vec(vec![t as f32; 2 * b], 2 * b, &Device::Cpu)?;
-                let xx = Tensor::cat(&[x_in, x_in], 0)?;
-                let out = self.unet.forward(&xx, &t, &both, added.as_ref(), ctx)?;
-                let (u, k) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
-                if guidance == 1.0 {
-                    Ok(k)
-                } else {
-                    rescale_guidance(&guide(&u, &k, guidance)?, &k, self.guidance_rescale)
-                }
-            },
+            |x_in, t| guided.predict(self, x_in, t, ctx),
         )?;
         let x = match &self.vae {
             Some(v) => v.decode_scaled(&x.to_dtype(DType::F32)?, ctx)?,
             None => x,
         };
         Ok(x.to_dtype(DType::F32)?.clamp(-1f32, 1f32)?)
+    }
+}
+
+/// A prompt batch's guided denoiser: unconditional and conditional branches in one U-Net batch,
+/// combined by classifier-free guidance (and diffusers' `guidance_rescale`).
+pub struct Guided {
+    both: Tensor,
+    pooled: Option<Tensor>,
+    time_ids: Tensor,
+    b: usize,
+    guidance: f64,
+    rescale: f64,
+}
+
+impl Guided {
+    /// The guided model output for the scaled input `x_in` (b, c, h, w) at timestep `t`.
+    pub fn predict(&self, p: &Pipeline, x_in: &Tensor, t: f64, ctx: &ForwardCtx) -> Result<Tensor> {
+        let b = self.b;
+        let tt = Tensor::from_vec(vec![t as f32; 2 * b], 2 * b, &Device::Cpu)?;
+        let xx = Tensor::cat(&[x_in, x_in], 0)?;
+        let added = self.pooled.as_ref().map(|pl| AddedCond {
+            text_embeds: pl,
+            time_ids: &self.time_ids,
+        });
+        let out = p.unet.forward(&xx, &tt, &self.both, added.as_ref(), ctx)?;
+        let (u, k) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+        if self.guidance == 1.0 {
+            Ok(k)
+        } else {
+            rescale_guidance(&guide(&u, &k, self.guidance)?, &k, self.rescale)
+        }
     }
 }

@@ -328,7 +328,7 @@ impl Sampler {
         latent_shape: &[usize],
         seeds: &[u64],
         device: &candle_core::Device,
-        mut denoise: impl FnMut(&Tensor, f64) -> Result<Tensor>,
+        denoise: impl FnMut(&Tensor, f64) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let per_image = |tag: &str| -> Result<Tensor> {
             let parts: Vec<Tensor> = seeds
@@ -337,8 +337,56 @@ impl Sampler {
                 .collect::<Result<_>>()?;
             Ok(Tensor::stack(&parts, 0)?.to_device(device)?)
         };
-        let mut x = (per_image("latents")? * self.init_noise_sigma(cfg))?;
-        for (i, &t) in self.timesteps.iter().enumerate() {
+        let x = (per_image("latents")? * self.init_noise_sigma(cfg))?;
+        self.run_from(x, 0, seeds, device, denoise, |_, x| Ok(x))
+    }
+
+    /// The step index an image-to-image run starts at for `strength` in [0, 1] (diffusers'
+    /// `get_timesteps`: the last ⌊steps·strength⌋ steps run; `steps` means none do).
+    pub fn start_index(&self, strength: f64) -> usize {
+        let n = self.timesteps.len();
+        let init = ((n as f64 * strength) as usize).min(n);
+        n - init
+    }
+
+    /// `x0` noised to the level the sampler expects before step `i` (diffusers' `add_noise`):
+    /// DDIM √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε; Euler x₀ + σ_i·ε. `i` = the number of steps gives `x0` itself.
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        if i >= self.timesteps.len() {
+            return Ok(x0.clone());
+        }
+        match self.kind {
+            SamplerKind::Ddim { .. } => {
+                let a = self.schedule.alphas_cumprod[self.timesteps[i] as usize] as f64;
+                Ok(((x0 * a.sqrt())? + (noise * (1.0 - a).sqrt())?)?)
+            }
+            SamplerKind::Euler | SamplerKind::EulerAncestral => {
+                Ok((x0 + (noise * self.sigma(i)? as f64)?)?)
+            }
+        }
+    }
+
+    /// Runs steps `start..` from `x` (already at step `start`'s noise level), with the same
+    /// per-image step noise as [`Self::sample`]. `after(i, x)` sees the sample after step `i` and
+    /// returns the one to continue from (a masked edit pastes the noised source back there).
+    pub fn run_from(
+        &self,
+        mut x: Tensor,
+        start: usize,
+        seeds: &[u64],
+        device: &candle_core::Device,
+        mut denoise: impl FnMut(&Tensor, f64) -> Result<Tensor>,
+        mut after: impl FnMut(usize, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let shape: Vec<usize> = x.dims()[1..].to_vec();
+        let per_image = |tag: &str| -> Result<Tensor> {
+            let parts: Vec<Tensor> = seeds
+                .iter()
+                .map(|s| normal(&shape, 1.0, &mut rng_for(*s, tag)))
+                .collect::<Result<_>>()?;
+            Ok(Tensor::stack(&parts, 0)?.to_device(device)?)
+        };
+        for (i, &t) in self.timesteps.iter().enumerate().skip(start) {
             let x_in = self.scale_model_input(&x, i)?;
             let out = denoise(&x_in, t)?;
             let z = if self.needs_noise() {
@@ -347,6 +395,7 @@ impl Sampler {
                 None
             };
             x = self.step(&out, i, &x, z.as_ref())?.prev_sample;
+            x = after(i, x)?;
         }
         Ok(x)
     }

@@ -67,6 +67,48 @@ pub struct ForwardCtx {
     calls: Arc<AtomicU64>,
     layout: Layout,
     routing: Option<Arc<Routing>>,
+    /// Under [`Layout::Context`]: the one routed adapter that runs (ungated); the others are off.
+    pick: Option<Arc<str>>,
+    probe: Option<Arc<AttnProbe>>,
+}
+
+/// Records, in every cross-attention layer a forward passes, the attention that the query grid
+/// pays to chosen context tokens (attention-derived masks, as LoRAShop and FreeFuse take them).
+#[derive(Debug)]
+pub struct AttnProbe {
+    /// Context token positions whose attention is summed.
+    pub tokens: Vec<usize>,
+    /// Batch rows kept (e.g. the conditional half of a guided batch).
+    pub rows: std::ops::Range<usize>,
+    maps: Mutex<Vec<Tensor>>,
+}
+
+impl AttnProbe {
+    /// A probe of `tokens` over batch rows `rows`.
+    pub fn new(tokens: Vec<usize>, rows: std::ops::Range<usize>) -> Self {
+        Self {
+            tokens,
+            rows,
+            maps: Mutex::new(vec![]),
+        }
+    }
+    /// Adds one layer's map (b, h, w): the attention probability of the tokens, summed over them
+    /// and averaged over heads.
+    pub fn record(&self, map: Tensor) -> Result<()> {
+        self.maps
+            .lock()
+            .map_err(|_| Error::Msg("attention probe: poisoned lock".into()))?
+            .push(map);
+        Ok(())
+    }
+    /// The maps recorded so far, in order.
+    pub fn maps(&self) -> Result<Vec<Tensor>> {
+        Ok(self
+            .maps
+            .lock()
+            .map_err(|_| Error::Msg("attention probe: poisoned lock".into()))?
+            .clone())
+    }
 }
 
 impl Default for ForwardCtx {
@@ -86,6 +128,8 @@ impl ForwardCtx {
             calls: Arc::new(AtomicU64::new(0)),
             layout: Layout::Unknown,
             routing: None,
+            pick: None,
+            probe: None,
         }
     }
     /// No dropout, but a graph is recorded (gradient checks, losses evaluated for a backward).
@@ -131,6 +175,33 @@ impl ForwardCtx {
             routing: Some(routing),
             ..self.clone()
         }
+    }
+    /// For cross-attention keys and values ([`Layout::Context`]): run routed adapter `name` only
+    /// (ungated), or with `None` no routed adapter (unrouted ones always run). The attention output
+    /// then mixes the branches by the query grid's gates: `o = o₀ + Σ_a G_a ⊙ (o_a − o₀)`.
+    pub fn picking(&self, name: Option<&str>) -> Self {
+        Self {
+            pick: name.map(Arc::from),
+            ..self.clone()
+        }
+    }
+    /// The same context with cross-attention maps recorded into `probe`.
+    pub fn probed(&self, probe: Arc<AttnProbe>) -> Self {
+        Self {
+            probe: Some(probe),
+            ..self.clone()
+        }
+    }
+    /// The attention probe, if any.
+    pub fn probe(&self) -> Option<&AttnProbe> {
+        self.probe.as_deref()
+    }
+    /// The names of the routed adapters.
+    pub fn routed_names(&self) -> Vec<String> {
+        self.routing
+            .as_ref()
+            .map(|r| r.names().map(str::to_string).collect())
+            .unwrap_or_default()
     }
     /// The declared layout.
     pub fn layout(&self) -> Layout {
@@ -185,6 +256,11 @@ impl ForwardCtx {
     /// its mask resized to the layer's grid, broadcastable against `y`.
     pub(crate) fn gate(&self, path: &str, name: &str, y: &Tensor) -> Result<Option<Tensor>> {
         match &self.routing {
+            Some(r) if r.masks.contains_key(name) && self.layout == Layout::Context => {
+                let on = self.pick.as_deref() == Some(name);
+                let shape = vec![1usize; y.rank()];
+                Ok(Some(Tensor::full(on as u8 as f32, shape, y.device())?.to_dtype(y.dtype())?))
+            }
             Some(r) if r.masks.contains_key(name) => r.gate(path, name, self.layout, y).map(Some),
             _ => Ok(None),
         }
@@ -204,12 +280,44 @@ pub enum Blend {
     },
 }
 
+/// How a mask becomes the gate of a coarser layer grid.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum GateResize {
+    /// The mean over each cell's footprint (soft masks stay soft; a cell on the mask's edge gets
+    /// the share it covers).
+    #[default]
+    Area,
+    /// The area mean cut at a level: 1 where it reaches `t`, else 0 (`t` = 0.5 is the nearest
+    /// cell; near 1 gates only cells wholly inside the mask, near 0 every cell it touches).
+    Threshold(f32),
+}
+
+impl GateResize {
+    /// Parses `area` or `threshold:T` with T in (0, 1].
+    pub fn parse(s: &str) -> Result<Self> {
+        if s == "area" {
+            return Ok(Self::Area);
+        }
+        if let Some(t) = s.strip_prefix("threshold:") {
+            if let Ok(v) = t.parse::<f32>() {
+                if v > 0.0 && v <= 1.0 {
+                    return Ok(Self::Threshold(v));
+                }
+            }
+        }
+        Err(Error::Config(format!(
+            "gate resize `{s}` is not `area` or `threshold:T` with T in (0, 1]"
+        )))
+    }
+}
+
 /// Per-adapter routing masks at full resolution, with the gates resized per layer grid.
 #[derive(Debug, Default)]
 pub struct Routing {
     /// Adapter name → mask in [0, 1]: (b, H, W), (b, f, H, W) or, for text, (b, t).
     masks: BTreeMap<String, Tensor>,
     blend: Blend,
+    resize: GateResize,
     cache: Mutex<HashMap<(String, Vec<usize>, Vec<usize>), Tensor>>,
 }
 
@@ -246,6 +354,12 @@ impl Routing {
         self.cache = Mutex::default();
         self
     }
+    /// Sets how masks are resized to coarser grids.
+    pub fn with_resize(mut self, resize: GateResize) -> Self {
+        self.resize = resize;
+        self.cache = Mutex::default();
+        self
+    }
     /// The routed adapter names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.masks.keys().map(|s| s.as_str())
@@ -277,11 +391,6 @@ impl Routing {
                 (vec![bhw / (h * w), f, h, w], vec![bhw, f, 1])
             }
             (Layout::Sequence, &[b, t, _]) => (vec![b, t], vec![b, t, 1]),
-            (Layout::Context, _) => {
-                return Err(err(
-                    "cross-attention keys/values see the conditioning tokens, not the image grid, so a spatial mask cannot gate them; leave to_k/to_v out of the routed adapter".into(),
-                ))
-            }
             (Layout::Unknown, d) => {
                 return Err(err(format!(
                     "the block of this layer declared no layout (output {d:?})"
@@ -306,10 +415,14 @@ impl Routing {
         };
         for n in names {
             let m = self.masks.get(n).ok_or_else(|| err("no mask".into()))?;
-            gates.insert(
-                n.to_string(),
-                resize_to(m, &grid).map_err(|e| err(e.to_string()))?,
-            );
+            let mut g = resize_to(m, &grid).map_err(|e| err(e.to_string()))?;
+            if let GateResize::Threshold(t) = self.resize {
+                // Cells at full resolution keep the mask as it is.
+                if g.dims() != m.dims() {
+                    g = g.ge(t as f64 - 1e-6)?.to_dtype(DType::F32)?;
+                }
+            }
+            gates.insert(n.to_string(), g);
         }
         if let Blend::Normalized { eps } = self.blend {
             let mut total: Option<Tensor> = None;

@@ -306,6 +306,11 @@ impl AdaptedLayer {
             .collect()
     }
 
+    /// The names of the adapters that run in a forward now (active, enabled, not merged, gain ≠ 0).
+    pub fn live_adapter_names(&self) -> Vec<&str> {
+        self.live().into_iter().map(|(n, _)| n).collect()
+    }
+
     /// The weight `W` when this layer's forward is exactly `x · Wᵀ` with `W` frozen: a dense linear
     /// layer without bias, trainable copy or any live adapter. Fused consumers (the language-model
     /// loss) use it to skip the layer's output; `None` means run [`Self::forward`].

@@ -53,7 +53,7 @@ pub use crate::nn::conv::ConvCfg;
 pub use adapter::Adapter;
 pub use base::{Base, BaseKind, BaseWeight};
 pub use config::{AdapterConfig, Init, InitSpec, Method, ModuleKind, ModuleSpec};
-pub use ctx::{Blend, ForwardCtx, Layout, Routing};
+pub use ctx::{AttnProbe, Blend, ForwardCtx, GateResize, Layout, Routing};
 pub use layer::{AdaptedConv2d, AdaptedEmbedding, AdaptedLayer, AdaptedLinear};
 pub use lora::Lora;
 

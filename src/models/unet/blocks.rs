@@ -5,7 +5,9 @@ use crate::models::Weights;
 use crate::nn::act::geglu;
 use crate::nn::attention::{attention, merge_heads, split_heads};
 use crate::nn::norm::{group_norm_fused, group_norm_silu, layer_norm};
-use crate::peft::{AdaptedConv2d, AdaptedLayer, AdaptedLinear, ConvCfg, ForwardCtx, Layout};
+use crate::peft::{
+    AdaptedConv2d, AdaptedLayer, AdaptedLinear, AttnProbe, ConvCfg, ForwardCtx, Layout,
+};
 use crate::Result;
 use candle_core::Tensor;
 
@@ -184,12 +186,73 @@ impl Attention {
             Some(_) => ctx.at(Layout::Context),
             None => ctx.clone(),
         };
+        let cross = context.is_some();
         let context = context.unwrap_or(x);
         let q = split_heads(&self.to_q.forward(x, ctx)?, self.heads)?;
-        let k = split_heads(&self.to_k.forward(context, &kv_ctx)?, self.heads)?;
-        let v = split_heads(&self.to_v.forward(context, &kv_ctx)?, self.heads)?;
-        let o = merge_heads(&attention(&q, &k, &v, None)?)?;
+        let attend = |kv_ctx: &ForwardCtx| -> Result<Tensor> {
+            let k = split_heads(&self.to_k.forward(context, kv_ctx)?, self.heads)?;
+            let v = split_heads(&self.to_v.forward(context, kv_ctx)?, self.heads)?;
+            merge_heads(&attention(&q, &k, &v, None)?)
+        };
+        // Routed adapters on the text keys/values cannot be gated per pixel there: each one's
+        // attention output is computed on its own and mixed by its gate on the query grid.
+        let on_kv: Vec<String> = if cross {
+            let live: Vec<&str> = self
+                .to_k
+                .live_adapter_names()
+                .into_iter()
+                .chain(self.to_v.live_adapter_names())
+                .collect();
+            ctx.routed_names()
+                .into_iter()
+                .filter(|n| live.contains(&n.as_str()))
+                .collect()
+        } else {
+            vec![]
+        };
+        if let (true, Some(probe), Layout::Tokens { h, w }) = (cross, ctx.probe(), ctx.layout()) {
+            self.record(probe, &q, context, &kv_ctx, (h, w))?;
+        }
+        let mut o = attend(&kv_ctx)?;
+        if !on_kv.is_empty() {
+            let o0 = o.clone();
+            for name in &on_kv {
+                let oa = attend(&kv_ctx.picking(Some(name)))?;
+                if let Some(g) = ctx.gate(self.to_out.path(), name, &o0)? {
+                    o = (o + (oa - &o0)?.broadcast_mul(&g)?)?;
+                }
+            }
+        }
         self.to_out.forward(&o, ctx)
+    }
+
+    /// Records the attention of the probe's tokens: softmax(q·kᵀ/√d) summed over those tokens,
+    /// averaged over heads, for the probe's batch rows, as (rows, h, w).
+    fn record(
+        &self,
+        probe: &AttnProbe,
+        q: &Tensor,
+        context: &Tensor,
+        kv_ctx: &ForwardCtx,
+        (h, w): (usize, usize),
+    ) -> Result<()> {
+        let k = split_heads(&self.to_k.forward(context, kv_ctx)?, self.heads)?;
+        let d = q.dim(3)?;
+        let rows = probe.rows.clone();
+        let (q, k) = (
+            q.narrow(0, rows.start, rows.len())?,
+            k.narrow(0, rows.start, rows.len())?,
+        );
+        let scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
+        let p = crate::nn::softmax::scaled_masked_softmax(&scores, 1.0 / (d as f64).sqrt(), None)?;
+        let idx = Tensor::from_vec(
+            probe.tokens.iter().map(|&t| t as u32).collect::<Vec<_>>(),
+            probe.tokens.len(),
+            q.device(),
+        )?;
+        // (b, heads, n, t) -> tokens -> (b, heads, n) -> mean over heads -> (b, h, w)
+        let m = p.index_select(&idx, 3)?.sum(3)?.mean(1)?;
+        probe.record(m.reshape((rows.len(), h, w))?)
     }
 
     fn layers<'a>(&'a self, v: &mut Vec<&'a AdaptedLayer>) {
