@@ -88,7 +88,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let size = (source.width() as usize, source.height() as usize);
     match (&a.mask_from_token, a.mask.len()) {
         (Some(_), 0) if a.lora.len() == 1 => {}
-        (Some(_), _) => bail!("--mask-from-token derives the mask of a single --lora; give no --mask"),
+        (Some(_), _) => {
+            bail!("--mask-from-token derives the mask of a single --lora; give no --mask")
+        }
         (None, n) if n == a.lora.len() => {}
         (None, n) => bail!(
             "{} --lora files but {n} --mask values: give one mask per LoRA (or `background`)",
@@ -109,7 +111,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         masks.push(if m == "background" {
             None
         } else {
-            Some(super::mask::read_fitted(std::path::Path::new(m), size, a.strict)?)
+            Some(super::mask::read_fitted(
+                std::path::Path::new(m),
+                size,
+                a.strict,
+            )?)
         });
     }
     if let Some(word) = &a.mask_from_token {

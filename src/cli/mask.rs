@@ -37,8 +37,12 @@ fn parse_size(s: &str) -> anyhow::Result<(usize, usize)> {
         .split_once(['x', 'X'])
         .with_context(|| format!("--size `{s}` is not WxH"))?;
     let (w, h): (usize, usize) = (
-        w.trim().parse().with_context(|| format!("--size `{s}`: width"))?,
-        h.trim().parse().with_context(|| format!("--size `{s}`: height"))?,
+        w.trim()
+            .parse()
+            .with_context(|| format!("--size `{s}`: width"))?,
+        h.trim()
+            .parse()
+            .with_context(|| format!("--size `{s}`: height"))?,
     );
     if w == 0 || h == 0 {
         bail!("--size `{s}` is empty");
@@ -53,7 +57,10 @@ fn numbers<T: std::str::FromStr>(s: &str, n: usize, what: &str) -> anyhow::Resul
         .collect::<Result<_, _>>()
         .map_err(|_| anyhow::anyhow!("{what} `{s}`: expected {n} comma-separated numbers"))?;
     if v.len() != n {
-        bail!("{what} `{s}`: expected {n} comma-separated numbers, got {}", v.len());
+        bail!(
+            "{what} `{s}`: expected {n} comma-separated numbers, got {}",
+            v.len()
+        );
     }
     Ok(v)
 }
@@ -86,7 +93,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         "color" => {
             let (rgb, tol) = match arg.rsplit_once(':') {
-                Some((c, t)) => (c, t.parse::<f32>().with_context(|| format!("--from color: tolerance `{t}`"))?),
+                Some((c, t)) => (
+                    c,
+                    t.parse::<f32>()
+                        .with_context(|| format!("--from color: tolerance `{t}`"))?,
+                ),
                 None => (arg, 40.0),
             };
             if !(tol.is_finite() && tol >= 0.0) {
@@ -99,7 +110,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "file" => read_fitted(Path::new(arg), size, a.strict)?,
         "all" => Mask::filled(size.0, size.1, 1.0),
         "none" => Mask::filled(size.0, size.1, 0.0),
-        _ => bail!("--from `{}`: expected box:, color:, shape:, file:, all or none", a.from),
+        _ => bail!(
+            "--from `{}`: expected box:, color:, shape:, file:, all or none",
+            a.from
+        ),
     };
     for op in &a.op {
         let (name, arg) = op.split_once(':').unwrap_or((op.as_str(), ""));

@@ -137,6 +137,18 @@ pub struct Args {
     keep_tokens: Option<usize>,
     #[arg(long)]
     flip_aug: bool,
+    /// Multiply the loss by each image's mask (kohya's --masked_loss).
+    #[arg(long)]
+    masked_loss: bool,
+    /// Folder of masks named like the images (white = learn).
+    #[arg(long)]
+    conditioning_data_dir: Option<PathBuf>,
+    /// Take the masks from the images' alpha channel.
+    #[arg(long)]
+    alpha_mask: bool,
+    /// Route the adapter to each image's mask while training (implies the masked loss).
+    #[arg(long)]
+    route_adapter_to_mask: bool,
     /// kohya or diffusers [default: kohya].
     #[arg(long)]
     lora_format: Option<String>,

@@ -124,7 +124,13 @@ impl Mask {
 
     /// This mask for an image of `w × h`: unchanged when the sizes agree; otherwise area-resized
     /// with a warning (returned), or, when `strict`, an error naming the mask file and both sizes.
-    pub fn fit(self, w: usize, h: usize, strict: bool, path: &Path) -> Result<(Self, Option<String>)> {
+    pub fn fit(
+        self,
+        w: usize,
+        h: usize,
+        strict: bool,
+        path: &Path,
+    ) -> Result<(Self, Option<String>)> {
         if (self.w, self.h) == (w, h) {
             return Ok((self, None));
         }
@@ -140,7 +146,10 @@ impl Mask {
                 format!("{msg} (--strict refuses masks of another size)"),
             ));
         }
-        Ok((self.resize(w, h), Some(format!("{msg}; resized by area averaging"))))
+        Ok((
+            self.resize(w, h),
+            Some(format!("{msg}; resized by area averaging")),
+        ))
     }
 
     /// Area-averages to `w × h`: every target pixel is the mean over its exact footprint, so soft
@@ -167,7 +176,11 @@ impl Mask {
     }
 
     /// A box `[x0, x1) × [y0, y1)` in pixels on a `w × h` canvas (clipped to it).
-    pub fn from_box(w: usize, h: usize, (x0, y0, x1, y1): (usize, usize, usize, usize)) -> Result<Self> {
+    pub fn from_box(
+        w: usize,
+        h: usize,
+        (x0, y0, x1, y1): (usize, usize, usize, usize),
+    ) -> Result<Self> {
         if x0 >= x1 || y0 >= y1 {
             return Err(Error::Config(format!(
                 "box {x0},{y0},{x1},{y1} is empty: it needs x0 < x1 and y0 < y1"
@@ -248,7 +261,8 @@ impl Mask {
         let (w, h) = (img.width() as usize, img.height() as usize);
         let fg = COLORS[color].1.map(|v| v as f32);
         let bgf = bg.map(|v| v as f32);
-        let d2 = |p: [u8; 3], c: [f32; 3]| (0..3).map(|i| (p[i] as f32 - c[i]).powi(2)).sum::<f32>();
+        let d2 =
+            |p: [u8; 3], c: [f32; 3]| (0..3).map(|i| (p[i] as f32 - c[i]).powi(2)).sum::<f32>();
         // Pixels of the colour (and, for striped shapes, the near-white stripes between them).
         let mut hit = vec![false; w * h];
         // A pixel belongs to the object when the object's colour is its nearest named colour (so a
@@ -262,9 +276,8 @@ impl Mask {
                 .unwrap_or(0)
         };
         for (x, y, p) in img.enumerate_pixels() {
-            hit[y as usize * w + x as usize] = nearest(p.0) == color
-                && d2(p.0, fg) < 90f32.powi(2)
-                && d2(p.0, fg) < d2(p.0, bgf);
+            hit[y as usize * w + x as usize] =
+                nearest(p.0) == color && d2(p.0, fg) < 90f32.powi(2) && d2(p.0, fg) < d2(p.0, bgf);
         }
         if hit.iter().filter(|b| **b).count() < 4 {
             return Err(Error::Config(format!(
@@ -445,7 +458,11 @@ impl Mask {
 
     /// As a tensor (1, H, W) in [0, 1] (a routing mask for one image, broadcast over a batch).
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_vec(self.data.clone(), (1, self.h, self.w), device)?)
+        Ok(Tensor::from_vec(
+            self.data.clone(),
+            (1, self.h, self.w),
+            device,
+        )?)
     }
 
     /// A mask from a tensor (H, W) or (1, H, W) of values in [0, 1] (clamped).
@@ -463,7 +480,13 @@ impl Mask {
             .flatten_all()?
             .to_vec1::<f32>()?
             .into_iter()
-            .map(|v| if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 })
+            .map(|v| {
+                if v.is_finite() {
+                    v.clamp(0.0, 1.0)
+                } else {
+                    0.0
+                }
+            })
             .collect();
         Ok(Self { w, h, data })
     }
@@ -496,12 +519,21 @@ mod tests {
         let m = Mask::from_box(9, 9, (3, 3, 6, 6)).unwrap();
         assert_eq!(m.coverage() * 81.0, 9.0);
         let d = m.dilate(1);
-        assert!(d.at(2, 4) == 1.0 && d.at(2, 2) == 0.0, "a disc, not a square");
+        assert!(
+            d.at(2, 4) == 1.0 && d.at(2, 2) == 0.0,
+            "a disc, not a square"
+        );
         assert_eq!(d.erode(1), m);
         let f = m.feather(1.0);
         assert!(f.at(4, 4) > 0.5 && f.at(4, 4) < 1.0 && f.at(1, 4) > 0.0 && f.at(1, 4) < 0.1);
-        assert!((f.coverage() - m.coverage()).abs() < 0.01, "feathering keeps the mass");
-        assert_eq!(m.invert().combine(&m, Combine::Union), Mask::filled(9, 9, 1.0));
+        assert!(
+            (f.coverage() - m.coverage()).abs() < 0.01,
+            "feathering keeps the mass"
+        );
+        assert_eq!(
+            m.invert().combine(&m, Combine::Union),
+            Mask::filled(9, 9, 1.0)
+        );
         assert_eq!(m.combine(&m, Combine::Subtract), Mask::filled(9, 9, 0.0));
         let r = m.resize(3, 3);
         assert_eq!(r.at(1, 1), 1.0);

@@ -119,6 +119,8 @@ pub fn mask_from_token(
     sampler: SamplerKind,
     threshold: f32,
 ) -> Result<Mask> {
-    Ok(attention_map(p, source, prompt, word, seed, steps, strength, guidance, sampler)?
-        .threshold(threshold))
+    Ok(attention_map(
+        p, source, prompt, word, seed, steps, strength, guidance, sampler,
+    )?
+    .threshold(threshold))
 }

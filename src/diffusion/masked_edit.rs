@@ -16,8 +16,8 @@ use crate::check::{self, count_at_least, f64_in, Ranged};
 use crate::data::masks::Mask;
 use crate::data::shapes::{adheres, style_score, Scene, Style, BACKGROUNDS, COLORS, SHAPES};
 use crate::media::grid::{render, GridLabels};
-use crate::peft::GateResize;
 use crate::media::image::write_png;
+use crate::peft::GateResize;
 use crate::rng::rng_for;
 use crate::{Error, Result};
 use image::{Rgb, RgbImage};
@@ -415,9 +415,7 @@ pub fn run(
             row_labels.push(prompt);
         }
     }
-    let mut columns: Vec<String> = ["source", "mask", "base edit"]
-        .map(String::from)
-        .to_vec();
+    let mut columns: Vec<String> = ["source", "mask", "base edit"].map(String::from).to_vec();
     columns.extend(modes.iter().map(|m| {
         if *m == EditMode::Unmasked {
             "unmasked LoRA".to_string()

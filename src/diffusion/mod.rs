@@ -5,8 +5,8 @@
 pub mod attn_mask;
 pub mod edit;
 pub mod eval;
-pub mod masked_edit;
 pub mod grid;
+pub mod masked_edit;
 pub mod objective;
 pub mod pipeline;
 pub mod sampler;

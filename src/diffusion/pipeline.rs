@@ -321,7 +321,12 @@ impl Pipeline {
         };
         let mut n = file.apply("unet", &mut self.unet.layers_mut(), name, path)?;
         if has("text_encoder") {
-            n += file.apply("text_encoder", &mut self.text_encoder.layers_mut(), name, path)?;
+            n += file.apply(
+                "text_encoder",
+                &mut self.text_encoder.layers_mut(),
+                name,
+                path,
+            )?;
         }
         if let Some(te2) = &mut self.text_encoder_2 {
             if has("text_encoder_2") {

@@ -259,7 +259,9 @@ impl ForwardCtx {
             Some(r) if r.masks.contains_key(name) && self.layout == Layout::Context => {
                 let on = self.pick.as_deref() == Some(name);
                 let shape = vec![1usize; y.rank()];
-                Ok(Some(Tensor::full(on as u8 as f32, shape, y.device())?.to_dtype(y.dtype())?))
+                Ok(Some(
+                    Tensor::full(on as u8 as f32, shape, y.device())?.to_dtype(y.dtype())?,
+                ))
             }
             Some(r) if r.masks.contains_key(name) => r.gate(path, name, self.layout, y).map(Some),
             _ => Ok(None),

@@ -6,5 +6,6 @@
 mod common;
 
 mod diffusion_parity;
+mod masked_edit;
 mod tiny_sd;
 mod train_diffusion;

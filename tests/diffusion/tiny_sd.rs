@@ -480,7 +480,7 @@ fn ema_v_prediction_zero_snr_pretraining_resumes_exactly_and_saves_the_average()
 
 /// Routing reaches the U-Net's layers through the layouts its blocks declare: a zero mask is the
 /// base U-Net, a one mask the unrouted adapter, a half mask changes only the half it covers (up to
-/// the receptive field), and a spatial mask on cross-attention keys is refused by name.
+/// the receptive field), and adapters on cross-attention keys and values follow it too.
 #[test]
 fn a_routed_unet_follows_its_mask_through_every_block() {
     use candle_core::{DType, Device};
@@ -556,8 +556,10 @@ fn a_routed_unet_follows_its_mask_through_every_block() {
         "the left edge moved with the adapter"
     );
     assert!(diff(&right(&h), &right(&yb)) > 0.5 * diff(&right(&y), &right(&yb)));
-    // Keys of cross-attention are text tokens: a spatial mask there is refused with the layer path.
-    let mut kcfg = AdapterConfig::lora(2, 2.0, &["to_k"]);
+    // Keys and values of cross-attention are text tokens: a routed adapter there runs in its own
+    // attention branch, mixed into the output by its gate on the query grid. Zero is the base, one
+    // the unrouted adapter, and a half mask changes the covered half most.
+    let mut kcfg = AdapterConfig::lora(2, 2.0, &["to_k", "to_v"]);
     kcfg.init_lora_weights = InitSpec::Bool(false);
     let pk = Pipeline::load(
         d.path(),
@@ -565,15 +567,25 @@ fn a_routed_unet_follows_its_mask_through_every_block() {
         AdapterPlan::none(),
     )
     .unwrap();
-    let r = Arc::new(Routing::new().with_mask("default", &ones).unwrap());
-    let err = pk
-        .unet
-        .forward(&x, &t, &c, None, &ForwardCtx::eval().routed(r))
-        .unwrap_err()
-        .to_string();
+    let routed_k = |m: &Tensor| {
+        let r = Arc::new(Routing::new().with_mask("default", m).unwrap());
+        run(&pk, &ForwardCtx::eval().routed(r))
+    };
+    let yk = run(&pk, &ForwardCtx::eval());
+    assert!(diff(&yk, &yb) > 1e-3, "the key/value adapter is a no-op");
     assert!(
-        err.contains("attn2.to_k") && err.contains("cross-attention"),
-        "{err}"
+        diff(&routed_k(&zeros), &yb) < 1e-5,
+        "zero mask != base (k/v)"
     );
+    assert!(
+        diff(&routed_k(&ones), &yk) < 1e-4,
+        "one mask != unrouted (k/v)"
+    );
+    let hk = routed_k(&half);
+    // The attention branches mix globally (self-attention, group norms), so the far-left edge
+    // still moves a little: less than with the unrouted adapter, and less than the right edge.
+    let (l_h, l_y) = (diff(&left(&hk), &left(&yb)), diff(&left(&yk), &left(&yb)));
+    assert!(l_h < 0.75 * l_y, "k/v: left edge {l_h} vs unrouted {l_y}");
+    assert!(diff(&right(&hk), &right(&yb)) > 1.5 * l_h);
     let _ = Layout::Image;
 }

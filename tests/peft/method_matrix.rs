@@ -387,3 +387,111 @@ fn a_merged_adapter_cannot_be_routed_and_a_layer_without_layout_refuses() {
     assert!(Routing::new().with_mask("a", &nan).is_err());
     let _ = DType::F32;
 }
+
+/// The adapter tensors of a layer.
+fn adapter_vars(l: &AdaptedLayer) -> Vec<(String, candle_core::Var)> {
+    l.named_vars()
+}
+
+#[test]
+fn a_loss_outside_the_mask_gives_the_adapter_exactly_zero_gradient() {
+    for (m, k) in cases() {
+        let l = adapted(m, k);
+        let x = input(k);
+        let on = |i: usize, j: usize| ((i + j) % 2) as f32;
+        let r = Routing::new().with_mask("default", &mask(k, on)).unwrap();
+        let ctx = ForwardCtx::eval_with_grad()
+            .routed(Arc::new(r))
+            .at(layout(k));
+        let g: Vec<f32> = match k {
+            Kind::Linear => (0..12).map(|t| on((t % 6) / 3, t % 3)).collect(),
+            Kind::Conv => (0..48).map(|t| on((t % 24) / 6, t % 6)).collect(),
+            Kind::Embedding => (0..12).map(|t| on(t / 6, t % 6)).collect(),
+        };
+        let g = match k {
+            Kind::Conv => Tensor::from_vec(g, (2, 1, 4, 6), &Device::Cpu),
+            _ => Tensor::from_vec(g, (2, 6, 1), &Device::Cpu),
+        }
+        .unwrap();
+        let y = l.forward(&x, &ctx).unwrap();
+        let w = randn(y.dims(), 1.0, "loss-weights");
+        let weighted = |gate: &Tensor| {
+            y.mul(&w)
+                .unwrap()
+                .broadcast_mul(gate)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let outside = weighted(&(1.0 - &g).unwrap()).backward().unwrap();
+        let inside = weighted(&g).backward().unwrap();
+        let mut moved = 0;
+        for (n, v) in adapter_vars(&l) {
+            if let Some(gr) = outside.get(v.as_tensor()) {
+                let a = gr
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(a, 0.0, "{m:?} {k:?}: {n} gets {a} from outside the mask");
+            }
+            let gi = inside
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{m:?} {k:?}: {n} gets no gradient inside"));
+            let a = gi
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(a.is_finite(), "{m:?} {k:?}: {n} gradient {a}");
+            moved += (a > 0.0) as usize;
+        }
+        assert!(moved > 0, "{m:?} {k:?}: nothing learns inside the mask");
+    }
+}
+
+#[test]
+fn an_nf4_base_routes_like_a_dense_one() {
+    for m in [M::Lora, M::Dora] {
+        let mut b = base(Kind::Linear);
+        b.quantize_nf4(Default::default()).unwrap();
+        let plan = AdapterPlan::single(config(m), 1).unwrap();
+        let mut l = plan.apply(b).unwrap();
+        plan.finish(&mut [&mut l]).unwrap();
+        let mut nb = base(Kind::Linear);
+        nb.quantize_nf4(Default::default()).unwrap();
+        let x = input(Kind::Linear);
+        let (yb, y) = (fwd(&nb, &x), fwd(&l, &x));
+        assert!(
+            max_abs_diff(&y, &yb) > 1e-3,
+            "{m:?}: the adapter is a no-op"
+        );
+        let z = routed_fwd(&l, &x, Kind::Linear, &mask(Kind::Linear, |_, _| 0.0));
+        assert!(max_abs_diff(&z, &yb) < 1e-6, "{m:?}: zero gate != NF4 base");
+        let o = routed_fwd(&l, &x, Kind::Linear, &mask(Kind::Linear, |_, _| 1.0));
+        assert!(rel_err(&o, &y) < 1e-5, "{m:?}: one gate != unrouted");
+    }
+}
+
+#[test]
+fn a_mask_of_the_wrong_batch_or_channels_is_refused_with_both_shapes() {
+    let l = adapted(M::Lora, Kind::Conv);
+    let x = input(Kind::Conv); // (2, 4, 4, 6)
+    for bad in [
+        Tensor::ones((3, 4, 6), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::ones((2, 3, 4, 6), DType::F32, &Device::Cpu).unwrap(),
+    ] {
+        let r = Routing::new().with_mask("default", &bad).unwrap();
+        let ctx = ForwardCtx::eval().routed(Arc::new(r)).at(Layout::Image);
+        let err = l.forward(&x, &ctx).unwrap_err().to_string();
+        let shape = format!("{:?}", bad.dims());
+        assert!(
+            err.contains(&shape) && err.contains("[2, 4, 6]") && err.contains("block.layer"),
+            "{err}"
+        );
+    }
+}

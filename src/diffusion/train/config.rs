@@ -251,6 +251,21 @@ pub struct LoraTrainConfig {
     /// Random horizontal flips.
     #[serde(default)]
     pub flip_aug: bool,
+    /// kohya's `masked_loss`: the per-pixel loss is multiplied by the image's mask (from
+    /// `conditioning_data_dir` or, with `alpha_mask`, the image's alpha channel).
+    #[serde(default)]
+    pub masked_loss: bool,
+    /// Folder of masks named like the images (`<stem>.png`, `.jpg`, `.webp`; white = learn),
+    /// searched through the same `<repeats>_<name>/` subfolders as the images.
+    #[serde(default)]
+    pub conditioning_data_dir: Option<PathBuf>,
+    /// kohya's `alpha_mask`: the images' alpha channel is the mask.
+    #[serde(default)]
+    pub alpha_mask: bool,
+    /// Route the U-Net adapter to each image's mask while training (y = base + M ⊙ δ in every
+    /// layer), so that the adapter only acts inside the mask; implies the masked loss.
+    #[serde(default)]
+    pub route_adapter_to_mask: bool,
     /// Run folder (checkpoints, metrics, samples, the LoRA file).
     pub output_dir: PathBuf,
     /// Name of the LoRA file (`<output_dir>/<output_name>.safetensors`).

@@ -21,6 +21,19 @@ impl Ranged for LoraTrainConfig {
         )?;
         count_at_least("bucket_reso_steps", self.bucket_reso_steps as usize, 1)?;
         count_at_least("network_dim", self.network_dim, 1)?;
+        if (self.masked_loss || self.route_adapter_to_mask)
+            && self.conditioning_data_dir.is_none()
+            && !self.alpha_mask
+        {
+            return Err(crate::Error::Config(
+                "masked_loss / route_adapter_to_mask need masks: give conditioning_data_dir or alpha_mask".into(),
+            ));
+        }
+        if self.conditioning_data_dir.is_some() && self.alpha_mask {
+            return Err(crate::Error::Config(
+                "conditioning_data_dir and alpha_mask both give the masks; choose one".into(),
+            ));
+        }
         f64_in("network_alpha", self.network_alpha, check::POSITIVE)?;
         opt_count_at_least("conv_dim", self.conv_dim, 1)?;
         opt_f64_in("conv_alpha", self.conv_alpha, check::POSITIVE)?;

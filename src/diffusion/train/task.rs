@@ -5,13 +5,14 @@
 use super::config::{LoraTrainConfig, SamplePrompt};
 use crate::data::buckets::cover_crop_at;
 use crate::data::image_folder::scan;
+use crate::data::masks::Mask;
 use crate::diffusion::objective::{Objective, TimestepSampler};
 use crate::diffusion::pipeline::{Conditioning, Pipeline, SampleRequest};
 use crate::diffusion::sampler::SamplerKind;
 use crate::diffusion::schedule::{NoiseSchedule, Prediction};
 use crate::media::image::{image_to_tensor, tensor_to_image, write_png};
 use crate::peft::formats::lora_file::{LoraFile, LoraFormat};
-use crate::peft::{Adapted, AdapterPlan, ForwardCtx};
+use crate::peft::{Adapted, AdapterPlan, ForwardCtx, Routing};
 use crate::rng::rng_for;
 use crate::train::Task;
 use crate::{Error, Result};
@@ -32,6 +33,8 @@ struct Item {
     repeats: usize,
     /// A regularisation (prior-preservation) image: its loss is weighted by `prior_loss_weight`.
     reg: bool,
+    /// The image's mask (1, H, W) at the bucket size, and the mirrored one (`masked_loss`).
+    mask: Option<(Tensor, Option<Tensor>)>,
 }
 
 /// The training task: the pipeline with adapters, the bucketed data set in memory, and the
@@ -143,6 +146,66 @@ fn mirror(x: &Tensor) -> Result<Tensor> {
     Ok(x.index_select(&idx, x.rank() - 1)?)
 }
 
+/// The mask of training image `path` (original size `size`), cover-cropped to bucket `bucket`
+/// like the image, as (1, H, W) in [0, 1]; `None` when the run uses no masks.
+fn item_mask(
+    cfg: &LoraTrainConfig,
+    path: &Path,
+    size: (u32, u32),
+    bucket: (u32, u32),
+) -> Result<Option<Tensor>> {
+    if !(cfg.masked_loss || cfg.route_adapter_to_mask) {
+        return Ok(None);
+    }
+    let m = if cfg.alpha_mask {
+        Mask::alpha_of(path)?.ok_or_else(|| {
+            Error::format(path, "alpha_mask is set but the image has no alpha channel")
+        })?
+    } else {
+        let dir = cfg.conditioning_data_dir.as_deref().ok_or_else(|| {
+            Error::Config("masked_loss needs conditioning_data_dir or alpha_mask".into())
+        })?;
+        let file = mask_file(dir, &cfg.train_data_dir, path)?;
+        let (m, warn) = Mask::read(&file)?.fit(size.0 as usize, size.1 as usize, false, &file)?;
+        if let Some(w) = warn {
+            eprintln!("warning: {w}");
+        }
+        m
+    };
+    let (cropped, _) = cover_crop_at(&m.to_rgb(), bucket);
+    let m = Mask::from_image(&image::DynamicImage::ImageRgb8(cropped));
+    Ok(Some(m.to_tensor(&Device::Cpu)?))
+}
+
+/// The mask of image `path` of `train_dir` in `dir`: the same relative path (subfolders kept) or
+/// the same file name directly in `dir`, with any image extension.
+fn mask_file(dir: &Path, train_dir: &Path, path: &Path) -> Result<PathBuf> {
+    let rel = path.strip_prefix(train_dir).unwrap_or(path);
+    let mut tried = vec![];
+    for base in [dir.join(rel), dir.join(rel.file_name().unwrap_or_default())] {
+        for ext in ["png", "jpg", "jpeg", "webp"] {
+            let f = base.with_extension(ext);
+            if f.is_file() {
+                return Ok(f);
+            }
+            tried.push(f);
+        }
+    }
+    Err(Error::format(
+        path,
+        format!(
+            "no mask for this image in conditioning_data_dir {} (looked for {})",
+            dir.display(),
+            tried
+                .iter()
+                .take(2)
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
 impl LoraTrainTask {
     /// Loads the pipeline with fresh adapters and the data set.
     pub fn new(cfg: LoraTrainConfig) -> Result<Self> {
@@ -217,6 +280,22 @@ impl LoraTrainTask {
             } else {
                 None
             };
+            let mask = if k < n_train {
+                item_mask(&cfg, &ex.path, (ow, oh), b)?
+            } else {
+                None
+            };
+            let mask = match mask {
+                Some(m) => {
+                    let f = if cfg.flip_aug {
+                        Some(mirror(&m)?)
+                    } else {
+                        None
+                    };
+                    Some((m, f))
+                }
+                None => None,
+            };
             items.push(Item {
                 image: pipe.to_model_space(&img, Some(seed))?.squeeze(0)?,
                 flipped,
@@ -225,6 +304,7 @@ impl LoraTrainTask {
                 bucket,
                 repeats: ex.repeats.max(1),
                 reg: k >= n_train,
+                mask,
             });
         }
         let reg_items = items.split_off(n_train);
@@ -529,6 +609,7 @@ impl LoraTrainTask {
         ts: &[usize],
         noise: &Tensor,
         weights: &[f32],
+        masks: Option<&Tensor>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let x0 = Tensor::stack(xs, 0)?;
@@ -548,12 +629,28 @@ impl LoraTrainTask {
             }),
             _ => None,
         };
+        // masks: (b, H, W) at the image size. The adapter is routed by them (the U-Net only: the
+        // text encoder sees tokens, not pixels); the loss takes them at the model's grid.
+        let unet_ctx = match masks {
+            Some(m) if self.cfg.route_adapter_to_mask => {
+                ctx.routed(std::sync::Arc::new(Routing::new().with_mask("default", m)?))
+            }
+            _ => ctx.clone(),
+        };
         let pred = self
             .pipe
             .unet
-            .forward(&xt, &t, &cond.context, added.as_ref(), ctx)?;
+            .forward(&xt, &t, &cond.context, added.as_ref(), &unet_ctx)?;
         let target = self.objective.target(&self.schedule, &x0, noise, ts)?;
-        self.objective.loss(&pred, &target, weights, None)
+        let loss_mask = match masks {
+            Some(m) => {
+                let (_, _, h, w) = pred.dims4()?;
+                Some(crate::peft::ctx::resize_to(m, &[b, h, w])?.unsqueeze(1)?)
+            }
+            None => None,
+        };
+        self.objective
+            .loss(&pred, &target, weights, loss_mask.as_ref())
     }
 
     /// Images held out for the validation loss.
@@ -580,7 +677,7 @@ impl LoraTrainTask {
     }
 
     /// The validation loss: the unweighted denoising MSE of every held-out image (its caption as
-    /// is, no flip) at 4 fixed timesteps spread over the training range, with noise fixed by
+    /// is, no flip, its mask when the run is masked) at 4 fixed timesteps spread over the training range, with noise fixed by
     /// `validation_seed`, so that values from different steps (and runs) compare. No graph is
     /// recorded. `None` without held-out images.
     pub fn validation_loss(&mut self) -> Result<Option<f64>> {
@@ -616,13 +713,29 @@ impl LoraTrainTask {
                 .iter()
                 .map(|&i| self.val_items[i].caption.clone())
                 .collect();
+            // Masked runs validate on the masked loss too.
+            let masks = batch
+                .iter()
+                .map(|&i| self.val_items[i].mask.as_ref().map(|m| m.0.clone()))
+                .collect::<Option<Vec<Tensor>>>()
+                .map(|v| Tensor::cat(&v, 0))
+                .transpose()?;
             for (k, &t) in steps.iter().enumerate() {
                 let mut rng = rng_for(seed, &format!("validation-noise-{bi}-{k}"));
                 let shape = [&[batch.len()], xs[0].dims()].concat();
                 let noise = crate::rng::normal(&shape, 1.0, &mut rng)?;
                 let ts = vec![t; batch.len()];
                 let w = vec![1.0f32; batch.len()];
-                let l = self.denoising_loss(&xs, &time_ids, &caps, &ts, &noise, &w, &ctx)?;
+                let l = self.denoising_loss(
+                    &xs,
+                    &time_ids,
+                    &caps,
+                    &ts,
+                    &noise,
+                    &w,
+                    masks.as_ref(),
+                    &ctx,
+                )?;
                 sum += l.to_scalar::<f32>()? as f64 * batch.len() as f64;
                 n += batch.len();
             }
@@ -677,6 +790,7 @@ impl Task for LoraTrainTask {
         let mut rng = rng_for(self.cfg.seed, &format!("batch-{cursor}"));
         let mut xs = vec![];
         let mut caps = vec![];
+        let mut masks = vec![];
         for &i in &batch {
             let flip = self.cfg.flip_aug && rng.random::<bool>();
             let x = match (&self.items[i].flipped, flip) {
@@ -684,6 +798,20 @@ impl Task for LoraTrainTask {
                 _ => self.items[i].image.clone(),
             };
             xs.push(x);
+            // Regularisation images have no mask: they are learned everywhere.
+            let (h, w) = (
+                self.buckets[self.items[i].bucket].1,
+                self.buckets[self.items[i].bucket].0,
+            );
+            masks.push(match &self.items[i].mask {
+                Some((_, Some(f))) if flip => f.clone(),
+                Some((m, _)) => m.clone(),
+                None => Tensor::ones(
+                    (1, h as usize, w as usize),
+                    candle_core::DType::F32,
+                    &Device::Cpu,
+                )?,
+            });
             let raw = self.items[i].caption.clone();
             caps.push(self.caption(&raw, &mut rng));
         }
@@ -698,7 +826,21 @@ impl Task for LoraTrainTask {
                 *w *= self.cfg.prior_loss_weight as f32;
             }
         }
-        self.denoising_loss(&xs, &time_ids, &caps, &ts, &noise, &weights, ctx)
+        let masks = if self.items.iter().any(|it| it.mask.is_some()) {
+            Some(Tensor::cat(&masks, 0)?)
+        } else {
+            None
+        };
+        self.denoising_loss(
+            &xs,
+            &time_ids,
+            &caps,
+            &ts,
+            &noise,
+            &weights,
+            masks.as_ref(),
+            ctx,
+        )
     }
 
     fn save_adapter(&self, dir: &Path) -> Result<()> {
