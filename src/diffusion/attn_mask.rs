@@ -2,7 +2,7 @@
 //! the edit, the base model (every adapter routed to an all-zero mask, so none acts) runs the first
 //! half of the edit's steps, and every cross-attention layer records the attention its image
 //! tokens pay to the word's tokens. The maps are upsampled to the image, averaged over layers and
-//! steps, smoothed (Gaussian, σ = 1/16 of the image side), scaled to a maximum of 1 and cut at a
+//! steps, smoothed (Gaussian, σ = 1/16 of the image side), min–max scaled to [0, 1] and cut at a
 //! threshold (as LoRAShop and FreeFuse derive their subject masks).
 
 use super::pipeline::Pipeline;
@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use std::sync::Arc;
 
-/// The soft, normalised attention map of `word` (max 1) at the source's size.
+/// The soft attention map of `word`, min–max scaled to [0, 1], at the source's size.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_map(
     p: &Pipeline,
@@ -98,9 +98,13 @@ pub fn attention_map(
         }
     }
     let soft = Mask { w, h, data: acc }.feather(w.min(h) as f32 / 16.0);
-    let top = soft.data.iter().cloned().fold(0f32, f32::max).max(1e-12);
+    // Min–max scaled: a word that every pixel attends to alike has no region of its own, and the
+    // threshold is a share of the range the map spans.
+    let top = soft.data.iter().cloned().fold(f32::MIN, f32::max);
+    let low = soft.data.iter().cloned().fold(f32::MAX, f32::min);
+    let span = (top - low).max(1e-12);
     Ok(Mask {
-        data: soft.data.iter().map(|v| v / top).collect(),
+        data: soft.data.iter().map(|v| (v - low) / span).collect(),
         ..soft
     })
 }

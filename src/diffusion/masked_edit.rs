@@ -13,7 +13,7 @@ use super::edit::{edit, region_diff, EditMode, EditRequest, Region};
 use super::eval::load_with_lora;
 use super::sampler::SamplerKind;
 use crate::check::{self, count_at_least, f64_in, Ranged};
-use crate::data::masks::Mask;
+use crate::data::masks::{Combine, Mask};
 use crate::data::shapes::{adheres, style_score, Scene, Style, BACKGROUNDS, COLORS, SHAPES};
 use crate::media::grid::{render, GridLabels};
 use crate::media::image::write_png;
@@ -57,6 +57,9 @@ fn d_scale() -> f64 {
 }
 fn d_gate() -> String {
     "area".into()
+}
+fn d_token_threshold() -> f32 {
+    0.5
 }
 fn d_modes() -> Vec<String> {
     ["unmasked", "blend", "route", "route+blend"]
@@ -119,6 +122,13 @@ pub struct MaskedEditConfig {
     /// Pixels the routing mask is grown by beyond the blend mask.
     #[serde(default)]
     pub route_grow: usize,
+    /// Also edit with the mask derived from the base model's cross-attention to the shape word
+    /// (route+blend), scored against the detector's mask; the IoU of the two is reported.
+    #[serde(default)]
+    pub token_masks: bool,
+    /// Threshold of the min–max scaled attention map for `token_masks`.
+    #[serde(default = "d_token_threshold")]
+    pub token_threshold: f32,
     /// Scenes shown in the grid.
     #[serde(default = "d_rows")]
     pub grid_rows: usize,
@@ -187,8 +197,12 @@ pub struct ModeScore {
 pub struct MaskedEditReport {
     /// The comparison grid.
     pub grid: PathBuf,
-    /// The source's own figures (style of its plain objects), then the base edit, then each mode.
+    /// The source's own figures (style of its plain objects), then the base edit, then each mode
+    /// (and `token route+blend` with attention-derived masks).
     pub scores: Vec<ModeScore>,
+    /// Mean intersection over union of the attention-derived masks with the detector's masks.
+    #[serde(default)]
+    pub token_mask_iou: Option<f64>,
 }
 
 /// A source scene: the object to edit and, with two objects, another one on the opposite side.
@@ -311,6 +325,12 @@ pub fn run(
     let size = p.unet.config().sample_size * p.vae_factor();
     let mut rng = rng_for(cfg.seed, "masked-edit-scenes");
     progress.set_length(progress.length().unwrap_or(0) + (cfg.scenes * (modes.len() + 1)) as u64);
+    if !(cfg.token_threshold > 0.0 && cfg.token_threshold < 1.0) {
+        return Err(Error::Config(format!(
+            "token_threshold {} must be in (0, 1)",
+            cfg.token_threshold
+        )));
+    }
     let mask_dir = out.join("masks");
     let edit_dir = out.join("edits");
     for d in [&mask_dir, &edit_dir] {
@@ -319,6 +339,8 @@ pub fn run(
     let mut source_acc = Acc::new();
     let mut base_acc = Acc::new();
     let mut accs: Vec<Acc> = modes.iter().map(|_| Acc::new()).collect();
+    let mut token_acc = Acc::new();
+    let mut iou = 0f64;
     let mut rows = vec![];
     let mut row_labels = vec![];
     for k in 0..cfg.scenes {
@@ -410,6 +432,33 @@ pub fn run(
             row.push(img);
             progress.inc(1);
         }
+        if cfg.token_masks {
+            let word = SHAPES[a.shape];
+            let tm = crate::diffusion::attn_mask::mask_from_token(
+                &p,
+                &src,
+                &prompt,
+                word,
+                cfg.seed.wrapping_add(1000 + k as u64),
+                cfg.steps,
+                cfg.strength,
+                cfg.cfg,
+                sampler,
+                cfg.token_threshold,
+            )?;
+            tm.write_png(&mask_dir.join(format!("{k:03}_token_{word}.png")))?;
+            let truth = mask.threshold(0.5);
+            let inter = tm.combine(&truth, Combine::Intersect).coverage();
+            let uni = tm.combine(&truth, Combine::Union).coverage();
+            iou += (inter / uni.max(1e-6)) as f64;
+            let mut r = req(EditMode::RouteBlend);
+            r.regions[0].mask = tm.clone();
+            let img = edit(&p, &r)?.image;
+            measure(&mut token_acc, &img, &base_blend);
+            write_png(&edit_dir.join(format!("{k:03}_token.png")), &img)?;
+            row.push(tm.to_rgb());
+            row.push(img);
+        }
         if k < cfg.grid_rows {
             rows.push(row);
             row_labels.push(prompt);
@@ -423,6 +472,10 @@ pub fn run(
             m.name().to_string()
         }
     }));
+    if cfg.token_masks {
+        columns.push("token mask".into());
+        columns.push("token route+blend".into());
+    }
     let grid_img = render(
         &rows,
         &GridLabels {
@@ -439,7 +492,14 @@ pub fn run(
     write_png(&grid, &grid_img)?;
     let mut scores = vec![source_acc.score("source"), base_acc.score("base")];
     scores.extend(modes.iter().zip(&accs).map(|(m, a)| a.score(m.name())));
-    let report = MaskedEditReport { grid, scores };
+    if cfg.token_masks {
+        scores.push(token_acc.score("token route+blend"));
+    }
+    let report = MaskedEditReport {
+        grid,
+        scores,
+        token_mask_iou: cfg.token_masks.then(|| iou / cfg.scenes as f64),
+    };
     let json = serde_json::to_vec_pretty(&report).map_err(|e| Error::Msg(e.to_string()))?;
     crate::util::write_atomic(&out.join("eval.json"), &json)?;
     Ok(report)
@@ -449,7 +509,7 @@ pub fn run(
 /// inside / outside, adherence).
 pub fn table(r: &MaskedEditReport) -> Vec<String> {
     let mut lines = vec![format!(
-        "{:>12}  {:>12}  {:>7}  {:>8}  {:>11}  {:>12}  {:>13}  {:>9}",
+        "{:>17}  {:>12}  {:>7}  {:>8}  {:>11}  {:>12}  {:>13}  {:>9}",
         "mode",
         "PSNR outside",
         "max abs",
@@ -461,7 +521,7 @@ pub fn table(r: &MaskedEditReport) -> Vec<String> {
     )];
     for s in &r.scores {
         lines.push(format!(
-            "{:>12}  {:>12}  {:>7}  {:>8.2}  {:>11.2}  {:>12.3}  {:>13.3}  {:>8.0}%",
+            "{:>17}  {:>12}  {:>7}  {:>8.2}  {:>11.2}  {:>12.3}  {:>13.3}  {:>8.0}%",
             s.mode,
             s.psnr_outside
                 .map_or("inf".to_string(), |v| format!("{v:.1} dB")),
@@ -471,6 +531,11 @@ pub fn table(r: &MaskedEditReport) -> Vec<String> {
             s.style_inside,
             s.style_outside,
             100.0 * s.adherence
+        ));
+    }
+    if let Some(iou) = r.token_mask_iou {
+        lines.push(format!(
+            "attention-derived masks: IoU {iou:.2} with the detector's masks"
         ));
     }
     lines

@@ -7,6 +7,7 @@ mod common;
 
 mod architecture;
 mod bad_input;
+mod edit;
 mod media;
 mod ranges;
 mod shapes;
