@@ -4,7 +4,8 @@
 //!
 //! `cargo run --release --example write_asset_outputs -- OUT_DIR` writes
 //! `OUT_DIR/tiny_sd.safetensors` (prompt token ids, text-encoder hidden states, a U-Net input, its
-//! timestep and the U-Net's prediction, the 20 DDIM timesteps of the scheduler) and
+//! timestep and the U-Net's prediction, without and with the shipped striped LoCon
+//! `assets/loras/striped`, the 20 DDIM timesteps of the scheduler) and
 //! `OUT_DIR/tiny_chat.safetensors` (the token ids of a chat text and the model's logits).
 
 use candle_core::{DType, Device, Tensor};
@@ -42,6 +43,12 @@ fn tiny_sd(out: &Path) -> postforge::Result<()> {
     let x = wave(&[2, p.unet.config().in_channels, size, size], 0.0)?;
     let t = Tensor::new(&[999f32, 500.0], &Device::Cpu)?;
     let pred = p.unet.forward(&x, &t, &hidden, None, &ctx)?;
+    // The shipped striped LoCon (assets/loras/striped) on the same inputs.
+    let lp = postforge::diffusion::eval::load_with_lora(
+        Path::new("assets/models/tiny-sd"),
+        Path::new("assets/loras/striped/striped.safetensors"),
+    )?;
+    let lora_pred = lp.unet.forward(&x, &t, &hidden, None, &ctx)?;
     let sampler = Sampler::new(SamplerKind::parse("ddim")?, &p.scheduler, 20)?;
     let steps: Vec<f32> = sampler.timesteps().iter().map(|v| *v as f32).collect();
     let n = steps.len();
@@ -51,6 +58,7 @@ fn tiny_sd(out: &Path) -> postforge::Result<()> {
         ("sample".to_string(), x),
         ("timestep".to_string(), t),
         ("unet_out".to_string(), pred),
+        ("unet_lora_out".to_string(), lora_pred),
         (
             "ddim_timesteps_20".to_string(),
             Tensor::from_vec(steps, n, &Device::Cpu)?,
