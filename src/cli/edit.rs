@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long = "mask-from-token")]
     mask_from_token: Option<String>,
     /// Cut-off of the normalised attention map for --mask-from-token, in (0, 1).
-    #[arg(long = "token-threshold", default_value_t = 0.5, value_parser = check::unit)]
+    #[arg(long = "token-threshold", default_value_t = 0.5, value_parser = open_unit)]
     token_threshold: f64,
     /// The prompt of the edit.
     #[arg(long)]
@@ -78,6 +78,10 @@ pub struct Args {
     /// Output PNG.
     #[arg(short, long)]
     out: PathBuf,
+}
+
+fn open_unit(s: &str) -> Result<f64, String> {
+    check::parse_in(s, check::Range::open(0.0, 1.0))
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {

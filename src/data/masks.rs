@@ -340,6 +340,8 @@ impl Mask {
         if r == 0 {
             return self.clone();
         }
+        // A disc wider than the image covers it from any pixel: no larger radius changes anything.
+        let r = r.min(self.w.max(self.h));
         let (w, h, ri) = (self.w as i64, self.h as i64, r as i64);
         let mut data = vec![0f32; self.data.len()];
         for y in 0..h {
@@ -372,7 +374,8 @@ impl Mask {
         if sigma <= 0.0 {
             return self.clone();
         }
-        let r = (3.0 * sigma).ceil() as i64;
+        // Edges repeat, so a kernel wider than twice the image adds nothing but time.
+        let r = ((3.0 * sigma).ceil() as i64).min(2 * self.w.max(self.h) as i64);
         let k: Vec<f32> = (-r..=r)
             .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
             .collect();

@@ -63,7 +63,28 @@ pub fn attention_map(
     let shape = x0.dims()[1..].to_vec();
     let noise = normal(&shape, 1.0, &mut rng_for(seed, "latents"))?.unsqueeze(0)?;
     let mut x = s.add_noise(&x0, &noise, start)?;
-    let guided = p.guided(&[prompt.to_string()], "", guidance, (h, w), &ctx)?;
+    // The text encoders' adapters are off too: routed to all-zero per-token masks.
+    let t_len = p.tokenizer.encode(&[String::new()], &Device::Cpu)?.dim(1)?;
+    let mut text_routing = Routing::new();
+    let mut text_names: Vec<&str> = p
+        .text_encoder
+        .layers()
+        .iter()
+        .flat_map(|l| l.adapter_names().collect::<Vec<_>>())
+        .collect();
+    text_names.sort_unstable();
+    text_names.dedup();
+    if p.text_encoder_2.is_some() && !text_names.is_empty() {
+        return Err(Error::Config(
+            "attention-derived masks with text-encoder adapters on a two-encoder (SDXL) pipeline are not supported; use a U-Net-only LoRA".into(),
+        ));
+    }
+    let zero_t = Tensor::zeros((1, t_len), DType::F32, &Device::Cpu)?;
+    for n in text_names {
+        text_routing = text_routing.with_mask(n, &zero_t)?;
+    }
+    let text_ctx = ForwardCtx::eval().routed(Arc::new(text_routing));
+    let guided = p.guided(&[prompt.to_string()], "", guidance, (h, w), &text_ctx)?;
     for i in start..start + run {
         let out = guided.predict(p, &s.scale_model_input(&x, i)?, s.timesteps()[i], &ctx)?;
         let z = if s.needs_noise() {

@@ -10,7 +10,8 @@
 //! - `route+blend`: both (the default).
 //!
 //! Works in pixel space and through a VAE (the mask is area-resized to the latent grid for the
-//! per-step blend; the paste-back is in pixels), with every sampler. Several (adapter, mask) pairs
+//! per-step blend; the paste-back is in pixels), with every sampler. The prompt is encoded unrouted:
+//! a LoRA's text-encoder part acts on the whole prompt. Several (adapter, mask) pairs
 //! make a multi-region edit; their masks combine additively or normalised per pixel.
 
 use super::pipeline::Pipeline;
@@ -165,7 +166,7 @@ pub fn edit(p: &Pipeline, req: &EditRequest) -> Result<EditOutput> {
     let f = p.vae_factor();
     if w % f != 0 || h % f != 0 {
         return Err(Error::Config(format!(
-            "image size {w}x{h} is not a multiple of the VAE factor {f}"
+            "the source image is {w}x{h}, not a multiple of the VAE factor {f}"
         )));
     }
     let mask = union(&req.regions)?;
@@ -187,6 +188,12 @@ pub fn edit(p: &Pipeline, req: &EditRequest) -> Result<EditOutput> {
     let x0 = p.to_model_space(&src, None)?;
     let sampler = Sampler::new(req.sampler, &p.scheduler, req.steps)?;
     let start = sampler.start_index(req.strength);
+    if start >= req.steps {
+        return Err(Error::Config(format!(
+            "strength {} with {} steps re-runs ⌊steps·strength⌋ = 0 steps; raise the strength or the steps",
+            req.strength, req.steps
+        )));
+    }
     let dims = x0.dims().to_vec();
     let noise = normal(&dims[1..], 1.0, &mut rng_for(req.seed, "latents"))?.unsqueeze(0)?;
     let x = sampler.add_noise(&x0, &noise, start)?;
@@ -195,12 +202,14 @@ pub fn edit(p: &Pipeline, req: &EditRequest) -> Result<EditOutput> {
         .unsqueeze(1)?
         .to_dtype(x0.dtype())?;
     let keep = (1.0 - &m)?;
+    // The prompt is encoded unrouted: a text-encoder part of a LoRA sees tokens, not pixels, so
+    // it acts on the whole prompt (its effect reaches the image only through the routed U-Net).
     let guided = p.guided(
         std::slice::from_ref(&req.prompt),
         &req.negative,
         req.guidance,
         (h, w),
-        &ctx,
+        &base_ctx,
     )?;
     let x = sampler.run_from(
         x,

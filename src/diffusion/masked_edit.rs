@@ -1,6 +1,6 @@
 //! The masked-edit study (the `masked-edit` stage of a pipeline file): scenes of the shape corpus
-//! with a second object beside the one to edit, a mask on the edited object (from the shape
-//! detector, dilated), and a style LoRA applied in every [`EditMode`]. It writes a comparison grid
+//! (one object, or with `objects = 2` a second one on the opposite side), a mask on the edited
+//! object (from the shape detector, dilated), and a style LoRA applied in every [`EditMode`]. It writes a comparison grid
 //! (source | mask | base edit | each mode) and `eval.json` with, per mode:
 //!
 //! - PSNR, largest and mean absolute difference outside the mask against the source;
@@ -44,7 +44,7 @@ fn d_style() -> String {
     "striped".into()
 }
 fn d_objects() -> usize {
-    2
+    1
 }
 fn d_dilate() -> usize {
     2

@@ -420,7 +420,7 @@ impl Routing {
             let mut g = resize_to(m, &grid).map_err(|e| err(e.to_string()))?;
             if let GateResize::Threshold(t) = self.resize {
                 // Cells at full resolution keep the mask as it is.
-                if g.dims() != m.dims() {
+                if g.dims()[1..] != m.dims()[1..] {
                     g = g.ge(t as f64 - 1e-6)?.to_dtype(DType::F32)?;
                 }
             }

@@ -10,7 +10,7 @@ use postforge::diffusion::edit::{edit, region_diff, EditMode, EditRequest, Regio
 use postforge::diffusion::eval::load_with_lora;
 use postforge::diffusion::pipeline::Pipeline;
 use postforge::diffusion::sampler::SamplerKind;
-use postforge::peft::{AdapterPlan, GateResize};
+use postforge::peft::{Adapted, AdapterPlan, GateResize};
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
@@ -299,4 +299,60 @@ fn masks_read_every_layout_and_refuse_bad_files_with_their_names() {
         let e = Mask::read(&d.join(f)).unwrap_err().to_string();
         assert!(e.contains(f) && e.contains("cannot read mask"), "{e}");
     }
+}
+
+#[test]
+fn a_lora_with_a_text_encoder_part_routes_and_derives_masks() {
+    // kohya files often carry `lora_te_*` modules: the text-encoder part acts on the whole prompt
+    // (tokens have no pixels), the U-Net part is routed, and mask derivation turns both off.
+    let mut cfg =
+        postforge::peft::AdapterConfig::lora(2, 2.0, &["to_q", "conv1", "q_proj", "v_proj"]);
+    cfg.init_lora_weights = postforge::peft::InitSpec::Bool(false);
+    let p = Pipeline::load(
+        &root().join("assets/models/tiny-sd"),
+        AdapterPlan::single(cfg.clone(), 1).unwrap(),
+        AdapterPlan::single(cfg, 2).unwrap(),
+    )
+    .unwrap();
+    assert!(p
+        .text_encoder
+        .layers()
+        .iter()
+        .any(|l| l.has_adapter("default")));
+    let (src, m) = scene();
+    let r = vec![Region {
+        adapter: "default".into(),
+        mask: m.clone(),
+    }];
+    let out = edit(
+        &p,
+        &request(&src, r, EditMode::RouteBlend, SamplerKind::Euler),
+    )
+    .unwrap();
+    assert!(region_diff(&out.image, &src, &m.invert().threshold(0.5))
+        .psnr
+        .is_infinite());
+    let derived = postforge::diffusion::attn_mask::mask_from_token(
+        &p,
+        &src,
+        "a green square on the left, gray background",
+        "square",
+        4,
+        10,
+        0.6,
+        2.5,
+        SamplerKind::Euler,
+        0.5,
+    )
+    .unwrap();
+    assert!(derived.coverage() > 0.0 && derived.coverage() < 1.0);
+    // Too small a strength re-runs no step: refused, not silently the source.
+    let mut req = request(&src, vec![], EditMode::Route, SamplerKind::Euler);
+    req.regions = vec![Region {
+        adapter: "default".into(),
+        mask: m,
+    }];
+    req.strength = 0.01;
+    let e = edit(&p, &req).unwrap_err().to_string();
+    assert!(e.contains("strength 0.01") && e.contains("0 steps"), "{e}");
 }
