@@ -260,6 +260,10 @@ pub struct OutsideDiff {
     pub max_abs: u8,
     /// Mean absolute difference in 8-bit levels.
     pub mean_abs: f64,
+    /// Mean squared difference in 8-bit levels.
+    pub mse: f64,
+    /// Values compared (pixels × 3 channels).
+    pub count: usize,
 }
 
 /// PSNR and the largest and mean absolute difference between `a` and `b` where `region` > 0.5.
@@ -287,5 +291,7 @@ pub fn region_diff(a: &RgbImage, b: &RgbImage, region: &Mask) -> OutsideDiff {
         },
         max_abs: mx,
         mean_abs: sa / n.max(1) as f64,
+        mse,
+        count: n,
     }
 }

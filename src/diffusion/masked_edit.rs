@@ -395,11 +395,8 @@ pub fn run(
         };
         let measure = |acc: &mut Acc, img: &RgbImage, base: &RgbImage| {
             let d = region_diff(img, &src, &outside);
-            let n = outside.data.iter().filter(|v| **v > 0.5).count() as f64 * 3.0;
-            if d.psnr.is_finite() {
-                acc.se += n * 255.0 * 255.0 / 10f64.powf(d.psnr / 10.0);
-            }
-            acc.n += n;
+            acc.se += d.mse * d.count as f64;
+            acc.n += d.count as f64;
             acc.max = acc.max.max(d.max_abs);
             acc.abs += d.mean_abs;
             acc.leak += region_diff(img, base, &outside).mean_abs;
