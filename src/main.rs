@@ -6,6 +6,8 @@ use clap::FromArgMatches;
 
 fn main() {
     postforge::util::runtime::init();
+    // Quiet unless asked: RUST_LOG=postforge=debug shows where a fused path was not taken.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     // kohya writes flags with underscores (`--network_dim`); accept them beside `--network-dim`.
     let argv = std::env::args_os().map(|a| match a.to_str() {
         Some(s) if s.starts_with("--") => {

@@ -120,6 +120,12 @@ pub fn frozen_linear_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resu
         || w.track_op()
         || bias.is_some_and(|b| !f32_cpu(b) || b.track_op())
     {
+        super::fallback::note(|| {
+            let why = super::fallback::cpu_f32_miss(x)
+                .or_else(|| super::fallback::cpu_f32_miss(w))
+                .unwrap_or_else(|| "a trained weight or bias".into());
+            ("frozen linear".into(), why)
+        });
         return Ok(None);
     }
     let (out, inn) = w.dims2()?;

@@ -50,6 +50,12 @@ impl Geom {
             || x.rank() != 4
             || w.rank() != 4
         {
+            super::fallback::note(|| {
+                let why = super::fallback::cpu_f32_miss(x)
+                    .or_else(|| super::fallback::cpu_f32_miss(w))
+                    .unwrap_or_else(|| format!("{cfg:?}, or a trained kernel"));
+                ("conv2d".into(), why)
+            });
             return Ok(None);
         }
         let (n, c, h, wd) = x.dims4()?;
@@ -209,6 +215,7 @@ pub fn lora_conv2d(
     cfg: ConvCfg,
 ) -> Result<Option<Tensor>> {
     if a.dtype() != DType::F32 || b.dtype() != DType::F32 || a.rank() != 4 || b.rank() != 4 {
+        super::fallback::note(|| ("LoCon conv2d".into(), format!("factors {:?}", a.dtype())));
         return Ok(None);
     }
     let Some(mut g) = Geom::of(x, w, bias, cfg)? else {

@@ -10,6 +10,7 @@
 pub mod act;
 pub mod attention;
 pub mod conv;
+pub mod fallback;
 pub mod frozen;
 pub mod gemm;
 pub mod kernels;

@@ -362,6 +362,24 @@ impl AdaptedLayer {
             if let Some(y) = s.adapter.fused(&self.base, bias, x, s.gain, ctx)? {
                 return Ok(y);
             }
+            // LoRA notes its own reason; the other methods have no fused node.
+            if s.adapter.method() != super::Method::Lora {
+                crate::nn::fallback::note(|| {
+                    (
+                        format!("{:?} adapter", s.adapter.method()),
+                        "no fused node for this method".into(),
+                    )
+                });
+            }
+        } else if !live.is_empty() {
+            crate::nn::fallback::note(|| {
+                let why = if routed {
+                    "routed adapters"
+                } else {
+                    "several live adapters"
+                };
+                ("adapted layer".into(), why.into())
+            });
         }
         if let (true, BaseWeight::Dense(w)) = (live.is_empty(), self.base.weight()) {
             // No live adapter: kernel (or weight) and bias in one node.

@@ -339,6 +339,11 @@ impl Adapter for Lora {
         ctx: &ForwardCtx,
     ) -> Result<Option<Tensor>> {
         if !x.device().is_cpu() || (ctx.train && self.dropout > 0.0) {
+            crate::nn::fallback::note(|| {
+                let why = crate::nn::fallback::cpu_f32_miss(x)
+                    .unwrap_or_else(|| format!("lora_dropout {} while training", self.dropout));
+                ("fused LoRA".into(), why)
+            });
             return Ok(None);
         }
         let (a, b) = (ctx.read(&self.a), ctx.read(&self.b));
@@ -357,6 +362,7 @@ impl Adapter for Lora {
             )?);
         }
         if base.kind() != BaseKind::Linear {
+            crate::nn::fallback::note(|| ("fused LoRA".into(), format!("{:?} layer", base.kind())));
             return Ok(None);
         }
         let fused = |s: f64| -> Result<Tensor> {
@@ -372,7 +378,12 @@ impl Adapter for Lora {
                 let u = fused(self.scale)?;
                 lora_op::scale_columns(&u, &self.dora_gain(base, m, ctx)?)?
             }
-            Some(_) => return Ok(None),
+            Some(_) => {
+                crate::nn::fallback::note(|| {
+                    ("fused DoRA".into(), "an output gain other than 1".into())
+                });
+                return Ok(None);
+            }
         };
         Ok(Some(base.add_bias(y, bias)?))
     }

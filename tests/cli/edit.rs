@@ -207,3 +207,45 @@ fn edit_keeps_the_outside_with_one_two_and_derived_masks() {
         assert!(!ok && err.contains(needle), "{extra:?}: {err}");
     }
 }
+
+#[test]
+fn a_composed_path_is_noted_once_at_debug_level() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("e.png");
+    let args = [
+        "edit",
+        "--model",
+        "assets/models/tiny-sd",
+        "--image",
+        "masks/sources/red-triangle-left.png",
+        "--mask",
+        "masks/red-triangle-left.png",
+        "--lora",
+        "assets/loras/striped/striped.safetensors",
+        "--prompt",
+        "a red triangle on the left, black background",
+        "--steps",
+        "4",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let run_with = |log: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_postforge"));
+        c.args(args).current_dir(root()).env_remove("RUST_LOG");
+        if let Some(l) = log {
+            c.env("RUST_LOG", l);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let debug = run_with(Some("postforge=debug"));
+    assert_eq!(
+        debug
+            .matches("adapted layer: composed path (routed adapters)")
+            .count(),
+        1,
+        "{debug}"
+    );
+    assert!(!run_with(None).contains("composed path"));
+}
