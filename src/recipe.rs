@@ -98,6 +98,23 @@ pub enum StageReport {
     Aligned(Box<AlignReport>),
 }
 
+/// A stage's path `v`, or else the one the stage before it produced (`last`); an error naming the
+/// stage (`i`, 0-based), its kind and the key when there is neither.
+fn inherited(
+    i: usize,
+    kind: &str,
+    v: &Option<PathBuf>,
+    last: &Option<PathBuf>,
+    what: &str,
+) -> Result<PathBuf> {
+    v.clone().or_else(|| last.clone()).ok_or_else(|| {
+        Error::Config(format!(
+            "stage {}: {kind} has no `{what}` and no training stage before it",
+            i + 1
+        ))
+    })
+}
+
 impl Recipe {
     /// A parse error of a pipeline file; a value of the wrong type inside a stage (which serde
     /// reports without its key, at the `[[stage]]` line) gets the stage and the key named.
@@ -190,17 +207,12 @@ impl Recipe {
                     });
                 }
                 Stage::DiffusionEval(cfg) => {
-                    let need = |v: Option<PathBuf>, what: &str| {
-                        v.ok_or_else(|| {
-                            Error::Config(format!(
-                                "stage {}: diffusion-eval has no `{what}` and no training stage before it",
-                                i + 1
-                            ))
-                        })
+                    let need = |v: &Option<PathBuf>, last: &Option<PathBuf>, what: &str| {
+                        inherited(i, "diffusion-eval", v, last, what)
                     };
-                    let model = need(cfg.model.clone().or(last_model.clone()), "model")?;
-                    let lora = need(cfg.lora.clone().or(last_lora.clone()), "lora")?;
-                    let out = need(cfg.output_dir.clone().or(last_out.clone()), "output_dir")?;
+                    let model = need(&cfg.model, &last_model, "model")?;
+                    let lora = need(&cfg.lora, &last_lora, "lora")?;
+                    let out = need(&cfg.output_dir, &last_out, "output_dir")?;
                     log(&format!(
                         "stage {}: diffusion-eval: {} with {}",
                         i + 1,
@@ -229,17 +241,12 @@ impl Recipe {
                     reports.push(StageReport::Evaluated(rep));
                 }
                 Stage::MaskedEdit(cfg) => {
-                    let need = |v: Option<PathBuf>, what: &str| {
-                        v.ok_or_else(|| {
-                            Error::Config(format!(
-                                "stage {}: masked-edit has no `{what}` and no training stage before it",
-                                i + 1
-                            ))
-                        })
+                    let need = |v: &Option<PathBuf>, last: &Option<PathBuf>, what: &str| {
+                        inherited(i, "masked-edit", v, last, what)
                     };
-                    let model = need(cfg.model.clone().or(last_model.clone()), "model")?;
-                    let lora = need(cfg.lora.clone().or(last_lora.clone()), "lora")?;
-                    let out = need(cfg.output_dir.clone().or(last_out.clone()), "output_dir")?;
+                    let model = need(&cfg.model, &last_model, "model")?;
+                    let lora = need(&cfg.lora, &last_lora, "lora")?;
+                    let out = need(&cfg.output_dir, &last_out, "output_dir")?;
                     log(&format!(
                         "stage {}: masked-edit: {} with {} on {} scenes",
                         i + 1,

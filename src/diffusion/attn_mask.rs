@@ -32,19 +32,7 @@ pub fn attention_map(
     let tokens = p.tokenizer.positions(prompt, word)?;
     let (w, h) = (source.width() as usize, source.height() as usize);
     // The base model: every adapter of the U-Net routed to an all-zero mask.
-    let mut routing = Routing::new();
-    let zero = Tensor::zeros((1, h, w), DType::F32, &Device::Cpu)?;
-    let mut names: Vec<&str> = p
-        .unet
-        .layers()
-        .iter()
-        .flat_map(|l| l.adapter_names().collect::<Vec<_>>())
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    for n in names {
-        routing = routing.with_mask(n, &zero)?;
-    }
+    let (routing, _) = switched_off(&p.unet.layers(), &[1, h, w])?;
     // Rows of the guided batch: [unconditional, conditional]; the conditional one is probed.
     let probe = Arc::new(AttnProbe::new(tokens, 1..2));
     let ctx = ForwardCtx::eval()
@@ -65,23 +53,11 @@ pub fn attention_map(
     let mut x = s.add_noise(&x0, &noise, start)?;
     // The text encoders' adapters are off too: routed to all-zero per-token masks.
     let t_len = p.tokenizer.encode(&[String::new()], &Device::Cpu)?.dim(1)?;
-    let mut text_routing = Routing::new();
-    let mut text_names: Vec<&str> = p
-        .text_encoder
-        .layers()
-        .iter()
-        .flat_map(|l| l.adapter_names().collect::<Vec<_>>())
-        .collect();
-    text_names.sort_unstable();
-    text_names.dedup();
-    if p.text_encoder_2.is_some() && !text_names.is_empty() {
+    let (text_routing, any) = switched_off(&p.text_encoder.layers(), &[1, t_len])?;
+    if p.text_encoder_2.is_some() && any {
         return Err(Error::Config(
             "attention-derived masks with text-encoder adapters on a two-encoder (SDXL) pipeline are not supported; use a U-Net-only LoRA".into(),
         ));
-    }
-    let zero_t = Tensor::zeros((1, t_len), DType::F32, &Device::Cpu)?;
-    for n in text_names {
-        text_routing = text_routing.with_mask(n, &zero_t)?;
     }
     let text_ctx = ForwardCtx::eval().routed(Arc::new(text_routing));
     let guided = p.guided(&[prompt.to_string()], "", guidance, (h, w), &text_ctx)?;
@@ -128,6 +104,19 @@ pub fn attention_map(
         data: soft.data.iter().map(|v| (v - low) / span).collect(),
         ..soft
     })
+}
+
+/// Every adapter on `layers` routed to an all-zero mask of `shape` (so none acts), and whether
+/// there was any.
+fn switched_off(layers: &[&crate::peft::AdaptedLayer], shape: &[usize]) -> Result<(Routing, bool)> {
+    let names: std::collections::BTreeSet<&str> =
+        layers.iter().flat_map(|l| l.adapter_names()).collect();
+    let zero = Tensor::zeros(shape, DType::F32, &Device::Cpu)?;
+    let mut routing = Routing::new();
+    for n in &names {
+        routing = routing.with_mask(n, &zero)?;
+    }
+    Ok((routing, !names.is_empty()))
 }
 
 /// The binary mask of `word`: [`attention_map`] cut at `threshold`.

@@ -60,3 +60,34 @@ pub fn assert_all_trained(grads: &GradStore, vars: &[(String, Var)], what: &str)
         assert!(s.is_finite() && s > 0.0, "{what}: {name} gradient sum {s}");
     }
 }
+
+/// Turns the pixel-space pipeline folder `model` (tiny-sd's layout) into a latent one: the fixture
+/// VAE (factor 2, 4 latent channels) and a fresh U-Net with 4 input and output channels at 16×16.
+pub fn make_latent_pipeline(model: &std::path::Path) {
+    use postforge::diffusion::tiny_sd::{fresh_unet_tensors, unet_config};
+    let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae");
+    std::fs::create_dir_all(model.join("vae")).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(fx.join(f), model.join("vae").join(f)).unwrap();
+    }
+    let mut ucfg = unet_config();
+    ucfg.in_channels = 4;
+    ucfg.out_channels = 4;
+    ucfg.sample_size = 16;
+    std::fs::write(
+        model.join("unet/config.json"),
+        serde_json::to_string(&ucfg).unwrap(),
+    )
+    .unwrap();
+    postforge::util::save_safetensors(
+        &model.join("unet/diffusion_pytorch_model.safetensors"),
+        &fresh_unet_tensors(&ucfg, 5).unwrap(),
+        None,
+    )
+    .unwrap();
+    let idx = model.join("model_index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&idx).unwrap()).unwrap();
+    v["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
+    std::fs::write(&idx, v.to_string()).unwrap();
+}

@@ -191,38 +191,14 @@ fn two_adapters_normalised_over_one_region_add_up_to_one() {
 
 #[test]
 fn a_latent_pipeline_edit_keeps_the_outside_through_the_paste_back() {
-    use postforge::diffusion::tiny_sd::{fresh_unet_tensors, unet_config, PretrainTask};
+    use postforge::diffusion::tiny_sd::PretrainTask;
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     PretrainTask::new(4, 2, 3)
         .unwrap()
         .write_pipeline(&model)
         .unwrap();
-    let fx = root().join("tests/fixtures/vae");
-    std::fs::create_dir_all(model.join("vae")).unwrap();
-    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
-        std::fs::copy(fx.join(f), model.join("vae").join(f)).unwrap();
-    }
-    let mut ucfg = unet_config();
-    ucfg.in_channels = 4;
-    ucfg.out_channels = 4;
-    ucfg.sample_size = 16;
-    std::fs::write(
-        model.join("unet/config.json"),
-        serde_json::to_string(&ucfg).unwrap(),
-    )
-    .unwrap();
-    postforge::util::save_safetensors(
-        &model.join("unet/diffusion_pytorch_model.safetensors"),
-        &fresh_unet_tensors(&ucfg, 5).unwrap(),
-        None,
-    )
-    .unwrap();
-    let idx = model.join("model_index.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&idx).unwrap()).unwrap();
-    v["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
-    std::fs::write(&idx, v.to_string()).unwrap();
+    crate::common::make_latent_pipeline(&model);
     let mut cfg = postforge::peft::AdapterConfig::lora(2, 2.0, &["conv1", "conv2", "to_q"]);
     cfg.init_lora_weights = postforge::peft::InitSpec::Bool(false);
     let p = Pipeline::load(

@@ -378,7 +378,6 @@ impl Task for Interrupt<'_> {
 fn a_latent_pipeline_with_a_vae_trains_on_latents_and_samples_images() {
     use postforge::diffusion::pipeline::Pipeline;
     use postforge::diffusion::sampler::SamplerKind;
-    use postforge::diffusion::tiny_sd::{fresh_unet_tensors, unet_config};
     use postforge::peft::AdapterPlan;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -386,31 +385,7 @@ fn a_latent_pipeline_with_a_vae_trains_on_latents_and_samples_images() {
     // Turn the pixel pipeline into a latent one: the fixture VAE (factor 2, 4 latent channels)
     // and a U-Net with 4 input and output channels.
     let model = dir.join("model");
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae");
-    std::fs::create_dir_all(model.join("vae")).unwrap();
-    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
-        std::fs::copy(fx.join(f), model.join("vae").join(f)).unwrap();
-    }
-    let mut ucfg = unet_config();
-    ucfg.in_channels = 4;
-    ucfg.out_channels = 4;
-    ucfg.sample_size = 16;
-    std::fs::write(
-        model.join("unet/config.json"),
-        serde_json::to_string(&ucfg).unwrap(),
-    )
-    .unwrap();
-    postforge::util::save_safetensors(
-        &model.join("unet/diffusion_pytorch_model.safetensors"),
-        &fresh_unet_tensors(&ucfg, 5).unwrap(),
-        None,
-    )
-    .unwrap();
-    let idx = model.join("model_index.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&idx).unwrap()).unwrap();
-    v["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"]);
-    std::fs::write(&idx, v.to_string()).unwrap();
+    crate::common::make_latent_pipeline(&model);
 
     let p = Pipeline::load(&model, AdapterPlan::none(), AdapterPlan::none()).unwrap();
     assert_eq!(p.vae_factor(), 2);

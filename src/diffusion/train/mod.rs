@@ -5,6 +5,7 @@
 
 pub mod blocks;
 mod config;
+mod masks;
 pub mod prior;
 mod ranges;
 mod task;
