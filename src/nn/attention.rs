@@ -48,11 +48,56 @@ pub fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (1, 1, t, past + t), device)?)
 }
 
-/// Scaled dot-product attention over heads: q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv) →
-/// (B, H, Tq, Dv), with the scale 1/√D and an optional additive mask (B or 1, 1, Tq, Tk) that
-/// carries no gradient.
+/// Scaled dot-product attention over heads: q (B, H, Tq, D), k (B, KVH, Tk, D), v (B, KVH, Tk, Dv)
+/// → (B, H, Tq, Dv), with the scale 1/√D and an optional additive mask (B or 1, 1, Tq, Tk) that
+/// carries no gradient. KVH may divide H (grouped-query attention: query head i reads key/value
+/// head i / (H / KVH)). On the CPU in f32 this is one tiled node ([`super::flash`]) that never
+/// holds the Tq×Tk scores; elsewhere the composition on the fused masked softmax.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, h, tq, d) = q.dims4()?;
+    let (kb, kvh, tk, kd) = k.dims4()?;
+    let (vb, vh, vt, _) = v.dims4()?;
+    if kb != b || vb != b || kd != d || vh != kvh || vt != tk || kvh == 0 || h % kvh != 0 {
+        return Err(Error::Msg(format!(
+            "attention: q {:?}, k {:?} and v {:?} do not fit together (batch, key/value heads dividing the query heads, key width)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    if let Some(m) = mask {
+        let (mb, mh, mq, mk) = m.dims4()?;
+        if !(mb == b || mb == 1) || mh != 1 || mq != tq || mk != tk {
+            return Err(Error::Msg(format!(
+                "attention mask {:?} does not fit {b}×{h}×{tq}×{tk} scores",
+                m.dims()
+            )));
+        }
+    }
+    let scale = 1.0 / (d as f64).sqrt();
+    let miss = [q, k, v]
+        .into_iter()
+        .find_map(|t| super::fallback::cpu_f32_miss(t));
+    match miss {
+        None => Ok(super::flash::tiled_attention(q, k, v, scale as f32, mask)?),
+        Some(why) => {
+            super::fallback::note(|| ("tiled attention".into(), why));
+            attention_composed(q, k, v, mask)
+        }
+    }
+}
+
+/// [`attention`] as a composition: scores, the fused masked softmax, and the product with v. The
+/// reference the tiled node is tested against, and its path on other devices and dtypes.
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let d = q.dim(3)?;
+    let rep = q.dim(1)? / k.dim(1)?.max(1);
+    let (k, v) = (repeat_kv(k, rep)?, repeat_kv(v, rep)?);
     // The score matrix is the one allocation that grows with the square of the tokens (an image
     // model at a resolution it was not made for): refuse it with the estimate, not an abort.
     let (b, h, tq, tk) = (q.dim(0)?, q.dim(1)?, q.dim(2)?, k.dim(2)?);
@@ -60,7 +105,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     crate::util::mem::ensure_fits(
         &format!("attention over {tq}×{tk} tokens"),
         floats * 4 * 2,
-        &format!("{b}×{h}×{tq}×{tk} scores and their softmax, f32"),
+        &format!(
+            "{b}×{h}×{tq}×{tk} scores and their softmax, {:?}",
+            q.dtype()
+        ),
         "lower the resolution, the batch size or the sequence length",
     )?;
     // A contiguous k's transpose is a strided view the matmul reads as is (no copy).
@@ -225,6 +273,174 @@ mod tests {
         assert_eq!(m[past + 1], f32::NEG_INFINITY);
     }
 
+    /// The tiled node equals the composition in value and in the gradients of q, k and v:
+    /// grouped-query heads, a key width unlike the value width, query counts that leave a partial
+    /// block (a strip of 65536 / Tk rows), cross-attention shapes (Tk ≪ Tq), a shared and a
+    /// per-batch mask, and a padded row whose keys are all masked (it attends to nothing).
+    #[test]
+    fn the_tiled_node_equals_the_composition_in_value_and_every_gradient() {
+        let cases: [(usize, usize, usize, usize, usize, usize, usize, u8); 7] = [
+            // (b, h, kvh, tq, tk, d, dv, mask: 0 none, 1 causal shared, 2 per batch with a dead row)
+            (2, 3, 3, 5, 7, 4, 6, 0),
+            (2, 4, 2, 9, 9, 8, 8, 1),
+            (1, 2, 1, 300, 8, 4, 4, 0),
+            (2, 2, 2, 137, 600, 3, 5, 0),
+            (3, 2, 1, 6, 6, 5, 5, 2),
+            (1, 1, 1, 1, 0, 4, 4, 0),
+            // 3: transformers-style finite masking (−1e30), with batch 0's first row fully masked.
+            (2, 2, 1, 5, 5, 4, 4, 3),
+        ];
+        for (ci, &(b, h, kvh, tq, tk, d, dv, mk)) in cases.iter().enumerate() {
+            let seed = 10 * ci as u64;
+            let q = Var::from_tensor(&randn(&[b, h, tq, d], seed)).unwrap();
+            let k = Var::from_tensor(&randn(&[b, kvh, tk, d], seed + 1)).unwrap();
+            let v = Var::from_tensor(&randn(&[b, kvh, tk, dv], seed + 2)).unwrap();
+            let w = randn(&[b, h, tq, dv], seed + 3);
+            let mask = match mk {
+                1 => Some(causal_mask(tq, tk - tq, &Device::Cpu).unwrap()),
+                2 => {
+                    let mut m = vec![0f32; b * tq * tk];
+                    for bi in 0..b {
+                        for qi in 0..tq {
+                            for ki in 0..tk {
+                                // Batch row bi masks its last bi keys; row 1 of batch 2 masks all.
+                                if ki + bi >= tk || (bi == 2 && qi == 1) {
+                                    m[(bi * tq + qi) * tk + ki] = f32::NEG_INFINITY;
+                                }
+                            }
+                        }
+                    }
+                    Some(Tensor::from_vec(m, (b, 1, tq, tk), &Device::Cpu).unwrap())
+                }
+                3 => {
+                    let m: Vec<f32> = (0..b * tq * tk)
+                        .map(|i| {
+                            let (bi, qi, ki) = (i / (tq * tk), (i / tk) % tq, i % tk);
+                            if ki > qi || (bi == 0 && qi == 0) {
+                                -1e30
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    Some(Tensor::from_vec(m, (b, 1, tq, tk), &Device::Cpu).unwrap())
+                }
+                _ => None,
+            };
+            let tiled = attention(&q, &k, &v, mask.as_ref()).unwrap();
+            let composed = attention_composed(&q, &k, &v, mask.as_ref()).unwrap();
+            assert_eq!(tiled.dims(), &[b, h, tq, dv]);
+            // The composition gives NaN on a row with every key masked; the tiled node gives 0.
+            let finite = |t: &Tensor| -> Vec<f32> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(|x| if x.is_nan() { 0.0 } else { x })
+                    .collect()
+            };
+            let close = |a: &Tensor, c: &Tensor, what: &str| {
+                let (a, c) = (finite(a), finite(c));
+                assert_eq!(a.len(), c.len(), "case {ci} {what}: sizes");
+                let worst = a
+                    .iter()
+                    .zip(&c)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 2e-5, "case {ci} {what}: {worst:e}");
+            };
+            close(&tiled, &composed, "value");
+            if tk == 0 {
+                assert!(finite(&tiled).iter().all(|x| *x == 0.0));
+                continue;
+            }
+            let lt = (&tiled * &w).unwrap().sum_all().unwrap();
+            let gt = lt.backward().unwrap();
+            // The composition's NaN rows would poison its gradients: weight them out.
+            let wc = if mk == 2 {
+                let keepm: Vec<f32> = finite(
+                    &composed
+                        .ne(&composed)
+                        .unwrap()
+                        .to_dtype(candle_core::DType::F32)
+                        .unwrap(),
+                )
+                .into_iter()
+                .map(|n| 1.0 - n)
+                .collect();
+                (&w * Tensor::from_vec(keepm, (b, h, tq, dv), &Device::Cpu).unwrap()).unwrap()
+            } else {
+                w.clone()
+            };
+            let gc = if mk == 2 {
+                // Recompose without the dead row (batch 2, query 1), whose composed gradient is NaN.
+                let alive = |t: &Tensor| t.narrow(0, 0, 2).unwrap();
+                let m = mask.as_ref().unwrap().narrow(0, 0, 2).unwrap();
+                let c = attention_composed(&alive(&q), &alive(&k), &alive(&v), Some(&m)).unwrap();
+                let g = (c * alive(&wc))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                // Batch 2 checked on its own: the live rows' gradients through row 0 and 2.. only.
+                let row = |t: &Tensor| t.narrow(0, 2, 1).unwrap();
+                let (qs, ks, vs) = (row(&q), row(&k), row(&v));
+                let mut live_m = mask
+                    .as_ref()
+                    .unwrap()
+                    .narrow(0, 2, 1)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                for x in live_m[tk..2 * tk].iter_mut() {
+                    *x = 0.0;
+                }
+                let lm = Tensor::from_vec(live_m, (1, 1, tq, tk), &Device::Cpu).unwrap();
+                let c2 = attention_composed(&qs, &ks, &vs, Some(&lm)).unwrap();
+                let g2 = (c2 * row(&wc))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for x in [&q, &k, &v] {
+                    let a = gt.get(x).unwrap();
+                    close(
+                        &a.narrow(0, 0, 2).unwrap(),
+                        &g.get(x).unwrap().narrow(0, 0, 2).unwrap(),
+                        "gradient (batch 0-1)",
+                    );
+                    close(
+                        &a.narrow(0, 2, 1).unwrap(),
+                        &g2.get(x).unwrap().narrow(0, 2, 1).unwrap(),
+                        &format!("gradient (batch 2) {:?}", x.dims()),
+                    );
+                }
+                continue;
+            } else {
+                (&composed * &wc)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            };
+            for (x, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
+                let (a, c) = (gt.get(x).unwrap(), gc.get(x).unwrap());
+                assert_eq!(a.dims(), x.dims());
+                close(a, c, name);
+                assert!(
+                    finite(a).iter().any(|x| *x != 0.0),
+                    "case {ci} {name} is zero"
+                );
+            }
+        }
+    }
+
     #[test]
     fn heads_split_merge_and_repeat() {
         let x = randn(&[2, 3, 8], 5);
@@ -266,7 +482,9 @@ mod tests {
         // 2^21 tokens: the scores would take 2^42 floats (16 TiB); q and k take 8 MiB each.
         let t = 1usize << 21;
         let q = Tensor::zeros((1, 1, t, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let e = attention(&q, &q, &q, None).unwrap_err().to_string();
+        let e = attention_composed(&q, &q, &q, None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("attention over 2097152×2097152 tokens needs about"),
             "{e}"

@@ -11,6 +11,7 @@ pub mod act;
 pub mod attention;
 pub mod conv;
 pub mod fallback;
+pub mod flash;
 pub mod frozen;
 pub mod gemm;
 pub mod kernels;

@@ -87,9 +87,15 @@ impl Attention {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let (k, v) = (repeat_kv(&k, nh / kvh)?, repeat_kv(&v, nh / kvh)?);
         let a = match step.s2 {
-            Some((ratio, valid)) => shifted_sparse_attention(&q, &k, &v, ratio, valid)?,
+            Some((ratio, valid)) => shifted_sparse_attention(
+                &q,
+                &repeat_kv(&k, nh / kvh)?,
+                &repeat_kv(&v, nh / kvh)?,
+                ratio,
+                valid,
+            )?,
+            // Grouped-query heads are read in place (no repeated copy of the cache).
             None => merge_heads(&attention(&q, &k, &v, Some(step.mask))?)?,
         };
         self.o.forward(&a, ctx)
