@@ -77,7 +77,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     let scale = 1.0 / (d as f64).sqrt();
     let miss = [q, k, v]
         .into_iter()
-        .find_map(|t| super::fallback::cpu_f32_miss(t));
+        .find_map(super::fallback::cpu_f32_miss);
     match miss {
         None => Ok(super::flash::tiled_attention(q, k, v, scale as f32, mask)?),
         Some(why) => {

@@ -87,6 +87,34 @@ pub fn gemm_into(
     accumulate: bool,
     par: Par,
 ) -> Result<()> {
+    gemm_strided(dst, false, lhs, rhs, beta, accumulate, par)
+}
+
+/// [`gemm_into`] with `dst` column-major (the row-major `rhs.cols × lhs.rows` transpose). The
+/// `gemm` crate packs whichever operand ends up on the left of its column-major problem unless its
+/// rows are unit-strided; for a product that contracts over both operands' contiguous dimension
+/// (a weight gradient `G·Pᵀ` over pixels) a column-major destination puts the small operand there,
+/// so the large one is read in place instead of copied with a strided gather.
+pub fn gemm_into_cm(
+    dst: &mut [f32],
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+    accumulate: bool,
+    par: Par,
+) -> Result<()> {
+    gemm_strided(dst, true, lhs, rhs, beta, accumulate, par)
+}
+
+fn gemm_strided(
+    dst: &mut [f32],
+    col_major: bool,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+    accumulate: bool,
+    par: Par,
+) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     if rhs.rows != k || dst.len() != m * n {
         candle_core::bail!(
@@ -119,8 +147,8 @@ pub fn gemm_into(
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            if col_major { m as isize } else { 1 },
+            if col_major { 1 } else { n as isize },
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs as isize,
@@ -191,6 +219,34 @@ mod tests {
             for (x, y) in c.iter().zip(&want) {
                 assert!((x - 3.0 * y).abs() < 1e-4, "{x} vs {}", 3.0 * y);
             }
+        }
+        // The column-major destination holds the transpose, for each thread split.
+        for par in [Par::Serial, Par::Threads(2)] {
+            let mut ct = vec![f32::NAN; m * n];
+            gemm_into_cm(
+                &mut ct,
+                Mat::rm(&a, m, k),
+                Mat::rm(&b, k, n),
+                1.0,
+                false,
+                par,
+            )
+            .unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    assert!((ct[j * m + i] - want[i * n + j]).abs() < 1e-4);
+                }
+            }
+            gemm_into_cm(
+                &mut ct,
+                Mat::rm(&a, m, k),
+                Mat::rm(&b, k, n),
+                -1.0,
+                true,
+                par,
+            )
+            .unwrap();
+            assert!(ct.iter().all(|x| x.abs() < 1e-4));
         }
         // A view that runs past its slice is refused, not read.
         let mut c = vec![0f32; m * n];

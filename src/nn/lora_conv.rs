@@ -11,7 +11,7 @@
 //! and the layer takes the composed path.
 
 use super::conv::{col2im_plane, conv_out_size, im2col_plane, pointwise, ConvCfg};
-use super::gemm::{gemm_into, Mat, Par};
+use super::gemm::{gemm_into, gemm_into_cm, Mat, Par};
 use super::kernels::{cpu_f32, f32_slice, FrozenParams};
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -336,8 +336,15 @@ impl candle_core::CustomOp3 for LoraConvOp {
                 .zip(dx.par_chunks_mut(dx_len))
                 .enumerate()
                 .try_for_each_init(
-                    || (Vec::new(), Vec::new(), vec![0f32; g.r * p]),
-                    |(cols, dcols, gh), (i, ((da, db), dxi))| {
+                    || {
+                        (
+                            Vec::new(),
+                            Vec::new(),
+                            vec![0f32; g.r * p],
+                            vec![0f32; g.r * k],
+                        )
+                    },
+                    |(cols, dcols, gh, dat), (i, ((da, db), dxi))| {
                         let gi = Mat::rm(&gy[i * g.o * p..(i + 1) * g.o * p], g.o, p);
                         let hi = Mat::rm(&hid[i * g.r * p..(i + 1) * g.r * p], g.r, p);
                         // Ĝ = s·Bᵀ·G ; dB_i = s·G·Hᵀ ; dA_i = Ĝ·Pᵀ
@@ -345,7 +352,14 @@ impl candle_core::CustomOp3 for LoraConvOp {
                         gemm_into(db, gi, hi.t(), s, false, par)?;
                         let pm = g.patches(&xv[i * len..(i + 1) * len], cols);
                         let ghm = Mat::rm(gh, g.r, p);
-                        gemm_into(da, ghm, Mat::rm(pm, k, p).t(), 1.0, false, par)?;
+                        // dA_i column-major (the patches are read in place, not gathered),
+                        // then transposed (r·k values).
+                        gemm_into_cm(dat, ghm, Mat::rm(pm, k, p).t(), 1.0, false, par)?;
+                        for (ri, row) in da.chunks_exact_mut(k).enumerate() {
+                            for (kk, v) in row.iter_mut().enumerate() {
+                                *v = dat[kk * g.r + ri];
+                            }
+                        }
                         if want_x {
                             g.input_grad(gi, w, Some((am, ghm)), dxi, dcols)?;
                         }
