@@ -17,8 +17,63 @@ use postforge::nn::loss::next_token_loss;
 use postforge::peft::{AdapterConfig, AdapterPlan, ForwardCtx, ModuleSpec};
 use std::time::Instant;
 
+/// The step's matrix products at the bench config, forward and backward (frozen base weights:
+/// input gradients only), as (m, k, n, count): the q/k/v/o projections, the MLP's gate/up and
+/// down, the output layer in 256-row chunks (forward and input gradient), and per head the five
+/// attention products (scores, output; and in the backward scores again, dP, dS·K, dSᵀ·Q, Pᵀ·dO,
+/// counted as 7). The LoRA products (rank 16, about 4 % of the FLOPs) are left out.
+const STEP_GEMMS: [(usize, usize, usize, usize); 5] = [
+    (1024, 512, 512, 8 * 4 * 2),
+    (1024, 512, 1376, 8 * 2 * 2),
+    (1024, 1376, 512, 8 * 2),
+    (256, 512, 32000, 4 * 2),
+    (256, 64, 256, 8 * 4 * 8 * 7),
+];
+
+/// f32 GFLOP/s of candle's matmul (contiguous operands, all pool threads) at (m, k) · (k, n).
+fn gflops(m: usize, k: usize, n: usize) -> f64 {
+    let mut rng = postforge::rng::rng_for(9, "gemm-limit");
+    let a = postforge::rng::normal(&[m, k], 1.0, &mut rng).unwrap();
+    let b = postforge::rng::normal(&[k, n], 1.0, &mut rng).unwrap();
+    let reps = (2e9 / (2.0 * (m * k * n) as f64)).clamp(3.0, 200.0) as usize;
+    let _ = a.matmul(&b).unwrap();
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            let _ = a.matmul(&b).unwrap();
+        }
+        best = best.min(t0.elapsed().as_secs_f64() / reps as f64);
+    }
+    2.0 * (m * k * n) as f64 / best / 1e9
+}
+
+/// The GEMM limit of this machine for the step: each product class at candle's measured speed.
+/// Returns the GEMM-bound step time in seconds.
+fn gemm_limit() -> f64 {
+    let mut total = 0.0;
+    let mut line = String::from("GEMM limit (candle matmul, f32):");
+    for (m, k, n, count) in STEP_GEMMS {
+        let g = gflops(m, k, n);
+        total += count as f64 * 2.0 * (m * k * n) as f64 / (g * 1e9);
+        line += &format!(" {m}x{k}x{n} {g:.0} GFLOP/s;");
+    }
+    let flops: f64 = STEP_GEMMS
+        .iter()
+        .map(|&(m, k, n, c)| c as f64 * 2.0 * (m * k * n) as f64)
+        .sum();
+    eprintln!(
+        "{line} the step's {:.0} GFLOP at these speeds: {:.0} ms ({:.0} GFLOP/s)",
+        flops / 1e9,
+        total * 1e3,
+        flops / total / 1e9
+    );
+    total
+}
+
 fn main() {
     postforge::util::runtime::init();
+    let limit = gemm_limit();
     let mode = std::env::var("POSTFORGE_BENCH_MODE").unwrap_or_else(|_| "all".into());
     let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
         "model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1376,
@@ -102,6 +157,11 @@ fn main() {
         },
         step * 1e3,
         (b * t) as f64 / step
+    );
+    eprintln!(
+        "the step reaches {:.2} of the GEMM limit ({:.0} ms)",
+        limit / step,
+        limit * 1e3
     );
     eprintln!(
         "peak RSS while building the model: {load_peak}; over the training steps: {}",

@@ -20,6 +20,26 @@ ap.add_argument("--mode", choices=["all", "train"], default="all")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
+# The step's matrix products (see benches/llm.rs STEP_GEMMS) at torch.mm's speed on this CPU.
+STEP_GEMMS = [(1024, 512, 512, 64), (1024, 512, 1376, 32), (1024, 1376, 512, 16),
+              (256, 512, 32000, 8), (256, 64, 256, 8 * 4 * 8 * 7)]
+limit, flops, parts = 0.0, 0.0, []
+for m, k, n, c in STEP_GEMMS:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    reps = int(min(200, max(3, 2e9 / (2 * m * k * n))))
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - t0) / reps)
+    g = 2 * m * k * n / best / 1e9
+    parts.append(f"{m}x{k}x{n} {g:.0f} GFLOP/s")
+    limit += c * 2 * m * k * n / (g * 1e9)
+    flops += c * 2 * m * k * n
+print(f"GEMM limit (torch.mm, f32): {'; '.join(parts)}; the step's {flops / 1e9:.0f} GFLOP at these speeds: "
+      f"{limit * 1e3:.0f} ms ({flops / limit / 1e9:.0f} GFLOP/s)")
 cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
 cfg._attn_implementation = "sdpa"
@@ -38,6 +58,7 @@ for r in range(4):
         times.append(time.perf_counter() - t0)
 step = statistics.median(times)
 print(f"LoRA r16 SFT step: {step * 1e3:.0f} ms, {B * T / step:.0f} tokens/s")
+print(f"the step reaches {limit / step:.2f} of its GEMM limit ({limit * 1e3:.0f} ms)")
 if args.mode == "all":
     model.eval()
     prompt = torch.arange(5, 21).unsqueeze(0)

@@ -368,14 +368,19 @@ impl CustomOp2 for ConvOp {
         };
         let gw = if self.w_trainable {
             let cols = patches(&x.contiguous()?, kh, kw, self.cfg)?;
-            // Σ_b g[b] (o, oh·ow) · cols[b]ᵀ (oh·ow, c·kh·kw)
-            let per_image = g.matmul(&cols.transpose(1, 2)?)?;
+            // (Σ_b g[b]·cols[b]ᵀ)ᵀ = Σ_b cols[b] (c·kh·kw, oh·ow) · g[b]ᵀ (oh·ow, o): the patches
+            // on the left are read in place by the GEMM (as the right operand's transpose they
+            // would be gathered with a stride), the smaller g is the one packed.
+            let per_image = cols.matmul(&g.transpose(1, 2)?)?;
             Some(
                 per_image
                     .apply_op1_no_bwd(&ChannelSum {
                         c: o * c * kh * kw,
                         inner: 1,
                     })?
+                    .reshape((c * kh * kw, o))?
+                    .t()?
+                    .contiguous()?
                     .reshape((o, c, kh, kw))?,
             )
         } else {
