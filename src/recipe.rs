@@ -24,6 +24,10 @@ pub struct Recipe {
     /// What the pipeline does.
     #[serde(default)]
     pub description: Option<String>,
+    /// Where every stage runs unless it names its own `device` (`cpu`, `cuda`, `cuda:N`, `metal`,
+    /// `auto`; unset: the `--device` flag, else the CPU).
+    #[serde(default)]
+    pub device: Option<crate::util::device::DeviceSpec>,
     /// The stages, in order.
     pub stage: Vec<Stage>,
 }
@@ -47,6 +51,18 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The stage's own `device` key.
+    pub fn device(&self) -> Option<crate::util::device::DeviceSpec> {
+        match self {
+            Stage::TrainDiffusion(c) => c.device,
+            Stage::DiffusionEval(c) => c.device,
+            Stage::MaskedEdit(c) => c.device,
+            Stage::Sft(c) => c.device,
+            Stage::TaskEval(c) => c.device,
+            Stage::Align(c) => c.device,
+        }
+    }
+
     /// The `kind` key of the stage.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -175,6 +191,8 @@ impl Recipe {
         let mut last_lora: Option<PathBuf> = None;
         let mut last_out: Option<PathBuf> = None;
         for (i, st) in self.stage.iter().enumerate() {
+            // The stage's device, else the pipeline's, else whatever is current (`--device`).
+            let _device = crate::util::device::scoped(st.device().or(self.device))?;
             match st {
                 Stage::TrainDiffusion(cfg) => {
                     log(&format!(

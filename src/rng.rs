@@ -28,5 +28,6 @@ pub fn normal(shape: &[usize], std: f64, rng: &mut ChaCha8Rng) -> Result<Tensor>
             (z * std) as f32
         })
         .collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    // Drawn on the CPU (the same values on every device), then moved to the current device.
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(&crate::util::device::current())?)
 }

@@ -31,6 +31,10 @@ pub struct Cli {
     /// file and tensor).
     #[arg(long, global = true)]
     allow_nonfinite: bool,
+    /// Where models run: cpu, cuda, cuda:N, metal, metal:N, or auto (CUDA when this build has it
+    /// and a GPU is present). A pipeline stage's `device` key overrides it for that stage.
+    #[arg(long, global = true, default_value = "cpu", value_name = "DEVICE")]
+    device: postforge::util::device::DeviceSpec,
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,6 +100,7 @@ pub fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     check::set_allow_nonfinite(cli.allow_nonfinite);
+    postforge::util::device::set_current(cli.device)?;
     match cli.cmd {
         Command::Demo(a) => demo::run(a),
         Command::Edit(a) => edit::run(*a),

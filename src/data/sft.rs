@@ -7,7 +7,7 @@
 
 use super::text::TextTokenizer;
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde_json::Value as Json;
 use std::path::Path;
 
@@ -371,7 +371,7 @@ pub fn collate(rows: &[&Row], pad_id: u32) -> Result<Batch> {
             pos[i * t + k] = (k - r.len()) as u32;
         }
     }
-    let d = &Device::Cpu;
+    let d = &crate::util::device::current();
     Ok(Batch {
         ids: Tensor::from_vec(ids, (b, t), d)?,
         weights: Tensor::from_vec(w, (b, t), d)?,

@@ -12,7 +12,7 @@ use crate::media::image::image_to_tensor;
 use crate::peft::{Adapted, AttnProbe, ForwardCtx, Routing};
 use crate::rng::{normal, rng_for};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use image::RgbImage;
 use std::sync::Arc;
 
@@ -38,7 +38,7 @@ pub fn attention_map(
     let ctx = ForwardCtx::eval()
         .routed(Arc::new(routing))
         .probed(probe.clone());
-    let src = image_to_tensor(source, &Device::Cpu)?.unsqueeze(0)?;
+    let src = image_to_tensor(source, &crate::util::device::current())?.unsqueeze(0)?;
     let x0 = p.to_model_space(&src, None)?;
     let s = Sampler::new(sampler, &p.scheduler, steps)?;
     let start = s.start_index(strength);
@@ -52,7 +52,10 @@ pub fn attention_map(
     let noise = normal(&shape, 1.0, &mut rng_for(seed, "latents"))?.unsqueeze(0)?;
     let mut x = s.add_noise(&x0, &noise, start)?;
     // The text encoders' adapters are off too: routed to all-zero per-token masks.
-    let t_len = p.tokenizer.encode(&[String::new()], &Device::Cpu)?.dim(1)?;
+    let t_len = p
+        .tokenizer
+        .encode(&[String::new()], &crate::util::device::current())?
+        .dim(1)?;
     let (text_routing, any) = switched_off(&p.text_encoder.layers(), &[1, t_len])?;
     if p.text_encoder_2.is_some() && any {
         return Err(Error::Config(
@@ -111,7 +114,7 @@ pub fn attention_map(
 fn switched_off(layers: &[&crate::peft::AdaptedLayer], shape: &[usize]) -> Result<(Routing, bool)> {
     let names: std::collections::BTreeSet<&str> =
         layers.iter().flat_map(|l| l.adapter_names()).collect();
-    let zero = Tensor::zeros(shape, DType::F32, &Device::Cpu)?;
+    let zero = Tensor::zeros(shape, DType::F32, &crate::util::device::current())?;
     let mut routing = Routing::new();
     for n in &names {
         routing = routing.with_mask(n, &zero)?;

@@ -21,7 +21,7 @@ use crate::media::image::{image_to_tensor, tensor_to_image};
 use crate::peft::{Blend, ForwardCtx, GateResize, Routing};
 use crate::rng::{normal, rng_for};
 use crate::{Error, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use image::RgbImage;
 use std::sync::Arc;
 
@@ -138,7 +138,10 @@ pub fn union(regions: &[Region]) -> Result<Mask> {
 pub fn routing(regions: &[Region], normalize: bool, gate: GateResize) -> Result<Routing> {
     let mut r = Routing::new().with_resize(gate);
     for reg in regions {
-        r = r.with_mask(&reg.adapter, &reg.mask.to_tensor(&Device::Cpu)?)?;
+        r = r.with_mask(
+            &reg.adapter,
+            &reg.mask.to_tensor(&crate::util::device::current())?,
+        )?;
     }
     if normalize {
         r = r.with_blend(Blend::Normalized { eps: 1e-6 });
@@ -184,7 +187,7 @@ pub fn edit(p: &Pipeline, req: &EditRequest) -> Result<EditOutput> {
     } else {
         base_ctx.clone()
     };
-    let src = image_to_tensor(&req.source, &Device::Cpu)?.unsqueeze(0)?;
+    let src = image_to_tensor(&req.source, &crate::util::device::current())?.unsqueeze(0)?;
     let x0 = p.to_model_space(&src, None)?;
     let sampler = Sampler::new(req.sampler, &p.scheduler, req.steps)?;
     let start = sampler.start_index(req.strength);
@@ -198,9 +201,12 @@ pub fn edit(p: &Pipeline, req: &EditRequest) -> Result<EditOutput> {
     let noise = normal(&dims[1..], 1.0, &mut rng_for(req.seed, "latents"))?.unsqueeze(0)?;
     let x = sampler.add_noise(&x0, &noise, start)?;
     // The blend mask on the model's grid (area-averaged: soft at a latent pixel that straddles the edge).
-    let m = crate::peft::ctx::resize_to(&mask.to_tensor(&Device::Cpu)?, &[1, dims[2], dims[3]])?
-        .unsqueeze(1)?
-        .to_dtype(x0.dtype())?;
+    let m = crate::peft::ctx::resize_to(
+        &mask.to_tensor(&crate::util::device::current())?,
+        &[1, dims[2], dims[3]],
+    )?
+    .unsqueeze(1)?
+    .to_dtype(x0.dtype())?;
     let keep = (1.0 - &m)?;
     // The prompt is encoded unrouted: a text-encoder part of a LoRA sees tokens, not pixels, so
     // it acts on the whole prompt (its effect reaches the image only through the routed U-Net).
@@ -215,7 +221,7 @@ pub fn edit(p: &Pipeline, req: &EditRequest) -> Result<EditOutput> {
         x,
         start,
         &[req.seed],
-        &Device::Cpu,
+        &crate::util::device::current(),
         |x_in, t| guided.predict(p, x_in, t, &ctx),
         |i, x| {
             if !req.mode.blends() {

@@ -71,6 +71,10 @@ fn d_modes() -> Vec<String> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MaskedEditConfig {
+    /// Where this stage runs: `cpu`, `cuda`, `cuda:N`, `metal` or `auto` (unset: the pipeline's
+    /// `device`, else the `--device` flag, else the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<crate::util::device::DeviceSpec>,
     /// Pipeline folder (default: the model of the preceding training stage).
     #[serde(default)]
     pub model: Option<PathBuf>,

@@ -272,7 +272,9 @@ impl Pipeline {
     /// penultimate hidden states of both encoders side by side, and the second encoder's projected
     /// pooled output.
     pub fn encode_cond(&self, prompts: &[String], ctx: &ForwardCtx) -> Result<Conditioning> {
-        let ids = self.tokenizer.encode(prompts, &Device::Cpu)?;
+        let ids = self
+            .tokenizer
+            .encode(prompts, &crate::util::device::current())?;
         let (Some(te2), Some(tok2)) = (&self.text_encoder_2, &self.tokenizer_2) else {
             return Ok(Conditioning {
                 context: self.text_encoder.condition(&ids, 1, ctx)?,
@@ -286,7 +288,7 @@ impl Pipeline {
                 .ok_or_else(|| Error::Msg("a text encoder without layers".into()))
         };
         let o1 = self.text_encoder.forward(&ids, ctx)?;
-        let o2 = te2.forward(&tok2.encode(prompts, &Device::Cpu)?, ctx)?;
+        let o2 = te2.forward(&tok2.encode(prompts, &crate::util::device::current())?, ctx)?;
         Ok(Conditioning {
             context: Tensor::cat(
                 &[
@@ -304,7 +306,7 @@ impl Pipeline {
         Ok(Tensor::from_vec(
             rows.iter().flatten().copied().collect::<Vec<f32>>(),
             (rows.len(), 6),
-            &Device::Cpu,
+            &crate::util::device::current(),
         )?)
     }
 
@@ -430,7 +432,7 @@ impl Pipeline {
             &self.scheduler,
             &[c, size.0 / f, size.1 / f],
             seeds,
-            &Device::Cpu,
+            &crate::util::device::current(),
             |x_in, t| guided.predict(self, x_in, t, ctx),
         )?;
         let x = match &self.vae {
@@ -456,7 +458,11 @@ impl Guided {
     /// The guided model output for the scaled input `x_in` (b, c, h, w) at timestep `t`.
     pub fn predict(&self, p: &Pipeline, x_in: &Tensor, t: f64, ctx: &ForwardCtx) -> Result<Tensor> {
         let b = self.b;
-        let tt = Tensor::from_vec(vec![t as f32; 2 * b], 2 * b, &Device::Cpu)?;
+        let tt = Tensor::from_vec(
+            vec![t as f32; 2 * b],
+            2 * b,
+            &crate::util::device::current(),
+        )?;
         let xx = Tensor::cat(&[x_in, x_in], 0)?;
         let added = self.pooled.as_ref().map(|pl| AddedCond {
             text_embeds: pl,

@@ -17,7 +17,7 @@ use crate::train::ema::{Ema, EmaConfig};
 use crate::train::Task;
 use crate::util::{save_safetensors, write_atomic};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -263,13 +263,15 @@ impl PretrainTask {
         let mut images = vec![];
         let mut ids = vec![];
         for (img, cap, _) in &data {
-            images.push(image_to_tensor(img, &Device::Cpu)?);
+            images.push(image_to_tensor(img, &crate::util::device::current())?);
             ids.push(
-                tok.encode(std::slice::from_ref(cap), &Device::Cpu)?
+                tok.encode(std::slice::from_ref(cap), &crate::util::device::current())?
                     .squeeze(0)?,
             );
         }
-        let empty_ids = tok.encode(&[String::new()], &Device::Cpu)?.squeeze(0)?;
+        let empty_ids = tok
+            .encode(&[String::new()], &crate::util::device::current())?
+            .squeeze(0)?;
         Ok(Self {
             unet,
             text,
@@ -454,7 +456,7 @@ impl Task for PretrainTask {
         let t = Tensor::from_vec(
             ts.iter().map(|t| *t as f32).collect::<Vec<_>>(),
             self.batch,
-            &Device::Cpu,
+            &crate::util::device::current(),
         )?;
         let pred = self.unet.forward(&xt, &t, &cond, None, ctx)?;
         let target = self.objective.target(&self.schedule, &x0, &noise, &ts)?;

@@ -5,7 +5,7 @@ use crate::nn::nf4::Nf4Tensor;
 use crate::peft::{AdaptedConv2d, AdaptedLinear, AdapterPlan, ConvCfg};
 use crate::util::SafeTensors;
 use crate::{Error, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -19,6 +19,8 @@ pub struct Weights {
     /// Adapter plan applied to every layer built here.
     pub plan: AdapterPlan,
     dtype: DType,
+    /// Where the layers built from these weights live (the current device when made).
+    device: Device,
 }
 
 impl Weights {
@@ -34,7 +36,19 @@ impl Weights {
             plan,
             dtype: DType::F32,
             fresh: None,
+            device: crate::util::device::current(),
         }
+    }
+
+    /// The same weights, building layers on `device` instead of the current device.
+    pub fn on(mut self, device: &Device) -> Self {
+        self.device = device.clone();
+        self
+    }
+
+    /// The device the layers are built on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Reads one or more safetensors files (a sharded checkpoint is several).
@@ -74,7 +88,7 @@ impl Weights {
     }
 
     fn create(&self, seed: u64, key: &str, shape: &[usize]) -> Result<Tensor> {
-        let dev = candle_core::Device::Cpu;
+        let dev = self.device.clone();
         let t = if key.ends_with(".bias") {
             Tensor::zeros(shape, DType::F32, &dev)?
         } else if shape.len() == 1 {
@@ -86,6 +100,7 @@ impl Weights {
                 1.0 / (fan_in.max(1) as f64).sqrt(),
                 &mut crate::rng::rng_for(seed, key),
             )?
+            .to_device(&dev)?
         };
         if let Some((_, m)) = &self.fresh {
             if let Ok(mut m) = m.lock() {
@@ -112,7 +127,7 @@ impl Weights {
                 found: t.dims().to_vec(),
             });
         }
-        Ok(t.to_dtype(self.dtype)?)
+        Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
     /// An adapted linear layer `path` (out, in), with or without bias. A weight saved in 4 bits
@@ -129,6 +144,12 @@ impl Weights {
             .tensors
             .contains_key(&format!("{key}.quant_state.bitsandbytes__nf4"))
         {
+            if !self.device.is_cpu() {
+                return Err(Error::format(
+                    &self.file,
+                    format!("`{key}` is an NF4 (bitsandbytes 4-bit) weight; NF4 bases run on the CPU only in this version: load the unquantized checkpoint on {:?}, or use --device cpu", self.device.location()),
+                ));
+            }
             let q = Nf4Tensor::from_state_dict(|k| self.tensors.get(k), &key, &self.file)?;
             if q.shape != [out, inn] {
                 return Err(Error::Shape {
@@ -177,7 +198,7 @@ impl Weights {
             path: self.file.clone(),
             key: key.into(),
         })?;
-        Ok(t.to_dtype(self.dtype)?)
+        Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 }
 

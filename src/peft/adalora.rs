@@ -15,13 +15,13 @@
 //! `mean(‖AAᵀ − I‖_F, ‖BᵀB − I‖_F)` weighted by `orth_reg_weight`.
 
 use super::adapter::{Adapter, BaseOut, BuildSpec};
-use super::base::{var, Base, BaseKind};
+use super::base::{Base, BaseKind};
 use super::config::Method;
 use super::ctx::ForwardCtx;
 use super::layer::AdaptedLayer;
 use crate::nn::frozen;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use std::collections::BTreeMap;
 
 /// One AdaLoRA adapter: `δ(x) = x (A ⊙ E)ᵀ Bᵀ · α / (ranknum + 1e-5)`.
@@ -60,7 +60,7 @@ impl Adalora {
             _ => init_r,
         };
         let mut rng = spec.rng(base.path());
-        let dev = Device::Cpu;
+        let dev = crate::util::device::current();
         let normal = crate::rng::normal;
         let (e, a, b) = if super::adapter::extra_bool(cfg, "init_weights", true)? {
             (
@@ -76,9 +76,9 @@ impl Adalora {
             )
         };
         Ok(Self {
-            a: var(a)?,
-            b: var(b)?,
-            e: var(e)?,
+            a: base.var(a)?,
+            b: base.var(b)?,
+            e: base.var(e)?,
             scale: spec.alpha / (init_r as f64 + 1e-5),
             dropout: cfg.lora_dropout,
         })
@@ -233,7 +233,7 @@ pub fn orth_regularizer(layers: &[&AdaptedLayer], name: &str) -> Result<Option<T
                     m.t()?.matmul(m)?
                 };
                 let n = cov.dim(0)?;
-                let eye = Tensor::eye(n, DType::F32, &Device::Cpu)?;
+                let eye = Tensor::eye(n, DType::F32, cov.device())?;
                 terms.push((cov - eye)?.sqr()?.sum_all()?.sqrt()?);
             }
         }
@@ -465,7 +465,7 @@ impl RankAllocator {
 /// Sets E's entries whose `keep` is false to zero.
 fn mask_e(e: &candle_core::Var, keep: &[bool]) -> Result<()> {
     let m: Vec<f32> = keep.iter().map(|k| if *k { 1.0 } else { 0.0 }).collect();
-    let m = Tensor::from_vec(m, (keep.len(), 1), &Device::Cpu)?;
+    let m = Tensor::from_vec(m, (keep.len(), 1), e.device())?;
     e.set(&(e.as_tensor() * m)?)?;
     Ok(())
 }

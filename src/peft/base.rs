@@ -106,12 +106,18 @@ pub struct Base {
     pub(crate) bias: Option<Tensor>,
 }
 
-/// A trainable variable (f32, contiguous) holding `t`.
+/// A trainable variable (f32, contiguous) holding `t`, on `t`'s device.
 pub(crate) fn var(t: Tensor) -> Result<Var> {
     Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.contiguous()?)?)
 }
 
 impl Base {
+    /// A trainable variable (f32, contiguous) holding `t`, on this layer's device: adapters are
+    /// drawn on the CPU (their seeds give the same values everywhere) and live beside the base.
+    pub(crate) fn var(&self, t: Tensor) -> Result<Var> {
+        var(t.to_device(&self.weight.device())?)
+    }
+
     /// A base layer at module path `path`; shapes of weight and bias are checked against `kind`.
     pub fn new(path: &str, kind: BaseKind, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let rank = weight.rank();

@@ -28,7 +28,7 @@ use super::init::{from_matrix, svd_top};
 use crate::rng::rng_for;
 use crate::util::{save_safetensors, write_atomic, SafeTensors};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rand::Rng;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -355,7 +355,7 @@ pub fn combine_modules(
                 opts.majority_sign_method,
                 &mut rng,
             );
-            let dw = Tensor::from_vec(merged, (o, k), &Device::Cpu)?;
+            let dw = Tensor::from_vec(merged, (o, k), &crate::util::device::current())?;
             let (u, s, vt) = svd_top(&dw, new_rank)?;
             let kk = s.len();
             let mut us = u.clone();
@@ -363,8 +363,8 @@ pub fn combine_modules(
                 us.column_mut(j).scale_mut(s[j]);
             }
             let (mut ut, mut vtt) = (
-                from_matrix(&us, &Device::Cpu)?,
-                from_matrix(&vt, &Device::Cpu)?,
+                from_matrix(&us, &crate::util::device::current())?,
+                from_matrix(&vt, &crate::util::device::current())?,
             );
             if kk < new_rank {
                 // A rank larger than min(out, in): pad with zero components.
@@ -405,8 +405,8 @@ pub fn combine_modules(
             let a = merge_tasks(op, &ta, &wa, density, sign, &mut rng);
             let b = merge_tasks(op, &tb, &wb, density, sign, &mut rng);
             (
-                Tensor::from_vec(a, a_shape.as_slice(), &Device::Cpu)?,
-                Tensor::from_vec(b, b_shape.as_slice(), &Device::Cpu)?,
+                Tensor::from_vec(a, a_shape.as_slice(), &crate::util::device::current())?,
+                Tensor::from_vec(b, b_shape.as_slice(), &crate::util::device::current())?,
             )
         };
         out.insert(

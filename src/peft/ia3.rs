@@ -12,11 +12,11 @@
 //! Options (typed in [`Ia3Settings`]): `feedforward_modules`, `init_ia3_weights`.
 
 use super::adapter::{Adapter, BaseOut, BuildSpec, Merged, Rescale, Unmerge};
-use super::base::{var, Base, BaseKind};
+use super::base::{Base, BaseKind};
 use super::config::{spec_matches, AdapterConfig, Method, ModuleSpec};
 use super::ctx::ForwardCtx;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 /// IA3's options from `adapter_config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,13 +70,17 @@ impl Ia3 {
             (k, _) => return Err(base.err(format!("IA3 adapts linear and conv layers, not {k:?}"))),
         };
         let l = if s.init_ia3_weights {
-            Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu)?
+            Tensor::ones(
+                shape.as_slice(),
+                DType::F32,
+                &crate::util::device::current(),
+            )?
         } else {
             let mut rng = spec.rng(base.path());
             (super::adapter::kaiming(&shape, &mut rng)? + 1.0)?
         };
         Ok(Self {
-            l: var(l)?,
+            l: base.var(l)?,
             feedforward,
         })
     }

@@ -19,7 +19,7 @@ pub fn kaiming_uniform(shape: &[usize], fan_in: usize, rng: &mut ChaCha8Rng) -> 
     let v: Vec<f32> = (0..n)
         .map(|_| rng.random_range(-bound..bound) as f32)
         .collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    Ok(Tensor::from_vec(v, shape, &crate::util::device::current())?)
 }
 
 pub(crate) fn to_matrix(t: &Tensor) -> Result<DMatrix<f64>> {

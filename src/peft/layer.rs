@@ -10,7 +10,7 @@
 //! several are active).
 
 use super::adapter::{Adapter, BaseOut, Rescale, Unmerge};
-use super::base::{var, Base, BaseKind, BaseWeight, Nf4Snapshot};
+use super::base::{Base, BaseKind, BaseWeight, Nf4Snapshot};
 use super::ctx::ForwardCtx;
 use super::lora::Lora;
 use super::quant::QuantSpec;
@@ -92,6 +92,10 @@ impl AdaptedLayer {
     }
     pub(crate) fn base_mut(&mut self) -> &mut Base {
         &mut self.base
+    }
+    /// The device the base weight (and so every adapter of the layer) lives on.
+    pub fn device(&self) -> candle_core::Device {
+        self.base.weight().device()
     }
     /// The module path (`model.layers.0.self_attn.q_proj`).
     pub fn path(&self) -> &str {
@@ -228,8 +232,13 @@ impl AdaptedLayer {
     /// Makes this a `modules_to_save` layer: a trainable full copy of weight and bias.
     pub fn make_trainable_copy(&mut self) -> Result<()> {
         if self.saved.is_none() {
-            let weight = var(self.base.weight().dense()?)?;
-            let bias = self.base.bias.clone().map(var).transpose()?;
+            let weight = self.base.var(self.base.weight().dense()?)?;
+            let bias = self
+                .base
+                .bias
+                .clone()
+                .map(|b| self.base.var(b))
+                .transpose()?;
             self.saved = Some(SavedCopy { weight, bias });
         }
         Ok(())

@@ -9,11 +9,11 @@
 //! `rank_dropout` and `use_effective_conv2d` are refused.
 
 use super::adapter::{kaiming, Adapter, BaseOut, BuildSpec};
-use super::base::{var, Base, BaseKind};
+use super::base::{Base, BaseKind};
 use super::config::{AdapterConfig, Method};
 use super::ctx::ForwardCtx;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 /// The options LoHa and LoKr share.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,12 +91,17 @@ impl Loha {
         let w1b = kaiming(&[r, cols], &mut rng)?;
         let w2a = kaiming(&[out, r], &mut rng)?;
         let w2b = if s.init_weights {
-            Tensor::zeros((r, cols), DType::F32, &Device::Cpu)?
+            Tensor::zeros((r, cols), DType::F32, &crate::util::device::current())?
         } else {
             kaiming(&[r, cols], &mut rng)?
         };
         Ok(Self {
-            w: [var(w1a)?, var(w1b)?, var(w2a)?, var(w2b)?],
+            w: [
+                base.var(w1a)?,
+                base.var(w1b)?,
+                base.var(w2a)?,
+                base.var(w2b)?,
+            ],
             scale: spec.alpha / r as f64,
             module_dropout: s.module_dropout,
         })

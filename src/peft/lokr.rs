@@ -10,12 +10,12 @@
 //! [`super::loha::LycorisSettings`] plus `decompose_both` and `decompose_factor`.
 
 use super::adapter::{extra_bool, extra_i64, kaiming, Adapter, BaseOut, BuildSpec};
-use super::base::{var, Base};
+use super::base::Base;
 use super::config::Method;
 use super::ctx::ForwardCtx;
 use super::loha::{check_target, LycorisSettings};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 /// A factor of a LoKr adapter: a full matrix, or a product of two.
 pub enum Factor {
@@ -111,7 +111,7 @@ impl Lokr {
         let (r, dims) = (spec.r, base.dims().to_vec());
         let (out, inn, k) = (dims[0], dims[1], dims[2..].iter().product::<usize>());
         let mut rng = spec.rng(base.path());
-        let dev = Device::Cpu;
+        let dev = crate::util::device::current();
         let factor = extra_i64(cfg, "decompose_factor", -1)?;
         if factor == 0 || factor < -1 {
             return Err(Error::Config(format!(
@@ -129,23 +129,23 @@ impl Lokr {
             } else {
                 kaiming(&[out_l, in_m], &mut rng)?
             };
-            Factor::Full(var(t)?)
+            Factor::Full(base.var(t)?)
         } else {
             let a = if s.init_weights {
                 Tensor::zeros((out_l, r), DType::F32, &dev)?
             } else {
                 kaiming(&[out_l, r], &mut rng)?
             };
-            Factor::Product(var(a)?, var(kaiming(&[r, in_m], &mut rng)?)?)
+            Factor::Product(base.var(a)?, base.var(kaiming(&[r, in_m], &mut rng)?)?)
         };
         let w2 = if use_w2 {
             let mut shape = vec![out_k, in_n];
             shape.extend_from_slice(&dims[2..]);
-            Factor::Full(var(kaiming(&shape, &mut rng)?)?)
+            Factor::Full(base.var(kaiming(&shape, &mut rng)?)?)
         } else {
             Factor::Product(
-                var(kaiming(&[out_k, r], &mut rng)?)?,
-                var(kaiming(&[r, in_n * k], &mut rng)?)?,
+                base.var(kaiming(&[out_k, r], &mut rng)?)?,
+                base.var(kaiming(&[r, in_n * k], &mut rng)?)?,
             )
         };
         Ok(Self {
@@ -230,8 +230,8 @@ mod tests {
 
     #[test]
     fn kron_matches_definition() {
-        let a = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).unwrap();
-        let b = Tensor::new(&[[0f32, 5.], [6., 7.]], &Device::Cpu).unwrap();
+        let a = Tensor::new(&[[1f32, 2.], [3., 4.]], &candle_core::Device::Cpu).unwrap();
+        let b = Tensor::new(&[[0f32, 5.], [6., 7.]], &candle_core::Device::Cpu).unwrap();
         let k = kron(&a, &b).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(
             k,

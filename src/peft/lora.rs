@@ -166,7 +166,7 @@ impl Lora {
             initial,
         };
         if cfg.use_dora {
-            lora.magnitude = Some(var(dora_norm(base, &lora.a, &lora.b, scale)?)?);
+            lora.magnitude = Some(base.var(dora_norm(base, &lora.a, &lora.b, scale)?)?);
         }
         Ok(lora)
     }

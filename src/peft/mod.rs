@@ -136,6 +136,12 @@ impl AdapterPlan {
             if loftq {
                 spec.double_quant = false;
             }
+            if !layer.device().is_cpu() {
+                return Err(crate::Error::Config(format!(
+                    "{path}: NF4 bases (QLoRA, --quantize nf4) run on the CPU only in this version; train on {:?} without quantization, or use --device cpu",
+                    layer.device().location()
+                )));
+            }
             layer.quantize_nf4(spec)?;
         }
         Ok(layer)

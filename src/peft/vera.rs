@@ -9,7 +9,7 @@
 //! `init_weights`.
 
 use super::adapter::{extra_bool, extra_f64, extra_i64, Adapter, BaseOut, BuildSpec};
-use super::base::{var, Base, BaseKind};
+use super::base::{Base, BaseKind};
 use super::config::AdapterConfig;
 use super::config::Method;
 use super::ctx::ForwardCtx;
@@ -17,7 +17,7 @@ use super::layer::AdaptedLayer;
 use crate::nn::frozen;
 use crate::rng::rng_for;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 /// VeRA's options, typed (they stay in the config's fields, so `adapter_config.json` round-trips
 /// unchanged).
@@ -92,7 +92,7 @@ impl Vera {
         let st = VeraSettings::from_config(cfg)?;
         let dropout = st.vera_dropout;
         let (out, inn) = base.dims2()?;
-        let dev = Device::Cpu;
+        let dev = crate::util::device::current();
         let (ld, lb) = if st.init_weights {
             (
                 Tensor::full(st.d_initial as f32, spec.r, &dev)?,
@@ -107,8 +107,8 @@ impl Vera {
         };
         Ok(Self {
             proj: None,
-            lambda_d: var(ld)?,
-            lambda_b: var(lb)?,
+            lambda_d: base.var(ld)?,
+            lambda_b: base.var(lb)?,
             dropout,
             dims: (out, inn),
         })
@@ -226,14 +226,16 @@ pub fn share_vera_projections(
                 let v: Vec<f32> = (0..n)
                     .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
                     .collect();
-                Tensor::from_vec(v, shape, &Device::Cpu)
+                Tensor::from_vec(v, shape, &crate::util::device::current())
             };
             (uni(&[r, mi], mi, &mut rng)?, uni(&[mo, r], r, &mut rng)?)
         }
     };
     for l in layers.iter_mut() {
+        let dev = l.device();
         if let Some(v) = l.adapter_as_mut::<Vera>(name) {
-            v.proj = Some((a.clone(), b.clone()));
+            // One copy per device (a model on one device shares one).
+            v.proj = Some((a.to_device(&dev)?, b.to_device(&dev)?));
         }
     }
     Ok(Some((a, b)))

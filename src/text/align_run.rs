@@ -77,6 +77,10 @@ fn d_w() -> f64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlignRunConfig {
+    /// Where this stage runs: `cpu`, `cuda`, `cuda:N`, `metal` or `auto` (unset: the pipeline's
+    /// `device`, else the `--device` flag, else the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<crate::util::device::DeviceSpec>,
     /// Model folder.
     pub model: PathBuf,
     /// Preference JSONL (paired; unpaired or paired for KTO).

@@ -15,7 +15,7 @@ use crate::peft::{Adapted, AdapterConfig, ForwardCtx};
 use crate::rng::rng_for;
 use crate::train::Task;
 use crate::{Error, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -129,7 +129,7 @@ pub(crate) fn collate(seqs: &[&Seq], pad: u32) -> Result<(Tensor, Tensor, Tensor
             am[i * t + k] = 1;
         }
     }
-    let d = &Device::Cpu;
+    let d = &crate::util::device::current();
     Ok((
         Tensor::from_vec(ids, (b, t), d)?,
         Tensor::from_vec(cm, (b, t), d)?,
@@ -314,7 +314,7 @@ impl AlignTask {
             None
         };
         self.set_policy()?;
-        let dev = Device::Cpu;
+        let dev = crate::util::device::current();
         match (&self.objective, &self.data) {
             (Objective::Kto(cfg), AlignData::Unpaired(u)) => {
                 let seqs: Vec<&Seq> = idx.iter().map(|&i| &u[i].0).collect();

@@ -457,6 +457,10 @@ fn d_seed() -> u64 {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SftRunConfig {
+    /// Where this stage runs: `cpu`, `cuda`, `cuda:N`, `metal` or `auto` (unset: the pipeline's
+    /// `device`, else the `--device` flag, else the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<crate::util::device::DeviceSpec>,
     /// Model folder.
     pub model: std::path::PathBuf,
     /// Training JSONL.

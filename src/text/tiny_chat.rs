@@ -185,6 +185,10 @@ fn d_per_task() -> usize {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskEvalConfig {
+    /// Where this stage runs: `cpu`, `cuda`, `cuda:N`, `metal` or `auto` (unset: the pipeline's
+    /// `device`, else the `--device` flag, else the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<crate::util::device::DeviceSpec>,
     /// Model folder (default: the model of the preceding training stage).
     #[serde(default)]
     pub model: Option<std::path::PathBuf>,

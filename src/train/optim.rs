@@ -275,11 +275,11 @@ impl AdamW {
             let shape = s.var.shape().clone();
             out.insert(
                 format!("exp_avg.{}", s.name),
-                Tensor::from_slice(&st.m, &shape, &candle_core::Device::Cpu)?,
+                Tensor::from_slice(&st.m, &shape, &crate::util::device::current())?,
             );
             out.insert(
                 format!("exp_avg_sq.{}", s.name),
-                Tensor::from_slice(&st.v, &shape, &candle_core::Device::Cpu)?,
+                Tensor::from_slice(&st.v, &shape, &crate::util::device::current())?,
             );
         }
         Ok(out)

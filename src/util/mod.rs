@@ -1,6 +1,7 @@
 //! Small shared helpers: atomic file writes, safetensors reading with clear errors, torch's f32 linspace;
 //! output folders that are locked and swapped in whole ([`outdir`]).
 
+pub mod device;
 pub mod mem;
 pub mod outdir;
 pub mod runtime;

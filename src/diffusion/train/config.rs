@@ -97,6 +97,10 @@ fn d_format() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraTrainConfig {
+    /// Where this stage runs: `cpu`, `cuda`, `cuda:N`, `metal` or `auto` (unset: the pipeline's
+    /// `device`, else the `--device` flag, else the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<crate::util::device::DeviceSpec>,
     /// Pipeline folder (diffusers layout).
     pub pretrained_model_name_or_path: PathBuf,
     /// Image folder: kohya `<repeats>_<name>/` subfolders with caption files, or `metadata.jsonl`.

@@ -6,7 +6,7 @@ use super::config::LoraTrainConfig;
 use crate::data::buckets::cover_crop_at;
 use crate::data::masks::Mask;
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 
 /// The mask of training image `path` (original size `size`), cover-cropped to bucket `bucket`
@@ -37,7 +37,7 @@ pub(super) fn item_mask(
     };
     let (cropped, _) = cover_crop_at(&m.to_rgb(), bucket);
     let m = Mask::from_image(&image::DynamicImage::ImageRgb8(cropped));
-    Ok(Some(m.to_tensor(&Device::Cpu)?))
+    Ok(Some(m.to_tensor(&crate::util::device::current())?))
 }
 
 /// The mask of image `path` of `train_dir` in `dir`: the same relative path (subfolders kept) or

@@ -15,7 +15,7 @@ use crate::peft::{Adapted, AdapterPlan, ForwardCtx, Routing};
 use crate::rng::rng_for;
 use crate::train::Task;
 use crate::{Error, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap};
@@ -208,7 +208,7 @@ impl LoraTrainTask {
                 b.1 as f32,
                 b.0 as f32,
             ];
-            let img = image_to_tensor(&img, &Device::Cpu)?.unsqueeze(0)?;
+            let img = image_to_tensor(&img, &crate::util::device::current())?.unsqueeze(0)?;
             // Latents are cached once, from a seeded posterior sample (kohya's --cache_latents).
             let seed = cfg.seed ^ (items.len() as u64).wrapping_mul(0x9e37_79b9);
             let flipped = if cfg.flip_aug {
@@ -558,7 +558,7 @@ impl LoraTrainTask {
         let t = Tensor::from_vec(
             ts.iter().map(|t| *t as f32).collect::<Vec<_>>(),
             b,
-            &Device::Cpu,
+            &crate::util::device::current(),
         )?;
         let time_ids = Pipeline::time_ids(time_ids)?;
         let added = match &cond.pooled {
@@ -748,7 +748,7 @@ impl Task for LoraTrainTask {
                 None => Tensor::ones(
                     (1, h as usize, w as usize),
                     candle_core::DType::F32,
-                    &Device::Cpu,
+                    &crate::util::device::current(),
                 )?,
             });
             let raw = self.items[i].caption.clone();
@@ -844,7 +844,7 @@ mod tests {
 
     #[test]
     fn mirror_reverses_the_last_axis() {
-        let x = Tensor::arange(0f32, 6.0, &Device::Cpu)
+        let x = Tensor::arange(0f32, 6.0, &candle_core::Device::Cpu)
             .unwrap()
             .reshape((1, 2, 3))
             .unwrap();

@@ -552,7 +552,11 @@ impl Decoder for LlamaForCausalLM {
         self.cfg.max_position_embeddings
     }
     fn next_logits(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu)?;
+        let input = Tensor::from_vec(
+            ids.to_vec(),
+            (1, ids.len()),
+            &crate::util::device::current(),
+        )?;
         let logits =
             self.forward_cached(&input, &Inputs::default(), Some(cache), &ForwardCtx::eval())?;
         Ok(logits.get(0)?.get(ids.len() - 1)?.to_vec1::<f32>()?)

@@ -56,13 +56,18 @@ impl LycorisModule {
     }
 
     /// The adapter for a layer.
-    pub fn to_adapter(&self, module: &str, file: &Path) -> Result<Box<dyn Adapter>> {
+    pub fn to_adapter(
+        &self,
+        module: &str,
+        file: &Path,
+        dev: &candle_core::Device,
+    ) -> Result<Box<dyn Adapter>> {
         let get = |k: &str| -> Result<Var> {
             let t = self.tensors.get(k).ok_or_else(|| Error::Missing {
                 path: file.into(),
                 key: format!("{module}.{k}"),
             })?;
-            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
+            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(dev)?)?)
         };
         let has = |k: &str| self.tensors.contains_key(k);
         Ok(if self.is_loha() {
@@ -344,9 +349,11 @@ impl LoraFile {
                 }
             }
             let magnitude = match &m.magnitude {
-                Some(t) if t.elem_count() == sm[0] => {
-                    Some(Var::from_tensor(&t.flatten_all()?.to_dtype(DType::F32)?)?)
-                }
+                Some(t) if t.elem_count() == sm[0] => Some(Var::from_tensor(
+                    &t.flatten_all()?
+                        .to_dtype(DType::F32)?
+                        .to_device(&l.device())?,
+                )?),
                 Some(t) => {
                     return Err(Error::Shape {
                         path: file.into(),
@@ -362,8 +369,8 @@ impl LoraFile {
                 alpha: m.alpha,
                 scale: m.alpha / r as f64,
                 dropout: 0.0,
-                a: Var::from_tensor(&m.down.to_dtype(DType::F32)?)?,
-                b: Var::from_tensor(&m.up.to_dtype(DType::F32)?)?,
+                a: Var::from_tensor(&m.down.to_dtype(DType::F32)?.to_device(&l.device())?)?,
+                b: Var::from_tensor(&m.up.to_dtype(DType::F32)?.to_device(&l.device())?)?,
                 magnitude,
                 initial: None,
             };
@@ -380,7 +387,7 @@ impl LoraFile {
                 continue;
             };
             let key = format!("{component}.{}", l.path());
-            let ad = m.to_adapter(&key, file)?;
+            let ad = m.to_adapter(&key, file, &l.device())?;
             let dims = l.base_weight().dims().to_vec();
             ad.check(l.base()).map_err(|e| {
                 Error::format(
@@ -623,7 +630,7 @@ impl LoraFile {
                     if let Some(a) = m.alpha {
                         tensors.insert(
                             format!("{name}.alpha"),
-                            Tensor::new(a as f32, &candle_core::Device::Cpu)?,
+                            Tensor::new(a as f32, &crate::util::device::current())?,
                         );
                     }
                 }

@@ -299,7 +299,7 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
             };
             let m = check_shape(&st, &km2, &m, &sm)?;
             used.insert(km2);
-            Some(Var::from_tensor(&m)?)
+            Some(Var::from_tensor(&m.to_device(&l.device())?)?)
         } else {
             None
         };
@@ -310,8 +310,8 @@ pub fn load(dir: &Path, layers: &mut [&mut AdaptedLayer], name: &str) -> Result<
             alpha: settings.alpha,
             scale: cfg.scale(r, settings.alpha),
             dropout: cfg.lora_dropout,
-            a: Var::from_tensor(&a)?,
-            b: Var::from_tensor(&b)?,
+            a: Var::from_tensor(&a.to_device(&l.device())?)?,
+            b: Var::from_tensor(&b.to_device(&l.device())?)?,
             magnitude,
             initial: None,
         };
