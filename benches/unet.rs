@@ -114,7 +114,9 @@ fn main() {
         ];
         let models: Vec<(&str, UNet2DConditionModel)> = plans
             .into_iter()
-            .filter(|(n, _)| mode == "all" || (mode == "lora") == !n.starts_with("full"))
+            .filter(|(n, _)| {
+                mode == "all" || ((mode == "lora" || mode == "sample") == !n.starts_with("full"))
+            })
             .map(|(n, p)| {
                 (
                     n,
@@ -128,7 +130,9 @@ fn main() {
         let t = Tensor::from_vec(vec![500f32; batch], batch, &Device::Cpu).unwrap();
         let mut times = vec![vec![]; models.len()];
         let mut fwd = vec![];
-        for round in 0..5 {
+        // POSTFORGE_BENCH_MODE=sample: sampling only (for a profile of inference).
+        let rounds = if mode == "sample" { 0 } else { 5 };
+        for round in 0..rounds {
             for (i, (_, m)) in models.iter().enumerate() {
                 let t0 = Instant::now();
                 let y = m
@@ -145,11 +149,13 @@ fn main() {
             }
         }
         let mut line = format!("{name}:");
-        for (i, (n, _)) in models.iter().enumerate() {
-            line += &format!(" train step {n} {:.0} ms;", median(times[i].clone()) * 1e3);
+        if rounds > 0 {
+            for (i, (n, _)) in models.iter().enumerate() {
+                line += &format!(" train step {n} {:.0} ms;", median(times[i].clone()) * 1e3);
+            }
+            line += &format!(" fwd {:.0} ms", median(fwd.clone()) * 1e3);
         }
-        line += &format!(" fwd {:.0} ms", median(fwd.clone()) * 1e3);
-        if mode == "all" {
+        if mode == "all" || mode == "sample" {
             // Sampling: 20 steps with CFG (batch doubled), the LoRA model, no gradients.
             let t0 = Instant::now();
             let steps = 20;
