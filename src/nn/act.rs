@@ -132,6 +132,26 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SwigluOp;
 
+/// `silu(gate) ⊙ up` for contiguous CPU f32 tensors of one shape, recording no graph (for nodes
+/// with their own backward).
+pub(super) fn swiglu_values(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    gate.apply_op2_no_bwd(up, &SwigluOp)
+}
+
+/// (d gate, d up) of [`swiglu_values`] for the output gradient `d`, in one pass.
+pub(super) fn swiglu_grads(
+    d: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let packed = d.contiguous()?.apply_op3_no_bwd(gate, up, &SwigluBwd)?;
+    let n = gate.elem_count();
+    Ok((
+        packed.narrow(0, 0, n)?.reshape(gate.shape())?,
+        packed.narrow(0, n, n)?.reshape(up.shape())?,
+    ))
+}
+
 const SWIGLU_CHUNK: usize = 1 << 14;
 
 impl candle_core::CustomOp2 for SwigluOp {

@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod lora_conv;
 pub mod lora_op;
 pub mod loss;
+pub mod mlp;
 pub mod nf4;
 pub mod norm;
 pub mod resample;

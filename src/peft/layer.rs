@@ -315,6 +315,38 @@ impl AdaptedLayer {
             .collect()
     }
 
+    /// This linear layer as a projection of a block-level fused node ([`crate::nn::mlp`]): its
+    /// frozen base (dense or NF4, no bias) and the one plain LoRA that runs in this forward
+    /// (unrouted, no DoRA, no dropout in play, no trainable copy), with the scale times the gain.
+    /// `None` when the layer needs its own forward.
+    pub fn plain_lora(&self, ctx: &ForwardCtx) -> Option<crate::nn::mlp::Proj> {
+        if self.saved.is_some() || self.base.bias.is_some() || self.kind() != BaseKind::Linear {
+            return None;
+        }
+        let live = self.live();
+        let [(name, s)] = live.as_slice() else {
+            return None;
+        };
+        if ctx.is_routed(name) || s.adapter.module_dropout() > 0.0 {
+            return None;
+        }
+        let a: &dyn std::any::Any = s.adapter.as_ref();
+        let l = a.downcast_ref::<Lora>()?;
+        if l.magnitude.is_some() || (ctx.train && l.dropout > 0.0) {
+            return None;
+        }
+        let base = match self.base.weight() {
+            BaseWeight::Dense(w) => crate::nn::mlp::ProjBase::Dense(w.clone()),
+            BaseWeight::Nf4(q) => crate::nn::mlp::ProjBase::Nf4(q.clone()),
+        };
+        Some(crate::nn::mlp::Proj {
+            base,
+            a: ctx.read(&l.a),
+            b: ctx.read(&l.b),
+            scale: l.scale * s.gain,
+        })
+    }
+
     /// The names of the adapters that run in a forward now (active, enabled, not merged, gain ≠ 0).
     pub fn live_adapter_names(&self) -> Vec<&str> {
         self.live().into_iter().map(|(n, _)| n).collect()

@@ -127,6 +127,27 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        // The whole block as one node when each projection runs one plain LoRA on the CPU in f32.
+        match crate::nn::fallback::cpu_f32_miss(x) {
+            None => {
+                if let (Some(g), Some(u), Some(d)) = (
+                    self.gate.plain_lora(ctx),
+                    self.up.plain_lora(ctx),
+                    self.down.plain_lora(ctx),
+                ) {
+                    return Ok(crate::nn::mlp::lora_swiglu_mlp(x, &g, &u, &d)?);
+                }
+                if !self.gate.live_adapter_names().is_empty() {
+                    crate::nn::fallback::note(|| {
+                        (
+                            "gated MLP block".into(),
+                            "a projection without exactly one plain LoRA (other method, DoRA, dropout, routing, bias)".into(),
+                        )
+                    });
+                }
+            }
+            Some(why) => crate::nn::fallback::note(|| ("gated MLP block".into(), why)),
+        }
         let m = swiglu(&self.gate.forward(x, ctx)?, &self.up.forward(x, ctx)?)?;
         self.down.forward(&m, ctx)
     }
