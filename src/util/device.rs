@@ -80,7 +80,10 @@ impl DeviceSpec {
                     )));
                 }
                 Device::new_cuda(n).map_err(|e| {
-                    Error::Config(format!("--device cuda:{n}: no usable CUDA device ({e})"))
+                    Error::Config(format!(
+                        "--device cuda:{n}: no usable CUDA device ({})",
+                        first_line(&e)
+                    ))
                 })
             }
             DeviceSpec::Metal(n) => {
@@ -90,7 +93,10 @@ impl DeviceSpec {
                     )));
                 }
                 Device::new_metal(n).map_err(|e| {
-                    Error::Config(format!("--device metal:{n}: no usable Metal device ({e})"))
+                    Error::Config(format!(
+                        "--device metal:{n}: no usable Metal device ({})",
+                        first_line(&e)
+                    ))
                 })
             }
             DeviceSpec::Auto => {
@@ -108,6 +114,11 @@ impl DeviceSpec {
             }
         }
     }
+}
+
+/// The first line of a candle error (its backtrace, when it has one, follows on later lines).
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 static CURRENT: Mutex<Option<Device>> = Mutex::new(None);
