@@ -35,6 +35,11 @@ pub struct Cli {
     /// and a GPU is present). A pipeline stage's `device` key overrides it for that stage.
     #[arg(long, global = true, default_value = "cpu", value_name = "DEVICE")]
     device: postforge::util::device::DeviceSpec,
+    /// The dtype base weights are loaded in: f32, bf16 or f16 (transformers' `torch_dtype`).
+    /// Adapters, their gradients and the optimizer state stay f32 (mixed precision as PEFT runs
+    /// it). Llama-family commands; image pipelines run in f32.
+    #[arg(long, global = true, default_value = "f32", value_parser = postforge::util::device::parse_dtype)]
+    dtype: candle_core::DType,
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +106,7 @@ pub fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     };
     check::set_allow_nonfinite(cli.allow_nonfinite);
     postforge::util::device::set_current(cli.device)?;
+    postforge::util::device::set_dtype(cli.dtype);
     match cli.cmd {
         Command::Demo(a) => demo::run(a),
         Command::Edit(a) => edit::run(*a),

@@ -173,6 +173,13 @@ pub struct Conditioning {
 impl Pipeline {
     /// Loads a pipeline folder; `unet_plan` / `text_plan` choose the adapters of each component.
     pub fn load(dir: &Path, unet_plan: AdapterPlan, text_plan: AdapterPlan) -> Result<Self> {
+        let dt = crate::util::device::current_dtype();
+        if dt != candle_core::DType::F32 {
+            return Err(crate::Error::Config(format!(
+                "{}: image pipelines run with f32 weights in this version (--dtype {dt:?} applies to the Llama family); use --dtype f32",
+                dir.display()
+            )));
+        }
         let index = read_json(&dir.join("model_index.json"))?;
         let vae = if index["vae"].is_array() && !index["vae"][0].is_null() {
             Some(AutoencoderKL::load(&dir.join("vae"))?)

@@ -34,7 +34,7 @@ impl Weights {
             tensors,
             file: file.into(),
             plan,
-            dtype: DType::F32,
+            dtype: crate::util::device::current_dtype(),
             fresh: None,
             device: crate::util::device::current(),
         }
@@ -44,6 +44,17 @@ impl Weights {
     pub fn on(mut self, device: &Device) -> Self {
         self.device = device.clone();
         self
+    }
+
+    /// The same weights, loaded in `dtype` (bf16 / f16 bases with f32 adapters, or f32).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The dtype base weights are loaded in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The device the layers are built on.

@@ -33,6 +33,11 @@ pub fn scaled_masked_softmax(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> R
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         let s = (x * scale)?;
         let s = match mask {
+            // f16 tops out at 65504: a large finite mask (−1e30) would turn into −∞ and a row whose
+            // keys are all masked into NaN; such a row attends evenly instead, as in transformers.
+            Some(m) if x.dtype() == DType::F16 => {
+                s.broadcast_add(&m.clamp(-3.0e4f32, 3.0e4f32)?.to_dtype(DType::F16)?)?
+            }
             Some(m) => s.broadcast_add(&m.to_dtype(x.dtype())?)?,
             None => s,
         };

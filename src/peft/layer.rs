@@ -385,6 +385,10 @@ impl AdaptedLayer {
 
     /// Forward. Linear: x (..., in); conv: x (b, c, h, w); embedding: ids (...) as u32/i64.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let bd = self.base.weight().dtype();
+        if bd != candle_core::DType::F32 && self.kind() != BaseKind::Norm {
+            return self.forward_mixed(x, ctx, bd);
+        }
         if let (Some(s), true) = (&self.saved, self.enabled) {
             return self.saved_forward(s, x, ctx);
         }
@@ -497,6 +501,75 @@ impl AdaptedLayer {
                 d = d.broadcast_mul(&g)?;
             }
             y = (y + d)?;
+        }
+        Ok(y)
+    }
+
+    /// Mixed precision as PEFT runs it: the base in its own dtype (bf16 / f16) on the input cast
+    /// to it, every adapter in f32 on the input cast to f32, each delta cast back and added; the
+    /// output is in the base's dtype. Adapters and their gradients stay f32. Methods that rescale
+    /// the base (DoRA, IA3) and trainable full copies are refused by name on such a base.
+    fn forward_mixed(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardCtx,
+        bd: candle_core::DType,
+    ) -> Result<Tensor> {
+        use candle_core::DType;
+        let emb = self.kind() == BaseKind::Embedding;
+        if self.saved.is_some() && self.enabled {
+            return Err(self.err(format!(
+                "modules_to_save (a trainable full copy) on a {bd:?} base is not supported; load the model in f32 (--dtype f32)"
+            )));
+        }
+        let xb = if emb { x.clone() } else { x.to_dtype(bd)? };
+        let wx = self.base.forward_nobias(&xb)?;
+        let y0 = self.base.add_bias(wx.clone(), self.base.bias.as_ref())?;
+        let live = self.live();
+        if live.is_empty() {
+            return Ok(y0);
+        }
+        let x32 = if emb {
+            x.clone()
+        } else {
+            x.to_dtype(DType::F32)?
+        };
+        let (wx32, y032) = (wx.to_dtype(DType::F32)?, y0.to_dtype(DType::F32)?);
+        let mut y = y0;
+        for (name, s) in live {
+            let a = &s.adapter;
+            if a.rescales_weight() || a.rescale(&self.base, s.gain, ctx)?.is_some() {
+                return Err(self.err(format!(
+                    "adapter `{name}` ({:?}{}) rescales the base, which is not supported on a {bd:?} base; load the model in f32 (--dtype f32)",
+                    a.method(),
+                    if a.rescales_weight() { ", DoRA" } else { "" }
+                )));
+            }
+            let pm = a.module_dropout();
+            if ctx.train && pm > 0.0 && !ctx.keep_module(&format!("{}.{name}", self.path()), pm) {
+                continue;
+            }
+            let p = a.input_dropout();
+            let dropped = ctx.train && p > 0.0 && !emb;
+            let xd = if dropped {
+                let mask = ctx.dropout_mask(self.path(), x32.dims(), p, x32.device())?;
+                x32.mul(&mask)?
+            } else {
+                x32.clone()
+            };
+            let out = BaseOut {
+                wx: &wx32,
+                y0: &y032,
+                dropped,
+            };
+            let mut d = a.delta(&self.base, &xd, &out, ctx)?;
+            if s.gain != 1.0 {
+                d = (d * s.gain)?;
+            }
+            if let Some(g) = ctx.gate(self.path(), name, &y032)? {
+                d = d.broadcast_mul(&g)?;
+            }
+            y = (y + d.to_dtype(bd)?)?;
         }
         Ok(y)
     }

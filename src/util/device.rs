@@ -122,6 +122,35 @@ fn first_line(e: &candle_core::Error) -> String {
 }
 
 static CURRENT: Mutex<Option<Device>> = Mutex::new(None);
+static DTYPE: Mutex<Option<candle_core::DType>> = Mutex::new(None);
+
+/// A base-weight dtype as the user names it (`--dtype`, `torch_dtype`): f32, bf16 or f16.
+pub fn parse_dtype(s: &str) -> std::result::Result<candle_core::DType, String> {
+    use candle_core::DType;
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float32" | "float" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "fp16" | "float16" | "half" => Ok(DType::F16),
+        _ => Err(format!("dtype `{s}`: expected f32, bf16 or f16")),
+    }
+}
+
+/// The dtype base weights are loaded in (f32 until [`set_dtype`]): adapters and optimizer state
+/// stay f32 whatever it is (mixed precision as PEFT runs it).
+pub fn current_dtype() -> candle_core::DType {
+    DTYPE
+        .lock()
+        .ok()
+        .and_then(|d| *d)
+        .unwrap_or(candle_core::DType::F32)
+}
+
+/// Sets the dtype base weights are loaded in.
+pub fn set_dtype(d: candle_core::DType) {
+    if let Ok(mut c) = DTYPE.lock() {
+        *c = Some(d);
+    }
+}
 
 /// The current device (the CPU until [`set_current`] is called).
 pub fn current() -> Device {

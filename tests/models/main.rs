@@ -7,6 +7,7 @@ mod common;
 
 mod clip_parity;
 mod llama_parity;
+mod mixed_precision;
 mod routing;
 mod unet_parity;
 mod vae_parity;

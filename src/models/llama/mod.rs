@@ -429,20 +429,27 @@ impl LlamaForCausalLM {
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let h = self.hidden(ids, inputs, cache, ctx)?;
-        self.lm_head.forward(&h, &ctx.at(Layout::Sequence))
+        let logits = self.lm_head.forward(&h, &ctx.at(Layout::Sequence))?;
+        // Logits in f32 whatever the model's dtype (transformers' `logits.float()`).
+        Ok(if logits.dtype() == DType::F32 {
+            logits
+        } else {
+            logits.to_dtype(DType::F32)?
+        })
     }
 
-    /// Whether [`Self::next_token_loss`] skips the logits (a frozen plain `lm_head` in f32 on the CPU).
+    /// Whether [`Self::next_token_loss`] skips the logits (a frozen plain `lm_head` on the CPU).
     pub fn lm_head_is_fused_in_the_loss(&self) -> bool {
         self.fused_lm_head().is_some()
     }
 
+    /// The frozen plain output weight on the CPU, in f32 (a bf16 / f16 one is widened for the loss).
     fn fused_lm_head(&self) -> Option<Tensor> {
         self.lm_head
             .0
             .frozen_plain_weight()
-            .filter(|w| w.device().is_cpu() && w.dtype() == DType::F32)
-            .cloned()
+            .filter(|w| w.device().is_cpu())
+            .and_then(|w| w.to_dtype(DType::F32).ok())
     }
 
     /// Mean next-token cross-entropy of `ids` (B, T) with per-token `weights` (B, T; the weight of
@@ -474,10 +481,11 @@ impl LlamaForCausalLM {
             )));
         }
         let h = self.hidden(ids, inputs, None, ctx)?;
-        if h.dtype() != DType::F32 {
-            let logits = self.lm_head.forward(&h, &ctx.at(Layout::Sequence))?;
-            return next_token_loss(&logits, ids, weights);
-        }
+        let h = if h.dtype() == DType::F32 {
+            h
+        } else {
+            h.to_dtype(DType::F32)?
+        };
         let targets = shift_left(&ids.to_dtype(DType::U32)?.to_vec2::<u32>()?, 0);
         let coefs = shift_left(&weights.to_dtype(DType::F32)?.to_vec2::<f32>()?, 0.0);
         let d = h.dim(2)?;
