@@ -268,64 +268,82 @@ impl Frozen {
     fn rows_per_block(inn: usize, out: usize) -> usize {
         (65536 / inn.max(1)).clamp(1, out.max(1))
     }
-    /// `x2 · Wᵀ` for x2 (tokens, in): a fresh contiguous (tokens, out) tensor.
+    /// `x2 · Wᵀ` for x2 (tokens, in): a fresh contiguous (tokens, out) tensor. An NF4 weight is
+    /// dequantized block by block, each block's product written into its columns of one output.
     pub(super) fn forward(&self, x2: &Tensor) -> Result<Tensor> {
+        use super::gemm::{gemm_into_ld, Mat, Par};
         match self {
             Frozen::Dense(w) => x2.matmul(&w.t()?),
             Frozen::Nf4 { w, absmax } => {
                 let (out, inn) = (w.shape[0], w.shape[1]);
                 let rows = Self::rows_per_block(inn, out);
-                let mut parts = vec![];
-                for r0 in (0..out).step_by(rows) {
-                    let wc = nf4_rows(w, absmax, r0, rows.min(out - r0))?;
-                    parts.push(x2.matmul(&wc.t()?)?);
+                let x2 = x2.contiguous()?;
+                let tokens = x2.dim(0)?;
+                let mut y = vec![0f32; tokens * out];
+                if tokens > 0 {
+                    let (xs, xl) = x2.storage_and_layout();
+                    let xv = super::kernels::cpu_f32(&xs, xl)?;
+                    for r0 in (0..out).step_by(rows) {
+                        let n = rows.min(out - r0);
+                        let wc = nf4_rows_vec(w, absmax, r0, n);
+                        gemm_into_ld(
+                            &mut y[r0..],
+                            out,
+                            Mat::rm(xv, tokens, inn),
+                            Mat::rm(&wc, n, inn).t(),
+                            1.0,
+                            false,
+                            Par::all(),
+                        )?;
+                    }
                 }
-                Tensor::cat(&parts, 1)
+                Tensor::from_vec(y, (tokens, out), &candle_core::Device::Cpu)
             }
         }
     }
-    /// `g2 · W` for g2 (tokens, out): a fresh contiguous (tokens, in) tensor.
+    /// `g2 · W` for g2 (tokens, out): a fresh contiguous (tokens, in) tensor. An NF4 weight is
+    /// dequantized block by block, each block's share accumulated into one buffer by the GEMM.
     pub(super) fn input_grad(&self, g2: &Tensor) -> Result<Tensor> {
+        use super::gemm::{gemm_into, Mat, Par};
         match self {
             Frozen::Dense(w) => g2.matmul(w),
             Frozen::Nf4 { w, absmax } => {
                 let (out, inn) = (w.shape[0], w.shape[1]);
                 let rows = Self::rows_per_block(inn, out);
-                let mut gx: Option<Tensor> = None;
-                for r0 in (0..out).step_by(rows) {
-                    let n = rows.min(out - r0);
-                    let wc = nf4_rows(w, absmax, r0, n)?;
-                    let part = g2.narrow(1, r0, n)?.contiguous()?.matmul(&wc)?;
-                    gx = Some(match gx {
-                        None => part,
-                        Some(acc) => {
-                            add_assign(&acc, &part)?;
-                            acc
-                        }
-                    });
+                let g2 = g2.contiguous()?;
+                let tokens = g2.dim(0)?;
+                let mut gx = vec![0f32; tokens * inn];
+                if tokens > 0 {
+                    let (gs, gl) = g2.storage_and_layout();
+                    let gv = super::kernels::cpu_f32(&gs, gl)?;
+                    for (bi, r0) in (0..out).step_by(rows).enumerate() {
+                        let n = rows.min(out - r0);
+                        let wc = nf4_rows_vec(w, absmax, r0, n);
+                        gemm_into(
+                            &mut gx,
+                            Mat::strided(&gv[r0..], tokens, n, out, 1),
+                            Mat::rm(&wc, n, inn),
+                            1.0,
+                            bi > 0,
+                            Par::all(),
+                        )?;
+                    }
                 }
-                match gx {
-                    Some(t) => Ok(t),
-                    None => Tensor::zeros(
-                        (g2.dim(0)?, inn),
-                        candle_core::DType::F32,
-                        &candle_core::Device::Cpu,
-                    ),
-                }
+                Tensor::from_vec(gx, (tokens, inn), &candle_core::Device::Cpu)
             }
         }
     }
 }
 
-/// Rows `r0..r0 + n` of an NF4 weight (out, in), dequantized (n, in).
-fn nf4_rows(w: &Nf4Tensor, absmax: &[f32], r0: usize, n: usize) -> Result<Tensor> {
+/// Rows `r0..r0 + n` of an NF4 weight (out, in), dequantized into a row-major buffer.
+fn nf4_rows_vec(w: &Nf4Tensor, absmax: &[f32], r0: usize, n: usize) -> Vec<f32> {
     use rayon::prelude::*;
     let inn = w.shape[1];
     let mut buf = vec![0f32; n * inn];
     buf.par_chunks_mut(inn)
         .enumerate()
         .for_each(|(i, row)| w.dequantize_into(absmax, (r0 + i) * inn, row));
-    Tensor::from_vec(buf, (n, inn), &candle_core::Device::Cpu)
+    buf
 }
 
 /// `x · Wᵀ` through a 2-D matmul (the fast path for contiguous inputs of any rank).

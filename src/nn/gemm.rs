@@ -29,6 +29,18 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// A `rows × cols` view with row stride `rs` and column stride `cs` (a column block of a wider
+    /// row-major matrix: `&data[c0..]` with `rs` its width).
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
     /// The transposed view (no copy).
     pub fn t(self) -> Self {
         Self {
@@ -106,6 +118,27 @@ pub fn gemm_into_cm(
     gemm_strided(dst, true, lhs, rhs, beta, accumulate, par)
 }
 
+/// [`gemm_into`] into a column block of a wider row-major matrix: element (i, j) of the product
+/// goes to `dst[i·ld + j]` (`dst` starts at the block's first element).
+pub fn gemm_into_ld(
+    dst: &mut [f32],
+    ld: usize,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+    accumulate: bool,
+    par: Par,
+) -> Result<()> {
+    let (m, n) = (lhs.rows, rhs.cols);
+    if ld < n || (m > 0 && n > 0 && (m - 1) * ld + n > dst.len()) {
+        candle_core::bail!(
+            "gemm: a {m}x{n} block with row stride {ld} does not fit {} values",
+            dst.len()
+        );
+    }
+    gemm_raw(dst, (1, ld as isize), lhs, rhs, beta, accumulate, par)
+}
+
 fn gemm_strided(
     dst: &mut [f32],
     col_major: bool,
@@ -115,13 +148,36 @@ fn gemm_strided(
     accumulate: bool,
     par: Par,
 ) -> Result<()> {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || dst.len() != m * n {
+    let (m, n) = (lhs.rows, rhs.cols);
+    if dst.len() != m * n {
         candle_core::bail!(
-            "gemm: ({m}x{k}) · ({}x{n}) into {} values",
+            "gemm: ({m}x{}) · ({}x{n}) into {} values",
+            lhs.cols,
             rhs.rows,
             dst.len()
         );
+    }
+    let strides = if col_major {
+        (m as isize, 1)
+    } else {
+        (1, n as isize)
+    };
+    gemm_raw(dst, strides, lhs, rhs, beta, accumulate, par)
+}
+
+/// The product into `dst` with (column, row) strides `dst_s`; `dst` is checked by the callers.
+fn gemm_raw(
+    dst: &mut [f32],
+    dst_s: (isize, isize),
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+    accumulate: bool,
+    par: Par,
+) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k {
+        candle_core::bail!("gemm: ({m}x{k}) · ({}x{n})", rhs.rows);
     }
     lhs.check("left")?;
     rhs.check("right")?;
@@ -130,7 +186,11 @@ fn gemm_strided(
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(0.0);
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * dst_s.1 as usize + j * dst_s.0 as usize] = 0.0;
+                }
+            }
         }
         return Ok(());
     }
@@ -140,15 +200,16 @@ fn gemm_strided(
         Par::Threads(_) => gemm::Parallelism::None,
     };
     // SAFETY: every element the product reads lies inside `lhs.data` / `rhs.data` (checked
-    // above), `dst` is an exclusive row-major m×n slice, and no view aliases `dst`.
+    // above), every element it writes, (i, j) at i·dst_s.1 + j·dst_s.0, lies inside the exclusive
+    // slice `dst` (checked by each caller), and no view aliases `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            if col_major { m as isize } else { 1 },
-            if col_major { 1 } else { n as isize },
+            dst_s.0,
+            dst_s.1,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs as isize,
