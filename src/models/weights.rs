@@ -118,7 +118,7 @@ impl Weights {
                 m.insert(key.to_string(), t.clone());
             }
         }
-        Ok(t)
+        Ok(t.to_dtype(self.dtype)?)
     }
 
     /// Tensor `key` with exactly `shape`, in the compute dtype.

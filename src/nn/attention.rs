@@ -78,6 +78,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     let miss = [q, k, v]
         .into_iter()
         .find_map(super::fallback::cpu_f32_miss);
+    let miss = miss.or_else(|| (d == 0).then(|| "key width 0".to_string()));
     match miss {
         None => Ok(super::flash::tiled_attention(q, k, v, scale as f32, mask)?),
         Some(why) => {

@@ -383,9 +383,13 @@ pub fn embed(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let flat = ids_u.flatten_all()?;
     let n = w.dim(0)?;
     if flat.elem_count() > 0 {
-        let f = flat.to_dtype(DType::F64)?;
-        let (lo, hi) = (f.min(0)?.to_scalar::<f64>()?, f.max(0)?.to_scalar::<f64>()?);
-        if lo < 0.0 || hi as usize >= n {
+        // On the host in i64 (every id fits; Metal has no f64 and ids are few).
+        let v = flat.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+        let (lo, hi) = (
+            v.iter().copied().min().unwrap_or(0),
+            v.iter().copied().max().unwrap_or(0),
+        );
+        if lo < 0 || hi as u64 >= n as u64 {
             return Err(Error::Msg(format!(
                 "embedding ids span {lo}..={hi}, outside the table's {n} rows"
             )));

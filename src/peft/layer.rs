@@ -336,6 +336,11 @@ impl AdaptedLayer {
             return None;
         }
         let base = match self.base.weight() {
+            BaseWeight::Dense(w)
+                if w.dtype() != candle_core::DType::F32 || !w.device().is_cpu() =>
+            {
+                return None
+            }
             BaseWeight::Dense(w) => crate::nn::mlp::ProjBase::Dense(w.clone()),
             BaseWeight::Nf4(q) => crate::nn::mlp::ProjBase::Nf4(q.clone()),
         };
@@ -388,6 +393,16 @@ impl AdaptedLayer {
         let bd = self.base.weight().dtype();
         if bd != candle_core::DType::F32 && self.kind() != BaseKind::Norm {
             return self.forward_mixed(x, ctx, bd);
+        }
+        // An NF4 base computes in f32 (its compute dtype) inside a half-precision model.
+        if let (BaseWeight::Nf4(_), false, true) = (
+            self.base.weight(),
+            self.kind() == BaseKind::Embedding,
+            x.dtype() == candle_core::DType::BF16 || x.dtype() == candle_core::DType::F16,
+        ) {
+            return Ok(self
+                .forward(&x.to_dtype(candle_core::DType::F32)?, ctx)?
+                .to_dtype(x.dtype())?);
         }
         if let (Some(s), true) = (&self.saved, self.enabled) {
             return self.saved_forward(s, x, ctx);

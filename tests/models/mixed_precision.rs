@@ -160,3 +160,58 @@ fn dora_on_a_bf16_base_is_refused_by_name() {
         .to_string();
     assert!(e.contains("DoRA") && e.contains("--dtype f32"), "{e}");
 }
+
+/// QLoRA inside a half-precision model: the NF4 layers compute in f32 (their compute dtype) on
+/// the bf16 activations and hand bf16 back; the result stays within bf16 rounding of the f32 model
+/// with the same NF4 base.
+#[test]
+fn nf4_bases_run_inside_a_bf16_model() {
+    let cfg = LlamaConfig::from_file(&dir().join("config.json")).unwrap();
+    // The f32 reference is quantized from the bf16-rounded weights, so that both models hold the
+    // same NF4 codes and differ only by the bf16 activations.
+    let file = postforge::models::weights::weight_files(&dir()).unwrap()[0].clone();
+    let rounded: std::collections::BTreeMap<String, Tensor> =
+        postforge::util::SafeTensors::read(&file)
+            .unwrap()
+            .into_tensors()
+            .into_iter()
+            .map(|(k, t)| {
+                let r = t
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                (k, r)
+            })
+            .collect();
+    let build = |dtype: DType| {
+        let mut lcfg = AdapterConfig::lora(4, 8.0, &[]);
+        lcfg.target_modules = Some(postforge::peft::config::ModuleSpec::Regex(
+            "all-linear".into(),
+        ));
+        let quant = postforge::peft::quant::QuantSpec::parse("nf4").unwrap();
+        let plan = AdapterPlan::single(lcfg, 7).unwrap().quantized(quant);
+        let w = Weights::new(rounded.clone(), &file, plan).with_dtype(dtype);
+        LlamaForCausalLM::new(&cfg, &w).unwrap()
+    };
+    let (m32, m16) = (build(DType::F32), build(DType::BF16));
+    let ids = Tensor::new(&[[5u32, 9, 2, 7, 1, 3]], &candle_core::Device::Cpu).unwrap();
+    let w = Tensor::ones((1, 6), DType::F32, &candle_core::Device::Cpu).unwrap();
+    let ctx = ForwardCtx::train(0, 0);
+    let a = m32.forward(&ids, &Inputs::default(), &ctx).unwrap();
+    let b = m16.forward(&ids, &Inputs::default(), &ctx).unwrap();
+    let e = rel_err(&b, &a);
+    assert!(e < 3e-2, "logits differ by {e:e}");
+    let loss = m16
+        .next_token_loss(&ids, &Inputs::default(), &w, &ctx)
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let ad = m16
+        .layers()
+        .into_iter()
+        .find_map(|l| l.lora("default").map(|a| a.b.clone()))
+        .unwrap();
+    let g = grads.get(ad.as_tensor()).unwrap();
+    let n: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    assert!(n.is_finite() && n > 0.0);
+}

@@ -240,6 +240,9 @@ pub struct LlamaForCausalLM {
     layers: Vec<DecoderLayer>,
     norm: AdaptedLayer,
     lm_head: AdaptedLinear,
+    /// The f32 copy of a half-precision output weight for the fused loss, with the id of the
+    /// tensor it was made from.
+    lm_head_f32: std::sync::Mutex<Option<(candle_core::TensorId, Tensor)>>,
     inv_freq: Vec<f32>,
     /// LongLoRA's shifted sparse attention in training: the share of the sequence per group.
     s2_attn: Option<f64>,
@@ -266,6 +269,7 @@ impl LlamaForCausalLM {
                 .plan
                 .norm("model.norm", w.get("model.norm.weight", &[d])?)?,
             lm_head,
+            lm_head_f32: std::sync::Mutex::new(None),
             inv_freq: cfg.inv_freq()?,
             cfg: cfg.clone(),
             s2_attn: None,
@@ -440,16 +444,32 @@ impl LlamaForCausalLM {
 
     /// Whether [`Self::next_token_loss`] skips the logits (a frozen plain `lm_head` on the CPU).
     pub fn lm_head_is_fused_in_the_loss(&self) -> bool {
-        self.fused_lm_head().is_some()
-    }
-
-    /// The frozen plain output weight on the CPU, in f32 (a bf16 / f16 one is widened for the loss).
-    fn fused_lm_head(&self) -> Option<Tensor> {
         self.lm_head
             .0
             .frozen_plain_weight()
-            .filter(|w| w.device().is_cpu())
-            .and_then(|w| w.to_dtype(DType::F32).ok())
+            .is_some_and(|w| w.device().is_cpu())
+    }
+
+    /// The frozen plain output weight on the CPU, in f32. A bf16 / f16 one is widened once and
+    /// the copy kept while the weight stays the same tensor (a merge replaces it).
+    fn fused_lm_head(&self) -> Option<Tensor> {
+        let w = self
+            .lm_head
+            .0
+            .frozen_plain_weight()
+            .filter(|w| w.device().is_cpu())?;
+        if w.dtype() == DType::F32 {
+            return Some(w.clone());
+        }
+        let mut cache = self.lm_head_f32.lock().ok()?;
+        if let Some((id, wide)) = cache.as_ref() {
+            if *id == w.id() {
+                return Some(wide.clone());
+            }
+        }
+        let wide = w.to_dtype(DType::F32).ok()?;
+        *cache = Some((w.id(), wide.clone()));
+        Some(wide)
     }
 
     /// Mean next-token cross-entropy of `ids` (B, T) with per-token `weights` (B, T; the weight of
