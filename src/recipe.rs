@@ -28,6 +28,10 @@ pub struct Recipe {
     /// `auto`; unset: the `--device` flag, else the CPU).
     #[serde(default)]
     pub device: Option<crate::util::device::DeviceSpec>,
+    /// The dtype every stage loads base weights in unless it names its own `dtype` (`f32`, `bf16`,
+    /// `f16`; unset: the `--dtype` flag, else f32).
+    #[serde(default)]
+    pub dtype: Option<crate::util::device::DTypeSpec>,
     /// The stages, in order.
     pub stage: Vec<Stage>,
 }
@@ -60,6 +64,18 @@ impl Stage {
             Stage::Sft(c) => c.device,
             Stage::TaskEval(c) => c.device,
             Stage::Align(c) => c.device,
+        }
+    }
+
+    /// The stage's own `dtype` key.
+    pub fn dtype(&self) -> Option<crate::util::device::DTypeSpec> {
+        match self {
+            Stage::TrainDiffusion(c) => c.dtype,
+            Stage::DiffusionEval(c) => c.dtype,
+            Stage::MaskedEdit(c) => c.dtype,
+            Stage::Sft(c) => c.dtype,
+            Stage::TaskEval(c) => c.dtype,
+            Stage::Align(c) => c.dtype,
         }
     }
 
@@ -193,6 +209,7 @@ impl Recipe {
         for (i, st) in self.stage.iter().enumerate() {
             // The stage's device, else the pipeline's, else whatever is current (`--device`).
             let _device = crate::util::device::scoped(st.device().or(self.device))?;
+            let _dtype = crate::util::device::scoped_dtype(st.dtype().or(self.dtype));
             match st {
                 Stage::TrainDiffusion(cfg) => {
                     log(&format!(

@@ -39,6 +39,10 @@ pub struct EvalConfig {
     /// `device`, else the `--device` flag, else the CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<crate::util::device::DeviceSpec>,
+    /// The dtype this stage loads base weights in: `f32`, `bf16` or `f16` (unset: the pipeline's
+    /// `dtype`, else the `--dtype` flag, else f32). Adapters stay f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<crate::util::device::DTypeSpec>,
     /// Pipeline folder (default: the model of the preceding training stage).
     #[serde(default)]
     pub model: Option<PathBuf>,

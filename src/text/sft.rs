@@ -461,6 +461,10 @@ pub struct SftRunConfig {
     /// `device`, else the `--device` flag, else the CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<crate::util::device::DeviceSpec>,
+    /// The dtype this stage loads base weights in: `f32`, `bf16` or `f16` (unset: the pipeline's
+    /// `dtype`, else the `--dtype` flag, else f32). Adapters stay f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<crate::util::device::DTypeSpec>,
     /// Model folder.
     pub model: std::path::PathBuf,
     /// Training JSONL.

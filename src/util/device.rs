@@ -152,6 +152,52 @@ pub fn set_dtype(d: candle_core::DType) {
     }
 }
 
+/// A pipeline's `dtype` key (`f32`, `bf16`, `f16`), parsed where it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DTypeSpec(pub candle_core::DType);
+
+impl<'de> serde::Deserialize<'de> for DTypeSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_dtype(&s)
+            .map(DTypeSpec)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for DTypeSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(match self.0 {
+            candle_core::DType::BF16 => "bf16",
+            candle_core::DType::F16 => "f16",
+            _ => "f32",
+        })
+    }
+}
+
+/// Makes `spec` (when given) the load dtype until the guard is dropped: a pipeline stage with
+/// its own `dtype` key.
+pub fn scoped_dtype(spec: Option<DTypeSpec>) -> DTypeGuard {
+    let before = DTYPE.lock().ok().and_then(|d| *d);
+    if let Some(DTypeSpec(d)) = spec {
+        set_dtype(d);
+    }
+    DTypeGuard { before }
+}
+
+/// Restores the load dtype current before [`scoped_dtype`] when dropped.
+pub struct DTypeGuard {
+    before: Option<candle_core::DType>,
+}
+
+impl Drop for DTypeGuard {
+    fn drop(&mut self) {
+        if let Ok(mut c) = DTYPE.lock() {
+            *c = self.before;
+        }
+    }
+}
+
 /// The current device (the CPU until [`set_current`] is called).
 pub fn current() -> Device {
     CURRENT
@@ -230,6 +276,21 @@ mod tests {
             toml::from_str::<S>("device = \"cuda:1\"").unwrap().device,
             DeviceSpec::Cuda(1)
         );
+    }
+
+    #[test]
+    fn dtype_keys_parse_and_bad_ones_name_the_choices() {
+        #[derive(serde::Deserialize)]
+        struct S {
+            dtype: DTypeSpec,
+        }
+        let v = toml::from_str::<S>("dtype = \"bfloat16\"").unwrap();
+        assert_eq!(v.dtype, DTypeSpec(candle_core::DType::BF16));
+        let e = toml::from_str::<S>("dtype = \"int4\"")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("expected f32, bf16 or f16"), "{e}");
     }
 
     #[test]
