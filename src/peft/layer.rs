@@ -18,6 +18,8 @@ use crate::nn::conv::ConvCfg;
 use crate::nn::nf4::{Nf4Tensor, RoundingError};
 use crate::nn::{conv, frozen};
 use crate::{Error, Result};
+mod mixed;
+
 use candle_core::{Tensor, Var};
 use std::collections::BTreeMap;
 
@@ -491,102 +493,46 @@ impl AdaptedLayer {
                     "DoRA adapter `{name}` cannot be active together with IA3 adapters"
                 )));
             }
-            let pm = a.module_dropout();
-            if ctx.train && pm > 0.0 && !ctx.keep_module(&format!("{}.{name}", self.path()), pm) {
-                continue;
+            if let Some(d) = self.adapter_delta(name, s, x, &wx, &y0, ctx)? {
+                y = (y + d)?;
             }
-            let p = a.input_dropout();
-            let dropped = ctx.train && p > 0.0 && self.kind() != BaseKind::Embedding;
-            let xd = if dropped {
-                let mask = ctx.dropout_mask(self.path(), x.dims(), p, x.device())?;
-                x.mul(&mask.to_dtype(x.dtype())?)?
-            } else {
-                x.clone()
-            };
-            let out = BaseOut {
-                wx: &wx,
-                y0: &y0,
-                dropped,
-            };
-            let mut d = a.delta(&self.base, &xd, &out, ctx)?;
-            if s.gain != 1.0 {
-                d = (d * s.gain)?;
-            }
-            if let Some(g) = ctx.gate(self.path(), name, &y0)? {
-                d = d.broadcast_mul(&g)?;
-            }
-            y = (y + d)?;
         }
         Ok(y)
     }
 
-    /// Mixed precision as PEFT runs it: the base in its own dtype (bf16 / f16) on the input cast
-    /// to it, every adapter in f32 on the input cast to f32, each delta cast back and added; the
-    /// output is in the base's dtype. Adapters and their gradients stay f32. Methods that rescale
-    /// the base (DoRA, IA3) and trainable full copies are refused by name on such a base.
-    fn forward_mixed(
+    /// Adapter `name`'s contribution `gain · gate ⊙ δ(dropout(x))` given the base's `wx` and `y0`,
+    /// or `None` when module dropout skips it in this step.
+    fn adapter_delta(
         &self,
+        name: &str,
+        s: &Slot,
         x: &Tensor,
+        wx: &Tensor,
+        y0: &Tensor,
         ctx: &ForwardCtx,
-        bd: candle_core::DType,
-    ) -> Result<Tensor> {
-        use candle_core::DType;
-        let emb = self.kind() == BaseKind::Embedding;
-        if self.saved.is_some() && self.enabled {
-            return Err(self.err(format!(
-                "modules_to_save (a trainable full copy) on a {bd:?} base is not supported; load the model in f32 (--dtype f32)"
-            )));
+    ) -> Result<Option<Tensor>> {
+        let a = &s.adapter;
+        let pm = a.module_dropout();
+        if ctx.train && pm > 0.0 && !ctx.keep_module(&format!("{}.{name}", self.path()), pm) {
+            return Ok(None);
         }
-        let xb = if emb { x.clone() } else { x.to_dtype(bd)? };
-        let wx = self.base.forward_nobias(&xb)?;
-        let y0 = self.base.add_bias(wx.clone(), self.base.bias.as_ref())?;
-        let live = self.live();
-        if live.is_empty() {
-            return Ok(y0);
-        }
-        let x32 = if emb {
-            x.clone()
+        let p = a.input_dropout();
+        let dropped = ctx.train && p > 0.0 && self.kind() != BaseKind::Embedding;
+        let xd = if dropped {
+            let mask = ctx.dropout_mask(self.path(), x.dims(), p, x.device())?;
+            x.mul(&mask.to_dtype(x.dtype())?)?
         } else {
-            x.to_dtype(DType::F32)?
+            x.clone()
         };
-        let (wx32, y032) = (wx.to_dtype(DType::F32)?, y0.to_dtype(DType::F32)?);
-        let mut y = y0;
-        for (name, s) in live {
-            let a = &s.adapter;
-            if a.rescales_weight() || a.rescale(&self.base, s.gain, ctx)?.is_some() {
-                return Err(self.err(format!(
-                    "adapter `{name}` ({:?}{}) rescales the base, which is not supported on a {bd:?} base; load the model in f32 (--dtype f32)",
-                    a.method(),
-                    if a.rescales_weight() { ", DoRA" } else { "" }
-                )));
-            }
-            let pm = a.module_dropout();
-            if ctx.train && pm > 0.0 && !ctx.keep_module(&format!("{}.{name}", self.path()), pm) {
-                continue;
-            }
-            let p = a.input_dropout();
-            let dropped = ctx.train && p > 0.0 && !emb;
-            let xd = if dropped {
-                let mask = ctx.dropout_mask(self.path(), x32.dims(), p, x32.device())?;
-                x32.mul(&mask)?
-            } else {
-                x32.clone()
-            };
-            let out = BaseOut {
-                wx: &wx32,
-                y0: &y032,
-                dropped,
-            };
-            let mut d = a.delta(&self.base, &xd, &out, ctx)?;
-            if s.gain != 1.0 {
-                d = (d * s.gain)?;
-            }
-            if let Some(g) = ctx.gate(self.path(), name, &y032)? {
-                d = d.broadcast_mul(&g)?;
-            }
-            y = (y + d.to_dtype(bd)?)?;
+        let out = BaseOut { wx, y0, dropped };
+        let mut d = a.delta(&self.base, &xd, &out, ctx)?;
+        if s.gain != 1.0 {
+            d = (d * s.gain)?;
         }
-        Ok(y)
+        if let Some(g) = ctx.gate(self.path(), name, y0)? {
+            d = d.broadcast_mul(&g)?;
+        }
+        Ok(Some(d))
     }
 
     /// A DoRA adapter rescales the whole weight, so it cannot share a merged weight with other
