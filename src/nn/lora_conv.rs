@@ -18,25 +18,30 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 #[derive(Clone, Copy)]
-struct Geom {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    r: usize,
-    kh: usize,
-    kw: usize,
-    cfg: ConvCfg,
+pub(super) struct Geom {
+    pub(super) n: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) o: usize,
+    pub(super) r: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) cfg: ConvCfg,
     /// oh·ow
-    p: usize,
+    pub(super) p: usize,
 }
 
 impl Geom {
     /// The geometry of `conv(x, w) + bias` (r = 0), `None` where the nodes do not apply (device,
     /// dtype, groups, dilation, rank, or a kernel or bias that is itself trained), an error naming
     /// the shapes where they do not fit.
-    fn of(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: ConvCfg) -> Result<Option<Self>> {
+    pub(super) fn of(
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        cfg: ConvCfg,
+    ) -> Result<Option<Self>> {
         let f32s = x.dtype() == DType::F32
             && w.dtype() == DType::F32
             && bias.is_none_or(|t| t.dtype() == DType::F32);
@@ -91,16 +96,16 @@ impl Geom {
         }))
     }
     /// c·kh·kw
-    fn k(&self) -> usize {
+    pub(super) fn k(&self) -> usize {
         self.c * self.kh * self.kw
     }
-    fn point(&self) -> bool {
+    pub(super) fn point(&self) -> bool {
         pointwise(self.kh, self.kw, self.cfg)
     }
-    fn in_len(&self) -> usize {
+    pub(super) fn in_len(&self) -> usize {
         self.c * self.h * self.w
     }
-    fn out_shape(&self) -> Shape {
+    pub(super) fn out_shape(&self) -> Shape {
         Shape::from((
             self.n,
             self.o,
@@ -110,7 +115,7 @@ impl Geom {
     }
     /// The patch matrix (k × p) of image `xi`: `xi` itself for a 1×1 conv, else unfolded into
     /// `cols`.
-    fn patches<'a>(&self, xi: &'a [f32], cols: &'a mut Vec<f32>) -> &'a [f32] {
+    pub(super) fn patches<'a>(&self, xi: &'a [f32], cols: &'a mut Vec<f32>) -> &'a [f32] {
         if self.point() {
             return xi;
         }
@@ -130,7 +135,7 @@ impl Geom {
     }
     /// How each image's products use the threads: serial when the images alone fill the
     /// threads, else threaded (images still run as parallel tasks).
-    fn par(&self) -> Par {
+    pub(super) fn par(&self) -> Par {
         if self.n >= rayon::current_num_threads().max(1) {
             Par::Serial
         } else {
@@ -138,7 +143,7 @@ impl Geom {
         }
     }
     /// `yi = W·P (+ bias)` for image `xi`; returns P for the products that follow.
-    fn base_product<'a>(
+    pub(super) fn base_product<'a>(
         &self,
         xi: &'a [f32],
         w: &[f32],
@@ -164,7 +169,7 @@ impl Geom {
         Ok(pm)
     }
     /// dL/dx of image i: `Wᵀ·G (+ Aᵀ·Ĝ)` folded back onto the input grid (`dxi` starts at zero).
-    fn input_grad(
+    pub(super) fn input_grad(
         &self,
         gi: Mat,
         w: &[f32],

@@ -22,5 +22,6 @@ pub mod mlp;
 pub mod nf4;
 pub mod norm;
 pub mod resample;
+pub mod resnet;
 pub mod rope;
 pub mod softmax;

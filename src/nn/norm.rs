@@ -192,21 +192,8 @@ impl candle_core::CustomOp3 for GroupNormOp {
             .zip(x.par_chunks(glen))
             .enumerate()
             .for_each(|(gi, (o, xs))| {
-                let (mean, inv) = stats(xs, self.eps);
                 let c0 = (gi % self.groups) * cpg;
-                for (k, (oc, xc)) in o.chunks_mut(hw).zip(xs.chunks(hw)).enumerate() {
-                    let (scale, shift) = channel_affine(mean, inv, w[c0 + k], b[c0 + k]);
-                    if self.silu {
-                        for (oo, xx) in oc.iter_mut().zip(xc) {
-                            let y = *xx * scale + shift;
-                            *oo = y * sigmoid(y);
-                        }
-                    } else {
-                        for (oo, xx) in oc.iter_mut().zip(xc) {
-                            *oo = *xx * scale + shift;
-                        }
-                    }
-                }
+                group_fwd(xs, o, hw, c0, (w, b), self.eps, self.silu);
             });
         Ok((candle_core::CpuStorage::F32(out), lx.shape().clone()))
     }
@@ -292,62 +279,13 @@ impl candle_core::CustomOp3 for GroupNormBwd {
             .map_init(
                 || vec![0f32; glen],
                 |ge, (gi, ((dx, xs), gs))| {
-                    let (mean, inv) = stats(xs, self.eps);
                     let c0 = (gi % self.groups) * cpg;
-                    let n = glen as f64;
-                    let (mut s1, mut s2) = (0f64, 0f64);
-                    let mut dgam = vec![0f64; if self.affine { cpg } else { 0 }];
-                    let mut dbet = vec![0f64; if self.affine { cpg } else { 0 }];
-                    let (meanf, invf) = (mean as f32, inv as f32);
-                    for k in 0..cpg {
-                        let ch = c0 + k;
-                        let range = k * hw..(k + 1) * hw;
-                        let (xc, gc, ec) = (&xs[range.clone()], &gs[range.clone()], &mut ge[range]);
-                        if self.silu {
-                            let (scale, shift) = channel_affine(mean, inv, w[ch], bv[ch]);
-                            for ((e, xx), gg) in ec.iter_mut().zip(xc).zip(gc) {
-                                let y = *xx * scale + shift;
-                                let sg = sigmoid(y);
-                                *e = *gg * sg * (1.0 + y * (1.0 - sg));
-                            }
-                        } else {
-                            ec.copy_from_slice(gc);
-                        }
-                        // Σ ĝ and Σ ĝ·x̂ over the channel (x̂ = (x − mean)·inv).
-                        let (mut a1, mut a2) = ([0f32; 16], [0f32; 16]);
-                        let n16 = hw - hw % 16;
-                        for (ee, xx) in ec[..n16].chunks_exact(16).zip(xc[..n16].chunks_exact(16)) {
-                            for i in 0..16 {
-                                a1[i] += ee[i];
-                                a2[i] += ee[i] * ((xx[i] - meanf) * invf);
-                            }
-                        }
-                        let mut sum_g = a1.iter().map(|v| *v as f64).sum::<f64>();
-                        let mut sum_gx = a2.iter().map(|v| *v as f64).sum::<f64>();
-                        for (ee, xx) in ec[n16..].iter().zip(&xc[n16..]) {
-                            sum_g += *ee as f64;
-                            sum_gx += (*ee * ((*xx - meanf) * invf)) as f64;
-                        }
-                        s1 += sum_g * w[ch] as f64;
-                        s2 += sum_gx * w[ch] as f64;
-                        if self.affine {
-                            dgam[k] = sum_gx;
-                            dbet[k] = sum_g;
-                        }
-                    }
-                    let (a, b1) = ((inv * s1 / n) as f32, (inv * s2 / n) as f32);
-                    for k in 0..cpg {
-                        let wi = w[c0 + k] * invf;
-                        let range = k * hw..(k + 1) * hw;
-                        for ((d, ee), xx) in dx[range.clone()]
-                            .iter_mut()
-                            .zip(&ge[range.clone()])
-                            .zip(&xs[range])
-                        {
-                            *d = *ee * wi - a - (*xx - meanf) * invf * b1;
-                        }
-                    }
-                    (dgam, dbet)
+                    let how = GroupBwd {
+                        silu: self.silu,
+                        accumulate: false,
+                        affine: self.affine,
+                    };
+                    group_bwd(gs, xs, dx, ge, hw, c0, (w, &bv), self.eps, how)
                 },
             )
             .collect();
@@ -369,6 +307,190 @@ impl candle_core::CustomOp3 for GroupNormBwd {
             candle_core::CpuStorage::F32(out),
             candle_core::Shape::from(len),
         ))
+    }
+}
+
+/// One group's values `xs` (its channels × `hw`, first channel `c0`) normalized into `o` with the
+/// channels' γ and β, then SiLU when `silu`.
+fn group_fwd(
+    xs: &[f32],
+    o: &mut [f32],
+    hw: usize,
+    c0: usize,
+    (w, b): (&[f32], &[f32]),
+    eps: f64,
+    silu: bool,
+) {
+    let (mean, inv) = stats(xs, eps);
+    for (k, (oc, xc)) in o.chunks_mut(hw).zip(xs.chunks(hw)).enumerate() {
+        let (scale, shift) = channel_affine(mean, inv, w[c0 + k], b[c0 + k]);
+        if silu {
+            for (oo, xx) in oc.iter_mut().zip(xc) {
+                let y = *xx * scale + shift;
+                *oo = y * sigmoid(y);
+            }
+        } else {
+            for (oo, xx) in oc.iter_mut().zip(xc) {
+                *oo = *xx * scale + shift;
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct GroupBwd {
+    /// The forward applied SiLU after the norm.
+    silu: bool,
+    /// Add dx into the destination instead of writing it.
+    accumulate: bool,
+    /// Also return the per-channel (Σ ĝ·x̂, Σ ĝ) for dγ and dβ.
+    affine: bool,
+}
+
+/// dL/dx of one group (see [`group_fwd`]) for its output gradient `gs`, `ge` a scratch row of the
+/// group's length. Two passes over the values:
+/// 1. the gradient reaching the norm's output, ĝ = g (or g·silu'(y) with y = x̂·γ + β recomputed,
+///    silu'(y) = σ(y)·(1 + y·(1 − σ(y)))), kept in `ge`, and the sums s1 = Σ ĝ·γ, s2 = Σ ĝ·γ·x̂
+///    (and per channel Σ ĝ·x̂, Σ ĝ for dγ, dβ);
+/// 2. dx = inv·(ĝ·γ − s1/n − x̂·s2/n).
+#[allow(clippy::too_many_arguments)]
+fn group_bwd(
+    gs: &[f32],
+    xs: &[f32],
+    dx: &mut [f32],
+    ge: &mut [f32],
+    hw: usize,
+    c0: usize,
+    (w, bv): (&[f32], &[f32]),
+    eps: f64,
+    how: GroupBwd,
+) -> (Vec<f64>, Vec<f64>) {
+    let glen = xs.len();
+    let cpg = glen / hw.max(1);
+    let (mean, inv) = stats(xs, eps);
+    let n = glen as f64;
+    let (mut s1, mut s2) = (0f64, 0f64);
+    let mut dgam = vec![0f64; if how.affine { cpg } else { 0 }];
+    let mut dbet = vec![0f64; if how.affine { cpg } else { 0 }];
+    let (meanf, invf) = (mean as f32, inv as f32);
+    for k in 0..cpg {
+        let ch = c0 + k;
+        let range = k * hw..(k + 1) * hw;
+        let (xc, gc, ec) = (&xs[range.clone()], &gs[range.clone()], &mut ge[range]);
+        if how.silu {
+            let (scale, shift) = channel_affine(mean, inv, w[ch], bv[ch]);
+            for ((e, xx), gg) in ec.iter_mut().zip(xc).zip(gc) {
+                let y = *xx * scale + shift;
+                let sg = sigmoid(y);
+                *e = *gg * sg * (1.0 + y * (1.0 - sg));
+            }
+        } else {
+            ec.copy_from_slice(gc);
+        }
+        // Σ ĝ and Σ ĝ·x̂ over the channel (x̂ = (x − mean)·inv).
+        let (mut a1, mut a2) = ([0f32; 16], [0f32; 16]);
+        let n16 = hw - hw % 16;
+        for (ee, xx) in ec[..n16].chunks_exact(16).zip(xc[..n16].chunks_exact(16)) {
+            for i in 0..16 {
+                a1[i] += ee[i];
+                a2[i] += ee[i] * ((xx[i] - meanf) * invf);
+            }
+        }
+        let mut sum_g = a1.iter().map(|v| *v as f64).sum::<f64>();
+        let mut sum_gx = a2.iter().map(|v| *v as f64).sum::<f64>();
+        for (ee, xx) in ec[n16..].iter().zip(&xc[n16..]) {
+            sum_g += *ee as f64;
+            sum_gx += (*ee * ((*xx - meanf) * invf)) as f64;
+        }
+        s1 += sum_g * w[ch] as f64;
+        s2 += sum_gx * w[ch] as f64;
+        if how.affine {
+            dgam[k] = sum_gx;
+            dbet[k] = sum_g;
+        }
+    }
+    let (a, b1) = ((inv * s1 / n) as f32, (inv * s2 / n) as f32);
+    for k in 0..cpg {
+        let wi = w[c0 + k] * invf;
+        let range = k * hw..(k + 1) * hw;
+        let it = dx[range.clone()]
+            .iter_mut()
+            .zip(&ge[range.clone()])
+            .zip(&xs[range]);
+        if how.accumulate {
+            for ((d, ee), xx) in it {
+                *d += *ee * wi - a - (*xx - meanf) * invf * b1;
+            }
+        } else {
+            for ((d, ee), xx) in it {
+                *d = *ee * wi - a - (*xx - meanf) * invf * b1;
+            }
+        }
+    }
+    (dgam, dbet)
+}
+
+/// A frozen GroupNorm's parameters, for the block-level nodes that run it per image.
+pub(super) struct GroupNormRef<'a> {
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNormRef<'_> {
+    /// `silu(group_norm(x))` of one image `x` (channels × `hw`) into `out`.
+    pub(super) fn silu_image(&self, x: &[f32], out: &mut [f32], hw: usize) {
+        let glen = x.len() / self.groups;
+        let cpg = glen / hw.max(1);
+        for (gi, (xs, o)) in x.chunks(glen).zip(out.chunks_mut(glen)).enumerate() {
+            group_fwd(
+                xs,
+                o,
+                hw,
+                gi * cpg,
+                (self.weight, self.bias),
+                self.eps,
+                true,
+            );
+        }
+    }
+    /// Adds dL/dx of [`Self::silu_image`] for the output gradient `g` into `dx` (`scratch` any
+    /// buffer, resized to one group).
+    pub(super) fn silu_image_bwd(
+        &self,
+        g: &[f32],
+        x: &[f32],
+        dx: &mut [f32],
+        scratch: &mut Vec<f32>,
+        hw: usize,
+    ) {
+        let glen = x.len() / self.groups;
+        let cpg = glen / hw.max(1);
+        scratch.resize(glen, 0.0);
+        let how = GroupBwd {
+            silu: true,
+            accumulate: true,
+            affine: false,
+        };
+        for (gi, ((xs, gs), d)) in x
+            .chunks(glen)
+            .zip(g.chunks(glen))
+            .zip(dx.chunks_mut(glen))
+            .enumerate()
+        {
+            group_bwd(
+                gs,
+                xs,
+                d,
+                scratch,
+                hw,
+                gi * cpg,
+                (self.weight, self.bias),
+                self.eps,
+                how,
+            );
+        }
     }
 }
 

@@ -116,13 +116,19 @@ impl ResnetBlock2D {
 
     /// x (B, C, H, W), temb (B, T) (ignored without a time projection).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.apply_silu(x)?, ctx)?;
-        let h = match (&self.time_emb_proj, temb) {
-            (Some(p), Some(temb)) => {
-                let t = p.forward(&temb.silu()?, ctx)?;
-                crate::nn::conv::add_channel_bias(&h, &t, 1)?
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(p), Some(temb)) => Some(p.forward(&temb.silu()?, ctx)?),
+            _ => None,
+        };
+        if let Some(parts) = self.fused_parts(ctx) {
+            if let Some(y) = crate::nn::resnet::resnet_block(x, t.as_ref(), &parts)? {
+                return Ok(y);
             }
-            _ => h,
+        }
+        let h = self.conv1.forward(&self.norm1.apply_silu(x)?, ctx)?;
+        let h = match &t {
+            Some(t) => crate::nn::conv::add_channel_bias(&h, t, 1)?,
+            None => h,
         };
         let h = self.conv2.forward(&self.norm2.apply_silu(&h)?, ctx)?;
         let x = match &self.conv_shortcut {
@@ -134,6 +140,40 @@ impl ResnetBlock2D {
             y
         } else {
             (y / self.output_scale_factor)?
+        })
+    }
+
+    /// The block as one fused node's parts ([`crate::nn::resnet`]) when each conv runs at most one
+    /// plain LoCon; `None` (noted once at debug level) when a conv needs its own forward.
+    fn fused_parts(&self, ctx: &ForwardCtx) -> Option<crate::nn::resnet::ResnetParts> {
+        let convs = [
+            Some(&self.conv1),
+            Some(&self.conv2),
+            self.conv_shortcut.as_ref(),
+        ];
+        let mut parts = convs.map(|c| c.map(|c| c.plain_conv(ctx)));
+        if parts.iter().flatten().any(Option::is_none) {
+            crate::nn::fallback::note(|| {
+                (
+                    "ResnetBlock2D".into(),
+                    "a conv runs an adapter other than one plain unrouted LoCon".into(),
+                )
+            });
+            return None;
+        }
+        let norm = |g: &GroupNorm| crate::nn::resnet::NormPart {
+            weight: g.w.clone(),
+            bias: g.b.clone(),
+            groups: g.groups,
+            eps: g.eps,
+        };
+        Some(crate::nn::resnet::ResnetParts {
+            norm1: norm(&self.norm1),
+            conv1: parts[0].take().flatten()?,
+            norm2: norm(&self.norm2),
+            conv2: parts[1].take().flatten()?,
+            shortcut: parts[2].take().flatten(),
+            out_scale: self.output_scale_factor,
         })
     }
 
