@@ -111,6 +111,52 @@ struct Scratch {
     dat: Vec<f32>,
 }
 
+impl Scratch {
+    fn bytes(&self) -> usize {
+        let v = [
+            &self.act,
+            &self.cols,
+            &self.dcols,
+            &self.y1,
+            &self.h,
+            &self.gsc,
+            &self.da,
+            &self.dy1,
+            &self.gn,
+            &self.gh,
+            &self.dat,
+        ];
+        v.iter().map(|b| b.capacity() * 4).sum()
+    }
+}
+
+/// A thread keeps its scratch between calls up to this size, so the unfolded patches are not
+/// allocated (page by page, zeroed by the kernel) and zero-filled again in every block.
+const KEEP_BYTES: usize = 32 << 20;
+
+thread_local! {
+    static CACHED: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
+}
+
+/// This thread's kept scratch (or a new one, e.g. for a task nested in another on this thread),
+/// handed back when dropped.
+struct Pooled(Scratch);
+
+impl Pooled {
+    fn take() -> Self {
+        Pooled(CACHED.with(|c| c.take()).unwrap_or_default())
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let s = std::mem::take(&mut self.0);
+        if s.bytes() <= KEEP_BYTES {
+            CACHED.with(|c| c.set(Some(s)));
+        }
+    }
+}
+
 fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if v.len() < len {
         v.resize(len, 0.0);
@@ -230,7 +276,7 @@ impl candle_core::CustomOp3 for ResnetOp {
             .enumerate()
             .collect();
         jobs.into_par_iter().try_for_each_init(
-            Scratch::default,
+            Pooled::take,
             |sc, (i, ((((yi, y1s), h1s), h2s), hss))| -> Result<()> {
                 let xi = &x[i * c * p..(i + 1) * c * p];
                 let Scratch {
@@ -239,7 +285,7 @@ impl candle_core::CustomOp3 for ResnetOp {
                     y1: y1b,
                     h: hb,
                     ..
-                } = sc;
+                } = &mut sc.0;
                 // conv1(silu(gn1(x))) (+ LoCon) + t
                 let y1i = match y1s {
                     Some(s) => s,
@@ -357,7 +403,7 @@ impl candle_core::CustomOp3 for ResnetOp {
             .enumerate()
             .collect();
         jobs.into_par_iter().try_for_each_init(
-            Scratch::default,
+            Pooled::take,
             |sc, (i, ((mut dxi, dti), fi))| -> Result<()> {
                 let xi = &xv[i * c * p..(i + 1) * c * p];
                 let y1i = &sv.y1[i * o * p..(i + 1) * o * p];
@@ -373,7 +419,7 @@ impl candle_core::CustomOp3 for ResnetOp {
                     gh,
                     dat,
                     ..
-                } = sc;
+                } = &mut sc.0;
                 // The factor gradients of this image: (dA, dB) per conv.
                 let mut fsplit: [(&mut [f32], &mut [f32]); 3] = Default::default();
                 if let Some(f) = fi {
