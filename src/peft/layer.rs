@@ -319,10 +319,10 @@ impl AdaptedLayer {
 
     /// What runs in this layer's forward when a block-level fused node may take it: `Some(None)`
     /// for no live adapter, `Some(Some((lora, gain)))` for exactly one plain LoRA (unrouted, no
-    /// DoRA, no dropout in play), `None` for anything else (a trainable copy, a routed or merged-
-    /// and-routed adapter, several adapters, another method).
+    /// DoRA, no dropout in play), `None` for anything else (a trainable copy, a routed adapter, a
+    /// merged one that is routed (its forward raises the error), several adapters, another method).
     fn sole_plain_lora(&self, ctx: &ForwardCtx) -> Option<Option<(&Lora, f64)>> {
-        if self.saved.is_some() || (ctx.routing().is_some() && !self.merged.is_empty()) {
+        if self.saved.is_some() || self.merged.iter().any(|m| ctx.is_routed(&m.name)) {
             return None;
         }
         let live = self.live();

@@ -116,16 +116,24 @@ impl ResnetBlock2D {
 
     /// x (B, C, H, W), temb (B, T) (ignored without a time projection).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
-        let t = match (&self.time_emb_proj, temb) {
-            (Some(p), Some(temb)) => Some(p.forward(&temb.silu()?, ctx)?),
-            _ => None,
+        let time = |ctx: &ForwardCtx| -> Result<Option<Tensor>> {
+            Ok(match (&self.time_emb_proj, temb) {
+                (Some(p), Some(temb)) => Some(p.forward(&temb.silu()?, ctx)?),
+                _ => None,
+            })
         };
+        let mut t = None;
         if let Some(parts) = self.fused_parts(ctx) {
+            t = time(ctx)?;
             if let Some(y) = crate::nn::resnet::resnet_block(x, t.as_ref(), &parts)? {
                 return Ok(y);
             }
         }
+        // Composed: conv1 before the time projection (the order of their dropout draws).
         let h = self.conv1.forward(&self.norm1.apply_silu(x)?, ctx)?;
+        if t.is_none() {
+            t = time(ctx)?;
+        }
         let h = match &t {
             Some(t) => crate::nn::conv::add_channel_bias(&h, t, 1)?,
             None => h,

@@ -143,7 +143,14 @@ pub fn resnet_block(x: &Tensor, t: Option<&Tensor>, parts: &ResnetParts) -> Resu
         return Ok(None);
     };
     let o = g1.o;
-    if g1.p != h * w {
+    let keeps_grid = |k: (usize, usize), cfg: ConvCfg| {
+        cfg.stride > 0
+            && h + 2 * cfg.padding >= k.0
+            && w + 2 * cfg.padding >= k.1
+            && super::conv::conv_out_size(h, k.0, cfg) == h
+            && super::conv::conv_out_size(w, k.1, cfg) == w
+    };
+    if !keeps_grid((g1.kh, g1.kw), g1.cfg) {
         // A conv that changes the grid is not a resnet's.
         super::fallback::note(|| {
             (
@@ -169,11 +176,7 @@ pub fn resnet_block(x: &Tensor, t: Option<&Tensor>, parts: &ResnetParts) -> Resu
         cfg: parts.conv2.cfg,
         p: h * w,
     };
-    if super::conv::conv_out_size(h, kh2, g2.cfg) * super::conv::conv_out_size(w, kw2, g2.cfg)
-        != h * w
-        || g2.cfg.groups != 1
-        || g2.cfg.dilation != 1
-    {
+    if !keeps_grid((kh2, kw2), g2.cfg) || g2.cfg.groups != 1 || g2.cfg.dilation != 1 {
         super::fallback::note(|| {
             (
                 "ResnetBlock2D".into(),

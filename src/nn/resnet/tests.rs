@@ -68,6 +68,8 @@ struct Case {
     with_t: bool,
     ranks: [usize; 3],
     out_scale: f64,
+    /// x carries a gradient (false: only the factors and t are asked for, as in LoRA training).
+    x_grad: bool,
 }
 
 fn conv3(o: usize, c: usize, seed: u64) -> ConvPart {
@@ -100,6 +102,7 @@ fn the_resnet_node_equals_the_composition_in_value_and_every_gradient() {
             with_t: true,
             ranks: [2, 3, 1],
             out_scale: 1.0,
+            x_grad: true,
         },
         Case {
             n: 2,
@@ -110,6 +113,7 @@ fn the_resnet_node_equals_the_composition_in_value_and_every_gradient() {
             with_t: false,
             ranks: [0, 2, 0],
             out_scale: 2.0,
+            x_grad: true,
         },
         Case {
             n: 1,
@@ -120,6 +124,7 @@ fn the_resnet_node_equals_the_composition_in_value_and_every_gradient() {
             with_t: true,
             ranks: [0, 0, 0],
             out_scale: 1.0,
+            x_grad: true,
         },
         Case {
             n: 2,
@@ -130,11 +135,39 @@ fn the_resnet_node_equals_the_composition_in_value_and_every_gradient() {
             with_t: true,
             ranks: [3, 0, 0],
             out_scale: 1.0,
+            x_grad: true,
+        },
+        Case {
+            n: 2,
+            c: 4,
+            o: 6,
+            hw: (4, 4),
+            groups: 2,
+            with_t: false,
+            ranks: [0, 0, 2],
+            out_scale: 1.0,
+            x_grad: false,
+        },
+        Case {
+            n: 3,
+            c: 6,
+            o: 4,
+            hw: (3, 4),
+            groups: 2,
+            with_t: true,
+            ranks: [2, 2, 2],
+            out_scale: 1.0,
+            x_grad: false,
         },
     ];
     for (ci, k) in cases.iter().enumerate() {
         let (h, w) = k.hw;
-        let x = Var::from_tensor(&randn(&[k.n, k.c, h, w], 1, 1.0)).unwrap();
+        let xv = Var::from_tensor(&randn(&[k.n, k.c, h, w], 1, 1.0)).unwrap();
+        let x = if k.x_grad {
+            xv.as_tensor().clone()
+        } else {
+            xv.as_tensor().detach()
+        };
         let t = Var::from_tensor(&randn(&[k.n, k.o], 2, 1.0)).unwrap();
         let norm = |ch: usize, seed: u64| NormPart {
             weight: (randn(&[ch], seed, 0.3) + 1.0).unwrap(),
@@ -197,7 +230,11 @@ fn the_resnet_node_equals_the_composition_in_value_and_every_gradient() {
             .unwrap()
             .backward()
             .unwrap();
-        vars.push((x.clone(), "x".into()));
+        if k.x_grad {
+            vars.push((xv.clone(), "x".into()));
+        } else {
+            assert!(gf.get(&xv).is_none());
+        }
         if k.with_t {
             vars.push((t.clone(), "t".into()));
         } else {
@@ -219,7 +256,7 @@ fn the_resnet_node_equals_the_composition_in_value_and_every_gradient() {
             assert!(gf.get(frozen).is_none());
         }
         // Without gradients: the same values, no graph.
-        let plain = x.as_tensor().detach();
+        let plain = x.detach();
         let mut p2 = parts.clone();
         for cp in [
             Some(&mut p2.conv1),
@@ -296,4 +333,23 @@ fn misfits_name_the_shapes_and_unsupported_calls_fall_back() {
         .clone();
     assert!(resnet_block(&x, None, &trained).unwrap().is_none());
     assert!(resnet_block(&x, None, &p).unwrap().is_some());
+    // Convs that change the grid, even to as many pixels (2×15 → 3×10), or a zero stride: not a
+    // resnet's, so not this node's (and no panic).
+    let x2 = randn(&[1, 4, 2, 15], 7, 1.0);
+    let mut regrid = p.clone();
+    regrid.conv1 = ConvPart {
+        weight: randn(&[6, 4, 1, 1], 8, 0.3),
+        bias: None,
+        cfg: ConvCfg {
+            padding: 2,
+            stride: 2,
+            dilation: 1,
+            groups: 1,
+        },
+        lora: None,
+    };
+    assert!(resnet_block(&x2, None, &regrid).unwrap().is_none());
+    let mut stride0 = p.clone();
+    stride0.conv2.cfg.stride = 0;
+    assert!(resnet_block(&x, None, &stride0).unwrap().is_none());
 }
