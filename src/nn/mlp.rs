@@ -206,8 +206,7 @@ mod tests {
     use candle_core::Var;
 
     fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
-        let mut rng = crate::rng::rng_for(seed, "mlp-test");
-        crate::rng::normal(shape, std, &mut rng).unwrap()
+        crate::nn::test_util::randn("mlp-test", shape, seed, std)
     }
 
     fn lora_composed(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Tensor {
@@ -270,18 +269,7 @@ mod tests {
                 lora_composed(inp, &dense[k], &facs[k].0, &facs[k].1, scales[k])
             };
             let composed = lin(2, &(lin(0, &x).silu().unwrap() * lin(1, &x)).unwrap());
-            let diff = |a: &Tensor, c: &Tensor| -> f32 {
-                let scale: f32 = c.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-                let e: f32 = (a - c)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
-                e / scale.max(1e-6)
-            };
+            let diff = crate::nn::test_util::rel_max_err;
             assert_eq!(fused.dims(), &[b, t, d]);
             assert!(
                 diff(&fused, &composed) < 1e-5,

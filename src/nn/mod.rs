@@ -25,3 +25,5 @@ pub mod resample;
 pub mod resnet;
 pub mod rope;
 pub mod softmax;
+#[cfg(test)]
+pub(crate) mod test_util;

@@ -18,6 +18,7 @@ use crate::nn::conv::ConvCfg;
 use crate::nn::nf4::{Nf4Tensor, RoundingError};
 use crate::nn::{conv, frozen};
 use crate::{Error, Result};
+mod fused;
 mod mixed;
 
 use candle_core::{Tensor, Var};
@@ -315,87 +316,6 @@ impl AdaptedLayer {
             .filter_map(|n| self.slots.get(n).map(|s| (n.as_str(), s)))
             .filter(|(_, s)| s.gain != 0.0)
             .collect()
-    }
-
-    /// What runs in this layer's forward when a block-level fused node may take it: `Some(None)`
-    /// for no live adapter, `Some(Some((lora, gain)))` for exactly one plain LoRA (unrouted, no
-    /// DoRA, no dropout in play), `None` for anything else (a trainable copy, a routed adapter, a
-    /// merged one that is routed (its forward raises the error), several adapters, another method).
-    fn sole_plain_lora(&self, ctx: &ForwardCtx) -> Option<Option<(&Lora, f64)>> {
-        if self.saved.is_some() || self.merged.iter().any(|m| ctx.is_routed(&m.name)) {
-            return None;
-        }
-        let live = self.live();
-        let (name, s) = match live.as_slice() {
-            [] => return Some(None),
-            [(name, s)] => (name, s),
-            _ => return None,
-        };
-        if ctx.is_routed(name) || s.adapter.module_dropout() > 0.0 {
-            return None;
-        }
-        let a: &dyn std::any::Any = s.adapter.as_ref();
-        let l = a.downcast_ref::<Lora>()?;
-        if l.magnitude.is_some() || (ctx.train && l.dropout > 0.0) {
-            return None;
-        }
-        Some(Some((l, s.gain)))
-    }
-
-    /// This linear layer as a projection of a block-level fused node ([`crate::nn::mlp`]): its
-    /// frozen base (dense or NF4, no bias) and the one plain LoRA that runs in this forward
-    /// (unrouted, no DoRA, no dropout in play, no trainable copy), with the scale times the gain.
-    /// `None` when the layer needs its own forward.
-    pub fn plain_lora(&self, ctx: &ForwardCtx) -> Option<crate::nn::mlp::Proj> {
-        if self.base.bias.is_some() || self.kind() != BaseKind::Linear {
-            return None;
-        }
-        let (l, gain) = self.sole_plain_lora(ctx)??;
-        let base = match self.base.weight() {
-            BaseWeight::Dense(w)
-                if w.dtype() != candle_core::DType::F32 || !w.device().is_cpu() =>
-            {
-                return None
-            }
-            BaseWeight::Dense(w) => crate::nn::mlp::ProjBase::Dense(w.clone()),
-            BaseWeight::Nf4(q) => crate::nn::mlp::ProjBase::Nf4(q.clone()),
-        };
-        Some(crate::nn::mlp::Proj {
-            base,
-            a: ctx.read(&l.a),
-            b: ctx.read(&l.b),
-            scale: l.scale * gain,
-        })
-    }
-
-    /// This conv layer as a part of a block-level fused node ([`crate::nn::resnet`]): its frozen
-    /// dense kernel and bias and the one plain LoCon that runs in this forward, if any. `None` when
-    /// the layer needs its own forward.
-    pub fn plain_conv(&self, ctx: &ForwardCtx) -> Option<crate::nn::resnet::ConvPart> {
-        let (BaseKind::Conv2d(cfg), BaseWeight::Dense(w)) = (self.kind(), self.base.weight())
-        else {
-            return None;
-        };
-        let lora = match self.sole_plain_lora(ctx)? {
-            None => None,
-            Some((l, gain)) => {
-                let (a, b) = (ctx.read(&l.a), ctx.read(&l.b));
-                if a.rank() != 4 || b.rank() != 4 {
-                    return None;
-                }
-                Some(crate::nn::resnet::Locon {
-                    a,
-                    b,
-                    scale: l.scale * gain,
-                })
-            }
-        };
-        Some(crate::nn::resnet::ConvPart {
-            weight: w.clone(),
-            bias: self.base.bias.clone(),
-            cfg,
-            lora,
-        })
     }
 
     /// The names of the adapters that run in a forward now (active, enabled, not merged, gain ≠ 0).

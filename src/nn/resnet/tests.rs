@@ -1,11 +1,11 @@
 //! The resnet node against its composition.
 
 use super::*;
+use crate::nn::test_util::rel_max_err as rel;
 use candle_core::Var;
 
 fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
-    let mut rng = crate::rng::rng_for(seed, "resnet-test");
-    crate::rng::normal(shape, std, &mut rng).unwrap()
+    crate::nn::test_util::randn("resnet-test", shape, seed, std)
 }
 
 fn conv_ref(x: &Tensor, p: &ConvPart) -> Tensor {
@@ -44,19 +44,6 @@ fn block_ref(x: &Tensor, t: Option<&Tensor>, p: &ResnetParts) -> Tensor {
         None => x.clone(),
     };
     ((s + h).unwrap() / p.out_scale).unwrap()
-}
-
-fn rel(a: &Tensor, c: &Tensor) -> f32 {
-    let scale: f32 = c.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    let e: f32 = (a - c)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    e / scale.max(1e-6)
 }
 
 struct Case {
