@@ -21,6 +21,17 @@ pub fn geglu(p: &Tensor) -> Result<Tensor> {
     Ok(p.contiguous()?.apply_op1(GegluOp)?)
 }
 
+/// GEGLU's values for a contiguous CPU f32 `p`, recording no graph (for nodes with their own
+/// backward).
+pub(super) fn geglu_values(p: &Tensor) -> candle_core::Result<Tensor> {
+    p.apply_op1_no_bwd(&GegluOp)
+}
+
+/// The gradient of `p` for GEGLU's output gradient `g` (contiguous CPU f32).
+pub(super) fn geglu_grad(g: &Tensor, p: &Tensor) -> candle_core::Result<Tensor> {
+    g.apply_op2_no_bwd(p, &GegluBwd)
+}
+
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 fn gelu_erf(x: f32) -> f32 {

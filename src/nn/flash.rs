@@ -52,6 +52,55 @@ pub(super) fn tiled_attention(
     )
 }
 
+/// The attention output and the per-row softmax statistics for contiguous CPU f32 q, k, v (no
+/// mask), recording no graph: for block-level nodes that keep the statistics for their own
+/// backward ([`attend_grads`]). Shapes as [`tiled_attention`]'s.
+pub(super) fn attend_values(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Arc<Vec<f32>>)> {
+    let op = TiledAttention {
+        scale,
+        mask: None,
+        lse: Mutex::new(None),
+    };
+    let o = q.apply_op3_no_bwd(k, v, &op)?;
+    let lse = match op.lse.lock() {
+        Ok(slot) => slot.clone(),
+        Err(_) => None,
+    };
+    match lse {
+        Some(l) => Ok((o, l)),
+        None => candle_core::bail!("tiled attention: the forward kept no statistics"),
+    }
+}
+
+/// The gradients of q, k and v for the output gradient `go`, from the forward's output `o` and the
+/// statistics [`attend_values`] returned.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    go: &Tensor,
+    scale: f32,
+    lse: Arc<Vec<f32>>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    use candle_core::CustomOp3;
+    let op = TiledAttention {
+        scale,
+        mask: None,
+        lse: Mutex::new(Some(lse)),
+    };
+    match op.bwd(q, k, v, o, go)? {
+        (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+        _ => candle_core::bail!("tiled attention: the backward gave no gradient"),
+    }
+}
+
 struct MaskVals {
     values: Vec<f32>,
     /// 1: one mask shared by every batch row.

@@ -139,6 +139,73 @@ pub fn gemm_into_ld(
     gemm_raw(dst, (1, ld as isize), lhs, rhs, beta, accumulate, par)
 }
 
+/// `dst += β·op(lhs)·op(rhs)` in place on tensors, where `op` transposes when asked (a view, no
+/// copy): a sum of products accumulated into one buffer by the GEMM, for the fused nodes' input
+/// gradients. `dst` must be a fresh tensor owned by the caller (not part of any graph); CPU f32,
+/// every operand contiguous and 2-D.
+pub fn gemm_acc(
+    dst: &candle_core::Tensor,
+    lhs: &candle_core::Tensor,
+    lhs_t: bool,
+    rhs: &candle_core::Tensor,
+    rhs_t: bool,
+    beta: f32,
+) -> Result<()> {
+    let (lr, lc) = lhs.dims2()?;
+    let (rr, rc) = rhs.dims2()?;
+    dst.inplace_op3(
+        lhs,
+        rhs,
+        &GemmAcc {
+            lhs: (lr, lc, lhs_t),
+            rhs: (rr, rc, rhs_t),
+            beta,
+        },
+    )
+}
+
+struct GemmAcc {
+    lhs: (usize, usize, bool),
+    rhs: (usize, usize, bool),
+    beta: f32,
+}
+
+impl candle_core::InplaceOp3 for GemmAcc {
+    fn name(&self) -> &'static str {
+        "gemm-acc"
+    }
+    fn cpu_fwd(
+        &self,
+        d: &mut candle_core::CpuStorage,
+        dl: &candle_core::Layout,
+        a: &candle_core::CpuStorage,
+        al: &candle_core::Layout,
+        b: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<()> {
+        use super::kernels::f32_slice;
+        let view = |s, (r, c, t): (usize, usize, bool)| {
+            let m = Mat::rm(s, r, c);
+            if t {
+                m.t()
+            } else {
+                m
+            }
+        };
+        let (a, b) = (
+            view(f32_slice(a, al, "gemm-acc lhs")?, self.lhs),
+            view(f32_slice(b, bl, "gemm-acc rhs")?, self.rhs),
+        );
+        let candle_core::CpuStorage::F32(d) = d else {
+            candle_core::bail!("gemm-acc: f32 destination only")
+        };
+        let Some((d0, d1)) = dl.contiguous_offsets() else {
+            candle_core::bail!("gemm-acc: contiguous destination only")
+        };
+        gemm_into(&mut d[d0..d1], a, b, self.beta, true, Par::all())
+    }
+}
+
 fn gemm_strided(
     dst: &mut [f32],
     col_major: bool,

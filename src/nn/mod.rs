@@ -15,6 +15,7 @@ pub mod flash;
 pub mod frozen;
 pub mod gemm;
 pub mod kernels;
+pub mod layer_norm;
 pub mod lora_conv;
 pub mod lora_op;
 pub mod loss;
@@ -25,5 +26,6 @@ pub mod resample;
 pub mod resnet;
 pub mod rope;
 pub mod softmax;
+pub mod tblock;
 #[cfg(test)]
 pub(crate) mod test_util;

@@ -7,6 +7,9 @@ use super::kernels::{f32_slice, rows_per_task};
 use crate::Result;
 use candle_core::{DType, Tensor, D};
 
+pub use super::layer_norm::{layer_norm, layer_norm_composite};
+pub(super) use super::layer_norm::{layer_norm_grad_acc, layer_norm_values};
+
 /// GroupNorm over (B, C, ...) with `groups` groups, biased variance, affine (C) weight and bias.
 pub fn group_norm(
     x: &Tensor,
@@ -30,39 +33,6 @@ pub fn group_norm(
         .broadcast_mul(&weight.reshape(shape.as_slice())?)?
         .broadcast_add(&bias.reshape(shape.as_slice())?)?
         .to_dtype(x.dtype())?)
-}
-
-/// LayerNorm over the last dimension: one fused node with a CPU forward and backward for
-/// contiguous f32 inputs, the differentiable composition ([`layer_norm_composite`]) elsewhere.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    if !x.device().is_cpu()
-        || x.dtype() != DType::F32
-        || weight.dtype() != DType::F32
-        || weight.elem_count() != d
-        || bias.elem_count() != d
-    {
-        return layer_norm_composite(x, weight, bias, eps);
-    }
-    Ok(x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        LayerNormOp { eps },
-    )?)
-}
-
-/// LayerNorm over the last dimension as a composition of differentiable ops (the reference).
-pub fn layer_norm_composite(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(xn.broadcast_mul(weight)?.broadcast_add(bias)?)
 }
 
 /// GroupNorm as one node with a CPU kernel for the forward and the backward (the composition in
@@ -151,7 +121,7 @@ fn lane_sq_dev(v: &[f32], m: f32) -> f64 {
 }
 
 /// (mean, 1/std) of one group's values (two passes, f64 lane totals).
-fn stats(v: &[f32], eps: f64) -> (f64, f64) {
+pub(super) fn stats(v: &[f32], eps: f64) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = lane_sum(v) / n;
     let var = lane_sq_dev(v, mean as f32) / n;
@@ -491,139 +461,6 @@ impl GroupNormRef<'_> {
                 how,
             );
         }
-    }
-}
-
-struct LayerNormOp {
-    eps: f64,
-}
-
-impl candle_core::CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "layer-norm"
-    }
-    fn cpu_fwd(
-        &self,
-        sx: &candle_core::CpuStorage,
-        lx: &candle_core::Layout,
-        sw: &candle_core::CpuStorage,
-        lw: &candle_core::Layout,
-        sb: &candle_core::CpuStorage,
-        lb: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let (x, w, b) = (
-            f32_slice(sx, lx, "layer_norm")?,
-            f32_slice(sw, lw, "layer_norm")?,
-            f32_slice(sb, lb, "layer_norm")?,
-        );
-        let d = w.len();
-        let mut out = vec![0f32; x.len()];
-        let chunk = rows_per_task(x.len() / d.max(1), d) * d;
-        out.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .for_each(|(o, xs)| {
-                for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-                    let (mean, inv) = stats(xrow, self.eps);
-                    let (mean, inv) = (mean as f32, inv as f32);
-                    for (((o, x), w), b) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
-                        *o = (*x - mean) * inv * *w + *b;
-                    }
-                }
-            });
-        Ok((candle_core::CpuStorage::F32(out), lx.shape().clone()))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = w.elem_count();
-        let packed = grad
-            .contiguous()?
-            .apply_op3_no_bwd(x, w, &LayerNormBwd { eps: self.eps })?;
-        let n = x.elem_count();
-        let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let gw = packed.narrow(0, n, d)?.reshape(w.shape())?;
-        let gb = packed.narrow(0, n + d, d)?.reshape(w.shape())?;
-        Ok((Some(gx), Some(gw), Some(gb)))
-    }
-}
-
-struct LayerNormBwd {
-    eps: f64,
-}
-
-impl candle_core::CustomOp3 for LayerNormBwd {
-    fn name(&self) -> &'static str {
-        "layer-norm-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        sg: &candle_core::CpuStorage,
-        lg: &candle_core::Layout,
-        sx: &candle_core::CpuStorage,
-        lx: &candle_core::Layout,
-        sw: &candle_core::CpuStorage,
-        lw: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let (g, x, w) = (
-            f32_slice(sg, lg, "layer_norm")?,
-            f32_slice(sx, lx, "layer_norm")?,
-            f32_slice(sw, lw, "layer_norm")?,
-        );
-        let d = w.len();
-        let mut gx = vec![0f32; x.len()];
-        let chunk = rows_per_task(x.len() / d.max(1), d) * d;
-        // Per task: dx rows, and partial sums for dγ and dβ (summed in task order afterwards).
-        let partial: Vec<(Vec<f64>, Vec<f64>)> = gx
-            .par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .zip(g.par_chunks(chunk))
-            .map(|((dx, xs), gs)| {
-                let mut dgam = vec![0f64; d];
-                let mut dbet = vec![0f64; d];
-                let mut xh = vec![0f64; d];
-                for ((dxr, xr), gr) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
-                    let (mean, inv) = stats(xr, self.eps);
-                    let (mut s1, mut s2) = (0f64, 0f64);
-                    for k in 0..d {
-                        xh[k] = (xr[k] as f64 - mean) * inv;
-                        let dxh = gr[k] as f64 * w[k] as f64;
-                        s1 += dxh;
-                        s2 += dxh * xh[k];
-                        dgam[k] += gr[k] as f64 * xh[k];
-                        dbet[k] += gr[k] as f64;
-                    }
-                    let n = d as f64;
-                    for k in 0..d {
-                        let dxh = gr[k] as f64 * w[k] as f64;
-                        dxr[k] = (inv / n * (n * dxh - s1 - xh[k] * s2)) as f32;
-                    }
-                }
-                (dgam, dbet)
-            })
-            .collect();
-        let mut dw = vec![0f64; d];
-        let mut db = vec![0f64; d];
-        for (dg, dbp) in &partial {
-            for k in 0..d {
-                dw[k] += dg[k];
-                db[k] += dbp[k];
-            }
-        }
-        let mut out = gx;
-        out.extend(dw.iter().map(|v| *v as f32));
-        out.extend(db.iter().map(|v| *v as f32));
-        let len = out.len();
-        Ok((
-            candle_core::CpuStorage::F32(out),
-            candle_core::Shape::from(len),
-        ))
     }
 }
 

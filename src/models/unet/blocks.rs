@@ -339,6 +339,9 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        if let Some(y) = self.fused(x, context, ctx)? {
+            return Ok(y);
+        }
         let h = (self.attn1.forward(&self.norm1.forward(x)?, None, ctx)? + x)?;
         let h = (self
             .attn2
@@ -348,6 +351,68 @@ impl BasicTransformerBlock {
         let p = self.ff_proj.forward(&self.norm3.forward(&h)?, ctx)?;
         let g = geglu(&p)?;
         Ok((self.ff_out.forward(&g, ctx)? + h)?)
+    }
+
+    /// The whole block as one node ([`crate::nn::tblock`]) when each projection runs no adapter or
+    /// one plain LoRA on the CPU in f32 and no attention probe is recording; `None` (and a debug
+    /// note saying why, once) for the composed path.
+    fn fused(&self, x: &Tensor, context: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        use crate::nn::fallback::{cpu_f32_miss, note};
+        use crate::nn::tblock::{AttnPart, BlockParts, LnPart};
+        const NODE: &str = "transformer block";
+        if let Some(why) = cpu_f32_miss(x).or_else(|| cpu_f32_miss(context)) {
+            note(|| (NODE.into(), why));
+            return Ok(None);
+        }
+        if ctx.probe().is_some() {
+            note(|| {
+                (
+                    NODE.into(),
+                    "an attention probe records the cross-attention".into(),
+                )
+            });
+            return Ok(None);
+        }
+        let kv = ctx.at(Layout::Context);
+        let attn = |a: &Attention, kv: &ForwardCtx| -> Option<AttnPart> {
+            Some(AttnPart {
+                q: a.to_q.plain_linear(ctx)?,
+                k: a.to_k.plain_linear(kv)?,
+                v: a.to_v.plain_linear(kv)?,
+                out: a.to_out.plain_linear(ctx)?,
+            })
+        };
+        let ln = |n: &LayerNorm| LnPart {
+            weight: n.w.clone(),
+            bias: n.b.clone(),
+            eps: 1e-5,
+        };
+        let parts = (|| {
+            Some(BlockParts {
+                norm1: ln(&self.norm1),
+                attn1: attn(&self.attn1, ctx)?,
+                norm2: ln(&self.norm2),
+                attn2: attn(&self.attn2, &kv)?,
+                norm3: ln(&self.norm3),
+                ff_proj: self.ff_proj.plain_linear(ctx)?,
+                ff_out: self.ff_out.plain_linear(ctx)?,
+                heads: self.attn1.heads,
+            })
+        })();
+        let Some(parts) = parts else {
+            note(|| {
+                (
+                    NODE.into(),
+                    "a projection without at most one plain LoRA (other method, DoRA, dropout, routing, a trainable copy)".into(),
+                )
+            });
+            return Ok(None);
+        };
+        let y = crate::nn::tblock::transformer_block(x, context, &parts)?;
+        if y.is_none() {
+            note(|| (NODE.into(), "a trained norm, weight or bias".into()));
+        }
+        Ok(y)
     }
 
     fn layers<'a>(&'a self, v: &mut Vec<&'a AdaptedLayer>) {

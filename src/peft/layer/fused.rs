@@ -1,4 +1,4 @@
-//! The adapted layer as a part of a block-level fused node (`nn::mlp`, `nn::resnet`): its frozen
+//! The adapted layer as a part of a block-level fused node (`nn::mlp`, `nn::resnet`, `nn::tblock`): its frozen
 //! base and the one plain LoRA that runs in this forward, when that is all it runs.
 
 use super::{AdaptedLayer, BaseKind, BaseWeight};
@@ -54,6 +54,34 @@ impl AdaptedLayer {
             a: ctx.read(&l.a),
             b: ctx.read(&l.b),
             scale: l.scale * gain,
+        })
+    }
+
+    /// This linear layer as a projection of the transformer-block node ([`crate::nn::tblock`]):
+    /// its frozen dense weight and bias and the one plain LoRA that runs in this forward, if any.
+    /// `None` when the layer needs its own forward.
+    pub fn plain_linear(&self, ctx: &ForwardCtx) -> Option<crate::nn::tblock::LinearPart> {
+        let (BaseKind::Linear, BaseWeight::Dense(w)) = (self.kind(), self.base.weight()) else {
+            return None;
+        };
+        let lora = match self.sole_plain_lora(ctx)? {
+            None => None,
+            Some((l, gain)) => {
+                let (a, b) = (ctx.read(&l.a), ctx.read(&l.b));
+                if a.rank() != 2 || b.rank() != 2 {
+                    return None;
+                }
+                Some(crate::nn::tblock::LoraFactors {
+                    a,
+                    b,
+                    scale: l.scale * gain,
+                })
+            }
+        };
+        Some(crate::nn::tblock::LinearPart {
+            weight: w.clone(),
+            bias: self.base.bias.clone(),
+            lora,
         })
     }
 
