@@ -31,16 +31,7 @@ pub(super) fn tiled_attention(
     scale: f32,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let mask = match mask {
-        Some(m) => Some(Arc::new(MaskVals {
-            values: m
-                .to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-            batch: m.dim(0)?,
-        })),
-        None => None,
-    };
+    let mask = mask.map(mask_vals).transpose()?;
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
@@ -52,18 +43,19 @@ pub(super) fn tiled_attention(
     )
 }
 
-/// The attention output and the per-row softmax statistics for contiguous CPU f32 q, k, v (no
-/// mask), recording no graph: for block-level nodes that keep the statistics for their own
+/// The attention output and the per-row softmax statistics for contiguous CPU f32 q, k, v (and an
+/// additive mask from [`mask_vals`]), recording no graph: for block-level nodes that keep the statistics for their own
 /// backward ([`attend_grads`]). Shapes as [`tiled_attention`]'s.
 pub(super) fn attend_values(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f32,
+    mask: Option<&Arc<MaskVals>>,
 ) -> Result<(Tensor, Arc<Vec<f32>>)> {
     let op = TiledAttention {
         scale,
-        mask: None,
+        mask: mask.cloned(),
         lse: Mutex::new(None),
     };
     let o = q.apply_op3_no_bwd(k, v, &op)?;
@@ -87,12 +79,13 @@ pub(super) fn attend_grads(
     o: &Tensor,
     go: &Tensor,
     scale: f32,
+    mask: Option<&Arc<MaskVals>>,
     lse: Arc<Vec<f32>>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     use candle_core::CustomOp3;
     let op = TiledAttention {
         scale,
-        mask: None,
+        mask: mask.cloned(),
         lse: Mutex::new(Some(lse)),
     };
     match op.bwd(q, k, v, o, go)? {
@@ -101,7 +94,19 @@ pub(super) fn attend_grads(
     }
 }
 
-struct MaskVals {
+/// An additive mask (B or 1, 1, Tq, Tk)'s values, read once.
+pub(super) fn mask_vals(m: &Tensor) -> Result<Arc<MaskVals>> {
+    Ok(Arc::new(MaskVals {
+        values: m
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+        batch: m.dim(0)?,
+    }))
+}
+
+/// An additive attention mask's values.
+pub(super) struct MaskVals {
     values: Vec<f32>,
     /// 1: one mask shared by every batch row.
     batch: usize,

@@ -9,6 +9,7 @@
 
 pub mod act;
 pub mod attention;
+pub mod block;
 pub mod conv;
 pub mod fallback;
 pub mod flash;
@@ -26,6 +27,6 @@ pub mod resample;
 pub mod resnet;
 pub mod rope;
 pub mod softmax;
-pub mod tblock;
+
 #[cfg(test)]
 pub(crate) mod test_util;

@@ -606,3 +606,91 @@ impl candle_core::CustomOp3 for RmsNormBwd {
         ))
     }
 }
+
+/// RMSNorm's values for a contiguous CPU f32 `x`, recording no graph (for nodes with their own
+/// backward).
+pub(super) fn rms_norm_values(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    x.apply_op2_no_bwd(weight, &RmsNormOp { eps })
+}
+
+/// `dst += ∂RMSNorm(x)/∂x · g` in place for a frozen weight (its values): the input gradient of an
+/// RMSNorm summed into a buffer that already holds the residual's. `dst` must be a fresh tensor
+/// owned by the caller; CPU f32, contiguous, the shape of `x` and `g`.
+pub(super) fn rms_norm_grad_acc(
+    dst: &Tensor,
+    g: &Tensor,
+    x: &Tensor,
+    weight: &[f32],
+    eps: f64,
+) -> candle_core::Result<()> {
+    dst.inplace_op3(
+        g,
+        x,
+        &RmsNormGradAcc {
+            w: weight.to_vec(),
+            eps,
+        },
+    )
+}
+
+struct RmsNormGradAcc {
+    w: Vec<f32>,
+    eps: f64,
+}
+
+impl candle_core::InplaceOp3 for RmsNormGradAcc {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad-acc"
+    }
+    fn cpu_fwd(
+        &self,
+        sd: &mut candle_core::CpuStorage,
+        ld: &candle_core::Layout,
+        sg: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+        sx: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (g, x) = (
+            f32_slice(sg, lg, "rms_norm grad")?,
+            f32_slice(sx, lx, "rms_norm grad")?,
+        );
+        let (candle_core::CpuStorage::F32(dv), Some((d0, d1))) = (sd, ld.contiguous_offsets())
+        else {
+            candle_core::bail!("rms_norm grad: contiguous f32 destination only")
+        };
+        let dst = &mut dv[d0..d1];
+        let (w, d) = (&self.w, self.w.len());
+        if dst.len() != x.len() || g.len() != x.len() || d == 0 || x.len() % d != 0 {
+            candle_core::bail!(
+                "rms_norm grad: {} gradient and {} input values into {} over width {d}",
+                g.len(),
+                x.len(),
+                dst.len()
+            );
+        }
+        let chunk = rows_per_task(x.len() / d, d) * d;
+        // dx_j += r·(g_j w_j − x_j r² Σ_k g_k w_k x_k / d), as `RmsNormBwd`.
+        dst.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .zip(g.par_chunks(chunk))
+            .for_each(|((dx, xs), gs)| {
+                for ((dxr, xr), gr) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
+                    let r = rms_inv(xr, self.eps);
+                    let dot: f64 = (0..d)
+                        .map(|k| gr[k] as f64 * w[k] as f64 * xr[k] as f64)
+                        .sum();
+                    let c = r * r * dot / d as f64;
+                    for k in 0..d {
+                        dxr[k] += (r * (gr[k] as f64 * w[k] as f64 - xr[k] as f64 * c)) as f32;
+                    }
+                }
+            });
+        Ok(())
+    }
+}

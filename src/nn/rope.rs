@@ -46,6 +46,34 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
             inv_freq.len()
         )));
     }
+    let tables = rope_tables(positions, inv_freq)?;
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return rope_composite(x, &tables);
+    }
+    Ok(x.contiguous()?.apply_op1(RopeOp {
+        tables,
+        inverse: false,
+    })?)
+}
+
+/// The rotation of a contiguous CPU f32 `x` (B, H, T, D) by the tables' angles (by their negatives
+/// when `inverse`: the backward), recording no graph (for nodes with their own backward).
+pub(super) fn rope_values(
+    x: &Tensor,
+    tables: &std::sync::Arc<RopeTables>,
+    inverse: bool,
+) -> candle_core::Result<Tensor> {
+    x.apply_op1_no_bwd(&RopeOp {
+        tables: tables.clone(),
+        inverse,
+    })
+}
+
+/// The cos/sin tables of `positions` (B, T) for the frequencies θ.
+pub(super) fn rope_tables(
+    positions: &Tensor,
+    inv_freq: &[f32],
+) -> Result<std::sync::Arc<RopeTables>> {
     let pos: Vec<u32> = positions
         .to_dtype(DType::U32)?
         .flatten_all()?
@@ -61,22 +89,16 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
             sin[p * half + i] = a.sin();
         }
     }
-    let tables = std::sync::Arc::new(RopeTables {
+    Ok(std::sync::Arc::new(RopeTables {
         pos,
         cos,
         sin,
         half,
-    });
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return rope_composite(x, &tables);
-    }
-    Ok(x.contiguous()?.apply_op1(RopeOp {
-        tables,
-        inverse: false,
-    })?)
+    }))
 }
 
-struct RopeTables {
+/// Per-position cos and sin of the rotation angles.
+pub(super) struct RopeTables {
     /// Position of each (batch, token), row-major.
     pos: Vec<u32>,
     cos: Vec<f32>,

@@ -192,10 +192,70 @@ impl DecoderLayer {
         kv: Option<&mut Option<(Tensor, Tensor)>>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let x = rms_norm(h, &self.input_norm.effective_weight(ctx)?, self.eps)?;
-        let h = (h + self.attn.forward(&x, step, kv, ctx)?)?;
+        let norm = self.input_norm.effective_weight(ctx)?;
+        let h = match self.fused_attention(h, &norm, step, kv.is_some(), ctx)? {
+            Some(h) => h,
+            None => {
+                let x = rms_norm(h, &norm, self.eps)?;
+                (h + self.attn.forward(&x, step, kv, ctx)?)?
+            }
+        };
         let x = rms_norm(&h, &self.post_norm.effective_weight(ctx)?, self.eps)?;
         Ok((&h + self.mlp.forward(&x, ctx)?)?)
+    }
+
+    /// The attention half (norm, attention, residual) as one node ([`crate::nn::block`]) when
+    /// training without a cache or S²-Attn on the CPU in f32 and each projection runs no adapter
+    /// or one plain LoRA; `None` (with a debug note, once) for the composed path.
+    fn fused_attention(
+        &self,
+        h: &Tensor,
+        norm: &Tensor,
+        step: &Step,
+        cached: bool,
+        ctx: &ForwardCtx,
+    ) -> Result<Option<Tensor>> {
+        use crate::nn::block::{decoder_attention, AttnPart, DecoderAttnParts};
+        use crate::nn::fallback::{cpu_f32_miss, note};
+        const NODE: &str = "decoder attention";
+        if cached || step.s2.is_some() {
+            // Generation and S²-Attn: not a training step the node covers (no note: by design).
+            return Ok(None);
+        }
+        if let Some(why) = cpu_f32_miss(h) {
+            note(|| (NODE.into(), why));
+            return Ok(None);
+        }
+        let a = &self.attn;
+        let attn = (|| {
+            Some(AttnPart {
+                q: a.q.plain_linear(ctx)?,
+                k: a.k.plain_linear(ctx)?,
+                v: a.v.plain_linear(ctx)?,
+                out: a.o.plain_linear(ctx)?,
+            })
+        })();
+        let Some(attn) = attn else {
+            note(|| {
+                (
+                    NODE.into(),
+                    "a projection without at most one plain LoRA (other method, DoRA, dropout, routing, a trainable copy)".into(),
+                )
+            });
+            return Ok(None);
+        };
+        let parts = DecoderAttnParts {
+            norm_weight: norm.clone(),
+            eps: self.eps,
+            attn,
+            heads: a.heads,
+            kv_heads: a.kv_heads,
+        };
+        let y = decoder_attention(h, &parts, step.pos, step.inv_freq, Some(step.mask))?;
+        if y.is_none() {
+            note(|| (NODE.into(), "a trained norm, weight or bias".into()));
+        }
+        Ok(y)
     }
 
     fn layers(&self) -> Vec<&AdaptedLayer> {

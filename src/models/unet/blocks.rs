@@ -353,12 +353,12 @@ impl BasicTransformerBlock {
         Ok((self.ff_out.forward(&g, ctx)? + h)?)
     }
 
-    /// The whole block as one node ([`crate::nn::tblock`]) when each projection runs no adapter or
+    /// The whole block as one node ([`crate::nn::block`]) when each projection runs no adapter or
     /// one plain LoRA on the CPU in f32 and no attention probe is recording; `None` (and a debug
     /// note saying why, once) for the composed path.
     fn fused(&self, x: &Tensor, context: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        use crate::nn::block::{AttnPart, BlockParts, LnPart};
         use crate::nn::fallback::{cpu_f32_miss, note};
-        use crate::nn::tblock::{AttnPart, BlockParts, LnPart};
         const NODE: &str = "transformer block";
         if let Some(why) = cpu_f32_miss(x).or_else(|| cpu_f32_miss(context)) {
             note(|| (NODE.into(), why));
@@ -408,7 +408,7 @@ impl BasicTransformerBlock {
             });
             return Ok(None);
         };
-        let y = crate::nn::tblock::transformer_block(x, context, &parts)?;
+        let y = crate::nn::block::transformer_block(x, context, &parts)?;
         if y.is_none() {
             note(|| (NODE.into(), "a trained norm, weight or bias".into()));
         }

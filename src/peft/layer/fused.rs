@@ -1,4 +1,4 @@
-//! The adapted layer as a part of a block-level fused node (`nn::mlp`, `nn::resnet`, `nn::tblock`): its frozen
+//! The adapted layer as a part of a block-level fused node (`nn::mlp`, `nn::resnet`, `nn::block`): its frozen
 //! base and the one plain LoRA that runs in this forward, when that is all it runs.
 
 use super::{AdaptedLayer, BaseKind, BaseWeight};
@@ -57,12 +57,16 @@ impl AdaptedLayer {
         })
     }
 
-    /// This linear layer as a projection of the transformer-block node ([`crate::nn::tblock`]):
-    /// its frozen dense weight and bias and the one plain LoRA that runs in this forward, if any.
+    /// This linear layer as a projection of the block-level attention nodes ([`crate::nn::block`]):
+    /// its frozen weight (dense or NF4) and bias and the one plain LoRA that runs in this forward, if any.
     /// `None` when the layer needs its own forward.
-    pub fn plain_linear(&self, ctx: &ForwardCtx) -> Option<crate::nn::tblock::LinearPart> {
-        let (BaseKind::Linear, BaseWeight::Dense(w)) = (self.kind(), self.base.weight()) else {
+    pub fn plain_linear(&self, ctx: &ForwardCtx) -> Option<crate::nn::block::LinearPart> {
+        if self.kind() != BaseKind::Linear {
             return None;
+        }
+        let base = match self.base.weight() {
+            BaseWeight::Dense(w) => crate::nn::mlp::ProjBase::Dense(w.clone()),
+            BaseWeight::Nf4(q) => crate::nn::mlp::ProjBase::Nf4(q.clone()),
         };
         let lora = match self.sole_plain_lora(ctx)? {
             None => None,
@@ -71,15 +75,15 @@ impl AdaptedLayer {
                 if a.rank() != 2 || b.rank() != 2 {
                     return None;
                 }
-                Some(crate::nn::tblock::LoraFactors {
+                Some(crate::nn::block::LoraFactors {
                     a,
                     b,
                     scale: l.scale * gain,
                 })
             }
         };
-        Some(crate::nn::tblock::LinearPart {
-            weight: w.clone(),
+        Some(crate::nn::block::LinearPart {
+            base,
             bias: self.base.bias.clone(),
             lora,
         })

@@ -5,12 +5,20 @@ use crate::nn::attention::{attention_composed, merge_heads, split_heads};
 use crate::nn::test_util::rel_max_err as rel;
 use candle_core::Var;
 
-fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
-    crate::nn::test_util::randn("tblock-test", shape, seed, std)
+pub(super) fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
+    crate::nn::test_util::randn("block-test", shape, seed, std)
 }
 
-fn lin_ref(l: &LinearPart, x: &Tensor) -> Tensor {
-    let mut y = x.broadcast_matmul(&l.weight.t().unwrap()).unwrap();
+/// The dense base of a test projection.
+pub(super) fn dense(l: &LinearPart) -> &Tensor {
+    match &l.base {
+        ProjBase::Dense(w) => w,
+        ProjBase::Nf4(_) => panic!("a dense base"),
+    }
+}
+
+pub(super) fn lin_ref(l: &LinearPart, x: &Tensor) -> Tensor {
+    let mut y = x.broadcast_matmul(&dense(l).t().unwrap()).unwrap();
     if let Some(b) = &l.bias {
         y = y.broadcast_add(b).unwrap();
     }
@@ -96,7 +104,7 @@ fn parts(cs: &Case, seed: u64) -> (BlockParts, Vec<Var>) {
             f
         });
         lins.push(LinearPart {
-            weight: randn(&[*o, *inn], s, 1.0 / (*inn as f64).sqrt()),
+            base: ProjBase::Dense(randn(&[*o, *inn], s, 1.0 / (*inn as f64).sqrt())),
             bias: biased[i].then(|| randn(&[*o], s + 3, 0.1)),
             lora,
         });
@@ -180,10 +188,7 @@ fn check(cs: &Case, seed: u64) {
         );
     }
     for l in p.linears() {
-        assert!(
-            gn.get(&l.weight).is_none(),
-            "a frozen weight got a gradient"
-        );
+        assert!(gn.get(dense(l)).is_none(), "a frozen weight got a gradient");
     }
     // Inference records no graph and gives the same values.
     let mut frozen = p.clone();
@@ -324,9 +329,7 @@ fn misfit_parts_name_the_shapes_and_other_devices_or_trained_weights_fall_back()
 
 impl AttnPart {
     fn train_out_weight(&mut self) {
-        self.out.weight = Var::from_tensor(&self.out.weight)
-            .unwrap()
-            .as_tensor()
-            .clone();
+        let w = Var::from_tensor(dense(&self.out)).unwrap();
+        self.out.base = ProjBase::Dense(w.as_tensor().clone());
     }
 }

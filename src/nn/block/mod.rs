@@ -23,11 +23,17 @@
 //!
 //! CPU, f32, frozen norms and weights; otherwise `None`, and the caller takes the composed path.
 
+mod attn;
+mod decoder;
+#[cfg(test)]
+mod decoder_tests;
 mod op;
 #[cfg(test)]
 mod tests;
 
+pub use super::mlp::ProjBase;
 use candle_core::{DType, Device, Result, Tensor};
+pub use decoder::{decoder_attention, DecoderAttnParts};
 
 /// A plain LoRA on a linear layer: A (r, in), B (out, r), scale s (α/r times the gain).
 #[derive(Clone)]
@@ -40,11 +46,12 @@ pub struct LoraFactors {
     pub scale: f64,
 }
 
-/// A frozen linear layer (weight (out, in), optional bias) with an optional plain LoRA.
+/// A frozen linear layer (weight (out, in), dense or NF4, optional bias) with an optional plain
+/// LoRA.
 #[derive(Clone)]
 pub struct LinearPart {
     /// The weight (out, in).
-    pub weight: Tensor,
+    pub base: ProjBase,
     /// The bias (out).
     pub bias: Option<Tensor>,
     /// The LoRA that runs on it.
@@ -137,29 +144,37 @@ fn frozen_miss(t: &Tensor) -> bool {
     !t.device().is_cpu() || t.dtype() != DType::F32 || t.is_variable() || t.track_op()
 }
 
-/// The block for x (B, N, C) and the context (B, T, C_ctx), as one node; `None` when it cannot be
-/// taken (off the CPU or f32, a trained norm, weight or bias), and the caller composes it.
-pub fn transformer_block(x: &Tensor, context: &Tensor, p: &BlockParts) -> Result<Option<Tensor>> {
-    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !on_cpu_f32(x) || !on_cpu_f32(context) {
-        return Ok(None);
+fn on_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// A projection the nodes can take: a frozen CPU f32 (or NF4) base and bias, f32 factors.
+fn linear_ok(l: &LinearPart) -> bool {
+    let base = match &l.base {
+        ProjBase::Dense(w) => !frozen_miss(w),
+        ProjBase::Nf4(_) => true,
+    };
+    base && l.bias.as_ref().is_none_or(|b| !frozen_miss(b))
+        && l.lora
+            .as_ref()
+            .is_none_or(|f| on_cpu_f32(&f.a) && on_cpu_f32(&f.b))
+}
+
+impl LinearPart {
+    /// (out, in).
+    fn out_in(&self) -> Vec<usize> {
+        match &self.base {
+            ProjBase::Dense(w) => w.dims().to_vec(),
+            ProjBase::Nf4(q) => q.shape.clone(),
+        }
     }
-    let frozen_ok = p.linears().iter().all(|l| {
-        !frozen_miss(&l.weight)
-            && l.bias.as_ref().is_none_or(|b| !frozen_miss(b))
-            && l.lora
-                .as_ref()
-                .is_none_or(|f| on_cpu_f32(&f.a) && on_cpu_f32(&f.b))
-    }) && p
-        .norms()
-        .iter()
-        .all(|n| !frozen_miss(&n.weight) && !frozen_miss(&n.bias));
-    if !frozen_ok {
-        return Ok(None);
-    }
-    check_shapes(x, context, p)?;
+}
+
+/// The packed LoRA factors of `linears` (A then B of each adapted one, in order) and their element
+/// counts; a 0-element tensor when none is adapted.
+fn pack(linears: &[&LinearPart]) -> Result<(Tensor, Vec<usize>)> {
     let mut factors = vec![];
-    for l in p.linears() {
+    for l in linears {
         if let Some(f) = &l.lora {
             factors.push(f.a.flatten_all()?);
             factors.push(f.b.flatten_all()?);
@@ -171,14 +186,60 @@ pub fn transformer_block(x: &Tensor, context: &Tensor, p: &BlockParts) -> Result
     } else {
         Tensor::cat(&factors, 0)?
     };
+    Ok((packed, sizes))
+}
+
+/// Checks a projection's base, bias and LoRA against (out, in).
+fn check_linear(
+    l: &LinearPart,
+    (o, i): (usize, usize),
+    name: &str,
+) -> std::result::Result<(), String> {
+    let wd = l.out_in();
+    if wd != [o, i] {
+        return Err(format!("{name} weight {wd:?} is not ({o}, {i})"));
+    }
+    if let Some(bias) = &l.bias {
+        if bias.dims() != [o] {
+            return Err(format!("{name} bias {:?} is not ({o})", bias.dims()));
+        }
+    }
+    if let Some(f) = &l.lora {
+        let r = f.a.dims().first().copied().unwrap_or(0);
+        if f.a.dims() != [r, i] || f.b.dims() != [o, r] {
+            return Err(format!(
+                "{name} LoRA A {:?} and B {:?} do not make a ({o}, {i}) update",
+                f.a.dims(),
+                f.b.dims()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The block for x (B, N, C) and the context (B, T, C_ctx), as one node; `None` when it cannot be
+/// taken (off the CPU or f32, a trained norm, weight or bias), and the caller composes it.
+pub fn transformer_block(x: &Tensor, context: &Tensor, p: &BlockParts) -> Result<Option<Tensor>> {
+    if !on_cpu_f32(x) || !on_cpu_f32(context) {
+        return Ok(None);
+    }
+    let frozen_ok = p.linears().iter().all(|l| linear_ok(l))
+        && p.norms()
+            .iter()
+            .all(|n| !frozen_miss(&n.weight) && !frozen_miss(&n.bias));
+    if !frozen_ok {
+        return Ok(None);
+    }
+    check_shapes(x, context, p)?;
+    let (packed, sizes) = pack(&p.linears())?;
     op::run(x, context, &packed, p, sizes).map(Some)
 }
 
 fn check_shapes(x: &Tensor, context: &Tensor, p: &BlockParts) -> Result<()> {
     let (b, _, c) = x.dims3()?;
     let (cb, _, cc) = context.dims3()?;
-    let inner = p.attn1.q.weight.dim(0)?;
-    let ff = p.ff_out.weight.dim(1)?;
+    let inner = p.attn1.q.out_in().first().copied().unwrap_or(0);
+    let ff = p.ff_out.out_in().get(1).copied().unwrap_or(0);
     // (name, expected (out, in)) per projection, in the node's order.
     let want = [
         (inner, c),
@@ -206,26 +267,8 @@ fn check_shapes(x: &Tensor, context: &Tensor, p: &BlockParts) -> Result<()> {
     if p.heads == 0 || inner % p.heads != 0 {
         return bad(format!("inner width {inner} does not split into the heads"));
     }
-    for ((l, (o, i)), name) in p.linears().iter().zip(want).zip(NAMES) {
-        let wd = l.weight.dims();
-        if wd != [o, i] {
-            return bad(format!("{name} weight {wd:?} is not ({o}, {i})"));
-        }
-        if let Some(bias) = &l.bias {
-            if bias.dims() != [o] {
-                return bad(format!("{name} bias {:?} is not ({o})", bias.dims()));
-            }
-        }
-        if let Some(f) = &l.lora {
-            let r = f.a.dim(0)?;
-            if f.a.dims() != [r, i] || f.b.dims() != [o, r] {
-                return bad(format!(
-                    "{name} LoRA A {:?} and B {:?} do not make a ({o}, {i}) update",
-                    f.a.dims(),
-                    f.b.dims()
-                ));
-            }
-        }
+    for ((l, oi), name) in p.linears().iter().zip(want).zip(NAMES) {
+        check_linear(l, oi, name).or_else(bad)?;
     }
     for (n, name) in p.norms().iter().zip(["norm1", "norm2", "norm3"]) {
         if n.weight.dims() != [c] || n.bias.dims() != [c] {
