@@ -503,12 +503,6 @@ mod tests {
         (y + (hh.conv2d(b, 0, 1, 1, 1).unwrap() * s).unwrap()).unwrap()
     }
 
-    /// The gradients of Σ y ⊙ weight: a loss that weighs every output differently, so a misplaced
-    /// gradient shows.
-    fn weighted_grads(y: &Tensor, weight: &Tensor) -> candle_core::backprop::GradStore {
-        (y * weight).unwrap().sum_all().unwrap().backward().unwrap()
-    }
-
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -546,62 +540,14 @@ mod tests {
             let bias = with_bias.then(|| randn(&[o], seed + 2, 0.5));
             let a = Var::from_tensor(&randn(&[r, c, k, k], seed + 3, 0.3)).unwrap();
             let b = Var::from_tensor(&randn(&[o, r, 1, 1], seed + 4, 0.3)).unwrap();
-            let s = 0.75;
-            let fused = lora_conv2d(
-                x.as_tensor(),
-                &w,
-                bias.as_ref(),
-                a.as_tensor(),
-                b.as_tensor(),
-                s,
-                cfg,
-            )
-            .unwrap()
-            .expect("CPU f32 takes the fused node");
-            let want = composed(
-                x.as_tensor(),
-                &w,
-                bias.as_ref(),
-                a.as_tensor(),
-                b.as_tensor(),
-                s,
-                cfg,
-            );
-            assert_eq!(fused.dims(), want.dims(), "case {ci}");
-            assert!(
-                max_diff(&fused, &want) < 1e-4,
-                "case {ci}: value {}",
-                max_diff(&fused, &want)
-            );
-            // A loss that weighs every output differently, so a misplaced gradient shows.
-            let weight = randn(want.dims(), seed + 5, 1.0);
-            let (gf, gw) = (
-                weighted_grads(&fused, &weight),
-                weighted_grads(&want, &weight),
-            );
-            for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
-                let (f, r) = (
-                    gf.get(v.as_tensor()).unwrap(),
-                    gw.get(v.as_tensor()).unwrap(),
-                );
-                let scale = r
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(scale > 0.0, "case {ci}: d{name} is zero");
-                assert!(
-                    max_diff(f, r) < 1e-4 * scale.max(1.0),
-                    "case {ci}: d{name} off by {}",
-                    max_diff(f, r)
-                );
-            }
-            // The frozen kernel gets nothing.
-            assert!(gf.get(&w).is_none());
+            let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+            let fused = lora_conv2d(xt, &w, bias.as_ref(), at, bt, 0.75, cfg)
+                .unwrap()
+                .expect("CPU f32 takes the fused node");
+            let want = composed(xt, &w, bias.as_ref(), at, bt, 0.75, cfg);
+            // Every gradient close and non-zero; the frozen kernel gets nothing.
+            let asked = [("x", &x), ("A", &a), ("B", &b)];
+            crate::nn::test_util::compare(&fused, &want, &asked, &[], &[&w], seed + 5);
         }
     }
 
@@ -636,22 +582,8 @@ mod tests {
                     .unwrap(),
                 None => y,
             };
-            assert!(max_diff(&fused, &want) < 1e-4, "case {ci}: value");
-            let weight = randn(want.dims(), seed + 5, 1.0);
-            let (gf, gw) = (
-                weighted_grads(&fused, &weight),
-                weighted_grads(&want, &weight),
-            );
-            let (f, r) = (
-                gf.get(x.as_tensor()).unwrap(),
-                gw.get(x.as_tensor()).unwrap(),
-            );
-            assert!(
-                max_diff(f, r) < 1e-4,
-                "case {ci}: dx off by {}",
-                max_diff(f, r)
-            );
-            assert!(gf.get(&w).is_none() && bias.as_ref().is_none_or(|bb| gf.get(bb).is_none()));
+            let frozen: Vec<&Tensor> = [Some(&w), bias.as_ref()].into_iter().flatten().collect();
+            crate::nn::test_util::compare(&fused, &want, &[("x", &x)], &[], &frozen, seed + 5);
         }
     }
 

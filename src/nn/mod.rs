@@ -20,7 +20,6 @@ pub mod layer_norm;
 pub mod lora_conv;
 pub mod lora_op;
 pub mod loss;
-pub mod mlp;
 pub mod nf4;
 pub mod norm;
 pub mod resample;

@@ -7,8 +7,8 @@ use super::kernels::{f32_slice, rows_per_task};
 use crate::Result;
 use candle_core::{DType, Tensor, D};
 
+pub(super) use super::layer_norm::layer_norm_values;
 pub use super::layer_norm::{layer_norm, layer_norm_composite};
-pub(super) use super::layer_norm::{layer_norm_grad_acc, layer_norm_values};
 
 /// GroupNorm over (B, C, ...) with `groups` groups, biased variance, affine (C) weight and bias.
 pub fn group_norm(
@@ -528,9 +528,14 @@ impl candle_core::CustomOp2 for RmsNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed = grad
-            .contiguous()?
-            .apply_op3_no_bwd(x, w, &RmsNormBwd { eps: self.eps })?;
+        let packed = grad.contiguous()?.apply_op3_no_bwd(
+            x,
+            w,
+            &RowNormBwd {
+                kind: RowNorm::Rms,
+                eps: self.eps,
+            },
+        )?;
         let n = x.elem_count();
         let gx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         // A frozen weight (a plain tensor) gets no gradient: candle would otherwise file one for
@@ -544,69 +549,6 @@ impl candle_core::CustomOp2 for RmsNormOp {
     }
 }
 
-struct RmsNormBwd {
-    eps: f64,
-}
-
-impl candle_core::CustomOp3 for RmsNormBwd {
-    fn name(&self) -> &'static str {
-        "rms-norm-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        sg: &candle_core::CpuStorage,
-        lg: &candle_core::Layout,
-        sx: &candle_core::CpuStorage,
-        lx: &candle_core::Layout,
-        sw: &candle_core::CpuStorage,
-        lw: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let (g, x, w) = (
-            f32_slice(sg, lg, "rms_norm")?,
-            f32_slice(sx, lx, "rms_norm")?,
-            f32_slice(sw, lw, "rms_norm")?,
-        );
-        let d = w.len().max(1);
-        let mut gx = vec![0f32; x.len()];
-        let chunk = rows_per_task(x.len() / d, d) * d;
-        // dx_j = r·(g_j w_j − x_j r² Σ_k g_k w_k x_k / d), dw_j = Σ_rows g_j x_j r.
-        let partial: Vec<Vec<f64>> = gx
-            .par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .zip(g.par_chunks(chunk))
-            .map(|((dx, xs), gs)| {
-                let mut dw = vec![0f64; d];
-                for ((dxr, xr), gr) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
-                    let r = rms_inv(xr, self.eps);
-                    let dot: f64 = (0..d)
-                        .map(|k| gr[k] as f64 * w[k] as f64 * xr[k] as f64)
-                        .sum();
-                    let c = r * r * dot / d as f64;
-                    for k in 0..d {
-                        dxr[k] = (r * (gr[k] as f64 * w[k] as f64 - xr[k] as f64 * c)) as f32;
-                        dw[k] += gr[k] as f64 * xr[k] as f64 * r;
-                    }
-                }
-                dw
-            })
-            .collect();
-        let mut dw = vec![0f64; d];
-        for p in &partial {
-            for k in 0..d {
-                dw[k] += p[k];
-            }
-        }
-        let mut out = gx;
-        out.extend(dw.iter().map(|v| *v as f32));
-        let len = out.len();
-        Ok((
-            candle_core::CpuStorage::F32(out),
-            candle_core::Shape::from(len),
-        ))
-    }
-}
-
 /// RMSNorm's values for a contiguous CPU f32 `x`, recording no graph (for nodes with their own
 /// backward).
 pub(super) fn rms_norm_values(
@@ -617,34 +559,86 @@ pub(super) fn rms_norm_values(
     x.apply_op2_no_bwd(weight, &RmsNormOp { eps })
 }
 
-/// `dst += ∂RMSNorm(x)/∂x · g` in place for a frozen weight (its values): the input gradient of an
-/// RMSNorm summed into a buffer that already holds the residual's. `dst` must be a fresh tensor
-/// owned by the caller; CPU f32, contiguous, the shape of `x` and `g`.
-pub(super) fn rms_norm_grad_acc(
+/// The row normalisation an input gradient is for.
+#[derive(Clone, Copy)]
+pub(super) enum RowNorm {
+    /// LayerNorm: `(x − mean)·inv·w + b`.
+    Layer,
+    /// RMSNorm: `x·r·w`, r = 1/√(mean(x²) + ε).
+    Rms,
+}
+
+/// One row's input gradient for a frozen weight, written (or added, `accumulate`) into `dx`:
+/// LayerNorm `dx = inv/d·(d·ĝ − Σĝ − x̂·Σĝx̂)`, RMSNorm `dx = r·(ĝ − x·r²·Σĝx/d)`, ĝ = g ⊙ w.
+pub(super) fn row_input_grad(
+    kind: RowNorm,
+    g: &[f32],
+    x: &[f32],
+    w: &[f32],
+    eps: f64,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let d = x.len() as f64;
+    let gw = |k: usize| g[k] as f64 * w[k] as f64;
+    let mut put = |k: usize, v: f64| {
+        if accumulate {
+            dx[k] += v as f32
+        } else {
+            dx[k] = v as f32
+        }
+    };
+    match kind {
+        RowNorm::Layer => {
+            let (mean, inv) = stats(x, eps);
+            let xh = |k: usize| (x[k] as f64 - mean) * inv;
+            let (s1, s2) =
+                (0..x.len()).fold((0f64, 0f64), |(a, b), k| (a + gw(k), b + gw(k) * xh(k)));
+            for k in 0..x.len() {
+                put(k, inv / d * (d * gw(k) - s1 - xh(k) * s2));
+            }
+        }
+        RowNorm::Rms => {
+            let r = rms_inv(x, eps);
+            let c = r * r * (0..x.len()).map(|k| gw(k) * x[k] as f64).sum::<f64>() / d;
+            for k in 0..x.len() {
+                put(k, r * (gw(k) - x[k] as f64 * c));
+            }
+        }
+    }
+}
+
+/// `dst += ∂norm(x)/∂x · g` in place for a frozen weight (its values), rows of the weight's width:
+/// a norm's input gradient summed into a buffer that already holds the residual's. `dst` must be a
+/// fresh tensor owned by the caller; CPU f32, contiguous, the shape of `x` and `g`.
+pub(super) fn norm_grad_acc(
     dst: &Tensor,
     g: &Tensor,
     x: &Tensor,
     weight: &[f32],
     eps: f64,
+    kind: RowNorm,
 ) -> candle_core::Result<()> {
     dst.inplace_op3(
         g,
         x,
-        &RmsNormGradAcc {
+        &NormGradAcc {
             w: weight.to_vec(),
             eps,
+            kind,
         },
     )
 }
 
-struct RmsNormGradAcc {
+struct NormGradAcc {
     w: Vec<f32>,
     eps: f64,
+    kind: RowNorm,
 }
 
-impl candle_core::InplaceOp3 for RmsNormGradAcc {
+impl candle_core::InplaceOp3 for NormGradAcc {
     fn name(&self) -> &'static str {
-        "rms-norm-grad-acc"
+        "norm-grad-acc"
     }
     fn cpu_fwd(
         &self,
@@ -657,40 +651,95 @@ impl candle_core::InplaceOp3 for RmsNormGradAcc {
     ) -> candle_core::Result<()> {
         use rayon::prelude::*;
         let (g, x) = (
-            f32_slice(sg, lg, "rms_norm grad")?,
-            f32_slice(sx, lx, "rms_norm grad")?,
+            f32_slice(sg, lg, "norm grad")?,
+            f32_slice(sx, lx, "norm grad")?,
         );
         let (candle_core::CpuStorage::F32(dv), Some((d0, d1))) = (sd, ld.contiguous_offsets())
         else {
-            candle_core::bail!("rms_norm grad: contiguous f32 destination only")
+            candle_core::bail!("norm grad: contiguous f32 destination only")
         };
-        let dst = &mut dv[d0..d1];
-        let (w, d) = (&self.w, self.w.len());
+        let (dst, d) = (&mut dv[d0..d1], self.w.len());
         if dst.len() != x.len() || g.len() != x.len() || d == 0 || x.len() % d != 0 {
             candle_core::bail!(
-                "rms_norm grad: {} gradient and {} input values into {} over width {d}",
+                "norm grad: {} gradient and {} input values into {} over width {d}",
                 g.len(),
                 x.len(),
                 dst.len()
             );
         }
         let chunk = rows_per_task(x.len() / d, d) * d;
-        // dx_j += r·(g_j w_j − x_j r² Σ_k g_k w_k x_k / d), as `RmsNormBwd`.
         dst.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
             .zip(g.par_chunks(chunk))
             .for_each(|((dx, xs), gs)| {
                 for ((dxr, xr), gr) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
-                    let r = rms_inv(xr, self.eps);
-                    let dot: f64 = (0..d)
-                        .map(|k| gr[k] as f64 * w[k] as f64 * xr[k] as f64)
-                        .sum();
-                    let c = r * r * dot / d as f64;
-                    for k in 0..d {
-                        dxr[k] += (r * (gr[k] as f64 * w[k] as f64 - xr[k] as f64 * c)) as f32;
-                    }
+                    row_input_grad(self.kind, gr, xr, &self.w, self.eps, dxr, true);
                 }
             });
         Ok(())
+    }
+}
+
+/// The backward of a row norm for the output gradient g: `[dx, dw]` (RMSNorm) or `[dx, dw, db]`
+/// (LayerNorm), flat; the weight sums in task order, in f64.
+pub(super) struct RowNormBwd {
+    pub(super) kind: RowNorm,
+    pub(super) eps: f64,
+}
+
+impl candle_core::CustomOp3 for RowNormBwd {
+    fn name(&self) -> &'static str {
+        "row-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        sg: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+        sx: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+        sw: &candle_core::CpuStorage,
+        lw: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (g, x, w) = (
+            f32_slice(sg, lg, "norm")?,
+            f32_slice(sx, lx, "norm")?,
+            f32_slice(sw, lw, "norm")?,
+        );
+        let d = w.len().max(1);
+        let mut gx = vec![0f32; x.len()];
+        let chunk = rows_per_task(x.len() / d, d) * d;
+        // Per task: dx rows, and partial sums of dw (and db) over its rows.
+        let partial: Vec<Vec<f64>> = gx
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .zip(g.par_chunks(chunk))
+            .map(|((dx, xs), gs)| {
+                let mut acc = vec![0f64; 2 * d];
+                for ((dxr, xr), gr) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
+                    row_input_grad(self.kind, gr, xr, w, self.eps, dxr, false);
+                    let (mean, inv) = match self.kind {
+                        RowNorm::Layer => stats(xr, self.eps),
+                        RowNorm::Rms => (0.0, rms_inv(xr, self.eps)),
+                    };
+                    for k in 0..d {
+                        acc[k] += gr[k] as f64 * (xr[k] as f64 - mean) * inv;
+                        acc[d + k] += gr[k] as f64;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let sums = match self.kind {
+            RowNorm::Layer => 2 * d,
+            RowNorm::Rms => d,
+        };
+        let mut out = gx;
+        out.extend((0..sums).map(|k| partial.iter().map(|p| p[k]).sum::<f64>() as f32));
+        let len = out.len();
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(len),
+        ))
     }
 }

@@ -127,27 +127,6 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        // The whole block as one node when each projection runs one plain LoRA on the CPU in f32.
-        match crate::nn::fallback::cpu_f32_miss(x) {
-            None => {
-                if let (Some(g), Some(u), Some(d)) = (
-                    self.gate.plain_lora(ctx),
-                    self.up.plain_lora(ctx),
-                    self.down.plain_lora(ctx),
-                ) {
-                    return Ok(crate::nn::mlp::lora_swiglu_mlp(x, &g, &u, &d)?);
-                }
-                if !self.gate.live_adapter_names().is_empty() {
-                    crate::nn::fallback::note(|| {
-                        (
-                            "gated MLP block".into(),
-                            "a projection without exactly one plain LoRA (other method, DoRA, dropout, routing, bias)".into(),
-                        )
-                    });
-                }
-            }
-            Some(why) => crate::nn::fallback::note(|| ("gated MLP block".into(), why)),
-        }
         let m = swiglu(&self.gate.forward(x, ctx)?, &self.up.forward(x, ctx)?)?;
         self.down.forward(&m, ctx)
     }
@@ -159,6 +138,10 @@ impl Mlp {
         [&mut self.gate, &mut self.up, &mut self.down]
     }
 }
+
+/// Why a block-level node was not taken: a projection runs something else than nothing or one
+/// plain LoRA.
+const PLAIN: &str = "a projection without at most one plain LoRA (other method, DoRA, dropout, routing, a trainable copy)";
 
 /// `model.layers.N`: h += attn(RMSNorm(h)); h += mlp(RMSNorm(h)).
 struct DecoderLayer {
@@ -200,7 +183,11 @@ impl DecoderLayer {
                 (h + self.attn.forward(&x, step, kv, ctx)?)?
             }
         };
-        let x = rms_norm(&h, &self.post_norm.effective_weight(ctx)?, self.eps)?;
+        let norm = self.post_norm.effective_weight(ctx)?;
+        if let Some(y) = self.fused_mlp(&h, &norm, ctx)? {
+            return Ok(y);
+        }
+        let x = rms_norm(&h, &norm, self.eps)?;
         Ok((&h + self.mlp.forward(&x, ctx)?)?)
     }
 
@@ -236,12 +223,7 @@ impl DecoderLayer {
             })
         })();
         let Some(attn) = attn else {
-            note(|| {
-                (
-                    NODE.into(),
-                    "a projection without at most one plain LoRA (other method, DoRA, dropout, routing, a trainable copy)".into(),
-                )
-            });
+            note(|| (NODE.into(), PLAIN.into()));
             return Ok(None);
         };
         let parts = DecoderAttnParts {
@@ -252,6 +234,37 @@ impl DecoderLayer {
             kv_heads: a.kv_heads,
         };
         let y = decoder_attention(h, &parts, step.pos, step.inv_freq, Some(step.mask))?;
+        if y.is_none() {
+            note(|| (NODE.into(), "a trained norm, weight or bias".into()));
+        }
+        Ok(y)
+    }
+
+    /// The MLP half (norm, gated MLP, residual) as one node when each projection runs no adapter
+    /// or one plain LoRA on the CPU in f32; `None` (with a debug note, once) for the composed path.
+    fn fused_mlp(&self, h: &Tensor, norm: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        use crate::nn::block::{decoder_mlp, DecoderMlpParts};
+        use crate::nn::fallback::{cpu_f32_miss, note};
+        const NODE: &str = "decoder MLP";
+        if let Some(why) = cpu_f32_miss(h) {
+            note(|| (NODE.into(), why));
+            return Ok(None);
+        }
+        let m = &self.mlp;
+        let parts = (|| {
+            Some(DecoderMlpParts {
+                norm_weight: norm.clone(),
+                eps: self.eps,
+                gate: m.gate.plain_linear(ctx)?,
+                up: m.up.plain_linear(ctx)?,
+                down: m.down.plain_linear(ctx)?,
+            })
+        })();
+        let Some(parts) = parts else {
+            note(|| (NODE.into(), PLAIN.into()));
+            return Ok(None);
+        };
+        let y = decoder_mlp(h, &parts)?;
         if y.is_none() {
             note(|| (NODE.into(), "a trained norm, weight or bias".into()));
         }

@@ -2,12 +2,11 @@
 //! LoRA) with its forward and backward, and an attention (q, k, v, out projections around the tiled
 //! kernel, with grouped-query heads, RoPE and an additive mask) with what its backward keeps.
 
-use super::LinearPart;
+use super::{LinearPart, ProjBase};
 use crate::nn::attention::{merge_heads, split_heads};
 use crate::nn::flash::{attend_grads, attend_values, MaskVals};
 use crate::nn::frozen::{add_assign, Frozen};
 use crate::nn::gemm::gemm_acc;
-use crate::nn::mlp::ProjBase;
 use crate::nn::rope::{rope_values, RopeTables};
 use candle_core::{Result, Tensor};
 use std::sync::Arc;

@@ -1,225 +1,220 @@
-//! The decoder-attention node against its composition.
+//! The decoder-layer nodes (attention half, MLP half) against their composition.
 
-use super::tests::{dense, lin_ref, randn};
+use super::tests::{compare, input, lin_part, lin_ref, randn};
 use super::*;
 use crate::nn::attention::{attention_composed, causal_mask, merge_heads, split_heads};
-use crate::nn::nf4::Nf4Tensor;
-use crate::nn::test_util::rel_max_err as rel;
+use crate::nn::norm::rms_norm_composite;
 use candle_core::Var;
-use std::sync::Arc;
 
-struct Case {
-    b: usize,
-    t: usize,
-    dm: usize,
-    heads: usize,
-    kv_heads: usize,
-    /// Head width / 2.
-    freqs: usize,
-    /// LoRA rank of q, k, v, o (0: none).
+fn norm(d: usize, seed: u64) -> Tensor {
+    (randn(&[d], seed, 0.1) + 1.0).unwrap()
+}
+
+fn attn_ref(h: &Tensor, p: &DecoderAttnParts, pos: &Tensor, f: &[f32], mask: &Tensor) -> Tensor {
+    let a = &p.attn;
+    let n = rms_norm_composite(h, &p.norm_weight, p.eps).unwrap();
+    let heads = |t: Tensor, k: usize| split_heads(&t, k).unwrap();
+    let rope = |t: Tensor| crate::nn::rope::rope(&t, pos, f).unwrap();
+    let q = rope(heads(lin_ref(&a.q, &n), p.heads));
+    let k = rope(heads(lin_ref(&a.k, &n), p.kv_heads));
+    let v = heads(lin_ref(&a.v, &n), p.kv_heads);
+    let o = merge_heads(&attention_composed(&q, &k, &v, Some(mask)).unwrap()).unwrap();
+    (h + lin_ref(&a.out, &o)).unwrap()
+}
+
+/// (batch, tokens, width, heads, key/value heads, head width / 2).
+type Shape6 = (usize, usize, usize, usize, usize, usize);
+
+/// `ranks` of q, k, v, o; q/k/v biases (Qwen2); a padded batch row (else one shared causal mask).
+fn check_attn(
+    s: Shape6,
     ranks: [usize; 4],
-    qkv_bias: bool,
-    /// A mask per batch row (a padded row) rather than one shared causal mask.
+    bias: bool,
     padded: bool,
     nf4: bool,
     h_grad: bool,
-}
-
-/// The reference with every NF4 base replaced by its dequantized weight.
-fn reference(h: &Tensor, p: &DecoderAttnParts, pos: &Tensor, f: &[f32], mask: &Tensor) -> Tensor {
-    let deq = |l: &LinearPart| -> LinearPart {
-        let mut l = l.clone();
-        if let ProjBase::Nf4(q) = &l.base {
-            l.base = ProjBase::Dense(q.dequantize().unwrap());
-        }
-        l
-    };
-    let a = &p.attn;
-    let n = crate::nn::norm::rms_norm_composite(h, &p.norm_weight, p.eps).unwrap();
-    let heads = |t: Tensor, k: usize| split_heads(&t, k).unwrap();
-    let rope = |t: Tensor| crate::nn::rope::rope(&t, pos, f).unwrap();
-    let q = rope(heads(lin_ref(&deq(&a.q), &n), p.heads));
-    let k = rope(heads(lin_ref(&deq(&a.k), &n), p.kv_heads));
-    let v = heads(lin_ref(&deq(&a.v), &n), p.kv_heads);
-    let o = merge_heads(&attention_composed(&q, &k, &v, Some(mask)).unwrap()).unwrap();
-    (h + lin_ref(&deq(&a.out), &o)).unwrap()
-}
-
-fn check(cs: &Case, seed: u64) {
-    let hd = 2 * cs.freqs;
-    let (qw, kw) = (cs.heads * hd, cs.kv_heads * hd);
-    let dims = [(qw, cs.dm), (kw, cs.dm), (kw, cs.dm), (cs.dm, qw)];
+    seed: u64,
+) {
+    let (b, t, dm, heads, kv_heads, freqs) = s;
+    let hd = 2 * freqs;
+    let (qw, kw) = (heads * hd, kv_heads * hd);
+    let dims = [(qw, dm), (kw, dm), (kw, dm), (dm, qw)];
     let mut vars = vec![];
-    let mut lins = vec![];
-    for (i, ((o, inn), r)) in dims.iter().zip(cs.ranks).enumerate() {
-        let s = seed + 10 * i as u64;
-        let w = randn(&[*o, *inn], s, 1.0 / (*inn as f64).sqrt());
-        let base = if cs.nf4 {
-            ProjBase::Nf4(Arc::new(Nf4Tensor::quantize(&w, 16, false).unwrap()))
-        } else {
-            ProjBase::Dense(w)
-        };
-        let lora = (r > 0).then(|| {
-            let a = Var::from_tensor(&randn(&[r, *inn], s + 1, 0.3)).unwrap();
-            let b = Var::from_tensor(&randn(&[*o, r], s + 2, 0.3)).unwrap();
-            let f = LoraFactors {
-                a: a.as_tensor().clone(),
-                b: b.as_tensor().clone(),
-                scale: 0.7 + 0.1 * i as f64,
-            };
-            vars.push(a);
-            vars.push(b);
-            f
-        });
-        lins.push(LinearPart {
-            base,
-            bias: (cs.qkv_bias && i < 3).then(|| randn(&[*o], s + 3, 0.1)),
-            lora,
-        });
-    }
-    let mut it = lins.into_iter();
-    let mut next = || it.next().unwrap();
-    let p = DecoderAttnParts {
-        norm_weight: (randn(&[cs.dm], seed + 400, 0.1) + 1.0).unwrap(),
-        eps: 1e-6,
-        attn: AttnPart {
-            q: next(),
-            k: next(),
-            v: next(),
-            out: next(),
-        },
-        heads: cs.heads,
-        kv_heads: cs.kv_heads,
+    let mut l = (0..4).map(|i| {
+        lin_part(
+            dims[i].0,
+            dims[i].1,
+            ranks[i],
+            seed + 10 * i as u64,
+            nf4,
+            bias && i < 3,
+            &mut vars,
+        )
+    });
+    let attn = AttnPart {
+        q: l.next().unwrap(),
+        k: l.next().unwrap(),
+        v: l.next().unwrap(),
+        out: l.next().unwrap(),
     };
-    let freqs: Vec<f32> = (0..cs.freqs)
+    let p = DecoderAttnParts {
+        norm_weight: norm(dm, seed + 400),
+        eps: 1e-6,
+        attn,
+        heads,
+        kv_heads,
+    };
+    let f: Vec<f32> = (0..freqs)
         .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
         .collect();
-    // Positions that are not 0..T (a packed or left-padded row) and a mask to match.
-    let pos: Vec<u32> = (0..cs.b * cs.t)
-        .map(|i| (i % cs.t + 3 * (i / cs.t)) as u32)
-        .collect();
-    let pos = Tensor::from_vec(pos, (cs.b, cs.t), &Device::Cpu).unwrap();
-    let causal = causal_mask(cs.t, 0, &Device::Cpu).unwrap();
-    let mask = if cs.padded {
-        // Row 1 has its first two tokens padded: masked as keys by a large finite negative.
-        let mut pad = vec![0f32; cs.b * cs.t];
-        for j in 0..2.min(cs.t) {
-            pad[cs.t + j] = -1e9;
-        }
-        let pad = Tensor::from_vec(pad, (cs.b, 1, 1, cs.t), &Device::Cpu).unwrap();
-        causal.broadcast_add(&pad).unwrap()
-    } else {
-        causal
-    };
-    let hv = Var::from_tensor(&randn(&[cs.b, cs.t, cs.dm], seed + 900, 1.0)).unwrap();
-    let h = if cs.h_grad {
-        hv.as_tensor().clone()
-    } else {
-        hv.as_tensor().detach()
-    };
-    let node = decoder_attention(&h, &p, &pos, &freqs, Some(&mask))
+    // Positions that are not 0..T (a packed or left-padded row).
+    let pos: Vec<u32> = (0..b * t).map(|i| (i % t + 3 * (i / t)) as u32).collect();
+    let pos = Tensor::from_vec(pos, (b, t), &Device::Cpu).unwrap();
+    let mut mask = causal_mask(t, 0, &Device::Cpu).unwrap();
+    if padded {
+        // Row 1's first two tokens are padding: masked as keys by a large finite negative.
+        let pad: Vec<f32> = (0..b * t)
+            .map(|i| if i >= t && i < t + 2 { -1e9 } else { 0.0 })
+            .collect();
+        mask = mask
+            .broadcast_add(&Tensor::from_vec(pad, (b, 1, 1, t), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let (hv, h) = input(&[b, t, dm], seed + 900, h_grad);
+    let node = decoder_attention(&h, &p, &pos, &f, Some(&mask))
         .unwrap()
         .expect("the node is taken");
-    let want = reference(&h, &p, &pos, &freqs, &mask);
-    let e = rel(&node, &want);
-    assert!(e < 1e-5, "value: relative error {e:e}");
-    let w = randn(&[cs.b, cs.t, cs.dm], seed + 901, 1.0);
-    let gn = (&node * &w).unwrap().sum_all().unwrap().backward().unwrap();
-    let gr = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let want = attn_ref(&h, &p, &pos, &f, &mask);
     let mut asked: Vec<(&str, &Var)> = vars.iter().map(|v| ("factor", v)).collect();
-    if cs.h_grad {
+    let not: Vec<&Var> = if h_grad {
         asked.push(("h", &hv));
-    }
-    for (i, (what, v)) in asked.iter().enumerate() {
-        let a = gn
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{what} {i}: no node gradient"));
-        let b = gr
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{what} {i}: no reference gradient"));
-        let e = rel(a, b);
-        assert!(e < 1e-4, "{what} {i}: gradient relative error {e:e}");
-        let s: f32 = a.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        assert!(s.is_finite() && s > 0.0, "{what} {i}: gradient {s}");
-    }
-    if !cs.h_grad {
-        assert!(gn.get(hv.as_tensor()).is_none());
-    }
-    for l in [&p.attn.q, &p.attn.k, &p.attn.v, &p.attn.out] {
-        if let ProjBase::Dense(_) = l.base {
-            assert!(gn.get(dense(l)).is_none(), "a frozen weight got a gradient");
-        }
-    }
-    assert!(gn.get(&p.norm_weight).is_none());
+        vec![]
+    } else {
+        vec![&hv]
+    };
+    let a = &p.attn;
+    compare(
+        &node,
+        &want,
+        &asked,
+        &not,
+        &[&a.q, &a.k, &a.v, &a.out],
+        seed + 901,
+    );
 }
 
 #[test]
 fn the_decoder_attention_node_equals_the_composition_in_value_and_every_gradient() {
-    let cases = [
-        // Grouped-query heads, Qwen2's q/k/v biases, every projection adapted, a padded batch.
-        Case {
-            b: 2,
-            t: 7,
-            dm: 16,
-            heads: 4,
-            kv_heads: 2,
-            freqs: 2,
-            ranks: [2, 3, 2, 4],
-            qkv_bias: true,
-            padded: true,
-            nf4: false,
-            h_grad: true,
-        },
-        // PEFT's default targets (q and v), factors only, one shared causal mask.
-        Case {
-            b: 1,
-            t: 40,
-            dm: 12,
-            heads: 2,
-            kv_heads: 2,
-            freqs: 3,
-            ranks: [4, 0, 4, 0],
-            qkv_bias: false,
-            padded: false,
-            nf4: false,
-            h_grad: false,
-        },
-        // QLoRA: NF4 bases, multi-query attention.
-        Case {
-            b: 2,
-            t: 5,
-            dm: 16,
-            heads: 4,
-            kv_heads: 1,
-            freqs: 2,
-            ranks: [2, 2, 2, 2],
-            qkv_bias: false,
-            padded: true,
-            nf4: true,
-            h_grad: true,
-        },
-    ];
-    for (i, cs) in cases.iter().enumerate() {
-        check(cs, 1000 + 100 * i as u64);
+    // Grouped-query heads, Qwen2's q/k/v biases, every projection adapted, a padded batch.
+    check_attn(
+        (2, 7, 16, 4, 2, 2),
+        [2, 3, 2, 4],
+        true,
+        true,
+        false,
+        true,
+        1000,
+    );
+    // PEFT's default targets (q and v), factors only, one shared causal mask.
+    check_attn(
+        (1, 40, 12, 2, 2, 3),
+        [4, 0, 4, 0],
+        false,
+        false,
+        false,
+        false,
+        1100,
+    );
+    // QLoRA: NF4 bases, multi-query attention.
+    check_attn(
+        (2, 5, 16, 4, 1, 2),
+        [2, 2, 2, 2],
+        false,
+        true,
+        true,
+        true,
+        1200,
+    );
+}
+
+#[test]
+fn the_decoder_mlp_node_equals_the_composition_in_value_and_every_gradient() {
+    let (b, t, d, i) = (2, 5, 12, 20);
+    // (ranks of gate, up, down; NF4 bases; `mlp_bias`; h's gradient asked)
+    for (k, (ranks, nf4, bias, h_grad)) in [
+        ([4, 3, 2], false, true, true),
+        ([2, 0, 3], true, false, true),
+        ([0, 4, 0], false, false, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 2000 + 100 * k as u64;
+        let mut vars = vec![];
+        let dims = [(i, d), (i, d), (d, i)];
+        let mut l = (0..3).map(|j| {
+            lin_part(
+                dims[j].0,
+                dims[j].1,
+                ranks[j],
+                seed + 10 * j as u64,
+                nf4,
+                bias,
+                &mut vars,
+            )
+        });
+        let (gate, up, down) = (l.next().unwrap(), l.next().unwrap(), l.next().unwrap());
+        let p = DecoderMlpParts {
+            norm_weight: norm(d, seed + 50),
+            eps: 1e-6,
+            gate,
+            up,
+            down,
+        };
+        let (hv, h) = input(&[b, t, d], seed + 60, h_grad);
+        let node = decoder_mlp(&h, &p).unwrap().expect("the node is taken");
+        let n = rms_norm_composite(&h, &p.norm_weight, p.eps).unwrap();
+        let m = (lin_ref(&p.gate, &n).silu().unwrap() * lin_ref(&p.up, &n)).unwrap();
+        let want = (&h + lin_ref(&p.down, &m)).unwrap();
+        let mut asked: Vec<(&str, &Var)> = vars.iter().map(|v| ("factor", v)).collect();
+        let not: Vec<&Var> = if h_grad {
+            asked.push(("h", &hv));
+            vec![]
+        } else {
+            vec![&hv]
+        };
+        compare(
+            &node,
+            &want,
+            &asked,
+            &not,
+            &[&p.gate, &p.up, &p.down],
+            seed + 70,
+        );
+        // A down projection of the wrong width is named.
+        let bad = DecoderMlpParts {
+            down: lin_part(d, i + 1, 0, 1, false, false, &mut vec![]),
+            ..p.clone()
+        };
+        let e = decoder_mlp(&h, &bad).expect_err("an error").to_string();
+        assert!(e.contains("down_proj") && e.contains("[12, 21]"), "{e}");
     }
 }
 
 #[test]
 fn misfit_decoder_parts_name_the_shapes() {
-    let l = |o: usize, i: usize, s: u64| LinearPart {
-        base: ProjBase::Dense(randn(&[o, i], s, 0.3)),
-        bias: None,
-        lora: None,
+    let mut v = vec![];
+    let mut l = |o: usize, s: u64| lin_part(o, 8, 0, s, false, false, &mut v);
+    let attn = AttnPart {
+        q: l(8, 1),
+        k: l(4, 2),
+        v: l(4, 3),
+        out: l(8, 4),
     };
     let p = DecoderAttnParts {
-        norm_weight: Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(),
+        norm_weight: norm(8, 5),
         eps: 1e-6,
-        attn: AttnPart {
-            q: l(8, 8, 1),
-            k: l(4, 8, 2),
-            v: l(4, 8, 3),
-            out: l(8, 8, 4),
-        },
+        attn,
         heads: 2,
         kv_heads: 1,
     };
@@ -227,21 +222,23 @@ fn misfit_decoder_parts_name_the_shapes() {
     let pos = Tensor::from_vec(vec![0u32, 1, 2], (1, 3), &Device::Cpu).unwrap();
     let f = [1.0f32, 0.1];
     assert!(decoder_attention(&h, &p, &pos, &f, None).unwrap().is_some());
+    let err = |p: &DecoderAttnParts, pos: &Tensor, m: Option<&Tensor>| {
+        decoder_attention(&h, p, pos, &f, m)
+            .expect_err("an error")
+            .to_string()
+    };
     let mut q = p.clone();
-    q.attn.k = l(8, 8, 6);
-    let e = decoder_attention(&h, &q, &pos, &f, None)
-        .expect_err("an error")
-        .to_string();
+    q.attn.k = lin_part(8, 8, 0, 6, false, false, &mut vec![]);
+    let e = err(&q, &pos, None);
     assert!(e.contains("k_proj") && e.contains("[8, 8]"), "{e}");
-    let bad_pos = Tensor::from_vec(vec![0u32, 1], (1, 2), &Device::Cpu).unwrap();
-    let e = decoder_attention(&h, &p, &bad_pos, &f, None)
-        .expect_err("an error")
-        .to_string();
+    let e = err(
+        &p,
+        &Tensor::from_vec(vec![0u32, 1], (1, 2), &Device::Cpu).unwrap(),
+        None,
+    );
     assert!(e.contains("positions [1, 2]"), "{e}");
     let m = Tensor::zeros((1, 1, 3, 4), DType::F32, &Device::Cpu).unwrap();
-    let e = decoder_attention(&h, &p, &pos, &f, Some(&m))
-        .expect_err("an error")
-        .to_string();
+    let e = err(&p, &pos, Some(&m));
     assert!(e.contains("mask [1, 1, 3, 4]"), "{e}");
     let hb = h.to_dtype(DType::BF16).unwrap();
     assert!(decoder_attention(&hb, &p, &pos, &f, None)

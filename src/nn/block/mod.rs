@@ -31,9 +31,17 @@ mod op;
 #[cfg(test)]
 mod tests;
 
-pub use super::mlp::ProjBase;
 use candle_core::{DType, Device, Result, Tensor};
-pub use decoder::{decoder_attention, DecoderAttnParts};
+pub use decoder::{decoder_attention, decoder_mlp, DecoderAttnParts, DecoderMlpParts};
+
+/// The frozen base of a projection.
+#[derive(Clone)]
+pub enum ProjBase {
+    /// A dense f32 weight (out, in).
+    Dense(Tensor),
+    /// An NF4 weight (out, in).
+    Nf4(std::sync::Arc<super::nf4::Nf4Tensor>),
+}
 
 /// A plain LoRA on a linear layer: A (r, in), B (out, r), scale s (α/r times the gain).
 #[derive(Clone)]

@@ -5,7 +5,7 @@ use super::attn::{pack_grads, Attn, AttnSaved, Dims, Lin};
 use super::{BlockParts, LnPart};
 use crate::nn::act::{geglu_grad, geglu_values};
 use crate::nn::frozen::take_result;
-use crate::nn::norm::{layer_norm_grad_acc, layer_norm_values};
+use crate::nn::norm::{layer_norm_values, norm_grad_acc, RowNorm};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -31,7 +31,7 @@ impl Ln {
     }
     /// `dst += ∂LN/∂x · g`.
     fn bwd_acc(&self, dst: &Tensor, g: &Tensor, x2: &Tensor) -> Result<()> {
-        layer_norm_grad_acc(dst, g, x2, &self.wv, self.eps)
+        norm_grad_acc(dst, g, x2, &self.wv, self.eps, RowNorm::Layer)
     }
 }
 

@@ -1,4 +1,4 @@
-//! The transformer-block node against its composition.
+//! The transformer-block node against its composition, and the helpers the block tests share.
 
 use super::*;
 use crate::nn::attention::{attention_composed, merge_heads, split_heads};
@@ -9,25 +9,93 @@ pub(super) fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
     crate::nn::test_util::randn("block-test", shape, seed, std)
 }
 
-/// The dense base of a test projection.
-pub(super) fn dense(l: &LinearPart) -> &Tensor {
-    match &l.base {
-        ProjBase::Dense(w) => w,
-        ProjBase::Nf4(_) => panic!("a dense base"),
+pub(super) fn input(shape: &[usize], seed: u64, grad: bool) -> (Var, Tensor) {
+    crate::nn::test_util::input("block-test", shape, seed, grad)
+}
+
+/// A random (o, i) projection (NF4 when asked), with a bias when asked and a rank-r LoRA (none
+/// for 0) whose factors are pushed onto `vars`.
+pub(super) fn lin_part(
+    o: usize,
+    i: usize,
+    r: usize,
+    seed: u64,
+    nf4: bool,
+    bias: bool,
+    vars: &mut Vec<Var>,
+) -> LinearPart {
+    let w = randn(&[o, i], seed, 1.0 / (i as f64).sqrt());
+    let base = if nf4 {
+        let q = crate::nn::nf4::Nf4Tensor::quantize(&w, 16, false).unwrap();
+        ProjBase::Nf4(std::sync::Arc::new(q))
+    } else {
+        ProjBase::Dense(w)
+    };
+    let lora = (r > 0).then(|| {
+        let a = Var::from_tensor(&randn(&[r, i], seed + 1, 0.3)).unwrap();
+        let b = Var::from_tensor(&randn(&[o, r], seed + 2, 0.3)).unwrap();
+        let f = LoraFactors {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: 0.5 + (seed % 7) as f64 / 10.0,
+        };
+        vars.extend([a, b]);
+        f
+    });
+    LinearPart {
+        base,
+        bias: bias.then(|| randn(&[o], seed + 3, 0.1)),
+        lora,
     }
 }
 
+/// The same projection with its factors detached (inference).
+pub(super) fn frozen(l: &LinearPart) -> LinearPart {
+    let mut l = l.clone();
+    if let Some(f) = &mut l.lora {
+        (f.a, f.b) = (f.a.detach(), f.b.detach());
+    }
+    l
+}
+
+/// The composed projection `x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ` (an NF4 base dequantized).
 pub(super) fn lin_ref(l: &LinearPart, x: &Tensor) -> Tensor {
-    let mut y = x.broadcast_matmul(&dense(l).t().unwrap()).unwrap();
+    let w = match &l.base {
+        ProjBase::Dense(w) => w.clone(),
+        ProjBase::Nf4(q) => q.dequantize().unwrap(),
+    };
+    let mut y = x.broadcast_matmul(&w.t().unwrap()).unwrap();
     if let Some(b) = &l.bias {
         y = y.broadcast_add(b).unwrap();
     }
     if let Some(f) = &l.lora {
-        let h = x.broadcast_matmul(&f.a.t().unwrap()).unwrap();
-        let u = h.broadcast_matmul(&f.b.t().unwrap()).unwrap();
+        let u = x
+            .broadcast_matmul(&f.a.t().unwrap())
+            .unwrap()
+            .broadcast_matmul(&f.b.t().unwrap())
+            .unwrap();
         y = (y + (u * f.scale).unwrap()).unwrap();
     }
     y
+}
+
+/// [`crate::nn::test_util::compare`] with the projections' dense weights frozen.
+pub(super) fn compare(
+    node: &Tensor,
+    want: &Tensor,
+    asked: &[(&str, &Var)],
+    not_asked: &[&Var],
+    frozen: &[&LinearPart],
+    seed: u64,
+) {
+    let dense: Vec<&Tensor> = frozen
+        .iter()
+        .filter_map(|l| match &l.base {
+            ProjBase::Dense(w) => Some(w),
+            ProjBase::Nf4(_) => None,
+        })
+        .collect();
+    crate::nn::test_util::compare(node, want, asked, not_asked, &dense, seed)
 }
 
 fn attn_ref(a: &AttnPart, n: &Tensor, kv: &Tensor, heads: usize) -> Tensor {
@@ -56,22 +124,12 @@ fn block_ref(x: &Tensor, c: &Tensor, p: &BlockParts) -> Tensor {
     (h2 + lin_ref(&p.ff_out, &g)).unwrap()
 }
 
-struct Case {
-    b: usize,
-    n: usize,
-    t: usize,
-    c: usize,
-    cc: usize,
-    heads: usize,
-    /// LoRA rank per projection, in the node's order (0: none).
-    ranks: [usize; 10],
-    x_grad: bool,
-    ctx_grad: bool,
-}
+/// (batch, tokens, context tokens, width, context width, heads).
+type Shape6 = (usize, usize, usize, usize, usize, usize);
 
-/// The parts with every LoRA factor a Var (returned in the packing order).
-fn parts(cs: &Case, seed: u64) -> (BlockParts, Vec<Var>) {
-    let (c, cc, ff) = (cs.c, cs.cc, 2 * cs.c);
+/// The parts with a rank-`ranks[i]` LoRA on projection i (in the node's order), every factor a Var.
+fn parts((_, _, _, c, cc, heads): Shape6, ranks: [usize; 10], seed: u64) -> (BlockParts, Vec<Var>) {
+    let ff = 2 * c;
     let dims = [
         (c, c),
         (c, c),
@@ -88,128 +146,80 @@ fn parts(cs: &Case, seed: u64) -> (BlockParts, Vec<Var>) {
         false, false, false, true, false, false, false, true, true, true,
     ];
     let mut vars = vec![];
-    let mut lins = vec![];
-    for (i, ((o, inn), r)) in dims.iter().zip(cs.ranks).enumerate() {
-        let s = seed + 10 * i as u64;
-        let lora = (r > 0).then(|| {
-            let a = Var::from_tensor(&randn(&[r, *inn], s + 1, 0.3)).unwrap();
-            let b = Var::from_tensor(&randn(&[*o, r], s + 2, 0.3)).unwrap();
-            let f = LoraFactors {
-                a: a.as_tensor().clone(),
-                b: b.as_tensor().clone(),
-                scale: 0.5 + 0.1 * i as f64,
-            };
-            vars.push(a);
-            vars.push(b);
-            f
-        });
-        lins.push(LinearPart {
-            base: ProjBase::Dense(randn(&[*o, *inn], s, 1.0 / (*inn as f64).sqrt())),
-            bias: biased[i].then(|| randn(&[*o], s + 3, 0.1)),
-            lora,
-        });
-    }
+    let mut lins = (0..10).map(|i| {
+        lin_part(
+            dims[i].0,
+            dims[i].1,
+            ranks[i],
+            seed + 10 * i as u64,
+            false,
+            biased[i],
+            &mut vars,
+        )
+    });
+    let mut attn = || AttnPart {
+        q: lins.next().unwrap(),
+        k: lins.next().unwrap(),
+        v: lins.next().unwrap(),
+        out: lins.next().unwrap(),
+    };
+    let (attn1, attn2) = (attn(), attn());
     let ln = |s: u64| LnPart {
         weight: (randn(&[c], s, 0.1) + 1.0).unwrap(),
         bias: randn(&[c], s + 1, 0.1),
         eps: 1e-5,
     };
-    let mut it = lins.into_iter();
-    let mut next = || it.next().unwrap();
-    let mut attn = || AttnPart {
-        q: next(),
-        k: next(),
-        v: next(),
-        out: next(),
-    };
-    let (attn1, attn2) = (attn(), attn());
-    let p = BlockParts {
-        norm1: ln(seed + 500),
-        attn1,
-        norm2: ln(seed + 510),
-        attn2,
-        norm3: ln(seed + 520),
-        ff_proj: next(),
-        ff_out: next(),
-        heads: cs.heads,
-    };
-    (p, vars)
+    let (ff_proj, ff_out) = (lins.next().unwrap(), lins.next().unwrap());
+    let (norm1, norm2, norm3) = (ln(seed + 500), ln(seed + 510), ln(seed + 520));
+    (
+        BlockParts {
+            norm1,
+            attn1,
+            norm2,
+            attn2,
+            norm3,
+            ff_proj,
+            ff_out,
+            heads,
+        },
+        vars,
+    )
 }
 
-fn check(cs: &Case, seed: u64) {
-    let (p, vars) = parts(cs, seed);
-    let xv = Var::from_tensor(&randn(&[cs.b, cs.n, cs.c], seed + 900, 1.0)).unwrap();
-    let cv = Var::from_tensor(&randn(&[cs.b, cs.t, cs.cc], seed + 901, 1.0)).unwrap();
-    let x = if cs.x_grad {
-        xv.as_tensor().clone()
-    } else {
-        xv.as_tensor().detach()
-    };
-    let ctx = if cs.ctx_grad {
-        cv.as_tensor().clone()
-    } else {
-        cv.as_tensor().detach()
-    };
-    let w = randn(&[cs.b, cs.n, cs.c], seed + 902, 1.0);
+fn check(s: Shape6, ranks: [usize; 10], x_grad: bool, ctx_grad: bool, seed: u64) {
+    let (b, n, t, c, cc, _) = s;
+    let (p, vars) = parts(s, ranks, seed);
+    let (xv, x) = input(&[b, n, c], seed + 900, x_grad);
+    let (cv, ctx) = input(&[b, t, cc], seed + 901, ctx_grad);
     let node = transformer_block(&x, &ctx, &p)
         .unwrap()
         .expect("the node is taken");
     let want = block_ref(&x, &ctx, &p);
-    let e = rel(&node, &want);
-    assert!(e < 1e-5, "value: relative error {e:e}");
-    let gn = (&node * &w).unwrap().sum_all().unwrap().backward().unwrap();
-    let gr = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
     let mut asked: Vec<(&str, &Var)> = vars.iter().map(|v| ("factor", v)).collect();
-    if cs.x_grad {
-        asked.push(("x", &xv));
-    }
-    if cs.ctx_grad {
-        asked.push(("context", &cv));
-    }
-    assert!(!asked.is_empty());
-    for (i, (what, v)) in asked.iter().enumerate() {
-        let (a, b) = (gn.get(v.as_tensor()), gr.get(v.as_tensor()));
-        let (a, b) = (
-            a.unwrap_or_else(|| panic!("{what} {i}: no node gradient")),
-            b.unwrap_or_else(|| panic!("{what} {i}: no reference gradient")),
-        );
-        let e = rel(a, b);
-        assert!(e < 1e-4, "{what} {i}: gradient relative error {e:e}");
-        let s: f32 = a.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        assert!(s.is_finite() && s > 0.0, "{what} {i}: gradient {s}");
-    }
-    if !cs.x_grad {
-        assert!(gn.get(xv.as_tensor()).is_none(), "x was not asked for");
-    }
-    if !cs.ctx_grad {
-        assert!(
-            gn.get(cv.as_tensor()).is_none(),
-            "context was not asked for"
-        );
-    }
-    for l in p.linears() {
-        assert!(gn.get(dense(l)).is_none(), "a frozen weight got a gradient");
-    }
-    // Inference records no graph and gives the same values.
-    let mut frozen = p.clone();
-    for l in [
-        &mut frozen.attn1.q,
-        &mut frozen.attn1.k,
-        &mut frozen.attn1.v,
-        &mut frozen.attn1.out,
-        &mut frozen.attn2.q,
-        &mut frozen.attn2.k,
-        &mut frozen.attn2.v,
-        &mut frozen.attn2.out,
-        &mut frozen.ff_proj,
-        &mut frozen.ff_out,
-    ] {
-        if let Some(f) = &mut l.lora {
-            f.a = f.a.detach();
-            f.b = f.b.detach();
+    let mut not_asked = vec![];
+    for (what, v, g) in [("x", &xv, x_grad), ("context", &cv, ctx_grad)] {
+        if g {
+            asked.push((what, v))
+        } else {
+            not_asked.push(v)
         }
     }
-    let plain = transformer_block(&x.detach(), &ctx.detach(), &frozen)
+    compare(&node, &want, &asked, &not_asked, &p.linears(), seed + 902);
+    // Inference records no graph and gives the same values.
+    let f = |a: &AttnPart| AttnPart {
+        q: frozen(&a.q),
+        k: frozen(&a.k),
+        v: frozen(&a.v),
+        out: frozen(&a.out),
+    };
+    let fp = BlockParts {
+        attn1: f(&p.attn1),
+        attn2: f(&p.attn2),
+        ff_proj: frozen(&p.ff_proj),
+        ff_out: frozen(&p.ff_out),
+        ..p.clone()
+    };
+    let plain = transformer_block(&x.detach(), &ctx.detach(), &fp)
         .unwrap()
         .unwrap();
     assert!(!plain.track_op());
@@ -218,118 +228,67 @@ fn check(cs: &Case, seed: u64) {
 
 #[test]
 fn the_block_node_equals_the_composition_in_value_and_every_gradient() {
-    let all = [3; 10];
-    let cases = [
-        // Every projection adapted, x and the context trained.
-        Case {
-            b: 2,
-            n: 9,
-            t: 5,
-            c: 16,
-            cc: 12,
-            heads: 2,
-            ranks: all,
-            x_grad: true,
-            ctx_grad: true,
-        },
-        // Only some projections adapted (cross-attention keys/values and the feed-forward out),
-        // factors only, as U-Net LoRA training asks for them.
-        Case {
-            b: 1,
-            n: 33,
-            t: 7,
-            c: 8,
-            cc: 8,
-            heads: 1,
-            ranks: [0, 0, 0, 0, 0, 2, 4, 0, 0, 1],
-            x_grad: false,
-            ctx_grad: false,
-        },
-        // The attention (q, k, v, out) of both, x and factors.
-        Case {
-            b: 3,
-            n: 4,
-            t: 6,
-            c: 12,
-            cc: 20,
-            heads: 3,
-            ranks: [2, 2, 2, 2, 1, 1, 1, 1, 0, 0],
-            x_grad: true,
-            ctx_grad: false,
-        },
-        // No adapter: the gradients of x and the context (text-encoder training through a frozen U-Net).
-        Case {
-            b: 2,
-            n: 6,
-            t: 3,
-            c: 8,
-            cc: 4,
-            heads: 2,
-            ranks: [0; 10],
-            x_grad: true,
-            ctx_grad: true,
-        },
-    ];
-    for (i, cs) in cases.iter().enumerate() {
-        check(cs, 100 * i as u64);
-    }
+    // Every projection adapted, x and the context trained.
+    check((2, 9, 5, 16, 12, 2), [3; 10], true, true, 0);
+    // Some projections adapted (cross-attention keys/values, the feed-forward out), factors only,
+    // as U-Net LoRA training asks for them.
+    check(
+        (1, 33, 7, 8, 8, 1),
+        [0, 0, 0, 0, 0, 2, 4, 0, 0, 1],
+        false,
+        false,
+        100,
+    );
+    // The attention (q, k, v, out) of both, x and factors.
+    check(
+        (3, 4, 6, 12, 20, 3),
+        [2, 2, 2, 2, 1, 1, 1, 1, 0, 0],
+        true,
+        false,
+        200,
+    );
+    // No adapter: x and the context (text-encoder training through a frozen U-Net).
+    check((2, 6, 3, 8, 4, 2), [0; 10], true, true, 300);
 }
 
 #[test]
 fn misfit_parts_name_the_shapes_and_other_devices_or_trained_weights_fall_back() {
-    let cs = Case {
-        b: 1,
-        n: 4,
-        t: 3,
-        c: 8,
-        cc: 6,
-        heads: 2,
-        ranks: [2; 10],
-        x_grad: false,
-        ctx_grad: false,
-    };
-    let (p, _) = parts(&cs, 7);
+    let (p, _) = parts((1, 4, 3, 8, 6, 2), [2; 10], 7);
     let x = randn(&[1, 4, 8], 1, 1.0);
     let ctx = randn(&[1, 3, 6], 2, 1.0);
-    // A context of the wrong width.
-    let bad = randn(&[1, 3, 5], 3, 1.0);
-    let e = transformer_block(&x, &bad, &p)
-        .expect_err("an error")
-        .to_string();
+    let err = |x: &Tensor, c: &Tensor, p: &BlockParts| {
+        transformer_block(x, c, p)
+            .expect_err("an error")
+            .to_string()
+    };
+    // A context of the wrong width, for another batch.
+    let e = err(&x, &randn(&[1, 3, 5], 3, 1.0), &p);
     assert!(e.contains("attn2.to_k") && e.contains("[1, 3, 5]"), "{e}");
-    // A context for another batch.
-    let bad = randn(&[2, 3, 6], 3, 1.0);
-    let e = transformer_block(&x, &bad, &p)
-        .expect_err("an error")
-        .to_string();
+    let e = err(&x, &randn(&[2, 3, 6], 3, 1.0), &p);
     assert!(e.contains("batch"), "{e}");
     // Heads that do not divide the width.
-    let mut q = p.clone();
-    q.heads = 3;
-    let e = transformer_block(&x, &ctx, &q)
-        .expect_err("an error")
-        .to_string();
+    let e = err(
+        &x,
+        &ctx,
+        &BlockParts {
+            heads: 3,
+            ..p.clone()
+        },
+    );
     assert!(e.contains("heads"), "{e}");
     // A LoRA whose B does not fit.
     let mut q = p.clone();
     if let Some(f) = &mut q.ff_out.lora {
         f.b = randn(&[7, 2], 4, 1.0);
     }
-    let e = transformer_block(&x, &ctx, &q)
-        .expect_err("an error")
-        .to_string();
+    let e = err(&x, &ctx, &q);
     assert!(e.contains("ff.net.2") && e.contains("[7, 2]"), "{e}");
     // bf16 input, a trained weight: the caller composes.
     let xb = x.to_dtype(DType::BF16).unwrap();
     assert!(transformer_block(&xb, &ctx, &p).unwrap().is_none());
     let mut q = p.clone();
-    q.attn1.train_out_weight();
-    assert!(transformer_block(&x, &ctx, &q).unwrap().is_none());
-}
-
-impl AttnPart {
-    fn train_out_weight(&mut self) {
-        let w = Var::from_tensor(dense(&self.out)).unwrap();
-        self.out.base = ProjBase::Dense(w.as_tensor().clone());
+    if let ProjBase::Dense(w) = &p.attn1.out.base {
+        q.attn1.out.base = ProjBase::Dense(Var::from_tensor(w).unwrap().as_tensor().clone());
     }
+    assert!(transformer_block(&x, &ctx, &q).unwrap().is_none());
 }

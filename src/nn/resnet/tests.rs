@@ -46,19 +46,6 @@ fn block_ref(x: &Tensor, t: Option<&Tensor>, p: &ResnetParts) -> Tensor {
     ((s + h).unwrap() / p.out_scale).unwrap()
 }
 
-struct Case {
-    n: usize,
-    c: usize,
-    o: usize,
-    hw: (usize, usize),
-    groups: usize,
-    with_t: bool,
-    ranks: [usize; 3],
-    out_scale: f64,
-    /// x carries a gradient (false: only the factors and t are asked for, as in LoRA training).
-    x_grad: bool,
-}
-
 fn conv3(o: usize, c: usize, seed: u64) -> ConvPart {
     ConvPart {
         weight: randn(&[o, c, 3, 3], seed, 0.2),
@@ -73,196 +60,112 @@ fn conv3(o: usize, c: usize, seed: u64) -> ConvPart {
     }
 }
 
+/// One block: (images, channels in, out, (h, w)); with a time embedding; LoCon ranks on conv1,
+/// conv2 and the shortcut (0: none); the output scale; whether x's gradient is asked.
+fn check(
+    (n, c, o, (h, w)): (usize, usize, usize, (usize, usize)),
+    with_t: bool,
+    ranks: [usize; 3],
+    out_scale: f64,
+    x_grad: bool,
+) {
+    use crate::nn::test_util::{compare, input};
+    let (xv, x) = input("resnet-test", &[n, c, h, w], 1, x_grad);
+    let (tv, t) = input("resnet-test", &[n, o], 2, with_t);
+    let norm = |ch: usize, seed: u64| NormPart {
+        weight: (randn(&[ch], seed, 0.3) + 1.0).unwrap(),
+        bias: randn(&[ch], seed + 1, 0.2),
+        groups: 2,
+        eps: 1e-5,
+    };
+    let shortcut = (c != o).then(|| ConvPart {
+        weight: randn(&[o, c, 1, 1], 50, 0.3),
+        bias: Some(randn(&[o], 51, 0.1)),
+        cfg: ConvCfg::default(),
+        lora: None,
+    });
+    let (conv1, conv2) = (conv3(o, c, 20), conv3(o, o, 40));
+    let mut parts = ResnetParts {
+        norm1: norm(c, 10),
+        conv1,
+        norm2: norm(o, 30),
+        conv2,
+        shortcut,
+        out_scale,
+    };
+    let mut vars = vec![];
+    let convs = [
+        Some(&mut parts.conv1),
+        Some(&mut parts.conv2),
+        parts.shortcut.as_mut(),
+    ];
+    for (j, (part, r)) in convs.into_iter().zip(ranks).enumerate() {
+        let (Some(part), true) = (part, r > 0) else {
+            continue;
+        };
+        let (inn, side) = (part.weight.dim(1).unwrap(), part.weight.dim(2).unwrap());
+        let a = Var::from_tensor(&randn(&[r, inn, side, side], 60 + j as u64, 0.3)).unwrap();
+        let b = Var::from_tensor(&randn(&[o, r, 1, 1], 70 + j as u64, 0.3)).unwrap();
+        part.lora = Some(Locon {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: 0.5 + j as f64,
+        });
+        vars.extend([a, b]);
+    }
+    let tt = with_t.then_some(&t);
+    let fused = resnet_block(&x, tt, &parts).unwrap().unwrap();
+    let composed = block_ref(&x, tt, &parts);
+    let mut asked: Vec<(&str, &Var)> = vars.iter().map(|v| ("factor", v)).collect();
+    let mut not_asked = vec![];
+    for (what, v, g) in [("x", &xv, x_grad), ("t", &tv, with_t)] {
+        if g {
+            asked.push((what, v))
+        } else {
+            not_asked.push(v)
+        }
+    }
+    let frozen = [
+        &parts.norm1.weight,
+        &parts.conv1.weight,
+        &parts.conv2.weight,
+    ];
+    compare(&fused, &composed, &asked, &not_asked, &frozen, 80);
+    // Without gradients: the same values, no graph.
+    let mut p2 = parts.clone();
+    for cp in [
+        Some(&mut p2.conv1),
+        Some(&mut p2.conv2),
+        p2.shortcut.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Some(l) = &mut cp.lora {
+            (l.a, l.b) = (l.a.detach(), l.b.detach());
+        }
+    }
+    let td = tt.map(Tensor::detach);
+    let y = resnet_block(&x.detach(), td.as_ref(), &p2)
+        .unwrap()
+        .unwrap();
+    assert!(!y.track_op());
+    assert!(rel(&y, &fused) < 1e-6, "no-grad value");
+}
+
 /// The node equals the composition (candle's conv2d, the composed GroupNorm, SiLU, the time
 /// add, the shortcut and the scale) in value and in the gradients of x, t and every LoCon
 /// factor, over blocks with and without a shortcut, time embedding, LoCons and output scale;
 /// frozen norms and kernels get no gradient, and without gradients it records no graph.
 #[test]
 fn the_resnet_node_equals_the_composition_in_value_and_every_gradient() {
-    let cases = [
-        Case {
-            n: 3,
-            c: 4,
-            o: 6,
-            hw: (5, 7),
-            groups: 2,
-            with_t: true,
-            ranks: [2, 3, 1],
-            out_scale: 1.0,
-            x_grad: true,
-        },
-        Case {
-            n: 2,
-            c: 4,
-            o: 4,
-            hw: (6, 6),
-            groups: 2,
-            with_t: false,
-            ranks: [0, 2, 0],
-            out_scale: 2.0,
-            x_grad: true,
-        },
-        Case {
-            n: 1,
-            c: 6,
-            o: 4,
-            hw: (4, 3),
-            groups: 2,
-            with_t: true,
-            ranks: [0, 0, 0],
-            out_scale: 1.0,
-            x_grad: true,
-        },
-        Case {
-            n: 2,
-            c: 4,
-            o: 4,
-            hw: (3, 5),
-            groups: 2,
-            with_t: true,
-            ranks: [3, 0, 0],
-            out_scale: 1.0,
-            x_grad: true,
-        },
-        Case {
-            n: 2,
-            c: 4,
-            o: 6,
-            hw: (4, 4),
-            groups: 2,
-            with_t: false,
-            ranks: [0, 0, 2],
-            out_scale: 1.0,
-            x_grad: false,
-        },
-        Case {
-            n: 3,
-            c: 6,
-            o: 4,
-            hw: (3, 4),
-            groups: 2,
-            with_t: true,
-            ranks: [2, 2, 2],
-            out_scale: 1.0,
-            x_grad: false,
-        },
-    ];
-    for (ci, k) in cases.iter().enumerate() {
-        let (h, w) = k.hw;
-        let xv = Var::from_tensor(&randn(&[k.n, k.c, h, w], 1, 1.0)).unwrap();
-        let x = if k.x_grad {
-            xv.as_tensor().clone()
-        } else {
-            xv.as_tensor().detach()
-        };
-        let t = Var::from_tensor(&randn(&[k.n, k.o], 2, 1.0)).unwrap();
-        let norm = |ch: usize, seed: u64| NormPart {
-            weight: (randn(&[ch], seed, 0.3) + 1.0).unwrap(),
-            bias: randn(&[ch], seed + 1, 0.2),
-            groups: k.groups,
-            eps: 1e-5,
-        };
-        let mut parts = ResnetParts {
-            norm1: norm(k.c, 10),
-            conv1: conv3(k.o, k.c, 20),
-            norm2: norm(k.o, 30),
-            conv2: conv3(k.o, k.o, 40),
-            shortcut: (k.c != k.o).then(|| ConvPart {
-                weight: randn(&[k.o, k.c, 1, 1], 50, 0.3),
-                bias: Some(randn(&[k.o], 51, 0.1)),
-                cfg: ConvCfg::default(),
-                lora: None,
-            }),
-            out_scale: k.out_scale,
-        };
-        let mut vars: Vec<(Var, String)> = vec![];
-        let ins = [k.c, k.o, k.c];
-        let kk = [9, 9, 1];
-        for (j, &r) in k.ranks.iter().enumerate() {
-            let part = match j {
-                0 => Some(&mut parts.conv1),
-                1 => Some(&mut parts.conv2),
-                _ => parts.shortcut.as_mut(),
-            };
-            let (Some(part), true) = (part, r > 0) else {
-                continue;
-            };
-            let side = if kk[j] == 9 { 3 } else { 1 };
-            let a = Var::from_tensor(&randn(&[r, ins[j], side, side], 60 + j as u64, 0.3)).unwrap();
-            let b = Var::from_tensor(&randn(&[k.o, r, 1, 1], 70 + j as u64, 0.3)).unwrap();
-            part.lora = Some(Locon {
-                a: a.as_tensor().clone(),
-                b: b.as_tensor().clone(),
-                scale: 0.5 + j as f64,
-            });
-            vars.push((a, format!("A{j}")));
-            vars.push((b, format!("B{j}")));
-        }
-        let tt = k.with_t.then(|| t.as_tensor().clone());
-        let fused = resnet_block(&x, tt.as_ref(), &parts).unwrap().unwrap();
-        let composed = block_ref(&x, tt.as_ref(), &parts);
-        assert_eq!(fused.dims(), composed.dims());
-        let e = rel(&fused, &composed);
-        assert!(e < 1e-5, "case {ci}: value differs by {e}");
-        let wgt = randn(fused.dims(), 80, 1.0);
-        let gf = (&fused * &wgt)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &wgt)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        if k.x_grad {
-            vars.push((xv.clone(), "x".into()));
-        } else {
-            assert!(gf.get(&xv).is_none());
-        }
-        if k.with_t {
-            vars.push((t.clone(), "t".into()));
-        } else {
-            assert!(gf.get(&t).is_none());
-        }
-        for (v, name) in &vars {
-            let (a, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
-            assert_eq!(a.dims(), v.dims(), "case {ci}: {name}");
-            let e = rel(a, c);
-            assert!(e < 1e-4, "case {ci}: gradient of {name} differs by {e}");
-            let s: f32 = a.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(s.is_finite() && s > 0.0, "case {ci}: {name} {s}");
-        }
-        for frozen in [
-            &parts.norm1.weight,
-            &parts.conv1.weight,
-            &parts.conv2.weight,
-        ] {
-            assert!(gf.get(frozen).is_none());
-        }
-        // Without gradients: the same values, no graph.
-        let plain = x.detach();
-        let mut p2 = parts.clone();
-        for cp in [
-            Some(&mut p2.conv1),
-            Some(&mut p2.conv2),
-            p2.shortcut.as_mut(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if let Some(l) = &mut cp.lora {
-                l.a = l.a.detach();
-                l.b = l.b.detach();
-            }
-        }
-        let td = tt.as_ref().map(Tensor::detach);
-        let y = resnet_block(&plain, td.as_ref(), &p2).unwrap().unwrap();
-        assert!(!y.track_op());
-        assert!(rel(&y, &fused) < 1e-6, "case {ci}: no-grad value");
-    }
+    check((3, 4, 6, (5, 7)), true, [2, 3, 1], 1.0, true);
+    check((2, 4, 4, (6, 6)), false, [0, 2, 0], 2.0, true);
+    check((1, 6, 4, (4, 3)), true, [0, 0, 0], 1.0, true);
+    check((2, 4, 4, (3, 5)), true, [3, 0, 0], 1.0, true);
+    // Factors (and t) only, as LoRA training asks for them; a LoCon only on the shortcut.
+    check((2, 4, 6, (4, 4)), false, [0, 0, 2], 1.0, false);
+    check((3, 6, 4, (3, 4)), true, [2, 2, 2], 1.0, false);
 }
 
 /// Misfit parts are refused with the shapes named; other devices' and dtypes' calls fall back.

@@ -1,4 +1,4 @@
-//! The adapted layer as a part of a block-level fused node (`nn::mlp`, `nn::resnet`, `nn::block`): its frozen
+//! The adapted layer as a part of a block-level fused node (`nn::block`, `nn::resnet`): its frozen
 //! base and the one plain LoRA that runs in this forward, when that is all it runs.
 
 use super::{AdaptedLayer, BaseKind, BaseWeight};
@@ -31,33 +31,7 @@ impl AdaptedLayer {
         Some(Some((l, s.gain)))
     }
 
-    /// This linear layer as a projection of a block-level fused node ([`crate::nn::mlp`]): its
-    /// frozen base (dense or NF4, no bias) and the one plain LoRA that runs in this forward
-    /// (unrouted, no DoRA, no dropout in play, no trainable copy), with the scale times the gain.
-    /// `None` when the layer needs its own forward.
-    pub fn plain_lora(&self, ctx: &ForwardCtx) -> Option<crate::nn::mlp::Proj> {
-        if self.base.bias.is_some() || self.kind() != BaseKind::Linear {
-            return None;
-        }
-        let (l, gain) = self.sole_plain_lora(ctx)??;
-        let base = match self.base.weight() {
-            BaseWeight::Dense(w)
-                if w.dtype() != candle_core::DType::F32 || !w.device().is_cpu() =>
-            {
-                return None
-            }
-            BaseWeight::Dense(w) => crate::nn::mlp::ProjBase::Dense(w.clone()),
-            BaseWeight::Nf4(q) => crate::nn::mlp::ProjBase::Nf4(q.clone()),
-        };
-        Some(crate::nn::mlp::Proj {
-            base,
-            a: ctx.read(&l.a),
-            b: ctx.read(&l.b),
-            scale: l.scale * gain,
-        })
-    }
-
-    /// This linear layer as a projection of the block-level attention nodes ([`crate::nn::block`]):
+    /// This linear layer as a projection of the block-level nodes ([`crate::nn::block`]):
     /// its frozen weight (dense or NF4) and bias and the one plain LoRA that runs in this forward, if any.
     /// `None` when the layer needs its own forward.
     pub fn plain_linear(&self, ctx: &ForwardCtx) -> Option<crate::nn::block::LinearPart> {
@@ -65,8 +39,8 @@ impl AdaptedLayer {
             return None;
         }
         let base = match self.base.weight() {
-            BaseWeight::Dense(w) => crate::nn::mlp::ProjBase::Dense(w.clone()),
-            BaseWeight::Nf4(q) => crate::nn::mlp::ProjBase::Nf4(q.clone()),
+            BaseWeight::Dense(w) => crate::nn::block::ProjBase::Dense(w.clone()),
+            BaseWeight::Nf4(q) => crate::nn::block::ProjBase::Nf4(q.clone()),
         };
         let lora = match self.sole_plain_lora(ctx)? {
             None => None,
