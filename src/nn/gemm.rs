@@ -199,8 +199,14 @@ impl candle_core::InplaceOp3 for GemmAcc {
         let candle_core::CpuStorage::F32(d) = d else {
             candle_core::bail!("gemm-acc: f32 destination only")
         };
-        let Some((d0, d1)) = dl.contiguous_offsets() else {
-            candle_core::bail!("gemm-acc: contiguous destination only")
+        let (Some((d0, d1)), true) = (dl.contiguous_offsets(), dl.dims() == [a.rows, b.cols])
+        else {
+            candle_core::bail!(
+                "gemm-acc: a contiguous {}x{} destination, not {:?}",
+                a.rows,
+                b.cols,
+                dl.dims()
+            )
         };
         gemm_into(&mut d[d0..d1], a, b, self.beta, true, Par::all())
     }

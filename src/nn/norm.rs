@@ -579,32 +579,29 @@ pub(super) fn row_input_grad(
     dx: &mut [f32],
     accumulate: bool,
 ) {
-    let d = x.len() as f64;
+    let (n, d) = (x.len(), x.len() as f64);
     let gw = |k: usize| g[k] as f64 * w[k] as f64;
-    let mut put = |k: usize, v: f64| {
-        if accumulate {
-            dx[k] += v as f32
-        } else {
-            dx[k] = v as f32
-        }
-    };
-    match kind {
+    // dx_k = a·ĝ_k + b·x_k + c with the row's constants a, b, c.
+    let (a, b, c) = match kind {
         RowNorm::Layer => {
             let (mean, inv) = stats(x, eps);
             let xh = |k: usize| (x[k] as f64 - mean) * inv;
-            let (s1, s2) =
-                (0..x.len()).fold((0f64, 0f64), |(a, b), k| (a + gw(k), b + gw(k) * xh(k)));
-            for k in 0..x.len() {
-                put(k, inv / d * (d * gw(k) - s1 - xh(k) * s2));
-            }
+            let (s1, s2) = (0..n).fold((0f64, 0f64), |(a, b), k| (a + gw(k), b + gw(k) * xh(k)));
+            // inv/d·(d·ĝ − s1 − x̂·s2), x̂ = (x − mean)·inv.
+            (inv, -inv * inv * s2 / d, inv / d * (-s1 + mean * inv * s2))
         }
         RowNorm::Rms => {
             let r = rms_inv(x, eps);
-            let c = r * r * (0..x.len()).map(|k| gw(k) * x[k] as f64).sum::<f64>() / d;
-            for k in 0..x.len() {
-                put(k, r * (gw(k) - x[k] as f64 * c));
-            }
+            (
+                r,
+                -r * r * r * (0..n).map(|k| gw(k) * x[k] as f64).sum::<f64>() / d,
+                0.0,
+            )
         }
+    };
+    for (k, o) in dx.iter_mut().enumerate().take(n) {
+        let v = (a * gw(k) + b * x[k] as f64 + c) as f32;
+        *o = if accumulate { *o + v } else { v };
     }
 }
 

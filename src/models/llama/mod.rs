@@ -235,7 +235,12 @@ impl DecoderLayer {
         };
         let y = decoder_attention(h, &parts, step.pos, step.inv_freq, Some(step.mask))?;
         if y.is_none() {
-            note(|| (NODE.into(), "a trained norm, weight or bias".into()));
+            note(|| {
+                (
+                    NODE.into(),
+                    "a trained norm, weight or bias, or a base or LoRA that is not f32".into(),
+                )
+            });
         }
         Ok(y)
     }
@@ -266,7 +271,12 @@ impl DecoderLayer {
         };
         let y = decoder_mlp(h, &parts)?;
         if y.is_none() {
-            note(|| (NODE.into(), "a trained norm, weight or bias".into()));
+            note(|| {
+                (
+                    NODE.into(),
+                    "a trained norm, weight or bias, or a base or LoRA that is not f32".into(),
+                )
+            });
         }
         Ok(y)
     }

@@ -410,7 +410,12 @@ impl BasicTransformerBlock {
         };
         let y = crate::nn::block::transformer_block(x, context, &parts)?;
         if y.is_none() {
-            note(|| (NODE.into(), "a trained norm, weight or bias".into()));
+            note(|| {
+                (
+                    NODE.into(),
+                    "a trained norm, weight or bias, or a base or LoRA that is not f32".into(),
+                )
+            });
         }
         Ok(y)
     }

@@ -61,7 +61,7 @@ impl Lin {
             (Frozen::Dense(w), r, b) if r.is_some() || b.is_some() => {
                 let y = match (r, b) {
                     (Some(r), Some(b)) => r.broadcast_add(b)?,
-                    (Some(r), None) => r.copy()?,
+                    (Some(r), None) => r.force_contiguous()?,
                     (None, _) => self.bias_rows(m, out)?,
                 };
                 gemm_acc(&y, x2, false, w, true, 1.0)?;
@@ -89,10 +89,11 @@ impl Lin {
         Ok((y, h))
     }
 
-    /// The bias repeated over m rows (zeros without one).
+    /// The bias repeated over m rows (zeros without one), in a buffer of its own (for m = 1 the
+    /// broadcast is already contiguous and `contiguous` would share the model's bias).
     fn bias_rows(&self, m: usize, out: usize) -> Result<Tensor> {
         match &self.bias {
-            Some(b) => b.unsqueeze(0)?.broadcast_as((m, out))?.contiguous(),
+            Some(b) => b.unsqueeze(0)?.broadcast_as((m, out))?.force_contiguous(),
             None => Tensor::zeros((m, out), candle_core::DType::F32, &candle_core::Device::Cpu),
         }
     }
@@ -194,6 +195,13 @@ fn rows_of(t: &Tensor) -> Result<Tensor> {
 }
 
 impl Attn {
+    /// Whether any of its projections runs a LoRA.
+    pub(super) fn adapted(&self) -> bool {
+        [&self.q, &self.k, &self.v, &self.out]
+            .iter()
+            .any(|l| l.lora.is_some())
+    }
+
     fn scale(&self) -> Result<f32> {
         let inner = self.q.out()?;
         Ok(1.0 / ((inner / self.heads.max(1)) as f32).sqrt())

@@ -281,7 +281,7 @@ impl candle_core::CustomOp2 for DecoderHalfOp {
         drop(n);
         let dx = match dn {
             Some(dn) if want_x => {
-                let dx = g.copy()?;
+                let dx = g.force_contiguous()?;
                 norm_grad_acc(&dx, &dn, &h2, &self.wv, self.eps, RowNorm::Rms)?;
                 Some(dx.reshape(h.dims())?)
             }

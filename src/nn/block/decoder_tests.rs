@@ -10,7 +10,13 @@ fn norm(d: usize, seed: u64) -> Tensor {
     (randn(&[d], seed, 0.1) + 1.0).unwrap()
 }
 
-fn attn_ref(h: &Tensor, p: &DecoderAttnParts, pos: &Tensor, f: &[f32], mask: &Tensor) -> Tensor {
+fn attn_ref(
+    h: &Tensor,
+    p: &DecoderAttnParts,
+    pos: &Tensor,
+    f: &[f32],
+    mask: Option<&Tensor>,
+) -> Tensor {
     let a = &p.attn;
     let n = rms_norm_composite(h, &p.norm_weight, p.eps).unwrap();
     let heads = |t: Tensor, k: usize| split_heads(&t, k).unwrap();
@@ -18,19 +24,20 @@ fn attn_ref(h: &Tensor, p: &DecoderAttnParts, pos: &Tensor, f: &[f32], mask: &Te
     let q = rope(heads(lin_ref(&a.q, &n), p.heads));
     let k = rope(heads(lin_ref(&a.k, &n), p.kv_heads));
     let v = heads(lin_ref(&a.v, &n), p.kv_heads);
-    let o = merge_heads(&attention_composed(&q, &k, &v, Some(mask)).unwrap()).unwrap();
+    let o = merge_heads(&attention_composed(&q, &k, &v, mask).unwrap()).unwrap();
     (h + lin_ref(&a.out, &o)).unwrap()
 }
 
 /// (batch, tokens, width, heads, key/value heads, head width / 2).
 type Shape6 = (usize, usize, usize, usize, usize, usize);
 
-/// `ranks` of q, k, v, o; q/k/v biases (Qwen2); a padded batch row (else one shared causal mask).
+/// `ranks` of q, k, v, o; q/k/v biases (Qwen2); the mask: 0 none, 1 one shared causal mask, 2 causal
+/// with a padded batch row.
 fn check_attn(
     s: Shape6,
     ranks: [usize; 4],
     bias: bool,
-    padded: bool,
+    mask: u8,
     nf4: bool,
     h_grad: bool,
     seed: u64,
@@ -70,27 +77,30 @@ fn check_attn(
     // Positions that are not 0..T (a packed or left-padded row).
     let pos: Vec<u32> = (0..b * t).map(|i| (i % t + 3 * (i / t)) as u32).collect();
     let pos = Tensor::from_vec(pos, (b, t), &Device::Cpu).unwrap();
-    let mut mask = causal_mask(t, 0, &Device::Cpu).unwrap();
-    if padded {
-        // Row 1's first two tokens are padding: masked as keys by a large finite negative.
-        let pad: Vec<f32> = (0..b * t)
-            .map(|i| if i >= t && i < t + 2 { -1e9 } else { 0.0 })
-            .collect();
-        mask = mask
-            .broadcast_add(&Tensor::from_vec(pad, (b, 1, 1, t), &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    let causal = causal_mask(t, 0, &Device::Cpu).unwrap();
+    let mask = match mask {
+        0 => None,
+        1 => Some(causal),
+        _ => {
+            // Row 1's first two tokens are padding: masked as keys by a large finite negative.
+            let pad: Vec<f32> = (0..b * t)
+                .map(|i| if i >= t && i < t + 2 { -1e9 } else { 0.0 })
+                .collect();
+            let pad = Tensor::from_vec(pad, (b, 1, 1, t), &Device::Cpu).unwrap();
+            Some(causal.broadcast_add(&pad).unwrap())
+        }
+    };
     let (hv, h) = input(&[b, t, dm], seed + 900, h_grad);
-    let node = decoder_attention(&h, &p, &pos, &f, Some(&mask))
+    let node = decoder_attention(&h, &p, &pos, &f, mask.as_ref())
         .unwrap()
         .expect("the node is taken");
-    let want = attn_ref(&h, &p, &pos, &f, &mask);
+    let want = attn_ref(&h, &p, &pos, &f, mask.as_ref());
     let mut asked: Vec<(&str, &Var)> = vars.iter().map(|v| ("factor", v)).collect();
-    let not: Vec<&Var> = if h_grad {
+    let not: Vec<&Tensor> = if h_grad {
         asked.push(("h", &hv));
         vec![]
     } else {
-        vec![&hv]
+        vec![&h]
     };
     let a = &p.attn;
     compare(
@@ -105,36 +115,19 @@ fn check_attn(
 
 #[test]
 fn the_decoder_attention_node_equals_the_composition_in_value_and_every_gradient() {
-    // Grouped-query heads, Qwen2's q/k/v biases, every projection adapted, a padded batch.
-    check_attn(
-        (2, 7, 16, 4, 2, 2),
-        [2, 3, 2, 4],
-        true,
-        true,
-        false,
-        true,
-        1000,
-    );
-    // PEFT's default targets (q and v), factors only, one shared causal mask.
-    check_attn(
-        (1, 40, 12, 2, 2, 3),
-        [4, 0, 4, 0],
-        false,
-        false,
-        false,
-        false,
-        1100,
-    );
-    // QLoRA: NF4 bases, multi-query attention.
-    check_attn(
-        (2, 5, 16, 4, 1, 2),
-        [2, 2, 2, 2],
-        false,
-        true,
-        true,
-        true,
-        1200,
-    );
+    let cases = [
+        // Grouped-query heads, Qwen2's q/k/v biases, every projection adapted, a padded batch.
+        ((2, 7, 16, 4, 2, 2), [2, 3, 2, 4], true, 2, false, true),
+        // PEFT's default targets (q and v), factors only, one shared causal mask.
+        ((1, 40, 12, 2, 2, 3), [4, 0, 4, 0], false, 1, false, false),
+        // QLoRA on Qwen2: NF4 bases with biases, multi-query attention.
+        ((2, 5, 16, 4, 1, 2), [2, 2, 2, 2], true, 2, true, true),
+        // No mask.
+        ((2, 6, 8, 2, 2, 2), [1, 1, 0, 0], false, 0, false, true),
+    ];
+    for (i, (s, ranks, bias, mask, nf4, h_grad)) in cases.into_iter().enumerate() {
+        check_attn(s, ranks, bias, mask, nf4, h_grad, 1000 + 100 * i as u64);
+    }
 }
 
 #[test]
@@ -177,11 +170,11 @@ fn the_decoder_mlp_node_equals_the_composition_in_value_and_every_gradient() {
         let m = (lin_ref(&p.gate, &n).silu().unwrap() * lin_ref(&p.up, &n)).unwrap();
         let want = (&h + lin_ref(&p.down, &m)).unwrap();
         let mut asked: Vec<(&str, &Var)> = vars.iter().map(|v| ("factor", v)).collect();
-        let not: Vec<&Var> = if h_grad {
+        let not: Vec<&Tensor> = if h_grad {
             asked.push(("h", &hv));
             vec![]
         } else {
-            vec![&hv]
+            vec![&h]
         };
         compare(
             &node,
@@ -199,6 +192,32 @@ fn the_decoder_mlp_node_equals_the_composition_in_value_and_every_gradient() {
         let e = decoder_mlp(&h, &bad).expect_err("an error").to_string();
         assert!(e.contains("down_proj") && e.contains("[12, 21]"), "{e}");
     }
+}
+
+/// One token (generation's shape): the bias rows get a buffer of their own, so the model's biases
+/// stay as they are and a second call gives the same output.
+#[test]
+fn a_one_token_call_leaves_the_biases_unchanged() {
+    let (d, i) = (8, 12);
+    let mut v = vec![];
+    let mut l = |o, inn, s| lin_part(o, inn, 2, s, false, true, &mut v);
+    let (gate, up, down) = (l(i, d, 1), l(i, d, 2), l(d, i, 3));
+    let p = DecoderMlpParts {
+        norm_weight: norm(d, 4),
+        eps: 1e-6,
+        gate,
+        up,
+        down,
+    };
+    let bias = |p: &DecoderMlpParts| p.gate.bias.as_ref().unwrap().to_vec1::<f32>().unwrap();
+    let (before, h) = (bias(&p), randn(&[1, 1, d], 5, 1.0));
+    let y1 = decoder_mlp(&h, &p).unwrap().unwrap();
+    let y2 = decoder_mlp(&h, &p).unwrap().unwrap();
+    assert_eq!(bias(&p), before);
+    assert_eq!(
+        y1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        y2.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
 }
 
 #[test]

@@ -181,40 +181,47 @@ impl candle_core::CustomOp3 for BlockOp {
             .ff_proj
             .bwd(&dpr, &n3, s.hp.as_ref(), None, true, want_f)?;
         drop((dpr, n3));
-        let dh = g.copy()?;
+        let dh = g.force_contiguous()?;
         if let Some(dn3) = dn3 {
             p.norms[2].bwd_acc(&dh, &dn3, &s.h2)?;
         }
+        // The gradient reaching h1 is needed for x's or attn1's factors; attn2's backward also
+        // for the context's or its own factors (the first block of a LoRA run needs neither).
+        let need_h1 = want_x || (want_f && p.attn1.adapted());
+        let need_attn2 = need_h1 || want_c || (want_f && p.attn2.adapted());
         // Cross-attention: h2 = h1 + attn2(LN2(h1), context).
-        let n2 = p.norms[1].fwd(&s.h1)?;
-        let (dn2, dctx, f2) = p
-            .attn2
-            .bwd(&s.s2, &dh, &n2, &c2, false, true, want_c, want_f, d)?;
-        drop(n2);
-        if let Some(dn2) = dn2 {
-            p.norms[1].bwd_acc(&dh, &dn2, &s.h1)?;
+        let (mut dctx, mut f2) = (None, Default::default());
+        if need_attn2 {
+            let n2 = p.norms[1].fwd(&s.h1)?;
+            let (dn2, dc, f) = p
+                .attn2
+                .bwd(&s.s2, &dh, &n2, &c2, false, need_h1, want_c, want_f, d)?;
+            (dctx, f2) = (dc, f);
+            if let Some(dn2) = dn2 {
+                p.norms[1].bwd_acc(&dh, &dn2, &s.h1)?;
+            }
         }
         // Self-attention: h1 = x + attn1(LN1(x)).
-        let n1 = p.norms[0].fwd(&x2)?;
-        let (dn1, _, f1) = p.attn1.bwd(
-            &s.s1,
-            &dh,
-            &n1,
-            &n1,
-            true,
-            want_x,
-            false,
-            want_f,
-            Dims { t: d.n, ..d },
-        )?;
-        drop(n1);
-        let dx = match dn1 {
-            Some(dn1) if want_x => {
+        let (mut dx, mut f1) = (None, Default::default());
+        if need_h1 {
+            let n1 = p.norms[0].fwd(&x2)?;
+            let (dn1, _, f) = p.attn1.bwd(
+                &s.s1,
+                &dh,
+                &n1,
+                &n1,
+                true,
+                want_x,
+                false,
+                want_f,
+                Dims { t: d.n, ..d },
+            )?;
+            f1 = f;
+            if let (Some(dn1), true) = (dn1, want_x) {
                 p.norms[0].bwd_acc(&dh, &dn1, &x2)?;
-                Some(dh.reshape(x.dims())?)
+                dx = Some(dh.reshape(x.dims())?);
             }
-            _ => None,
-        };
+        }
         let dctx = match dctx {
             Some(t) => Some(t.reshape(context.dims())?),
             None => None,

@@ -84,7 +84,7 @@ pub(super) fn compare(
     node: &Tensor,
     want: &Tensor,
     asked: &[(&str, &Var)],
-    not_asked: &[&Var],
+    not_asked: &[&Tensor],
     frozen: &[&LinearPart],
     seed: u64,
 ) {
@@ -197,11 +197,11 @@ fn check(s: Shape6, ranks: [usize; 10], x_grad: bool, ctx_grad: bool, seed: u64)
     let want = block_ref(&x, &ctx, &p);
     let mut asked: Vec<(&str, &Var)> = vars.iter().map(|v| ("factor", v)).collect();
     let mut not_asked = vec![];
-    for (what, v, g) in [("x", &xv, x_grad), ("context", &cv, ctx_grad)] {
+    for (what, v, fed, g) in [("x", &xv, &x, x_grad), ("context", &cv, &ctx, ctx_grad)] {
         if g {
             asked.push((what, v))
         } else {
-            not_asked.push(v)
+            not_asked.push(fed)
         }
     }
     compare(&node, &want, &asked, &not_asked, &p.linears(), seed + 902);
@@ -283,7 +283,13 @@ fn misfit_parts_name_the_shapes_and_other_devices_or_trained_weights_fall_back()
     }
     let e = err(&x, &ctx, &q);
     assert!(e.contains("ff.net.2") && e.contains("[7, 2]"), "{e}");
-    // bf16 input, a trained weight: the caller composes.
+    // bf16 input, a trained weight or norm: the caller composes.
+    let mut q = p.clone();
+    q.norm2.weight = Var::from_tensor(&p.norm2.weight)
+        .unwrap()
+        .as_tensor()
+        .clone();
+    assert!(transformer_block(&x, &ctx, &q).unwrap().is_none());
     let xb = x.to_dtype(DType::BF16).unwrap();
     assert!(transformer_block(&xb, &ctx, &p).unwrap().is_none());
     let mut q = p.clone();

@@ -118,11 +118,11 @@ fn check(
     let composed = block_ref(&x, tt, &parts);
     let mut asked: Vec<(&str, &Var)> = vars.iter().map(|v| ("factor", v)).collect();
     let mut not_asked = vec![];
-    for (what, v, g) in [("x", &xv, x_grad), ("t", &tv, with_t)] {
+    for (what, v, fed, g) in [("x", &xv, &x, x_grad), ("t", &tv, &t, with_t)] {
         if g {
             asked.push((what, v))
         } else {
-            not_asked.push(v)
+            not_asked.push(fed)
         }
     }
     let frozen = [
