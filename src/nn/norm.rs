@@ -605,14 +605,14 @@ pub(super) fn row_input_grad(
     }
 }
 
-/// `dst += ∂norm(x)/∂x · g` in place for a frozen weight (its values), rows of the weight's width:
+/// `dst += ∂norm(x)/∂x · g` in place for a frozen weight (D values), rows of the weight's width:
 /// a norm's input gradient summed into a buffer that already holds the residual's. `dst` must be a
 /// fresh tensor owned by the caller; CPU f32, contiguous, the shape of `x` and `g`.
 pub(super) fn norm_grad_acc(
     dst: &Tensor,
     g: &Tensor,
     x: &Tensor,
-    weight: &[f32],
+    weight: &Tensor,
     eps: f64,
     kind: RowNorm,
 ) -> candle_core::Result<()> {
@@ -620,20 +620,20 @@ pub(super) fn norm_grad_acc(
         g,
         x,
         &NormGradAcc {
-            w: weight.to_vec(),
+            w: &weight.to_vec1::<f32>()?,
             eps,
             kind,
         },
     )
 }
 
-struct NormGradAcc {
-    w: Vec<f32>,
+struct NormGradAcc<'a> {
+    w: &'a [f32],
     eps: f64,
     kind: RowNorm,
 }
 
-impl candle_core::InplaceOp3 for NormGradAcc {
+impl candle_core::InplaceOp3 for NormGradAcc<'_> {
     fn name(&self) -> &'static str {
         "norm-grad-acc"
     }
@@ -670,7 +670,7 @@ impl candle_core::InplaceOp3 for NormGradAcc {
             .zip(g.par_chunks(chunk))
             .for_each(|((dx, xs), gs)| {
                 for ((dxr, xr), gr) in dx.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
-                    row_input_grad(self.kind, gr, xr, &self.w, self.eps, dxr, true);
+                    row_input_grad(self.kind, gr, xr, self.w, self.eps, dxr, true);
                 }
             });
         Ok(())

@@ -139,10 +139,6 @@ impl Mlp {
     }
 }
 
-/// Why a block-level node was not taken: a projection runs something else than nothing or one
-/// plain LoRA.
-const PLAIN: &str = "a projection without at most one plain LoRA (other method, DoRA, dropout, routing, a trainable copy)";
-
 /// `model.layers.N`: h += attn(RMSNorm(h)); h += mlp(RMSNorm(h)).
 struct DecoderLayer {
     input_norm: AdaptedLayer,
@@ -223,7 +219,7 @@ impl DecoderLayer {
             })
         })();
         let Some(attn) = attn else {
-            note(|| (NODE.into(), PLAIN.into()));
+            note(|| (NODE.into(), crate::nn::block::NOT_PLAIN.into()));
             return Ok(None);
         };
         let parts = DecoderAttnParts {
@@ -235,12 +231,7 @@ impl DecoderLayer {
         };
         let y = decoder_attention(h, &parts, step.pos, step.inv_freq, Some(step.mask))?;
         if y.is_none() {
-            note(|| {
-                (
-                    NODE.into(),
-                    "a trained norm, weight or bias, or a base or LoRA that is not f32".into(),
-                )
-            });
+            note(|| (NODE.into(), crate::nn::block::NOT_FROZEN_F32.into()));
         }
         Ok(y)
     }
@@ -266,17 +257,12 @@ impl DecoderLayer {
             })
         })();
         let Some(parts) = parts else {
-            note(|| (NODE.into(), PLAIN.into()));
+            note(|| (NODE.into(), crate::nn::block::NOT_PLAIN.into()));
             return Ok(None);
         };
         let y = decoder_mlp(h, &parts)?;
         if y.is_none() {
-            note(|| {
-                (
-                    NODE.into(),
-                    "a trained norm, weight or bias, or a base or LoRA that is not f32".into(),
-                )
-            });
+            note(|| (NODE.into(), crate::nn::block::NOT_FROZEN_F32.into()));
         }
         Ok(y)
     }

@@ -400,22 +400,12 @@ impl BasicTransformerBlock {
             })
         })();
         let Some(parts) = parts else {
-            note(|| {
-                (
-                    NODE.into(),
-                    "a projection without at most one plain LoRA (other method, DoRA, dropout, routing, a trainable copy)".into(),
-                )
-            });
+            note(|| (NODE.into(), crate::nn::block::NOT_PLAIN.into()));
             return Ok(None);
         };
         let y = crate::nn::block::transformer_block(x, context, &parts)?;
         if y.is_none() {
-            note(|| {
-                (
-                    NODE.into(),
-                    "a trained norm, weight or bias, or a base or LoRA that is not f32".into(),
-                )
-            });
+            note(|| (NODE.into(), crate::nn::block::NOT_FROZEN_F32.into()));
         }
         Ok(y)
     }

@@ -49,34 +49,31 @@ impl Lin {
         Ok(self.w.out_in()?.0)
     }
 
-    /// `residual + x2·Wᵀ + bias + s·(x2·Aᵀ)·Bᵀ` for x2 (m, in), and the LoRA hidden x2·Aᵀ. A
-    /// dense base accumulates onto the residual and bias in the GEMM.
+    /// `residual + x2·Wᵀ + bias + s·(x2·Aᵀ)·Bᵀ` for x2 (m, in), and the LoRA hidden x2·Aᵀ.
     pub(super) fn fwd(
         &self,
         x2: &Tensor,
         residual: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (m, out) = (x2.dim(0)?, self.out()?);
-        let y = match (&self.w, residual, &self.bias) {
-            (Frozen::Dense(w), r, b) if r.is_some() || b.is_some() => {
-                let y = match (r, b) {
-                    (Some(r), Some(b)) => r.broadcast_add(b)?,
-                    (Some(r), None) => r.force_contiguous()?,
-                    (None, _) => self.bias_rows(m, out)?,
-                };
+        // The residual and the bias start the output; a dense base accumulates onto them.
+        let start = match (residual, &self.bias) {
+            (Some(r), Some(b)) => Some(r.broadcast_add(b)?),
+            (Some(r), None) => Some(r.force_contiguous()?),
+            (None, Some(b)) => Some(bias_rows(b, m, out)?),
+            (None, None) => None,
+        };
+        let y = match (&self.w, start) {
+            (Frozen::Dense(w), Some(y)) => {
                 gemm_acc(&y, x2, false, w, true, 1.0)?;
                 y
             }
-            (w, r, _) => {
+            (w, Some(s)) => {
                 let y = w.forward(x2)?;
-                if let Some(r) = r {
-                    add_assign(&y, r)?;
-                }
-                if self.bias.is_some() {
-                    add_assign(&y, &self.bias_rows(m, out)?)?;
-                }
+                add_assign(&y, &s)?;
                 y
             }
+            (w, None) => w.forward(x2)?,
         };
         let h = match &self.lora {
             Some((a, b, s)) => {
@@ -87,15 +84,6 @@ impl Lin {
             None => None,
         };
         Ok((y, h))
-    }
-
-    /// The bias repeated over m rows (zeros without one), in a buffer of its own (for m = 1 the
-    /// broadcast is already contiguous and `contiguous` would share the model's bias).
-    fn bias_rows(&self, m: usize, out: usize) -> Result<Tensor> {
-        match &self.bias {
-            Some(b) => b.unsqueeze(0)?.broadcast_as((m, out))?.force_contiguous(),
-            None => Tensor::zeros((m, out), candle_core::DType::F32, &candle_core::Device::Cpu),
-        }
     }
 
     /// For the output gradient g (m, out), the layer's input `xin` (m, in) and its saved hidden:
@@ -141,6 +129,12 @@ impl Lin {
         };
         Ok((din, f))
     }
+}
+
+/// The bias repeated over m rows, in a buffer of its own (for m = 1 the broadcast is already
+/// contiguous and `contiguous` would share the model's bias).
+fn bias_rows(b: &Tensor, m: usize, out: usize) -> Result<Tensor> {
+    b.unsqueeze(0)?.broadcast_as((m, out))?.force_contiguous()
 }
 
 /// An attention's projections and what shapes its heads.

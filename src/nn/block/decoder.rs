@@ -225,7 +225,6 @@ fn run(h: &Tensor, norm: &Tensor, eps: f64, half: Half, linears: &[&LinearPart])
         return Ok(y);
     }
     let op = DecoderHalfOp {
-        wv: w.to_vec1::<f32>()?,
         w,
         eps,
         half,
@@ -239,7 +238,6 @@ fn run(h: &Tensor, norm: &Tensor, eps: f64, half: Half, linears: &[&LinearPart])
 
 struct DecoderHalfOp {
     w: Tensor,
-    wv: Vec<f32>,
     eps: f64,
     half: Half,
     saved: HalfSaved,
@@ -282,7 +280,7 @@ impl candle_core::CustomOp2 for DecoderHalfOp {
         let dx = match dn {
             Some(dn) if want_x => {
                 let dx = g.force_contiguous()?;
-                norm_grad_acc(&dx, &dn, &h2, &self.wv, self.eps, RowNorm::Rms)?;
+                norm_grad_acc(&dx, &dn, &h2, &self.w, self.eps, RowNorm::Rms)?;
                 Some(dx.reshape(h.dims())?)
             }
             _ => None,

@@ -32,6 +32,13 @@ mod op;
 mod tests;
 
 use candle_core::{DType, Device, Result, Tensor};
+
+/// Why a model did not take a block node: a projection runs something other than nothing or one
+/// plain LoRA (the debug note of [`crate::nn::fallback`]).
+pub const NOT_PLAIN: &str = "a projection without at most one plain LoRA (other method, DoRA, dropout, routing, a trainable copy)";
+/// Why a block node gave way (it returned `None`).
+pub const NOT_FROZEN_F32: &str =
+    "a trained norm, weight or bias, or a base or LoRA that is not f32";
 pub use decoder::{decoder_attention, decoder_mlp, DecoderAttnParts, DecoderMlpParts};
 
 /// The frozen base of a projection.

@@ -12,16 +12,13 @@ use std::sync::{Arc, Mutex};
 struct Ln {
     w: Tensor,
     b: Tensor,
-    wv: Vec<f32>,
     eps: f64,
 }
 
 impl Ln {
     fn of(p: &LnPart) -> Result<Self> {
-        let w = p.weight.detach().contiguous()?;
         Ok(Self {
-            wv: w.to_vec1::<f32>()?,
-            w,
+            w: p.weight.detach().contiguous()?,
             b: p.bias.detach().contiguous()?,
             eps: p.eps,
         })
@@ -31,7 +28,7 @@ impl Ln {
     }
     /// `dst += ∂LN/∂x · g`.
     fn bwd_acc(&self, dst: &Tensor, g: &Tensor, x2: &Tensor) -> Result<()> {
-        norm_grad_acc(dst, g, x2, &self.wv, self.eps, RowNorm::Layer)
+        norm_grad_acc(dst, g, x2, &self.w, self.eps, RowNorm::Layer)
     }
 }
 
